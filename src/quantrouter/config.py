@@ -1,0 +1,214 @@
+"""Settings, from one place: command-line flags, then `QUANTROUTER_*` environment, then a TOML file.
+
+Everything downstream takes a frozen `Settings` (or the values it needs) as arguments; nothing else
+reads the environment. `load_settings` takes the environment as a mapping so tests pass a dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "Settings",
+    "default_cache_dir",
+    "load_settings",
+    "parse_bytes",
+    "parse_duration",
+]
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+# Ollama's own default address (ollama-python `_parse_host`).
+DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"
+# OpenTelemetry's Prometheus exporter port; it keeps clear of a Prometheus server's 9090.
+DEFAULT_METRICS_PORT = 9464
+DEFAULT_GRPC_PORT = 50051
+# Ollama's per-GPU minimum reserve on CUDA (`ml/device.go` MinimumMemory, reference/quant.md §3).
+OLLAMA_GPU_MINIMUM_MEMORY = 457 * MiB
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the key and says what is expected."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every knob of the router and the embedded backend, with defaults that work on a laptop."""
+
+    # Where the router listens and where Ollama is.
+    grpc_address: str = f"0.0.0.0:{DEFAULT_GRPC_PORT}"
+    metrics_address: str = f"0.0.0.0:{DEFAULT_METRICS_PORT}"
+    ollama_host: str = DEFAULT_OLLAMA_HOST
+    # Start the embedded llama.cpp backend in-process and route to it instead of Ollama.
+    embedded: bool = False
+    embedded_memory_budget: int = 2 * GiB
+    cache_dir: Path = field(default_factory=lambda: default_cache_dir({}))
+    # Memory: NVML when available, else this static capacity (0 = the embedded budget, or unknown).
+    memory_capacity: int = 0
+    memory_reserve: int = OLLAMA_GPU_MINIMUM_MEMORY
+    nvml_poll_interval: float = 0.25
+    # Catalog refresh: /api/tags and /api/show are slow-changing, /api/ps follows loads and unloads.
+    tags_refresh_interval: float = 30.0
+    ps_refresh_interval: float = 1.5
+    # Requests: one num_ctx per variant so Ollama never reloads a model over a context change.
+    num_ctx: int = 4096
+    num_predict_default: int = 256
+    keep_alive: str = "5m"
+    backend_connect_timeout: float = 5.0
+    backend_read_timeout: float = 300.0
+    # Routing.
+    ewma_alpha: float = 0.3
+    balanced_quality_weight: float = 0.5
+    upgrade_hysteresis: float = 0.15
+    gpu_bandwidth: float = 0.0
+    # Limits.
+    max_in_flight: int = 256
+    max_in_flight_per_family: int = 64
+    max_prompt_bytes: int = 1 * MiB
+    max_message_bytes: int = 8 * MiB
+    grace_period: float = 30.0
+    breaker_failures: int = 3
+    breaker_cooldown: float = 30.0
+    # Security.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_token_file: Path | None = None
+    auth_token: str = ""
+    # Model families: alias → family, for custom models built FROM a base with a Modelfile.
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    calibration_file: Path | None = None
+    log_level: str = "info"
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_BYTE_UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
+               "KI": 1 << 10, "MI": 1 << 20, "GI": 1 << 30, "TI": 1 << 40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'1GiB', '512MiB', '8GB', '1073741824' → bytes (binary units for Ki/Mi/Gi, decimal for K/M/G)."""
+    if isinstance(text, int):
+        return text
+    match = _BYTES.match(text)
+    if not match:
+        raise ConfigError(f"{text!r} is not a size; write e.g. 512MiB, 8GiB or a number of bytes")
+    unit = (match.group(2) or "").upper().removesuffix("B")
+    return int(float(match.group(1)) * _BYTE_UNITS[unit])
+
+
+def parse_duration(text: str | float) -> float:
+    """'250ms', '30s', '5m', '1.5' → seconds."""
+    if isinstance(text, int | float):
+        return float(text)
+    match = _DURATION.match(text)
+    if not match:
+        raise ConfigError(f"{text!r} is not a duration; write e.g. 250ms, 30s or 5m")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def default_cache_dir(environ: Mapping[str, str]) -> Path:
+    """The XDG cache directory for built model ladders, overridable with QUANTROUTER_CACHE_DIR."""
+    if environ.get("QUANTROUTER_CACHE_DIR"):
+        return Path(environ["QUANTROUTER_CACHE_DIR"])
+    base = environ.get("XDG_CACHE_HOME") or str(Path(environ.get("HOME", str(Path.home()))) / ".cache")
+    return Path(base) / "quantrouter"
+
+
+_BYTE_FIELDS = {"embedded_memory_budget", "memory_capacity", "memory_reserve", "max_prompt_bytes",
+                "max_message_bytes"}
+_DURATION_FIELDS = {"nvml_poll_interval", "tags_refresh_interval", "ps_refresh_interval",
+                    "backend_connect_timeout", "backend_read_timeout", "grace_period", "breaker_cooldown"}
+
+
+def _convert(name: str, value: Any, default: Any) -> Any:
+    """Cast a raw flag, environment or TOML value to the type of the field's default."""
+    try:
+        if name in _BYTE_FIELDS:
+            return parse_bytes(value)
+        if name in _DURATION_FIELDS:
+            return parse_duration(value)
+        if name == "aliases":
+            if isinstance(value, str):
+                pairs = (item.split("=", 1) for item in value.split(",") if item.strip())
+                return {alias.strip(): family.strip() for alias, family in pairs}
+            return dict(value)
+        if name in {"tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "calibration_file",
+                    "cache_dir"}:
+            return Path(value) if value not in (None, "") else None
+        if isinstance(default, bool):
+            if isinstance(value, bool):
+                return value
+            lowered = str(value).strip().lower()
+            if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                raise ValueError("expected true or false")
+            return lowered in {"1", "true", "yes", "on"}
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (ValueError, TypeError, ConfigError) as error:
+        raise ConfigError(f"setting {name}: {error}") from None
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    toml_path: Path | None = None,
+) -> Settings:
+    """Flags win over `QUANTROUTER_<NAME>` variables, which win over the TOML file, then defaults.
+
+    `OLLAMA_HOST` is honoured as Ollama's own tools do, below `QUANTROUTER_OLLAMA_HOST`.
+    """
+    flags = flags or {}
+    environ = environ or {}
+    file_values: dict[str, Any] = {}
+    if toml_path is not None:
+        try:
+            file_values = tomllib.loads(toml_path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise ConfigError(f"config file {toml_path}: {error}") from None
+    known = {f.name: f for f in dataclasses.fields(Settings)}
+    unknown = sorted(set(file_values) - set(known))
+    if unknown:
+        raise ConfigError(f"config file {toml_path}: unknown settings {', '.join(unknown)}")
+
+    defaults = Settings(cache_dir=default_cache_dir(environ))
+    values: dict[str, Any] = {}
+    for name in known:
+        default = getattr(defaults, name)
+        env_value = environ.get(f"QUANTROUTER_{name.upper()}")
+        if name == "ollama_host" and env_value is None:
+            env_value = environ.get("OLLAMA_HOST")
+        for raw in (flags.get(name), env_value, file_values.get(name)):
+            if raw is not None:
+                values[name] = _convert(name, raw, default)
+                break
+    settings = dataclasses.replace(defaults, **values)
+    _validate(settings)
+    return settings
+
+
+def _validate(settings: Settings) -> None:
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise ConfigError("tls_cert and tls_key go together: set both or neither")
+    if settings.tls_client_ca is not None and settings.tls_cert is None:
+        raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+    for name in ("max_in_flight", "max_in_flight_per_family", "num_ctx", "num_predict_default"):
+        if getattr(settings, name) <= 0:
+            raise ConfigError(f"setting {name} must be positive, got {getattr(settings, name)}")
+    if not 0 < settings.ewma_alpha <= 1:
+        raise ConfigError(f"setting ewma_alpha must be in (0, 1], got {settings.ewma_alpha}")
+    if not 0 <= settings.balanced_quality_weight <= 1:
+        raise ConfigError("setting balanced_quality_weight must be in [0, 1]")
