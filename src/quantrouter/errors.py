@@ -1,0 +1,137 @@
+"""One exception tree; each error carries what its gRPC status needs. A leaf module: it imports nothing of ours.
+
+    QuantrouterError                      (INTERNAL)
+    ├── InvalidRequest                    INVALID_ARGUMENT, with field violations
+    ├── Unauthenticated                   UNAUTHENTICATED
+    ├── ModelNotFound                     NOT_FOUND (unknown family or tag)
+    ├── NoVariantFits                     RESOURCE_EXHAUSTED (memory), with every candidate's reason
+    ├── ConstraintsUnsatisfiable          FAILED_PRECONDITION (constraints, deadline), with the reasons
+    ├── Overloaded                        RESOURCE_EXHAUSTED + RetryInfo (router's in-flight cap)
+    ├── ShuttingDown                      UNAVAILABLE (draining)
+    └── BackendError                      the layer below (Ollama), translated in backend.py only
+        ├── BackendUnavailable            UNAVAILABLE (connection refused, backend down)
+        ├── BackendTimeout                DEADLINE_EXCEEDED
+        ├── BackendBusy                   RESOURCE_EXHAUSTED + RetryInfo (Ollama 503 queue full)
+        ├── BackendModelMissing           NOT_FOUND (404: the variant vanished)
+        ├── BackendRejected               INVALID_ARGUMENT (400: Ollama refused the options)
+        └── BackendFailed                 UNAVAILABLE (500 load failure, error mid-stream)
+
+`started` on a BackendError says whether text had already been relayed; before the first token the
+router may fall back to another variant, after it the stream ends with the error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+__all__ = [
+    "BackendBusy",
+    "BackendError",
+    "BackendFailed",
+    "BackendModelMissing",
+    "BackendRejected",
+    "BackendTimeout",
+    "BackendUnavailable",
+    "ConstraintsUnsatisfiable",
+    "FieldViolation",
+    "InvalidRequest",
+    "ModelNotFound",
+    "NoVariantFits",
+    "Overloaded",
+    "QuantrouterError",
+    "ShuttingDown",
+    "Unauthenticated",
+]
+
+# The ErrorInfo domain: globally unique, stable (AIP-193).
+DOMAIN = "quantrouter.dev"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class QuantrouterError(Exception):
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: str = "INTERNAL"
+
+    def __init__(self, message: str, *, retry_after: float | None = None,
+                 violations: tuple[FieldViolation, ...] = (), metadata: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+        self.violations = violations
+        self.metadata = metadata or {}
+
+
+class InvalidRequest(QuantrouterError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_REQUEST"
+
+
+class Unauthenticated(QuantrouterError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "MISSING_OR_BAD_TOKEN"
+
+
+class ModelNotFound(QuantrouterError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "MODEL_NOT_FOUND"
+
+
+class NoVariantFits(QuantrouterError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "NO_VARIANT_FITS_MEMORY"
+
+
+class ConstraintsUnsatisfiable(QuantrouterError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "NO_VARIANT_MEETS_CONSTRAINTS"
+
+
+class Overloaded(QuantrouterError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "ROUTER_OVERLOADED"
+
+
+class ShuttingDown(QuantrouterError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "SHUTTING_DOWN"
+
+
+class BackendError(QuantrouterError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "BACKEND_ERROR"
+    started: bool = False
+
+
+class BackendUnavailable(BackendError):
+    reason = "BACKEND_UNAVAILABLE"
+
+
+class BackendTimeout(BackendError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "BACKEND_TIMEOUT"
+
+
+class BackendBusy(BackendError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "BACKEND_BUSY"
+
+
+class BackendModelMissing(BackendError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "VARIANT_MISSING"
+
+
+class BackendRejected(BackendError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "BACKEND_REJECTED_REQUEST"
+
+
+class BackendFailed(BackendError):
+    reason = "BACKEND_FAILED"

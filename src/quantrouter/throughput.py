@@ -1,0 +1,165 @@
+"""What each variant has really delivered: EWMAs of decode tok/s, prompt tok/s and cold-load time.
+
+Before a variant's first sample the estimate is a prior. Decode is memory-bandwidth bound, so a
+measured sibling scales by size (tok/s ∝ 1/bytes); with no sibling measured, the bandwidth model
+`tok/s = 1 / (W / (η·BW) + c)` of reference/quant.md §2 and §6 gives a first guess. Prompt processing
+is compute bound and roughly flat across quant types, so a sibling's figure carries over unscaled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+__all__ = [
+    "GPU_BANDWIDTH",
+    "Observation",
+    "SpeedEstimate",
+    "ThroughputSnapshot",
+    "ThroughputTable",
+    "bandwidth_for",
+]
+
+NS = 1e9
+# Bandwidth model constants (reference/quant.md §6): η = achieved fraction of peak bandwidth,
+# c = fixed per-token overhead (kernel launches, sampling).
+BANDWIDTH_EFFICIENCY = 0.8
+PER_TOKEN_OVERHEAD_S = 0.004
+# With no GPU known (static source, CPU backends), a DDR-class figure keeps first guesses modest.
+DEFAULT_BANDWIDTH = 50e9
+# Prompt processing runs batched; with nothing measured assume it is this much faster than decode.
+PROMPT_SPEEDUP_PRIOR = 10.0
+# Cold load ≈ reading the weights at disk/PCIe speed plus a fixed start-up cost.
+LOAD_BYTES_PER_SECOND = 2e9
+LOAD_FIXED_S = 0.2
+
+# Peak memory bandwidth, bytes/s, by a substring of the NVML device name (reference/quant.md §6).
+GPU_BANDWIDTH: tuple[tuple[str, float], ...] = (
+    ("H200", 4.8e12),
+    ("H100 NVL", 3.9e12),
+    ("H100 PCIe", 2.0e12),
+    ("H100", 3.35e12),
+    ("A100-SXM4-80GB", 2.039e12),
+    ("A100 80GB PCIe", 1.935e12),
+    ("A100", 1.555e12),
+    ("RTX 4090", 1.008e12),
+    ("L4", 300e9),
+)
+
+
+def bandwidth_for(gpu_names: Iterable[str], configured: float = 0.0) -> float:
+    """The configured bandwidth, else the first known GPU's, else the conservative default."""
+    if configured > 0:
+        return configured
+    for name in gpu_names:
+        for marker, bandwidth in GPU_BANDWIDTH:
+            if marker in name:
+                return bandwidth
+    return DEFAULT_BANDWIDTH
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """The figures of one finished request, from Ollama's final chunk (durations in ns)."""
+
+    eval_count: int = 0
+    eval_duration_ns: int = 0
+    prompt_eval_count: int = 0
+    prompt_eval_duration_ns: int = 0
+    load_duration_ns: int = 0
+    cold: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SpeedEstimate:
+    """What the policy uses for one variant; `measured` is False while it is a prior."""
+
+    decode_tps: float
+    prompt_tps: float
+    load_seconds: float
+    samples: int = 0
+    measured: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Ewma:
+    decode_tps: float | None = None
+    prompt_tps: float | None = None
+    load_seconds: float | None = None
+    samples: int = 0
+
+
+def _blend(old: float | None, new: float | None, alpha: float) -> float | None:
+    if new is None:
+        return old
+    return new if old is None else alpha * new + (1 - alpha) * old
+
+
+@dataclass(frozen=True, slots=True)
+class ThroughputSnapshot:
+    """An immutable view of the table that the policy reads; priors are computed here, purely."""
+
+    stats: Mapping[str, _Ewma] = field(default_factory=dict)
+    bandwidth: float = DEFAULT_BANDWIDTH
+
+    def estimate(self, tag: str, size_bytes: int, siblings: Mapping[str, int]) -> SpeedEstimate:
+        """The estimate for `tag` (file size `size_bytes`); `siblings` maps sibling tags to their sizes."""
+        own = self.stats.get(tag, _Ewma())
+        reference = self._best_sibling(tag, siblings)
+        decode = own.decode_tps or self._decode_prior(size_bytes, reference)
+        prompt = own.prompt_tps or self._prompt_prior(decode, reference)
+        load = own.load_seconds if own.load_seconds is not None else self._load_prior(size_bytes, reference)
+        return SpeedEstimate(decode, prompt, load, own.samples, own.decode_tps is not None)
+
+    def _best_sibling(self, tag: str, siblings: Mapping[str, int]) -> tuple[_Ewma, int] | None:
+        measured = [(self.stats[t], size) for t, size in siblings.items()
+                    if t != tag and t in self.stats and self.stats[t].decode_tps is not None and size > 0]
+        return max(measured, key=lambda pair: pair[0].samples, default=None)
+
+    def _decode_prior(self, size_bytes: int, reference: tuple[_Ewma, int] | None) -> float:
+        if reference is not None and reference[0].decode_tps is not None and size_bytes > 0:
+            return reference[0].decode_tps * reference[1] / size_bytes
+        seconds = size_bytes / (BANDWIDTH_EFFICIENCY * self.bandwidth) + PER_TOKEN_OVERHEAD_S
+        return 1.0 / seconds
+
+    @staticmethod
+    def _prompt_prior(decode_tps: float, reference: tuple[_Ewma, int] | None) -> float:
+        if reference is not None and reference[0].prompt_tps is not None:
+            return reference[0].prompt_tps
+        return decode_tps * PROMPT_SPEEDUP_PRIOR
+
+    @staticmethod
+    def _load_prior(size_bytes: int, reference: tuple[_Ewma, int] | None) -> float:
+        if reference is not None and reference[0].load_seconds is not None and reference[1] > 0:
+            return reference[0].load_seconds * size_bytes / reference[1]
+        return LOAD_FIXED_S + size_bytes / LOAD_BYTES_PER_SECOND
+
+
+class ThroughputTable:
+    """The mutable table, fed by the service after every completed request (one event loop, no locks)."""
+
+    def __init__(self, alpha: float, bandwidth: float = DEFAULT_BANDWIDTH) -> None:
+        self._alpha = alpha
+        self._stats: dict[str, _Ewma] = {}
+        self.bandwidth = bandwidth
+
+    def observe(self, tag: str, observation: Observation) -> None:
+        o = observation
+        decode = o.eval_count * NS / o.eval_duration_ns if o.eval_count > 0 and o.eval_duration_ns > 0 else None
+        prompt = (o.prompt_eval_count * NS / o.prompt_eval_duration_ns
+                  if o.prompt_eval_count > 0 and o.prompt_eval_duration_ns > 0 else None)
+        load = o.load_duration_ns / NS if o.cold and o.load_duration_ns > 0 else None
+        old = self._stats.get(tag, _Ewma())
+        self._stats[tag] = _Ewma(
+            _blend(old.decode_tps, decode, self._alpha),
+            _blend(old.prompt_tps, prompt, self._alpha),
+            _blend(old.load_seconds, load, self._alpha),
+            old.samples + (decode is not None),
+        )
+
+    def seed(self, tag: str, decode_tps: float, prompt_tps: float, load_seconds: float, samples: int) -> None:
+        """Start a variant from calibrated figures (`quantrouter calibrate`) instead of a prior."""
+        self._stats[tag] = _Ewma(decode_tps, prompt_tps, load_seconds, samples)
+
+    def snapshot(self) -> ThroughputSnapshot:
+        return ThroughputSnapshot(dict(self._stats), self.bandwidth)
