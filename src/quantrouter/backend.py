@@ -11,7 +11,7 @@ import json
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import ollama
@@ -140,6 +140,11 @@ def _final(part: Any) -> Final:
                  part.eval_count or 0, part.eval_duration or 0, part.load_duration or 0, part.total_duration or 0)
 
 
+def _format(text: str) -> Literal["", "json"] | None:
+    """Ollama takes "json" (or a schema); the router passes only "json" or nothing."""
+    return "json" if text == "json" else None
+
+
 class OllamaBackend:
     """A small typed facade over `ollama.AsyncClient` with explicit timeouts."""
 
@@ -150,7 +155,7 @@ class OllamaBackend:
         self._keep_alive = keep_alive
 
     async def close(self) -> None:
-        await self._client.close()
+        await self._client.close()  # type: ignore[no-untyped-call]
 
     async def list_models(self) -> list[ListedModel]:
         with _translated():
@@ -183,8 +188,8 @@ class OllamaBackend:
         """Text chunks as Ollama produces them, then one `Final`."""
         with _translated(tag):
             parts = await self._client.generate(
-                model=tag, prompt=prompt, system=system or None, options=dict(options), stream=True,
-                keep_alive=self._keep_alive, format=format or None)  # type: ignore[arg-type]
+                model=tag, prompt=prompt, system=system, options=dict(options), stream=True,
+                keep_alive=self._keep_alive, format=_format(format))
         async for item in self._relay(tag, parts, lambda p: p.response or ""):
             yield item
 
@@ -193,7 +198,7 @@ class OllamaBackend:
         with _translated(tag):
             parts = await self._client.chat(
                 model=tag, messages=[dict(m) for m in messages], options=dict(options), stream=True,
-                keep_alive=self._keep_alive, format=format or None)  # type: ignore[arg-type]
+                keep_alive=self._keep_alive, format=_format(format))
         async for item in self._relay(tag, parts, lambda p: (p.message.content if p.message else "") or ""):
             yield item
 

@@ -7,6 +7,7 @@ good catalog and marks the backend down, so routing continues on what was known.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 
@@ -64,10 +65,11 @@ class Inventory:
         """Ask for an early `/api/ps` refresh (a request just loaded or finished with a variant)."""
         self._poke.set()
 
-    async def refresh(self) -> bool:
-        """Both refreshes once; returns whether the backend answered."""
+    async def refresh(self, full: bool = True) -> bool:
+        """One refresh (`full` includes `/api/tags`); returns whether the backend answered."""
         try:
-            await self.refresh_tags()
+            if full:
+                await self.refresh_tags()
             await self.refresh_ps()
         except BackendError as error:
             if self.backend_up:
@@ -79,20 +81,11 @@ class Inventory:
 
     async def run(self, tags_interval: float, ps_interval: float) -> None:
         loop = asyncio.get_running_loop()
-        next_tags = 0.0
+        next_tags = loop.time() + tags_interval
         while True:
-            try:
-                if loop.time() >= next_tags or not self.backend_up:
-                    self.backend_up = await self.refresh()
-                    next_tags = loop.time() + tags_interval
-                else:
-                    await self.refresh_ps()
-                    self.backend_up = True
-            except BackendError as error:
-                log.warning("backend refresh failed: %s", error)
-                self.backend_up = False
             self._poke.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), ps_interval)
-            except TimeoutError:
-                pass
+            full = loop.time() >= next_tags or not self.backend_up or not self.loaded
+            if await self.refresh(full) and full:
+                next_tags = loop.time() + tags_interval

@@ -67,7 +67,8 @@ def load_pynvml() -> ModuleType:
         import pynvml
     except ImportError:
         raise NvmlUnavailable("nvidia-ml-py is not installed (pip install 'quantrouter[gpu]')") from None
-    return pynvml
+    module: ModuleType = pynvml
+    return module
 
 
 class NvmlSource:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from quantrouter.catalog import VariantInfo
 from quantrouter.quant import QuantType
@@ -225,18 +225,13 @@ def _rank(assessments: Sequence[Assessment], preference: Preference, weight: flo
         speed = best_t / a.expected_seconds if a.expected_seconds > 0 else 1.0
         return weight * a.quality / best_q + (1 - weight) * speed
 
-    scored = [_with_score(a, score(a)) for a in assessments]
+    scored = [replace(a, score=score(a)) for a in assessments]
     # Primary: score. Secondary: the other objective, so ties resolve as the docstring says.
     if preference is Preference.LATENCY:
         scored.sort(key=lambda a: (-round(a.score / TIE_TOLERANCE), -a.quality, a.tag))
     else:
         scored.sort(key=lambda a: (-round(a.score / TIE_TOLERANCE), a.expected_seconds, a.tag))
     return scored
-
-
-def _with_score(a: Assessment, score: float) -> Assessment:
-    return Assessment(a.tag, a.quantization, a.memory_bytes, a.resident, a.tokens_per_second, a.measured,
-                      a.time_to_first_token, a.expected_seconds, a.quality, score, a.rejection, a.memory_only)
 
 
 def decide(
@@ -247,11 +242,10 @@ def decide(
 ) -> Decision:
     """Pick the variant for `request` among `candidates` (the family's variants)."""
     pool = [c for c in candidates if request.pinned_tag in (None, c.variant.tag)]
-    common = {"family": request.family, "preference": request.preference, "pinned": request.pinned_tag is not None,
-              "fallback": bool(request.excluded), "memory_source": memory.source, "free_bytes": memory.free_bytes}
+    base = Decision(request.family, request.preference, None, "", pinned=request.pinned_tag is not None,
+                    fallback=bool(request.excluded), memory_source=memory.source, free_bytes=memory.free_bytes)
     if not pool:
-        return Decision(chosen=None, reason=f"no variants of {request.family}", failure=FailureKind.EMPTY,
-                        **common)  # type: ignore[arg-type]
+        return replace(base, reason=f"no variants of {request.family}", failure=FailureKind.EMPTY)
 
     reclaimable = sum(c.variant.vram_bytes for c in pool if c.variant.resident and c.in_flight == 0)
     available = memory.free_bytes - memory.reserve_bytes + reclaimable
@@ -266,8 +260,8 @@ def decide(
         only_memory = all(a.memory_only for a in assessed)
         failure = FailureKind.MEMORY if only_memory else FailureKind.CONSTRAINTS
         why = "; ".join(f"{a.tag}: {a.rejection}" for a in assessed)
-        return Decision(chosen=None, reason=f"no variant of {request.family} can serve this request ({why})",
-                        candidates=listed, failure=failure, **common)  # type: ignore[arg-type]
+        return replace(base, reason=f"no variant of {request.family} can serve this request ({why})",
+                       candidates=listed, failure=failure)
 
     chosen = ranked[0]
     # Would the preference have picked something that memory alone ruled out?
@@ -276,8 +270,7 @@ def decide(
     blocked = unconstrained[0] if unconstrained and unconstrained[0].tag != chosen.tag else None
     downgraded = blocked is not None and blocked.memory_only
     reason = _explain(request, chosen, blocked if downgraded else None)
-    return Decision(chosen=chosen, reason=reason, candidates=listed, downgraded=downgraded,
-                    **common)  # type: ignore[arg-type]
+    return replace(base, chosen=chosen, reason=reason, candidates=listed, downgraded=downgraded)
 
 
 def _explain(request: RoutingRequest, chosen: Assessment, blocked: Assessment | None) -> str:

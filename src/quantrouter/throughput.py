@@ -145,7 +145,8 @@ class ThroughputTable:
 
     def observe(self, tag: str, observation: Observation) -> None:
         o = observation
-        decode = o.eval_count * NS / o.eval_duration_ns if o.eval_count > 0 and o.eval_duration_ns > 0 else None
+        decode = (o.eval_count * NS / o.eval_duration_ns
+                  if o.eval_count > 0 and o.eval_duration_ns > 0 else None)
         prompt = (o.prompt_eval_count * NS / o.prompt_eval_duration_ns
                   if o.prompt_eval_count > 0 and o.prompt_eval_duration_ns > 0 else None)
         load = o.load_duration_ns / NS if o.cold and o.load_duration_ns > 0 else None
