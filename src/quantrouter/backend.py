@@ -8,7 +8,7 @@ so a cancelled gRPC call closes the HTTP response and Ollama stops generating.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -184,7 +184,7 @@ class OllamaBackend:
                 for m in running.models]
 
     async def generate(self, tag: str, prompt: str, system: str, options: Mapping[str, Any],
-                       format: str = "") -> AsyncIterator[str | Final]:
+                       format: str = "") -> AsyncGenerator[str | Final, None]:
         """Text chunks as Ollama produces them, then one `Final`."""
         with _translated(tag):
             parts = await self._client.generate(
@@ -194,7 +194,7 @@ class OllamaBackend:
             yield item
 
     async def chat(self, tag: str, messages: Sequence[Mapping[str, str]], options: Mapping[str, Any],
-                   format: str = "") -> AsyncIterator[str | Final]:
+                   format: str = "") -> AsyncGenerator[str | Final, None]:
         with _translated(tag):
             parts = await self._client.chat(
                 model=tag, messages=[dict(m) for m in messages], options=dict(options), stream=True,

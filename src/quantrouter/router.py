@@ -1,0 +1,273 @@
+"""The request path without gRPC: decide, forward with one fallback, relay, measure, record.
+
+`Router.decide` gathers plain values (catalog, memory, speeds) and calls the pure policy.
+`Router.stream` yields the decision, then text, then a `Completion`; if the chosen variant fails
+before its first token it yields a second, `fallback` decision and tries the next candidate once.
+Its `finally` releases the in-flight slot and records metrics even when the caller cancels.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import grpc
+
+from quantrouter.backend import Final, OllamaBackend
+from quantrouter.breaker import Breaker
+from quantrouter.catalog import CatalogSnapshot, VariantInfo
+from quantrouter.errors import (
+    BackendBusy,
+    BackendError,
+    BackendFailed,
+    BackendModelMissing,
+    BackendUnavailable,
+    ConstraintsUnsatisfiable,
+    ModelNotFound,
+    NoVariantFits,
+    Overloaded,
+    QuantrouterError,
+)
+from quantrouter.inventory import Inventory
+from quantrouter.memory import NVML, MemoryProbe
+from quantrouter.metrics import OTHER, Metrics
+from quantrouter.policy import CandidateInput, Decision, FailureKind, MemoryView, PolicyConfig, RoutingRequest, decide
+from quantrouter.throughput import Observation, ThroughputTable
+
+__all__ = ["Completion", "Job", "Limits", "Router"]
+
+log = logging.getLogger(__name__)
+
+NS = 1_000_000_000
+# Errors before the first token after which another variant is worth trying.
+_FALLBACK_ERRORS = (BackendModelMissing, BackendFailed, BackendBusy)
+# The router's back-off hint when it sheds load itself.
+OVERLOADED_RETRY_AFTER_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """What to generate: a prompt, or chat messages, with Ollama options."""
+
+    prompt: str = ""
+    system: str = ""
+    messages: tuple[Mapping[str, str], ...] = ()
+    options: Mapping[str, Any] = field(default_factory=dict)
+    format: str = ""
+    chat: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    variant: str
+    prompt_tokens: int
+    generated_tokens: int
+    tokens_per_second: float
+    prompt_tokens_per_second: float
+    time_to_first_token: float
+    load_seconds: float
+    total_seconds: float
+    done_reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_in_flight: int
+    max_in_flight_per_family: int
+    reserve_bytes: int
+    policy: PolicyConfig
+
+
+class Router:
+    def __init__(self, backend: OllamaBackend, inventory: Inventory, probe: MemoryProbe, throughput: ThroughputTable,
+                 breaker: Breaker, metrics: Metrics, limits: Limits,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.backend = backend
+        self.inventory = inventory
+        self.probe = probe
+        self.throughput = throughput
+        self.breaker = breaker
+        self.metrics = metrics
+        self.limits = limits
+        self._clock = clock
+        self._in_flight_tags: Counter[str] = Counter()
+        self._in_flight_families: Counter[str] = Counter()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(self._in_flight_families.values())
+
+    def family_label(self, family: str) -> str:
+        """A metric label value: known families only (bounded cardinality)."""
+        return family if family in self.inventory.snapshot.families else OTHER
+
+    def candidates(self, catalog: CatalogSnapshot, family: str) -> list[CandidateInput]:
+        variants = catalog.family(family)
+        speeds = self.throughput.snapshot()
+        sizes = {v.tag: v.size_bytes for v in variants}
+        now = self._clock()
+        return [CandidateInput(v, speeds.estimate(v.tag, v.size_bytes, sizes), v.quant.quality,
+                               self._in_flight_tags[v.tag], self.breaker.is_open(v.tag, now)) for v in variants]
+
+    def memory_view(self) -> MemoryView:
+        snapshot = self.probe.latest
+        reserve = self.limits.reserve_bytes * len(snapshot.gpus) if snapshot.source == NVML else 0
+        return MemoryView(snapshot.free_bytes, reserve, snapshot.source)
+
+    def decide(self, request: RoutingRequest) -> Decision:
+        started = time.perf_counter()
+        decision = decide(request, self.candidates(self.inventory.snapshot, request.family), self.memory_view(),
+                          self.limits.policy)
+        self.metrics.decision_duration.observe(time.perf_counter() - started)
+        return decision
+
+    def resolve(self, model: str) -> tuple[str, str | None]:
+        """Family and pinned tag for a requested name, or ModelNotFound with what is known."""
+        resolution = self.inventory.snapshot.resolve(model)
+        if resolution is None:
+            known = ", ".join(self.inventory.snapshot.families) or "none yet"
+            if not self.inventory.backend_up:
+                raise BackendUnavailable(f"the backend is unreachable and {model!r} is not known; try again")
+            raise ModelNotFound(f"model {model!r} is not a known family or tag; families: {known}",
+                                metadata={"model": model[:64]})
+        return resolution.family, resolution.pinned_tag
+
+    def _admit(self, family: str) -> None:
+        if self.in_flight >= self.limits.max_in_flight:
+            raise Overloaded(f"the router is at its limit of {self.limits.max_in_flight} streams; retry shortly",
+                             retry_after=OVERLOADED_RETRY_AFTER_S)
+        if self._in_flight_families[family] >= self.limits.max_in_flight_per_family:
+            raise Overloaded(f"{family} is at its limit of {self.limits.max_in_flight_per_family} streams; "
+                             "retry shortly", retry_after=OVERLOADED_RETRY_AFTER_S)
+
+    def record_decision(self, decision: Decision) -> None:
+        chosen = decision.chosen
+        variant = self.inventory.snapshot.variant(chosen.tag) if chosen else None
+        family = self.family_label(decision.family)
+        self.metrics.decisions.labels(family, variant.tag if variant else OTHER,
+                                      variant.quant.name if variant else OTHER,
+                                      decision.preference.value, decision.reason_code).inc()
+        if chosen is not None and decision.downgraded:
+            self.metrics.substitutions.labels(family, chosen.tag, "downgrade").inc()
+
+    async def stream(self, request: RoutingRequest, job: Job) -> AsyncIterator[Decision | str | Completion]:
+        self._admit(request.family)
+        family = self.family_label(request.family)
+        started = self._clock()
+        self._in_flight_families[request.family] += 1
+        self.metrics.in_flight.labels(family).inc()
+        code = grpc.StatusCode.OK
+        variant: VariantInfo | None = None
+        first_token: float | None = None
+        try:
+            decision = self.decide(request)
+            self.record_decision(decision)
+            fallback_used = False
+            while True:
+                variant = self._chosen_variant(decision)
+                yield decision
+                try:
+                    async for item in self._forward(variant, job, cold=not variant.resident):
+                        if isinstance(item, Completion):
+                            item = replace(item, time_to_first_token=(first_token or self._clock()) - started)
+                        elif first_token is None:
+                            first_token = self._clock()
+                            self.metrics.time_to_first_token.labels(family, variant.tag,
+                                                                    request.preference.value).observe(
+                                first_token - started)
+                        yield item
+                    return
+                except _FALLBACK_ERRORS as error:
+                    if error.started or fallback_used:
+                        raise
+                    fallback_used = True
+                    log.warning("variant %s failed before its first token, falling back: %s", variant.tag, error)
+                    self.metrics.fallbacks.labels(family, variant.tag, error.reason).inc()
+                    request = replace(request, excluded=request.excluded | {variant.tag})
+                    decision = self.decide(request)
+                    self.record_decision(decision)
+                    if decision.chosen is not None:
+                        self.metrics.substitutions.labels(family, decision.chosen.tag, "fallback").inc()
+        except QuantrouterError as error:
+            code = error.code
+            raise
+        except BaseException:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self._in_flight_families[request.family] -= 1
+            self.metrics.in_flight.labels(family).dec()
+            self.metrics.requests.labels(family, variant.tag if variant else OTHER,
+                                         variant.quant.name if variant else OTHER,
+                                         request.preference.value, code.name).inc()
+            self.metrics.request_duration.labels(family, variant.tag if variant else OTHER,
+                                                 request.preference.value).observe(self._clock() - started)
+
+    def _chosen_variant(self, decision: Decision) -> VariantInfo:
+        if decision.chosen is None:
+            if decision.failure is FailureKind.MEMORY:
+                raise NoVariantFits(decision.reason, metadata={"family": decision.family})
+            if decision.failure is FailureKind.EMPTY:
+                raise ModelNotFound(decision.reason, metadata={"family": decision.family})
+            raise ConstraintsUnsatisfiable(decision.reason, metadata={"family": decision.family})
+        variant = self.inventory.snapshot.variant(decision.chosen.tag)
+        if variant is None:
+            raise BackendModelMissing(f"{decision.chosen.tag} left the catalog")
+        return variant
+
+    async def _forward(self, variant: VariantInfo, job: Job, cold: bool) -> AsyncIterator[str | Completion]:
+        tag = variant.tag
+        self._in_flight_tags[tag] += 1
+        try:
+            stream = (self.backend.chat(tag, job.messages, job.options, job.format) if job.chat
+                      else self.backend.generate(tag, job.prompt, job.system, job.options, job.format))
+            async with aclosing(stream):
+                async for item in stream:
+                    yield self._finish(variant, item, cold) if isinstance(item, Final) else item
+        except BackendError as error:
+            if not isinstance(error, BackendUnavailable) and self.breaker.failure(tag, self._clock()):
+                self.metrics.breaker_trips.labels(self.family_label(variant.family), tag).inc()
+            raise
+        finally:
+            self._in_flight_tags[tag] -= 1
+            self.inventory.poke()
+
+    def _finish(self, variant: VariantInfo, final: Final, cold: bool) -> Completion:
+        self.breaker.success(variant.tag)
+        self.throughput.observe(variant.tag, Observation(final.eval_count, final.eval_duration,
+                                                         final.prompt_eval_count, final.prompt_eval_duration,
+                                                         final.load_duration, cold))
+        labels = (self.family_label(variant.family), variant.tag, variant.quant.name)
+        tps = final.eval_count * NS / final.eval_duration if final.eval_duration else 0.0
+        prompt_tps = final.prompt_eval_count * NS / final.prompt_eval_duration if final.prompt_eval_duration else 0.0
+        self.metrics.prompt_tokens.labels(*labels).inc(final.prompt_eval_count)
+        self.metrics.generated_tokens.labels(*labels).inc(final.eval_count)
+        if tps:
+            self.metrics.delivered_tokens_per_second.labels(*labels).observe(tps)
+        if cold and final.load_duration:
+            self.metrics.load_duration.labels(*labels).observe(final.load_duration / NS)
+        return Completion(variant.tag, final.prompt_eval_count, final.eval_count, tps, prompt_tps, 0.0,
+                          final.load_duration / NS, final.total_duration / NS, final.done_reason)
+
+    def refresh_gauges(self) -> None:
+        """Per-variant gauges from the latest catalog and speeds (called on each scrape-ish tick)."""
+        catalog = self.inventory.snapshot
+        speeds = self.throughput.snapshot()
+        now = self._clock()
+        self.metrics.backend_up.set(1 if self.inventory.backend_up else 0)
+        for family in catalog.families:
+            variants: Sequence[VariantInfo] = catalog.family(family)
+            sizes = {v.tag: v.size_bytes for v in variants}
+            for v in variants:
+                labels = (family, v.tag, v.quant.name)
+                self.metrics.variant_resident.labels(*labels).set(1 if v.resident else 0)
+                self.metrics.variant_vram.labels(*labels).set(v.vram_bytes)
+                self.metrics.variant_tokens_per_second.labels(*labels).set(
+                    speeds.estimate(v.tag, v.size_bytes, sizes).decode_tps)
+                self.metrics.variant_breaker_open.labels(family, v.tag).set(1 if self.breaker.is_open(v.tag, now)
+                                                                             else 0)

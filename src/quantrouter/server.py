@@ -1,0 +1,229 @@
+"""Assembly: the grpc.aio server with health, reflection, interceptors, the metrics port and signals.
+
+`start()` builds and starts everything and returns a `RunningServer` holding the bound ports, so tests
+bind port 0 and read the real port back; `serve()` runs until SIGTERM/SIGINT. Shutdown follows the
+grpc aio example: health → NOT_SERVING, stop accepting, let streams drain for the grace period,
+then cancel the background tasks and close the backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from quantrouter.backend import OllamaBackend
+from quantrouter.breaker import Breaker
+from quantrouter.config import Settings
+from quantrouter.interceptors import AuthInterceptor, MetricsInterceptor, StatusInterceptor
+from quantrouter.inventory import Inventory
+from quantrouter.memory import MemoryProbe, StaticSource
+from quantrouter.metrics import Metrics
+from quantrouter.policy import PolicyConfig
+from quantrouter.router import Limits, Router
+from quantrouter.service import SERVICE_NAME, RouterService, status_of
+from quantrouter.throughput import ThroughputTable, bandwidth_for
+from quantrouter.v1 import router_service_pb2 as pb
+from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
+
+__all__ = ["RunningServer", "serve", "start"]
+
+log = logging.getLogger(__name__)
+
+# How often readiness and the per-variant gauges follow the inventory.
+WATCH_INTERVAL_S = 1.0
+# When no capacity is configured and NVML is absent, memory does not constrain routing.
+UNCONSTRAINED_CAPACITY = 1 << 60
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    metrics_port: int
+    router: Router
+    health: Any
+    registry: CollectorRegistry
+    grace: float
+    backend_url: str
+    _stack: AsyncExitStack
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    draining: bool = False
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful: NOT_SERVING first, then let in-flight streams finish within `grace` seconds."""
+        if self.draining:
+            return
+        self.draining = True
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.grace if grace is None else grace)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._stack.aclose()
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+def _read_tokens(settings: Settings) -> frozenset[str]:
+    tokens = {settings.auth_token} if settings.auth_token else set()
+    if settings.auth_token_file is not None:
+        tokens |= {line.strip() for line in settings.auth_token_file.read_text().splitlines() if line.strip()}
+    return frozenset(tokens)
+
+
+def _bind(server: grpc.aio.Server, settings: Settings) -> int:
+    if settings.tls_cert is None or settings.tls_key is None:
+        return int(server.add_insecure_port(settings.grpc_address))
+    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    credentials = grpc.ssl_server_credentials(
+        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        root_certificates=client_ca, require_client_auth=client_ca is not None)
+    return int(server.add_secure_port(settings.grpc_address, credentials))
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+async def _start_embedded(settings: Settings, stack: AsyncExitStack) -> tuple[str, int]:
+    """Start the embedded llama.cpp backend in this loop; its budget becomes the static capacity."""
+    from quantrouter.embedded import EmbeddedConfig, EmbeddedServer, prepare_ladder
+
+    await asyncio.to_thread(prepare_ladder, settings.cache_dir, progress=False)
+    embedded = await stack.enter_async_context(EmbeddedServer(EmbeddedConfig(
+        memory_budget_bytes=settings.embedded_memory_budget, cache_dir=settings.cache_dir)))
+    return embedded.url, embedded.memory_budget_bytes
+
+
+def _every(interval: float, action: Callable[[], Awaitable[None]]) -> Callable[[], Coroutine[Any, Any, None]]:
+    async def loop() -> None:
+        while True:
+            await action()
+            await asyncio.sleep(interval)
+    return loop
+
+
+async def start(settings: Settings, registry: CollectorRegistry | None = None,
+                nvml_loader: Callable[[], Any] | None = None) -> RunningServer:
+    """Build and start the router; `registry` lets tests read metrics without a global registry."""
+    registry = registry if registry is not None else CollectorRegistry()
+    stack = AsyncExitStack()
+    try:
+        host, capacity, reserve = settings.ollama_host, settings.memory_capacity, settings.memory_reserve
+        if settings.embedded:
+            host, budget = await _start_embedded(settings, stack)
+            capacity, reserve = capacity or budget, 0
+        backend = OllamaBackend(host, settings.backend_connect_timeout, settings.backend_read_timeout,
+                                settings.keep_alive)
+        stack.push_async_callback(backend.close)
+        inventory = Inventory(backend, settings.aliases)
+        static = StaticSource(capacity or UNCONSTRAINED_CAPACITY, inventory.resident_vram)
+        probe = (MemoryProbe.create(static, settings.nvml_poll_interval, nvml_loader) if nvml_loader
+                 else MemoryProbe.create(static, settings.nvml_poll_interval))
+        stack.callback(probe.close)
+        metrics = Metrics(registry)
+        metrics.watch_memory(lambda: [(g.uuid, probe.latest.source, g.free_bytes, g.total_bytes)
+                                      for g in probe.latest.gpus])
+        throughput = ThroughputTable(settings.ewma_alpha, bandwidth_for((g.name for g in probe.latest.gpus),
+                                                                        settings.gpu_bandwidth))
+        if settings.calibration_file is not None:
+            from quantrouter.calibration import load_calibration
+            load_calibration(settings.calibration_file, throughput)
+        router = Router(backend, inventory, probe, throughput,
+                        Breaker(settings.breaker_failures, settings.breaker_cooldown), metrics,
+                        Limits(settings.max_in_flight, settings.max_in_flight_per_family, reserve,
+                               PolicyConfig(settings.balanced_quality_weight, settings.upgrade_hysteresis)))
+
+        interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics)]
+        tokens = _read_tokens(settings)
+        if tokens:
+            interceptors.append(AuthInterceptor(tokens, status_of))
+        interceptors.append(StatusInterceptor(status_of))
+        server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+        ])
+        running: RunningServer | None = None
+        servicer = RouterService(router, settings, lambda: running is not None and running.draining)
+        pb_grpc.add_RouterServiceServicer_to_server(servicer, server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server)
+        port = _bind(server, settings)
+        metrics_host, metrics_port = _split_address(settings.metrics_address)
+        http_server, http_thread = start_http_server(metrics_port, metrics_host, registry=registry)
+        stack.callback(http_thread.join, 5)
+        stack.callback(http_server.shutdown)
+
+        await inventory.refresh()
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+
+        async def watch() -> None:
+            ready = inventory.loaded and inventory.backend_up
+            status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+            await health_servicer.set(SERVICE_NAME, status)
+            router.refresh_gauges()
+
+        await watch()
+        await server.start()
+        running = RunningServer(server, port, int(http_server.server_port), router, health_servicer, registry,
+                                settings.grace_period, host, stack)
+        running._tasks = [
+            asyncio.create_task(inventory.run(settings.tags_refresh_interval, settings.ps_refresh_interval)),
+            asyncio.create_task(probe.run()),
+            asyncio.create_task(_every(WATCH_INTERVAL_S, watch)()),
+        ]
+        log.info("quantrouter serving on port %d (metrics on %d), backend %s, memory source %s",
+                 port, running.metrics_port, host, probe.latest.source)
+        return running
+    except BaseException:
+        await stack.aclose()
+        raise
+
+
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM or SIGINT; a second signal cuts the grace period short."""
+    running = await start(settings)
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    cut_short: list[asyncio.Task[None]] = []
+
+    def on_signal() -> None:
+        if not stop_requested.is_set():
+            log.info("shutting down: draining streams for up to %.0f s", settings.grace_period)
+            stop_requested.set()
+        elif not cut_short:
+            log.info("second signal: cancelling what remains")
+            cut_short.append(asyncio.create_task(running.server.stop(0)))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await stop_requested.wait()
+    finally:
+        await running.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError, RuntimeError):
+                loop.remove_signal_handler(sig)
+    return 0
+
+
+def describe(running: RunningServer) -> str:
+    return (f"gRPC on port {running.port} ({pb.DESCRIPTOR.package}.RouterService), "
+            f"metrics on http://127.0.0.1:{running.metrics_port}/metrics, backend {running.backend_url}")
+
