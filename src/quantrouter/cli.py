@@ -1,0 +1,279 @@
+"""The `quantrouter` command: serve, talk to a running router, try it all on the embedded backend.
+
+Settings come from flags, then `QUANTROUTER_*` variables, then `--config FILE` (TOML), then defaults
+(quantrouter.config). Client commands (`generate`, `route`, `variants`) reach a router at `--target`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from quantrouter import __version__
+from quantrouter.client import (
+    DEFAULT_TARGET,
+    AsyncRouterClient,
+    Constraints,
+    Options,
+    PreferenceName,
+    RouterClient,
+    VariantListing,
+)
+from quantrouter.config import ConfigError, Settings, load_settings
+from quantrouter.policy import Decision, format_bytes
+from quantrouter.router import Completion
+from quantrouter.server import describe, serve, start
+
+__all__ = ["main"]
+
+PREFERENCES: tuple[PreferenceName, ...] = ("quality", "balanced", "latency")
+DEMO_PROMPT = "In one sentence, why is the sky blue?"
+DEMO_FAMILY = "gemma3:270m"
+DEMO_TOKENS = 32
+
+
+def _settings_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (also QUANTROUTER_<NAME> variables or --config FILE)")
+    group.add_argument("--config", type=Path, help="TOML file with settings (keys as in quantrouter.config)")
+    group.add_argument("--grpc-address", dest="grpc_address", help="gRPC listen address (default 0.0.0.0:50051)")
+    group.add_argument("--metrics-address", dest="metrics_address",
+                       help="Prometheus /metrics listen address (default 0.0.0.0:9464)")
+    group.add_argument("--ollama-host", dest="ollama_host", help="Ollama URL (default $OLLAMA_HOST or 127.0.0.1:11434)")
+    group.add_argument("--embedded", action="store_const", const=True, default=None,
+                       help="start the embedded llama.cpp backend in-process and route to it (no Ollama, no GPU)")
+    group.add_argument("--embedded-memory-budget", dest="embedded_memory_budget",
+                       help="memory the embedded backend may use, standing in for VRAM (e.g. 1GiB)")
+    group.add_argument("--memory-capacity", dest="memory_capacity",
+                       help="GPU memory to assume when NVML is not available (e.g. 80GiB)")
+    group.add_argument("--cache-dir", dest="cache_dir", help="where the embedded model ladder is cached")
+    group.add_argument("--calibration", dest="calibration_file",
+                       help="measured speeds from `quantrouter calibrate`, loaded at start")
+    group.add_argument("--log-level", dest="log_level", choices=("debug", "info", "warning", "error"))
+
+
+def _client_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default=os.environ.get("QUANTROUTER_TARGET", DEFAULT_TARGET),
+                        help=f"router address (default $QUANTROUTER_TARGET or {DEFAULT_TARGET})")
+    parser.add_argument("--token", default=os.environ.get("QUANTROUTER_TOKEN"),
+                        help="bearer token, when the router requires one (default $QUANTROUTER_TOKEN)")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def _routing_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a family (gemma3:270m) or an exact tag to pin (gemma3:270m-q8_0)")
+    parser.add_argument("--preference", "-p", choices=PREFERENCES, default="balanced",
+                        help="what to favour (default balanced)")
+    parser.add_argument("--min-quantization", default="", help="quality floor, e.g. Q4_K_M")
+    parser.add_argument("--allow", action="append", default=[], metavar="QUANT",
+                        help="allowed quantization level (repeatable)")
+    parser.add_argument("--min-tps", type=float, default=0.0, help="minimum decode tokens/sec")
+    parser.add_argument("--max-ttft", type=float, help="maximum time to first token, seconds")
+    parser.add_argument("--num-predict", type=int, help="tokens to generate")
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--timeout", type=float, help="deadline in seconds")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quantrouter",
+        description="A quantization-aware gRPC router in front of Ollama: for each request it picks the "
+                    "quantization variant (q8_0, q5_K_M, q4_K_M, ...) that best serves the caller's preference "
+                    "given the GPU memory free now, what is loaded, and the tokens/sec each variant delivered.",
+        epilog="Try it with no GPU and no Ollama: `quantrouter demo`.")
+    parser.add_argument("--version", action="version", version=f"quantrouter {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve_parser = commands.add_parser("serve", help="run the router",
+                                       description="Run the gRPC router (and its /metrics port) until SIGTERM.")
+    _settings_flags(serve_parser)
+    serve_parser.set_defaults(func=_serve)
+
+    demo = commands.add_parser("demo", help="start everything on the embedded backend and show routing at work",
+                               description="Builds the model ladder if needed, starts the embedded llama.cpp "
+                                           "backend and the router, sends requests with each preference and "
+                                           "prints the decisions and measured tokens/sec.")
+    _settings_flags(demo)
+    demo.add_argument("--rounds", type=int, default=2, help="requests per preference (default 2)")
+    demo.add_argument("--keep-serving", action="store_true", help="keep the router running afterwards")
+    demo.set_defaults(func=_demo)
+
+    generate = commands.add_parser("generate", help="send a prompt to a running router and stream the answer",
+                                   description="Prints the routing decision, then streams the generated text, "
+                                               "then the measured figures.")
+    _routing_flags(generate)
+    generate.add_argument("prompt", help="the prompt")
+    _client_flags(generate)
+    generate.set_defaults(func=_generate)
+
+    route = commands.add_parser("route", help="ask a running router what it would pick, and why (dry run)")
+    _routing_flags(route)
+    route.add_argument("--prompt", default="", help="prompt whose length prices prompt processing")
+    _client_flags(route)
+    route.set_defaults(func=_route)
+
+    variants = commands.add_parser("variants", help="list families and variants a running router knows")
+    variants.add_argument("family", nargs="?", default="", help="only this family")
+    _client_flags(variants)
+    variants.set_defaults(func=_variants)
+
+    from quantrouter.embedded.cli import add_embedded_commands
+    add_embedded_commands(commands)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Settings:
+    flags = {k: v for k, v in vars(args).items() if v is not None}
+    return load_settings(flags, os.environ, args.config if getattr(args, "config", None) else None)
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    return asyncio.run(serve(settings))
+
+
+def _constraints(args: argparse.Namespace) -> Constraints:
+    return Constraints(args.min_quantization, tuple(args.allow), args.min_tps, args.max_ttft)
+
+
+def _options(args: argparse.Namespace) -> Options:
+    return Options(num_predict=args.num_predict, temperature=args.temperature, seed=args.seed)
+
+
+def _decision_lines(decision: Decision) -> list[str]:
+    lines = [f"→ {decision.chosen.tag if decision.chosen else 'nothing'}: {decision.reason}"]
+    for c in decision.candidates:
+        mark = "✓" if c.feasible else "✗"
+        lines.append(f"  {mark} {c.tag:<28} {c.quantization:<7} {format_bytes(c.memory_bytes):>10} "
+                     f"{c.tokens_per_second:7.1f} tok/s{'' if c.measured else '*'} q={c.quality:.3f} "
+                     f"T={c.expected_seconds:6.2f}s {c.rejection}")
+    return lines
+
+
+def _completion_line(c: Completion) -> str:
+    return (f"[{c.variant}: {c.generated_tokens} tokens at {c.tokens_per_second:.1f} tok/s, first token after "
+            f"{c.time_to_first_token * 1000:.0f} ms, load {c.load_seconds * 1000:.0f} ms, {c.done_reason}]")
+
+
+def _generate(args: argparse.Namespace, settings: Settings) -> int:
+    with RouterClient(args.target, token=args.token) as client:
+        for event in client.generate(args.model, args.prompt, preference=args.preference, options=_options(args),
+                                     constraints=_constraints(args), timeout=args.timeout):
+            if isinstance(event, Decision):
+                print("\n".join(_decision_lines(event)), file=sys.stderr)
+            elif isinstance(event, Completion):
+                print(file=sys.stdout)
+                print(json.dumps(asdict(event)) if args.json else _completion_line(event), file=sys.stderr)
+            else:
+                print(event, end="", flush=True)
+    return 0
+
+
+def _route(args: argparse.Namespace, settings: Settings) -> int:
+    with RouterClient(args.target, token=args.token) as client:
+        decision = client.route(args.model, prompt=args.prompt, preference=args.preference, options=_options(args),
+                                constraints=_constraints(args), timeout=args.timeout)
+    print(json.dumps(asdict(decision), default=str, indent=2) if args.json else "\n".join(_decision_lines(decision)))
+    return 0
+
+
+def format_listing(listing: VariantListing) -> str:
+    lines = [f"memory ({listing.memory_source}): {format_bytes(listing.free_bytes)} free of "
+             f"{format_bytes(listing.total_bytes)}" + (f" — {listing.memory_detail}" if listing.memory_detail else "")]
+    header = f"  {'tag':<30} {'quant':<7} {'size':>10} {'params':>8} {'resident':>8} {'vram':>10} " \
+             f"{'tok/s':>8} {'n':>4} {'quality':>7}"
+    for family, variants in listing.families.items():
+        lines += [family, header]
+        for v in variants:
+            tps = f"{v.tokens_per_second:.1f}" + ("" if v.measured else "*")
+            lines.append(f"  {v.tag:<30} {v.quantization:<7} {format_bytes(v.size_bytes):>10} "
+                         f"{v.parameter_count / 1e6:>7.0f}M {'yes' if v.resident else 'no':>8} "
+                         f"{format_bytes(v.vram_bytes):>10} {tps:>8} {v.samples:>4} {v.quality:>7.3f}")
+    lines.append("* prior estimate: no request measured yet")
+    return "\n".join(lines)
+
+
+def _variants(args: argparse.Namespace, settings: Settings) -> int:
+    with RouterClient(args.target, token=args.token) as client:
+        listing = client.list_variants(args.family)
+    print(json.dumps(asdict(listing), indent=2) if args.json else format_listing(listing))
+    return 0
+
+
+async def _demo_request(client: AsyncRouterClient, preference: PreferenceName) -> tuple[Decision, Completion, str]:
+    decision, completion, text = None, None, []
+    async for event in client.generate(DEMO_FAMILY, DEMO_PROMPT, preference=preference,
+                                       options=Options(num_predict=DEMO_TOKENS, temperature=0.0)):
+        if isinstance(event, Decision):
+            decision = event
+        elif isinstance(event, Completion):
+            completion = event
+        else:
+            text.append(event)
+    if decision is None or completion is None:
+        raise RuntimeError("the stream ended without a decision and a completion")
+    return decision, completion, "".join(text)
+
+
+async def _demo_async(args: argparse.Namespace, settings: Settings) -> int:
+    running = await start(settings)
+    try:
+        print(f"quantrouter demo: {describe(running)}\n")
+        print(f"{'round':>5} {'preference':<10} {'variant':<22} {'quant':<7} {'tok/s':>7} {'ttft':>7}  answer")
+        async with AsyncRouterClient(f"127.0.0.1:{running.port}") as client:
+            for round_number in range(1, args.rounds + 1):
+                for preference in PREFERENCES:
+                    decision, completion, text = await _demo_request(client, preference)
+                    answer = " ".join(text.split())[:48]
+                    print(f"{round_number:>5} {preference:<10} {completion.variant:<22} "
+                          f"{decision.chosen.quantization if decision.chosen else '':<7} "
+                          f"{completion.tokens_per_second:>7.1f} {completion.time_to_first_token * 1000:>5.0f}ms  "
+                          f"{answer}", flush=True)
+        print(f"\nwhy the last {preference} request went where it did:")
+        print("\n".join(_decision_lines(decision)))
+        print(f"\nmetrics: curl -s http://127.0.0.1:{running.metrics_port}/metrics | grep quantrouter_")
+        if args.keep_serving:
+            print(f"serving on {settings.grpc_address} (port {running.port}); Ctrl-C to stop")
+            await running.wait()
+        return 0
+    finally:
+        await running.stop(grace=1.0)
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    overrides: dict[str, Any] = {"embedded": True}
+    if not args.keep_serving:  # a one-shot demo takes free ports, so it runs beside anything
+        overrides["grpc_address"] = args.grpc_address or "127.0.0.1:0"
+        overrides["metrics_address"] = args.metrics_address or "127.0.0.1:0"
+    return asyncio.run(_demo_async(args, replace(settings, **overrides)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = _load(args)
+    except ConfigError as error:
+        parser.error(str(error))
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result: Any = args.func(args, settings)
+        return int(result)
+    except grpc.RpcError as error:
+        print(f"quantrouter: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
