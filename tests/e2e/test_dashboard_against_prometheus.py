@@ -1,0 +1,253 @@
+"""Every dashboard query and alert expression, evaluated by a real Prometheus that scrapes a real router.
+
+The router runs on the embedded llama.cpp backend (`quantrouter serve --embedded`, the ladder from
+`make prepare`) and Prometheus is Debian's server on loopback, scraping every second. After traffic with
+each preference, each panel query must parse and return data, each alert expression must parse, and
+Prometheus must evaluate the rules file without errors. Grafana's variables are replaced the way
+Grafana would with "All" selected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from quantrouter.v1 import router_service_pb2, router_service_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[2]
+DASHBOARD = REPO / "deploy" / "grafana" / "quantrouter-dashboard.json"
+RULES = REPO / "deploy" / "prometheus" / "quantrouter-rules.yaml"
+READY_SERVICE = "quantrouter.v1.RouterService"
+FAMILY = "gemma3:270m"
+PREFERENCES = (router_service_pb2.PREFERENCE_QUALITY, router_service_pb2.PREFERENCE_BALANCED,
+               router_service_pb2.PREFERENCE_LATENCY)
+REQUESTS_PER_PREFERENCE = 2
+ROUNDS = 2
+NUM_PREDICT = 8
+# Below F16's 517 MiB plus KV cache (reference/measured-here.md): QUALITY requests are downgraded, so the
+# substitutions panel has data too.
+MEMORY_BUDGET = "512MiB"
+SCRAPE_INTERVAL_S = 1
+# What Grafana's $__rate_interval is replaced with: several scrapes, and the traffic fits inside it.
+RATE_INTERVAL = "1m"
+STARTUP_TIMEOUT_S = 180
+SETTLE_TIMEOUT_S = 30
+VARIABLE = re.compile(r"\$\{?(\w+)\}?")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def executable(name: str, hint: str) -> str:
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed: {hint}", pytrace=False)
+    return found
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def grafana_expr(expr: str) -> str:
+    """The query Grafana sends with every variable on "All" (allValue `.*`)."""
+    return VARIABLE.sub(lambda m: RATE_INTERVAL if m.group(1) == "__rate_interval" else ".*", expr)
+
+
+def panel_queries() -> list[tuple[str, str]]:
+    board = json.loads(DASHBOARD.read_text())
+    return [(f"{panel['title']} / {target['refId']}", grafana_expr(target["expr"]))
+            for panel in board["panels"] if panel["type"] != "row" for target in panel["targets"]]
+
+
+def variable_selectors() -> list[tuple[str, str, str]]:
+    """(variable, label, series selector) for each `label_values(selector, label)` variable."""
+    board = json.loads(DASHBOARD.read_text())
+    found = []
+    for variable in board["templating"]["list"]:
+        if variable["type"] == "query":
+            match = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", variable["definition"])
+            assert match, variable["definition"]
+            found.append((variable["name"], match.group(2), grafana_expr(match.group(1))))
+    return found
+
+
+def alert_exprs() -> list[tuple[str, str]]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return [(rule["alert"], rule["expr"]) for group in groups for rule in group["rules"]]
+
+
+@pytest.fixture(scope="module")
+def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+    """`quantrouter serve --embedded` on free loopback ports, once its router service is SERVING."""
+    command = executable("quantrouter", "make install (the embedded extra) and make prepare")
+    grpc_port, metrics_port = free_port(), free_port()
+    env = {**os.environ,
+           "QUANTROUTER_GRPC_ADDRESS": f"127.0.0.1:{grpc_port}",
+           "QUANTROUTER_METRICS_ADDRESS": f"127.0.0.1:{metrics_port}",
+           "QUANTROUTER_EMBEDDED_MEMORY_BUDGET": MEMORY_BUDGET}
+    log = tmp_path_factory.mktemp("router") / "router.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen([command, "serve", "--embedded"], env=env, stdout=sink, stderr=subprocess.STDOUT)
+    target = f"127.0.0.1:{grpc_port}"
+    try:
+        with grpc.insecure_channel(target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            while True:
+                if process.poll() is not None:
+                    pytest.fail(f"the router exited with {process.returncode}:\n{log.read_text()}")
+                try:
+                    answer = health.Check(health_pb2.HealthCheckRequest(service=READY_SERVICE), timeout=1)
+                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{READY_SERVICE} not SERVING after {STARTUP_TIMEOUT_S} s:\n{log.read_text()}")
+                time.sleep(0.2)
+        yield target, metrics_port
+    finally:
+        stop(process)
+
+
+@pytest.fixture(scope="module")
+def prometheus(router: tuple[str, int], tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    """Debian's Prometheus server scraping the router every second, with the alert rules loaded."""
+    command = executable("prometheus", "make tools (Debian package prometheus)")
+    _, metrics_port = router
+    workdir = tmp_path_factory.mktemp("prometheus")
+    config = workdir / "prometheus.yml"
+    config.write_text(yaml.safe_dump({
+        "global": {"scrape_interval": f"{SCRAPE_INTERVAL_S}s", "evaluation_interval": f"{SCRAPE_INTERVAL_S}s"},
+        "rule_files": [str(RULES)],
+        "scrape_configs": [{"job_name": "quantrouter",
+                            "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}],
+    }))
+    port = free_port()
+    log = workdir / "prometheus.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [command, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}"], stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            settle(lambda: client.get("/-/ready").status_code == 200, process, log, "Prometheus ready")
+            settle(lambda: bool(query(client, 'up{job="quantrouter"} == 1')), process, log, "router scraped")
+            yield client
+    finally:
+        stop(process)
+
+
+def settle(condition: Any, process: subprocess.Popen[bytes], log: Path, what: str) -> None:
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"Prometheus exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            if condition():
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}:\n{log.read_text()[-4000:]}")
+        time.sleep(0.5)
+
+
+def query(client: httpx.Client, expr: str) -> list[dict[str, Any]]:
+    response = client.get("/api/v1/query", params={"query": expr})
+    body = response.json()
+    assert body["status"] == "success", f"{expr}\n→ {body.get('errorType')}: {body.get('error')}"
+    result: list[dict[str, Any]] = body["data"]["result"]
+    return result
+
+
+def generate(stub: router_service_pb2_grpc.RouterServiceStub, preference: int) -> None:
+    request = router_service_pb2.GenerateRequest(
+        model=FAMILY, prompt="The capital of France is", preference=preference,
+        options=router_service_pb2.GenerationOptions(num_predict=NUM_PREDICT))
+    events = [response.WhichOneof("event") for response in stub.Generate(request, timeout=120)]
+    assert events[0] == "decision" and events[-1] == "completion", events
+
+
+@pytest.fixture(scope="module")
+def traffic(router: tuple[str, int], prometheus: httpx.Client) -> httpx.Client:
+    """Requests with every preference in rounds a few scrapes apart, so every counter has a rate."""
+    target, _ = router
+    with grpc.insecure_channel(target) as channel:
+        stub = router_service_pb2_grpc.RouterServiceStub(channel)
+        for _ in range(ROUNDS):
+            for preference in PREFERENCES:
+                for _ in range(REQUESTS_PER_PREFERENCE):
+                    generate(stub, preference)
+            time.sleep(3 * SCRAPE_INTERVAL_S)
+    sent = ROUNDS * len(PREFERENCES) * REQUESTS_PER_PREFERENCE
+
+    def scraped_all() -> bool:
+        result = query(prometheus, "sum(quantrouter_requests_total)")
+        return bool(result) and float(result[0]["value"][1]) >= sent
+
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while not scraped_all():
+        assert time.monotonic() < deadline, f"Prometheus never saw the {sent} requests"
+        time.sleep(SCRAPE_INTERVAL_S)
+    return prometheus
+
+
+@pytest.mark.parametrize(("panel", "expr"), panel_queries(), ids=[name for name, _ in panel_queries()])
+def test_panel_query_returns_data(panel: str, expr: str, traffic: httpx.Client) -> None:
+    result = query(traffic, expr)
+    assert result, f"{panel}: no series for {expr}"
+    values = [float(series["value"][1]) for series in result]
+    assert any(math.isfinite(v) for v in values), f"{panel}: only NaN/Inf for {expr}: {values}"
+
+
+@pytest.mark.parametrize(("variable", "label", "selector"), variable_selectors(),
+                         ids=[name for name, _, _ in variable_selectors()])
+def test_variable_has_values(variable: str, label: str, selector: str, traffic: httpx.Client) -> None:
+    response = traffic.get(f"/api/v1/label/{label}/values", params={"match[]": selector})
+    body = response.json()
+    assert body["status"] == "success", body
+    assert body["data"], f"{variable}: no values for {selector}"
+    if variable == "model_name":
+        assert FAMILY in body["data"]
+
+
+@pytest.mark.parametrize(("alert", "expr"), alert_exprs(), ids=[name for name, _ in alert_exprs()])
+def test_alert_expression_parses(alert: str, expr: str, traffic: httpx.Client) -> None:
+    query(traffic, expr)
+
+
+def test_prometheus_evaluates_every_rule_without_error(traffic: httpx.Client) -> None:
+    time.sleep(2 * SCRAPE_INTERVAL_S)  # at least one evaluation after the traffic
+    groups = traffic.get("/api/v1/rules").json()["data"]["groups"]
+    rules = {rule["name"]: rule for group in groups for rule in group["rules"]}
+    assert set(rules) == {name for name, _ in alert_exprs()}
+    for name, rule in rules.items():
+        assert rule["health"] == "ok", f"{name}: {rule.get('lastError')}"
