@@ -8,6 +8,7 @@ is compute bound and roughly flat across quant types, so a sibling's figure carr
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -48,12 +49,15 @@ GPU_BANDWIDTH: tuple[tuple[str, float], ...] = (
 
 
 def bandwidth_for(gpu_names: Iterable[str], configured: float = 0.0) -> float:
-    """The configured bandwidth, else the first known GPU's, else the conservative default."""
+    """The configured bandwidth, else the first known GPU's, else the conservative default.
+
+    Markers match whole words, so that an "L40S" is not taken for an "L4".
+    """
     if configured > 0:
         return configured
     for name in gpu_names:
         for marker, bandwidth in GPU_BANDWIDTH:
-            if marker in name:
+            if re.search(rf"\b{re.escape(marker)}\b", name):
                 return bandwidth
     return DEFAULT_BANDWIDTH
 

@@ -1,0 +1,163 @@
+"""EWMA of what variants delivered, and the priors used before the first sample."""
+
+from __future__ import annotations
+
+import pytest
+
+from quantrouter.throughput import (
+    BANDWIDTH_EFFICIENCY,
+    DEFAULT_BANDWIDTH,
+    LOAD_BYTES_PER_SECOND,
+    LOAD_FIXED_S,
+    PER_TOKEN_OVERHEAD_S,
+    PROMPT_SPEEDUP_PRIOR,
+    Observation,
+    ThroughputTable,
+    bandwidth_for,
+)
+
+ALPHA = 0.3
+H100_SXM_BANDWIDTH = 3.35e12  # reference/quant.md §6
+# Llama-3.1-8B weight bytes (reference/quant.md §6): Q4_K_M 4.92 GB, Q8_0 8.54 GB, F16 16.06 GB.
+Q4, Q8, F16 = 4_920_000_000, 8_540_000_000, 16_060_000_000
+SIZES = {"q4": Q4, "q8": Q8, "f16": F16}
+SECOND_NS = 1_000_000_000
+
+
+def _decode(tokens_per_second: float, tokens: int = 100) -> Observation:
+    return Observation(eval_count=tokens, eval_duration_ns=int(tokens * SECOND_NS / tokens_per_second))
+
+
+@pytest.mark.parametrize(
+    ("rates", "expected"),
+    [
+        ([100.0], 100.0),
+        ([100.0, 200.0], 130.0),  # 0.3·200 + 0.7·100
+        ([100.0, 200.0, 50.0], 106.0),  # 0.3·50 + 0.7·130
+        ([80.0, 80.0, 80.0, 80.0], 80.0),
+    ],
+)
+def test_decode_ewma(rates: list[float], expected: float) -> None:
+    table = ThroughputTable(ALPHA, H100_SXM_BANDWIDTH)
+    for rate in rates:
+        table.observe("q4", _decode(rate))
+    estimate = table.snapshot().estimate("q4", Q4, SIZES)
+    assert estimate.decode_tps == pytest.approx(expected)
+    assert (estimate.samples, estimate.measured) == (len(rates), True)
+
+
+def test_prompt_rate_and_cold_load_are_learned_separately() -> None:
+    table = ThroughputTable(ALPHA, H100_SXM_BANDWIDTH)
+    table.observe("q4", Observation(100, SECOND_NS, prompt_eval_count=2000, prompt_eval_duration_ns=SECOND_NS // 2,
+                                    load_duration_ns=3 * SECOND_NS, cold=True))
+    # A warm request's load_duration is queueing, not loading: it must not move the load estimate.
+    table.observe("q4", Observation(100, SECOND_NS, prompt_eval_count=1000, prompt_eval_duration_ns=SECOND_NS // 2,
+                                    load_duration_ns=SECOND_NS // 10, cold=False))
+    estimate = table.snapshot().estimate("q4", Q4, SIZES)
+    assert estimate.prompt_tps == pytest.approx(0.3 * 2000 + 0.7 * 4000)
+    assert estimate.load_seconds == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize(
+    "observation",
+    [Observation(), Observation(eval_count=10), Observation(eval_duration_ns=SECOND_NS),
+     Observation(prompt_eval_count=100, prompt_eval_duration_ns=SECOND_NS)],
+)
+def test_an_observation_without_decode_figures_is_not_a_decode_sample(observation: Observation) -> None:
+    table = ThroughputTable(ALPHA, H100_SXM_BANDWIDTH)
+    table.observe("q4", observation)
+    estimate = table.snapshot().estimate("q4", Q4, SIZES)
+    assert (estimate.samples, estimate.measured) == (0, False)
+    assert estimate.decode_tps == pytest.approx(1 / (Q4 / (BANDWIDTH_EFFICIENCY * H100_SXM_BANDWIDTH)
+                                                     + PER_TOKEN_OVERHEAD_S))
+
+
+@pytest.mark.parametrize(
+    ("size", "bandwidth", "tokens_per_second"),
+    [
+        # 1 / (W / (0.8 · BW) + 4 ms), computed: H100 SXM Q4_K_M, H100 SXM F16, RTX 4090 Q4_K_M.
+        (Q4, H100_SXM_BANDWIDTH, 171.36),
+        (F16, H100_SXM_BANDWIDTH, 100.07),
+        (Q4, 1.008e12, 99.00),
+        (Q4, DEFAULT_BANDWIDTH, 7.87),
+    ],
+)
+def test_bandwidth_prior_with_nothing_measured(size: int, bandwidth: float, tokens_per_second: float) -> None:
+    estimate = ThroughputTable(ALPHA, bandwidth).snapshot().estimate("x", size, {"x": size})
+    assert estimate.decode_tps == pytest.approx(tokens_per_second, abs=0.01)
+    assert estimate.prompt_tps == pytest.approx(tokens_per_second * PROMPT_SPEEDUP_PRIOR, abs=0.1)
+    assert estimate.load_seconds == pytest.approx(LOAD_FIXED_S + size / LOAD_BYTES_PER_SECOND)
+    assert not estimate.measured
+
+
+@pytest.mark.parametrize(
+    ("tag", "decode", "load"),
+    [
+        # tok/s ∝ 1/bytes and load ∝ bytes, scaled from the measured Q4_K_M (120 tok/s, 3 s load).
+        ("q8", 120.0 * Q4 / Q8, 3.0 * Q8 / Q4),
+        ("f16", 120.0 * Q4 / F16, 3.0 * F16 / Q4),
+    ],
+)
+def test_sibling_prior_scales_by_size(tag: str, decode: float, load: float) -> None:
+    table = ThroughputTable(ALPHA, H100_SXM_BANDWIDTH)
+    table.observe("q4", Observation(120, SECOND_NS, 3000, SECOND_NS, 3 * SECOND_NS, cold=True))
+    estimate = table.snapshot().estimate(tag, SIZES[tag], SIZES)
+    assert estimate.decode_tps == pytest.approx(decode)
+    assert estimate.prompt_tps == pytest.approx(3000.0), "prompt processing is compute bound: carried over unscaled"
+    assert estimate.load_seconds == pytest.approx(load)
+    assert not estimate.measured
+
+
+def test_the_sibling_with_most_samples_is_the_reference() -> None:
+    table = ThroughputTable(ALPHA, H100_SXM_BANDWIDTH)
+    table.observe("q8", _decode(50.0))
+    for _ in range(3):
+        table.observe("q4", _decode(120.0))
+    assert table.snapshot().estimate("f16", F16, SIZES).decode_tps == pytest.approx(120.0 * Q4 / F16)
+
+
+def test_a_sibling_outside_the_family_is_not_used() -> None:
+    table = ThroughputTable(ALPHA, H100_SXM_BANDWIDTH)
+    table.observe("other-family", _decode(999.0))
+    prior = 1 / (Q8 / (BANDWIDTH_EFFICIENCY * H100_SXM_BANDWIDTH) + PER_TOKEN_OVERHEAD_S)
+    assert table.snapshot().estimate("q8", Q8, SIZES).decode_tps == pytest.approx(prior)
+
+
+def test_seed_starts_a_variant_from_calibrated_figures() -> None:
+    table = ThroughputTable(ALPHA, H100_SXM_BANDWIDTH)
+    table.seed("q4", 131.0, 7000.0, 4.5, samples=5)
+    table.observe("q4", _decode(121.0))
+    estimate = table.snapshot().estimate("q4", Q4, SIZES)
+    assert estimate.decode_tps == pytest.approx(0.3 * 121 + 0.7 * 131)
+    assert (estimate.prompt_tps, estimate.load_seconds, estimate.samples) == (7000.0, 4.5, 6)
+
+
+def test_a_snapshot_does_not_change_when_the_table_does() -> None:
+    table = ThroughputTable(ALPHA, H100_SXM_BANDWIDTH)
+    table.observe("q4", _decode(100.0))
+    snapshot = table.snapshot()
+    table.observe("q4", _decode(200.0))
+    assert snapshot.estimate("q4", Q4, SIZES).decode_tps == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize(
+    ("names", "configured", "bandwidth"),
+    [
+        (["NVIDIA H100 80GB HBM3"], 0.0, 3.35e12),
+        (["NVIDIA H100 PCIe"], 0.0, 2.0e12),
+        (["NVIDIA H100 NVL"], 0.0, 3.9e12),
+        (["NVIDIA H200"], 0.0, 4.8e12),
+        (["NVIDIA A100-SXM4-80GB"], 0.0, 2.039e12),
+        (["NVIDIA A100-SXM4-40GB"], 0.0, 1.555e12),
+        (["NVIDIA GeForce RTX 4090"], 0.0, 1.008e12),
+        (["NVIDIA L4"], 0.0, 300e9),
+        # An L40S is not an L4: a GPU the table does not know gets the conservative default.
+        (["NVIDIA L40S"], 0.0, DEFAULT_BANDWIDTH),
+        (["NVIDIA L40"], 0.0, DEFAULT_BANDWIDTH),
+        (["NVIDIA GeForce RTX 3060", "NVIDIA GeForce RTX 4090"], 0.0, 1.008e12),
+        ([], 0.0, DEFAULT_BANDWIDTH),
+        (["NVIDIA H100 80GB HBM3"], 1.5e12, 1.5e12),
+    ],
+)
+def test_bandwidth_for_gpu_names(names: list[str], configured: float, bandwidth: float) -> None:
+    assert bandwidth_for(names, configured) == bandwidth
