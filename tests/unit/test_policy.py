@@ -1,0 +1,290 @@
+"""The routing decision, table-driven over the Llama-3.1-8B ladder on GPUs of 80, 24 and 8 GB."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import pytest
+
+from quantrouter.catalog import Architecture, VariantInfo
+from quantrouter.policy import (
+    CandidateInput,
+    Decision,
+    FailureKind,
+    MemoryView,
+    PolicyConfig,
+    Preference,
+    RoutingRequest,
+    decide,
+)
+from quantrouter.quant import parse_quantization
+from quantrouter.throughput import ThroughputTable
+
+GIB = 1 << 30
+FAMILY = "llama3.1:8b-instruct"
+# Llama-3.1-8B: 32 layers, 8 KV heads, head_dim 128; at num_ctx 4096 the f16 KV cache is 512 MiB
+# (reference/quant.md §3), so need(v) = size(v) + 0.5 GiB.
+LLAMA_8B = Architecture("llama", block_count=32, head_count_kv=8, head_dim=128, context_length=131072)
+KV_4096 = GIB // 2
+# File sizes in GiB, llama.cpp perplexity README for LLaMA 3 8B (reference/quant.md §1b).
+LADDER_GIB = {"F16": 14.97, "Q8_0": 7.96, "Q6_K": 6.14, "Q5_K_M": 5.33, "Q4_K_M": 4.58, "Q2_K": 2.96}
+# Ollama's per-GPU minimum reserve on CUDA, 457 MiB (reference/quant.md §3).
+RESERVE = 457 << 20
+H100_SXM_BANDWIDTH = 3.35e12  # reference/quant.md §6
+# Measured decode tok/s of a setup where Q2_K's dequantisation makes it slower than Q4_K_M
+# (reference/quant.md §2 (iii): below ~3 bpw tg can drop).
+MEASURED_TPS = {"F16": 55.0, "Q8_0": 95.0, "Q6_K": 110.0, "Q5_K_M": 118.0, "Q4_K_M": 130.0, "Q2_K": 100.0}
+PROMPT_TPS = 5000.0
+LOAD_SECONDS = 5.0
+
+
+def tag(quant: str) -> str:
+    return f"{FAMILY}-{quant.lower()}"
+
+
+def size(quant: str) -> int:
+    return int(LADDER_GIB[quant] * GIB)
+
+
+def ladder(quants: Sequence[str] = tuple(LADDER_GIB), resident: Sequence[str] = (),
+           tps: dict[str, float] | None = None, busy: Sequence[str] = ()) -> list[CandidateInput]:
+    """The family as the router sees it: measured speeds from `tps`, else the bandwidth prior."""
+    table = ThroughputTable(0.3, H100_SXM_BANDWIDTH)
+    for quant, rate in (tps or {}).items():
+        table.seed(tag(quant), rate, PROMPT_TPS, LOAD_SECONDS, samples=10)
+    speeds = table.snapshot()
+    sizes = {tag(q): size(q) for q in quants}
+    candidates = []
+    for quant in quants:
+        is_resident = quant in resident
+        variant = VariantInfo(tag(quant), FAMILY, parse_quantization(quant), size(quant), architecture=LLAMA_8B,
+                              resident=is_resident, vram_bytes=size(quant) + KV_4096 if is_resident else 0)
+        candidates.append(CandidateInput(variant, speeds.estimate(variant.tag, variant.size_bytes, sizes),
+                                         variant.quant.quality, in_flight=int(quant in busy)))
+    return candidates
+
+
+def free(gib: float) -> MemoryView:
+    return MemoryView(int(gib * GIB), RESERVE, "nvml")
+
+
+def request(preference: Preference = Preference.BALANCED, **fields: object) -> RoutingRequest:
+    return replace(RoutingRequest(FAMILY, preference, prompt_tokens=500, num_predict=256), **fields)
+
+
+def chosen(decision: Decision) -> str | None:
+    return decision.chosen.quantization if decision.chosen else None
+
+
+def rejection(decision: Decision, quant: str) -> str:
+    return next(a.rejection for a in decision.candidates if a.quantization == quant)
+
+
+Q, B, L = Preference.QUALITY, Preference.BALANCED, Preference.LATENCY
+
+
+@pytest.mark.parametrize(
+    ("preference", "free_gib", "resident", "measured", "expected", "downgraded"),
+    [
+        # 80 GB H100, everything fits.
+        (Q, 78.0, (), False, "F16", False),
+        (L, 78.0, (), False, "Q2_K", False),  # priors ∝ 1/size and cold load ∝ size: the smallest wins
+        (L, 78.0, (), True, "Q4_K_M", False),  # measured: Q2_K is slower than Q4_K_M
+        # Cold loads (5 s) dominate T, so BALANCED buys quality cheaply: Q5_K_M 0.962 beats Q4_K_M 0.960.
+        (B, 78.0, (), True, "Q5_K_M", False),
+        (Q, 78.0, ("Q8_0",), True, "F16", False),  # 78 GiB leaves F16 far beyond the margin
+        (L, 78.0, ("Q8_0",), True, "Q8_0", False),  # resident: no 5 s cold load
+        (B, 78.0, ("Q8_0",), True, "Q8_0", False),
+        # 24 GB RTX 4090 (22 GiB free).
+        (Q, 22.0, (), True, "F16", False),
+        (L, 22.0, (), True, "Q4_K_M", False),
+        # 8 GB card with 6 GiB free: Q5_K_M needs 5.83 GiB > 5.55 available; only Q4_K_M and below fit.
+        (Q, 6.0, (), True, "Q4_K_M", True),
+        (B, 6.0, (), True, "Q4_K_M", True),  # BALANCED too would have taken Q5_K_M
+        (L, 6.0, (), True, "Q4_K_M", False),
+        # Q8_0 resident fills the card: it stays (F16 would be preferred but cannot load: downgraded).
+        (Q, 0.2, ("Q8_0",), True, "Q8_0", True),
+        (L, 0.2, ("Q8_0",), True, "Q8_0", False),
+    ],
+)
+def test_preference_over_memory_residency_and_speed(preference: Preference, free_gib: float,
+                                                    resident: tuple[str, ...], measured: bool, expected: str,
+                                                    downgraded: bool) -> None:
+    decision = decide(request(preference), ladder(resident=resident, tps=MEASURED_TPS if measured else None),
+                      free(free_gib))
+    assert (chosen(decision), decision.downgraded) == (expected, downgraded)
+    assert decision.failure is None
+    assert len(decision.candidates) == len(LADDER_GIB)
+
+
+@pytest.mark.parametrize("free_gib", [78.0, 22.0, 9.0, 7.5, 6.0])
+@pytest.mark.parametrize("measured", [False, True])
+def test_quality_never_picks_lower_quality_than_latency(free_gib: float, measured: bool) -> None:
+    candidates = ladder(tps=MEASURED_TPS if measured else None)
+    quality = decide(request(Q), candidates, free(free_gib)).chosen
+    latency = decide(request(L), candidates, free(free_gib)).chosen
+    assert quality is not None and latency is not None
+    assert quality.quality >= latency.quality
+    assert latency.expected_seconds <= quality.expected_seconds
+    if free_gib >= 7.5:  # room for more than Q4_K_M: the two preferences really differ
+        assert quality.quality > latency.quality
+
+
+@pytest.mark.parametrize(
+    ("weight", "expected"),
+    # All resident, 100 tokens, no prompt: T = 100 / tok/s. Score = w·q/q_max + (1−w)·T_min/T, computed by hand:
+    # w 0.5 → Q4_K_M 0.960 beats Q5_K_M 0.934; w 0.9 → Q8_0 0.954 beats Q6_K 0.948 and F16 0.942.
+    [(0.0, "Q4_K_M"), (0.5, "Q4_K_M"), (0.9, "Q8_0"), (1.0, "F16")],
+)
+def test_balanced_weight_moves_the_choice_from_speed_to_quality(weight: float, expected: str) -> None:
+    quants = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")
+    tps = {"F16": 50.0, "Q8_0": 90.0, "Q6_K": 100.0, "Q5_K_M": 110.0, "Q4_K_M": 120.0}
+    decision = decide(request(B, prompt_tokens=0, num_predict=100), ladder(quants, resident=quants, tps=tps),
+                      free(40.0), PolicyConfig(balanced_quality_weight=weight))
+    assert chosen(decision) == expected
+    assert decision.chosen is not None and decision.chosen.score == max(a.score for a in decision.candidates)
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected", "rejected", "reason"),
+    [
+        ({"min_quantization": parse_quantization("Q8_0")}, "Q8_0", "Q6_K", "below min_quantization Q8_0"),
+        ({"allowed_quantizations": frozenset({"Q8_0", "Q4_K_M"})}, "Q4_K_M", "Q6_K",
+         "Q6_K is not among the allowed quantizations"),
+        ({"min_tokens_per_second": 120.0}, "Q4_K_M", "Q5_K_M",
+         "118.0 tok/s is below min_tokens_per_second 120"),
+        # Cold loads: 5 s for every variant; only the resident Q6_K meets a 1 s time to first token.
+        ({"max_time_to_first_token": 1.0}, "Q6_K", "Q4_K_M",
+         "time to first token 5.10 s exceeds max_time_to_first_token 1.00 s"),
+        # Q6_K resident: 0.1 s + 256/110 = 2.43 s; every other variant pays the 5 s load.
+        ({"time_remaining": 3.0}, "Q6_K", "Q4_K_M", "expected 7.07 s exceeds the 3.00 s left before the deadline"),
+        ({"excluded": frozenset({tag("Q6_K")})}, "Q4_K_M", "Q6_K", "failed before its first token on this request"),
+    ],
+)
+def test_constraints_reject_with_their_reason(fields: dict[str, object], expected: str, rejected: str,
+                                              reason: str) -> None:
+    decision = decide(request(L, **fields), ladder(resident=("Q6_K",), tps=MEASURED_TPS), free(40.0))
+    assert chosen(decision) == expected
+    assert rejection(decision, rejected) == reason
+    assert not decision.downgraded, "constraints are not memory pressure"
+
+
+def test_excluded_tags_make_a_fallback_decision() -> None:
+    decision = decide(request(Q, excluded=frozenset({tag("F16")})), ladder(tps=MEASURED_TPS), free(40.0))
+    assert (chosen(decision), decision.fallback, decision.reason_code) == ("Q8_0", True, "fallback")
+    assert decision.reason.startswith(f"fell back to {tag('Q8_0')} after {tag('F16')} failed")
+
+
+def test_an_open_breaker_skips_the_variant() -> None:
+    candidates = [replace(c, breaker_open=c.variant.quant.name == "F16") for c in ladder(tps=MEASURED_TPS)]
+    decision = decide(request(Q), candidates, free(40.0))
+    assert chosen(decision) == "Q8_0"
+    assert rejection(decision, "F16") == "skipped for a cool-down after repeated failures"
+
+
+@pytest.mark.parametrize(
+    ("quants", "free_gib", "fields", "failure", "reason_code"),
+    [
+        # 2 GiB free on an 8 GB card: nothing fits, and nothing else stood in the way.
+        (tuple(LADDER_GIB), 2.0, {}, FailureKind.MEMORY, "no_fit_memory"),
+        # Q2_K fits memory but is below the floor; the others do not fit: constraints, not only memory.
+        (tuple(LADDER_GIB), 4.0, {"min_quantization": parse_quantization("Q4_K_M")}, FailureKind.CONSTRAINTS,
+         "no_fit_constraints"),
+        (tuple(LADDER_GIB), 78.0, {"time_remaining": 0.5}, FailureKind.CONSTRAINTS, "no_fit_constraints"),
+        ((), 78.0, {}, FailureKind.EMPTY, "no_fit_empty"),
+        (tuple(LADDER_GIB), 78.0, {"pinned_tag": f"{FAMILY}-q3_k_m"}, FailureKind.EMPTY, "no_fit_empty"),
+    ],
+)
+def test_failure_kinds(quants: tuple[str, ...], free_gib: float, fields: dict[str, object], failure: FailureKind,
+                       reason_code: str) -> None:
+    decision = decide(request(Q, **fields), ladder(quants, tps=MEASURED_TPS), free(free_gib))
+    assert decision.chosen is None
+    assert (decision.failure, decision.reason_code) == (failure, reason_code)
+    assert all(a.rejection for a in decision.candidates)
+
+
+def test_memory_rejection_names_the_need_and_the_free_memory() -> None:
+    decision = decide(request(Q), ladder(tps=MEASURED_TPS), free(6.0))
+    # F16 needs 14.97 + 0.5 GiB; 6 GiB − 457 MiB reserve leaves 5.55 GiB.
+    assert rejection(decision, "F16") == "needs 15.5 GiB, 5.6 GiB free"
+    assert decision.reason.endswith(f"downgraded from {tag('F16')}, which needs 15.5 GiB, 5.6 GiB free")
+
+
+def test_a_pinned_tag_is_served_even_when_memory_looks_short() -> None:
+    decision = decide(request(L, pinned_tag=tag("F16")), ladder(tps=MEASURED_TPS), free(6.0))
+    assert (chosen(decision), decision.pinned, decision.reason_code) == ("F16", True, "pinned")
+    assert [a.quantization for a in decision.candidates] == ["F16"]
+
+
+def test_pinned_tag_still_obeys_constraints() -> None:
+    decision = decide(request(L, pinned_tag=tag("Q4_K_M"), min_quantization=parse_quantization("Q8_0")),
+                      ladder(tps=MEASURED_TPS), free(40.0))
+    assert decision.failure is FailureKind.CONSTRAINTS
+
+
+@pytest.mark.parametrize(
+    ("busy", "expected", "downgraded"),
+    # Q4_K_M resident on an 8 GB card with 3 GiB free: with it reclaimable Q8_0 needs 8.46 of 7.63 GiB (no);
+    # Q5_K_M needs 5.83, within 7.63 / 1.15 = 6.64: upgrade. Busy, Q4_K_M cannot be given back: stay.
+    [((), "Q5_K_M", True), (("Q4_K_M",), "Q4_K_M", True)],
+)
+def test_only_idle_resident_siblings_count_as_reclaimable(busy: tuple[str, ...], expected: str,
+                                                           downgraded: bool) -> None:
+    candidates = ladder(("Q8_0", "Q5_K_M", "Q4_K_M"), resident=("Q4_K_M",), tps=MEASURED_TPS, busy=busy)
+    decision = decide(request(Q), candidates, free(3.0))
+    assert (chosen(decision), decision.downgraded) == (expected, downgraded)
+
+
+@pytest.mark.parametrize(
+    ("free_gib", "resident", "expected", "downgraded"),
+    [
+        # Q4_K_M resident (5.08 GiB, reclaimable). Q8_0 needs 8.46 GiB; with the 15 % margin an upgrade
+        # needs 9.73 GiB available, i.e. free ≥ 9.73 − 5.08 + 0.45 = 5.10 GiB.
+        (4.0, ("Q4_K_M",), "Q4_K_M", True),  # available 8.63: fits, but inside the margin
+        (5.0, ("Q4_K_M",), "Q4_K_M", True),  # available 9.63: still inside
+        (5.2, ("Q4_K_M",), "Q8_0", False),  # available 9.83: beyond the margin
+        # With nothing of the family resident there is nothing to thrash against: no margin.
+        (8.8, (), "Q4_K_M", True),  # 8.8 − 0.45 = 8.35 GiB available < 8.46 needed
+        (9.0, (), "Q8_0", False),
+    ],
+)
+def test_upgrade_needs_the_hysteresis_margin(free_gib: float, resident: tuple[str, ...], expected: str,
+                                             downgraded: bool) -> None:
+    decision = decide(request(Q), ladder(("Q8_0", "Q4_K_M"), resident=resident, tps=MEASURED_TPS), free(free_gib))
+    assert (chosen(decision), decision.downgraded) == (expected, downgraded)
+
+
+def test_no_thrash_when_free_memory_hovers_at_the_boundary() -> None:
+    """Free memory oscillating around Q8_0's raw need never flips a resident Q4_K_M to Q8_0 and back."""
+    resident = "Q4_K_M"
+    picks = []
+    for free_gib in [3.3, 3.5, 3.7, 3.9, 4.1, 3.8, 3.4, 4.2, 3.6, 4.0]:
+        decision = decide(request(Q), ladder(("Q8_0", "Q4_K_M"), resident=(resident,), tps=MEASURED_TPS),
+                          free(free_gib))
+        assert decision.chosen is not None
+        resident = decision.chosen.quantization
+        picks.append(resident)
+    assert set(picks) == {"Q4_K_M"}
+
+
+def test_a_resident_variant_stays_chosen_when_free_memory_drops() -> None:
+    decision = decide(request(Q), ladder(("Q8_0", "Q4_K_M"), resident=("Q8_0",), tps=MEASURED_TPS), free(0.0))
+    assert (chosen(decision), decision.downgraded) == ("Q8_0", False)
+
+
+def test_unknown_architecture_assumes_a_tenth_more_for_the_kv_cache() -> None:
+    candidates = [replace(c, variant=replace(c.variant, architecture=None)) for c in ladder(("Q4_K_M",))]
+    decision = decide(request(Q), candidates, free(40.0))
+    assert decision.chosen is not None
+    assert decision.chosen.memory_bytes == int(size("Q4_K_M") * 1.1)
+
+
+def test_expected_time_is_load_plus_prompt_plus_decode() -> None:
+    decision = decide(request(Q, prompt_tokens=1000, num_predict=130), ladder(("Q4_K_M",), tps=MEASURED_TPS),
+                      free(40.0))
+    assert decision.chosen is not None
+    assert decision.chosen.time_to_first_token == pytest.approx(LOAD_SECONDS + 1000 / PROMPT_TPS)
+    assert decision.chosen.expected_seconds == pytest.approx(LOAD_SECONDS + 1000 / PROMPT_TPS + 1.0)
+    assert decision.chosen.measured
+    assert "130 tok/s" in decision.reason and "cold load" in decision.reason
