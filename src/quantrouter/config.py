@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "GiB",
+    "MiB",
     "ConfigError",
     "Settings",
     "default_cache_dir",

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from quantrouter.backend import OllamaBackend
+from quantrouter.background import service_in_thread
 from quantrouter.breaker import Breaker
 from quantrouter.config import Settings
 from quantrouter.interceptors import AuthInterceptor, MetricsInterceptor, StatusInterceptor
@@ -36,7 +37,7 @@ from quantrouter.throughput import ThroughputTable, bandwidth_for
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
 
-__all__ = ["RunningServer", "serve", "start"]
+__all__ = ["RunningServer", "describe", "run_in_thread", "serve", "start"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 WATCH_INTERVAL_S = 1.0
 # When no capacity is configured and NVML is absent, memory does not constrain routing.
 UNCONSTRAINED_CAPACITY = 1 << 60
+# Building the ladder on a fresh machine is part of starting with --embedded.
+START_TIMEOUT_S = 900.0
 
 
 @dataclass
@@ -227,3 +230,12 @@ def describe(running: RunningServer) -> str:
     return (f"gRPC on port {running.port} ({pb.DESCRIPTOR.package}.RouterService), "
             f"metrics on http://127.0.0.1:{running.metrics_port}/metrics, backend {running.backend_url}")
 
+
+
+@contextlib.contextmanager
+def run_in_thread(settings: Settings, registry: CollectorRegistry | None = None,
+                  nvml_loader: Callable[[], Any] | None = None) -> Iterator[RunningServer]:
+    """The router on its own loop in a daemon thread (tests, benchmarks, synchronous callers)."""
+    with service_in_thread(lambda: start(settings, registry, nvml_loader), lambda r: r.stop(grace=1.0),
+                           name="quantrouter-router", start_timeout=START_TIMEOUT_S) as running:
+        yield running
