@@ -1,0 +1,435 @@
+"""Ollama's scheduler on one GPU, and the router in front of it, as a discrete-event simulation.
+
+What is simulated (reference/ollama.md §3 unless noted):
+- one runner per loaded variant, `OLLAMA_NUM_PARALLEL` = 1 (requests queue per runner), at most
+  3 runners per GPU (`defaultModelsPerGPU`), keep_alive 5 min;
+- a load evicts idle runners first when the prediction (weights + f16 KV) exceeds 80 % of free memory and
+  something else is loaded, otherwise waits for a runner to go idle; the first model always loads, with
+  layers that do not fit left on the CPU; the runner then really holds the prediction plus the compute graph;
+- runners on one GPU time-slice it (CUDA contexts of different processes do not overlap without MPS), so
+  k busy runners each progress at 1/k of their solo speed (an assumption, stated in the results);
+- other tenants take memory as it frees up, never more than is there;
+- each request's deadline cancels it wherever it is, as a gRPC deadline cancels the Ollama request.
+
+The router sees what production sees: NVML free memory, `/api/ps` residency, its own in-flight counts and a
+`ThroughputTable` fed with Ollama's per-request figures. Truth reaches only policies that ask `view.truth`.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+import math
+from collections import Counter, deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from bench.sim.hardware import (
+    OLLAMA_MINIMUM_MEMORY,
+    FamilySpec,
+    GpuSpec,
+    VariantSpec,
+    load_seconds,
+    ollama_predicted_bytes,
+    prompt_tps,
+    resident_bytes,
+    seconds_per_token,
+)
+from bench.sim.workload import Request
+from quantrouter.throughput import NS, Observation, SpeedEstimate, ThroughputSnapshot, ThroughputTable, bandwidth_for
+
+# Ollama defaults (reference/ollama.md §3): keep_alive 5 min, 3 models per GPU, load when prediction ≤ 80 % free.
+KEEP_ALIVE_S = 300.0
+MAX_LOADED_MODELS = 3
+LOAD_FREE_FRACTION = 0.8
+# The router's EWMA weight (quantrouter.config default ewma_alpha).
+EWMA_ALPHA = 0.3
+# One num_ctx per variant so Ollama never reloads over a context change (reference/ollama.md §3, "Router rule").
+NUM_CTX = 8192
+# Context a request typically decodes at, for the truth-fed policy's single speed figure per variant.
+TYPICAL_CONTEXT = 1024
+
+
+class Outcome(enum.Enum):
+    COMPLETED = "completed"
+    REJECTED = "rejected"
+    DEADLINE = "deadline"
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    tag: str | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """The truth about serving a request on a variant now, assuming no further arrivals."""
+
+    finish: float
+    decode_tps: float
+
+
+class Truth(Protocol):
+    def predict(self, request: Request, tag: str) -> Prediction: ...
+
+    def speed(self, tag: str) -> SpeedEstimate: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RouterView:
+    """What a routing policy may read at a decision; `truth` is for the oracle and truth-fed variants only."""
+
+    now: float
+    family: FamilySpec
+    gpu_name: str
+    capacity_bytes: int
+    free_bytes: int
+    resident: Mapping[str, int]
+    in_flight: Mapping[str, int]
+    speeds: ThroughputSnapshot
+    num_ctx: int
+    truth: Truth
+
+
+class Policy(Protocol):
+    name: str
+
+    def choose(self, request: Request, view: RouterView) -> Choice: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RequestResult:
+    request: Request
+    outcome: Outcome
+    reason: str
+    tag: str | None = None
+    quality: float = 0.0
+    latency: float = math.nan
+    ttft: float = math.nan
+    decode_tps: float = 0.0
+    cold: bool = False
+
+    @property
+    def slo_met(self) -> bool:
+        return self.outcome is Outcome.COMPLETED and self.decode_tps >= self.request.min_tokens_per_second
+
+
+@dataclass(frozen=True, slots=True)
+class MemorySample:
+    time: float
+    tenant_bytes: int
+    runner_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    results: tuple[RequestResult, ...]
+    loads: int
+    evicting_loads: int
+    partial_loads: int
+    memory: tuple[MemorySample, ...]
+    capacity_bytes: int
+    audits: tuple[dict[str, float], ...] = ()
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    request: Request
+    variant: VariantSpec
+    cold: bool
+    prefill_work: float
+    decode_work: float = 0.0
+    phase: str = "queued"  # queued → prefill → decode
+    work_left: float = 0.0
+    acquired: float = math.nan
+    phase_start: float = 0.0
+    prefill_wall: float = 0.0
+
+    def remaining_work(self) -> float:
+        if self.phase == "queued":
+            return self.prefill_work + self.decode_work
+        return self.work_left + (self.decode_work if self.phase == "prefill" else 0.0)
+
+
+@dataclass(slots=True)
+class _Runner:
+    variant: VariantSpec
+    gpu_bytes: int
+    gpu_fraction: float
+    ready_at: float
+    jobs: deque[_Job] = field(default_factory=deque)
+    generation: int = 0
+
+    def ready(self, now: float) -> bool:
+        return self.ready_at <= now
+
+    def busy(self, now: float) -> bool:
+        return self.ready(now) and bool(self.jobs)
+
+
+class Simulation:
+    """One trace on one GPU under one policy. `run()` returns every request's outcome and the load counters."""
+
+    def __init__(self, gpu: GpuSpec, family: FamilySpec, requests: Sequence[Request],
+                 tenant: Sequence[tuple[float, int]], policy: Policy, audit: Sequence[Policy] = (),
+                 value: Callable[[Request, Prediction, float], float] | None = None) -> None:
+        self.gpu, self.family, self.policy = gpu, family, policy
+        self._audit, self._value = audit, value
+        self.now = 0.0
+        self._events: list[tuple[float, int, str, object]] = []
+        self._seq = itertools.count()
+        self._runners: dict[str, _Runner] = {}
+        self._pending: deque[_Job] = deque()
+        self._jobs: dict[int, _Job] = {}
+        self._tenant_want = 0
+        self._table = ThroughputTable(EWMA_ALPHA, bandwidth_for([gpu.nvml_name]))
+        self._in_flight: Counter[str] = Counter()
+        self._results: list[RequestResult] = []
+        self._loads = self._evicting_loads = self._partial_loads = 0
+        self._memory: list[MemorySample] = []
+        self._audits: list[dict[str, float]] = []
+        for r in requests:
+            self._push(r.arrival, "arrival", r)
+            self._push(r.arrival + r.deadline_s, "deadline", r)
+        for t, want in tenant:
+            self._push(t, "tenant", want)
+
+    # ---- memory -------------------------------------------------------------------------------------------
+    def _runner_bytes(self) -> int:
+        return sum(r.gpu_bytes for r in self._runners.values())
+
+    def _tenant_bytes(self) -> int:
+        """Other tenants take what they want of what our runners leave."""
+        return min(self._tenant_want, self.gpu.capacity_bytes - self._runner_bytes())
+
+    def free_bytes(self) -> int:
+        return self.gpu.capacity_bytes - self._tenant_bytes() - self._runner_bytes()
+
+    def _sample_memory(self) -> None:
+        self._memory.append(MemorySample(self.now, self._tenant_bytes(), self._runner_bytes()))
+
+    # ---- truth (oracle only) -------------------------------------------------------------------------------
+    def speed(self, tag: str) -> SpeedEstimate:
+        v = self.family.variant(tag)
+        runner = self._runners.get(tag)
+        fraction = runner.gpu_fraction if runner else 1.0
+        return SpeedEstimate(1 / seconds_per_token(self.gpu, self.family, v, TYPICAL_CONTEXT, fraction),
+                             prompt_tps(self.gpu, self.family), load_seconds(self.gpu, v), measured=True)
+
+    def predict(self, request: Request, tag: str) -> Prediction:
+        v = self.family.variant(tag)
+        busy = {t for t, r in self._runners.items() if r.busy(self.now)}
+        share = len(busy | {tag})
+        runner = self._runners.get(tag)
+        if runner is not None:
+            fraction = runner.gpu_fraction
+            wait = max(runner.ready_at - self.now, 0.0) + sum(j.remaining_work() for j in runner.jobs) * share
+        else:
+            fraction, wait = self._placement(v, share)
+            wait += load_seconds(self.gpu, v)
+        context = request.prompt_tokens + request.output_tokens / 2
+        decode = request.output_tokens * seconds_per_token(self.gpu, self.family, v, context, fraction)
+        prefill = request.prompt_tokens / prompt_tps(self.gpu, self.family)
+        return Prediction(self.now + wait + (prefill + decode) * share, request.output_tokens / (decode * share))
+
+    def _placement(self, v: VariantSpec, share: int) -> tuple[float, float]:
+        """(GPU fraction, seconds to wait for memory) if `v` were loaded now, by Ollama's rule."""
+        need = ollama_predicted_bytes(self.family, v, NUM_CTX)
+        actual = resident_bytes(self.family, v, NUM_CTX)
+        idle = sum(r.gpu_bytes for r in self._runners.values() if r.ready(self.now) and not r.jobs)
+        held = self._runner_bytes()
+        room = self.gpu.capacity_bytes - self._tenant_bytes() - OLLAMA_MINIMUM_MEMORY
+        fraction = min(1.0, max(room, 0) / actual)
+        if not self._runners or need <= LOAD_FREE_FRACTION * (self.free_bytes() + idle):
+            return min(1.0, max(self.free_bytes() + idle - OLLAMA_MINIMUM_MEMORY, 0) / actual), 0.0
+        drain = max((sum(j.remaining_work() for j in r.jobs) for r in self._runners.values()), default=0.0)
+        return (fraction if need > LOAD_FREE_FRACTION * (self.free_bytes() + held) else 1.0), drain * share
+
+    # ---- events ---------------------------------------------------------------------------------------------
+    def _push(self, t: float, kind: str, payload: object) -> None:
+        heapq.heappush(self._events, (t, next(self._seq), kind, payload))
+
+    def _busy_heads(self) -> list[_Job]:
+        return [r.jobs[0] for r in self._runners.values() if r.busy(self.now) and r.jobs[0].phase != "queued"]
+
+    def _advance(self, t: float) -> None:
+        active = self._busy_heads()
+        if active and t > self.now:
+            progress = (t - self.now) / len(active)
+            for job in active:
+                job.work_left -= progress
+        self.now = t
+
+    def run(self) -> RunResult:
+        while self._events or self._busy_heads():
+            active = self._busy_heads()
+            next_event = self._events[0][0] if self._events else math.inf
+            soonest = min(active, key=lambda j: j.work_left, default=None)
+            phase_end = self.now + soonest.work_left * len(active) if soonest else math.inf
+            if soonest is not None and phase_end <= next_event:
+                self._advance(phase_end)
+                soonest.work_left = 0.0
+                self._end_phase(soonest)
+            else:
+                t, _, kind, payload = heapq.heappop(self._events)
+                self._advance(t)
+                self._handle(kind, payload)
+            self._sample_memory()
+        return RunResult(tuple(sorted(self._results, key=lambda r: r.request.id)), self._loads,
+                         self._evicting_loads, self._partial_loads, tuple(self._memory), self.gpu.capacity_bytes,
+                         tuple(self._audits))
+
+    def _handle(self, kind: str, payload: object) -> None:
+        if kind == "arrival":
+            assert isinstance(payload, Request)
+            self._arrive(payload)
+        elif kind == "deadline":
+            assert isinstance(payload, Request)
+            self._cancel(payload)
+        elif kind == "tenant":
+            assert isinstance(payload, int)
+            self._tenant_want = payload
+            self._schedule()
+        elif kind == "loaded":
+            assert isinstance(payload, _Runner)
+            for job in payload.jobs:
+                job.acquired = self.now
+            self._start_next(payload)
+        elif kind == "expire":
+            assert isinstance(payload, tuple)
+            tag, generation = payload
+            runner = self._runners.get(tag)
+            if runner is not None and runner.generation == generation and not runner.jobs:
+                del self._runners[tag]
+                self._schedule()
+
+    # ---- the router -------------------------------------------------------------------------------------------
+    def _view(self) -> RouterView:
+        resident = {t: r.gpu_bytes for t, r in self._runners.items() if r.ready(self.now)}
+        return RouterView(self.now, self.family, self.gpu.nvml_name, self.gpu.capacity_bytes, self.free_bytes(),
+                          resident, dict(self._in_flight), self._table.snapshot(), NUM_CTX, self)
+
+    def _arrive(self, request: Request) -> None:
+        view = self._view()
+        choice = self.policy.choose(request, view)
+        if self._audit and self._value is not None:
+            self._audits.append(self._audit_values(request, view, choice))
+        if choice.tag is None:
+            self._results.append(RequestResult(request, Outcome.REJECTED, choice.reason))
+            return
+        v = self.family.variant(choice.tag)
+        job = _Job(request, v, v.tag not in view.resident, request.prompt_tokens / prompt_tps(self.gpu, self.family))
+        self._jobs[request.id] = job
+        self._in_flight[v.tag] += 1
+        runner = self._runners.get(v.tag)
+        if runner is not None:
+            self._assign(job, runner)
+        else:
+            self._pending.append(job)
+            self._schedule()
+
+    def _audit_values(self, request: Request, view: RouterView, choice: Choice) -> dict[str, float]:
+        assert self._value is not None
+        values = {}
+        for policy in (self.policy, *self._audit):
+            tag = choice.tag if policy is self.policy else policy.choose(request, view).tag
+            quality = self.family.variant(tag).quant.quality if tag else 0.0
+            values[policy.name] = self._value(request, self.predict(request, tag), quality) if tag else 0.0
+        return values
+
+    def _finish(self, job: _Job, runner: _Runner) -> None:
+        request, latency = job.request, self.now - job.request.arrival
+        decode_wall = self.now - job.phase_start
+        self._in_flight[job.variant.tag] -= 1
+        del self._jobs[request.id]
+        load_wait = job.acquired - request.arrival
+        self._table.observe(job.variant.tag, Observation(
+            request.output_tokens, int(decode_wall * NS), request.prompt_tokens, int(job.prefill_wall * NS),
+            int(load_wait * NS), job.cold))
+        self._results.append(RequestResult(
+            request, Outcome.COMPLETED, "completed", job.variant.tag, job.variant.quant.quality, latency,
+            job.phase_start - request.arrival, request.output_tokens / decode_wall, job.cold))
+        runner.jobs.popleft()
+        self._start_next(runner)
+
+    def _cancel(self, request: Request) -> None:
+        job = self._jobs.pop(request.id, None)
+        if job is None:
+            return
+        self._in_flight[job.variant.tag] -= 1
+        self._results.append(RequestResult(request, Outcome.DEADLINE, f"deadline passed while {job.phase}",
+                                           job.variant.tag, job.variant.quant.quality, cold=job.cold))
+        if job in self._pending:
+            self._pending.remove(job)
+            self._schedule()
+            return
+        runner = self._runners[job.variant.tag]
+        was_head = runner.jobs[0] is job
+        runner.jobs.remove(job)
+        if was_head:
+            self._start_next(runner)
+
+    # ---- Ollama's scheduler --------------------------------------------------------------------------------------
+    def _assign(self, job: _Job, runner: _Runner) -> None:
+        """Queue `job` on `runner`; its decode cost depends on how much of the runner sits on the GPU."""
+        request = job.request
+        context = request.prompt_tokens + request.output_tokens / 2
+        seconds = seconds_per_token(self.gpu, self.family, job.variant, context, runner.gpu_fraction)
+        job.decode_work = request.output_tokens * seconds / request.speed_noise
+        if runner.ready(self.now):
+            job.acquired = self.now
+        runner.jobs.append(job)
+        self._start_next(runner)
+
+    def _end_phase(self, job: _Job) -> None:
+        if job.phase == "prefill":
+            job.prefill_wall = self.now - job.phase_start
+            job.phase, job.work_left, job.phase_start = "decode", job.decode_work, self.now
+            return
+        self._finish(job, self._runners[job.variant.tag])
+
+    def _start_next(self, runner: _Runner) -> None:
+        if not runner.ready(self.now):
+            return
+        if runner.jobs:
+            head = runner.jobs[0]
+            if head.phase == "queued":
+                head.phase, head.work_left, head.phase_start = "prefill", head.prefill_work, self.now
+            return
+        runner.generation += 1
+        self._push(self.now + KEEP_ALIVE_S, "expire", (runner.variant.tag, runner.generation))
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """Serve the pending queue in order; the head waits (and blocks the rest) until it can load."""
+        while self._pending:
+            job = self._pending[0]
+            runner = self._runners.get(job.variant.tag) or self._load(job.variant)
+            if runner is None:
+                return
+            self._pending.popleft()
+            self._assign(job, runner)
+
+    def _load(self, v: VariantSpec) -> _Runner | None:
+        need = ollama_predicted_bytes(self.family, v, NUM_CTX)
+        evicted = False
+        while self._runners and (need > LOAD_FREE_FRACTION * self.free_bytes()
+                                 or len(self._runners) >= MAX_LOADED_MODELS):
+            idle = sorted(t for t, r in self._runners.items() if r.ready(self.now) and not r.jobs)
+            if not idle:
+                return None
+            del self._runners[idle[0]]
+            evicted = True
+        actual = resident_bytes(self.family, v, NUM_CTX)
+        room = max(self.free_bytes() - (OLLAMA_MINIMUM_MEMORY if not self._runners else 0), 0)
+        gpu_bytes = min(actual, room)
+        runner = _Runner(v, gpu_bytes, gpu_bytes / actual, self.now + load_seconds(self.gpu, v))
+        self._runners[v.tag] = runner
+        self._loads += 1
+        self._evicting_loads += evicted
+        self._partial_loads += gpu_bytes < actual
+        self._push(runner.ready_at, "loaded", runner)
+        return runner

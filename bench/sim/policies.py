@@ -1,0 +1,121 @@
+"""The routing policies compared on the same traces: quantrouter's real `decide`, the usual rules, an oracle."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bench.sim.engine import Choice, Prediction, RouterView
+from bench.sim.hardware import OLLAMA_MINIMUM_MEMORY, VariantSpec, ollama_predicted_bytes
+from bench.sim.workload import Request
+from quantrouter.catalog import VariantInfo
+from quantrouter.policy import CandidateInput, MemoryView, PolicyConfig, RoutingRequest, decide
+from quantrouter.quant import quality_order
+
+# "Highest quant whose size × 1.2 fits total VRAM": the common rule of thumb (20 % for KV cache and overhead).
+STATIC_RULE_HEADROOM = 1.2
+DEFAULT_QUANT = "Q4_K_M"  # Ollama's library default tag for most families
+
+
+@dataclass(frozen=True, slots=True)
+class QuantRouter:
+    """quantrouter's `decide`, fed as the service feeds it; `true_speeds` swaps in the truth to isolate estimation."""
+
+    name: str = "quantrouter"
+    config: PolicyConfig = field(default_factory=PolicyConfig)
+    true_speeds: bool = False
+
+    def choose(self, request: Request, view: RouterView) -> Choice:
+        family = view.family
+        sizes = {v.tag: v.size_bytes for v in family.variants}
+        candidates = []
+        for v in family.variants:
+            info = VariantInfo(v.tag, family.name, v.quant, v.size_bytes, family.parameter_count,
+                               family.architecture, v.tag in view.resident, view.resident.get(v.tag, 0))
+            speed = view.truth.speed(v.tag) if self.true_speeds else view.speeds.estimate(v.tag, v.size_bytes, sizes)
+            candidates.append(CandidateInput(info, speed, v.quant.quality, view.in_flight.get(v.tag, 0)))
+        routing = RoutingRequest(family.name, request.preference, prompt_tokens=request.prompt_tokens,
+                                 num_predict=request.output_tokens, num_ctx=view.num_ctx,
+                                 min_tokens_per_second=request.min_tokens_per_second,
+                                 time_remaining=request.deadline_s)
+        decision = decide(routing, candidates, MemoryView(view.free_bytes, OLLAMA_MINIMUM_MEMORY, "nvml"), self.config)
+        return Choice(decision.chosen.tag if decision.chosen else None, decision.reason_code)
+
+
+@dataclass(frozen=True, slots=True)
+class AlwaysQuant:
+    quant: str = DEFAULT_QUANT
+    name: str = "always-q4_K_M"
+
+    def choose(self, request: Request, view: RouterView) -> Choice:
+        return Choice(next(v.tag for v in view.family.variants if v.quant.name == self.quant), "fixed")
+
+
+@dataclass(frozen=True, slots=True)
+class StaticVramRule:
+    """Highest quality whose file size × 1.2 fits the GPU's total memory, decided once per GPU."""
+
+    name: str = "static-1.2x-vram"
+
+    def choose(self, request: Request, view: RouterView) -> Choice:
+        fitting = [v for v in view.family.variants if v.size_bytes * STATIC_RULE_HEADROOM <= view.capacity_bytes]
+        pool = fitting or [min(view.family.variants, key=lambda v: v.size_bytes)]
+        best = quality_order([v.quant for v in pool])[0]
+        return Choice(next(v.tag for v in pool if v.quant is best), "static")
+
+
+@dataclass(frozen=True, slots=True)
+class LargestFitsFree:
+    """The largest variant that is resident or fits NVML free memory now (smallest when none does)."""
+
+    name: str = "largest-fits-free"
+
+    def choose(self, request: Request, view: RouterView) -> Choice:
+        room = view.free_bytes - OLLAMA_MINIMUM_MEMORY
+        fitting = [v for v in view.family.variants
+                   if v.tag in view.resident or ollama_predicted_bytes(view.family, v, view.num_ctx) <= room]
+        pick = max(fitting, key=lambda v: v.size_bytes) if fitting else min(view.family.variants,
+                                                                          key=lambda v: v.size_bytes)
+        return Choice(pick.tag, "largest")
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyOnly:
+    """The variant with the highest decode tok/s the router has measured (its prior before any sample)."""
+
+    name: str = "latency-only"
+
+    def choose(self, request: Request, view: RouterView) -> Choice:
+        sizes = {v.tag: v.size_bytes for v in view.family.variants}
+        pick = max(view.family.variants, key=lambda v: view.speeds.estimate(v.tag, v.size_bytes, sizes).decode_tps)
+        return Choice(pick.tag, "fastest")
+
+
+def slo_value(request: Request, prediction: Prediction, quality: float) -> float:
+    """The oracle's objective for one request: quality-weighted tokens if the SLO is met, else nothing."""
+    on_time = prediction.finish - request.arrival <= request.deadline_s
+    fast_enough = prediction.decode_tps >= request.min_tokens_per_second
+    return quality * request.output_tokens if on_time and fast_enough else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Oracle:
+    """Knows the true speeds, output lengths, load times and queues now (not future arrivals).
+
+    Picks the variant that maximises `slo_value`; ties go to the earlier finish. Rejects when none meets the SLO.
+    """
+
+    name: str = "oracle"
+
+    def choose(self, request: Request, view: RouterView) -> Choice:
+        def key(v: VariantSpec) -> tuple[float, float]:
+            prediction = view.truth.predict(request, v.tag)
+            return slo_value(request, prediction, v.quant.quality), -prediction.finish
+
+        best = max(view.family.variants, key=key)
+        if key(best)[0] <= 0:
+            return Choice(None, "no variant meets the SLO")
+        return Choice(best.tag, "oracle")
+
+
+BASELINES = (AlwaysQuant(), StaticVramRule(), LargestFitsFree(), LatencyOnly())
+ALL_POLICIES = (QuantRouter(), QuantRouter("quantrouter (true speeds)", true_speeds=True), *BASELINES, Oracle())
