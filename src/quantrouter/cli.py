@@ -265,6 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         parser.error(str(error))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.log_level != "debug":  # one line per backend call would bury everything else
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         result: Any = args.func(args, settings)
         return int(result)
