@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
 import quantrouter.embedded as embedded
+from quantrouter.embedded import LadderEntry, Registry
 from quantrouter.embedded.errors import BadRequestError
 from quantrouter.embedded.gguf_info import format_parameter_size
 from quantrouter.embedded.scheduler import parse_keep_alive
@@ -38,3 +40,13 @@ def test_all_lists_exactly_the_public_names() -> None:
     public = {name for name in vars(embedded) if not name.startswith("_")}
     modules = {"cli", "engine", "errors", "gguf_info", "ladder", "registry", "scheduler", "server", "wire"}
     assert set(embedded.__all__) == public - modules
+
+
+def test_user_directory_models_are_tagged_from_metadata(tmp_path: Path, ladder: list[LadderEntry]) -> None:
+    q8 = next(e for e in ladder if e.quant == "Q8_0")
+    (tmp_path / "renamed-to-mislead-f16.gguf").symlink_to(q8.path)
+    (tmp_path / "not-a-model.gguf").write_bytes(b"not gguf")
+    registry = Registry.build([], [tmp_path])
+    [entry] = list(registry)
+    assert entry.name == "gemma-3:270m-q8_0"  # from general.basename, size_label and file_type
+    assert entry.info.quant.name == "Q8_0" and entry.digest == q8.sha256
