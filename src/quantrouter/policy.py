@@ -4,7 +4,9 @@ No I/O, no clock, no logging: the service passes in the catalog's variants, a me
 estimates and the time left before the deadline. The model (design §5):
 
 - memory needed = weights + f16 KV cache for num_ctx; a variant fits when it is resident, or when
-  need ≤ free − reserve + what idle variants of the same family would give back on eviction;
+  need ≤ `load_fraction` × (free − reserve + what idle variants of the same family would give back on
+  eviction): Ollama loads a model beside others only within 80 % of free memory and otherwise waits for
+  busy runners to finish (reference/ollama.md §3), which a routed request would spend in a queue;
 - ttft = cold-load time (when not resident) + prompt tokens / prompt tok/s;
 - expected time T = ttft + num_predict / decode tok/s;
 - quality = the quant type's prior (quantrouter.quant).
@@ -44,6 +46,9 @@ __all__ = [
 TIE_TOLERANCE = 1e-6
 # When the architecture is unknown (no /api/show yet), assume the KV cache adds this share of the weights.
 UNKNOWN_KV_SHARE = 0.1
+# Ollama's scheduler loads beside other models only when the prediction ≤ 80 % of free memory
+# (`server/sched.go` "Use 80% of free memory as threshold", reference/ollama.md §3).
+OLLAMA_LOAD_FRACTION = 0.8
 
 
 class Preference(enum.Enum):
@@ -98,6 +103,7 @@ class MemoryView:
 class PolicyConfig:
     balanced_quality_weight: float = 0.5
     upgrade_hysteresis: float = 0.15
+    load_fraction: float = OLLAMA_LOAD_FRACTION
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,11 +200,13 @@ def _assess(c: CandidateInput, request: RoutingRequest, available: int, family_r
     expected = ttft + request.num_predict / speed.decode_tps
     rejection = _constraint_rejection(c, request, speed, ttft, expected)
     memory_only = False
+    usable = available * config.load_fraction
     if not rejection and not v.resident and request.pinned_tag is None:
-        if need > available:
-            rejection = f"needs {format_bytes(need)}, {format_bytes(max(available, 0))} free"
+        if need > usable:
+            rejection = (f"needs {format_bytes(need)}, {format_bytes(max(available, 0))} free "
+                         f"(Ollama loads within {config.load_fraction:.0%} of it)")
             memory_only = True
-        elif family_resident and need > available / (1 + config.upgrade_hysteresis):
+        elif family_resident and need > usable / (1 + config.upgrade_hysteresis):
             rejection = (f"needs {format_bytes(need)} of {format_bytes(available)} free: within the "
                          f"{config.upgrade_hysteresis:.0%} margin kept before replacing a resident sibling")
             memory_only = True

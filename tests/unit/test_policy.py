@@ -99,10 +99,11 @@ Q, B, L = Preference.QUALITY, Preference.BALANCED, Preference.LATENCY
         # 24 GB RTX 4090 (22 GiB free).
         (Q, 22.0, (), True, "F16", False),
         (L, 22.0, (), True, "Q4_K_M", False),
-        # 8 GB card with 6 GiB free: Q5_K_M needs 5.83 GiB > 5.55 available; only Q4_K_M and below fit.
-        (Q, 6.0, (), True, "Q4_K_M", True),
-        (B, 6.0, (), True, "Q4_K_M", True),  # BALANCED too would have taken Q5_K_M
-        (L, 6.0, (), True, "Q4_K_M", False),
+        # 8 GB card with 7.2 GiB free: Ollama loads within 80 % of 7.2 − 0.45 GiB = 5.40 GiB; Q5_K_M needs 5.83,
+        # Q4_K_M 5.08: only Q4_K_M and below fit.
+        (Q, 7.2, (), True, "Q4_K_M", True),
+        (B, 7.2, (), True, "Q4_K_M", True),  # BALANCED too would have taken Q5_K_M
+        (L, 7.2, (), True, "Q4_K_M", False),
         # Q8_0 resident fills the card: it stays (F16 would be preferred but cannot load: downgraded).
         (Q, 0.2, ("Q8_0",), True, "Q8_0", True),
         (L, 0.2, ("Q8_0",), True, "Q8_0", False),
@@ -118,7 +119,7 @@ def test_preference_over_memory_residency_and_speed(preference: Preference, free
     assert len(decision.candidates) == len(LADDER_GIB)
 
 
-@pytest.mark.parametrize("free_gib", [78.0, 22.0, 9.0, 7.5, 6.0])
+@pytest.mark.parametrize("free_gib", [78.0, 22.0, 12.0, 9.0, 7.2])
 @pytest.mark.parametrize("measured", [False, True])
 def test_quality_never_picks_lower_quality_than_latency(free_gib: float, measured: bool) -> None:
     candidates = ladder(tps=MEASURED_TPS if measured else None)
@@ -127,7 +128,7 @@ def test_quality_never_picks_lower_quality_than_latency(free_gib: float, measure
     assert quality is not None and latency is not None
     assert quality.quality >= latency.quality
     assert latency.expected_seconds <= quality.expected_seconds
-    if free_gib >= 7.5:  # room for more than Q4_K_M: the two preferences really differ
+    if free_gib >= 9.0:  # room for more than Q4_K_M: the two preferences really differ
         assert quality.quality > latency.quality
 
 
@@ -205,10 +206,24 @@ def test_failure_kinds(quants: tuple[str, ...], free_gib: float, fields: dict[st
 
 
 def test_memory_rejection_names_the_need_and_the_free_memory() -> None:
-    decision = decide(request(Q), ladder(tps=MEASURED_TPS), free(6.0))
-    # F16 needs 14.97 + 0.5 GiB; 6 GiB − 457 MiB reserve leaves 5.55 GiB.
-    assert rejection(decision, "F16") == "needs 15.5 GiB, 5.6 GiB free"
-    assert decision.reason.endswith(f"downgraded from {tag('F16')}, which needs 15.5 GiB, 5.6 GiB free")
+    decision = decide(request(Q), ladder(tps=MEASURED_TPS), free(7.2))
+    # F16 needs 14.97 + 0.5 GiB; 7.2 GiB − 457 MiB reserve leaves 6.75 GiB.
+    why = "needs 15.5 GiB, 6.8 GiB free (Ollama loads within 80% of it)"
+    assert rejection(decision, "F16") == why
+    assert decision.reason.endswith(f"downgraded from {tag('F16')}, which {why}")
+
+
+@pytest.mark.parametrize(
+    ("load_fraction", "expected"),
+    # Q8_0 needs 8.46 GiB; 10 GiB free − reserve = 9.55 GiB. Within 80 % (7.64) it does not fit: Ollama would
+    # make the request wait for busy runners (reference/ollama.md §3). At 100 % it would.
+    [(0.8, "Q6_K"), (1.0, "Q8_0")],
+)
+def test_fit_follows_ollamas_load_threshold(load_fraction: float, expected: str) -> None:
+    decision = decide(request(Q), ladder(("Q8_0", "Q6_K", "Q4_K_M"), tps=MEASURED_TPS), free(10.0),
+                      PolicyConfig(load_fraction=load_fraction))
+    assert chosen(decision) == expected
+    assert decision.downgraded is (expected != "Q8_0")
 
 
 def test_a_pinned_tag_is_served_even_when_memory_looks_short() -> None:
@@ -225,28 +240,28 @@ def test_pinned_tag_still_obeys_constraints() -> None:
 
 @pytest.mark.parametrize(
     ("busy", "expected", "downgraded"),
-    # Q4_K_M resident on an 8 GB card with 3 GiB free: with it reclaimable Q8_0 needs 8.46 of 7.63 GiB (no);
-    # Q5_K_M needs 5.83, within 7.63 / 1.15 = 6.64: upgrade. Busy, Q4_K_M cannot be given back: stay.
+    # Q4_K_M resident, 4 GiB free: with it reclaimable, 80 % of 4 − 0.45 + 5.08 GiB = 6.91 GiB; Q8_0's 8.46 does
+    # not fit; Q5_K_M's 5.83 fits within 6.91 / 1.15 = 6.01: upgrade. Busy, Q4_K_M cannot be given back: stay.
     [((), "Q5_K_M", True), (("Q4_K_M",), "Q4_K_M", True)],
 )
 def test_only_idle_resident_siblings_count_as_reclaimable(busy: tuple[str, ...], expected: str,
                                                            downgraded: bool) -> None:
     candidates = ladder(("Q8_0", "Q5_K_M", "Q4_K_M"), resident=("Q4_K_M",), tps=MEASURED_TPS, busy=busy)
-    decision = decide(request(Q), candidates, free(3.0))
+    decision = decide(request(Q), candidates, free(4.0))
     assert (chosen(decision), decision.downgraded) == (expected, downgraded)
 
 
 @pytest.mark.parametrize(
     ("free_gib", "resident", "expected", "downgraded"),
     [
-        # Q4_K_M resident (5.08 GiB, reclaimable). Q8_0 needs 8.46 GiB; with the 15 % margin an upgrade
-        # needs 9.73 GiB available, i.e. free ≥ 9.73 − 5.08 + 0.45 = 5.10 GiB.
-        (4.0, ("Q4_K_M",), "Q4_K_M", True),  # available 8.63: fits, but inside the margin
-        (5.0, ("Q4_K_M",), "Q4_K_M", True),  # available 9.63: still inside
-        (5.2, ("Q4_K_M",), "Q8_0", False),  # available 9.83: beyond the margin
+        # Q4_K_M resident (5.08 GiB, reclaimable). Q8_0 needs 8.46 GiB ≤ 80 % of the available memory, so it
+        # fits from 10.58 GiB available (free 5.94); with the 15 % margin it replaces Q4_K_M from 12.16 (free 7.53).
+        (6.5, ("Q4_K_M",), "Q4_K_M", True),  # available 11.13: fits, but inside the margin
+        (7.4, ("Q4_K_M",), "Q4_K_M", True),  # available 12.03: still inside
+        (7.7, ("Q4_K_M",), "Q8_0", False),  # available 12.33: beyond the margin
         # With nothing of the family resident there is nothing to thrash against: no margin.
-        (8.8, (), "Q4_K_M", True),  # 8.8 − 0.45 = 8.35 GiB available < 8.46 needed
-        (9.0, (), "Q8_0", False),
+        (11.0, (), "Q4_K_M", True),  # 80 % of 10.55 = 8.44 GiB < 8.46 needed
+        (11.1, (), "Q8_0", False),
     ],
 )
 def test_upgrade_needs_the_hysteresis_margin(free_gib: float, resident: tuple[str, ...], expected: str,
@@ -257,15 +272,20 @@ def test_upgrade_needs_the_hysteresis_margin(free_gib: float, resident: tuple[st
 
 def test_no_thrash_when_free_memory_hovers_at_the_boundary() -> None:
     """Free memory oscillating around Q8_0's raw need never flips a resident Q4_K_M to Q8_0 and back."""
-    resident = "Q4_K_M"
-    picks = []
-    for free_gib in [3.3, 3.5, 3.7, 3.9, 4.1, 3.8, 3.4, 4.2, 3.6, 4.0]:
-        decision = decide(request(Q), ladder(("Q8_0", "Q4_K_M"), resident=(resident,), tps=MEASURED_TPS),
-                          free(free_gib))
-        assert decision.chosen is not None
-        resident = decision.chosen.quantization
-        picks.append(resident)
-    assert set(picks) == {"Q4_K_M"}
+    hovering = [5.5, 5.8, 6.0, 6.3, 6.6, 6.1, 5.7, 6.8, 5.9, 7.0]  # Q8_0 fits from 5.94 GiB free
+
+    def picks(config: PolicyConfig) -> list[str]:
+        resident, chosen_quants = "Q4_K_M", []
+        for free_gib in hovering:
+            decision = decide(request(Q), ladder(("Q8_0", "Q4_K_M"), resident=(resident,), tps=MEASURED_TPS),
+                              free(free_gib), config)
+            assert decision.chosen is not None
+            resident = decision.chosen.quantization
+            chosen_quants.append(resident)
+        return chosen_quants
+
+    assert set(picks(PolicyConfig())) == {"Q4_K_M"}
+    assert "Q8_0" in picks(PolicyConfig(upgrade_hysteresis=0.0)), "without the margin the boundary is crossed"
 
 
 def test_a_resident_variant_stays_chosen_when_free_memory_drops() -> None:
