@@ -2,6 +2,7 @@
 
     QuantrouterError                      (INTERNAL)
     ├── InvalidRequest                    INVALID_ARGUMENT, with field violations
+    │   └── MalformedRequest              INVALID_ARGUMENT (bytes protobuf cannot parse, e.g. bad UTF-8)
     ├── Unauthenticated                   UNAUTHENTICATED
     ├── ModelNotFound                     NOT_FOUND (unknown family or tag)
     ├── NoVariantFits                     RESOURCE_EXHAUSTED (memory), with every candidate's reason
@@ -37,6 +38,7 @@ __all__ = [
     "ConstraintsUnsatisfiable",
     "FieldViolation",
     "InvalidRequest",
+    "MalformedRequest",
     "ModelNotFound",
     "NoVariantFits",
     "Overloaded",
@@ -71,6 +73,10 @@ class QuantrouterError(Exception):
 class InvalidRequest(QuantrouterError):
     code = grpc.StatusCode.INVALID_ARGUMENT
     reason = "INVALID_REQUEST"
+
+
+class MalformedRequest(InvalidRequest):
+    reason = "MALFORMED_REQUEST"
 
 
 class Unauthenticated(QuantrouterError):

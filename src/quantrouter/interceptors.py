@@ -1,5 +1,9 @@
 """Server interceptors: our errors → rich gRPC statuses, gRPC server metrics, bearer-token auth.
 
+`StatusInterceptor` also makes request parsing tolerant: bytes protobuf refuses (a `string` field
+that is not UTF-8, a truncated message) reach the handler as `Undecodable` and leave as
+INVALID_ARGUMENT with a reason, where gRPC alone would answer UNKNOWN with no explanation.
+
 Each wraps the unary-unary and unary-stream behaviours of the handler it intercepts (the only
 kinds this service has) through one helper, `_wrapped`, so an interceptor states only what it does
 around a call.
@@ -11,15 +15,17 @@ import asyncio
 import hmac
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_status import rpc_status
 
-from quantrouter.errors import QuantrouterError, Unauthenticated
+from quantrouter.errors import MalformedRequest, QuantrouterError, Unauthenticated
 from quantrouter.metrics import Metrics
 
-__all__ = ["AuthInterceptor", "MetricsInterceptor", "StatusInterceptor"]
+__all__ = ["AuthInterceptor", "MetricsInterceptor", "StatusInterceptor", "Undecodable"]
 
 # Calls that stay open without a token: Kubernetes probes and reflection-based tools.
 AUTH_EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
@@ -54,6 +60,26 @@ def _wrapped(handler: grpc.RpcMethodHandler, method: str,
     return handler
 
 
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """A request body the generated parser refused, with protobuf's own explanation."""
+
+    error: str
+
+    def reject(self) -> MalformedRequest:
+        return MalformedRequest(f"the request is not a valid protobuf message ({self.error}); "
+                                "every string field must be valid UTF-8")
+
+
+def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except DecodeError as error:
+            return Undecodable(str(error))
+    return parse
+
+
 class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Turns a `QuantrouterError` into `abort_with_status` with ErrorInfo and friends."""
 
@@ -65,11 +91,15 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None:
             return handler
+        if handler.request_deserializer is not None:
+            handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
         return _wrapped(handler, details.method, self._unary, self._stream)
 
     async def _unary(self, behaviour: Callable[..., Awaitable[Any]], request: Any,
                      context: grpc.aio.ServicerContext, method: str) -> Any:
         try:
+            if isinstance(request, Undecodable):
+                raise request.reject()
             return await behaviour(request, context)
         except QuantrouterError as error:
             await context.abort_with_status(rpc_status.to_status(self._to_status(error)))
@@ -77,6 +107,8 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     async def _stream(self, behaviour: Callable[..., AsyncIterator[Any]], request: Any,
                       context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[Any]:
         try:
+            if isinstance(request, Undecodable):
+                raise request.reject()
             async for response in behaviour(request, context):
                 yield response
         except QuantrouterError as error:
