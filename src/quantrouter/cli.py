@@ -122,13 +122,23 @@ def build_parser() -> argparse.ArgumentParser:
     _client_flags(route)
     route.set_defaults(func=_route)
 
-    variants = commands.add_parser("variants", help="list families and variants a running router knows")
+    variants = commands.add_parser(
+        "variants", help="list families and variants a running router (or a backend) knows",
+        description="Per family: tag, quant level, size, parameter count, resident or not, VRAM, tokens/sec "
+                    "(measured, or * a prior) with its sample count, and the quality prior. From a running "
+                    "router at --target, or straight from a backend with --backend URL (speeds are then the "
+                    "router's priors, or the figures of --calibration FILE).")
     variants.add_argument("family", nargs="?", default="", help="only this family")
+    variants.add_argument("--backend", metavar="URL", help="read Ollama or `quantrouter embedded serve` at URL, "
+                                                           "no router needed")
+    variants.add_argument("--calibration", dest="calibration_file", help="with --backend: a calibration file")
     _client_flags(variants)
     variants.set_defaults(func=_variants)
 
     from quantrouter.embedded.cli import add_embedded_commands
     add_embedded_commands(commands)
+    from quantrouter.tools.cli import add_tool_commands
+    add_tool_commands(commands)
     return parser
 
 
@@ -203,8 +213,12 @@ def format_listing(listing: VariantListing) -> str:
 
 
 def _variants(args: argparse.Namespace, settings: Settings) -> int:
-    with RouterClient(args.target, token=args.token) as client:
-        listing = client.list_variants(args.family)
+    if args.backend:
+        from quantrouter.tools.live import backend_listing, read_backend
+        listing = backend_listing(asyncio.run(read_backend(settings, args.backend)), settings, args.family)
+    else:
+        with RouterClient(args.target, token=args.token) as client:
+            listing = client.list_variants(args.family)
     print(json.dumps(asdict(listing), indent=2) if args.json else format_listing(listing))
     return 0
 
