@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from bench.sim.engine import Choice, Prediction, RouterView
-from bench.sim.hardware import OLLAMA_MINIMUM_MEMORY, VariantSpec, ollama_predicted_bytes
+from bench.sim.engine import Choice, Prediction, RouterView, RunResult, Simulation
+from bench.sim.hardware import OLLAMA_MINIMUM_MEMORY, FamilySpec, GpuSpec, VariantSpec, ollama_predicted_bytes
 from bench.sim.workload import Request
 from quantrouter.catalog import VariantInfo
-from quantrouter.policy import CandidateInput, MemoryView, PolicyConfig, RoutingRequest, decide
+from quantrouter.policy import CandidateInput, MemoryView, PolicyConfig, Preference, RoutingRequest, decide
 from quantrouter.quant import quality_order
 
 # "Highest quant whose size × 1.2 fits total VRAM": the common rule of thumb (20 % for KV cache and overhead).
@@ -50,17 +51,22 @@ class AlwaysQuant:
         return Choice(next(v.tag for v in view.family.variants if v.quant.name == self.quant), "fixed")
 
 
+def static_rule_pick(family: FamilySpec, capacity_bytes: int) -> VariantSpec:
+    """Highest quality whose file size × 1.2 fits the GPU's total memory (the smallest when none does)."""
+    fitting = [v for v in family.variants if v.size_bytes * STATIC_RULE_HEADROOM <= capacity_bytes]
+    pool = fitting or [min(family.variants, key=lambda v: v.size_bytes)]
+    best = quality_order([v.quant for v in pool])[0]
+    return next(v for v in pool if v.quant is best)
+
+
 @dataclass(frozen=True, slots=True)
 class StaticVramRule:
-    """Highest quality whose file size × 1.2 fits the GPU's total memory, decided once per GPU."""
+    """The rule of thumb, decided once per GPU."""
 
     name: str = "static-1.2x-vram"
 
     def choose(self, request: Request, view: RouterView) -> Choice:
-        fitting = [v for v in view.family.variants if v.size_bytes * STATIC_RULE_HEADROOM <= view.capacity_bytes]
-        pool = fitting or [min(view.family.variants, key=lambda v: v.size_bytes)]
-        best = quality_order([v.quant for v in pool])[0]
-        return Choice(next(v.tag for v in pool if v.quant is best), "static")
+        return Choice(static_rule_pick(view.family, view.capacity_bytes).tag, "static")
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +110,7 @@ class Oracle:
     Picks the variant that maximises `slo_value`; ties go to the earlier finish. Rejects when none meets the SLO.
     """
 
-    name: str = "oracle"
+    name: str = "oracle-per-request"
 
     def choose(self, request: Request, view: RouterView) -> Choice:
         def key(v: VariantSpec) -> tuple[float, float]:
@@ -117,5 +123,55 @@ class Oracle:
         return Choice(best.tag, "oracle")
 
 
+@dataclass(frozen=True, slots=True)
+class FixedPerPreference:
+    """One variant per preference, whatever the state: what the hindsight search tries."""
+
+    mapping: tuple[tuple[Preference, str], ...]
+    name: str = "oracle-hindsight"
+
+    def choose(self, request: Request, view: RouterView) -> Choice:
+        return Choice(dict(self.mapping)[request.preference], "fixed per preference")
+
+
+# Coordinate-descent passes over (preference, variant) in the hindsight search.
+HINDSIGHT_PASSES = 2
+
+
+def goodput(run: RunResult) -> float:
+    """Quality-weighted tokens of the requests that met their SLO (per trace; divide by its duration for a rate)."""
+    return sum(r.quality * r.request.output_tokens for r in run.results if r.slo_met)
+
+
+def hindsight_best(gpu: GpuSpec, family: FamilySpec, requests: Sequence[Request],
+                   tenant: Sequence[tuple[float, int]]) -> RunResult:
+    """The best fixed variant per preference for this very trace, found by replaying it (coordinate descent).
+
+    It starts from always-Q4_K_M and the static rule's pick, so it never does worse than either on goodput.
+    """
+    def run(mapping: dict[Preference, str]) -> RunResult:
+        policy = FixedPerPreference(tuple(mapping.items()))
+        return Simulation(gpu, family, requests, tenant, policy).run()
+
+    starts = [next(v.tag for v in family.variants if v.quant.name == DEFAULT_QUANT),
+              static_rule_pick(family, gpu.capacity_bytes).tag]
+    best_mapping: dict[Preference, str] = {}
+    best: RunResult | None = None
+    for tag in starts:
+        mapping = dict.fromkeys(Preference, tag)
+        result = run(mapping)
+        if best is None or goodput(result) > goodput(best):
+            best_mapping, best = mapping, result
+    assert best is not None
+    for _ in range(HINDSIGHT_PASSES):
+        for preference in Preference:
+            for v in family.variants:
+                trial = {**best_mapping, preference: v.tag}
+                result = run(trial)
+                if goodput(result) > goodput(best):
+                    best_mapping, best = trial, result
+    return best
+
+
 BASELINES = (AlwaysQuant(), StaticVramRule(), LargestFitsFree(), LatencyOnly())
-ALL_POLICIES = (QuantRouter(), QuantRouter("quantrouter (true speeds)", true_speeds=True), *BASELINES, Oracle())
+POLICIES = (QuantRouter(), QuantRouter("quantrouter (true speeds)", true_speeds=True), *BASELINES, Oracle())
