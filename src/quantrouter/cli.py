@@ -37,7 +37,7 @@ from quantrouter.server import describe, serve, start
 __all__ = ["main"]
 
 PREFERENCES: tuple[PreferenceName, ...] = ("quality", "balanced", "latency")
-DEMO_PROMPT = "In one sentence, why is the sky blue?"
+DEMO_PROMPT = "The capital of France is"
 DEMO_FAMILY = "gemma3:270m"
 DEMO_TOKENS = 32
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "ConfigError",
     "GiB",
     "MiB",
-    "ConfigError",
     "Settings",
     "default_cache_dir",
     "load_settings",

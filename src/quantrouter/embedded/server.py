@@ -185,13 +185,17 @@ class EmbeddedServer:
         prompt = data.get("prompt") or ""
         if not isinstance(prompt, str):
             raise BadRequestError("prompt must be a string")
-        raw = bool(data.get("raw"))
+        # A model imported without a template gets Ollama's plain-prompt default, so a base model
+        # like the PyPI Gemma GGUF continues the text instead of imitating a chat it was not tuned for.
+        raw = bool(data.get("raw")) or entry.info.chat_template is None
         messages = [] if raw else _generate_messages(data.get("system"), prompt)
+        system = data.get("system")
+        raw_prompt = f"{system}\n\n{prompt}" if raw and isinstance(system, str) and system and prompt else prompt
 
         def shape(text: str) -> dict[str, Any]:
             return {"response": text}
 
-        return await self._complete(request, data, entry, prompt if raw else "", messages, shape,
+        return await self._complete(request, data, entry, raw_prompt if raw else "", messages, shape,
                                     with_context=True)
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
