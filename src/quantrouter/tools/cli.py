@@ -197,9 +197,10 @@ def _architecture(args: argparse.Namespace) -> Architecture | None:
     return None
 
 
-def _free_from_router(target: str, family: str) -> int:
+def _memory_from_router(target: str, family: str) -> tuple[int, int]:
     with RouterClient(target) as client:
-        return client.list_variants(family).free_bytes
+        listing = client.list_variants(family)
+    return listing.free_bytes, listing.total_bytes
 
 
 def _recommend(args: argparse.Namespace, settings: Settings) -> int:
@@ -212,16 +213,15 @@ def _recommend(args: argparse.Namespace, settings: Settings) -> int:
     elif args.family:
         view = asyncio.run(read_backend(settings, capacity_bytes=args.vram or 0))
         family, variants = family_variants(view.catalog, args.family)
-        if args.target:
-            free = _free_from_router(args.target, family)
-        elif view.memory.total_bytes == 0:
+        free, total = (_memory_from_router(args.target, family) if args.target
+                       else (view.memory.free_bytes, view.memory.total_bytes))
+        if total == 0:
             raise ToolError("no free-memory figure: NVML is unavailable here and no capacity is configured; "
                             "pass --vram SIZE, set QUANTROUTER_MEMORY_CAPACITY, or read it from a router with --target")
-        else:
-            free = view.memory.free_bytes
-        # What the family's own resident variants hold comes back when the router swaps one for another.
+        # The family's own resident variants give their memory back when the router swaps one for another.
         reclaimable = sum(v.vram_bytes for v in variants if v.resident)
-        result = recommend(variant_candidates(variants, args.context), free + reclaimable, reserve, args.context)
+        budget = min(total, free + reclaimable)
+        result = recommend(variant_candidates(variants, args.context), budget, reserve, args.context)
     else:
         raise ToolError("give a FAMILY (live) or --vram and --params (offline); see --help")
     _print(result, format_recommendation(result), args.json)
