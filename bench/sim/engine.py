@@ -95,7 +95,8 @@ class RouterView:
 
 
 class Policy(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def choose(self, request: Request, view: RouterView) -> Choice: ...
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -69,7 +70,7 @@ def free(gib: float) -> MemoryView:
     return MemoryView(int(gib * GIB), RESERVE, "nvml")
 
 
-def request(preference: Preference = Preference.BALANCED, **fields: object) -> RoutingRequest:
+def request(preference: Preference = Preference.BALANCED, **fields: Any) -> RoutingRequest:
     return replace(RoutingRequest(FAMILY, preference, prompt_tokens=500, num_predict=256), **fields)
 
 

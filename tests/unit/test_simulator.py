@@ -1,0 +1,195 @@
+"""The policy simulator (bench/sim): conservation, memory bounds, Ollama's load rules, and the oracles' guarantees."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+from bench.sim.engine import Outcome, Policy, Prediction, RouterView, RunResult, Simulation
+from bench.sim.hardware import (
+    GB,
+    H100,
+    LLAMA_8B,
+    RTX_4090,
+    GpuSpec,
+    load_seconds,
+    ollama_predicted_bytes,
+    prompt_tps,
+    resident_bytes,
+    seconds_per_token,
+)
+from bench.sim.policies import (
+    BASELINES,
+    POLICIES,
+    AlwaysQuant,
+    FixedPerPreference,
+    Oracle,
+    QuantRouter,
+    StaticVramRule,
+    goodput,
+    hindsight_best,
+    slo_value,
+)
+from bench.sim.workload import Phase, Request, TenantProfile, generate_requests, generate_tenant, interactive_mix
+
+from quantrouter.policy import Preference
+from quantrouter.throughput import SpeedEstimate, ThroughputTable
+
+DURATION = 150.0
+PRESSURE = TenantProfile(40 * int(GB), 76 * int(GB), (20.0, 40.0))
+QUIET = TenantProfile(int(GB), 2 * int(GB), (60.0, 120.0))
+
+
+def trace(seed: int, rate: float = 0.4, tenant: TenantProfile = QUIET,
+          ) -> tuple[tuple[Request, ...], tuple[tuple[float, int], ...]]:
+    rng = random.Random(seed)
+    return (generate_requests(interactive_mix(1, 1), (Phase(0, rate),), DURATION, rng),
+            generate_tenant(tenant, DURATION, rng))
+
+
+def run(gpu: GpuSpec, seed: int, policy: Policy, tenant: TenantProfile = QUIET) -> RunResult:
+    requests, steps = trace(seed, tenant=tenant)
+    return Simulation(gpu, LLAMA_8B, requests, steps, policy).run()
+
+
+ALL: tuple[Policy, ...] = (*POLICIES, FixedPerPreference(tuple((p, LLAMA_8B.variants[0].tag) for p in Preference)))
+
+
+@pytest.mark.parametrize("policy", ALL, ids=lambda p: p.name)
+@pytest.mark.parametrize(("gpu", "tenant"), [(H100, PRESSURE), (RTX_4090, QUIET)], ids=["h100-pressure", "4090"])
+def test_every_request_finishes_or_fails_with_a_reason(policy: Policy, gpu: GpuSpec, tenant: TenantProfile) -> None:
+    requests, _ = trace(1, tenant=tenant)
+    result = run(gpu, 1, policy, tenant)
+    assert [r.request.id for r in result.results] == [r.id for r in requests]
+    for r in result.results:
+        assert r.reason
+        if r.outcome is Outcome.COMPLETED:
+            assert 0 < r.ttft <= r.latency <= r.request.deadline_s + 1e-9
+            assert r.decode_tps > 0 and r.tag is not None
+        elif r.outcome is Outcome.DEADLINE:
+            assert r.reason.startswith("deadline passed while ")
+        else:
+            assert r.outcome is Outcome.REJECTED and r.tag is None
+
+
+@pytest.mark.parametrize("policy", ALL, ids=lambda p: p.name)
+@pytest.mark.parametrize(("gpu", "tenant"), [(H100, PRESSURE), (RTX_4090, QUIET)], ids=["h100-pressure", "4090"])
+def test_memory_never_exceeds_capacity(policy: Policy, gpu: GpuSpec, tenant: TenantProfile) -> None:
+    result = run(gpu, 2, policy, tenant)
+    assert result.memory
+    assert all(m.tenant_bytes >= 0 and m.tenant_bytes + m.runner_bytes <= gpu.capacity_bytes for m in result.memory)
+
+
+def test_the_static_rule_under_pressure_offloads_to_the_cpu() -> None:
+    """F16 on a GPU whose other tenants hold most memory: Ollama still loads it, partly on the CPU."""
+    result = run(H100, 2, StaticVramRule(), PRESSURE)
+    assert result.partial_loads >= 1
+
+
+def test_a_lone_request_takes_load_plus_prefill_plus_decode() -> None:
+    request = Request(0, 1.0, Preference.QUALITY, 1000, 200, 60.0, 0.0, speed_noise=1.1)
+    result = Simulation(H100, LLAMA_8B, [request], [(0.0, 0)], AlwaysQuant()).run().results[0]
+    v = next(v for v in LLAMA_8B.variants if v.quant.name == "Q4_K_M")
+    prefill = 1000 / prompt_tps(H100, LLAMA_8B)
+    decode = 200 * seconds_per_token(H100, LLAMA_8B, v, 1000 + 100) / 1.1
+    assert result.ttft == pytest.approx(load_seconds(H100, v) + prefill)
+    assert result.latency == pytest.approx(load_seconds(H100, v) + prefill + decode)
+    assert result.decode_tps == pytest.approx(200 / decode)
+    assert result.cold
+
+
+def test_two_busy_runners_share_the_gpu() -> None:
+    """Two variants decoding at once each run at half speed (time-slicing), so both take twice as long."""
+    requests = [Request(i, 0.0, p, 0, 2000, 600.0, 0.0, 1.0) for i, p in enumerate((Preference.QUALITY,
+                                                                                    Preference.LATENCY))]
+    f16, q4 = (next(v for v in LLAMA_8B.variants if v.quant.name == n) for n in ("F16", "Q4_K_M"))
+    mapping = ((Preference.QUALITY, f16.tag), (Preference.LATENCY, q4.tag), (Preference.BALANCED, q4.tag))
+    results = Simulation(H100, LLAMA_8B, requests, [(0.0, 0)], FixedPerPreference(mapping)).run().results
+    solo_q4 = 2000 * seconds_per_token(H100, LLAMA_8B, q4, 1000)
+    # Q4_K_M loads first and decodes alone until F16 has loaded, then at half speed until it finishes.
+    alone = load_seconds(H100, f16) - load_seconds(H100, q4)
+    assert results[1].latency == pytest.approx(load_seconds(H100, q4) + alone + 2 * (solo_q4 - alone))
+
+
+def test_ollama_evicts_an_idle_runner_but_waits_for_a_busy_one() -> None:
+    """24 GB: Q3_K_M would physically fit beside F16, but its prediction exceeds 80 % of what is free."""
+    f16, q3 = (next(v for v in LLAMA_8B.variants if v.quant.name == n) for n in ("F16", "Q3_K_M"))
+    mapping = ((Preference.QUALITY, f16.tag), (Preference.BALANCED, q3.tag), (Preference.LATENCY, q3.tag))
+    first = Request(0, 0.0, Preference.QUALITY, 100, 400, 600.0, 0.0, 1.0)
+    busy = Simulation(RTX_4090, LLAMA_8B, [first, Request(1, 10.0, Preference.BALANCED, 100, 50, 600.0, 0.0, 1.0)],
+                      [(0.0, 0)], FixedPerPreference(mapping)).run()
+    idle = Simulation(RTX_4090, LLAMA_8B, [first, Request(1, 60.0, Preference.BALANCED, 100, 50, 600.0, 0.0, 1.0)],
+                      [(0.0, 0)], FixedPerPreference(mapping)).run()
+    free_beside_f16 = RTX_4090.capacity_bytes - resident_bytes(LLAMA_8B, f16, 8192)
+    assert resident_bytes(LLAMA_8B, q3, 8192) < free_beside_f16 < ollama_predicted_bytes(LLAMA_8B, q3, 8192) / 0.8
+    f16_done = busy.results[0].request.arrival + busy.results[0].latency
+    assert busy.results[1].request.arrival + busy.results[1].ttft > f16_done, "Q3_K_M waited for F16 to finish"
+    assert (busy.evicting_loads, idle.evicting_loads) == (1, 1)
+    assert idle.results[1].ttft == pytest.approx(load_seconds(RTX_4090, q3) + 100 / prompt_tps(RTX_4090, LLAMA_8B))
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_the_oracle_never_loses_to_a_baseline_on_its_own_objective(seed: int) -> None:
+    """At every decision, on the very same state, the oracle's choice scores at least every other policy's."""
+    requests, steps = trace(seed, rate=0.6)
+    rivals = (*BASELINES, QuantRouter())
+    result = Simulation(H100, LLAMA_8B, requests, steps, Oracle(), audit=rivals, value=slo_value).run()
+    assert len(result.audits) == len(requests)
+    for values in result.audits:
+        assert all(values["oracle-per-request"] >= values[p.name] - 1e-9 for p in rivals)
+    assert any(values["oracle-per-request"] > values[p.name] for values in result.audits for p in rivals), \
+        "the audit compares real alternatives"
+
+
+def test_slo_value_counts_quality_weighted_tokens_only_when_the_slo_is_met() -> None:
+    request = Request(0, 10.0, Preference.LATENCY, 100, 200, 4.0, 60.0, 1.0)
+    assert slo_value(request, Prediction(13.9, 61.0), 0.9) == pytest.approx(180.0)
+    assert slo_value(request, Prediction(14.1, 61.0), 0.9) == 0.0
+    assert slo_value(request, Prediction(13.0, 59.0), 0.9) == 0.0
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_the_hindsight_oracle_beats_the_fixed_rules_it_starts_from(seed: int) -> None:
+    requests, steps = trace(seed, rate=0.5)
+    best = goodput(hindsight_best(RTX_4090, LLAMA_8B, requests, steps))
+    for rule in (AlwaysQuant(), StaticVramRule()):
+        assert best >= goodput(Simulation(RTX_4090, LLAMA_8B, requests, steps, rule).run())
+
+
+def test_a_trace_replays_identically() -> None:
+    first, second = run(H100, 7, QuantRouter()), run(H100, 7, QuantRouter())
+    assert [(r.tag, r.outcome, r.latency) for r in first.results] == \
+        [(r.tag, r.outcome, r.latency) for r in second.results]
+
+
+class _Blind:
+    """A stand-in for the simulator's truth that fails if a router-side policy peeks at it."""
+
+    def predict(self, request: Request, tag: str) -> Prediction:
+        raise AssertionError("a router-side policy read the true queue state")
+
+    def speed(self, tag: str) -> SpeedEstimate:
+        raise AssertionError("a router-side policy read the true speeds")
+
+
+@pytest.mark.parametrize("policy", (QuantRouter(), *BASELINES), ids=lambda p: p.name)
+def test_router_side_policies_see_only_what_the_router_sees(policy: Policy) -> None:
+    view = RouterView(0.0, LLAMA_8B, H100.nvml_name, H100.capacity_bytes, 30 * int(GB), {}, {},
+                      ThroughputTable(0.3, H100.bandwidth).snapshot(), 8192, _Blind())
+    request = Request(0, 0.0, Preference.BALANCED, 500, 200, 10.0, 30.0, 1.0)
+    assert policy.choose(request, view).tag in {v.tag for v in LLAMA_8B.variants}
+
+
+def test_burst_phase_raises_the_arrival_rate() -> None:
+    requests = generate_requests(interactive_mix(1, 1), (Phase(0, 0.1), Phase(100, 5.0), Phase(120, 0.1)), 300.0,
+                                 random.Random(8))
+    in_burst = sum(100 <= r.arrival < 120 for r in requests)
+    assert 70 <= in_burst <= 130  # Poisson(100): ± 3σ
+    assert all(b.arrival > a.arrival for a, b in itertools.pairwise(requests))
+    assert not any(math.isnan(r.speed_noise) for r in requests)
+
+
+def test_policy_names_are_unique() -> None:
+    assert len({p.name for p in ALL}) == len(ALL)
