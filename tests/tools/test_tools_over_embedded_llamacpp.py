@@ -1,0 +1,137 @@
+"""The tools against the real embedded llama.cpp backend: real generation, real files, real errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from quantrouter.calibration import read_calibration
+from quantrouter.catalog import VariantInfo, build_catalog
+from quantrouter.cli import main
+from quantrouter.client import RouterClient
+from quantrouter.config import MiB, Settings, load_settings
+from quantrouter.embedded import EmbeddedServer
+from quantrouter.quant import parse_quantization
+from quantrouter.server import run_in_thread
+from quantrouter.tools import (
+    CALIBRATION_PROMPTS,
+    ToolError,
+    build_embedded_ladder,
+    build_ladder,
+    calibrate,
+    compare,
+    plot_comparison,
+    read_catalog,
+    target_tag,
+)
+from tests.support import FAMILY, router_settings
+
+PROMPT = "The capital of France is"
+TOKENS = 8
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def settings(embedded_backend: EmbeddedServer) -> Settings:
+    return load_settings({"ollama_host": embedded_backend.url, "memory_reserve": 0}, {})
+
+
+def test_compare_runs_each_variant_and_the_reference(settings: Settings, tmp_path: Path) -> None:
+    result = asyncio.run(compare(settings, FAMILY, PROMPT, ["q4_K_M", "q2_K"], num_predict=TOKENS))
+    assert result.reference == "gemma3:270m-f16"
+    assert [r.variant.quant.name for r in result.results] == ["F16", "Q4_K_M", "Q2_K"]
+    reference = result.results[0]
+    assert reference.agreement == 1.0
+    for r in result.results:
+        assert 0 < r.run.eval_count <= TOKENS and r.run.text
+        assert r.run.decode_tps > 0 and r.run.prompt_tps > 0
+        assert r.run.load_seconds > 0, "each variant is unloaded first, so its load is cold"
+        assert r.run.time_to_first_token >= r.run.load_seconds
+        assert 0.0 <= r.agreement <= 1.0
+        assert r.top_k_agreement is None  # the embedded backend returns no logprobs
+    # Q4_K_M is the ladder's source and F16 was made from it: same weights, same greedy path.
+    assert result.results[1].agreement == 1.0
+    plot = tmp_path / "speed-vs-quality.png"
+    plot_comparison(result, plot)
+    assert plot.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_calibration_file_seeds_a_router(settings: Settings, embedded_backend: EmbeddedServer,
+                                         tmp_path: Path) -> None:
+    path = tmp_path / "calibration.json"
+    result = asyncio.run(calibrate(settings, FAMILY, path, ["q8_0"], prompts=CALIBRATION_PROMPTS[:2],
+                                   num_predict=TOKENS))
+    written = read_calibration(path)
+    assert set(written) == {"gemma3:270m-f16", "gemma3:270m-q8_0"} == set(result.variants)
+    for c in written.values():
+        assert c.decode_tps > 0 and c.prompt_tps > 0 and c.load_seconds > 0 and c.samples == 2
+        assert c.agreement is not None and 0 <= c.agreement <= 1
+    assert written["gemma3:270m-f16"].agreement == 1.0
+
+    with run_in_thread(router_settings(embedded_backend, calibration_file=path), CollectorRegistry()) as running, \
+            RouterClient(f"127.0.0.1:{running.port}") as client:
+        listed = {v.tag: v for v in client.list_variants(FAMILY).families[FAMILY]}
+    for tag, c in written.items():
+        assert listed[tag].measured and listed[tag].samples == 2
+        assert listed[tag].tokens_per_second == pytest.approx(c.decode_tps)
+    assert not listed["gemma3:270m-q2_K"].measured
+
+
+def test_unknown_family_names_what_the_backend_holds(settings: Settings) -> None:
+    with pytest.raises(ToolError, match=r"unknown family 'llama3\.1:8b'.*gemma3:270m"):
+        asyncio.run(compare(settings, "llama3.1:8b", PROMPT))
+
+
+def test_a_quant_level_the_family_lacks_is_named(settings: Settings) -> None:
+    with pytest.raises(ToolError, match="gemma3:270m has no Q4_K_S variant"):
+        asyncio.run(compare(settings, FAMILY, PROMPT, ["q4_K_S"]))
+
+
+def test_ladder_refuses_a_quantized_source_through_show(settings: Settings) -> None:
+    with pytest.raises(ToolError, match=r"gemma3:270m-q4_K_M is Q4_K_M; Ollama quantizes only from F16, BF16 or F32"):
+        asyncio.run(build_ladder(settings, "gemma3:270m-q4_K_M", progress=False))
+
+
+def test_ladder_on_a_backend_without_create_says_how_to_build_the_embedded_ladder(settings: Settings) -> None:
+    with pytest.raises(ToolError, match=r"no create API.*quantrouter ladder --embedded"):
+        asyncio.run(build_ladder(settings, "gemma3:270m-f16", progress=False))
+
+
+def test_embedded_ladder_is_what_the_embedded_backend_serves(settings: Settings, cache_dir: Path) -> None:
+    result = build_embedded_ladder(cache_dir, progress=False)
+    catalog = asyncio.run(read_catalog(settings))
+    served = {v.tag: v.size_bytes for v in catalog.family(FAMILY)}
+    assert {r.tag: r.size_bytes for r in result.rungs} == served
+    assert result.family == FAMILY and result.source == "gemma3:270m-f16"
+
+
+def test_ladder_targets_join_the_source_family() -> None:
+    source = "llama3.2:3b-instruct-fp16"
+    tags = [target_tag(source, parse_quantization(q)) for q in ("Q8_0", "Q4_K_M", "Q4_K_S")]
+    assert tags == ["llama3.2:3b-instruct-q8_0", "llama3.2:3b-instruct-q4_K_M", "llama3.2:3b-instruct-q4_K_S"]
+    variants = [VariantInfo(t, "", parse_quantization(q), 1) for t, q in
+                zip([source, *tags], ("F16", "Q8_0", "Q4_K_M", "Q4_K_S"), strict=True)]
+    catalog = build_catalog(variants, {}, {})
+    assert catalog.families == ["llama3.2:3b-instruct"]
+
+
+def test_live_recommend_uses_real_sizes(settings: Settings, embedded_backend: EmbeddedServer,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["recommend", FAMILY, "--vram", "450MiB", "--reserve", "0", "--context", "2048",
+                 "--ollama-host", embedded_backend.url, "--json"])
+    assert code == 0
+    body = json.loads(capsys.readouterr().out)
+    catalog = asyncio.run(read_catalog(settings))
+    sizes = {v.tag: v.size_bytes for v in catalog.family(FAMILY)}
+    rows = {e["candidate"]["label"]: e for e in body["estimates"]}
+    assert {tag: row["candidate"]["weights_bytes"] for tag, row in rows.items()} == sizes
+    assert not any(row["candidate"]["kv_estimated"] for row in rows.values())
+    assert body["budget_bytes"] <= 450 * MiB
+    assert not rows["gemma3:270m-f16"]["fits"]  # 517 MiB of weights
+    chosen = body["chosen"]
+    if chosen is not None:
+        assert chosen["fits"] and chosen["total_bytes"] <= body["budget_bytes"]
