@@ -130,8 +130,8 @@ class MemoryProbe:
         self._interval = interval
         self._clock = clock
         self._detail = detail
-        self.latest = nvml.read(clock()) if nvml is not None else static.read(clock(), detail)
         self.nvml_errors = 0
+        self.latest = self.sample()  # NVML may start and then fail its first read: degrade, don't crash
 
     @classmethod
     def create(cls, static: StaticSource, interval: float,

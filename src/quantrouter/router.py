@@ -26,6 +26,7 @@ from quantrouter.errors import (
     BackendError,
     BackendFailed,
     BackendModelMissing,
+    BackendRejected,
     BackendUnavailable,
     ConstraintsUnsatisfiable,
     ModelNotFound,
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 NS = 1_000_000_000
 # Errors before the first token after which another variant is worth trying.
 _FALLBACK_ERRORS = (BackendModelMissing, BackendFailed, BackendBusy)
+# Errors that say nothing about the variant's health, so they never open its breaker: the backend is
+# down for every variant, busy with other work (503: load, not illness), or refused the caller's options.
+_NOT_THE_VARIANTS_FAULT = (BackendUnavailable, BackendBusy, BackendRejected)
 # The router's back-off hint when it sheds load itself.
 OVERLOADED_RETRY_AFTER_S = 0.5
 
@@ -185,14 +189,16 @@ class Router:
                 except _FALLBACK_ERRORS as error:
                     if error.started or fallback_used:
                         raise
+                    retry = replace(request, excluded=request.excluded | {variant.tag})
+                    alternative = self.decide(retry)
+                    if alternative.chosen is None:
+                        raise  # nothing else to try (a pinned tag): the backend's error says more than "none fit"
                     fallback_used = True
                     log.warning("variant %s failed before its first token, falling back: %s", variant.tag, error)
                     self.metrics.fallbacks.labels(family, variant.tag, error.reason).inc()
-                    request = replace(request, excluded=request.excluded | {variant.tag})
-                    decision = self.decide(request)
+                    request, decision = retry, alternative
                     self.record_decision(decision)
-                    if decision.chosen is not None:
-                        self.metrics.substitutions.labels(family, decision.chosen.tag, "fallback").inc()
+                    self.metrics.substitutions.labels(family, alternative.chosen.tag, "fallback").inc()
         except QuantrouterError as error:
             code = error.code
             raise
@@ -230,7 +236,7 @@ class Router:
                 async for item in stream:
                     yield self._finish(variant, item, cold) if isinstance(item, Final) else item
         except BackendError as error:
-            if not isinstance(error, BackendUnavailable) and self.breaker.failure(tag, self._clock()):
+            if not isinstance(error, _NOT_THE_VARIANTS_FAULT) and self.breaker.failure(tag, self._clock()):
                 self.metrics.breaker_trips.labels(self.family_label(variant.family), tag).inc()
             raise
         finally:
