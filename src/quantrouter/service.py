@@ -222,7 +222,7 @@ class RouterService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
         speeds = router.throughput.snapshot()
         result = []
         for family in families:
-            variants = catalog.family(family)
+            variants = sorted(catalog.family(family), key=lambda v: (-v.quant.quality, v.tag))
             sizes = {v.tag: v.size_bytes for v in variants}
             listed = []
             for v in variants:
