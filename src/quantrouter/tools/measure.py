@@ -70,10 +70,6 @@ class Run:
     def tokens(self) -> tuple[str, ...]:
         return tuple(s.token for s in self.steps)
 
-    @property
-    def has_logprobs(self) -> bool:
-        return any(s.top for s in self.steps)
-
 
 def client_for(settings: Settings, host: str | None = None) -> ollama.AsyncClient:
     """An ollama client on the router's timeouts."""
