@@ -84,6 +84,20 @@ def run_scenario(scenario: Scenario, seeds: int, policies: Sequence[Policy] = PO
     return relative_to_oracle(summaries), runs
 
 
+def _headline(by_scenario: Sequence[Sequence[Summary]]) -> str:
+    """quantrouter's goodput as a ratio to the better oracle and to each baseline, one row per scenario."""
+    rivals = [s.policy for s in by_scenario[0] if not s.policy.startswith(("quantrouter", "oracle"))]
+    rows = ["| scenario | vs best oracle | " + " | ".join(f"vs {r}" for r in rivals) + " |",
+            "|---|---|" + "---|" * len(rivals)]
+    for summaries in by_scenario:
+        by_name = {s.policy: s for s in summaries}
+        ours = by_name["quantrouter"]
+        ratios = [ours.goodput_qw_tok_s / by_name[r].goodput_qw_tok_s for r in rivals]
+        rows.append(f"| {ours.scenario} | {ours.goodput_vs_oracle:.2f} | "
+                    + " | ".join(f"{x:.2f}" for x in ratios) + " |")
+    return "\n".join(rows)
+
+
 def _losses(summaries: Sequence[Summary]) -> list[str]:
     ours = next(s for s in summaries if s.policy == "quantrouter")
     return [f"- loses to **{s.policy}** on goodput: {s.goodput_qw_tok_s:.1f} vs {ours.goodput_qw_tok_s:.1f} q·tok/s "
@@ -98,13 +112,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    sections, everything = [], []
+    sections, everything, by_scenario = [], [], []
     for scenario in SCENARIOS:
         summaries, runs = run_scenario(scenario, args.seeds)
         everything.extend(summaries)
+        by_scenario.append(summaries)
         quant_names = [v.quant.name for v in sorted(scenario.family.variants, key=lambda v: v.size_bytes)]
         plot_scenario(args.out / f"simulation-{scenario.name}.png", scenario.title, summaries,
-                      runs["quantrouter"][0], "quantrouter", quant_names)
+                      runs["quantrouter"][0], "quantrouter", quant_names, scenario.duration)
         losses = _losses(summaries) or ["- quantrouter is ahead of every baseline on goodput."]
         sections.append(f"### {scenario.name}: {scenario.title}\n\n![{scenario.name}](simulation-{scenario.name}.png)"
                         f"\n\n{markdown_table(summaries)}\n\n" + "\n".join(losses))
@@ -118,8 +133,10 @@ def main(argv: Sequence[str] | None = None) -> None:
               "(top-token agreement with F16, `quantrouter.quant`). Latency percentiles are over completed requests. "
               "Raw figures: [simulation.csv](simulation.csv).\n")
     analysis = ANALYSIS.read_text() if ANALYSIS.exists() else ""
-    (args.out / "simulation.md").write_text(header + "\n" + analysis + "\n## Results\n\n" + "\n\n".join(sections)
-                                            + "\n")
+    headline = ("## quantrouter's goodput relative to the others\n\nRatio of quality-weighted goodput "
+                "(above 1: quantrouter ahead).\n\n" + _headline(by_scenario) + "\n")
+    (args.out / "simulation.md").write_text(header + "\n" + headline + "\n" + analysis + "\n## Results\n\n"
+                                            + "\n\n".join(sections) + "\n")
     print(f"wrote {args.out}/simulation.md in {elapsed:.0f} s")
 
 

@@ -10,7 +10,7 @@ from bench.sim.hardware import OLLAMA_MINIMUM_MEMORY, FamilySpec, GpuSpec, Varia
 from bench.sim.workload import Request
 from quantrouter.catalog import VariantInfo
 from quantrouter.policy import CandidateInput, MemoryView, PolicyConfig, Preference, RoutingRequest, decide
-from quantrouter.quant import quality_order
+from quantrouter.quant import QuantType, parse_quantization, quality_order
 
 # "Highest quant whose size × 1.2 fits total VRAM": the common rule of thumb (20 % for KV cache and overhead).
 STATIC_RULE_HEADROOM = 1.2
@@ -19,11 +19,15 @@ DEFAULT_QUANT = "Q4_K_M"  # Ollama's library default tag for most families
 
 @dataclass(frozen=True, slots=True)
 class QuantRouter:
-    """quantrouter's `decide`, fed as the service feeds it; `true_speeds` swaps in the truth to isolate estimation."""
+    """quantrouter's `decide`, fed as the service feeds it.
+
+    `true_speeds` swaps in the truth to isolate estimation error; `min_quantization` is the caller's floor.
+    """
 
     name: str = "quantrouter"
     config: PolicyConfig = field(default_factory=PolicyConfig)
     true_speeds: bool = False
+    min_quantization: QuantType | None = None
 
     def choose(self, request: Request, view: RouterView) -> Choice:
         family = view.family
@@ -36,6 +40,7 @@ class QuantRouter:
             candidates.append(CandidateInput(info, speed, v.quant.quality, view.in_flight.get(v.tag, 0)))
         routing = RoutingRequest(family.name, request.preference, prompt_tokens=request.prompt_tokens,
                                  num_predict=request.output_tokens, num_ctx=view.num_ctx,
+                                 min_quantization=self.min_quantization,
                                  min_tokens_per_second=request.min_tokens_per_second,
                                  time_remaining=request.deadline_s)
         decision = decide(routing, candidates, MemoryView(view.free_bytes, OLLAMA_MINIMUM_MEMORY, "nvml"), self.config)
@@ -174,4 +179,7 @@ def hindsight_best(gpu: GpuSpec, family: FamilySpec, requests: Sequence[Request]
 
 
 BASELINES = (AlwaysQuant(), StaticVramRule(), LargestFitsFree(), LatencyOnly())
-POLICIES = (QuantRouter(), QuantRouter("quantrouter (true speeds)", true_speeds=True), *BASELINES, Oracle())
+POLICIES = (QuantRouter(), QuantRouter("quantrouter (true speeds)", true_speeds=True),
+            QuantRouter("quantrouter (floor Q4_K_M)", min_quantization=parse_quantization(DEFAULT_QUANT)),
+            QuantRouter("quantrouter (fit to 100 % of free)", PolicyConfig(load_fraction=1.0)),
+            *BASELINES, Oracle())

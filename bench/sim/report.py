@@ -97,7 +97,7 @@ def markdown_table(summaries: Sequence[Summary]) -> str:
 
 
 def plot_scenario(path: Path, title: str, summaries: Sequence[Summary], timeline: RunResult,
-                  timeline_policy: str, quant_names: Sequence[str]) -> None:
+                  timeline_policy: str, quant_names: Sequence[str], duration: float) -> None:
     """Three panels: goodput vs the oracle, latency, and one quantrouter run over time."""
     fig, (ax_goodput, ax_latency, ax_time) = plt.subplots(1, 3, figsize=(17, 5.2),
                                                           gridspec_kw={"width_ratios": [1.2, 1, 1.5]})
@@ -138,7 +138,8 @@ def plot_scenario(path: Path, title: str, summaries: Sequence[Summary], timeline
     ax_time.set_ylim(-1.2, len(quant_names) - 0.5)
     ax_time.set_xlabel("time (s)")
     ax_time.set_title(f"{timeline_policy}, seed 0: variant per request")
-    ax_time.legend(loc="upper left", fontsize=8)
+    ax_time.legend(loc="lower left", fontsize=8)
+    ax_time.set_xlim(0, duration)
     memory = ax_time.twinx()
     times = [m.time for m in timeline.memory]
     memory.plot(times, [m.tenant_bytes / GB for m in timeline.memory], color="tab:orange", lw=1,
@@ -148,7 +149,7 @@ def plot_scenario(path: Path, title: str, summaries: Sequence[Summary], timeline
     memory.axhline(timeline.capacity_bytes / GB, color="black", lw=0.8, ls="--")
     memory.set_ylim(0, timeline.capacity_bytes / GB * 1.05)
     memory.set_ylabel("GPU memory (GB)")
-    memory.legend(loc="upper right", fontsize=8)
+    memory.legend(loc="lower right", fontsize=8)
 
     fig.suptitle(title)
     fig.tight_layout()
