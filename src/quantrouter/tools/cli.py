@@ -25,6 +25,8 @@ from quantrouter.config import ConfigError, Settings, parse_bytes
 from quantrouter.errors import QuantrouterError
 from quantrouter.policy import format_bytes
 from quantrouter.tools.calibrate import CALIBRATION_PROMPTS, calibrate, format_calibration
+from quantrouter.tools.calibrate import DEFAULT_NUM_PREDICT as CALIBRATION_NUM_PREDICT
+from quantrouter.tools.compare import DEFAULT_NUM_PREDICT as COMPARE_NUM_PREDICT
 from quantrouter.tools.compare import compare, format_comparison, plot_comparison
 from quantrouter.tools.errors import ToolError
 from quantrouter.tools.ladder import OLLAMA_QUANTIZE_TARGETS, build_embedded_ladder, build_ladder, format_ladder
@@ -126,7 +128,8 @@ def add_tool_commands(subparsers: Any) -> None:
     cmp.add_argument("family", help="a family (gemma3:270m), an alias or one of its tags")
     cmp.add_argument("--prompt", required=True, help="the prompt")
     cmp.add_argument("--quants", type=_quant_list, default=(), help="only these levels, e.g. q4_K_M,q8_0")
-    cmp.add_argument("--num-predict", type=int, default=48, help="tokens per answer (default 48)")
+    cmp.add_argument("--num-predict", type=int, default=COMPARE_NUM_PREDICT,
+                     help=f"tokens per answer (default {COMPARE_NUM_PREDICT})")
     cmp.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"sampling seed (default {DEFAULT_SEED})")
     cmp.add_argument("--no-unload", action="store_true",
                      help="keep loaded variants loaded (load time then reads ≈0 for them)")
@@ -144,7 +147,8 @@ def add_tool_commands(subparsers: Any) -> None:
     cal.add_argument("--output", "-o", type=Path, default=DEFAULT_CALIBRATION_FILE,
                      help=f"where to write (default {DEFAULT_CALIBRATION_FILE})")
     cal.add_argument("--quants", type=_quant_list, default=(), help="only these levels (plus the reference)")
-    cal.add_argument("--num-predict", type=int, default=32, help="tokens per prompt (default 32)")
+    cal.add_argument("--num-predict", type=int, default=CALIBRATION_NUM_PREDICT,
+                     help=f"tokens per prompt (default {CALIBRATION_NUM_PREDICT})")
     _backend_flag(cal)
     cal.set_defaults(func=_reported("calibrate", _calibrate))
 

@@ -107,7 +107,10 @@ def _source_quant(shown: Any) -> QuantType:
 
 
 def _tqdm_progress(tag: str) -> Any:
-    from tqdm import tqdm
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        raise ToolError("progress bars need tqdm (pip install tqdm); or pass --quiet") from None
 
     return tqdm(desc=tag, unit="B", unit_scale=True, unit_divisor=1024, leave=True)
 
