@@ -104,7 +104,7 @@ def backend_listing(view: BackendView, settings: Settings, family: str = "") -> 
     table = speeds.snapshot()
     listed: dict[str, tuple[Variant, ...]] = {}
     for name in families:
-        variants = catalog.family(name)
+        variants = family_variants(catalog, name)[1]  # best quality first, as the router's ListVariants
         sizes = {v.tag: v.size_bytes for v in variants}
         rows = []
         for v in variants:
