@@ -106,7 +106,11 @@ class CatalogSnapshot:
 
 
 def _split_tag(tag: str) -> tuple[str, str]:
-    repo, _, label = tag.partition(":")
+    """(repository, label); the label follows the last colon after the last slash, so a registry's
+    `host:port/` prefix stays part of the repository."""
+    repo, colon, label = tag.rpartition(":")
+    if not colon or "/" in label:
+        return tag, "latest"
     return repo, label or "latest"
 
 

@@ -93,6 +93,25 @@ def test_resolve_names_a_family_or_pins_a_tag(model: str, resolution: Resolution
     assert _catalog().resolve(model) == resolution
 
 
+@pytest.mark.parametrize(
+    ("tag", "family"),
+    [("localhost:5000/mybot:q4_K_M", "localhost:5000/mybot"), ("localhost:5000/mybot", None),
+     ("registry.local:443/team/llama:8b-q8_0", "registry.local:443/team/llama:8b")],
+)
+def test_a_registry_port_is_part_of_the_repository(tag: str, family: str | None) -> None:
+    assert family_name_of(tag) == family
+
+
+def test_models_behind_one_registry_host_stay_apart() -> None:
+    """`a:latest` must not join `b`'s family because both live on localhost:5000 (a request for b would get a)."""
+    tags = ["localhost:5000/a:latest", "localhost:5000/b:q4_K_M", "localhost:5000/b:latest"]
+    catalog = build_catalog([_variant(t) for t in tags], dict.fromkeys(tags, ("llama", "8.0B")), {})
+    assert [v.tag for v in catalog.family("localhost:5000/b")] == ["localhost:5000/b:latest",
+                                                                   "localhost:5000/b:q4_K_M"]
+    assert catalog.resolve("localhost:5000/a") == Resolution("localhost:5000/a:latest")
+    assert catalog.resolve("localhost:5000/b") == Resolution("localhost:5000/b")
+
+
 def test_an_alias_to_an_unknown_family_adds_no_name() -> None:
     catalog = build_catalog([_variant("mybot:q4_K_M")], {}, {"other": "nowhere"})
     assert catalog.resolve("other") is None
