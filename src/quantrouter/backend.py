@@ -151,7 +151,10 @@ class OllamaBackend:
     def __init__(self, host: str, connect_timeout: float, read_timeout: float, keep_alive: str) -> None:
         timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=30.0, pool=connect_timeout)
         self.host = host
-        self._client = ollama.AsyncClient(host=host, timeout=timeout)
+        # httpx's default pool (100 connections) would queue streams past 100 and time them out after `pool`
+        # seconds; the router's max_in_flight already bounds how many streams are open.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        self._client = ollama.AsyncClient(host=host, timeout=timeout, limits=limits)
         self._keep_alive = keep_alive
 
     async def close(self) -> None:
