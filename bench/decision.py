@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.machine import describe
-from quantrouter.catalog import Architecture, VariantInfo
+from bench.sim.hardware import H100, LLAMA_8B, OLLAMA_MINIMUM_MEMORY
+from quantrouter.catalog import VariantInfo
 from quantrouter.policy import CandidateInput, MemoryView, PolicyConfig, Preference, RoutingRequest, decide
 from quantrouter.quant import QUANT_TYPES
 from quantrouter.throughput import Observation, ThroughputTable
@@ -27,13 +28,8 @@ SIZES = (4, 8, 32)
 CALLS = 5000
 WARMUP = 200
 GIB = 1 << 30
-# Llama-3.1-8B shape and parameter count (reference/quant.md §1d, §3); H100 SXM bandwidth (§6).
-LLAMA_8B = Architecture("llama", 32, 8, 128, 131072)
-PARAMETERS = 8_030_000_000
-H100_BANDWIDTH = 3.35e12
 # Free memory of the benchmark state: an 80 GB GPU with other tenants (the shared-pressure scenario's middle).
 FREE_BYTES = 20 * GIB
-RESERVE = 457 << 20  # Ollama's CUDA minimum (reference/quant.md §3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,15 +55,16 @@ class Timing:
 def _family(n: int) -> tuple[list[VariantInfo], ThroughputTable]:
     """`n` variants cycling through the quant table; every other one measured, the first two resident."""
     variants = []
-    table = ThroughputTable(0.3, H100_BANDWIDTH)
+    table = ThroughputTable(0.3, H100.bandwidth)
     for i in range(n):
         quant = QUANT_TYPES[i % len(QUANT_TYPES)]
-        size = quant.weights_bytes(PARAMETERS)
-        tag = f"llama3.1:8b-instruct-{quant.name.lower()}-{i}"
-        variants.append(VariantInfo(tag, "llama3.1:8b-instruct", quant, size, PARAMETERS, LLAMA_8B,
-                                    resident=i < 2, vram_bytes=size if i < 2 else 0))
+        size = quant.weights_bytes(LLAMA_8B.parameter_count)
+        tag = f"{LLAMA_8B.name}-{quant.name.lower()}-{i}"
+        variants.append(VariantInfo(tag, LLAMA_8B.name, quant, size, LLAMA_8B.parameter_count,
+                                    LLAMA_8B.architecture, resident=i < 2, vram_bytes=size if i < 2 else 0))
         if i % 2 == 0:
-            table.observe(tag, Observation(200, int(200e9 / (H100_BANDWIDTH * 0.3 / size)), 500, 50_000_000,
+            # 200 tokens at a third of the bandwidth bound, 500 prompt tokens in 50 ms, a 3 s cold load.
+            table.observe(tag, Observation(200, int(200e9 * size / (H100.bandwidth / 3)), 500, 50_000_000,
                                            3_000_000_000, cold=True))
     return variants, table
 
@@ -91,10 +88,10 @@ def _percentiles(run: Callable[[int], object]) -> Percentiles:
 
 def measure(n: int) -> Timing:
     variants, table = _family(n)
-    memory = MemoryView(FREE_BYTES, RESERVE, "nvml")
+    memory = MemoryView(FREE_BYTES, OLLAMA_MINIMUM_MEMORY, "nvml")
     config = PolicyConfig()
     preferences = list(Preference)
-    requests = [RoutingRequest("llama3.1:8b-instruct", p, prompt_tokens=800, num_predict=256, num_ctx=8192,
+    requests = [RoutingRequest(LLAMA_8B.name, p, prompt_tokens=800, num_predict=256, num_ctx=8192,
                                min_tokens_per_second=20.0, time_remaining=30.0) for p in preferences]
 
     def candidates() -> list[CandidateInput]:

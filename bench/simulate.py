@@ -31,7 +31,7 @@ from bench.sim.workload import (
 
 RESULTS = Path(__file__).parent / "results"
 ANALYSIS = Path(__file__).parent / "sim" / "analysis.md"
-DEFAULT_SEEDS = 8
+DEFAULT_SEEDS = 10
 HINDSIGHT = "oracle-hindsight"
 # A 70B model decodes ~4× slower than an 8B one on the same GPU (bench/sim/hardware.py): stretch the SLOs.
 SLO_SCALE_70B = 4.0

@@ -138,6 +138,8 @@ class RunResult:
 
 @dataclass(slots=True, eq=False)
 class _Job:
+    """A request inside Ollama: mutable run state (identity equality, so removal finds this very job)."""
+
     request: Request
     variant: VariantSpec
     cold: bool
@@ -157,6 +159,8 @@ class _Job:
 
 @dataclass(slots=True)
 class _Runner:
+    """A loaded (or loading) variant: mutable run state; the head of `jobs` is the one running."""
+
     variant: VariantSpec
     gpu_bytes: int
     gpu_fraction: float

@@ -60,6 +60,8 @@ class TenantProfile:
 def interactive_mix(slo_scale: float, tps_scale: float) -> tuple[RequestClass, ...]:
     """Chat-like callers: latency-sensitive short answers, balanced mid-size ones, long quality-first reports.
 
+    The shares, lengths and SLOs are assumptions (no measured trace is at hand): a 4 s deadline and 60 tok/s
+    (faster than reading) for interactive answers, 10 s for mid-size ones, 30 s for long reports.
     `slo_scale` stretches deadlines and `tps_scale` lowers speed floors for bigger models.
     """
     return (
