@@ -106,6 +106,11 @@ class Router:
     def in_flight(self) -> int:
         return sum(self._in_flight_families.values())
 
+    @property
+    def in_flight_variants(self) -> dict[str, int]:
+        """Streams each variant is serving right now (only the busy ones): the policy's queue signal."""
+        return {tag: count for tag, count in self._in_flight_tags.items() if count}
+
     def family_label(self, family: str) -> str:
         """A metric label value: known families only (bounded cardinality)."""
         return family if family in self.inventory.snapshot.families else OTHER

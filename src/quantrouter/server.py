@@ -62,6 +62,8 @@ class RunningServer:
     _stack: AsyncExitStack
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     draining: bool = False
+    # The loop the server runs on, for callers in other threads (tests counting its tasks, for one).
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: NOT_SERVING first, then let in-flight streams finish within `grace` seconds."""
