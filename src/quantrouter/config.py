@@ -207,6 +207,9 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("tls_cert and tls_key go together: set both or neither")
     if settings.tls_client_ca is not None and settings.tls_cert is None:
         raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+    if settings.max_prompt_bytes >= settings.max_message_bytes:
+        raise ConfigError(f"setting max_prompt_bytes ({settings.max_prompt_bytes}) must be below max_message_bytes "
+                          f"({settings.max_message_bytes}), or a long prompt is refused without saying why")
     for name in ("max_in_flight", "max_in_flight_per_family", "num_ctx", "num_predict_default"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"setting {name} must be positive, got {getattr(settings, name)}")
