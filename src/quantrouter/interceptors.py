@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -36,6 +37,18 @@ Around = Callable[[grpc.aio.ServicerContext, str], Any]
 def _split(method: str) -> tuple[str, str]:
     service, _, name = method.lstrip("/").partition("/")
     return service, name
+
+
+async def _responses(behaviour: Callable[..., Any], request: Any,
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    """A server-streaming handler's messages: an async generator's, or none from one that writes with
+    `context.write` and returns (grpc_health's `Watch` is such a coroutine)."""
+    result = behaviour(request, context)
+    if inspect.isawaitable(result):
+        await result
+        return
+    async for response in result:
+        yield response
 
 
 def _wrapped(handler: grpc.RpcMethodHandler, method: str,
@@ -109,7 +122,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         try:
             if isinstance(request, Undecodable):
                 raise request.reject()
-            async for response in behaviour(request, context):
+            async for response in _responses(behaviour, request, context):
                 yield response
         except QuantrouterError as error:
             await context.abort_with_status(rpc_status.to_status(self._to_status(error)))
@@ -168,7 +181,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         sent = self._metrics.grpc_msg_sent.labels("server_stream", service, name)
         started, error = time.perf_counter(), None
         try:
-            async for response in behaviour(request, context):
+            async for response in _responses(behaviour, request, context):
                 sent.inc()
                 yield response
         except BaseException as raised:
