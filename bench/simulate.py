@@ -102,7 +102,8 @@ def _losses(summaries: Sequence[Summary]) -> list[str]:
     ours = next(s for s in summaries if s.policy == "quantrouter")
     return [f"- loses to **{s.policy}** on goodput: {s.goodput_qw_tok_s:.1f} vs {ours.goodput_qw_tok_s:.1f} q·tok/s "
             f"(SLO met {s.slo_attainment:.1%} vs {ours.slo_attainment:.1%})"
-            for s in summaries if s.policy != "quantrouter" and s.goodput_qw_tok_s > ours.goodput_qw_tok_s]
+            for s in summaries
+            if not s.policy.startswith(("quantrouter", "oracle")) and s.goodput_qw_tok_s > ours.goodput_qw_tok_s]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
