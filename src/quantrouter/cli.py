@@ -59,6 +59,13 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--calibration", dest="calibration_file",
                        help="measured speeds from `quantrouter calibrate`, loaded at start")
     group.add_argument("--log-level", dest="log_level", choices=("debug", "info", "warning", "error"))
+    group.add_argument("--tls-cert", dest="tls_cert", help="PEM certificate chain for the gRPC port (TLS)")
+    group.add_argument("--tls-key", dest="tls_key", help="PEM private key that goes with --tls-cert")
+    group.add_argument("--tls-client-ca", dest="tls_client_ca",
+                       help="PEM CA bundle; clients must present a certificate it signed (mutual TLS)")
+    group.add_argument("--auth-token-file", dest="auth_token_file",
+                       help="file of bearer tokens, one a line; calls but health need 'authorization: Bearer "
+                            "<token>' (a single token may also come from $QUANTROUTER_AUTH_TOKEN)")
 
 
 def _client_flags(parser: argparse.ArgumentParser) -> None:
