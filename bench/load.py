@@ -1,0 +1,209 @@
+"""Load: hundreds of concurrent Generate streams through the router to the embedded llama.cpp backend.
+
+Run: `python -m bench load` (or `python bench/load.py`). The router runs as its own process
+(`quantrouter serve`), so its CPU time is read from /proc/<pid>/stat alone; the backend and the
+clients share this process. Each client retries RESOURCE_EXHAUSTED (the intended answer to overload:
+the router's in-flight caps, or the backend's full queue) after the RetryInfo delay. Pass: zero other
+errors and every stream complete. Writes bench/results/load.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from bench.machine import describe
+from quantrouter.config import GiB, default_cache_dir
+from quantrouter.embedded import EmbeddedConfig, prepare_ladder, run_embedded_in_thread
+from quantrouter.v1 import router_service_pb2 as pb
+from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
+
+RESULTS = Path(__file__).parent / "results" / "load.md"
+FAMILY = "gemma3:270m"
+STREAMS = 300
+NUM_PREDICT = 8
+# Each stream gives up after this many refusals: bounded, and far above what a healthy run needs.
+MAX_ATTEMPTS = 400
+STREAM_DEADLINE_S = 120.0
+START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 60.0
+BACKEND_QUEUE = 8  # the embedded backend's per-model queue (Ollama's OLLAMA_MAX_QUEUE, scaled down)
+ROUTER_CAPS = {"QUANTROUTER_MAX_IN_FLIGHT": "128", "QUANTROUTER_MAX_IN_FLIGHT_PER_FAMILY": "64"}
+PREFERENCES = (pb.PREFERENCE_LATENCY, pb.PREFERENCE_BALANCED, pb.PREFERENCE_QUALITY)
+PROMPTS = ("The capital of France is", "Water boils at", "The largest planet is", "Bread is made from")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_SERVING_ON = re.compile(r"quantrouter serving on port (\d+)")
+
+
+@dataclass
+class Tally:
+    latencies: list[float] = field(default_factory=list)
+    first_tokens: list[float] = field(default_factory=list)
+    refusals: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    variants: Counter[str] = field(default_factory=Counter)
+    fallbacks: int = 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (fields 14 and 15 of /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def retry_delay(error: grpc.aio.AioRpcError) -> tuple[str, float]:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    reason, delay = "", 0.5
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            delay = retry.retry_delay.ToNanoseconds() / 1e9
+    return reason, delay
+
+
+async def one_stream(stub: pb_grpc.RouterServiceStub, index: int, tally: Tally) -> None:
+    request = pb.GenerateRequest(model=FAMILY, prompt=PROMPTS[index % len(PROMPTS)],
+                                 preference=PREFERENCES[index % len(PREFERENCES)],
+                                 options=pb.GenerationOptions(num_predict=NUM_PREDICT, temperature=0.0, seed=index))
+    started = time.perf_counter()
+    for _ in range(MAX_ATTEMPTS):
+        first_token = None
+        try:
+            async for response in stub.Generate(request, timeout=STREAM_DEADLINE_S):
+                if response.HasField("decision") and response.decision.fallback:
+                    tally.fallbacks += 1
+                elif response.HasField("chunk") and first_token is None:
+                    first_token = time.perf_counter() - started
+                elif response.HasField("completion"):
+                    tally.latencies.append(time.perf_counter() - started)
+                    tally.first_tokens.append(first_token or tally.latencies[-1])
+                    tally.variants[response.completion.variant] += 1
+                    return
+            tally.errors["stream ended without a completion"] += 1
+            return
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                tally.errors[f"{error.code().name}: {error.details()}"] += 1
+                return
+            reason, delay = retry_delay(error)
+            tally.refusals[reason] += 1
+            await asyncio.sleep(delay)
+    tally.errors["gave up after too many refusals"] += 1
+
+
+def start_router(backend_url: str) -> tuple[subprocess.Popen[str], int]:
+    env = {**os.environ, **ROUTER_CAPS, "QUANTROUTER_MEMORY_CAPACITY": "4GiB", "QUANTROUTER_MEMORY_RESERVE": "0",
+           "QUANTROUTER_LOG_LEVEL": "info"}
+    process = subprocess.Popen([sys.executable, "-m", "quantrouter.cli", "serve", "--grpc-address", "127.0.0.1:0",
+                                "--metrics-address", "127.0.0.1:0", "--ollama-host", backend_url],
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    assert process.stderr is not None
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            break
+        if match := _SERVING_ON.search(line):
+            # Keep reading, so the router never blocks writing its log into a full pipe.
+            threading.Thread(target=process.stderr.read, name="router-log", daemon=True).start()
+            return process, int(match.group(1))
+    process.kill()
+    raise RuntimeError("the router did not start")
+
+
+async def run_load(target: str) -> tuple[Tally, float]:
+    tally = Tally()
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.RouterServiceStub(channel)
+        started = time.perf_counter()
+        await asyncio.gather(*(one_stream(stub, i, tally) for i in range(STREAMS)))
+        return tally, time.perf_counter() - started
+
+
+def percentile(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def report(tally: Tally, wall: float, router_cpu: float, load_before: tuple[float, float, float]) -> str:
+    completed = len(tally.latencies)
+    lines = [
+        "# Load: concurrent Generate streams through the router to the embedded backend",
+        "",
+        f"- Date: {datetime.now(UTC).isoformat(timespec='seconds')}",
+        f"- Machine: {describe()}; load average before the run {', '.join(f'{x:.2f}' for x in load_before)}",
+        f"- Method: `python -m bench load`. {STREAMS} streams started at once, each `Generate({FAMILY})` with "
+        f"num_predict={NUM_PREDICT}, greedy, preferences latency/balanced/quality in turn. The router is a "
+        f"separate `quantrouter serve` process (max_in_flight={ROUTER_CAPS['QUANTROUTER_MAX_IN_FLIGHT']}, "
+        f"per family {ROUTER_CAPS['QUANTROUTER_MAX_IN_FLIGHT_PER_FAMILY']}); the embedded llama.cpp backend "
+        f"(per-model queue {BACKEND_QUEUE}, 2 threads per model) and the clients share the benchmark process. "
+        "A client retries RESOURCE_EXHAUSTED after the RetryInfo delay; latency runs from its first attempt "
+        "to the completion, retries included.",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| streams complete | {completed} / {STREAMS} |",
+        f"| errors other than RESOURCE_EXHAUSTED | {sum(tally.errors.values())} |",
+        f"| RESOURCE_EXHAUSTED refusals (retried) | {sum(tally.refusals.values())} "
+        f"({', '.join(f'{k}: {v}' for k, v in sorted(tally.refusals.items())) or 'none'}) |",
+        f"| fallback decisions (backend busy before the first token) | {tally.fallbacks} |",
+        f"| latency p50 / p99 | {percentile(tally.latencies, 50):.2f} s / {percentile(tally.latencies, 99):.2f} s |"
+        if completed else "| latency | no stream completed |",
+        f"| time to first token p50 / p99 | {percentile(tally.first_tokens, 50):.2f} s / "
+        f"{percentile(tally.first_tokens, 99):.2f} s |" if completed else "| time to first token | n/a |",
+        f"| wall time | {wall:.1f} s ({completed / wall:.1f} streams/s) |",
+        f"| router CPU (user + system, its own process) | {router_cpu:.2f} s "
+        f"({router_cpu / max(completed, 1) * 1000:.1f} ms per stream, {router_cpu / wall * 100:.0f} % of a core) |",
+        "",
+        "Variants served: " + ", ".join(f"{tag} {n}" for tag, n in sorted(tally.variants.items())) + ".",
+    ]
+    if tally.errors:
+        lines += ["", "Errors:", *(f"- {count} × {text}" for text, count in tally.errors.most_common())]
+    lines += ["", "The latency is dominated by llama.cpp on two cores: every model serves one request at a time, so "
+              "streams wait in the backend's queue; the router's own share is the CPU figure above."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    cache_dir = default_cache_dir(os.environ)
+    prepare_ladder(cache_dir, progress=False)
+    load_before = os.getloadavg()
+    config = EmbeddedConfig(cache_dir=cache_dir, memory_budget_bytes=4 * GiB, max_queue=BACKEND_QUEUE)
+    with run_embedded_in_thread(config) as backend:
+        router, port = start_router(backend.url)
+        try:
+            cpu_before = cpu_seconds(router.pid)
+            tally, wall = asyncio.run(run_load(f"127.0.0.1:{port}"))
+            router_cpu = cpu_seconds(router.pid) - cpu_before
+        finally:
+            router.send_signal(signal.SIGTERM)
+            router.wait(STOP_TIMEOUT_S)
+    text = report(tally, wall, router_cpu, load_before)
+    RESULTS.write_text(text)
+    print(text)
+    if tally.errors or len(tally.latencies) != STREAMS:
+        raise SystemExit(f"load test failed: {sum(tally.errors.values())} errors, "
+                         f"{len(tally.latencies)}/{STREAMS} complete")
+
+
+if __name__ == "__main__":
+    main()
