@@ -67,7 +67,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def retry_delay(error: grpc.aio.AioRpcError) -> tuple[str, float]:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)
     reason, delay = "", 0.5
     for detail in status.details if status is not None else ():
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
