@@ -152,6 +152,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def memory_mib(pid: int, field: str) -> float:
+    """VmRSS (resident now) or VmHWM (its peak so far) of a process, from /proc/<pid>/status (proc(5))."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
 def client_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -297,6 +305,7 @@ def _table(rows: list[dict[str, object]], columns: Sequence[tuple[str, str]]) ->
 SUMMARY = (("backend", "backend"), ("streams", "streams"), ("added_ttft_p50_ms", "added TTFT p50 (ms)"),
            ("added_ttft_p99_ms", "added TTFT p99 (ms)"), ("tokens_per_s", "relay tok/s"),
            ("throughput_vs_direct", "tok/s vs direct"), ("router_cpu_s_per_1k", "router CPU s / 1k tok"),
+           ("router_rss_idle_mib", "router RSS idle (MiB)"), ("router_rss_peak_mib", "router RSS peak (MiB)"),
            ("failed", "failed"))
 DETAIL = (("backend", "backend"), ("streams", "streams"), ("arm", "arm"), ("requests", "requests"),
           ("tokens", "tokens"), ("wall_s", "wall s"), ("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p99_ms", "TTFT p99 ms"),
@@ -353,10 +362,14 @@ async def measure(scenario_list: list[Scenario], logs: Path) -> list[dict[str, o
         if not chosen:
             continue
         with backend_of() as backend, router_for(backend, logs, capacity) as router:
+            idle_mib = memory_mib(router.pid, "VmRSS")
             for scenario in chosen:
                 print(f"{backend_name}: {scenario.concurrency} streams ...", file=sys.stderr, flush=True)
                 arms = await run_scenario(scenario, backend, router)
-                rows += [Row(scenario, name, arms[name]).values(arms[DIRECT]) for name in (DIRECT, ROUTER)]
+                # Scenarios run in rising concurrency, so the peak so far is this one's.
+                peak = {"router_rss_idle_mib": idle_mib, "router_rss_peak_mib": memory_mib(router.pid, "VmHWM")}
+                rows += [{**Row(scenario, name, arms[name]).values(arms[DIRECT]),
+                          **(peak if name == ROUTER else dict.fromkeys(peak, ""))} for name in (DIRECT, ROUTER)]
     return rows
 
 
