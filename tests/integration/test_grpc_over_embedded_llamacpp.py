@@ -26,6 +26,7 @@ from quantrouter.service import SERVICE_NAME
 from tests.support import FAMILY, router_settings
 
 SHORT = Options(num_predict=8, temperature=0.0, seed=1)
+LONG_ANSWER = 1024
 PROMPT = "The capital of France is"
 # Fits every quantized variant (≈230–280 MiB + KV) but not F16 (517 MiB + KV).
 SMALL_BUDGET = 450 * MiB
@@ -78,13 +79,18 @@ def test_ladder_is_one_family_with_eight_variants(target: str) -> None:
 
 
 def test_quality_picks_a_higher_quality_variant_than_latency(target: str) -> None:
+    # A long answer, so decode speed rather than which variant happens to be loaded decides LATENCY:
+    # for a few tokens a resident F16 rightly beats a cold load of a smaller file.
+    long = Options(num_predict=LONG_ANSWER, temperature=0.0)
     with RouterClient(target) as client:
-        quality, _, _ = collect(client.generate(FAMILY, PROMPT, preference="quality", options=SHORT))
-        latency, _, _ = collect(client.generate(FAMILY, PROMPT, preference="latency", options=SHORT))
-    best, fast = quality[0].chosen, latency[0].chosen
+        quality = client.route(FAMILY, prompt=PROMPT, preference="quality", options=long)
+        latency = client.route(FAMILY, prompt=PROMPT, preference="latency", options=long)
+        served, _, _ = collect(client.generate(FAMILY, PROMPT, preference="quality", options=SHORT))
+    best, fast = quality.chosen, latency.chosen
     assert best is not None and fast is not None
-    assert best.quantization == "F16", quality[0].reason
+    assert best.quantization == "F16", quality.reason
     assert parse_quantization(best.quantization).quality > parse_quantization(fast.quantization).quality
+    assert served[0].chosen is not None and served[0].chosen.quantization == "F16"
 
 
 def test_measured_speed_feeds_back_into_later_decisions(target: str) -> None:
