@@ -1,8 +1,9 @@
 """Ollama over the official `ollama.AsyncClient`: catalog calls, streamed generation, error translation.
 
-This is the only module that sees `ollama` and `httpx` errors; `_translated` turns them into the
-quantrouter.errors tree in one place. Streams are relayed chunk by chunk and closed in a `finally`,
-so a cancelled gRPC call closes the HTTP response and Ollama stops generating.
+This is where `ollama` and `httpx` errors become ours: `translated` turns them into the
+quantrouter.errors tree in one place (the quantization tools reuse it for `create` and `logprobs`).
+Streams are relayed chunk by chunk and closed in a `finally`, so a cancelled gRPC call closes the
+HTTP response and Ollama stops generating.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from quantrouter.errors import (
     BackendUnavailable,
 )
 
-__all__ = ["Final", "ListedModel", "OllamaBackend", "ResidentModel", "ShownModel"]
+__all__ = ["Final", "ListedModel", "OllamaBackend", "ResidentModel", "ShownModel", "translated"]
 
 # Ollama answers 503 when its queue is full (server/sched.go ErrMaxQueue); clients should back off.
 BUSY_RETRY_AFTER_S = 1.0
@@ -76,7 +77,7 @@ class Final:
 
 
 @contextmanager
-def _translated(tag: str = "", started: bool = False) -> Iterator[None]:
+def translated(tag: str = "", started: bool = False) -> Iterator[None]:
     """Map the client's exceptions to ours (reference/ollama.md §2: how each one surfaces)."""
     try:
         yield
@@ -161,7 +162,7 @@ class OllamaBackend:
         await self._client.close()  # type: ignore[no-untyped-call]
 
     async def list_models(self) -> list[ListedModel]:
-        with _translated():
+        with translated():
             listed = await self._client.list()
         result = []
         for m in listed.models:
@@ -174,14 +175,14 @@ class OllamaBackend:
         return result
 
     async def show(self, tag: str) -> ShownModel:
-        with _translated(tag):
+        with translated(tag):
             shown = await self._client.show(tag)
         info: Mapping[str, Any] = shown.modelinfo or {}
         count = info.get("general.parameter_count")
         return ShownModel(_architecture(info), int(count) if isinstance(count, int | float) else 0)
 
     async def ps(self) -> list[ResidentModel]:
-        with _translated():
+        with translated():
             running = await self._client.ps()
         return [ResidentModel(m.model or "", int(m.size or 0), int(m.size_vram or 0), int(m.context_length or 0))
                 for m in running.models]
@@ -189,7 +190,7 @@ class OllamaBackend:
     async def generate(self, tag: str, prompt: str, system: str, options: Mapping[str, Any],
                        format: str = "") -> AsyncGenerator[str | Final, None]:
         """Text chunks as Ollama produces them, then one `Final`."""
-        with _translated(tag):
+        with translated(tag):
             parts = await self._client.generate(
                 model=tag, prompt=prompt, system=system, options=dict(options), stream=True,
                 keep_alive=self._keep_alive, format=_format(format))
@@ -198,7 +199,7 @@ class OllamaBackend:
 
     async def chat(self, tag: str, messages: Sequence[Mapping[str, str]], options: Mapping[str, Any],
                    format: str = "") -> AsyncGenerator[str | Final, None]:
-        with _translated(tag):
+        with translated(tag):
             parts = await self._client.chat(
                 model=tag, messages=[dict(m) for m in messages], options=dict(options), stream=True,
                 keep_alive=self._keep_alive, format=_format(format))
@@ -210,7 +211,7 @@ class OllamaBackend:
         started = False
         try:
             while True:
-                with _translated(tag, started):
+                with translated(tag, started):
                     try:
                         part = await anext(parts)
                     except StopAsyncIteration:

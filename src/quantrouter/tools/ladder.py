@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quantrouter.backend import _translated
+from quantrouter.backend import translated
 from quantrouter.catalog import family_name_of
 from quantrouter.config import Settings
 from quantrouter.errors import BackendModelMissing
@@ -121,10 +121,10 @@ async def build_ladder(settings: Settings, source: str, quants: Sequence[str] = 
     targets = ladder_targets(quants)
     client = client_for(settings, host)
     try:
-        with _translated(source):
+        with translated(source):
             shown = await client.show(source)
         check_source(source, _source_quant(shown))
-        with _translated():
+        with translated():
             held = {m.model: int(m.size or 0) for m in (await client.list()).models}
         rungs = []
         for quant in targets:
@@ -133,7 +133,7 @@ async def build_ladder(settings: Settings, source: str, quants: Sequence[str] = 
                 rungs.append(Rung(tag, quant.name, held[tag], EXISTS))
                 continue
             await _create(client, source, tag, quant, progress, host or settings.ollama_host)
-            with _translated(tag):
+            with translated(tag):
                 size = next((int(m.size or 0) for m in (await client.list()).models if m.model == tag), 0)
             rungs.append(Rung(tag, quant.name, size, CREATED))
     finally:
@@ -144,7 +144,7 @@ async def build_ladder(settings: Settings, source: str, quants: Sequence[str] = 
 async def _create(client: Any, source: str, tag: str, quant: QuantType, progress: bool, host: str) -> None:
     bar = _tqdm_progress(tag) if progress else None
     try:
-        with _translated(tag):
+        with translated(tag):
             stream = await client.create(model=tag, from_=source, quantize=quant.name, stream=True)
             async for part in stream:
                 if bar is not None:

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import ollama
 
-from quantrouter.backend import _translated
+from quantrouter.backend import translated
 from quantrouter.catalog import VariantInfo
 from quantrouter.config import Settings
 
@@ -80,7 +80,7 @@ def client_for(settings: Settings, host: str | None = None) -> ollama.AsyncClien
 
 async def unload_model(client: ollama.AsyncClient, tag: str) -> None:
     """An empty prompt with keep_alive 0 unloads the model (reference/ollama.md §1), so the next load is cold."""
-    with _translated(tag):
+    with translated(tag):
         await client.generate(model=tag, prompt="", keep_alive=0)
 
 
@@ -120,7 +120,7 @@ async def run_greedy(client: ollama.AsyncClient, variant: VariantInfo, prompt: s
     first: float | None = None
     texts: list[str] = []
     steps: list[Step] = []
-    with _translated(tag):
+    with translated(tag):
         stream = await client.generate(model=tag, prompt=prompt, options=options, stream=True, logprobs=True,
                                        top_logprobs=TOP_LOGPROBS)
         async for part in stream:
