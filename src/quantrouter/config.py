@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quantrouter.quant import UnknownQuantizationError, parse_quantization
+
 __all__ = [
     "ConfigError",
     "GiB",
@@ -68,6 +70,12 @@ class Settings:
     backend_read_timeout: float = 300.0
     # Routing.
     ewma_alpha: float = 0.3
+    # A quality floor for requests that set none (callers may still set a lower one). The policy
+    # simulator found Q4_K_M worth it on GPU ladders: below ~4 bpw decode is no faster
+    # (bench/results/simulation.md), so cheaper variants only cost quality.
+    default_min_quantization: str = ""
+    # Ollama loads beside other models only within 80 % of free memory (reference/ollama.md §3).
+    load_fraction: float = 0.8
     balanced_quality_weight: float = 0.5
     upgrade_hysteresis: float = 0.15
     gpu_bandwidth: float = 0.0
@@ -217,3 +225,10 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"setting ewma_alpha must be in (0, 1], got {settings.ewma_alpha}")
     if not 0 <= settings.balanced_quality_weight <= 1:
         raise ConfigError("setting balanced_quality_weight must be in [0, 1]")
+    if not 0 < settings.load_fraction <= 1:
+        raise ConfigError(f"setting load_fraction must be in (0, 1], got {settings.load_fraction}")
+    if settings.default_min_quantization:
+        try:
+            parse_quantization(settings.default_min_quantization)
+        except UnknownQuantizationError as error:
+            raise ConfigError(f"setting default_min_quantization: {error}") from None

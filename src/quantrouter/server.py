@@ -150,7 +150,8 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None,
         router = Router(backend, inventory, probe, throughput,
                         Breaker(settings.breaker_failures, settings.breaker_cooldown), metrics,
                         Limits(settings.max_in_flight, settings.max_in_flight_per_family, reserve,
-                               PolicyConfig(settings.balanced_quality_weight, settings.upgrade_hysteresis)))
+                               PolicyConfig(settings.balanced_quality_weight, settings.upgrade_hysteresis,
+                                            settings.load_fraction)))
 
         interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics)]
         tokens = _read_tokens(settings)

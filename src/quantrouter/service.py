@@ -89,6 +89,8 @@ class RouterService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
         self._router = router
         self._settings = settings
         self._shutting_down = shutting_down
+        self._default_floor = (parse_quantization(settings.default_min_quantization)
+                               if settings.default_min_quantization else None)
 
     # Validation and conversion, protobuf → ours.
 
@@ -99,7 +101,7 @@ class RouterService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
         _check(violations, len(model) <= MAX_MODEL_NAME, "model", f"longer than {MAX_MODEL_NAME} characters")
         _check(violations, preference in _PREFERENCES, "preference",
                f"unknown value {preference}; use QUALITY, BALANCED or LATENCY")
-        floor = None
+        floor = self._default_floor
         if constraints.min_quantization:
             try:
                 floor = parse_quantization(constraints.min_quantization)

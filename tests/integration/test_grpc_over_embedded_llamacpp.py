@@ -123,6 +123,18 @@ def test_constraints_filter_with_reasons(target: str) -> None:
     assert rejected["gemma3:270m-q2_K"] == "below min_quantization Q6_K"
 
 
+def test_a_default_floor_applies_unless_the_caller_sets_one(embedded_backend: EmbeddedServer) -> None:
+    settings = router_settings(embedded_backend, default_min_quantization="Q4_K_M")
+    with run_in_thread(settings, CollectorRegistry()) as running, \
+            RouterClient(f"127.0.0.1:{running.port}") as client:
+        floored = client.route(FAMILY, preference="latency")
+        lowered = client.route(FAMILY, preference="latency", constraints=Constraints(min_quantization="Q2_K"))
+    assert floored.chosen is not None and lowered.chosen is not None
+    assert parse_quantization(floored.chosen.quantization).quality >= parse_quantization("Q4_K_M").quality
+    assert {c.tag: c.rejection for c in floored.candidates}["gemma3:270m-q2_K"] == "below min_quantization Q4_K_M"
+    assert all(c.feasible for c in lowered.candidates if c.quantization == "Q2_K")
+
+
 def test_chat_streams_through_the_same_routing(target: str) -> None:
     with RouterClient(target) as client:
         decisions, text, completion = collect(client.chat(

@@ -1,0 +1,64 @@
+"""Settings: precedence (flags > QUANTROUTER_* > TOML > defaults), parsing, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from quantrouter.config import ConfigError, GiB, MiB, default_cache_dir, load_settings, parse_bytes, parse_duration
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("1GiB", GiB), ("512MiB", 512 * MiB), ("8GB", 8 * 10**9), ("1073741824", GiB), ("1.5GiB", GiB * 3 // 2),
+])
+def test_sizes(text: str, expected: int) -> None:
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [("250ms", 0.25), ("30s", 30.0), ("5m", 300.0), ("1.5", 1.5)])
+def test_durations(text: str, expected: float) -> None:
+    assert parse_duration(text) == expected
+
+
+def test_flags_win_over_environment_which_wins_over_the_file(tmp_path: Path) -> None:
+    toml = tmp_path / "quantrouter.toml"
+    toml.write_text('num_ctx = 2048\nmax_in_flight = 10\nmemory_capacity = "24GiB"\n'
+                    'aliases = {"bot" = "gemma3:270m"}\n')
+    settings = load_settings({"num_ctx": 8192}, {"QUANTROUTER_NUM_CTX": "1024", "QUANTROUTER_MAX_IN_FLIGHT": "20"},
+                             toml)
+    assert settings.num_ctx == 8192
+    assert settings.max_in_flight == 20
+    assert settings.memory_capacity == 24 * GiB
+    assert settings.aliases == {"bot": "gemma3:270m"}
+
+
+def test_ollama_host_follows_ollamas_own_variable_below_ours() -> None:
+    assert load_settings({}, {"OLLAMA_HOST": "http://gpu:11434"}).ollama_host == "http://gpu:11434"
+    both = {"OLLAMA_HOST": "http://gpu:11434", "QUANTROUTER_OLLAMA_HOST": "http://other:11434"}
+    assert load_settings({}, both).ollama_host == "http://other:11434"
+
+
+def test_cache_dir_follows_xdg() -> None:
+    assert default_cache_dir({"XDG_CACHE_HOME": "/c"}) == Path("/c/quantrouter")
+    assert default_cache_dir({"QUANTROUTER_CACHE_DIR": "/q", "XDG_CACHE_HOME": "/c"}) == Path("/q")
+
+
+@pytest.mark.parametrize(("environ", "message"), [
+    ({"QUANTROUTER_NUM_CTX": "lots"}, "setting num_ctx"),
+    ({"QUANTROUTER_EMBEDDED": "maybe"}, "setting embedded: expected true or false"),
+    ({"QUANTROUTER_MEMORY_CAPACITY": "big"}, "not a size"),
+    ({"QUANTROUTER_DEFAULT_MIN_QUANTIZATION": "Q9_X"}, "default_min_quantization: unknown quantization"),
+    ({"QUANTROUTER_LOAD_FRACTION": "1.5"}, "load_fraction must be in"),
+    ({"QUANTROUTER_TLS_CERT": "/a.pem"}, "tls_cert and tls_key go together"),
+])
+def test_bad_values_name_the_setting(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings({}, environ)
+
+
+def test_unknown_keys_in_the_file_are_refused(tmp_path: Path) -> None:
+    toml = tmp_path / "quantrouter.toml"
+    toml.write_text("num_cxt = 2048\n")
+    with pytest.raises(ConfigError, match="unknown settings num_cxt"):
+        load_settings({}, {}, toml)
