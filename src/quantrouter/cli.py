@@ -168,7 +168,7 @@ def _options(args: argparse.Namespace) -> Options:
 
 def _decision_lines(decision: Decision) -> list[str]:
     lines = [f"→ {decision.chosen.tag if decision.chosen else 'nothing'}: {decision.reason}"]
-    for c in decision.candidates:
+    for c in sorted(decision.candidates, key=lambda c: (-c.quality, c.tag)):
         mark = "✓" if c.feasible else "✗"
         lines.append(f"  {mark} {c.tag:<28} {c.quantization:<7} {format_bytes(c.memory_bytes):>10} "
                      f"{c.tokens_per_second:7.1f} tok/s{'' if c.measured else '*'} q={c.quality:.3f} "
