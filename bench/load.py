@@ -24,10 +24,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from bench.machine import describe
+from quantrouter.client import error_details
 from quantrouter.config import GiB, default_cache_dir
 from quantrouter.embedded import EmbeddedConfig, prepare_ladder, run_embedded_in_thread
 from quantrouter.v1 import router_service_pb2 as pb
@@ -39,6 +38,8 @@ STREAMS = 300
 NUM_PREDICT = 8
 # Each stream gives up after this many refusals: bounded, and far above what a healthy run needs.
 MAX_ATTEMPTS = 400
+# Back-off when a refusal carries no RetryInfo (every RESOURCE_EXHAUSTED of ours does).
+DEFAULT_RETRY_S = 0.5
 STREAM_DEADLINE_S = 120.0
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 60.0
@@ -66,21 +67,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def retry_delay(error: grpc.aio.AioRpcError) -> tuple[str, float]:
-    status = rpc_status.from_call(error)
-    reason, delay = "", 0.5
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason = info.reason
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            retry = error_details_pb2.RetryInfo()
-            detail.Unpack(retry)
-            delay = retry.retry_delay.ToNanoseconds() / 1e9
-    return reason, delay
-
-
 async def one_stream(stub: pb_grpc.RouterServiceStub, index: int, tally: Tally) -> None:
     request = pb.GenerateRequest(model=FAMILY, prompt=PROMPTS[index % len(PROMPTS)],
                                  preference=PREFERENCES[index % len(PREFERENCES)],
@@ -105,9 +91,9 @@ async def one_stream(stub: pb_grpc.RouterServiceStub, index: int, tally: Tally) 
             if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                 tally.errors[f"{error.code().name}: {error.details()}"] += 1
                 return
-            reason, delay = retry_delay(error)
-            tally.refusals[reason] += 1
-            await asyncio.sleep(delay)
+            details = error_details(error)
+            tally.refusals[details.reason] += 1
+            await asyncio.sleep(details.retry_after if details.retry_after is not None else DEFAULT_RETRY_S)
     tally.errors["gave up after too many refusals"] += 1
 
 

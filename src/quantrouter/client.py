@@ -16,13 +16,25 @@ from types import TracebackType
 from typing import Any, Literal
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from quantrouter.policy import Assessment, Decision, Preference
 from quantrouter.router import Completion
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
 
-__all__ = ["AsyncRouterClient", "Constraints", "Event", "Options", "RouterClient", "Variant", "VariantListing"]
+__all__ = [
+    "AsyncRouterClient",
+    "Constraints",
+    "ErrorDetails",
+    "Event",
+    "Options",
+    "RouterClient",
+    "Variant",
+    "VariantListing",
+    "error_details",
+]
 
 PreferenceName = Literal["quality", "balanced", "latency"]
 Event = Decision | str | Completion
@@ -80,6 +92,35 @@ class VariantListing:
     total_bytes: int
     memory_detail: str = ""
     gpus: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorDetails:
+    """What the router says about a failed call beyond its status: why, when to retry, which fields."""
+
+    reason: str = ""
+    retry_after: float | None = None
+    field_violations: tuple[str, ...] = ()
+
+
+def error_details(error: grpc.RpcError) -> ErrorDetails:
+    """ErrorInfo reason, RetryInfo delay and BadRequest fields from a failed call's rich status."""
+    status = rpc_status.from_call(error)
+    reason, retry_after, fields = "", None, ()
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_after = retry.retry_delay.ToNanoseconds() / 1e9
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields = tuple(v.field for v in bad.field_violations)
+    return ErrorDetails(reason, retry_after, fields)
 
 
 def _seconds(duration: Any) -> float:

@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
+from quantrouter.client import error_details
 from quantrouter.server import RunningServer
 from quantrouter.v1 import router_service_pb2 as pb
 
@@ -68,22 +67,9 @@ class Rich:
 
 
 def rich(error: grpc.RpcError) -> Rich:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    reason, delay, fields = "", None, ()
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason = info.reason
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            retry = error_details_pb2.RetryInfo()
-            detail.Unpack(retry)
-            delay = retry.retry_delay.ToNanoseconds() / 1e9
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields = tuple(v.field for v in bad.field_violations)
-    return Rich(error.code(), error.details() or "", reason, delay, fields)  # type: ignore[attr-defined]
+    details = error_details(error)
+    return Rich(error.code(), error.details() or "", details.reason, details.retry_after,  # type: ignore[attr-defined]
+                details.field_violations)
 
 
 def sample(running: RunningServer, name: str, **labels: str) -> float:

@@ -22,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
+from quantrouter.background import service_in_thread
 from quantrouter.embedded import engine, wire
 from quantrouter.embedded.errors import BadRequestError, EmbeddedError, ModelNotFoundError
 from quantrouter.embedded.ladder import prepare_ladder
@@ -336,34 +337,15 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
 @contextlib.contextmanager
 def run_embedded_in_thread(config: EmbeddedConfig) -> Iterator[EmbeddedServer]:
     """Serve on a private event loop in a daemon thread, e.g. one backend for a whole pytest session."""
-    server = EmbeddedServer(config)
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    failure: list[BaseException] = []
 
-    def main() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(server.start())
-        except BaseException as error:
-            failure.append(error)
-        started.set()
-        if not failure:
-            loop.run_forever()
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.run_until_complete(loop.shutdown_default_executor())
-        loop.close()
+    async def started() -> EmbeddedServer:
+        server = EmbeddedServer(config)
+        await server.start()
+        return server
 
-    thread = threading.Thread(target=main, name="quantrouter-embedded", daemon=True)
-    thread.start()
-    started.wait(THREAD_START_TIMEOUT_S)
-    if failure:
-        thread.join()
-        raise failure[0]
-    try:
+    async def stop(server: EmbeddedServer) -> None:
+        await server.stop()
+
+    with service_in_thread(started, stop, name="quantrouter-embedded",
+                           start_timeout=THREAD_START_TIMEOUT_S) as server:
         yield server
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(), loop).result()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-
