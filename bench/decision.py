@@ -95,9 +95,7 @@ def measure(n: int) -> Timing:
                                min_tokens_per_second=20.0, time_remaining=30.0) for p in preferences]
 
     def candidates() -> list[CandidateInput]:
-        speeds = table.snapshot()
-        sizes = {v.tag: v.size_bytes for v in variants}
-        return [CandidateInput(v, speeds.estimate(v.tag, v.size_bytes, sizes), v.quant.quality) for v in variants]
+        return [CandidateInput(v, speed, v.quant.quality) for v, speed in table.snapshot().estimates(variants)]
 
     fixed = candidates()
     decide_only = _percentiles(lambda i: decide(requests[i % 3], fixed, memory, config))

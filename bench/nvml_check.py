@@ -39,9 +39,7 @@ def _ladder() -> list[VariantInfo]:
 def _route(probe: MemoryProbe, table: ThroughputTable, preference: Preference) -> str:
     snapshot = probe.sample()
     variants = _ladder()
-    sizes = {v.tag: v.size_bytes for v in variants}
-    speeds = table.snapshot()
-    candidates = [CandidateInput(v, speeds.estimate(v.tag, v.size_bytes, sizes), v.quant.quality) for v in variants]
+    candidates = [CandidateInput(v, speed, v.quant.quality) for v, speed in table.snapshot().estimates(variants)]
     decision = decide(RoutingRequest("llama3.1:8b-instruct", preference, num_ctx=NUM_CTX, prompt_tokens=200),
                       candidates, MemoryView(snapshot.free_bytes, RESERVE * len(snapshot.gpus), snapshot.source))
     chosen = decision.chosen.quantization if decision.chosen else "none"
@@ -77,7 +75,7 @@ def main() -> None:
               "Routing the Llama-3.1-8B ladder (num_ctx 8192) as memory is taken away on the GPU:", "",
               "| held by another tenant | NVML free | QUALITY | BALANCED | LATENCY |", "|---|---|---|---|---|"]
     try:
-        import torch
+        import torch  # type: ignore[import-not-found]  # present on the GPU machine, not a dependency
     except ImportError:
         torch = None
     held: list[object] = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -40,7 +40,7 @@ from quantrouter.metrics import OTHER, Metrics
 from quantrouter.policy import CandidateInput, Decision, FailureKind, MemoryView, PolicyConfig, RoutingRequest, decide
 from quantrouter.throughput import Observation, ThroughputTable
 
-__all__ = ["Completion", "Job", "Limits", "Router"]
+__all__ = ["Completion", "Job", "Limits", "Router", "failure_of"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,16 @@ class Limits:
     policy: PolicyConfig
 
 
+def failure_of(decision: Decision) -> QuantrouterError:
+    """The error for a decision that chose nothing: its status follows from what stood in the way."""
+    metadata = {"family": decision.family}
+    if decision.failure is FailureKind.MEMORY:
+        return NoVariantFits(decision.reason, metadata=metadata)
+    if decision.failure is FailureKind.EMPTY:
+        return ModelNotFound(decision.reason, metadata=metadata)
+    return ConstraintsUnsatisfiable(decision.reason, metadata=metadata)
+
+
 class Router:
     def __init__(self, backend: OllamaBackend, inventory: Inventory, probe: MemoryProbe, throughput: ThroughputTable,
                  breaker: Breaker, metrics: Metrics, limits: Limits,
@@ -116,12 +126,9 @@ class Router:
         return family if family in self.inventory.snapshot.families else OTHER
 
     def candidates(self, catalog: CatalogSnapshot, family: str) -> list[CandidateInput]:
-        variants = catalog.family(family)
-        speeds = self.throughput.snapshot()
-        sizes = {v.tag: v.size_bytes for v in variants}
         now = self._clock()
-        return [CandidateInput(v, speeds.estimate(v.tag, v.size_bytes, sizes), v.quant.quality,
-                               self._in_flight_tags[v.tag], self.breaker.is_open(v.tag, now)) for v in variants]
+        return [CandidateInput(v, speed, v.quant.quality, self._in_flight_tags[v.tag], self.breaker.is_open(v.tag, now))
+                for v, speed in self.throughput.snapshot().estimates(catalog.family(family))]
 
     def memory_view(self) -> MemoryView:
         snapshot = self.probe.latest
@@ -221,11 +228,7 @@ class Router:
 
     def _chosen_variant(self, decision: Decision) -> VariantInfo:
         if decision.chosen is None:
-            if decision.failure is FailureKind.MEMORY:
-                raise NoVariantFits(decision.reason, metadata={"family": decision.family})
-            if decision.failure is FailureKind.EMPTY:
-                raise ModelNotFound(decision.reason, metadata={"family": decision.family})
-            raise ConstraintsUnsatisfiable(decision.reason, metadata={"family": decision.family})
+            raise failure_of(decision)
         variant = self.inventory.snapshot.variant(decision.chosen.tag)
         if variant is None:
             raise BackendModelMissing(f"{decision.chosen.tag} left the catalog")
@@ -272,13 +275,10 @@ class Router:
         now = self._clock()
         self.metrics.backend_up.set(1 if self.inventory.backend_up else 0)
         for family in catalog.families:
-            variants: Sequence[VariantInfo] = catalog.family(family)
-            sizes = {v.tag: v.size_bytes for v in variants}
-            for v in variants:
+            for v, speed in speeds.estimates(catalog.family(family)):
                 labels = (family, v.tag, v.quant.name)
                 self.metrics.variant_resident.labels(*labels).set(1 if v.resident else 0)
                 self.metrics.variant_vram.labels(*labels).set(v.vram_bytes)
-                self.metrics.variant_tokens_per_second.labels(*labels).set(
-                    speeds.estimate(v.tag, v.size_bytes, sizes).decode_tps)
+                self.metrics.variant_tokens_per_second.labels(*labels).set(speed.decode_tps)
                 self.metrics.variant_breaker_open.labels(family, v.tag).set(1 if self.breaker.is_open(v.tag, now)
                                                                              else 0)

@@ -20,7 +20,7 @@ from quantrouter.config import Settings
 from quantrouter.errors import DOMAIN, FieldViolation, InvalidRequest, QuantrouterError, ShuttingDown
 from quantrouter.policy import Assessment, Decision, Preference, RoutingRequest
 from quantrouter.quant import UnknownQuantizationError, parse_quantization
-from quantrouter.router import Completion, Job, Router
+from quantrouter.router import Completion, Job, Router, failure_of
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
 
@@ -211,7 +211,10 @@ class RouterService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
         self._check_size(len(request.prompt.encode()), "prompt", violations)
         routing = self._routing_request(request.model, request.preference, request.constraints, request.options,
                                         len(request.prompt), context.time_remaining(), violations)
-        return pb.RouteResponse(decision=self._decision_pb(self._router.decide(routing)))
+        decision = self._router.decide(routing)
+        if decision.chosen is None:  # the status Generate would answer, with every candidate's reason
+            raise failure_of(decision)
+        return pb.RouteResponse(decision=self._decision_pb(decision))
 
     async def ListVariants(self, request: pb.ListVariantsRequest, context: grpc.aio.ServicerContext
                            ) -> pb.ListVariantsResponse:
@@ -225,10 +228,8 @@ class RouterService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
         result = []
         for family in families:
             variants = sorted(catalog.family(family), key=lambda v: (-v.quant.quality, v.tag))
-            sizes = {v.tag: v.size_bytes for v in variants}
             listed = []
-            for v in variants:
-                speed = speeds.estimate(v.tag, v.size_bytes, sizes)
+            for v, speed in speeds.estimates(variants):
                 listed.append(pb.Variant(tag=v.tag, quantization=v.quant.name, size_bytes=v.size_bytes,
                                          parameter_count=v.parameter_count, resident=v.resident,
                                          vram_bytes=v.vram_bytes, tokens_per_second=speed.decode_tps,

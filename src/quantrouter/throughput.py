@@ -9,8 +9,10 @@ is compute bound and roughly flat across quant types, so a sibling's figure carr
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+
+from quantrouter.catalog import VariantInfo
 
 __all__ = [
     "GPU_BANDWIDTH",
@@ -114,6 +116,11 @@ class ThroughputSnapshot:
         prompt = own.prompt_tps or self._prompt_prior(decode, reference)
         load = own.load_seconds if own.load_seconds is not None else self._load_prior(size_bytes, reference)
         return SpeedEstimate(decode, prompt, load, own.samples, own.decode_tps is not None)
+
+    def estimates(self, variants: Sequence[VariantInfo]) -> list[tuple[VariantInfo, SpeedEstimate]]:
+        """Each variant of one family with its estimate, the others serving as siblings for the priors."""
+        sizes = {v.tag: v.size_bytes for v in variants}
+        return [(v, self.estimate(v.tag, v.size_bytes, sizes)) for v in variants]
 
     def _best_sibling(self, tag: str, siblings: Mapping[str, int]) -> tuple[_Ewma, int] | None:
         measured = [(self.stats[t], size) for t, size in siblings.items()

@@ -123,6 +123,17 @@ def test_constraints_filter_with_reasons(target: str) -> None:
     assert rejected["gemma3:270m-q2_K"] == "below min_quantization Q6_K"
 
 
+def test_route_answers_what_generate_would_when_nothing_qualifies(target: str) -> None:
+    impossible = Constraints(min_quantization="Q8_0", allowed_quantizations=("Q2_K",))
+    with RouterClient(target) as client:
+        for call in (lambda: client.route(FAMILY, constraints=impossible),
+                     lambda: list(client.generate(FAMILY, PROMPT, options=SHORT, constraints=impossible))):
+            with pytest.raises(grpc.RpcError) as raised:
+                call()
+            assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+            assert "gemma3:270m-q2_K: below min_quantization Q8_0" in raised.value.details()  # type: ignore[attr-defined]
+
+
 def test_a_default_floor_applies_unless_the_caller_sets_one(embedded_backend: EmbeddedServer) -> None:
     settings = router_settings(embedded_backend, default_min_quantization="Q4_K_M")
     with run_in_thread(settings, CollectorRegistry()) as running, \

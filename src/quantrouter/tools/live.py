@@ -105,10 +105,8 @@ def backend_listing(view: BackendView, settings: Settings, family: str = "") -> 
     listed: dict[str, tuple[Variant, ...]] = {}
     for name in families:
         variants = family_variants(catalog, name)[1]  # best quality first, as the router's ListVariants
-        sizes = {v.tag: v.size_bytes for v in variants}
         rows = []
-        for v in variants:
-            speed = table.estimate(v.tag, v.size_bytes, sizes)
+        for v, speed in table.estimates(variants):
             rows.append(Variant(v.tag, v.quant.name, v.size_bytes, v.parameter_count, v.resident, v.vram_bytes,
                                 speed.decode_tps, speed.measured, speed.samples, v.quant.quality))
         listed[name] = tuple(rows)
