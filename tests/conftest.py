@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from quantrouter.config import GiB, default_cache_dir
-from quantrouter.embedded import EmbeddedConfig, EmbeddedServer, prepare_ladder, run_embedded_in_thread
+from quantrouter.embedded import EmbeddedConfig, EmbeddedServer, LadderEntry, prepare_ladder, run_embedded_in_thread
 from quantrouter.server import RunningServer, run_in_thread
 from tests.support import router_settings
 
@@ -28,12 +28,13 @@ def cache_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def ladder(cache_dir: Path) -> list[object]:
-    return list(prepare_ladder(cache_dir, progress=False))
+def ladder(cache_dir: Path) -> list[LadderEntry]:
+    """Built on first use (minutes on 2 cores), reused from the cache afterwards."""
+    return prepare_ladder(cache_dir, progress=False)
 
 
 @pytest.fixture(scope="session")
-def embedded_backend(ladder: list[object], cache_dir: Path) -> Iterator[EmbeddedServer]:
+def embedded_backend(ladder: list[LadderEntry], cache_dir: Path) -> Iterator[EmbeddedServer]:
     with run_embedded_in_thread(EmbeddedConfig(cache_dir=cache_dir, memory_budget_bytes=ROOMY_BUDGET)) as server:
         yield server
 

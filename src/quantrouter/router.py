@@ -172,8 +172,12 @@ class Router:
             self.metrics.substitutions.labels(family, chosen.tag, "downgrade").inc()
 
     async def stream(self, request: RoutingRequest, job: Job) -> AsyncIterator[Decision | str | Completion]:
-        self._admit(request.family)
         family = self.family_label(request.family)
+        try:
+            self._admit(request.family)
+        except Overloaded as error:  # shed before a stream exists, but still a request refused
+            self.metrics.requests.labels(family, OTHER, OTHER, request.preference.value, error.code.name).inc()
+            raise
         started = self._clock()
         self._in_flight_families[request.family] += 1
         self.metrics.in_flight.labels(family).inc()

@@ -34,6 +34,7 @@ from quantrouter.policy import PolicyConfig
 from quantrouter.router import Limits, Router
 from quantrouter.service import SERVICE_NAME, RouterService, status_of
 from quantrouter.throughput import ThroughputTable, bandwidth_for
+from quantrouter.tls import server_credentials
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
 
@@ -91,10 +92,7 @@ def _read_tokens(settings: Settings) -> frozenset[str]:
 def _bind(server: grpc.aio.Server, settings: Settings) -> int:
     if settings.tls_cert is None or settings.tls_key is None:
         return int(server.add_insecure_port(settings.grpc_address))
-    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
-    credentials = grpc.ssl_server_credentials(
-        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
-        root_certificates=client_ca, require_client_auth=client_ca is not None)
+    credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     return int(server.add_secure_port(settings.grpc_address, credentials))
 
 

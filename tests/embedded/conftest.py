@@ -1,19 +1,16 @@
-"""One real embedded backend per test session (llama.cpp, real HTTP), shared through `run_embedded_in_thread`.
+"""Embedded backends for these tests (llama.cpp, real HTTP), shared through `run_embedded_in_thread`.
 
-The ladder is built on first use into the cache dir (`$QUANTROUTER_CACHE_DIR`, else the XDG cache),
-which takes a few minutes on 2 cores the first time and is reused afterwards.
+The ladder and its cache dir come from tests/conftest.py.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from quantrouter.config import default_cache_dir
-from quantrouter.embedded import EmbeddedConfig, EmbeddedServer, LadderEntry, prepare_ladder, run_embedded_in_thread
+from quantrouter.embedded import EmbeddedConfig, EmbeddedServer, LadderEntry, run_embedded_in_thread
 
 MiB = 1 << 20
 # Room for every rung at once, so tests that are not about eviction never evict.
@@ -21,16 +18,6 @@ ROOMY_BUDGET = 4096 * MiB
 # Fits F16 (518 MiB + 36 MiB KV at num_ctx 2048) but not F16 + Q8_0 (278 MiB + 36 MiB KV).
 SMALL_BUDGET = 700 * MiB
 QUEUE_LIMIT = 1
-
-
-@pytest.fixture(scope="session")
-def cache_dir() -> Path:
-    return default_cache_dir(os.environ)
-
-
-@pytest.fixture(scope="session")
-def ladder(cache_dir: Path) -> list[LadderEntry]:
-    return prepare_ladder(cache_dir, progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -121,6 +121,26 @@ def test_mutual_tls(embedded_backend: EmbeddedServer, pki: Pki) -> None:
             assert refused(channel) == grpc.StatusCode.UNAVAILABLE
 
 
+def test_certificates_reload_when_their_files_change(embedded_backend: EmbeddedServer, pki: Pki,
+                                                    tmp_path: Path) -> None:
+    cert, key = tmp_path / "served.pem", tmp_path / "served.key"
+    shutil.copyfile(pki.server_cert, cert)
+    shutil.copyfile(pki.server_key, key)
+    with run_in_thread(router_settings(embedded_backend, tls_cert=cert, tls_key=key), CollectorRegistry()) as running:
+        target = f"127.0.0.1:{running.port}"
+        with grpc.secure_channel(target, credentials(pki)) as channel:
+            assert route_ok(channel)
+        # Rotate to a certificate from a new CA, as a renewed Secret would be mounted.
+        new_ca = _ca(tmp_path, "rotated-ca")
+        new_cert, new_key = _leaf(tmp_path, "rotated", new_ca, "subjectAltName=IP:127.0.0.1,DNS:localhost")
+        shutil.copyfile(new_key, key)
+        shutil.copyfile(new_cert, cert)
+        with grpc.secure_channel(target, grpc.ssl_channel_credentials(new_ca[0].read_bytes())) as channel:
+            assert route_ok(channel)  # a new handshake gets the new certificate, no restart
+        with grpc.secure_channel(target, credentials(pki)) as channel:
+            assert refused(channel) == grpc.StatusCode.UNAVAILABLE  # the old CA no longer vouches for it
+
+
 @pytest.fixture
 def token_router(embedded_backend: EmbeddedServer, tmp_path: Path) -> Iterator[RunningServer]:
     token_file = tmp_path / "tokens"

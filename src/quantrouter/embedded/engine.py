@@ -58,12 +58,19 @@ class GenerationResult:
     context: tuple[int, ...] = field(default=())
 
 
+# llama-cpp-python quiets a load by pointing file descriptors 1 and 2 at /dev/null and back again
+# (`_utils.suppress_stdout_stderr`). Two loads at once on two threads interleave those swaps and can
+# leave the whole process writing its stdout to /dev/null, so loads take turns.
+_LOAD_LOCK = threading.Lock()
+
+
 def load_model(entry: ModelEntry, num_ctx: int, n_threads: int) -> Any:
     """A llama.cpp model with a context of `num_ctx` tokens (blocking: call from a worker thread)."""
     import llama_cpp
 
-    return llama_cpp.Llama(model_path=str(entry.path), n_ctx=num_ctx, n_threads=n_threads,
-                           n_threads_batch=n_threads, verbose=False)
+    with _LOAD_LOCK:
+        return llama_cpp.Llama(model_path=str(entry.path), n_ctx=num_ctx, n_threads=n_threads,
+                               n_threads_batch=n_threads, verbose=False)
 
 
 def close_model(model: Any) -> None:
