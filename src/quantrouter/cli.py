@@ -39,7 +39,7 @@ __all__ = ["main"]
 PREFERENCES: tuple[PreferenceName, ...] = ("quality", "balanced", "latency")
 DEMO_PROMPT = "The capital of France is"
 DEMO_FAMILY = "gemma3:270m"
-DEMO_TOKENS = 32
+DEMO_TOKENS = 96
 
 
 def _settings_flags(parser: argparse.ArgumentParser) -> None:
