@@ -1,5 +1,7 @@
 """A small client for Python callers: `AsyncRouterClient` and its twin `RouterClient`.
 
+Everything a caller needs is importable from here, the routing decision's types included.
+
 Both build the same requests (`_Requests`) and convert the same answers to plain values: a stream
 yields a `Decision`, then text (`str`), then a `Completion`.
 
@@ -25,11 +27,17 @@ from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
 
 __all__ = [
+    "DEFAULT_TARGET",
+    "Assessment",
     "AsyncRouterClient",
+    "Completion",
     "Constraints",
+    "Decision",
     "ErrorDetails",
     "Event",
     "Options",
+    "Preference",
+    "PreferenceName",
     "RouterClient",
     "Variant",
     "VariantListing",
@@ -127,7 +135,7 @@ def _seconds(duration: Any) -> float:
     return float(duration.ToNanoseconds()) / 1e9
 
 
-def decision_of(message: pb.RouteDecision) -> Decision:
+def _decision_of(message: pb.RouteDecision) -> Decision:
     candidates = tuple(Assessment(
         c.variant, c.quantization, c.memory_bytes, c.resident, c.tokens_per_second, c.tokens_per_second_measured,
         _seconds(c.time_to_first_token), _seconds(c.expected_duration), c.quality, c.score, c.rejection)
@@ -138,7 +146,7 @@ def decision_of(message: pb.RouteDecision) -> Decision:
                     message.free_memory_bytes)
 
 
-def completion_of(message: pb.Completion) -> Completion:
+def _completion_of(message: pb.Completion) -> Completion:
     return Completion(message.variant, message.prompt_tokens, message.generated_tokens, message.tokens_per_second,
                       message.prompt_tokens_per_second, _seconds(message.time_to_first_token),
                       _seconds(message.load_duration), _seconds(message.total_duration), message.done_reason)
@@ -147,13 +155,13 @@ def completion_of(message: pb.Completion) -> Completion:
 def _event_of(message: Any) -> Event:
     kind = message.WhichOneof("event")
     if kind == "decision":
-        return decision_of(message.decision)
+        return _decision_of(message.decision)
     if kind == "completion":
-        return completion_of(message.completion)
+        return _completion_of(message.completion)
     return str(message.chunk.text)
 
 
-def listing_of(message: pb.ListVariantsResponse) -> VariantListing:
+def _listing_of(message: pb.ListVariantsResponse) -> VariantListing:
     families = {f.name: tuple(Variant(v.tag, v.quantization, v.size_bytes, v.parameter_count, v.resident,
                                       v.vram_bytes, v.tokens_per_second, v.tokens_per_second_measured, v.samples,
                                       v.quality) for v in f.variants)
@@ -245,12 +253,12 @@ class AsyncRouterClient:
                  timeout: float | None = None) -> Decision:
         request = self._requests.route(model, prompt, preference, options, constraints)
         response = await self._stub.Route(request, timeout=timeout, metadata=self._metadata)
-        return decision_of(response.decision)
+        return _decision_of(response.decision)
 
     async def list_variants(self, model: str = "", *, timeout: float | None = None) -> VariantListing:
         response = await self._stub.ListVariants(pb.ListVariantsRequest(model=model), timeout=timeout,
                                                  metadata=self._metadata)
-        return listing_of(response)
+        return _listing_of(response)
 
 
 class RouterClient:
@@ -291,8 +299,8 @@ class RouterClient:
               options: Options | None = None, constraints: Constraints | None = None,
                  timeout: float | None = None) -> Decision:
         request = self._requests.route(model, prompt, preference, options, constraints)
-        return decision_of(self._stub.Route(request, timeout=timeout, metadata=self._metadata).decision)
+        return _decision_of(self._stub.Route(request, timeout=timeout, metadata=self._metadata).decision)
 
     def list_variants(self, model: str = "", *, timeout: float | None = None) -> VariantListing:
-        return listing_of(self._stub.ListVariants(pb.ListVariantsRequest(model=model), timeout=timeout,
+        return _listing_of(self._stub.ListVariants(pb.ListVariantsRequest(model=model), timeout=timeout,
                                                   metadata=self._metadata))
