@@ -3,6 +3,7 @@ against the documented examples (reference/ollama.md §1–2): real HTTP, real l
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 
 import httpx
@@ -115,6 +116,31 @@ def test_stop_sequence_ends_generation(server: EmbeddedServer) -> None:
     assert stopped.done_reason == "stop"
     assert word not in stopped.response
     assert free.response.startswith(stopped.response)
+
+
+def test_format_json_holds_the_output_to_json(server: EmbeddedServer) -> None:
+    with _client(server) as client:
+        answer = client.generate(model=MODEL, prompt="A person as JSON:", format="json",
+                                 options={**SHORT, "num_predict": 64})
+    assert answer.response.lstrip().startswith(("{", "["))
+    if answer.done_reason == "stop":  # finished inside the budget: the whole answer parses
+        json.loads(answer.response)
+
+
+def test_format_schema_holds_the_output_to_the_schema(server: EmbeddedServer) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+              "required": ["city"], "additionalProperties": False}
+    with _client(server) as client:
+        answer = client.generate(model=MODEL, prompt="The capital of France as JSON:", format=schema,
+                                 options={**SHORT, "num_predict": 48})
+    assert answer.done_reason == "stop", answer.response
+    assert set(json.loads(answer.response)) == {"city"}
+
+
+def test_a_format_that_is_not_json_or_a_schema_is_400(server: EmbeddedServer) -> None:
+    response = httpx.post(f"{server.url}/api/generate", json={"model": MODEL, "prompt": "hi", "format": "yaml"})
+    assert response.status_code == 400
+    assert "invalid format" in response.json()["error"]
 
 
 async def test_chat_streams_through_the_chat_template(server: EmbeddedServer) -> None:

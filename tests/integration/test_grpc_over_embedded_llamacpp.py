@@ -146,6 +146,13 @@ def test_a_default_floor_applies_unless_the_caller_sets_one(embedded_backend: Em
     assert all(c.feasible for c in lowered.candidates if c.quantization == "Q2_K")
 
 
+def test_json_format_reaches_the_backend(target: str) -> None:
+    with RouterClient(target) as client:
+        _, text, _ = collect(client.generate(FAMILY, "A person as JSON:", preference="latency",
+                                             options=Options(num_predict=24, temperature=0.0, format="json")))
+    assert text.lstrip().startswith(("{", "[")), text
+
+
 def test_chat_streams_through_the_same_routing(target: str) -> None:
     with RouterClient(target) as client:
         decisions, text, completion = collect(client.chat(

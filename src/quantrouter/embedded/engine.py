@@ -44,6 +44,8 @@ class SamplingOptions:
     repeat_penalty: float = DEFAULT_REPEAT_PENALTY
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # Ollama's `format` as a llama.cpp GBNF grammar the output must follow ("" for free text).
+    grammar: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +144,8 @@ def generate(model: Any, prompt: str, options: SamplingOptions, on_text: Callabl
     generated: list[int] = []
     done_reason = DONE_LENGTH
     tokens_iter = model.generate(tokens, top_k=options.top_k, top_p=options.top_p, min_p=options.min_p,
-                                 temp=options.temperature, repeat_penalty=options.repeat_penalty)
+                                 temp=options.temperature, repeat_penalty=options.repeat_penalty,
+                                 grammar=_grammar(options.grammar))
     try:
         for token in tokens_iter:
             if not generated:
@@ -169,6 +172,14 @@ def generate(model: Any, prompt: str, options: SamplingOptions, on_text: Callabl
         eval_duration_ns=ended - first_token_at,
         context=(*tokens, *generated),
     )
+
+
+def _grammar(gbnf: str) -> Any:
+    if not gbnf:
+        return None
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    return LlamaGrammar.from_string(gbnf, verbose=False)
 
 
 def _special_text(model: Any, token: int) -> str:

@@ -91,9 +91,26 @@ def parse_options(data: Mapping[str, Any], entry: ModelEntry, default_num_ctx: i
             _log.warning("invalid option provided: %s", key)  # Ollama's Options.FromMap skips it too
     num_ctx = values.pop("num_ctx", default_num_ctx)
     num_ctx = max(MIN_NUM_CTX, min(num_ctx, entry.info.context_length))
-    sampling = SamplingOptions(**values)  # the option names are the field names
+    sampling = SamplingOptions(**values, grammar=_grammar(data.get("format")))  # option names are field names
     keep_alive = data.get("keep_alive")
     return RequestOptions(sampling, num_ctx, None if keep_alive is None else parse_keep_alive(keep_alive))
+
+
+def _grammar(value: object) -> str:
+    """Ollama's `format` — absent or "" (free text), "json", or a JSON schema object — as a GBNF grammar
+    that holds llama.cpp's sampling to it. A schema the converter cannot express is a 400 up front."""
+    if value is None or value == "":
+        return ""
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+    if value == "json":
+        return str(JSON_GBNF)
+    if isinstance(value, dict):
+        try:
+            return str(json_schema_to_gbnf(json.dumps(value)))
+        except Exception as error:  # the converter raises plain Exceptions for what it cannot express
+            raise BadRequestError(f"format: cannot follow this JSON schema ({error})") from error
+    raise BadRequestError(f'invalid format {value!r}: use "json" or a JSON schema object')
 
 
 def _number(key: str, value: object) -> float:
