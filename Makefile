@@ -16,10 +16,11 @@ $(STAMP): pyproject.toml protos/quantrouter/v1/*.proto
 	$(BIN)/pip install --quiet -e '.[embedded,gpu,tools,dev]'
 	touch $(STAMP)
 
-# promtool (Prometheus's own checker) and the Prometheus server come from Debian's package.
+# promtool (Prometheus's own checker) and the Prometheus server come from Debian's package; the TLS
+# tests make their certificates with the openssl CLI. kubectl (with kustomize) ships with this image.
 tools:
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v openssl >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus openssl >/dev/null; }
 
 prepare: install
 	$(BIN)/quantrouter embedded prepare

@@ -84,8 +84,12 @@ class Inventory:
         next_tags = loop.time() + tags_interval
         while True:
             self._poke.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that lands as the
+            # event is set (CPython gh-86296), and a poke comes from every finishing stream, so cancelling
+            # this loop at shutdown could leave it running for ever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poke.wait(), ps_interval)
+                async with asyncio.timeout(ps_interval):
+                    await self._poke.wait()
             full = loop.time() >= next_tags or not self.backend_up or not self.loaded
             if await self.refresh(full) and full:
                 next_tags = loop.time() + tags_interval

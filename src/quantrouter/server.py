@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 WATCH_INTERVAL_S = 1.0
 # When no capacity is configured and NVML is absent, memory does not constrain routing.
 UNCONSTRAINED_CAPACITY = 1 << 60
+# How often a drain checks whether the streams in flight have finished.
+DRAIN_POLL_S = 0.05
 # Building the ladder on a fresh machine is part of starting with --embedded.
 START_TIMEOUT_S = 900.0
 
@@ -65,18 +67,33 @@ class RunningServer:
     draining: bool = False
     # The loop the server runs on, for callers in other threads (tests counting its tasks, for one).
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
+    # Set by a second signal: stop waiting for the streams in flight.
+    cut_short: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Graceful: NOT_SERVING first, then let in-flight streams finish within `grace` seconds."""
+        """Graceful: NOT_SERVING and no new streams, then the streams in flight get `grace` seconds (or
+        until `cut_short`) to finish, then one `server.stop(0)` cancels whatever remains.
+
+        The drain counts the router's own streams rather than every open call, so a health Watch left
+        open by a probe or a dashboard does not hold the drain until the grace period ends.
+        """
         if self.draining:
             return
         self.draining = True
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.grace if grace is None else grace)
+        deadline = self.loop.time() + (self.grace if grace is None else grace)
+        while self.router.in_flight and not self.cut_short.is_set() and self.loop.time() < deadline:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(DRAIN_POLL_S, deadline - self.loop.time())):
+                    await self.cut_short.wait()
+        log.info("drained: %d streams still in flight are cancelled", self.router.in_flight)
+        await self.server.stop(0)
+        log.info("gRPC server stopped")
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._stack.aclose()
+        log.info("closed")
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
@@ -209,15 +226,14 @@ async def serve(settings: Settings) -> int:
     running = await start(settings)
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
-    cut_short: list[asyncio.Task[None]] = []
 
     def on_signal() -> None:
         if not stop_requested.is_set():
             log.info("shutting down: draining streams for up to %.0f s", settings.grace_period)
             stop_requested.set()
-        elif not cut_short:
+        elif not running.cut_short.is_set():
             log.info("second signal: cancelling what remains")
-            cut_short.append(asyncio.create_task(running.server.stop(0)))
+            running.cut_short.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)

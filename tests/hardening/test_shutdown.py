@@ -45,7 +45,7 @@ class Served:
 @pytest.fixture
 def served(embedded_backend: EmbeddedServer) -> Iterator[Served]:
     env = {**os.environ, "QUANTROUTER_GRACE_PERIOD": str(GRACE_S), "QUANTROUTER_MEMORY_CAPACITY": "4GiB",
-           "QUANTROUTER_MEMORY_RESERVE": "0", "QUANTROUTER_LOG_LEVEL": "info"}
+           "QUANTROUTER_MEMORY_RESERVE": "0", "QUANTROUTER_LOG_LEVEL": "info", "PYTHONFAULTHANDLER": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "quantrouter.cli", "serve", "--grpc-address", "127.0.0.1:0",
          "--metrics-address", "127.0.0.1:0", "--ollama-host", embedded_backend.url],
@@ -78,6 +78,18 @@ def served(embedded_backend: EmbeddedServer) -> Iterator[Served]:
         reader.join(EXIT_TIMEOUT_S)
 
 
+def exit_code(served: Served, timeout: float = EXIT_TIMEOUT_S) -> int:
+    """The process's exit status; if it hangs, every thread's stack (faulthandler) and its log in the failure."""
+    try:
+        return served.process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        served.process.send_signal(signal.SIGABRT)
+        served.process.wait(EXIT_TIMEOUT_S)
+        time.sleep(1)  # let the reader thread collect the dump
+        log = "".join(served.log[-200:])
+        raise AssertionError(f"quantrouter serve did not exit within {timeout:.0f} s:\n{log}") from None
+
+
 def ready(target: str) -> bool:
     with grpc.insecure_channel(target) as channel:
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
@@ -104,7 +116,7 @@ def test_sigterm_drains_the_stream_in_flight_then_exits_zero(served: Served) -> 
         rest = list(stream)
         assert rest[-1].HasField("completion"), "the stream in flight did not finish"
         assert rest[-1].completion.generated_tokens > 0
-    assert served.process.wait(EXIT_TIMEOUT_S) == 0
+    assert exit_code(served) == 0
     assert any("shutting down" in line for line in served.log)
 
 
@@ -122,7 +134,8 @@ def test_second_sigterm_cancels_what_remains(served: Served, embedded_backend: E
             list(stream)
         assert raised.value.code() in (grpc.StatusCode.CANCELLED,  # type: ignore[attr-defined]
                                        grpc.StatusCode.UNAVAILABLE)
-    assert served.process.wait(CUT_SHORT_S) == 0
+        assert time.monotonic() - started < CUT_SHORT_S, "the second SIGTERM must cut the stream at once"
+    assert exit_code(served, CUT_SHORT_S) == 0
     assert time.monotonic() - started < CUT_SHORT_S
     assert any("second signal" in line for line in served.log)
     wait_for(lambda: not any(m.busy for m in embedded_backend.resident()), CUT_SHORT_S,
