@@ -211,8 +211,10 @@ def _route(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def format_listing(listing: VariantListing) -> str:
-    lines = [f"memory ({listing.memory_source}): {format_bytes(listing.free_bytes)} free of "
-             f"{format_bytes(listing.total_bytes)}" + (f" — {listing.memory_detail}" if listing.memory_detail else "")]
+    devices = ", ".join(listing.gpus)
+    lines = [f"memory ({listing.memory_source}{': ' + devices if devices else ''}): "
+             f"{format_bytes(listing.free_bytes)} free of {format_bytes(listing.total_bytes)}"
+             + (f" — {listing.memory_detail}" if listing.memory_detail else "")]
     header = f"  {'tag':<30} {'quant':<7} {'size':>10} {'params':>8} {'resident':>8} {'vram':>10} " \
              f"{'tok/s':>8} {'n':>4} {'quality':>7}"
     for family, variants in listing.families.items():

@@ -110,14 +110,15 @@ class NvmlSource:
 class StaticSource:
     """A configured capacity minus the `size_vram` the backend reports resident (`/api/ps`)."""
 
-    def __init__(self, capacity_bytes: int, resident_bytes: Callable[[], int]) -> None:
+    def __init__(self, capacity_bytes: int, resident_bytes: Callable[[], int],
+                 name: str = "configured capacity") -> None:
         self._capacity = capacity_bytes
         self._resident_bytes = resident_bytes
+        self._name = name
 
     def read(self, now: float, detail: str = "") -> MemorySnapshot:
         free = max(self._capacity - self._resident_bytes(), 0)
-        return MemorySnapshot(STATIC, (GpuMemory("static", "configured capacity", free, self._capacity),),
-                              detail, now)
+        return MemorySnapshot(STATIC, (GpuMemory("static", self._name, free, self._capacity),), detail, now)
 
 
 class MemoryProbe:

@@ -154,7 +154,9 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None,
                                 settings.keep_alive)
         stack.push_async_callback(backend.close)
         inventory = Inventory(backend, settings.aliases)
-        static = StaticSource(capacity or UNCONSTRAINED_CAPACITY, inventory.resident_vram)
+        static = (StaticSource(capacity, inventory.resident_vram) if capacity else
+                  StaticSource(UNCONSTRAINED_CAPACITY, inventory.resident_vram,
+                               "no memory_capacity set: memory does not limit routing"))
         probe = (MemoryProbe.create(static, settings.nvml_poll_interval, nvml_loader) if nvml_loader
                  else MemoryProbe.create(static, settings.nvml_poll_interval))
         stack.callback(probe.close)
