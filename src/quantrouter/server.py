@@ -86,7 +86,7 @@ class RunningServer:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(DRAIN_POLL_S, deadline - self.loop.time())):
                     await self.cut_short.wait()
-        log.info("drained: %d streams still in flight are cancelled", self.router.in_flight)
+        log.info("drain over; cancelling the %d streams still open", self.router.in_flight)
         await self.server.stop(0)
         log.info("gRPC server stopped")
         for task in self._tasks:
