@@ -11,6 +11,7 @@ around a call.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import hmac
 import inspect
@@ -93,20 +94,38 @@ def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return parse
 
 
-class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Turns a `QuantrouterError` into `abort_with_status` with ErrorInfo and friends."""
-
-    def __init__(self, to_status: Callable[[QuantrouterError], Any]) -> None:
-        self._to_status = to_status
+class _Around(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Runs `_unary` or `_stream` around every RPC's behaviour; subclasses say what happens around it."""
 
     async def intercept_service(self, continuation: Callable[..., Awaitable[grpc.RpcMethodHandler]],
                                 details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         if handler is None:
             return handler
+        return self._intercept(handler, details)
+
+    def _intercept(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        return _wrapped(handler, details.method, self._unary, self._stream)
+
+    @abc.abstractmethod
+    async def _unary(self, behaviour: Callable[..., Awaitable[Any]], request: Any,
+                     context: grpc.aio.ServicerContext, method: str) -> Any: ...
+
+    @abc.abstractmethod
+    def _stream(self, behaviour: Callable[..., AsyncIterator[Any]], request: Any,
+                context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[Any]: ...
+
+
+class StatusInterceptor(_Around):
+    """Turns a `QuantrouterError` into `abort_with_status` with ErrorInfo and friends."""
+
+    def __init__(self, to_status: Callable[[QuantrouterError], Any]) -> None:
+        self._to_status = to_status
+
+    def _intercept(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         if handler.request_deserializer is not None:
             handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
-        return _wrapped(handler, details.method, self._unary, self._stream)
+        return super()._intercept(handler, details)
 
     async def _unary(self, behaviour: Callable[..., Awaitable[Any]], request: Any,
                      context: grpc.aio.ServicerContext, method: str) -> Any:
@@ -140,18 +159,11 @@ def _code_of(context: grpc.aio.ServicerContext, error: BaseException | None) -> 
         else grpc.StatusCode.OK
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class MetricsInterceptor(_Around):
     """go-grpc-prometheus's series: started, handled by code, handling seconds, messages sent."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-
-    async def intercept_service(self, continuation: Callable[..., Awaitable[grpc.RpcMethodHandler]],
-                                details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None:
-            return handler
-        return _wrapped(handler, details.method, self._unary, self._stream)
 
     def _finish(self, kind: str, method: str, started: float, context: grpc.aio.ServicerContext,
                 error: BaseException | None) -> None:
@@ -191,7 +203,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             self._finish("server_stream", method, started, context, error)
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class AuthInterceptor(_Around):
     """Requires `authorization: Bearer <token>` on every call but health; compares in constant time."""
 
     def __init__(self, tokens: frozenset[str], to_status: Callable[[QuantrouterError], Any]) -> None:
@@ -207,20 +219,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         matches = [hmac.compare_digest(presented, token) for token in self._tokens]
         return any(matches)
 
-    async def intercept_service(self, continuation: Callable[..., Awaitable[grpc.RpcMethodHandler]],
-                                details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(AUTH_EXEMPT_PREFIXES):
+    def _intercept(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        if details.method.startswith(AUTH_EXEMPT_PREFIXES) or self._allowed(details.invocation_metadata):
             return handler
-        if self._allowed(details.invocation_metadata):
-            return handler
-        return _wrapped(handler, details.method, self._deny_unary, self._deny_stream)
+        return super()._intercept(handler, details)
 
-    async def _deny_unary(self, behaviour: Callable[..., Awaitable[Any]], request: Any,
+    async def _unary(self, behaviour: Callable[..., Awaitable[Any]], request: Any,
                           context: grpc.aio.ServicerContext, method: str) -> Any:
         await self._deny(context)
 
-    async def _deny_stream(self, behaviour: Callable[..., AsyncIterator[Any]], request: Any,
+    async def _stream(self, behaviour: Callable[..., AsyncIterator[Any]], request: Any,
                            context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[Any]:
         await self._deny(context)
         yield  # pragma: no cover - abort raised above; this makes the function a generator
