@@ -20,6 +20,7 @@ __all__ = [
     "UnknownQuantizationError",
     "by_file_type",
     "parse_quantization",
+    "quality_key",
     "quality_order",
 ]
 
@@ -89,6 +90,10 @@ def by_file_type(file_type: int) -> QuantType:
         raise UnknownQuantizationError(f"unknown GGUF file type {file_type}") from None
 
 
+def quality_key(quant: QuantType) -> tuple[float, float]:
+    """Sort key, highest quality first; equal quality goes to the larger file (more precision kept)."""
+    return -quant.quality, -quant.bits_per_weight
+
+
 def quality_order(types: Iterable[QuantType]) -> list[QuantType]:
-    """Highest quality first; equal quality goes to the larger file (more precision kept)."""
-    return sorted(types, key=lambda q: (-q.quality, -q.bits_per_weight))
+    return sorted(types, key=quality_key)

@@ -87,6 +87,11 @@ class Limits:
     policy: PolicyConfig
 
 
+def _variant_labels(variant: VariantInfo | None) -> tuple[str, str]:
+    """`target_model_name` and `quantization` label values; `other` before a variant was chosen."""
+    return (variant.tag, variant.quant.name) if variant else (OTHER, OTHER)
+
+
 def failure_of(decision: Decision) -> QuantrouterError:
     """The error for a decision that chose nothing: its status follows from what stood in the way."""
     metadata = {"family": decision.family}
@@ -165,9 +170,8 @@ class Router:
         chosen = decision.chosen
         variant = self.inventory.snapshot.variant(chosen.tag) if chosen else None
         family = self.family_label(decision.family)
-        self.metrics.decisions.labels(family, variant.tag if variant else OTHER,
-                                      variant.quant.name if variant else OTHER,
-                                      decision.preference.value, decision.reason_code).inc()
+        self.metrics.decisions.labels(family, *_variant_labels(variant), decision.preference.value,
+                                      decision.reason_code).inc()
         if chosen is not None and decision.downgraded:
             self.metrics.substitutions.labels(family, chosen.tag, "downgrade").inc()
 
@@ -224,11 +228,9 @@ class Router:
         finally:
             self._in_flight_families[request.family] -= 1
             self.metrics.in_flight.labels(family).dec()
-            self.metrics.requests.labels(family, variant.tag if variant else OTHER,
-                                         variant.quant.name if variant else OTHER,
-                                         request.preference.value, code.name).inc()
-            self.metrics.request_duration.labels(family, variant.tag if variant else OTHER,
-                                                 request.preference.value).observe(self._clock() - started)
+            tag, quantization = _variant_labels(variant)
+            self.metrics.requests.labels(family, tag, quantization, request.preference.value, code.name).inc()
+            self.metrics.request_duration.labels(family, tag, request.preference.value).observe(self._clock() - started)
 
     def _chosen_variant(self, decision: Decision) -> VariantInfo:
         if decision.chosen is None:

@@ -25,10 +25,11 @@ from prometheus_client import CollectorRegistry, start_http_server
 from quantrouter.backend import OllamaBackend
 from quantrouter.background import service_in_thread
 from quantrouter.breaker import Breaker
+from quantrouter.calibration import load_calibration
 from quantrouter.config import ConfigError, Settings
 from quantrouter.interceptors import AuthInterceptor, MetricsInterceptor, StatusInterceptor
 from quantrouter.inventory import Inventory
-from quantrouter.memory import MemoryProbe, StaticSource
+from quantrouter.memory import MemoryProbe, StaticSource, load_pynvml
 from quantrouter.metrics import Metrics
 from quantrouter.policy import PolicyConfig
 from quantrouter.router import Limits, Router
@@ -157,8 +158,7 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None,
         static = (StaticSource(capacity, inventory.resident_vram) if capacity else
                   StaticSource(UNCONSTRAINED_CAPACITY, inventory.resident_vram,
                                "no memory_capacity set: memory does not limit routing"))
-        probe = (MemoryProbe.create(static, settings.nvml_poll_interval, nvml_loader) if nvml_loader
-                 else MemoryProbe.create(static, settings.nvml_poll_interval))
+        probe = MemoryProbe.create(static, settings.nvml_poll_interval, nvml_loader or load_pynvml)
         stack.callback(probe.close)
         metrics = Metrics(registry)
         metrics.watch_memory(lambda: [(g.uuid, probe.latest.source, g.free_bytes, g.total_bytes)
@@ -166,7 +166,6 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None,
         throughput = ThroughputTable(settings.ewma_alpha, bandwidth_for((g.name for g in probe.latest.gpus),
                                                                         settings.gpu_bandwidth))
         if settings.calibration_file is not None:
-            from quantrouter.calibration import load_calibration
             load_calibration(settings.calibration_file, throughput)
         router = Router(backend, inventory, probe, throughput,
                         Breaker(settings.breaker_failures, settings.breaker_cooldown), metrics,

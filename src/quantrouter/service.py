@@ -19,7 +19,7 @@ from grpc_status import rpc_status
 from quantrouter.config import Settings
 from quantrouter.errors import DOMAIN, FieldViolation, InvalidRequest, QuantrouterError, ShuttingDown
 from quantrouter.policy import Assessment, Decision, Preference, RoutingRequest
-from quantrouter.quant import UnknownQuantizationError, parse_quantization
+from quantrouter.quant import UnknownQuantizationError, parse_quantization, quality_key
 from quantrouter.router import Completion, Job, Router, failure_of
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
@@ -227,7 +227,7 @@ class RouterService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
         speeds = router.throughput.snapshot()
         result = []
         for family in families:
-            variants = sorted(catalog.family(family), key=lambda v: (-v.quant.quality, v.tag))
+            variants = sorted(catalog.family(family), key=lambda v: (quality_key(v.quant), v.tag))
             listed = []
             for v, speed in speeds.estimates(variants):
                 listed.append(pb.Variant(tag=v.tag, quantization=v.quant.name, size_bytes=v.size_bytes,

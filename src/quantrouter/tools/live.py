@@ -18,7 +18,7 @@ from quantrouter.client import Variant, VariantListing
 from quantrouter.config import Settings
 from quantrouter.inventory import Inventory
 from quantrouter.memory import MemoryProbe, MemorySnapshot, StaticSource
-from quantrouter.quant import UnknownQuantizationError, parse_quantization, quality_order
+from quantrouter.quant import UnknownQuantizationError, parse_quantization, quality_key
 from quantrouter.throughput import ThroughputTable, bandwidth_for
 from quantrouter.tools.errors import ToolError
 
@@ -72,8 +72,7 @@ def family_variants(catalog: CatalogSnapshot, name: str) -> tuple[str, tuple[Var
         known = ", ".join(catalog.families) or "none"
         raise ToolError(f"unknown family {name!r}; the backend holds: {known}")
     variants = catalog.family(resolution.family)
-    order = {q: i for i, q in enumerate(quality_order({v.quant for v in variants}))}
-    return resolution.family, tuple(sorted(variants, key=lambda v: (order[v.quant], v.tag)))
+    return resolution.family, tuple(sorted(variants, key=lambda v: (quality_key(v.quant), v.tag)))
 
 
 def select_quants(family: str, variants: Sequence[VariantInfo], quants: Sequence[str]) -> tuple[VariantInfo, ...]:
