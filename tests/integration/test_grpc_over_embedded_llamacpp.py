@@ -16,7 +16,7 @@ from grpc_status import rpc_status
 from prometheus_client import CollectorRegistry
 
 from quantrouter.client import Constraints, Event, Options, RouterClient
-from quantrouter.config import MiB
+from quantrouter.config import MiB, Settings
 from quantrouter.embedded import EmbeddedConfig, EmbeddedServer, run_embedded_in_thread
 from quantrouter.policy import Decision
 from quantrouter.quant import parse_quantization
@@ -94,14 +94,17 @@ def test_quality_picks_a_higher_quality_variant_than_latency(target: str) -> Non
 
 
 def test_measured_speed_feeds_back_into_later_decisions(target: str) -> None:
+    tag = "gemma3:270m-q6_K"
     with RouterClient(target) as client:
-        _, _, completion = collect(client.generate("gemma3:270m-q6_K", PROMPT, options=SHORT))
-        decision = client.route(FAMILY, prompt=PROMPT, preference="quality")
-    q6 = next(c for c in decision.candidates if c.tag == "gemma3:270m-q6_K")
-    assert q6.measured
-    assert q6.tokens_per_second > 0
-    # The EWMA moves towards each new sample; it is never further from it than a prior would be.
-    assert abs(q6.tokens_per_second - completion.tokens_per_second) <= completion.tokens_per_second
+        before = next(c for c in client.route(FAMILY, prompt=PROMPT).candidates if c.tag == tag)
+        _, _, completion = collect(client.generate(tag, PROMPT, options=SHORT))
+        after = next(c for c in client.route(FAMILY, prompt=PROMPT).candidates if c.tag == tag)
+    assert after.measured
+    # The EWMA takes each sample with weight alpha; the first sample replaces the prior outright.
+    alpha = Settings().ewma_alpha
+    expected = (alpha * completion.tokens_per_second + (1 - alpha) * before.tokens_per_second if before.measured
+                else completion.tokens_per_second)
+    assert after.tokens_per_second == pytest.approx(expected, rel=1e-6)
 
 
 def test_pinning_an_exact_tag(target: str) -> None:
