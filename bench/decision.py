@@ -19,9 +19,10 @@ from pathlib import Path
 from bench.machine import describe
 from bench.sim.hardware import H100, LLAMA_8B, OLLAMA_MINIMUM_MEMORY
 from quantrouter.catalog import VariantInfo
-from quantrouter.policy import CandidateInput, MemoryView, PolicyConfig, Preference, RoutingRequest, decide
+from quantrouter.policy import CandidateInput, MemoryView, PolicyConfig, RoutingRequest, decide
 from quantrouter.quant import QUANT_TYPES
 from quantrouter.throughput import Observation, ThroughputTable
+from quantrouter.values import Preference
 
 RESULTS = Path(__file__).parent / "results" / "decision.md"
 SIZES = (4, 8, 32)

@@ -27,8 +27,9 @@ import grpc
 
 from bench.machine import describe
 from quantrouter.client import error_details
-from quantrouter.config import GiB, default_cache_dir
+from quantrouter.config import default_cache_dir
 from quantrouter.embedded import EmbeddedConfig, prepare_ladder, run_embedded_in_thread
+from quantrouter.units import GiB
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
 

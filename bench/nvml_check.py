@@ -15,9 +15,10 @@ from pathlib import Path
 
 from quantrouter.catalog import Architecture, VariantInfo
 from quantrouter.memory import MemoryProbe, NvmlSource, NvmlUnavailable, StaticSource, load_pynvml
-from quantrouter.policy import CandidateInput, MemoryView, Preference, RoutingRequest, decide
+from quantrouter.policy import CandidateInput, MemoryView, RoutingRequest, decide
 from quantrouter.quant import parse_quantization
 from quantrouter.throughput import ThroughputTable, bandwidth_for
+from quantrouter.values import Preference
 
 RESULTS = Path(__file__).parent / "results" / "nvml.md"
 GiB = 1 << 30

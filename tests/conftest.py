@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from quantrouter.config import GiB, default_cache_dir
+from quantrouter.config import default_cache_dir
 from quantrouter.embedded import EmbeddedConfig, EmbeddedServer, LadderEntry, prepare_ladder, run_embedded_in_thread
 from quantrouter.server import RunningServer, run_in_thread
+from quantrouter.units import GiB
 from tests.support import router_settings
 
 # Room for the whole ladder at once: routing is then decided by preference, not eviction.

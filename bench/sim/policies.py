@@ -9,8 +9,9 @@ from bench.sim.engine import Choice, Prediction, RouterView, RunResult, Simulati
 from bench.sim.hardware import OLLAMA_MINIMUM_MEMORY, FamilySpec, GpuSpec, VariantSpec, ollama_predicted_bytes
 from bench.sim.workload import Request
 from quantrouter.catalog import VariantInfo
-from quantrouter.policy import CandidateInput, MemoryView, PolicyConfig, Preference, RoutingRequest, decide
+from quantrouter.policy import CandidateInput, MemoryView, PolicyConfig, RoutingRequest, decide
 from quantrouter.quant import QuantType, parse_quantization, quality_order
+from quantrouter.values import Preference
 
 # "Highest quant whose size × 1.2 fits total VRAM": the common rule of thumb (20 % for KV cache and overhead).
 STATIC_RULE_HEADROOM = 1.2

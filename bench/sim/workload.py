@@ -10,7 +10,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from quantrouter.policy import Preference
+from quantrouter.values import Preference
 
 # Run-to-run spread of a request's decode speed (lognormal σ). llama-bench reports ± a few percent per run.
 SPEED_NOISE_SIGMA = 0.05

@@ -30,9 +30,9 @@ from quantrouter.client import (
     VariantListing,
 )
 from quantrouter.config import ConfigError, Settings, load_settings
-from quantrouter.policy import Decision, format_bytes
-from quantrouter.router import Completion
 from quantrouter.server import describe, serve, start
+from quantrouter.units import format_bytes
+from quantrouter.values import Completion, Decision
 
 __all__ = ["main"]
 

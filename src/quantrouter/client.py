@@ -21,10 +21,9 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from quantrouter.policy import Assessment, Decision, Preference
-from quantrouter.router import Completion
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
+from quantrouter.values import Assessment, Completion, Decision, Preference
 
 __all__ = [
     "DEFAULT_TARGET",

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from quantrouter.quant import UnknownQuantizationError, parse_quantization
+from quantrouter.units import GiB, MiB
 
 __all__ = [
     "ConfigError",
-    "GiB",
-    "MiB",
     "Settings",
     "default_cache_dir",
     "load_settings",
@@ -27,8 +26,6 @@ __all__ = [
     "parse_duration",
 ]
 
-GiB = 1 << 30
-MiB = 1 << 20
 
 # Ollama's own default address (ollama-python `_parse_host`).
 DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"

@@ -21,25 +21,21 @@ thrash, a non-resident variant replaces a resident sibling only when it fits wit
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from quantrouter.catalog import VariantInfo
 from quantrouter.quant import QuantType
 from quantrouter.throughput import SpeedEstimate
+from quantrouter.units import format_bytes
+from quantrouter.values import Assessment, Decision, FailureKind, Preference
 
 __all__ = [
-    "Assessment",
     "CandidateInput",
-    "Decision",
-    "FailureKind",
     "MemoryView",
     "PolicyConfig",
-    "Preference",
     "RoutingRequest",
     "decide",
-    "format_bytes",
 ]
 
 # Ties within this relative margin count as equal, so the secondary key decides.
@@ -49,20 +45,6 @@ UNKNOWN_KV_SHARE = 0.1
 # Ollama's scheduler loads beside other models only when the prediction ≤ 80 % of free memory
 # (`server/sched.go` "Use 80% of free memory as threshold", reference/ollama.md §3).
 OLLAMA_LOAD_FRACTION = 0.8
-
-
-class Preference(enum.Enum):
-    QUALITY = "quality"
-    BALANCED = "balanced"
-    LATENCY = "latency"
-
-
-class FailureKind(enum.Enum):
-    """Why no candidate was chosen: the status the service answers with follows from it."""
-
-    MEMORY = "memory"  # RESOURCE_EXHAUSTED: only memory stood in the way
-    CONSTRAINTS = "constraints"  # FAILED_PRECONDITION: constraints, deadline or failures ruled all out
-    EMPTY = "empty"  # NOT_FOUND: the family has no variants
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,64 +86,6 @@ class PolicyConfig:
     balanced_quality_weight: float = 0.5
     upgrade_hysteresis: float = 0.15
     load_fraction: float = OLLAMA_LOAD_FRACTION
-
-
-@dataclass(frozen=True, slots=True)
-class Assessment:
-    """One candidate as the policy saw it: its numbers and, when rejected, why."""
-
-    tag: str
-    quantization: str
-    memory_bytes: int
-    resident: bool
-    tokens_per_second: float
-    measured: bool
-    time_to_first_token: float
-    expected_seconds: float
-    quality: float
-    score: float = 0.0
-    rejection: str = ""
-    memory_only: bool = False
-
-    @property
-    def feasible(self) -> bool:
-        return not self.rejection
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    family: str
-    preference: Preference
-    chosen: Assessment | None
-    reason: str
-    candidates: tuple[Assessment, ...] = field(default_factory=tuple)
-    downgraded: bool = False
-    pinned: bool = False
-    fallback: bool = False
-    failure: FailureKind | None = None
-    memory_source: str = "static"
-    free_bytes: int = 0
-
-    @property
-    def reason_code(self) -> str:
-        """A bounded label for metrics."""
-        if self.chosen is None:
-            return f"no_fit_{self.failure.value}" if self.failure else "no_fit"
-        if self.pinned:
-            return "pinned"
-        if self.fallback:
-            return "fallback"
-        if self.downgraded:
-            return "downgraded"
-        return self.preference.value
-
-
-def format_bytes(n: float) -> str:
-    for unit, size in (("EiB", 1 << 60), ("PiB", 1 << 50), ("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20),
-                       ("KiB", 1 << 10)):
-        if abs(n) >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 def _memory_needed(variant: VariantInfo, num_ctx: int) -> int:

@@ -37,14 +37,15 @@ from quantrouter.errors import (
 from quantrouter.inventory import Inventory
 from quantrouter.memory import NVML, MemoryProbe
 from quantrouter.metrics import OTHER, Metrics
-from quantrouter.policy import CandidateInput, Decision, FailureKind, MemoryView, PolicyConfig, RoutingRequest, decide
+from quantrouter.policy import CandidateInput, MemoryView, PolicyConfig, RoutingRequest, decide
 from quantrouter.throughput import Observation, ThroughputTable
+from quantrouter.units import NS
+from quantrouter.values import Completion, Decision, FailureKind
 
 __all__ = ["Completion", "Job", "Limits", "Router", "failure_of"]
 
 log = logging.getLogger(__name__)
 
-NS = 1_000_000_000
 # Errors before the first token after which another variant is worth trying.
 _FALLBACK_ERRORS = (BackendModelMissing, BackendFailed, BackendBusy)
 # Errors that say nothing about the variant's health, so they never open its breaker: the backend is
@@ -64,19 +65,6 @@ class Job:
     options: Mapping[str, Any] = field(default_factory=dict)
     format: str = ""
     chat: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Completion:
-    variant: str
-    prompt_tokens: int
-    generated_tokens: int
-    tokens_per_second: float
-    prompt_tokens_per_second: float
-    time_to_first_token: float
-    load_seconds: float
-    total_seconds: float
-    done_reason: str
 
 
 @dataclass(frozen=True, slots=True)

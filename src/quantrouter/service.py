@@ -18,11 +18,12 @@ from grpc_status import rpc_status
 
 from quantrouter.config import Settings
 from quantrouter.errors import DOMAIN, FieldViolation, InvalidRequest, QuantrouterError, ShuttingDown
-from quantrouter.policy import Assessment, Decision, Preference, RoutingRequest
+from quantrouter.policy import RoutingRequest
 from quantrouter.quant import UnknownQuantizationError, parse_quantization, quality_key
-from quantrouter.router import Completion, Job, Router, failure_of
+from quantrouter.router import Job, Router, failure_of
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
+from quantrouter.values import Assessment, Completion, Decision, Preference
 
 __all__ = ["SERVICE_NAME", "RouterService", "status_of"]
 

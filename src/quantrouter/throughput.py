@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from quantrouter.catalog import VariantInfo
+from quantrouter.units import NS
 
 __all__ = [
     "GPU_BANDWIDTH",
@@ -23,7 +24,6 @@ __all__ = [
     "bandwidth_for",
 ]
 
-NS = 1e9
 # Bandwidth model constants (reference/quant.md §6): η = achieved fraction of peak bandwidth,
 # c = fixed per-token overhead (kernel launches, sampling).
 BANDWIDTH_EFFICIENCY = 0.8

@@ -22,10 +22,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from quantrouter.config import GiB, MiB, Settings, load_settings
+from quantrouter.config import Settings, load_settings
 from quantrouter.embedded import EmbeddedConfig, EmbeddedServer, run_embedded_in_thread
 from quantrouter.server import RunningServer, run_in_thread
 from quantrouter.service import SERVICE_NAME
+from quantrouter.units import GiB, MiB
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
 from tests.hardening.helpers import (

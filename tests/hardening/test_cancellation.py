@@ -17,9 +17,9 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from quantrouter.config import GiB
 from quantrouter.embedded import EmbeddedConfig, EmbeddedServer, run_embedded_in_thread
 from quantrouter.server import RunningServer, run_in_thread
+from quantrouter.units import GiB
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
 from tests.hardening.helpers import LONG_PROMPT, generate_request, total, wait_for
 from tests.support import FAMILY, router_settings

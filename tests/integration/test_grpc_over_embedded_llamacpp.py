@@ -16,13 +16,13 @@ from grpc_status import rpc_status
 from prometheus_client import CollectorRegistry
 
 from quantrouter.client import Constraints, Event, Options, RouterClient
-from quantrouter.config import MiB, Settings
+from quantrouter.config import Settings
 from quantrouter.embedded import EmbeddedConfig, EmbeddedServer, run_embedded_in_thread
-from quantrouter.policy import Decision
 from quantrouter.quant import parse_quantization
-from quantrouter.router import Completion
 from quantrouter.server import RunningServer, run_in_thread
 from quantrouter.service import SERVICE_NAME
+from quantrouter.units import MiB
+from quantrouter.values import Completion, Decision
 from tests.support import FAMILY, router_settings
 
 SHORT = Options(num_predict=8, temperature=0.0, seed=1)

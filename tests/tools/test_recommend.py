@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from quantrouter.catalog import Architecture, VariantInfo
-from quantrouter.config import GiB, MiB
 from quantrouter.quant import parse_quantization
 from quantrouter.tools.recommend import (
     estimated_kv_bytes,
@@ -15,6 +14,7 @@ from quantrouter.tools.recommend import (
     rule_of_thumb_bytes,
     variant_candidates,
 )
+from quantrouter.units import GiB, MiB
 
 LLAMA_31_8B = Architecture("llama", block_count=32, head_count_kv=8, head_dim=128, context_length=131072)
 PARAMS_8B = 8_030_000_000

@@ -13,7 +13,7 @@ from quantrouter.calibration import read_calibration
 from quantrouter.catalog import VariantInfo, build_catalog
 from quantrouter.cli import main
 from quantrouter.client import RouterClient
-from quantrouter.config import MiB, Settings, load_settings
+from quantrouter.config import Settings, load_settings
 from quantrouter.embedded import EmbeddedServer
 from quantrouter.quant import parse_quantization
 from quantrouter.server import run_in_thread
@@ -28,6 +28,7 @@ from quantrouter.tools import (
     read_catalog,
     target_tag,
 )
+from quantrouter.units import MiB
 from tests.support import FAMILY, router_settings
 
 PROMPT = "The capital of France is"

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from quantrouter.config import ConfigError, GiB, MiB, default_cache_dir, load_settings, parse_bytes, parse_duration
+from quantrouter.config import ConfigError, default_cache_dir, load_settings, parse_bytes, parse_duration
+from quantrouter.units import GiB, MiB
 
 
 @pytest.mark.parametrize(("text", "expected"), [

@@ -9,18 +9,10 @@ from typing import Any
 import pytest
 
 from quantrouter.catalog import Architecture, VariantInfo
-from quantrouter.policy import (
-    CandidateInput,
-    Decision,
-    FailureKind,
-    MemoryView,
-    PolicyConfig,
-    Preference,
-    RoutingRequest,
-    decide,
-)
+from quantrouter.policy import CandidateInput, MemoryView, PolicyConfig, RoutingRequest, decide
 from quantrouter.quant import parse_quantization
 from quantrouter.throughput import ThroughputTable
+from quantrouter.values import Decision, FailureKind, Preference
 
 GIB = 1 << 30
 FAMILY = "llama3.1:8b-instruct"

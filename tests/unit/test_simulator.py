@@ -34,8 +34,8 @@ from bench.sim.policies import (
 )
 from bench.sim.workload import Phase, Request, TenantProfile, generate_requests, generate_tenant, interactive_mix
 
-from quantrouter.policy import Preference
 from quantrouter.throughput import SpeedEstimate, ThroughputTable
+from quantrouter.values import Preference
 
 DURATION = 150.0
 PRESSURE = TenantProfile(40 * int(GB), 76 * int(GB), (20.0, 40.0))

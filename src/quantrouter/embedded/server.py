@@ -28,11 +28,11 @@ from quantrouter.embedded.errors import BadRequestError, EmbeddedError, ModelNot
 from quantrouter.embedded.ladder import prepare_ladder
 from quantrouter.embedded.registry import ModelEntry, Registry
 from quantrouter.embedded.scheduler import ResidentModel, Scheduler, parse_keep_alive
+from quantrouter.units import GiB
 
 __all__ = ["EmbeddedConfig", "EmbeddedServer", "run_embedded_in_thread"]
 
 _log = logging.getLogger(__name__)
-GiB = 1 << 30
 # The Ollama release whose API this server mirrors (reference/ollama.md, newest release).
 OLLAMA_API_VERSION = "0.32.15"
 # `GET /` body, verbatim from `server/routes.go`; clients use it as the liveness probe.

@@ -31,7 +31,6 @@ CALIBRATION_PROMPTS: tuple[str, ...] = (
     "List three uses of a hash map.",
 )
 DEFAULT_NUM_PREDICT = 32
-NS = 1e9
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,6 @@ from quantrouter.catalog import Architecture
 from quantrouter.client import RouterClient
 from quantrouter.config import ConfigError, Settings, parse_bytes
 from quantrouter.errors import QuantrouterError
-from quantrouter.policy import format_bytes
 from quantrouter.tools.calibrate import CALIBRATION_PROMPTS, calibrate, format_calibration
 from quantrouter.tools.calibrate import DEFAULT_NUM_PREDICT as CALIBRATION_NUM_PREDICT
 from quantrouter.tools.compare import DEFAULT_NUM_PREDICT as COMPARE_NUM_PREDICT
@@ -38,6 +37,7 @@ from quantrouter.tools.recommend import (
     recommend,
     variant_candidates,
 )
+from quantrouter.units import format_bytes
 
 __all__ = ["add_tool_commands", "format_recommendation", "parse_count"]
 

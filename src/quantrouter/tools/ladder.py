@@ -21,10 +21,10 @@ from quantrouter.backend import translated
 from quantrouter.catalog import family_name_of
 from quantrouter.config import Settings
 from quantrouter.errors import BackendModelMissing
-from quantrouter.policy import format_bytes
 from quantrouter.quant import QuantType, UnknownQuantizationError, by_file_type, parse_quantization
 from quantrouter.tools.errors import ToolError
 from quantrouter.tools.measure import client_for
+from quantrouter.units import format_bytes
 
 __all__ = [
     "OLLAMA_QUANTIZE_TARGETS",

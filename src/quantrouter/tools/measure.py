@@ -26,6 +26,7 @@ import ollama
 from quantrouter.backend import translated
 from quantrouter.catalog import VariantInfo
 from quantrouter.config import Settings
+from quantrouter.units import NS
 
 __all__ = [
     "DEFAULT_SEED",
@@ -41,7 +42,6 @@ __all__ = [
 
 DEFAULT_SEED = 42
 TOP_LOGPROBS = 5
-NS = 1e9
 
 
 @dataclass(frozen=True, slots=True)

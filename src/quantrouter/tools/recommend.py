@@ -22,8 +22,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from quantrouter.catalog import Architecture, VariantInfo
-from quantrouter.policy import format_bytes
 from quantrouter.quant import QUANT_TYPES, QuantType, quality_order
+from quantrouter.units import format_bytes
 
 __all__ = [
     "Candidate",

@@ -1,0 +1,89 @@
+"""The plain values that cross the API: a routing decision and a finished generation.
+
+A leaf module (it imports nothing of quantrouter) so that `quantrouter.client` can hand these to
+callers without loading the router, the `ollama` client or `prometheus_client`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+__all__ = ["Assessment", "Completion", "Decision", "FailureKind", "Preference"]
+
+
+class Preference(enum.Enum):
+    QUALITY = "quality"
+    BALANCED = "balanced"
+    LATENCY = "latency"
+
+
+class FailureKind(enum.Enum):
+    """Why no candidate was chosen: the status the service answers with follows from it."""
+
+    MEMORY = "memory"  # RESOURCE_EXHAUSTED: only memory stood in the way
+    CONSTRAINTS = "constraints"  # FAILED_PRECONDITION: constraints, deadline or failures ruled all out
+    EMPTY = "empty"  # NOT_FOUND: the family has no variants
+
+
+@dataclass(frozen=True, slots=True)
+class Assessment:
+    """One candidate as the policy saw it: its numbers and, when rejected, why."""
+
+    tag: str
+    quantization: str
+    memory_bytes: int
+    resident: bool
+    tokens_per_second: float
+    measured: bool
+    time_to_first_token: float
+    expected_seconds: float
+    quality: float
+    score: float = 0.0
+    rejection: str = ""
+    memory_only: bool = False
+
+    @property
+    def feasible(self) -> bool:
+        return not self.rejection
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    family: str
+    preference: Preference
+    chosen: Assessment | None
+    reason: str
+    candidates: tuple[Assessment, ...] = field(default_factory=tuple)
+    downgraded: bool = False
+    pinned: bool = False
+    fallback: bool = False
+    failure: FailureKind | None = None
+    memory_source: str = "static"
+    free_bytes: int = 0
+
+    @property
+    def reason_code(self) -> str:
+        """A bounded label for metrics."""
+        if self.chosen is None:
+            return f"no_fit_{self.failure.value}" if self.failure else "no_fit"
+        if self.pinned:
+            return "pinned"
+        if self.fallback:
+            return "fallback"
+        if self.downgraded:
+            return "downgraded"
+        return self.preference.value
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    variant: str
+    prompt_tokens: int
+    generated_tokens: int
+    tokens_per_second: float
+    prompt_tokens_per_second: float
+    time_to_first_token: float
+    load_seconds: float
+    total_seconds: float
+    done_reason: str
