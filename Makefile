@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml protos/quantrouter/v1/*.proto
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade --quiet pip
-	$(BIN)/pip install --quiet -e '.[embedded,gpu,tools,dev]'
+	$(BIN)/pip install --quiet -e '.[embedded,gpu,tools,k8s,dev]'
 	touch $(STAMP)
 
 # promtool (Prometheus's own checker) and the Prometheus server come from Debian's package; the TLS

@@ -68,6 +68,18 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
                             "<token>' (a single token may also come from $QUANTROUTER_AUTH_TOKEN)")
 
 
+def _fleet_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("fleet mode: route across many node routers, choosing node and variant")
+    group.add_argument("--node", dest="nodes", action="append", metavar="NAME=ADDRESS",
+                       help="fleet mode: route across the node router at ADDRESS (host:port) named NAME; "
+                            "repeatable (also QUANTROUTER_NODES=a=host:port,b=host:port)")
+    group.add_argument("--discover", metavar="k8s://NAMESPACE/SERVICE[:PORT]",
+                       help="fleet mode: route across the ready endpoints of a headless Service, watched through "
+                            "its EndpointSlices (needs the k8s extra)")
+    group.add_argument("--node-stale-after", dest="node_stale_after",
+                       help="fleet mode: leave a node out when its last report is older than this (default 5s)")
+
+
 def _client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=os.environ.get("QUANTROUTER_TARGET", DEFAULT_TARGET),
                         help=f"router address (default $QUANTROUTER_TARGET or {DEFAULT_TARGET})")
@@ -101,9 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"quantrouter {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve_parser = commands.add_parser("serve", help="run the router",
-                                       description="Run the gRPC router (and its /metrics port) until SIGTERM.")
+    serve_parser = commands.add_parser(
+        "serve", help="run the router", description="Run the gRPC router (and its /metrics port) until SIGTERM. "
+        "With --node or --discover it is a fleet router: it follows each node router's capacity reports and "
+        "forwards every request to the node and variant it chooses.")
     _settings_flags(serve_parser)
+    _fleet_flags(serve_parser)
     serve_parser.set_defaults(func=_serve)
 
     demo = commands.add_parser("demo", help="start everything on the embedded backend and show routing at work",
@@ -162,6 +177,9 @@ def _load(args: argparse.Namespace) -> Settings:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.nodes or settings.discover:
+        from quantrouter.fleet.server import start_fleet
+        return asyncio.run(serve(settings, start_fleet))
     return asyncio.run(serve(settings))
 
 
@@ -174,10 +192,12 @@ def _options(args: argparse.Namespace) -> Options:
 
 
 def _decision_lines(decision: Decision) -> list[str]:
-    lines = [f"→ {decision.chosen.tag if decision.chosen else 'nothing'}: {decision.reason}"]
-    for c in sorted(decision.candidates, key=lambda c: (-c.quality, c.tag)):
+    where = f" on node {decision.node}" if decision.node else ""
+    lines = [f"→ {decision.chosen.tag if decision.chosen else 'nothing'}{where}: {decision.reason}"]
+    for c in sorted(decision.candidates, key=lambda c: (c.node, -c.quality, c.tag)):
         mark = "✓" if c.feasible else "✗"
-        lines.append(f"  {mark} {c.tag:<28} {c.quantization:<7} {format_bytes(c.memory_bytes):>10} "
+        node = f"{c.node:<10} " if c.node else ""
+        lines.append(f"  {mark} {node}{c.tag:<28} {c.quantization:<7} {format_bytes(c.memory_bytes):>10} "
                      f"{c.tokens_per_second:7.1f} tok/s{'' if c.measured else '*'} q={c.quality:.3f} "
                      f"T={c.expected_seconds:6.2f}s {c.rejection}")
     return lines

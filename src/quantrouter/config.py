@@ -94,6 +94,12 @@ class Settings:
     aliases: Mapping[str, str] = field(default_factory=dict)
     calibration_file: Path | None = None
     log_level: str = "info"
+    # Fleet: route across these node routers (name → host:port) instead of one backend, or across the
+    # endpoints of a headless Service (k8s://NAMESPACE/SERVICE[:PORT]).
+    nodes: Mapping[str, str] = field(default_factory=dict)
+    discover: str = ""
+    node_report_interval: float = 1.0
+    node_stale_after: float = 5.0
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -135,7 +141,8 @@ def default_cache_dir(environ: Mapping[str, str]) -> Path:
 _BYTE_FIELDS = {"embedded_memory_budget", "memory_capacity", "memory_reserve", "max_prompt_bytes",
                 "max_message_bytes"}
 _DURATION_FIELDS = {"nvml_poll_interval", "tags_refresh_interval", "ps_refresh_interval",
-                    "backend_connect_timeout", "backend_read_timeout", "grace_period", "breaker_cooldown"}
+                    "backend_connect_timeout", "backend_read_timeout", "grace_period", "breaker_cooldown",
+                    "node_report_interval", "node_stale_after"}
 
 
 def _convert(name: str, value: Any, default: Any) -> Any:
@@ -145,10 +152,14 @@ def _convert(name: str, value: Any, default: Any) -> Any:
             return parse_bytes(value)
         if name in _DURATION_FIELDS:
             return parse_duration(value)
-        if name == "aliases":
+        if name in ("aliases", "nodes"):
             if isinstance(value, str):
-                pairs = (item.split("=", 1) for item in value.split(",") if item.strip())
-                return {alias.strip(): family.strip() for alias, family in pairs}
+                value = [item for item in value.split(",") if item.strip()]
+            if isinstance(value, list | tuple):
+                pairs = [item.split("=", 1) for item in value]
+                if any(len(pair) != 2 or not pair[0].strip() or not pair[1].strip() for pair in pairs):
+                    raise ValueError(f"expected NAME=VALUE items, got {value!r}")
+                return {key.strip(): target.strip() for key, target in pairs}
             return dict(value)
         if name in {"tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "calibration_file",
                     "cache_dir"}:
@@ -224,6 +235,15 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("setting balanced_quality_weight must be in [0, 1]")
     if not 0 < settings.load_fraction <= 1:
         raise ConfigError(f"setting load_fraction must be in (0, 1], got {settings.load_fraction}")
+    if settings.nodes and settings.discover:
+        raise ConfigError("nodes and discover are two ways to find the fleet's nodes: set one of them")
+    if settings.discover and not settings.discover.startswith("k8s://"):
+        raise ConfigError(f"setting discover: {settings.discover!r}: write k8s://NAMESPACE/SERVICE[:PORT]")
+    if (settings.nodes or settings.discover) and settings.embedded:
+        raise ConfigError("a fleet router (nodes, discover) has no backend of its own: drop --embedded")
+    if not 0 < settings.node_report_interval < settings.node_stale_after:
+        raise ConfigError(f"setting node_stale_after ({settings.node_stale_after} s) must exceed "
+                          f"node_report_interval ({settings.node_report_interval} s), which must be positive")
     if settings.default_min_quantization:
         try:
             parse_quantization(settings.default_min_quantization)

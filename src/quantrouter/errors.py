@@ -9,6 +9,9 @@
     ├── ConstraintsUnsatisfiable          FAILED_PRECONDITION (constraints, deadline), with the reasons
     ├── Overloaded                        RESOURCE_EXHAUSTED + RetryInfo (router's in-flight cap)
     ├── ShuttingDown                      UNAVAILABLE (draining)
+    ├── NoLiveNode                        UNAVAILABLE (fleet: no node is live; says which and why)
+    ├── NodeFailed                        UNAVAILABLE (fleet: the serving node failed after the first token)
+    ├── NodeAnswered                      the node's own status, relayed by a fleet router
     └── BackendError                      the layer below (Ollama), translated in backend.py only
         ├── BackendUnavailable            UNAVAILABLE (connection refused, backend down)
         ├── BackendTimeout                DEADLINE_EXCEEDED
@@ -40,7 +43,10 @@ __all__ = [
     "InvalidRequest",
     "MalformedRequest",
     "ModelNotFound",
+    "NoLiveNode",
     "NoVariantFits",
+    "NodeAnswered",
+    "NodeFailed",
     "Overloaded",
     "QuantrouterError",
     "ShuttingDown",
@@ -107,6 +113,26 @@ class Overloaded(QuantrouterError):
 class ShuttingDown(QuantrouterError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "SHUTTING_DOWN"
+
+
+class NoLiveNode(QuantrouterError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "NO_LIVE_NODE"
+
+
+class NodeFailed(QuantrouterError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "NODE_FAILED"
+
+
+class NodeAnswered(QuantrouterError):
+    """A node router's error that a fleet router passes on as it came (its code and reason)."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str, message: str, *, retry_after: float | None = None,
+                 metadata: dict[str, str] | None = None) -> None:
+        super().__init__(message, retry_after=retry_after, metadata=metadata)
+        self.code = code
+        self.reason = reason or "NODE_ERROR"
 
 
 class BackendError(QuantrouterError):

@@ -104,6 +104,8 @@ class Router:
         self._clock = clock
         self._in_flight_tags: Counter[str] = Counter()
         self._in_flight_families: Counter[str] = Counter()
+        # Each stream's start and expected duration, for the backlog a fleet router reads.
+        self._expected: dict[object, tuple[float, float]] = {}
 
     @property
     def in_flight(self) -> int:
@@ -113,6 +115,11 @@ class Router:
     def in_flight_variants(self) -> dict[str, int]:
         """Streams each variant is serving right now (only the busy ones): the policy's queue signal."""
         return {tag: count for tag, count in self._in_flight_tags.items() if count}
+
+    def backlog_seconds(self) -> float:
+        """Expected seconds of work still ahead of the streams in progress (their estimates less elapsed)."""
+        now = self._clock()
+        return sum(max(0.0, expected - (now - started)) for started, expected in self._expected.values())
 
     def family_label(self, family: str) -> str:
         """A metric label value: known families only (bounded cardinality)."""
@@ -176,12 +183,15 @@ class Router:
         code = grpc.StatusCode.OK
         variant: VariantInfo | None = None
         first_token: float | None = None
+        stream_key = object()
         try:
             decision = self.decide(request)
             self.record_decision(decision)
             fallback_used = False
             while True:
                 variant = self._chosen_variant(decision)
+                if decision.chosen is not None:
+                    self._expected[stream_key] = (self._clock(), decision.chosen.expected_seconds)
                 yield decision
                 try:
                     async for item in self._forward(variant, job, cold=not variant.resident):
@@ -214,6 +224,7 @@ class Router:
             code = grpc.StatusCode.CANCELLED
             raise
         finally:
+            self._expected.pop(stream_key, None)
             self._in_flight_families[request.family] -= 1
             self.metrics.in_flight.labels(family).dec()
             tag, quantization = _variant_labels(variant)

@@ -15,7 +15,7 @@ import signal
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -39,7 +39,7 @@ from quantrouter.tls import server_credentials
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
 
-__all__ = ["RunningServer", "describe", "run_in_thread", "serve", "start"]
+__all__ = ["Listening", "RunningServer", "Stoppable", "describe", "listen", "run_in_thread", "serve", "start"]
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,41 @@ def _every(interval: float, action: Callable[[], Awaitable[None]]) -> Callable[[
     return loop
 
 
+@dataclass(frozen=True, slots=True)
+class Listening:
+    """A gRPC server with health and reflection, bound and not yet started, and the metrics port serving."""
+
+    server: grpc.aio.Server
+    health: Any
+    port: int
+    metrics_port: int
+
+
+def listen(settings: Settings, metrics: Metrics, add_servicer: Callable[[grpc.aio.Server], None],
+           stack: AsyncExitStack) -> Listening:
+    """The parts a node router and a fleet router share: interceptors, health, reflection, ports."""
+    interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics)]
+    tokens = _read_tokens(settings)
+    if tokens:
+        interceptors.append(AuthInterceptor(tokens, status_of))
+    interceptors.append(StatusInterceptor(status_of))
+    server = grpc.aio.server(interceptors=interceptors, options=[
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+    ])
+    add_servicer(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    port = _bind(server, settings)
+    metrics_host, metrics_port = _split_address(settings.metrics_address)
+    http_server, http_thread = start_http_server(metrics_port, metrics_host, registry=metrics.registry)
+    stack.callback(http_thread.join, 5)
+    stack.callback(http_server.shutdown)
+    return Listening(server, health_servicer, port, int(http_server.server_port))
+
+
 async def start(settings: Settings, registry: CollectorRegistry | None = None,
                 nvml_loader: Callable[[], Any] | None = None) -> RunningServer:
     """Build and start the router; `registry` lets tests read metrics without a global registry."""
@@ -173,28 +208,11 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None,
                                PolicyConfig(settings.balanced_quality_weight, settings.upgrade_hysteresis,
                                             settings.load_fraction)))
 
-        interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics)]
-        tokens = _read_tokens(settings)
-        if tokens:
-            interceptors.append(AuthInterceptor(tokens, status_of))
-        interceptors.append(StatusInterceptor(status_of))
-        server = grpc.aio.server(interceptors=interceptors, options=[
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-        ])
         running: RunningServer | None = None
         servicer = RouterService(router, settings, lambda: running is not None and running.draining)
-        pb_grpc.add_RouterServiceServicer_to_server(servicer, server)
-        health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            server)
-        port = _bind(server, settings)
-        metrics_host, metrics_port = _split_address(settings.metrics_address)
-        http_server, http_thread = start_http_server(metrics_port, metrics_host, registry=registry)
-        stack.callback(http_thread.join, 5)
-        stack.callback(http_server.shutdown)
+        listening = listen(settings, metrics, lambda server: pb_grpc.add_RouterServiceServicer_to_server(
+            servicer, server), stack)
+        server, health_servicer, port = listening.server, listening.health, listening.port
 
         await inventory.refresh()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -207,7 +225,7 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None,
 
         await watch()
         await server.start()
-        running = RunningServer(server, port, int(http_server.server_port), router, health_servicer, registry,
+        running = RunningServer(server, port, listening.metrics_port, router, health_servicer, registry,
                                 settings.grace_period, host, stack)
         running._tasks = [
             asyncio.create_task(inventory.run(settings.tags_refresh_interval, settings.ps_refresh_interval)),
@@ -222,9 +240,16 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None,
         raise
 
 
-async def serve(settings: Settings) -> int:
-    """Run until SIGTERM or SIGINT; a second signal cuts the grace period short."""
-    running = await start(settings)
+class Stoppable(Protocol):
+    cut_short: asyncio.Event
+
+    async def stop(self, grace: float | None = None) -> None: ...
+
+
+async def serve(settings: Settings, starter: Callable[[Settings], Awaitable[Stoppable]] | None = None) -> int:
+    """Run until SIGTERM or SIGINT; a second signal cuts the grace period short. `starter` builds what
+    runs (a node router unless told otherwise)."""
+    running = await (starter or start)(settings)
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
 

@@ -16,6 +16,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from quantrouter.capacity import DEFAULT_INTERVAL_S, memory_status_pb, variant_pb, watch
 from quantrouter.config import Settings
 from quantrouter.errors import DOMAIN, FieldViolation, InvalidRequest, QuantrouterError, ShuttingDown
 from quantrouter.policy import RoutingRequest
@@ -25,7 +26,7 @@ from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
 from quantrouter.values import Assessment, Completion, Decision, Preference
 
-__all__ = ["SERVICE_NAME", "RouterService", "status_of"]
+__all__ = ["SERVICE_NAME", "RequestReader", "RouterService", "completion_pb", "decision_pb", "status_of"]
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RouterService"].full_name
 
@@ -85,15 +86,15 @@ def _raise_if(violations: Sequence[FieldViolation]) -> None:
         raise InvalidRequest(f"invalid request: {summary}", violations=tuple(violations))
 
 
-class RouterService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
-    def __init__(self, router: Router, settings: Settings, shutting_down: Callable[[], bool]) -> None:
-        self._router = router
+class RequestReader:
+    """Validation and conversion of requests, protobuf → ours; `resolve` names the family and pinned tag
+    (a node router asks its catalog, a fleet router its nodes' catalogs)."""
+
+    def __init__(self, settings: Settings, resolve: Callable[[str], tuple[str, str | None]]) -> None:
         self._settings = settings
-        self._shutting_down = shutting_down
+        self._resolve = resolve
         self._default_floor = (parse_quantization(settings.default_min_quantization)
                                if settings.default_min_quantization else None)
-
-    # Validation and conversion, protobuf → ours.
 
     def _routing_request(self, model: str, preference: int, constraints: pb.Constraints,
                          options: pb.GenerationOptions, prompt_chars: int, time_remaining: float | None,
@@ -123,7 +124,7 @@ class RouterService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
             _check(violations, max_ttft > 0, "constraints.max_time_to_first_token", "must be positive")
         self._check_options(options, violations)
         _raise_if(violations)
-        family, pinned = self._router.resolve(model.strip())
+        family, pinned = self._resolve(model.strip())
         num_predict = options.num_predict if options.HasField("num_predict") else -1
         return RoutingRequest(
             family=family,
@@ -173,23 +174,16 @@ class RouterService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
         limit = self._settings.max_prompt_bytes
         _check(violations, size <= limit, field, f"{size} bytes is over the {limit}-byte limit")
 
-    # RPCs.
-
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-                       ) -> AsyncIterator[pb.GenerateResponse]:
+    def generate(self, request: pb.GenerateRequest, time_remaining: float | None) -> tuple[RoutingRequest, Job]:
         violations: list[FieldViolation] = []
         _check(violations, bool(request.prompt.strip()), "prompt", "must not be empty or only whitespace")
         self._check_size(len(request.prompt.encode()) + len(request.system.encode()), "prompt", violations)
         routing = self._routing_request(request.model, request.preference, request.constraints, request.options,
-                                        len(request.prompt) + len(request.system), context.time_remaining(),
-                                        violations)
-        job = Job(prompt=request.prompt, system=request.system,
-                  options=self._ollama_options(request.options, routing), format=request.options.format)
-        async for event in self._relay(routing, job):
-            yield pb.GenerateResponse(**event)
+                                        len(request.prompt) + len(request.system), time_remaining, violations)
+        return routing, Job(prompt=request.prompt, system=request.system,
+                            options=self._ollama_options(request.options, routing), format=request.options.format)
 
-    async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext
-                   ) -> AsyncIterator[pb.ChatResponse]:
+    def chat(self, request: pb.ChatRequest, time_remaining: float | None) -> tuple[RoutingRequest, Job]:
         violations: list[FieldViolation] = []
         _check(violations, 0 < len(request.messages) <= MAX_CHAT_MESSAGES, "messages",
                f"give 1 to {MAX_CHAT_MESSAGES} messages")
@@ -201,21 +195,44 @@ class RouterService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
         size = sum(len(m.content.encode()) for m in request.messages)
         self._check_size(size, "messages", violations)
         routing = self._routing_request(request.model, request.preference, request.constraints, request.options,
-                                        size, context.time_remaining(), violations)
-        job = Job(messages=tuple({"role": m.role, "content": m.content} for m in request.messages),
-                  options=self._ollama_options(request.options, routing), format=request.options.format, chat=True)
+                                        size, time_remaining, violations)
+        return routing, Job(messages=tuple({"role": m.role, "content": m.content} for m in request.messages),
+                            options=self._ollama_options(request.options, routing), format=request.options.format,
+                            chat=True)
+
+    def route(self, request: pb.RouteRequest, time_remaining: float | None) -> RoutingRequest:
+        violations: list[FieldViolation] = []
+        self._check_size(len(request.prompt.encode()), "prompt", violations)
+        return self._routing_request(request.model, request.preference, request.constraints, request.options,
+                                     len(request.prompt), time_remaining, violations)
+
+
+class RouterService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
+    def __init__(self, router: Router, settings: Settings, shutting_down: Callable[[], bool]) -> None:
+        self._router = router
+        self._reader = RequestReader(settings, router.resolve)
+        self._shutting_down = shutting_down
+
+    # RPCs.
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[pb.GenerateResponse]:
+        routing, job = self._reader.generate(request, context.time_remaining())
+        async for event in self._relay(routing, job):
+            yield pb.GenerateResponse(**event)
+
+    async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext
+                   ) -> AsyncIterator[pb.ChatResponse]:
+        routing, job = self._reader.chat(request, context.time_remaining())
         async for event in self._relay(routing, job):
             yield pb.ChatResponse(**event)
 
     async def Route(self, request: pb.RouteRequest, context: grpc.aio.ServicerContext) -> pb.RouteResponse:
-        violations: list[FieldViolation] = []
-        self._check_size(len(request.prompt.encode()), "prompt", violations)
-        routing = self._routing_request(request.model, request.preference, request.constraints, request.options,
-                                        len(request.prompt), context.time_remaining(), violations)
+        routing = self._reader.route(request, context.time_remaining())
         decision = self._router.decide(routing)
         if decision.chosen is None:  # the status Generate would answer, with every candidate's reason
             raise failure_of(decision)
-        return pb.RouteResponse(decision=self._decision_pb(decision))
+        return pb.RouteResponse(decision=decision_pb(decision))
 
     async def ListVariants(self, request: pb.ListVariantsRequest, context: grpc.aio.ServicerContext
                            ) -> pb.ListVariantsResponse:
@@ -229,19 +246,16 @@ class RouterService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
         result = []
         for family in families:
             variants = sorted(catalog.family(family), key=lambda v: (quality_key(v.quant), v.tag))
-            listed = []
-            for v, speed in speeds.estimates(variants):
-                listed.append(pb.Variant(tag=v.tag, quantization=v.quant.name, size_bytes=v.size_bytes,
-                                         parameter_count=v.parameter_count, resident=v.resident,
-                                         vram_bytes=v.vram_bytes, tokens_per_second=speed.decode_tps,
-                                         samples=speed.samples, quality=v.quant.quality,
-                                         tokens_per_second_measured=speed.measured))
-            result.append(pb.Family(name=family, variants=listed))
-        memory = router.probe.latest
-        return pb.ListVariantsResponse(families=result, memory=pb.MemoryStatus(
-            source=memory.source, free_bytes=memory.free_bytes, total_bytes=memory.total_bytes, detail=memory.detail,
-            gpus=[pb.GpuMemory(uuid=g.uuid, name=g.name, free_bytes=g.free_bytes, total_bytes=g.total_bytes)
-                  for g in memory.gpus]))
+            result.append(pb.Family(name=family, variants=[variant_pb(v, speed)
+                                                           for v, speed in speeds.estimates(variants)]))
+        return pb.ListVariantsResponse(families=result, memory=memory_status_pb(router.probe.latest))
+
+    async def WatchCapacity(self, request: pb.WatchCapacityRequest, context: grpc.aio.ServicerContext
+                            ) -> AsyncIterator[pb.NodeCapacity]:
+        interval = request.interval.ToNanoseconds() / 1e9 if request.HasField("interval") else 0.0
+        _raise_if([FieldViolation("interval", "must not be negative")] if interval < 0 else [])
+        async for report in watch(self._router, interval or DEFAULT_INTERVAL_S):
+            yield report
 
     # Relay, ours → protobuf.
 
@@ -250,20 +264,21 @@ class RouterService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
             raise ShuttingDown("the router is shutting down; retry on another replica")
         async for event in self._router.stream(routing, job):
             if isinstance(event, Decision):
-                yield {"decision": self._decision_pb(event)}
+                yield {"decision": decision_pb(event)}
             elif isinstance(event, Completion):
-                yield {"completion": _completion_pb(event)}
+                yield {"completion": completion_pb(event)}
             else:
                 yield {"chunk": pb.TextChunk(text=event)}
 
-    def _decision_pb(self, decision: Decision) -> pb.RouteDecision:
-        chosen = decision.chosen
-        return pb.RouteDecision(
-            model=decision.family, variant=chosen.tag if chosen else "", quantization=chosen.quantization if chosen
-            else "", preference=_PREFERENCE_PB[decision.preference], reason=decision.reason,
-            candidates=[_candidate_pb(a) for a in decision.candidates], fallback=decision.fallback,
-            downgraded=decision.downgraded, memory_source=decision.memory_source,
-            free_memory_bytes=decision.free_bytes, pinned=decision.pinned)
+
+def decision_pb(decision: Decision) -> pb.RouteDecision:
+    chosen = decision.chosen
+    return pb.RouteDecision(
+        model=decision.family, variant=chosen.tag if chosen else "", quantization=chosen.quantization if chosen
+        else "", preference=_PREFERENCE_PB[decision.preference], reason=decision.reason,
+        candidates=[_candidate_pb(a) for a in decision.candidates], fallback=decision.fallback,
+        downgraded=decision.downgraded, memory_source=decision.memory_source,
+        free_memory_bytes=decision.free_bytes, pinned=decision.pinned, node=decision.node)
 
 
 def _candidate_pb(a: Assessment) -> pb.Candidate:
@@ -271,10 +286,10 @@ def _candidate_pb(a: Assessment) -> pb.Candidate:
                         tokens_per_second=a.tokens_per_second, tokens_per_second_measured=a.measured,
                         time_to_first_token=_duration(a.time_to_first_token),
                         expected_duration=_duration(a.expected_seconds), quality=a.quality, score=a.score,
-                        feasible=a.feasible, rejection=a.rejection)
+                        feasible=a.feasible, rejection=a.rejection, node=a.node)
 
 
-def _completion_pb(c: Completion) -> pb.Completion:
+def completion_pb(c: Completion) -> pb.Completion:
     return pb.Completion(variant=c.variant, prompt_tokens=c.prompt_tokens, generated_tokens=c.generated_tokens,
                          tokens_per_second=c.tokens_per_second, prompt_tokens_per_second=c.prompt_tokens_per_second,
                          time_to_first_token=_duration(c.time_to_first_token),

@@ -42,6 +42,8 @@ class Assessment:
     score: float = 0.0
     rejection: str = ""
     memory_only: bool = False
+    # The node holding the candidate, when a fleet router decided.
+    node: str = ""
 
     @property
     def feasible(self) -> bool:
@@ -61,6 +63,8 @@ class Decision:
     failure: FailureKind | None = None
     memory_source: str = "static"
     free_bytes: int = 0
+    # The node that serves the request, when a fleet router decided.
+    node: str = ""
 
     @property
     def reason_code(self) -> str:

@@ -1,0 +1,111 @@
+"""The node tier's report: this router's view of its node, streamed to fleet routers (`WatchCapacity`).
+
+A report carries what the policy needs to price every variant on this node from afar: memory and
+its source, residency, speed estimates with sample counts, the architecture for the KV-cache
+estimate, and the load (streams in flight, expected seconds of work ahead). It goes out when it
+changes (checked every `CHANGE_POLL_S`) and at least every `interval`, so a silent stream means a
+node in trouble. Like service.py, this is a wire edge: it builds protobuf from the router's values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from google.protobuf import duration_pb2
+
+from quantrouter.catalog import VariantInfo
+from quantrouter.memory import MemorySnapshot
+from quantrouter.router import Router
+from quantrouter.throughput import SpeedEstimate
+from quantrouter.v1 import router_service_pb2 as pb
+
+__all__ = ["DEFAULT_INTERVAL_S", "SCHEMA_VERSION", "capacity_of", "memory_status_pb", "variant_pb", "watch"]
+
+# Bump when a field changes meaning; readers refuse versions they do not know.
+SCHEMA_VERSION = 1
+# The longest silence between reports unless the reader asks otherwise; a fleet router calls a node
+# stale after a few of these.
+DEFAULT_INTERVAL_S = 2.0
+# A reader cannot ask for reports more often than this.
+MIN_INTERVAL_S = 0.1
+# How often the state is compared with the last report: the memory probe samples at ≤ 4 Hz.
+CHANGE_POLL_S = 0.25
+# Backlog changes continuously; a report for it alone waits until it moved by this many seconds.
+BACKLOG_STEP_S = 1.0
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def variant_pb(v: VariantInfo, speed: SpeedEstimate) -> pb.Variant:
+    return pb.Variant(tag=v.tag, quantization=v.quant.name, size_bytes=v.size_bytes,
+                      parameter_count=v.parameter_count, resident=v.resident, vram_bytes=v.vram_bytes,
+                      tokens_per_second=speed.decode_tps, samples=speed.samples, quality=v.quant.quality,
+                      tokens_per_second_measured=speed.measured)
+
+
+def memory_status_pb(memory: MemorySnapshot) -> pb.MemoryStatus:
+    return pb.MemoryStatus(source=memory.source, free_bytes=memory.free_bytes, total_bytes=memory.total_bytes,
+                           detail=memory.detail,
+                           gpus=[pb.GpuMemory(uuid=g.uuid, name=g.name, free_bytes=g.free_bytes,
+                                              total_bytes=g.total_bytes) for g in memory.gpus])
+
+
+def capacity_of(router: Router) -> pb.NodeCapacity:
+    """The node's state now, with `sequence` left at 0 for the stream to fill in."""
+    catalog = router.inventory.snapshot
+    variants = []
+    for family in catalog.families:
+        for c in router.candidates(catalog, family):
+            v, speed, arch = c.variant, c.speed, c.variant.architecture
+            variants.append(pb.NodeVariant(
+                variant=variant_pb(v, speed),
+                family=family, prompt_tokens_per_second=speed.prompt_tps,
+                load_duration=_duration(speed.load_seconds),
+                architecture=pb.Architecture(name=arch.name, block_count=arch.block_count,
+                                             head_count_kv=arch.head_count_kv, head_dim=arch.head_dim,
+                                             context_length=arch.context_length) if arch else None,
+                in_flight=c.in_flight, breaker_open=c.breaker_open))
+    return pb.NodeCapacity(
+        schema_version=SCHEMA_VERSION, memory=memory_status_pb(router.probe.latest),
+        reserve_bytes=router.memory_view().reserve_bytes,
+        variants=variants, names=dict(catalog.names or {}), in_flight=router.in_flight,
+        backlog_seconds=router.backlog_seconds(), backend_up=router.inventory.backend_up,
+        max_in_flight=router.limits.max_in_flight)
+
+
+def _steady(report: pb.NodeCapacity) -> pb.NodeCapacity:
+    """The report without the fields that change on every read (sequence, backlog)."""
+    copy = pb.NodeCapacity()
+    copy.CopyFrom(report)
+    copy.sequence = 0
+    copy.backlog_seconds = 0.0
+    return copy
+
+
+def _changed(old: pb.NodeCapacity, new: pb.NodeCapacity) -> bool:
+    if abs(old.backlog_seconds - new.backlog_seconds) >= BACKLOG_STEP_S:
+        return True
+    return bool(_steady(old) != _steady(new))
+
+
+async def watch(router: Router, interval: float) -> AsyncIterator[pb.NodeCapacity]:
+    """Reports on change and at least every `interval` seconds, until the caller goes away."""
+    interval = max(interval, MIN_INTERVAL_S)
+    loop = asyncio.get_running_loop()
+    sequence = 0
+    last: pb.NodeCapacity | None = None
+    sent_at = 0.0
+    while True:
+        report = capacity_of(router)
+        if last is None or _changed(last, report) or loop.time() - sent_at >= interval:
+            sequence += 1
+            last = report
+            sent_at = loop.time()
+            report.sequence = sequence
+            yield report
+        await asyncio.sleep(min(CHANGE_POLL_S, interval))

@@ -1,0 +1,158 @@
+"""The fleet's nodes: one `WatchCapacity` subscription per node, and which nodes are live right now.
+
+A node is live while its last report was accepted, its backend is up, and that report is younger
+than `stale_after`. Otherwise it is left out of routing and `why_not` says why, in words a person
+can act on ("no report for 9.1 s", "report rejected: …", "unreachable: …"). A subscription that
+breaks is opened again after `RECONNECT_S`, so a node that comes back is used again as soon as it
+reports. The set of nodes can change at run time (discovery): `update` starts and stops
+subscriptions and keeps the channels of nodes that stay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import grpc
+from google.protobuf import duration_pb2
+
+from quantrouter.fleet.state import NodeState, ReportRejected, read_report
+from quantrouter.v1 import router_service_pb2 as pb
+from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
+
+__all__ = ["Node", "NodeSet", "NodeSettings"]
+
+log = logging.getLogger(__name__)
+
+# Wait this long before opening a broken subscription again.
+RECONNECT_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSettings:
+    # Ask each node for a report at least this often.
+    report_interval: float = 1.0
+    # Leave a node out of routing when its last accepted report is older than this.
+    stale_after: float = 5.0
+    # gRPC channel options for the node connections (message size limits).
+    channel_options: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass
+class Node:
+    """One node router as the fleet sees it; mutated only by its own subscription task."""
+
+    name: str
+    address: str
+    channel: grpc.aio.Channel
+    stub: pb_grpc.RouterServiceStub
+    state: NodeState | None = None
+    received_at: float = -math.inf
+    problem: str = "no report yet"
+    rejected: bool = False
+    connected: bool = False
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class NodeSet:
+    def __init__(self, settings: NodeSettings, on_rejected: Callable[[str, str], None] = lambda node, reason: None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._settings = settings
+        self._on_rejected = on_rejected
+        self._clock = clock
+        self._nodes: dict[str, Node] = {}
+
+    @property
+    def nodes(self) -> dict[str, Node]:
+        return dict(self._nodes)
+
+    def update(self, addresses: Mapping[str, str]) -> None:
+        """Watch exactly these nodes (name → host:port): new ones are subscribed, gone ones dropped."""
+        for name in list(self._nodes):
+            if name not in addresses or self._nodes[name].address != addresses[name]:
+                self._drop(name)
+        for name, address in addresses.items():
+            if name not in self._nodes:
+                channel = grpc.aio.insecure_channel(address, options=list(self._settings.channel_options))
+                node = Node(name, address, channel, pb_grpc.RouterServiceStub(channel))
+                node.task = asyncio.create_task(self._follow(node), name=f"watch-{name}")
+                self._nodes[name] = node
+                log.info("watching node %s at %s", name, address)
+
+    def _drop(self, name: str) -> None:
+        node = self._nodes.pop(name)
+        if node.task is not None:
+            node.task.cancel()
+        asyncio.get_running_loop().create_task(node.channel.close())
+        log.info("no longer watching node %s at %s", name, node.address)
+
+    def age(self, node: Node) -> float:
+        return self._clock() - node.received_at
+
+    def why_not(self, node: Node) -> str:
+        """Empty when the node is live; otherwise why it is left out."""
+        if node.state is None or node.rejected or not node.connected:
+            return node.problem
+        if not node.state.backend_up:
+            return "its backend (Ollama) is down"
+        age = self.age(node)
+        if age > self._settings.stale_after:
+            return f"stale: no report for {age:.1f} s (limit {self._settings.stale_after:g} s)"
+        return ""
+
+    def live(self) -> dict[str, NodeState]:
+        return {name: node.state for name, node in self._nodes.items()
+                if node.state is not None and not self.why_not(node)}
+
+    def down(self) -> dict[str, str]:
+        """Every node left out of routing, with why."""
+        return {name: why for name, node in self._nodes.items() if (why := self.why_not(node))}
+
+    async def _follow(self, node: Node) -> None:
+        interval = duration_pb2.Duration()
+        interval.FromNanoseconds(int(self._settings.report_interval * 1e9))
+        while True:
+            call = node.stub.WatchCapacity(pb.WatchCapacityRequest(interval=interval))
+            try:
+                async for report in call:
+                    node.connected = True
+                    self._accept(node, report)
+                problem = "the node ended its report stream"
+            except grpc.aio.AioRpcError as error:
+                problem = f"unreachable: {error.code().name}: {error.details()}"
+            finally:
+                call.cancel()
+            if node.connected:
+                log.warning("node %s left routing: %s", node.name, problem)
+            node.connected, node.problem = False, problem
+            await asyncio.sleep(RECONNECT_S)
+
+    def _accept(self, node: Node, report: pb.NodeCapacity) -> None:
+        try:
+            state = read_report(report)
+        except ReportRejected as error:
+            if not node.rejected:
+                log.warning("node %s reported nonsense, marking it unhealthy: %s", node.name, error)
+            node.rejected, node.problem = True, f"report rejected: {error}"
+            self._on_rejected(node.name, error.reason)
+            return
+        if node.rejected or node.state is None:
+            log.info("node %s reports: %d variants, %s free (%s)", node.name, len(state.candidates),
+                     state.memory.free_bytes, state.memory.source)
+        node.state, node.received_at, node.problem, node.rejected = state, self._clock(), "", False
+
+    async def close(self) -> None:
+        for node in self._nodes.values():
+            if node.task is not None:
+                node.task.cancel()
+        tasks = [n.task for n in self._nodes.values() if n.task is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for node in self._nodes.values():
+            with contextlib.suppress(Exception):
+                await node.channel.close()
+        self._nodes.clear()

@@ -1,0 +1,151 @@
+"""The fleet's request path: decide the (node, variant), forward to that node's router with the variant
+pinned, fall back to the next pair before the first token, relay the rest as it comes.
+
+The node router does the generating (and its own metrics, throughput learning and Ollama fallbacks);
+the fleet only chooses and relays. The node's own first message (its pinned decision) is replaced by
+the fleet's, which names the node. Errors before the first token that say "this pair cannot serve
+now" (UNAVAILABLE, RESOURCE_EXHAUSTED, NOT_FOUND, FAILED_PRECONDITION, INTERNAL, UNKNOWN) move on to
+the next pair, at most `MAX_ATTEMPTS` in all; any other error is the caller's and is passed on as
+the node gave it. After the first token a failing node ends the stream with UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from quantrouter.client import error_details
+from quantrouter.errors import ModelNotFound, NodeAnswered, NodeFailed, NoLiveNode, QuantrouterError
+from quantrouter.fleet.choice import choose
+from quantrouter.fleet.metrics import FleetMetrics
+from quantrouter.fleet.nodes import NodeSet
+from quantrouter.fleet.state import NodeState
+from quantrouter.metrics import OTHER
+from quantrouter.policy import PolicyConfig, RoutingRequest
+from quantrouter.router import failure_of
+from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
+from quantrouter.values import Decision
+
+__all__ = ["FleetRouter", "OpenCall"]
+
+log = logging.getLogger(__name__)
+
+# Pairs tried per request, the first included.
+MAX_ATTEMPTS = 3
+_FALLBACK_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
+                             grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+
+# Opens the node's stream for a pinned tag: (stub, tag) → the call (its messages have an `event` oneof).
+OpenCall = Callable[[pb_grpc.RouterServiceStub, str], Any]
+
+
+def _relayed(node: str, error: grpc.aio.AioRpcError) -> NodeAnswered:
+    details = error_details(error)
+    return NodeAnswered(error.code(), details.reason, f"node {node}: {error.details()}",
+                        retry_after=details.retry_after, metadata={"node": node})
+
+
+class FleetRouter:
+    def __init__(self, nodes: NodeSet, metrics: FleetMetrics, policy: PolicyConfig,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.nodes = nodes
+        self.metrics = metrics
+        self.policy = policy
+        self._clock = clock
+        self.in_flight = 0
+
+    def live(self) -> dict[str, NodeState]:
+        """The live nodes, or UNAVAILABLE naming every node and why it is out."""
+        live = self.nodes.live()
+        if not live:
+            down = self.nodes.down()
+            why = "; ".join(f"{name}: {reason}" for name, reason in sorted(down.items())) or "none configured"
+            raise NoLiveNode(f"no live node to route to ({why}); retry shortly",
+                             retry_after=1.0, metadata={"nodes": ",".join(sorted(down))[:256]})
+        return live
+
+    def resolve(self, model: str) -> tuple[str, str | None]:
+        live = self.live()
+        for name in sorted(live):
+            resolution = live[name].catalog.resolve(model)
+            if resolution is not None:
+                return resolution.family, resolution.pinned_tag
+        known = sorted({f for state in live.values() for f in state.catalog.families})
+        raise ModelNotFound(f"model {model!r} is not a family or tag on any live node; families: "
+                            f"{', '.join(known) or 'none yet'}", metadata={"model": model[:64]})
+
+    def decide(self, request: RoutingRequest, excluded: frozenset[tuple[str, str]] = frozenset()) -> Decision:
+        return choose(request, self.live(), self.policy, excluded)
+
+    def _record(self, decision: Decision) -> None:
+        chosen = decision.chosen
+        self.metrics.decisions.labels(decision.node or OTHER, decision.family, chosen.tag if chosen else OTHER,
+                                      decision.preference.value, decision.reason_code).inc()
+
+    async def stream(self, request: RoutingRequest, open_call: OpenCall) -> AsyncIterator[Decision | Any]:
+        """The fleet's decision, then the node's text chunks and completion, as protobuf events."""
+        started = self._clock()
+        self.in_flight += 1
+        code, node, tag = grpc.StatusCode.OK, OTHER, OTHER
+        try:
+            excluded: frozenset[tuple[str, str]] = frozenset()
+            decision = self.decide(request)
+            while True:
+                self._record(decision)
+                if decision.chosen is None:
+                    raise failure_of(decision)
+                node, tag = decision.node, decision.chosen.tag
+                yield decision
+                relayed = False
+                try:
+                    async for message in self._forward(node, tag, open_call):
+                        if not relayed and message.WhichOneof("event") == "chunk":
+                            relayed = True
+                            self.metrics.time_to_first_token.labels(node, request.family, tag).observe(
+                                self._clock() - started)
+                        yield message
+                    return
+                except grpc.aio.AioRpcError as error:
+                    if relayed:
+                        raise NodeFailed(f"node {node} failed after the first token: {error.code().name}: "
+                                         f"{error.details()}", metadata={"node": node}) from None
+                    if error.code() not in _FALLBACK_CODES or len(excluded) + 1 >= MAX_ATTEMPTS:
+                        raise _relayed(node, error) from None
+                    excluded |= {(node, tag)}
+                    try:
+                        alternative = self.decide(request, excluded)
+                    except NoLiveNode:
+                        raise _relayed(node, error) from None
+                    if alternative.chosen is None:
+                        raise _relayed(node, error) from None
+                    log.warning("node %s could not serve %s before its first token (%s), falling back to %s on %s",
+                                node, tag, error.code().name, alternative.chosen.tag, alternative.node)
+                    self.metrics.fallbacks.labels(node, tag, error.code().name).inc()
+                    decision = alternative
+        except QuantrouterError as error:
+            code = error.code
+            raise
+        except BaseException:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self.in_flight -= 1
+            self.metrics.requests.labels(node, request.family, tag, code.name).inc()
+
+    async def _forward(self, node: str, tag: str, open_call: OpenCall) -> AsyncIterator[Any]:
+        """The node's stream for `tag` without its own decision; the call is cancelled if we stop early."""
+        target = self.nodes.nodes.get(node)
+        if target is None:
+            raise NoLiveNode(f"node {node} left the fleet")
+        call = open_call(target.stub, tag)
+        try:
+            async for message in call:
+                if message.WhichOneof("event") != "decision":
+                    yield message
+        finally:
+            call.cancel()

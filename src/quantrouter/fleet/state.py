@@ -1,0 +1,120 @@
+"""A node's reported state, read from its `NodeCapacity` report and checked before anything trusts it.
+
+A report is turned into the policy's own values (`VariantInfo`, `SpeedEstimate`, a `MemoryView`), so
+the fleet prices a node's variants with exactly the numbers its node router would use. A report that
+cannot be true (negative or impossible memory, speeds that are not positive finite numbers, a schema
+version this reader does not know, an unknown quantization) raises `ReportRejected`: the node is then
+marked unhealthy, never half-trusted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from quantrouter.capacity import SCHEMA_VERSION
+from quantrouter.catalog import Architecture, CatalogSnapshot, VariantInfo
+from quantrouter.memory import GpuMemory, MemorySnapshot
+from quantrouter.policy import CandidateInput, MemoryView
+from quantrouter.quant import UnknownQuantizationError, parse_quantization
+from quantrouter.throughput import SpeedEstimate
+from quantrouter.v1 import router_service_pb2 as pb
+
+__all__ = ["NodeState", "ReportRejected", "read_report"]
+
+
+class ReportRejected(ValueError):
+    """A report that cannot be trusted; `reason` is a bounded metric label, the message says what is wrong."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class NodeState:
+    """What one node reported last, as plain values."""
+
+    memory: MemorySnapshot
+    reserve_bytes: int
+    candidates: tuple[CandidateInput, ...]
+    names: Mapping[str, str] = field(default_factory=dict)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    backlog_seconds: float = 0.0
+    backend_up: bool = True
+    sequence: int = 0
+
+    @property
+    def catalog(self) -> CatalogSnapshot:
+        return CatalogSnapshot(tuple(c.variant for c in self.candidates), self.names)
+
+    @property
+    def memory_view(self) -> MemoryView:
+        return MemoryView(self.memory.free_bytes, self.reserve_bytes, self.memory.source)
+
+    def family(self, family: str) -> tuple[CandidateInput, ...]:
+        return tuple(c for c in self.candidates if c.variant.family == family)
+
+    @property
+    def gpu_names(self) -> tuple[str, ...]:
+        return tuple(g.name for g in self.memory.gpus)
+
+
+def _require(ok: bool, reason: str, message: str) -> None:
+    if not ok:
+        raise ReportRejected(reason, message)
+
+
+def _positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+def _candidate(item: pb.NodeVariant) -> CandidateInput:
+    v = item.variant
+    _require(bool(v.tag) and bool(item.family), "bad_variant", "a variant without a tag or a family")
+    try:
+        quant = parse_quantization(v.quantization)
+    except UnknownQuantizationError as error:
+        raise ReportRejected("bad_variant", f"{v.tag}: {error}") from None
+    _require(v.size_bytes > 0 and v.vram_bytes >= 0 and v.parameter_count >= 0, "bad_variant",
+             f"{v.tag}: size {v.size_bytes}, VRAM {v.vram_bytes}, parameters {v.parameter_count}")
+    load = item.load_duration.ToNanoseconds() / 1e9
+    _require(_positive(v.tokens_per_second) and _positive(item.prompt_tokens_per_second)
+             and math.isfinite(load) and load >= 0 and v.samples >= 0, "bad_speed",
+             f"{v.tag}: {v.tokens_per_second} tok/s, prompt {item.prompt_tokens_per_second} tok/s, "
+             f"load {load} s, {v.samples} samples")
+    _require(0 <= v.quality <= 1 and item.in_flight >= 0, "bad_variant",
+             f"{v.tag}: quality {v.quality}, {item.in_flight} in flight")
+    arch = None
+    if item.HasField("architecture"):
+        a = item.architecture
+        _require(min(a.block_count, a.head_count_kv, a.head_dim, a.context_length) >= 0, "bad_variant",
+                 f"{v.tag}: negative architecture figures")
+        arch = Architecture(a.name, a.block_count, a.head_count_kv, a.head_dim, a.context_length)
+    info = VariantInfo(v.tag, item.family, quant, v.size_bytes, v.parameter_count, arch, v.resident, v.vram_bytes)
+    speed = SpeedEstimate(v.tokens_per_second, item.prompt_tokens_per_second, load, v.samples,
+                          v.tokens_per_second_measured)
+    return CandidateInput(info, speed, v.quality, item.in_flight, item.breaker_open)
+
+
+def read_report(report: pb.NodeCapacity) -> NodeState:
+    """The report as plain values, or `ReportRejected` saying why it cannot be trusted."""
+    _require(report.schema_version == SCHEMA_VERSION, "schema_version",
+             f"schema version {report.schema_version}, this fleet router reads version {SCHEMA_VERSION}")
+    m = report.memory
+    gpus = tuple(GpuMemory(g.uuid, g.name, g.free_bytes, g.total_bytes) for g in m.gpus)
+    _require(all(0 <= g.free_bytes <= g.total_bytes for g in gpus) and report.reserve_bytes >= 0, "bad_memory",
+             "memory figures out of range: " + ", ".join(f"{g.name or g.uuid} {g.free_bytes} free of {g.total_bytes}"
+                                                         for g in gpus) + f", reserve {report.reserve_bytes}")
+    _require(bool(gpus) and sum(g.free_bytes for g in gpus) == m.free_bytes, "bad_memory",
+             f"free memory {m.free_bytes} does not add up over {len(gpus)} devices")
+    _require(report.in_flight >= 0 and report.max_in_flight >= 0 and math.isfinite(report.backlog_seconds)
+             and report.backlog_seconds >= 0, "bad_load",
+             f"{report.in_flight} in flight of {report.max_in_flight}, backlog {report.backlog_seconds} s")
+    candidates = tuple(_candidate(item) for item in report.variants)
+    _require(len({c.variant.tag for c in candidates}) == len(candidates), "bad_variant", "a tag listed twice")
+    return NodeState(MemorySnapshot(m.source, gpus, m.detail), report.reserve_bytes, candidates, dict(report.names),
+                     report.in_flight, report.max_in_flight, report.backlog_seconds, report.backend_up,
+                     report.sequence)
