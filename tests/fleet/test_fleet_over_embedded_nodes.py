@@ -4,6 +4,7 @@ budgets): where requests land, load shedding, and nodes that are unreachable, st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 from collections.abc import AsyncIterator, Iterator
@@ -95,10 +96,8 @@ class _Reporter(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
                             ) -> AsyncIterator[pb.NodeCapacity]:
         last: pb.NodeCapacity | None = None
         while True:
-            try:
+            with contextlib.suppress(queue.Empty):
                 last = self._reports.get_nowait()
-            except queue.Empty:
-                pass
             if last is not None:
                 yield last
             await asyncio.sleep(0.1)
