@@ -42,17 +42,18 @@ def test_quality_lands_where_the_larger_variant_fits_and_latency_may_go_elsewher
     assert any(c.feasible for c in latency.candidates if c.node == "small")
     decision = events[0]
     completion = events[-1]
-    assert isinstance(decision, Decision) and decision.node == quality.node
+    assert isinstance(decision, Decision) and decision.node in {"medium", "large"}
     assert isinstance(completion, Completion) and completion.variant == decision.chosen.tag  # type: ignore[union-attr]
     assert completion.generated_tokens > 0
 
 
 def test_a_node_busy_with_long_generations_sheds_new_requests_to_the_others(
         fleet: FleetServer, fleet_target: str, nodes: dict[str, Node]) -> None:
+    """Medium and large both fit F16, QUALITY's pick: the busier of the two loses the tie on expected time."""
     with RouterClient(fleet_target) as client:
-        idle = client.route(FAMILY, preference="latency", options=FEW)
+        idle = client.route(FAMILY, preference="quality", options=FEW)
         busy = idle.node
-        assert idle.chosen is not None and busy in nodes
+        assert idle.chosen is not None and busy in {"medium", "large"}
         # Keep that node generating a long answer, sent to its own router (not through the fleet);
         # leaving the `with` closes the channel, which cancels the generation.
         with RouterClient(nodes[busy].address) as direct:
@@ -60,8 +61,9 @@ def test_a_node_busy_with_long_generations_sheds_new_requests_to_the_others(
             assert isinstance(next(stream), Decision)  # the stream is in flight on the node
             wait_for(lambda: fleet.router.nodes.live()[busy].backlog_seconds > 0,
                      what=f"{busy} to report its backlog")
-            shed = client.route(FAMILY, preference="latency", options=FEW)
-    assert shed.node != busy, shed.reason
+            shed = client.route(FAMILY, preference="quality", options=FEW)
+    assert shed.node in {"medium", "large"} - {busy}, shed.reason
+    assert shed.chosen is not None and shed.chosen.tag == idle.chosen.tag
     passed_over = next(c for c in shed.candidates if c.node == busy and c.tag == idle.chosen.tag)
     assert passed_over.feasible  # still able to serve: passed over for its queue, not ruled out
 

@@ -5,8 +5,9 @@ The node router does the generating (and its own metrics, throughput learning an
 the fleet only chooses and relays. The node's own first message (its pinned decision) is replaced by
 the fleet's, which names the node. Errors before the first token that say "this pair cannot serve
 now" (UNAVAILABLE, RESOURCE_EXHAUSTED, NOT_FOUND, FAILED_PRECONDITION, INTERNAL, UNKNOWN) move on to
-the next pair, at most `MAX_ATTEMPTS` in all; any other error is the caller's and is passed on as
-the node gave it. After the first token a failing node ends the stream with UNAVAILABLE.
+the next pair, at most `MAX_ATTEMPTS` in all (UNAVAILABLE and RESOURCE_EXHAUSTED speak for the whole
+node, so the next pair is on another node); any other error is the caller's and is passed on as the
+node gave it. After the first token a failing node ends the stream with UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ MAX_ATTEMPTS = 3
 _FALLBACK_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
                              grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
                              grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+# Of those, the codes that speak for the whole node (its backend or router is down, full or draining):
+# the request then leaves the node, rather than trying the node's next variant.
+_NODE_WIDE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 # Opens the node's stream for a pinned tag: (stub, tag) → the call (its messages have an `event` oneof).
 OpenCall = Callable[[pb_grpc.RouterServiceStub, str], Any]
@@ -94,6 +98,7 @@ class FleetRouter:
         code, node, tag = grpc.StatusCode.OK, OTHER, OTHER
         try:
             excluded: frozenset[tuple[str, str]] = frozenset()
+            attempts = 0
             decision = self.decide(request)
             while True:
                 self._record(decision)
@@ -114,9 +119,10 @@ class FleetRouter:
                     if relayed:
                         raise NodeFailed(f"node {node} failed after the first token: {error.code().name}: "
                                          f"{error.details()}", metadata={"node": node}) from None
-                    if error.code() not in _FALLBACK_CODES or len(excluded) + 1 >= MAX_ATTEMPTS:
+                    attempts += 1
+                    if error.code() not in _FALLBACK_CODES or attempts >= MAX_ATTEMPTS:
                         raise _relayed(node, error) from None
-                    excluded |= {(node, tag)}
+                    excluded |= self._failed(node, tag, request.family, error.code())
                     try:
                         alternative = self.decide(request, excluded)
                     except NoLiveNode:
@@ -136,6 +142,13 @@ class FleetRouter:
         finally:
             self.in_flight -= 1
             self.metrics.requests.labels(node, request.family, tag, code.name).inc()
+
+    def _failed(self, node: str, tag: str, family: str, code: grpc.StatusCode) -> frozenset[tuple[str, str]]:
+        """The pairs to leave out after `tag` failed on `node`: the pair, or all of the node's family."""
+        target = self.nodes.nodes.get(node)
+        if code not in _NODE_WIDE_CODES or target is None or target.state is None:
+            return frozenset({(node, tag)})
+        return frozenset({(node, tag)} | {(node, c.variant.tag) for c in target.state.family(family)})
 
     async def _forward(self, node: str, tag: str, open_call: OpenCall) -> AsyncIterator[Any]:
         """The node's stream for `tag` without its own decision; the call is cancelled if we stop early."""

@@ -35,6 +35,8 @@ __all__ = ["FleetServer", "fleet_in_thread", "start_fleet"]
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 30.0
+NODE_RECONNECT_BACKOFF_MS = 250
+NODE_MAX_RECONNECT_BACKOFF_MS = 2000
 
 
 @dataclass
@@ -79,8 +81,11 @@ async def start_fleet(settings: Settings, registry: CollectorRegistry | None = N
         def rejected(node: str, reason: str) -> None:
             fleet_metrics.rejected_reports.labels(node, reason).inc()
 
-        nodes = NodeSet(NodeSettings(settings.node_report_interval, settings.node_stale_after,
-                                     (("grpc.max_receive_message_length", settings.max_message_bytes),)), rejected)
+        nodes = NodeSet(NodeSettings(settings.node_report_interval, settings.node_stale_after, (
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            # A node that comes back is found within seconds, not after gRPC's default back-off of up to 2 min.
+            ("grpc.initial_reconnect_backoff_ms", NODE_RECONNECT_BACKOFF_MS),
+            ("grpc.max_reconnect_backoff_ms", NODE_MAX_RECONNECT_BACKOFF_MS))), rejected)
         stack.push_async_callback(nodes.close)
         fleet_metrics = FleetMetrics(registry, nodes)
         router = FleetRouter(nodes, fleet_metrics, PolicyConfig(settings.balanced_quality_weight,

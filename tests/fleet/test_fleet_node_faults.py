@@ -1,0 +1,167 @@
+"""Faults on real processes: a node router killed mid-stream and brought back, a node whose backend dies
+under it, and a fleet router restarted under load.
+
+The requests ask for QUALITY, which every node here serves with F16: two nodes that both fit it let the
+tests kill whichever one the fleet chose and watch the other take over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry
+
+from quantrouter.client import Options, RouterClient, error_details
+from quantrouter.embedded import EmbeddedConfig, EmbeddedServer, run_embedded_in_thread
+from quantrouter.fleet.server import FleetServer, fleet_in_thread
+from quantrouter.server import run_in_thread
+from quantrouter.values import Completion, Decision
+from tests.fleet.conftest import BUDGETS, NUM_CTX, Node, fleet_settings, node_settings, wait_for
+from tests.support import FAMILY
+
+PROMPT = "The capital of France is"
+TWO = Options(num_predict=2, temperature=0.0, seed=1, num_ctx=NUM_CTX)
+# Long enough that the node is still generating when it is killed, even on a fast machine.
+LONG = Options(num_predict=300, temperature=0.0, seed=1, num_ctx=NUM_CTX)
+CLEAN_ENDINGS = {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+NAMES = ("east", "west")
+
+
+class KillableNode:
+    """A node of its own (an embedded backend with the large budget, and a node router) that a test may
+    kill and start again on the same port. Its router refreshes its catalog rarely, so after its backend
+    dies it goes on reporting it as up (as a node does until its next probe) and the fleet forwards to it."""
+
+    def __init__(self, backend: EmbeddedServer, backend_stack: contextlib.ExitStack) -> None:
+        self.backend = backend
+        self.backend_stack = backend_stack
+        self.port = 0
+        self._router: contextlib.ExitStack | None = None
+
+    def start(self) -> None:
+        stack = contextlib.ExitStack()
+        settings = node_settings(self.backend, grpc_address=f"127.0.0.1:{self.port}", ps_refresh_interval=60.0,
+                                 tags_refresh_interval=60.0)
+        self.port = stack.enter_context(run_in_thread(settings, CollectorRegistry())).port
+        self._router = stack
+
+    def kill(self) -> None:
+        if self._router is not None:
+            self._router.close()
+            self._router = None
+
+
+@pytest.fixture(scope="module")
+def killable(cache_dir: Path, nodes: dict[str, Node]) -> Iterator[dict[str, KillableNode]]:
+    started: dict[str, KillableNode] = {}
+    try:
+        for name in NAMES:
+            stack = contextlib.ExitStack()
+            backend = stack.enter_context(run_embedded_in_thread(EmbeddedConfig(
+                cache_dir=cache_dir, memory_budget_bytes=BUDGETS["large"])))
+            started[name] = KillableNode(backend, stack)
+            started[name].start()
+        yield started
+    finally:
+        for node in started.values():
+            node.kill()
+            node.backend_stack.close()
+
+
+@pytest.fixture(scope="module")
+def fault_fleet(killable: dict[str, KillableNode]) -> Iterator[FleetServer]:
+    settings = fleet_settings({name: f"127.0.0.1:{node.port}" for name, node in killable.items()})
+    with fleet_in_thread(settings, CollectorRegistry()) as running:
+        wait_for(lambda: len(running.router.nodes.live()) == len(killable), what="both nodes' first reports")
+        yield running
+
+
+def test_a_node_killed_mid_stream_ends_it_cleanly_and_is_used_again_once_back(
+        killable: dict[str, KillableNode], fault_fleet: FleetServer) -> None:
+    live = fault_fleet.router.nodes.live
+    with RouterClient(f"127.0.0.1:{fault_fleet.port}") as client:
+        stream = client.generate(FAMILY, PROMPT, preference="quality", options=LONG)
+        decision = next(stream)
+        assert isinstance(decision, Decision) and decision.node in killable, decision
+        victim, other = decision.node, next(name for name in NAMES if name != decision.node)
+        assert isinstance(next(stream), str)  # the first token has been relayed
+        killable[victim].kill()
+        with pytest.raises(grpc.RpcError) as raised:
+            for _ in stream:
+                pass
+        assert raised.value.code() is grpc.StatusCode.UNAVAILABLE, raised.value
+        assert error_details(raised.value).reason == "NODE_FAILED"
+        assert victim in raised.value.details()
+
+        wait_for(lambda: victim not in live(), what=f"the fleet to drop {victim}")
+        assert client.route(FAMILY, preference="quality", options=TWO).node == other
+
+        killable[victim].start()  # on the same port
+        wait_for(lambda: victim in live(), what=f"{victim} to report again")
+        killable[other].kill()  # now only the node that came back can serve
+        wait_for(lambda: other not in live(), what=f"the fleet to drop {other}")
+        events = list(client.generate(FAMILY, PROMPT, preference="quality", options=TWO))
+        killable[other].start()
+        wait_for(lambda: len(live()) == len(NAMES), what=f"{other} to report again")
+    assert isinstance(events[0], Decision) and events[0].node == victim
+    assert isinstance(events[-1], Completion) and events[-1].generated_tokens > 0
+
+
+def test_a_node_whose_backend_died_is_fallen_back_from_before_the_first_token(
+        killable: dict[str, KillableNode], fault_fleet: FleetServer) -> None:
+    with RouterClient(f"127.0.0.1:{fault_fleet.port}") as client:
+        first = client.route(FAMILY, preference="quality", options=TWO)
+        assert first.node in killable and first.chosen is not None
+        killable[first.node].backend_stack.close()  # the node's Ollama is gone; its router has not noticed
+        events = list(client.generate(FAMILY, PROMPT, preference="quality", options=TWO))
+    decisions = [e for e in events if isinstance(e, Decision)]
+    assert [d.node for d in decisions] == [first.node, next(n for n in NAMES if n != first.node)], \
+        [d.reason for d in decisions]
+    assert decisions[1].fallback and not decisions[0].fallback
+    assert isinstance(events[-1], Completion) and events[-1].generated_tokens > 0
+    assert fault_fleet.registry.get_sample_value("quantrouter_fleet_fallbacks_total", {
+        "node": first.node, "target_model_name": first.chosen.tag, "code": "UNAVAILABLE"}) == 1
+
+
+def test_a_fleet_router_restarted_under_load_ends_every_accepted_call_cleanly(nodes: dict[str, Node]) -> None:
+    settings = fleet_settings({name: node.address for name, node in nodes.items()})
+    endings: list[tuple[grpc.StatusCode, str]] = []
+    accepted = threading.Semaphore(0)
+
+    def call(target: str) -> None:
+        with RouterClient(target) as client:
+            try:
+                for event in client.generate(FAMILY, PROMPT, preference="quality",
+                                             options=Options(num_predict=48, num_ctx=NUM_CTX), timeout=120):
+                    if isinstance(event, Decision):
+                        accepted.release()
+                endings.append((grpc.StatusCode.OK, ""))
+            except grpc.RpcError as error:
+                endings.append((error.code(), error.details() or ""))
+
+    with fleet_in_thread(settings, CollectorRegistry()) as running:
+        wait_for(lambda: len(running.router.nodes.live()) == len(nodes), what="every node's first report")
+        callers = [threading.Thread(target=call, args=(f"127.0.0.1:{running.port}",)) for _ in range(4)]
+        for caller in callers:
+            caller.start()
+        for _ in callers:
+            assert accepted.acquire(timeout=60), "a call was never accepted"
+    # The fleet router is stopped (1 s grace): every call has ended, none hangs, none with a muddled status.
+    for caller in callers:
+        caller.join(timeout=60)
+        assert not caller.is_alive()
+    assert len(endings) == 4
+    assert all(code in CLEAN_ENDINGS and (code is grpc.StatusCode.OK or details) for code, details in endings), endings
+    # Nothing leaked on the nodes: the fleet's cancelled calls cancelled the node streams.
+    wait_for(lambda: all(node.router.router.in_flight == 0 for node in nodes.values()), timeout=30,
+             what="the nodes' streams to end")
+    with fleet_in_thread(settings, CollectorRegistry()) as restarted, \
+            RouterClient(f"127.0.0.1:{restarted.port}") as client:
+        wait_for(lambda: len(restarted.router.nodes.live()) == len(nodes), what="the restarted router's reports")
+        events = list(client.generate(FAMILY, PROMPT, preference="quality", options=TWO))
+    assert isinstance(events[-1], Completion)
