@@ -1,0 +1,88 @@
+"""The fleet's choice, table-driven: an RTX 4090 (24 GB) beside H100s (80 GB) serving Llama-3.1-8B."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from quantrouter.catalog import Architecture, VariantInfo
+from quantrouter.fleet.choice import choose
+from quantrouter.fleet.state import NodeState
+from quantrouter.memory import GpuMemory, MemorySnapshot
+from quantrouter.policy import CandidateInput, PolicyConfig, RoutingRequest, decide
+from quantrouter.quant import parse_quantization
+from quantrouter.throughput import SpeedEstimate
+from quantrouter.values import FailureKind, Preference
+
+GIB = 1 << 30
+FAMILY = "llama3.1:8b-instruct"
+LLAMA_8B = Architecture("llama", block_count=32, head_count_kv=8, head_dim=128, context_length=131072)
+# File sizes in GiB, llama.cpp perplexity README for LLaMA 3 8B (reference/quant.md §1b).
+LADDER_GIB = {"F16": 14.97, "Q8_0": 7.96, "Q4_K_M": 4.58}
+# Decode tok/s roughly ∝ bandwidth / size: an H100 SXM (3.35 TB/s) and an RTX 4090 (1.0 TB/s).
+H100_TPS = {"F16": 160.0, "Q8_0": 280.0, "Q4_K_M": 420.0}
+RTX4090_TPS = {"F16": 55.0, "Q8_0": 100.0, "Q4_K_M": 160.0}
+CONFIG = PolicyConfig()
+
+
+def node(free_gib: float, tps: dict[str, float], resident: Sequence[str] = (), backlog: float = 0.0,
+         in_flight: int = 0, max_in_flight: int = 0) -> NodeState:
+    candidates = tuple(
+        CandidateInput(VariantInfo(f"{FAMILY}-{q.lower()}", FAMILY, parse_quantization(q), int(gib * GIB),
+                                   architecture=LLAMA_8B, resident=q in resident,
+                                   vram_bytes=int(gib * GIB) if q in resident else 0),
+                       SpeedEstimate(tps[q], 5000.0, 4.0, 10, True), parse_quantization(q).quality)
+        for q, gib in LADDER_GIB.items())
+    free = int(free_gib * GIB)
+    return NodeState(MemorySnapshot("nvml", (GpuMemory("GPU-0", "gpu", free, free),)), 0, candidates,
+                     {FAMILY: FAMILY}, in_flight, max_in_flight, backlog)
+
+
+def request(preference: Preference, **fields: object) -> RoutingRequest:
+    return RoutingRequest(FAMILY, preference, num_predict=256, num_ctx=4096, **fields)  # type: ignore[arg-type]
+
+
+def test_each_node_is_decided_as_its_own_router_would_and_the_decision_names_the_node() -> None:
+    nodes = {"rtx4090": node(18, RTX4090_TPS), "h100": node(78, H100_TPS)}
+    chosen = choose(request(Preference.QUALITY), nodes, CONFIG)
+    alone = decide(request(Preference.QUALITY), nodes["h100"].family(FAMILY), nodes["h100"].memory_view, CONFIG)
+    assert chosen.node == "h100" and chosen.chosen is not None and chosen.chosen.node == "h100"
+    assert alone.chosen is not None and chosen.chosen.tag == alone.chosen.tag == f"{FAMILY}-f16"
+    assert {(c.node, c.tag) for c in chosen.candidates} == {(n, f"{FAMILY}-{q.lower()}")
+                                                             for n in nodes for q in LADDER_GIB}
+    rejected = next(c for c in chosen.candidates if c.node == "rtx4090" and c.quantization == "F16")
+    assert "needs" in rejected.rejection  # 15 GiB + KV is more than 80 % of 18 GiB free
+
+
+def test_backlog_moves_a_request_to_an_idle_node_and_a_full_node_offers_nothing() -> None:
+    idle = choose(request(Preference.LATENCY), {"a": node(78, H100_TPS), "b": node(78, H100_TPS)}, CONFIG)
+    assert idle.node == "a"  # a tie: the first name
+    queued = choose(request(Preference.LATENCY), {"a": node(78, H100_TPS, backlog=3.0), "b": node(78, H100_TPS)},
+                    CONFIG)
+    assert queued.node == "b"
+    full = choose(request(Preference.LATENCY), {"a": node(78, H100_TPS, in_flight=4, max_in_flight=4),
+                                                "b": node(78, H100_TPS, backlog=30.0)}, CONFIG)
+    assert full.node == "b"
+    # A slower, idle 4090 still beats an H100 with half a minute of work ahead of it.
+    busy_h100 = choose(request(Preference.LATENCY), {"h100": node(78, H100_TPS, backlog=30.0),
+                                                      "rtx4090": node(18, RTX4090_TPS)}, CONFIG)
+    assert busy_h100.node == "rtx4090" and "ranked first of 2 nodes" in busy_h100.reason
+
+
+def test_excluded_pairs_fall_back_to_the_next_pair_and_nothing_left_says_why_per_node() -> None:
+    nodes = {"a": node(78, H100_TPS), "b": node(18, RTX4090_TPS)}
+    f16 = f"{FAMILY}-f16"
+    fallback = choose(request(Preference.QUALITY), nodes, CONFIG, frozenset({("a", f16)}))
+    assert fallback.fallback and fallback.node == "a" and fallback.chosen is not None
+    assert fallback.chosen.quantization == "Q8_0"  # the next pair by quality: Q8_0 on a (faster than on b)
+    everything = frozenset((n, f"{FAMILY}-{q.lower()}") for n in nodes for q in LADDER_GIB)
+    none = choose(request(Preference.QUALITY), nodes, CONFIG, everything)
+    assert none.chosen is None and none.failure is FailureKind.CONSTRAINTS
+    assert "node a:" in none.reason and "node b:" in none.reason
+
+
+def test_failure_kinds_follow_what_stood_in_the_way_on_every_node() -> None:
+    tiny = {"a": node(2, H100_TPS), "b": node(3, RTX4090_TPS)}
+    assert choose(request(Preference.QUALITY), tiny, CONFIG).failure is FailureKind.MEMORY
+    unknown = choose(RoutingRequest("other:1b"), tiny, CONFIG)
+    assert unknown.failure is FailureKind.EMPTY
+    assert choose(request(Preference.QUALITY), {}, CONFIG).reason.endswith("(no live node)")

@@ -1,0 +1,84 @@
+"""Reading a node's report: the real shape is taken in, every impossible figure is refused with a reason."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+
+from quantrouter.capacity import SCHEMA_VERSION
+from quantrouter.fleet.state import ReportRejected, read_report
+from quantrouter.v1 import router_service_pb2 as pb
+
+MIB = 1 << 20
+
+
+def report() -> pb.NodeCapacity:
+    variant = pb.NodeVariant(
+        variant=pb.Variant(tag="gemma3:270m-q8_0", quantization="Q8_0", size_bytes=278 * MIB, resident=True,
+                           vram_bytes=300 * MIB, tokens_per_second=80.0, samples=3, quality=0.99,
+                           tokens_per_second_measured=True),
+        family="gemma3:270m", prompt_tokens_per_second=900.0, in_flight=1,
+        architecture=pb.Architecture(name="gemma3", block_count=18, head_count_kv=1, head_dim=256,
+                                     context_length=32768))
+    variant.load_duration.FromNanoseconds(400_000_000)
+    return pb.NodeCapacity(
+        schema_version=SCHEMA_VERSION, sequence=7, reserve_bytes=0, in_flight=1, max_in_flight=256,
+        backlog_seconds=2.5, backend_up=True, names={"gemma3:270m": "gemma3:270m", "gemma3": "gemma3:270m"},
+        memory=pb.MemoryStatus(source="nvml", free_bytes=10 * MIB, total_bytes=24 * MIB, gpus=[
+            pb.GpuMemory(uuid="GPU-1", name="NVIDIA GeForce RTX 4090", free_bytes=10 * MIB, total_bytes=24 * MIB)]),
+        variants=[variant])
+
+
+def test_a_real_shaped_report_becomes_the_policys_values() -> None:
+    state = read_report(report())
+    (candidate,) = state.family("gemma3:270m")
+    assert candidate.variant.quant.name == "Q8_0" and candidate.variant.resident
+    assert candidate.variant.architecture is not None and candidate.variant.architecture.block_count == 18
+    assert candidate.speed.load_seconds == pytest.approx(0.4) and candidate.speed.measured
+    assert candidate.in_flight == 1 and state.backlog_seconds == 2.5
+    assert state.memory_view.free_bytes == 10 * MIB and state.gpu_names == ("NVIDIA GeForce RTX 4090",)
+    assert state.catalog.resolve("gemma3") is not None
+
+
+def _set(path: str, value: object) -> Callable[[pb.NodeCapacity], None]:
+    def apply(message: pb.NodeCapacity) -> None:
+        *parents, leaf = path.split(".")
+        target: object = message
+        for part in parents:
+            target = target[int(part)] if part.isdigit() else getattr(target, part)  # type: ignore[index]
+        setattr(target, leaf, value)
+    return apply
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    (_set("schema_version", SCHEMA_VERSION + 1), "schema_version"),
+    (_set("memory.gpus.0.free_bytes", -1), "bad_memory"),
+    (_set("memory.gpus.0.free_bytes", 25 * MIB), "bad_memory"),
+    (_set("memory.free_bytes", 3 * MIB), "bad_memory"),
+    (_set("reserve_bytes", -5), "bad_memory"),
+    (_set("in_flight", -1), "bad_load"),
+    (_set("backlog_seconds", math.nan), "bad_load"),
+    (_set("variants.0.variant.tokens_per_second", 0.0), "bad_speed"),
+    (_set("variants.0.variant.tokens_per_second", math.inf), "bad_speed"),
+    (_set("variants.0.prompt_tokens_per_second", -3.0), "bad_speed"),
+    (_set("variants.0.variant.quantization", "Q9_X"), "bad_variant"),
+    (_set("variants.0.variant.size_bytes", 0), "bad_variant"),
+    (_set("variants.0.variant.quality", 1.5), "bad_variant"),
+    (_set("variants.0.family", ""), "bad_variant"),
+])
+def test_impossible_figures_are_refused_with_a_reason(change: Callable[[pb.NodeCapacity], None],
+                                                      reason: str) -> None:
+    message = report()
+    change(message)
+    with pytest.raises(ReportRejected) as raised:
+        read_report(message)
+    assert raised.value.reason == reason and str(raised.value)
+
+
+def test_a_tag_listed_twice_is_refused() -> None:
+    message = report()
+    message.variants.append(message.variants[0])
+    with pytest.raises(ReportRejected, match="twice"):
+        read_report(message)
