@@ -36,6 +36,10 @@ class FleetMetrics:
             "quantrouter_fleet_node_reports_rejected",
             "Node reports that could not be trusted (impossible memory, unknown schema version, ...).",
             ["node", "reason"], registry=registry)
+        self.discovery_errors = Counter(
+            "quantrouter_fleet_discovery_errors",
+            "Failed node discoveries (the last good node set was kept), by error type.", ["error"],
+            registry=registry)
         self.time_to_first_token = Histogram(
             "quantrouter_fleet_time_to_first_token_seconds", "Time from request to the first relayed text.",
             ["node", "model_name", "target_model_name"], buckets=TTFT_BUCKETS, registry=registry)

@@ -97,7 +97,8 @@ async def start_fleet(settings: Settings, registry: CollectorRegistry | None = N
         tasks: list[asyncio.Task[None]] = []
         if settings.discover:
             from quantrouter.fleet.discovery import follow_service
-            tasks.append(asyncio.create_task(follow_service(settings.discover, nodes.update)))
+            tasks.append(asyncio.create_task(follow_service(
+                settings.discover, nodes.update, lambda error: fleet_metrics.discovery_errors.labels(error).inc())))
         else:
             nodes.update(settings.nodes)
         await listening.health.set("", health_pb2.HealthCheckResponse.SERVING)
