@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 from prometheus_client import CollectorRegistry
 
 from quantrouter.background import service_in_thread
@@ -62,6 +63,9 @@ def test_a_node_busy_with_long_generations_sheds_new_requests_to_the_others(
             wait_for(lambda: fleet.router.nodes.live()[busy].backlog_seconds > 0,
                      what=f"{busy} to report its backlog")
             shed = client.route(FAMILY, preference="quality", options=FEW)
+    # The generation is cancelled; wait for it to end so that it does not outlive the test.
+    wait_for(lambda: nodes[busy].router.router.in_flight == 0 and not fleet.router.nodes.live()[busy].in_flight,
+             what=f"{busy}'s generation to be cancelled")
     assert shed.node in {"medium", "large"} - {busy}, shed.reason
     assert shed.chosen is not None and shed.chosen.tag == idle.chosen.tag
     passed_over = next(c for c in shed.candidates if c.node == busy and c.tag == idle.chosen.tag)
@@ -170,3 +174,26 @@ def test_nonsense_is_never_trusted_and_a_silent_node_goes_stale_until_it_reports
         stand_in.reports.put(real)
         wait_for(lambda: "odd" in node_set.live(), what="odd to report again")
         assert client.route(FAMILY, preference="quality", options=FEW).node == "odd"
+
+
+def test_a_node_reports_on_change_and_at_least_every_interval(nodes: dict[str, Node]) -> None:
+    large = nodes["large"]
+    with grpc.insecure_channel(large.address) as channel, RouterClient(large.address) as client:
+        stub = pb_grpc.RouterServiceStub(channel)
+        quiet = stub.WatchCapacity(pb.WatchCapacityRequest(interval=Duration(nanos=300_000_000)))
+        first, second = next(quiet), next(quiet)
+        quiet.cancel()
+        assert (first.schema_version, second.sequence) == (1, first.sequence + 1)
+        assert first.memory.source == "static" and first.memory.total_bytes == large.backend.memory_budget_bytes
+        assert {v.family for v in first.variants} == {FAMILY} and first.backend_up
+        # With a long interval, only a change brings a report: a stream starting on the node.
+        watch = stub.WatchCapacity(pb.WatchCapacityRequest(interval=Duration(seconds=600)))
+        idle = next(watch)
+        assert idle.in_flight == 0
+        stream = client.generate(f"{FAMILY}-f16", PROMPT, options=Options(num_predict=16, num_ctx=NUM_CTX))
+        assert isinstance(next(stream), Decision)
+        busy = next(watch)
+        watch.cancel()
+        assert isinstance(list(stream)[-1], Completion)  # finished, so no generation outlives the test
+    assert busy.in_flight == 1 and busy.backlog_seconds > 0
+    assert next(v for v in busy.variants if v.variant.tag == f"{FAMILY}-f16").in_flight == 1
