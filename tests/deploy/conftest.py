@@ -15,6 +15,8 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from quantrouter.fleet.metrics import FleetMetrics
+from quantrouter.fleet.nodes import NodeSet, NodeSettings
 from quantrouter.metrics import Metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,9 +72,11 @@ def metric_names(expr: str) -> set[str]:
 
 
 def exported_metric_names() -> set[str]:
-    """Every series name `quantrouter.metrics.Metrics` can expose, GPU memory collector included."""
+    """Every series name `quantrouter.metrics.Metrics` (GPU memory collector included) and a fleet
+    router's `FleetMetrics` can expose."""
     registry = CollectorRegistry()
     Metrics(registry).watch_memory(lambda: [("0", "static", 1, 2)])
+    FleetMetrics(registry, NodeSet(NodeSettings()))
     return {family.name + suffix for family in registry.collect() for suffix in _SUFFIXES[family.type]}
 
 

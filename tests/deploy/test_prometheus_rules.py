@@ -13,7 +13,8 @@ PROMETHEUS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 RULES = PROMETHEUS / "quantrouter-rules.yaml"
 PROMETHEUS_RULE = PROMETHEUS.parent / "base" / "prometheusrule.yaml"
 EXPECTED_ALERTS = {"QuantrouterBackendDown", "QuantrouterErrorRatioHigh", "QuantrouterNoVariantFits",
-                   "QuantrouterTokensPerSecondCollapse", "QuantrouterGpuMemoryNearlyFull"}
+                   "QuantrouterTokensPerSecondCollapse", "QuantrouterGpuMemoryNearlyFull", "QuantrouterFleetNodeStale",
+                   "QuantrouterFleetNodeReportsRejected"}
 
 
 def alerts() -> list[dict[str, Any]]:

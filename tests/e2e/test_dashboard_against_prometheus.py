@@ -80,10 +80,13 @@ def grafana_expr(expr: str) -> str:
     return VARIABLE.sub(lambda m: RATE_INTERVAL if m.group(1) == "__rate_interval" else ".*", expr)
 
 
-def panel_queries() -> list[tuple[str, str]]:
+def panel_queries(fleet: bool = False) -> list[tuple[str, str]]:
+    """The node router's panels, or (`fleet`) the fleet row's, which test_fleet_dashboard_against_prometheus
+    holds against a fleet router."""
     board = json.loads(DASHBOARD.read_text())
     return [(f"{panel['title']} / {target['refId']}", grafana_expr(target["expr"]))
-            for panel in board["panels"] if panel["type"] != "row" for target in panel["targets"]]
+            for panel in board["panels"] if panel["type"] != "row" for target in panel["targets"]
+            if ("quantrouter_fleet_" in target["expr"]) == fleet]
 
 
 def variable_selectors() -> list[tuple[str, str, str]]:
