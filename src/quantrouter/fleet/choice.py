@@ -74,11 +74,10 @@ def choose(request: RoutingRequest, nodes: Mapping[str, NodeState], config: Poli
     best = rank_by_preference(offers, request.preference, config.balanced_quality_weight)[0]
     verdict = next(v for v in verdicts if v.node == best.node)
     backlog = nodes[best.node].backlog_seconds
-    reason = f"node {best.node}: {verdict.decision.reason}"
+    reason = verdict.decision.reason
     if backlog:
-        reason += f"; {backlog:.1f} s of work queued there"
-    others = len(offers) - 1
-    if others:
-        reason += f"; ranked first of {others + 1} nodes"
+        reason += f"; {backlog:.1f} s of work queued on node {best.node}"
+    if len(offers) > 1:
+        reason += f"; node {best.node} ranked first of {len(offers)} nodes"
     candidates = tuple(best if a.node == best.node and a.tag == best.tag else a for a in listed)
     return replace(verdict.decision, chosen=best, reason=reason, candidates=candidates, fallback=bool(excluded))

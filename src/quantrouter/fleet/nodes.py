@@ -22,6 +22,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 from quantrouter.fleet.state import NodeState, ReportRejected, read_report
+from quantrouter.units import format_bytes
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
 
@@ -143,7 +144,7 @@ class NodeSet:
             return
         if node.rejected or node.state is None:
             log.info("node %s reports: %d variants, %s free (%s)", node.name, len(state.candidates),
-                     state.memory.free_bytes, state.memory.source)
+                     format_bytes(state.memory.free_bytes), state.memory.source)
         node.state, node.received_at, node.problem, node.rejected = state, self._clock(), "", False
 
     async def close(self) -> None:

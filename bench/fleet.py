@@ -1,0 +1,197 @@
+"""Fleet benchmark: a real three-node run, and the time to first token the fleet hop adds.
+
+Three nodes, each a node router (`quantrouter serve`) in front of its own backend, with GPU memory
+capacities of an RTX 4090, an L40S and an H100 (24, 48 and 80 GiB), and one fleet router
+(`quantrouter serve --node ...`) over them: seven processes besides this client. The backends are the
+canned Ollama fixture paced at a GPU-like decode rate (bench.fixtures.canned_ollama, Llama 3.1 8B in
+three quantizations), so that what is measured is the routing, not a model on two shared cores.
+
+1. Spread: `concurrency` streams send requests through the fleet, preferences in turn (quality,
+   balanced, latency); each stream's decision names the node and the variant, counted per pair.
+2. Hop: one stream alternates a request through the fleet with a request straight to the node router
+   the fleet chose for it (the same variant pinned), so both arms see the same node and the same
+   machine. TTFT is from the call to the first text chunk; the added TTFT is p50(fleet) − p50(direct)
+   and p99(fleet) − p99(direct), and the median of the paired differences.
+
+Run: `python -m bench.fleet [--quick]`. Writes bench/results/fleet.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from bench.fixtures.canned_ollama import FAMILY
+from bench.machine import describe
+from bench.overhead import ROUTER_ENV, Service, canned_backend, router_for, spawned
+from quantrouter.client import AsyncRouterClient, Options, PreferenceName
+from quantrouter.values import Decision
+
+RESULTS = Path(__file__).parent / "results"
+PROMPT = "Why is the sky blue?"
+NODES = {"rtx4090-24g": "24GiB", "l40s-48g": "48GiB", "h100-80g": "80GiB"}
+PREFERENCES: tuple[PreferenceName, ...] = ("quality", "balanced", "latency")
+TOKENS_PER_SECOND = 50.0
+SPREAD_TOKENS = 48
+HOP_TOKENS = 4
+REQUEST_TIMEOUT_S = 60.0
+# Reports every 200 ms, so a node's new streams show in the fleet's next choices.
+FLEET_ENV = {**ROUTER_ENV, "QUANTROUTER_NODE_REPORT_INTERVAL": "0.2s", "QUANTROUTER_NODE_STALE_AFTER": "3s"}
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    concurrency: int
+    spread_requests: int
+    hop_pairs: int
+
+
+def plan(quick: bool) -> Plan:
+    """Bounded so the whole run stays near two minutes on two shared cores."""
+    return Plan(2, 12, 20) if quick else Plan(6, 90, 200)
+
+
+@contextlib.contextmanager
+def fleet(logs: Path) -> Iterator[tuple[Service, dict[str, Service]]]:
+    with contextlib.ExitStack() as stack:
+        routers = {}
+        for name, capacity in NODES.items():
+            backend = stack.enter_context(canned_backend(f"backend-{name}", TOKENS_PER_SECOND, logs))
+            routers[name] = stack.enter_context(router_for(backend, logs, capacity))
+        argv = ["-m", "quantrouter.cli", "serve", "--grpc-address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0"]
+        for name, router in routers.items():
+            argv += ["--node", f"{name}=127.0.0.1:{router.address}"]
+        yield stack.enter_context(spawned("fleet", [sys.executable, *argv], FLEET_ENV,
+                                          r"fleet router serving on port (\d+)", logs)), routers
+
+
+async def first_token(client: AsyncRouterClient, model: str, preference: PreferenceName,
+                      tokens: int) -> tuple[Decision, float]:
+    started = time.perf_counter()
+    decision, first = None, None
+    async for event in client.generate(model, PROMPT, preference=preference, timeout=REQUEST_TIMEOUT_S,
+                                       options=Options(num_predict=tokens, temperature=0.0)):
+        if isinstance(event, Decision) and decision is None:
+            decision = event
+        elif isinstance(event, str) and first is None:
+            first = time.perf_counter()
+    assert decision is not None and first is not None, "a stream without a decision or text"
+    return decision, first - started
+
+
+async def spread(target: str, p: Plan) -> tuple[Counter[tuple[str, str, str]], int]:
+    counts: Counter[tuple[str, str, str]] = Counter()
+    failed = 0
+    queue = [PREFERENCES[i % len(PREFERENCES)] for i in range(p.spread_requests)]
+
+    async def stream(client: AsyncRouterClient) -> None:
+        nonlocal failed
+        while queue:
+            preference = queue.pop()
+            try:
+                decision, _ = await first_token(client, FAMILY, preference, SPREAD_TOKENS)
+            except Exception:  # a failed request is a result: counted, not fatal
+                failed += 1
+                continue
+            counts[(decision.node, decision.chosen.tag if decision.chosen else "", preference)] += 1
+
+    async with AsyncRouterClient(target) as client:
+        await asyncio.gather(*(stream(client) for _ in range(p.concurrency)))
+    return counts, failed
+
+
+async def hop(target: str, routers: dict[str, Service], p: Plan) -> tuple[list[float], list[float]]:
+    through, direct = [], []
+    clients = {name: AsyncRouterClient(f"127.0.0.1:{r.address}") for name, r in routers.items()}
+    try:
+        async with AsyncRouterClient(target) as fleet_client:
+            for name in clients:  # warm every connection
+                await first_token(clients[name], FAMILY, "quality", HOP_TOKENS)
+            for index in range(p.hop_pairs + 1):
+                decision, fleet_ttft = await first_token(fleet_client, FAMILY, "quality", HOP_TOKENS)
+                assert decision.chosen is not None
+                _, direct_ttft = await first_token(clients[decision.node], decision.chosen.tag, "quality", HOP_TOKENS)
+                if index:  # the first pair warms the fleet's own connections
+                    through.append(fleet_ttft)
+                    direct.append(direct_ttft)
+    finally:
+        for client in clients.values():
+            await client.close()
+    return through, direct
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def quantile_ms(seconds: list[float], q: float) -> float:
+    return 1000 * quantile(seconds, q)
+
+
+def report(p: Plan, counts: Counter[tuple[str, str, str]], failed: int, through: list[float], direct: list[float],
+           seconds: float) -> str:
+    added_p50 = quantile_ms(through, 0.5) - quantile_ms(direct, 0.5)
+    added_p99 = quantile_ms(through, 0.99) - quantile_ms(direct, 0.99)
+    paired = [1000 * (a - b) for a, b in zip(through, direct, strict=True)]
+    per_node = Counter(node for node, _, _ in counts.elements())
+    busiest = max(per_node.values()) / sum(per_node.values()) if per_node else float("nan")
+    lines = [
+        "# Fleet: a real three-node run", "",
+        f"Run {datetime.now():%Y-%m-%d %H:%M} on {describe()}; {seconds:.0f} s in all. "
+        "Regenerate with `python -m bench.fleet` (bench/fleet.py explains the method).", "",
+        f"**Reading (generated from this run).** {sum(counts.values())} requests from {p.concurrency} streams went to "
+        f"{len(per_node)} of {len(NODES)} nodes (the busiest took {busiest:.0%}); {failed} failed. The fleet hop added "
+        f"{added_p50:.2f} ms to time to first token at p50 and {added_p99:.2f} ms at p99 over {len(through)} pairs "
+        f"(median paired difference {statistics.median(paired):.2f} ms, p10–p90 of the differences "
+        f"{quantile(paired, 0.1):.2f} to {quantile(paired, 0.9):.2f} ms); "
+        f"ratio of p50s {quantile_ms(through, 0.5) / quantile_ms(direct, 0.5):.3f}. Client, seven router and backend "
+        "processes share this machine's cores.", "",
+        f"Nodes: node routers with static capacities {', '.join(f'{n} = {c}' for n, c in NODES.items())}, "
+        f"each in front of the canned Ollama fixture at {TOKENS_PER_SECOND:.0f} tok/s a stream "
+        "(Llama 3.1 8B: Q8_0, Q5_K_M, Q4_K_M, all resident, as on a warm Ollama).", "",
+        f"## Requests per node and variant ({SPREAD_TOKENS} tokens each, preferences in turn)", "",
+        "| node | variant | preference | requests |", "|---|---|---|---|",
+        *[f"| {node} | {tag} | {pref} | {n} |" for (node, tag, pref), n in sorted(counts.items())], "",
+        f"## Time to first token: through the fleet vs straight to the node it chose ({HOP_TOKENS} tokens each)", "",
+        "| arm | requests | p50 (ms) | p90 (ms) | p99 (ms) |", "|---|---|---|---|---|",
+        *[f"| {arm} | {len(v)} | {quantile_ms(v, 0.5):.2f} | {quantile_ms(v, 0.9):.2f} | {quantile_ms(v, 0.99):.2f} |"
+          for arm, v in (("fleet → node", through), ("node direct", direct))],
+        f"| added by the hop | | {added_p50:.2f} | {quantile_ms(through, 0.9) - quantile_ms(direct, 0.9):.2f} | "
+        f"{added_p99:.2f} |", "",
+        "The multi-node simulation (quantrouter-fleet against round-robin and least-loaded with always-Q4_K_M) "
+        "is not in this run: bench/sim is being rewritten by the routing work and gains its fleet scenarios there.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few requests, to check the benchmark runs")
+    args = parser.parse_args()
+    p = plan(args.quick)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as logs, fleet(Path(logs)) as (fleet_router, routers):
+        target = f"127.0.0.1:{fleet_router.address}"
+        time.sleep(1.0)  # the fleet's first reports from every node
+        counts, failed = asyncio.run(spread(target, p))
+        through, direct = asyncio.run(hop(target, routers, p))
+    text = report(p, counts, failed, through, direct, time.perf_counter() - started)
+    print(text)
+    if not args.quick:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "fleet.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
