@@ -20,7 +20,8 @@ from quantrouter.router import Router
 from quantrouter.throughput import SpeedEstimate
 from quantrouter.v1 import router_service_pb2 as pb
 
-__all__ = ["DEFAULT_INTERVAL_S", "SCHEMA_VERSION", "capacity_of", "memory_status_pb", "variant_pb", "watch"]
+__all__ = ["DEFAULT_INTERVAL_S", "SCHEMA_VERSION", "capacity_of", "duration_pb", "memory_status_pb", "variant_pb",
+           "watch"]
 
 # Bump when a field changes meaning; readers refuse versions they do not know.
 SCHEMA_VERSION = 1
@@ -35,7 +36,7 @@ CHANGE_POLL_S = 0.25
 BACKLOG_STEP_S = 1.0
 
 
-def _duration(seconds: float) -> duration_pb2.Duration:
+def duration_pb(seconds: float) -> duration_pb2.Duration:
     d = duration_pb2.Duration()
     d.FromNanoseconds(int(seconds * 1e9))
     return d
@@ -65,7 +66,7 @@ def capacity_of(router: Router) -> pb.NodeCapacity:
             variants.append(pb.NodeVariant(
                 variant=variant_pb(v, speed),
                 family=family, prompt_tokens_per_second=speed.prompt_tps,
-                load_duration=_duration(speed.load_seconds),
+                load_duration=duration_pb(speed.load_seconds),
                 architecture=pb.Architecture(name=arch.name, block_count=arch.block_count,
                                              head_count_kv=arch.head_count_kv, head_dim=arch.head_dim,
                                              context_length=arch.context_length) if arch else None,

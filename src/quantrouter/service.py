@@ -12,11 +12,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from quantrouter.capacity import DEFAULT_INTERVAL_S, memory_status_pb, variant_pb, watch
+from quantrouter.capacity import DEFAULT_INTERVAL_S, duration_pb, memory_status_pb, variant_pb, watch
 from quantrouter.config import Settings
 from quantrouter.errors import DOMAIN, FieldViolation, InvalidRequest, QuantrouterError, ShuttingDown
 from quantrouter.policy import RoutingRequest
@@ -51,12 +51,6 @@ MAX_MODEL_NAME = 256
 MAX_CHAT_MESSAGES = 1024
 
 
-def _duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(int(seconds * 1e9))
-    return d
-
-
 def _packed(message: Any) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
@@ -71,7 +65,7 @@ def status_of(error: QuantrouterError) -> status_pb2.Status:
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
             for v in error.violations])))
     if error.retry_after is not None:
-        details.append(_packed(error_details_pb2.RetryInfo(retry_delay=_duration(error.retry_after))))
+        details.append(_packed(error_details_pb2.RetryInfo(retry_delay=duration_pb(error.retry_after))))
     return status_pb2.Status(code=getattr(code_pb2, error.code.name), message=error.message, details=details)
 
 
@@ -284,16 +278,16 @@ def decision_pb(decision: Decision) -> pb.RouteDecision:
 def _candidate_pb(a: Assessment) -> pb.Candidate:
     return pb.Candidate(variant=a.tag, quantization=a.quantization, memory_bytes=a.memory_bytes, resident=a.resident,
                         tokens_per_second=a.tokens_per_second, tokens_per_second_measured=a.measured,
-                        time_to_first_token=_duration(a.time_to_first_token),
-                        expected_duration=_duration(a.expected_seconds), quality=a.quality, score=a.score,
+                        time_to_first_token=duration_pb(a.time_to_first_token),
+                        expected_duration=duration_pb(a.expected_seconds), quality=a.quality, score=a.score,
                         feasible=a.feasible, rejection=a.rejection, node=a.node)
 
 
 def completion_pb(c: Completion) -> pb.Completion:
     return pb.Completion(variant=c.variant, prompt_tokens=c.prompt_tokens, generated_tokens=c.generated_tokens,
                          tokens_per_second=c.tokens_per_second, prompt_tokens_per_second=c.prompt_tokens_per_second,
-                         time_to_first_token=_duration(c.time_to_first_token),
-                         load_duration=_duration(c.load_seconds), total_duration=_duration(c.total_seconds),
+                         time_to_first_token=duration_pb(c.time_to_first_token),
+                         load_duration=duration_pb(c.load_seconds), total_duration=duration_pb(c.total_seconds),
                          done_reason=c.done_reason)
 
 

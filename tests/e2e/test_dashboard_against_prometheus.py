@@ -9,6 +9,7 @@ Grafana would with "All" selected.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -140,18 +141,15 @@ def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]
         stop(process)
 
 
-@pytest.fixture(scope="module")
-def prometheus(router: tuple[str, int], tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    """Debian's Prometheus server scraping the router every second, with the alert rules loaded."""
+@contextlib.contextmanager
+def prometheus_scraping(targets: list[str], workdir: Path) -> Iterator[httpx.Client]:
+    """Debian's Prometheus server on loopback scraping `targets` every second, with the alert rules loaded."""
     command = executable("prometheus", "make tools (Debian package prometheus)")
-    _, metrics_port = router
-    workdir = tmp_path_factory.mktemp("prometheus")
     config = workdir / "prometheus.yml"
     config.write_text(yaml.safe_dump({
         "global": {"scrape_interval": f"{SCRAPE_INTERVAL_S}s", "evaluation_interval": f"{SCRAPE_INTERVAL_S}s"},
         "rule_files": [str(RULES)],
-        "scrape_configs": [{"job_name": "quantrouter",
-                            "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}],
+        "scrape_configs": [{"job_name": "quantrouter", "static_configs": [{"targets": targets}]}],
     }))
     port = free_port()
     log = workdir / "prometheus.log"
@@ -162,10 +160,18 @@ def prometheus(router: tuple[str, int], tmp_path_factory: pytest.TempPathFactory
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
             settle(lambda: client.get("/-/ready").status_code == 200, process, log, "Prometheus ready")
-            settle(lambda: bool(query(client, 'up{job="quantrouter"} == 1')), process, log, "router scraped")
+            settle(lambda: len(query(client, 'up{job="quantrouter"} == 1')) == len(targets), process, log,
+                   "every target scraped")
             yield client
     finally:
         stop(process)
+
+
+@pytest.fixture(scope="module")
+def prometheus(router: tuple[str, int], tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    _, metrics_port = router
+    with prometheus_scraping([f"127.0.0.1:{metrics_port}"], tmp_path_factory.mktemp("prometheus")) as client:
+        yield client
 
 
 def settle(condition: Any, process: subprocess.Popen[bytes], log: Path, what: str) -> None:

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 from prometheus_client import CollectorRegistry
 
 from quantrouter.client import Options, RouterClient
@@ -21,15 +19,11 @@ from quantrouter.fleet.server import FleetServer, fleet_in_thread
 from quantrouter.server import run_in_thread
 from quantrouter.units import GiB
 from tests.e2e.test_dashboard_against_prometheus import (
-    RULES,
     SCRAPE_INTERVAL_S,
     alert_exprs,
-    executable,
-    free_port,
     panel_queries,
+    prometheus_scraping,
     query,
-    settle,
-    stop,
 )
 from tests.fleet.conftest import fleet_settings, node_settings, wait_for
 from tests.support import FAMILY
@@ -58,35 +52,15 @@ def fleet_and_ports(ladder: list[LadderEntry], cache_dir: Path) -> Iterator[tupl
 def traffic(fleet_and_ports: tuple[FleetServer, list[int]],
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     fleet, ports = fleet_and_ports
-    workdir = tmp_path_factory.mktemp("prometheus-fleet")
-    config = workdir / "prometheus.yml"
-    config.write_text(yaml.safe_dump({
-        "global": {"scrape_interval": f"{SCRAPE_INTERVAL_S}s", "evaluation_interval": f"{SCRAPE_INTERVAL_S}s"},
-        "rule_files": [str(RULES)],
-        "scrape_configs": [{"job_name": "quantrouter", "static_configs": [
-            {"targets": [f"127.0.0.1:{port}" for port in ports]}]}],
-    }))
-    port = free_port()
-    log = workdir / "prometheus.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [executable("prometheus", "make tools (Debian package prometheus)"), f"--config.file={config}",
-             f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=sink, stderr=subprocess.STDOUT)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            settle(lambda: client.get("/-/ready").status_code == 200, process, log, "Prometheus ready")
-            settle(lambda: len(query(client, 'up{job="quantrouter"} == 1')) == len(ports), process, log,
-                   "fleet and nodes scraped")
-            with RouterClient(f"127.0.0.1:{fleet.port}") as router:
-                for _ in range(REQUESTS):
-                    list(router.generate(FAMILY, "The capital of France is", preference="quality", options=QUALITY))
-                    time.sleep(SCRAPE_INTERVAL_S)
-            settle(lambda: bool(query(client, "sum(quantrouter_fleet_requests_total) >= 4")), process, log,
-                   "the fleet's requests scraped")
-            yield client
-    finally:
-        stop(process)
+    with prometheus_scraping([f"127.0.0.1:{port}" for port in ports],
+                             tmp_path_factory.mktemp("prometheus-fleet")) as client:
+        with RouterClient(f"127.0.0.1:{fleet.port}") as router:
+            for _ in range(REQUESTS):
+                list(router.generate(FAMILY, "The capital of France is", preference="quality", options=QUALITY))
+                time.sleep(SCRAPE_INTERVAL_S)
+        wait_for(lambda: bool(query(client, f"sum(quantrouter_fleet_requests_total) >= {REQUESTS}")),
+                 what="the fleet's requests to be scraped")
+        yield client
 
 
 @pytest.mark.parametrize(("panel", "expr"), panel_queries(fleet=True), ids=[n for n, _ in panel_queries(fleet=True)])
