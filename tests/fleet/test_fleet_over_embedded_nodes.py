@@ -58,7 +58,7 @@ def test_a_node_busy_with_long_generations_sheds_new_requests_to_the_others(
         # Keep that node generating a long answer, sent to its own router (not through the fleet);
         # leaving the `with` closes the channel, which cancels the generation.
         with RouterClient(nodes[busy].address) as direct:
-            stream = direct.generate(idle.chosen.tag, PROMPT, options=Options(num_predict=400, num_ctx=NUM_CTX))
+            stream = direct.generate(idle.chosen.tag, PROMPT, options=Options(num_predict=2000, num_ctx=NUM_CTX))
             assert isinstance(next(stream), Decision)  # the stream is in flight on the node
             wait_for(lambda: fleet.router.nodes.live()[busy].backlog_seconds > 0,
                      what=f"{busy} to report its backlog")
@@ -197,3 +197,14 @@ def test_a_node_reports_on_change_and_at_least_every_interval(nodes: dict[str, N
         assert isinstance(list(stream)[-1], Completion)  # finished, so no generation outlives the test
     assert busy.in_flight == 1 and busy.backlog_seconds > 0
     assert next(v for v in busy.variants if v.variant.tag == f"{FAMILY}-f16").in_flight == 1
+
+
+def test_chat_and_listings_go_through_the_fleet_too(fleet_target: str) -> None:
+    with RouterClient(fleet_target) as client:
+        events = list(client.chat(FAMILY, [("user", "Name a colour.")], preference="quality", options=FEW))
+        listing = client.list_variants(FAMILY)
+    decision, completion = events[0], events[-1]
+    assert isinstance(decision, Decision) and decision.node in {"medium", "large"}
+    assert isinstance(completion, Completion) and completion.generated_tokens > 0
+    assert listing.memory_source == "fleet" and len(listing.gpus) == 3
+    assert {v.quantization for v in listing.families[FAMILY]} >= {"F16", "Q8_0", "Q4_K_M"}

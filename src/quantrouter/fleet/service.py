@@ -2,7 +2,8 @@
 
 Requests are validated by the node router's own `RequestReader` (one set of rules), decided over the
 live nodes, and forwarded as they came with `model` set to the chosen tag (the variant pinned); the
-caller's remaining deadline goes with them. `ListVariants` merges the nodes' listings: a variant
+caller's remaining deadline goes with them, and so does the fleet's `num_ctx` when the caller set none,
+so the node loads the context the fleet priced. `ListVariants` merges the nodes' listings: a variant
 appears once, resident when resident anywhere, with the figures of the node that measured it most;
 memory is the fleet's sum, one device row per node GPU named `node/gpu`.
 """
@@ -47,6 +48,8 @@ class FleetService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
             pinned = type(request)()
             pinned.CopyFrom(request)
             pinned.model = tag
+            # The context the fleet priced is the one the node loads, whatever the node's own default.
+            pinned.options.num_ctx = routing.num_ctx
             return getattr(stub, method)(pinned, timeout=time_remaining)
 
         async for event in self._router.stream(routing, open_call):
