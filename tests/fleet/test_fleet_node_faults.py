@@ -118,6 +118,10 @@ def test_a_node_whose_backend_died_is_fallen_back_from_before_the_first_token(
         first = client.route(FAMILY, preference="quality", options=TWO)
         assert first.node in killable and first.chosen is not None
         killable[first.node].backend_stack.close()  # the node's Ollama is gone; its router has not noticed
+        # Stopping llama.cpp may hold the interpreter long enough for the node's reports to lapse: wait
+        # until it reports again (its backend still up, as far as it knows).
+        wait_for(lambda: first.node in fault_fleet.router.nodes.live(), what=f"{first.node} to report again")
+        assert client.route(FAMILY, preference="quality", options=TWO).node == first.node
         events = list(client.generate(FAMILY, PROMPT, preference="quality", options=TWO))
     decisions = [e for e in events if isinstance(e, Decision)]
     assert [d.node for d in decisions] == [first.node, next(n for n in NAMES if n != first.node)], \

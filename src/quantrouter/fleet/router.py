@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -108,12 +109,13 @@ class FleetRouter:
                 yield decision
                 relayed = False
                 try:
-                    async for message in self._forward(node, tag, open_call):
-                        if not relayed and message.WhichOneof("event") == "chunk":
-                            relayed = True
-                            self.metrics.time_to_first_token.labels(node, request.family, tag).observe(
-                                self._clock() - started)
-                        yield message
+                    async with aclosing(self._forward(node, tag, open_call)) as forwarded:
+                        async for message in forwarded:
+                            if not relayed and message.WhichOneof("event") == "chunk":
+                                relayed = True
+                                self.metrics.time_to_first_token.labels(node, request.family, tag).observe(
+                                    self._clock() - started)
+                            yield message
                     return
                 except grpc.aio.AioRpcError as error:
                     if relayed:
@@ -150,7 +152,7 @@ class FleetRouter:
             return frozenset({(node, tag)})
         return frozenset({(node, tag)} | {(node, c.variant.tag) for c in target.state.family(family)})
 
-    async def _forward(self, node: str, tag: str, open_call: OpenCall) -> AsyncIterator[Any]:
+    async def _forward(self, node: str, tag: str, open_call: OpenCall) -> AsyncGenerator[Any, None]:
         """The node's stream for `tag` without its own decision; the call is cancelled if we stop early."""
         target = self.nodes.nodes.get(node)
         if target is None:

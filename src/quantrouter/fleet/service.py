@@ -40,7 +40,7 @@ class FleetService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
         self._shutting_down = shutting_down
 
     async def _relay(self, routing: RoutingRequest, request: Any, method: str,
-                     time_remaining: float | None) -> AsyncIterator[Any]:
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         if self._shutting_down():
             raise ShuttingDown("the fleet router is shutting down; retry on another replica")
 
@@ -50,7 +50,7 @@ class FleetService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
             pinned.model = tag
             # The context the fleet priced is the one the node loads, whatever the node's own default.
             pinned.options.num_ctx = routing.num_ctx
-            return getattr(stub, method)(pinned, timeout=time_remaining)
+            return getattr(stub, method)(pinned, timeout=context.time_remaining())
 
         async for event in self._router.stream(routing, open_call):
             yield {"decision": decision_pb(event)} if isinstance(event, Decision) else event
@@ -58,12 +58,12 @@ class FleetService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateResponse]:
         routing, _ = self._reader.generate(request, context.time_remaining())
-        async for event in self._relay(routing, request, "Generate", context.time_remaining()):
+        async for event in self._relay(routing, request, "Generate", context):
             yield pb.GenerateResponse(**event) if isinstance(event, dict) else event
 
     async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ChatResponse]:
         routing, _ = self._reader.chat(request, context.time_remaining())
-        async for event in self._relay(routing, request, "Chat", context.time_remaining()):
+        async for event in self._relay(routing, request, "Chat", context):
             yield pb.ChatResponse(**event) if isinstance(event, dict) else event
 
     async def Route(self, request: pb.RouteRequest, context: grpc.aio.ServicerContext) -> pb.RouteResponse:
