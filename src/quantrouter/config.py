@@ -100,6 +100,8 @@ class Settings:
     discover: str = ""
     node_report_interval: float = 1.0
     node_stale_after: float = 5.0
+    # The bearer token the fleet presents to node routers that require one (their auth_token).
+    node_auth_token: str = ""
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")

@@ -18,10 +18,11 @@ from prometheus_client import CollectorRegistry
 from quantrouter.background import service_in_thread
 from quantrouter.client import Options, RouterClient, error_details
 from quantrouter.fleet.server import FleetServer, fleet_in_thread
+from quantrouter.server import run_in_thread
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
 from quantrouter.values import Completion, Decision
-from tests.fleet.conftest import NUM_CTX, STALE_AFTER_S, Node, fleet_settings, wait_for
+from tests.fleet.conftest import NUM_CTX, STALE_AFTER_S, Node, fleet_settings, node_settings, wait_for
 from tests.support import FAMILY
 
 PROMPT = "The capital of France is"
@@ -208,3 +209,19 @@ def test_chat_and_listings_go_through_the_fleet_too(fleet_target: str) -> None:
     assert isinstance(completion, Completion) and completion.generated_tokens > 0
     assert listing.memory_source == "fleet" and len(listing.gpus) == 3
     assert {v.quantization for v in listing.families[FAMILY]} >= {"F16", "Q8_0", "Q4_K_M"}
+
+
+def test_a_node_that_requires_a_token_is_reached_with_the_fleets_node_token(nodes: dict[str, Node]) -> None:
+    backend = nodes["large"].backend
+    with run_in_thread(node_settings(backend, auth_token="node-secret"), CollectorRegistry()) as guarded:
+        address = {"guarded": f"127.0.0.1:{guarded.port}"}
+        with fleet_in_thread(fleet_settings(address), CollectorRegistry()) as without:
+            wait_for(lambda: "UNAUTHENTICATED" in without.router.nodes.nodes["guarded"].problem,
+                     what="the node to refuse a fleet without its token")
+            assert not without.router.nodes.live()
+        with fleet_in_thread(fleet_settings(address, node_auth_token="node-secret"), CollectorRegistry()) as fleet:
+            wait_for(lambda: "guarded" in fleet.router.nodes.live(), what="the node to accept the fleet's token")
+            with RouterClient(f"127.0.0.1:{fleet.port}") as client:
+                events = list(client.generate(FAMILY, PROMPT, preference="quality", options=FEW))
+    assert isinstance(events[0], Decision) and events[0].node == "guarded"
+    assert isinstance(events[-1], Completion) and events[-1].generated_tokens > 0

@@ -42,6 +42,8 @@ class NodeSettings:
     stale_after: float = 5.0
     # gRPC channel options for the node connections (message size limits).
     channel_options: tuple[tuple[str, int], ...] = ()
+    # Sent on every call to a node: its bearer token, when the node routers require one.
+    metadata: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -67,6 +69,10 @@ class NodeSet:
         self._on_rejected = on_rejected
         self._clock = clock
         self._nodes: dict[str, Node] = {}
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._settings.metadata
 
     @property
     def nodes(self) -> dict[str, Node]:
@@ -118,7 +124,8 @@ class NodeSet:
         interval = duration_pb2.Duration()
         interval.FromNanoseconds(int(self._settings.report_interval * 1e9))
         while True:
-            call = node.stub.WatchCapacity(pb.WatchCapacityRequest(interval=interval))
+            call = node.stub.WatchCapacity(pb.WatchCapacityRequest(interval=interval),
+                                           metadata=self._settings.metadata)
             try:
                 async for report in call:
                     node.connected = True

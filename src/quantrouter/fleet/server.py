@@ -85,7 +85,9 @@ async def start_fleet(settings: Settings, registry: CollectorRegistry | None = N
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             # A node that comes back is found within seconds, not after gRPC's default back-off of up to 2 min.
             ("grpc.initial_reconnect_backoff_ms", NODE_RECONNECT_BACKOFF_MS),
-            ("grpc.max_reconnect_backoff_ms", NODE_MAX_RECONNECT_BACKOFF_MS))), rejected)
+            ("grpc.max_reconnect_backoff_ms", NODE_MAX_RECONNECT_BACKOFF_MS)),
+            (("authorization", f"Bearer {settings.node_auth_token}"),) if settings.node_auth_token else ()),
+            rejected)
         stack.push_async_callback(nodes.close)
         fleet_metrics = FleetMetrics(registry, nodes)
         router = FleetRouter(nodes, fleet_metrics, PolicyConfig(settings.balanced_quality_weight,

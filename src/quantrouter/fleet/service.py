@@ -50,7 +50,8 @@ class FleetService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
             pinned.model = tag
             # The context the fleet priced is the one the node loads, whatever the node's own default.
             pinned.options.num_ctx = routing.num_ctx
-            return getattr(stub, method)(pinned, timeout=context.time_remaining())
+            return getattr(stub, method)(pinned, timeout=context.time_remaining(),
+                                         metadata=self._router.nodes.metadata)
 
         async for event in self._router.stream(routing, open_call):
             yield {"decision": decision_pb(event)} if isinstance(event, Decision) else event
