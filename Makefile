@@ -5,6 +5,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# llama.cpp is built portable (AVX2, no -march=native) into a wheel cached outside the tree. A native build
+# takes whatever the build machine advertises: on a VM that reports AMX without enabling it, every quantized
+# matmul died with SIGILL, and pip's own wheel cache would hand that build to every later venv.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_BMI2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+WHEELS ?= $(HOME)/.cache/quantrouter/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-avx2
 
 .PHONY: install run demo test lint typecheck bench prepare tools clean
 
@@ -13,6 +19,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml protos/quantrouter/v1/*.proto
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade --quiet pip
+	ls $(WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
+	  $(BIN)/pip wheel --quiet --no-cache-dir --no-deps --no-binary llama-cpp-python -w $(WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
+	$(BIN)/pip install --quiet --no-deps --force-reinstall $(WHEELS)/llama_cpp_python-*.whl
 	$(BIN)/pip install --quiet -e '.[embedded,gpu,tools,k8s,dev]'
 	touch $(STAMP)
 
