@@ -175,112 +175,114 @@ class _Backlog:
         return self._prefix[i] + service * (len(self._sorted) - i)
 
 
-def _assess(c: CandidateInput, request: RoutingRequest, available: int, family_resident: bool,
-            backlog: _Backlog, config: PolicyConfig) -> Assessment:
-    v, speed = c.variant, c.speed
-    need = _memory_needed(v, request.num_ctx)
-    load = 0.0 if v.resident else speed.load_seconds
-    prefill = request.prompt_tokens / speed.prompt_tps
-    decode = request.num_predict / speed.decode_tps
-    service = prefill + decode
-    queue = backlog.delay(service)
-    if c.in_flight >= config.runner_parallel:
-        queue += max(c.queued_seconds - c.in_flight * service, 0.0)
-    # Constraints judge the variant on its own (alone on the GPU); the backlog only steers (`at_risk`).
-    rejection = _constraint_rejection(c, request, speed, load + prefill, load + service)
-    memory_only = False
-    usable = available * config.load_fraction
-    if not rejection and not v.resident and request.pinned_tag is None:
-        if need > usable:
-            rejection = (f"needs {format_bytes(need)}, {format_bytes(max(available, 0))} free "
-                         f"(Ollama loads within {config.load_fraction:.0%} of it)")
-            memory_only = True
-        elif family_resident and need > usable / (1 + config.upgrade_hysteresis):
-            rejection = (f"needs {format_bytes(need)} of {format_bytes(available)} free: within the "
-                         f"{config.upgrade_hysteresis:.0%} margin kept before replacing a resident sibling")
-            memory_only = True
-    ttft = queue + load + prefill
-    expected = ttft + decode
-    shared_tps = request.num_predict / (decode + queue) if queue and request.num_predict else speed.decode_tps
-    at_risk = ((request.time_remaining is not None and expected > request.time_remaining)
-               or shared_tps < request.min_tokens_per_second)
-    return Assessment(v.tag, v.quant.name, need, v.resident, speed.decode_tps, speed.measured, ttft,
-                      expected, c.quality, rejection=rejection, memory_only=memory_only, queue_seconds=queue,
-                      at_risk=at_risk)
+class _Row:
+    """A candidate's numbers while the decision is made (mutable, so each `Assessment` is built once)."""
+
+    __slots__ = ("at_risk", "below_floor", "churn", "expected", "measured", "memory_only", "need", "quality",
+                 "quantization", "queue", "rejection", "resident", "score", "tag", "tps", "ttft")
+
+    def __init__(self, c: CandidateInput, request: RoutingRequest, available: int, family_resident: bool,
+                 backlog: _Backlog, config: PolicyConfig) -> None:
+        v, speed = c.variant, c.speed
+        self.tag, self.quantization, self.resident = v.tag, v.quant.name, v.resident
+        self.tps, self.measured, self.quality = speed.decode_tps, speed.measured, c.quality
+        self.below_floor = v.quant.bits_per_weight < SPEED_FLOOR_BPW
+        self.need = need = _memory_needed(v, request.num_ctx)
+        load = 0.0 if v.resident else speed.load_seconds
+        prefill = request.prompt_tokens / speed.prompt_tps
+        decode = request.num_predict / speed.decode_tps
+        service = prefill + decode
+        queue = backlog.delay(service)
+        if c.in_flight >= config.runner_parallel:
+            queue += max(c.queued_seconds - c.in_flight * service, 0.0)
+        # Constraints judge the variant on its own (alone on the GPU); the backlog only steers (`at_risk`).
+        rejection = _constraint_rejection(c, request, speed, load + prefill, load + service)
+        memory_only = False
+        usable = available * config.load_fraction
+        if not rejection and not v.resident and request.pinned_tag is None:
+            if need > usable:
+                rejection = (f"needs {format_bytes(need)}, {format_bytes(max(available, 0))} free "
+                             f"(Ollama loads within {config.load_fraction:.0%} of it)")
+                memory_only = True
+            elif family_resident and need > usable / (1 + config.upgrade_hysteresis):
+                rejection = (f"needs {format_bytes(need)} of {format_bytes(available)} free: within the "
+                             f"{config.upgrade_hysteresis:.0%} margin kept before replacing a resident sibling")
+                memory_only = True
+        self.rejection, self.memory_only = rejection, memory_only
+        self.queue, self.churn, self.score = queue, 0.0, 0.0
+        self.ttft = queue + load + prefill
+        self.expected = self.ttft + decode
+        shared_tps = request.num_predict / (decode + queue) if queue and request.num_predict else speed.decode_tps
+        self.at_risk = ((request.time_remaining is not None and self.expected > request.time_remaining)
+                        or shared_tps < request.min_tokens_per_second)
+
+    def assessment(self) -> Assessment:
+        return Assessment(self.tag, self.quantization, self.need, self.resident, self.tps, self.measured, self.ttft,
+                          self.expected, self.quality, self.score, self.rejection, self.memory_only, self.queue,
+                          self.churn, self.at_risk)
 
 
-def _charge_churn(assessed: list[Assessment], pool: Sequence[CandidateInput], free: int,
-                  config: PolicyConfig) -> None:
+def _charge_churn(rows: Sequence[_Row], pool: Sequence[CandidateInput], free: int, config: PolicyConfig) -> None:
     """A load that only fits by evicting idle resident siblings costs their next users a reload."""
-    idle = [c for c in pool if c.variant.resident and c.in_flight == 0]
-    if not idle:
+    reload = sum(c.speed.load_seconds for c in pool if c.variant.resident and c.in_flight == 0)
+    if not reload:
         return
     usable = free * config.load_fraction
-    reload = sum(c.speed.load_seconds for c in idle)
-    for i, a in enumerate(assessed):
-        if a.feasible and not a.resident and a.memory_bytes > usable:
-            assessed[i] = replace(a, churn_seconds=reload)
+    for row in rows:
+        if not row.rejection and not row.resident and row.need > usable:
+            row.churn = reload
 
 
-def _hold_back_sub_floor(assessed: list[Assessment], pool: Sequence[CandidateInput]) -> None:
+def _hold_back_sub_floor(rows: Sequence[_Row]) -> None:
     """Variants below the speed floor yield to any feasible variant at or above it that is (or is believed)
     at least as fast: they serve when memory or an explicit constraint leaves nothing else."""
-    below = [c.variant.quant.bits_per_weight < SPEED_FLOOR_BPW for c in pool]
-    fastest = max((a.tokens_per_second for a, b in zip(assessed, below, strict=True) if a.feasible and not b),
-                  default=None)
+    if not any(row.below_floor for row in rows):
+        return
+    fastest = max((row.tps for row in rows if not row.rejection and not row.below_floor), default=None)
     if fastest is None:
         return
-    for i, a in enumerate(assessed):
-        if below[i] and a.feasible and (not a.measured or a.tokens_per_second <= fastest):
-            assessed[i] = replace(a, rejection=f"below {SPEED_FLOOR_BPW:g} bits/weight and no faster than a "
-                                               "variant above it (dequantisation): kept for memory pressure")
+    for row in rows:
+        if row.below_floor and not row.rejection and (not row.measured or row.tps <= fastest):
+            row.rejection = (f"below {SPEED_FLOOR_BPW:g} bits/weight and no faster than a variant above it "
+                             "(dequantisation): kept for memory pressure")
 
 
-def _rank(assessments: Sequence[Assessment], preference: Preference, config: PolicyConfig,
-          time_remaining: float | None) -> list[Assessment]:
+def _rank(rows: Sequence[_Row], preference: Preference, config: PolicyConfig,
+          time_remaining: float | None) -> list[_Row]:
     """Best first, each with its score set (higher is better); candidates at risk of missing the deadline or
     the speed floor behind the GPU's backlog score `AT_RISK_PENALTY` lower, so they rank after the rest."""
-    if not assessments:
+    if not rows:
         return []
-    safe = [a for a in assessments if not a.at_risk]
+    safe = [row for row in rows if not row.at_risk]
     if not safe:  # nothing is expected to make it: the fastest has the best chance
-        safe, preference = list(assessments), Preference.LATENCY
-    top_q = max(a.quality for a in safe)
+        safe, preference = list(rows), Preference.LATENCY
+    top_q = max(row.quality for row in safe)
     floor_q = top_q - config.quality_tolerance
     best_q = top_q or 1.0
     # BALANCED with a deadline: finishing within `balanced_deadline_share` of the time left is fast enough.
     enough = (config.balanced_deadline_share * time_remaining
               if preference is Preference.BALANCED and time_remaining is not None else 0.0)
-
-    def cost(a: Assessment) -> float:
-        return max(a.expected_seconds + a.churn_seconds, enough)
-
-    best_c = min(cost(a) for a in safe)
+    best_c = min(max(row.expected + row.churn, enough) for row in safe)
     weight = config.balanced_quality_weight
-
-    def quality(a: Assessment) -> float:
-        return top_q if a.quality >= floor_q else a.quality
-
-    def speed(a: Assessment) -> float:
-        return min(best_c / cost(a), 1.0) if cost(a) > 0 else 1.0
-
-    def score(a: Assessment) -> float:
+    for row in rows:
+        cost = max(row.expected + row.churn, enough)
+        speed = min(best_c / cost, 1.0) if cost > 0 else 1.0
+        quality = top_q if row.quality >= floor_q else row.quality
         if preference is Preference.QUALITY:
-            value = quality(a)
+            value = quality
         elif preference is Preference.LATENCY:
-            value = speed(a)
+            value = speed
         else:
-            value = weight * quality(a) / best_q + (1 - weight) * speed(a)
-        return value - AT_RISK_PENALTY if a.at_risk else value
-
-    scored = [replace(a, score=score(a)) for a in assessments]
+            value = weight * quality / best_q + (1 - weight) * speed
+        row.score = value - AT_RISK_PENALTY if row.at_risk else value
+    ranked = list(rows)
     # Primary: score. Secondary: the other objective, so ties resolve as the docstring says.
     if preference is Preference.LATENCY:
-        scored.sort(key=lambda a: (-round(a.score / TIE_TOLERANCE), -a.quality, a.tag))
+        ranked.sort(key=lambda row: (-round(row.score / TIE_TOLERANCE), -row.quality, row.tag))
     else:
-        scored.sort(key=lambda a: (-round(a.score / TIE_TOLERANCE), a.expected_seconds + a.churn_seconds,
-                                   -a.quality, a.tag))
-    return scored
+        ranked.sort(key=lambda row: (-round(row.score / TIE_TOLERANCE), row.expected + row.churn, -row.quality,
+                                     row.tag))
+    return ranked
 
 
 def decide(
@@ -301,35 +303,38 @@ def decide(
     available = free + reclaimable
     family_resident = any(c.variant.resident for c in pool)
     backlog = _Backlog(memory.backlog)
-    assessed = [_assess(c, request, available, family_resident, backlog, config) for c in pool]
+    rows = [_Row(c, request, available, family_resident, backlog, config) for c in pool]
     if request.pinned_tag is None:
-        _charge_churn(assessed, pool, free, config)
-        _hold_back_sub_floor(assessed, pool)
-    feasible = [a for a in assessed if a.feasible]
-    ranked = _rank(feasible, request.preference, config, request.time_remaining)
-    scores = {a.tag: a for a in ranked}
-    listed = tuple(scores.get(a.tag, a) for a in assessed)
+        _charge_churn(rows, pool, free, config)
+        _hold_back_sub_floor(rows)
+
+    # Would the preference have picked something that memory alone ruled out? Ranked first, so that the
+    # feasible ranking's scores are the ones listed.
+    blocked: _Row | None = None
+    if any(row.memory_only for row in rows):
+        unconstrained = _rank([row for row in rows if not row.rejection or row.memory_only], request.preference,
+                              config, request.time_remaining)
+        blocked = unconstrained[0] if unconstrained[0].memory_only else None
+        for row in rows:
+            row.score = 0.0
+    ranked = _rank([row for row in rows if not row.rejection], request.preference, config, request.time_remaining)
+    listed = tuple(row.assessment() for row in rows)
 
     if not ranked:
-        if all(a.memory_only for a in assessed):
+        if all(row.memory_only for row in rows):
             failure = FailureKind.MEMORY
-        elif all(a.rejection.startswith(DEADLINE_REJECTION) for a in assessed):
+        elif all(row.rejection.startswith(DEADLINE_REJECTION) for row in rows):
             failure = FailureKind.DEADLINE
         else:
             failure = FailureKind.CONSTRAINTS
-        why = "; ".join(f"{a.tag}: {a.rejection}" for a in assessed)
+        why = "; ".join(f"{row.tag}: {row.rejection}" for row in rows)
         return replace(base, reason=f"no variant of {request.family} can serve this request ({why})",
-                       candidates=listed, failure=failure,
-                       best_expected_seconds=min(a.expected_seconds for a in assessed))
+                       candidates=listed, failure=failure, best_expected_seconds=min(row.expected for row in rows))
 
-    chosen = ranked[0]
-    # Would the preference have picked something that memory alone ruled out?
-    unconstrained = _rank([a for a in assessed if a.feasible or a.memory_only], request.preference, config,
-                          request.time_remaining)
-    blocked = unconstrained[0] if unconstrained and unconstrained[0].tag != chosen.tag else None
-    downgraded = blocked is not None and blocked.memory_only
-    reason = _explain(request, chosen, blocked if downgraded else None)
-    return replace(base, chosen=chosen, reason=reason, candidates=listed, downgraded=downgraded)
+    chosen = listed[rows.index(ranked[0])]
+    lost = listed[rows.index(blocked)] if blocked is not None else None
+    reason = _explain(request, chosen, lost)
+    return replace(base, chosen=chosen, reason=reason, candidates=listed, downgraded=lost is not None)
 
 
 def _explain(request: RoutingRequest, chosen: Assessment, blocked: Assessment | None) -> str:
