@@ -21,7 +21,6 @@ from bench.sim.workload import Request, meets_floor
 from quantrouter.catalog import VariantInfo
 from quantrouter.policy import CandidateInput, MemoryView, PolicyConfig, RoutingRequest, decide, remaining_seconds
 from quantrouter.quant import QuantType, parse_quantization, quality_order
-from quantrouter.throughput import SPEED_FLOOR_BPW
 from quantrouter.values import Preference
 
 # "Highest quant whose size × 1.2 fits total VRAM": the common rule of thumb (20 % for KV cache and overhead).
@@ -190,8 +189,8 @@ def exhaustive_best(gpu: GpuSpec, family: FamilySpec, requests: Sequence[Request
 def hindsight_best(gpu: GpuSpec, family: FamilySpec, requests: Sequence[Request],
                    tenant: Sequence[tuple[float, int]], engine: EngineSpec = DEFAULT_ENGINE,
                    num_ctx: int = NUM_CTX) -> RunResult:
-    """The best fixed variant per preference for this very trace, found by replaying it: coordinate descent
-    from always-Q4_K_M over the variants at or above the speed floor (sub-floor ones are never faster)."""
+    """The best fixed variant per preference for this very trace, found by replaying it (coordinate descent
+    from always-Q4_K_M, one pass over every preference × variant)."""
     def run(mapping: dict[Preference, str]) -> RunResult:
         policy = FixedPerPreference(tuple(mapping.items()))
         return Simulation(gpu, family, requests, tenant, policy, engine=engine, num_ctx=num_ctx).run()
@@ -205,10 +204,9 @@ def hindsight_best(gpu: GpuSpec, family: FamilySpec, requests: Sequence[Request]
         if best is None or goodput(result) > goodput(best):
             best_mapping, best = mapping, result
     assert best is not None
-    searched = [v for v in family.variants if v.quant.bits_per_weight >= SPEED_FLOOR_BPW]
     for _ in range(HINDSIGHT_PASSES):
         for preference in Preference:
-            for v in searched:
+            for v in family.variants:
                 trial = {**best_mapping, preference: v.tag}
                 result = run(trial)
                 if goodput(result) > goodput(best):

@@ -115,11 +115,18 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def bootstrap(values: Sequence[float], seed: str) -> Interval:
-    """The mean and a 95 % percentile-bootstrap interval of it."""
+def bootstrap_ratio(ours: Sequence[float], theirs: Sequence[float], seed: str) -> Interval:
+    """Σ ours / Σ theirs over the seeds (the ratio of mean goodputs), with a 95 % percentile-bootstrap interval
+    from resampling seeds. A ratio of sums, not a mean of per-trace ratios, so that a trace where the reference
+    serves almost nothing does not dominate."""
+    def ratio(indices: Sequence[int]) -> float:
+        total = sum(theirs[i] for i in indices)
+        return sum(ours[i] for i in indices) / total if total > 0 else float("nan")
+
     rng = random.Random(seed)
-    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(BOOTSTRAP_RESAMPLES))
-    return Interval(statistics.fmean(values), means[int(0.025 * len(means))], means[int(0.975 * len(means)) - 1])
+    n = len(ours)
+    ratios = sorted(ratio(rng.choices(range(n), k=n)) for _ in range(BOOTSTRAP_RESAMPLES))
+    return Interval(ratio(range(n)), ratios[int(0.025 * len(ratios))], ratios[int(0.975 * len(ratios)) - 1])
 
 
 def _class_figures(records: Sequence[Record]) -> ClassFigures:
@@ -145,20 +152,14 @@ def _policy_figures(runs: Sequence[RunFigures], duration: float) -> PolicyFigure
     )
 
 
-def _ratios(ours: Sequence[float], theirs: Sequence[float]) -> list[float]:
-    """Per-trace ratios; a trace where both are 0 counts as a tie."""
-    return [a / b if b > 0 else (1.0 if a == 0 else 2.0) for a, b in zip(ours, theirs, strict=True)]
-
-
 def cell_of(scenario: str, engine: str, duration: float, runs: Sequence[dict[str, RunFigures]]) -> Cell:
     names = list(runs[0])
     policies = {name: _policy_figures([run[name] for run in runs], duration) for name in names}
     ours = policies[OURS].per_seed
     oracles = [max(run[n].goodput for n in names if n.startswith(ORACLE_PREFIX)) for run in runs]
     key = f"{scenario}/{engine}"
-    return Cell(scenario, engine, len(runs), policies,
-                bootstrap(_ratios(ours, policies[REFERENCE].per_seed), key),
-                bootstrap(_ratios(ours, oracles), key + "/oracle"))
+    return Cell(scenario, engine, len(runs), policies, bootstrap_ratio(ours, policies[REFERENCE].per_seed, key),
+                bootstrap_ratio(ours, oracles, key + "/oracle"))
 
 
 def _verdicts(cell: Cell) -> list[tuple[str, bool]]:
