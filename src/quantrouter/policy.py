@@ -182,7 +182,7 @@ class _Row:
                  "quantization", "queue", "rejection", "resident", "score", "tag", "tps", "ttft")
 
     def __init__(self, c: CandidateInput, request: RoutingRequest, available: int, family_resident: bool,
-                 backlog: _Backlog, config: PolicyConfig) -> None:
+                 backlog: _Backlog, busy_runners: int, config: PolicyConfig) -> None:
         v, speed = c.variant, c.speed
         self.tag, self.quantization, self.resident = v.tag, v.quant.name, v.resident
         self.tps, self.measured, self.quality = speed.decode_tps, speed.measured, c.quality
@@ -212,7 +212,8 @@ class _Row:
         self.queue, self.churn, self.score = queue, 0.0, 0.0
         self.ttft = queue + load + prefill
         self.expected = self.ttft + decode
-        shared_tps = request.num_predict / (decode + queue) if queue and request.num_predict else speed.decode_tps
+        # Its decode rate while other runners time-slice the GPU (its own runner's queue delays, never slows it).
+        shared_tps = speed.decode_tps / (1 + busy_runners - (c.in_flight > 0))
         self.at_risk = ((request.time_remaining is not None and self.expected > request.time_remaining)
                         or shared_tps < request.min_tokens_per_second)
 
@@ -303,7 +304,8 @@ def decide(
     available = free + reclaimable
     family_resident = any(c.variant.resident for c in pool)
     backlog = _Backlog(memory.backlog)
-    rows = [_Row(c, request, available, family_resident, backlog, config) for c in pool]
+    busy_runners = sum(1 for c in pool if c.in_flight > 0)
+    rows = [_Row(c, request, available, family_resident, backlog, busy_runners, config) for c in pool]
     if request.pinned_tag is None:
         _charge_churn(rows, pool, free, config)
         _hold_back_sub_floor(rows)

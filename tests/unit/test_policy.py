@@ -409,3 +409,15 @@ def test_balanced_takes_quality_when_the_deadline_leaves_room(time_remaining: fl
     decision = decide(request(B, prompt_tokens=0, time_remaining=time_remaining),
                       ladder(quants, resident=quants, tps=MEASURED_TPS), free(40.0))
     assert chosen(decision) == expected
+
+
+def test_a_speed_floor_is_judged_at_the_rate_other_runners_leave() -> None:
+    """Q4_K_M is busy: a second runner (Q8_0) would time-slice the GPU with it and decode at 95 / 2 tok/s, below
+    the 60 tok/s floor, while joining Q4_K_M's queue delays the request but leaves its rate whole."""
+    candidates = ladder(("Q8_0", "Q4_K_M"), resident=("Q8_0", "Q4_K_M"), tps=MEASURED_TPS, busy=("Q4_K_M",))
+    decision = decide(request(Q, min_tokens_per_second=60.0), candidates, replace(free(40.0), backlog=(2.0,)))
+    assert chosen(decision) == "Q4_K_M"
+    assert [a.quantization for a in decision.candidates if a.at_risk] == ["Q8_0"]
+    idle = decide(request(Q, min_tokens_per_second=60.0), ladder(("Q8_0", "Q4_K_M"), resident=("Q8_0", "Q4_K_M"),
+                                                                 tps=MEASURED_TPS), free(40.0))
+    assert chosen(idle) == "Q8_0", "with the GPU to itself Q8_0 meets the floor"
