@@ -19,13 +19,19 @@ estimates and the time left before the deadline. The model (design §5):
 
 QUALITY takes the highest quality (ties: smaller T + churn); LATENCY the smallest T + churn (ties:
 higher quality); BALANCED maximises w·q/q_max + (1−w)·C_min/C with C = T + churn, w =
-`balanced_quality_weight`. Constraints and the deadline reject first. A variant below
-`SPEED_FLOOR_BPW` whose speed is still a prior is held back while a variant at or above the floor can
-serve: below ~4.5 bits/weight dequantisation eats the smaller read (reference/quant.md §2 (iii)), so
-such a variant only wins when memory or an explicit constraint demands it. When memory pressure rejects
-the variant the preference would have taken, the decision says `downgraded`. To keep Ollama from
-loading and unloading in a thrash, a non-resident variant replaces a resident sibling only when it fits
-with a margin (`upgrade_hysteresis`) to spare.
+`balanced_quality_weight`, where with a deadline a C within `balanced_deadline_share` of the time left
+counts as fast enough (so quality decides among those).
+
+Constraints and the deadline reject first, judged on the variant alone (no backlog): when the deadline
+alone rules every variant out the decision fails with `FailureKind.DEADLINE`. The backlog only steers: a
+candidate whose T passes the deadline, or whose decode rate while the other busy runners time-slice the
+GPU falls below `min_tokens_per_second`, is `at_risk` and ranks after the rest (when all are, the
+fastest is tried). A variant below `SPEED_FLOOR_BPW` yields to any feasible variant at or above the
+floor that is (or, unmeasured, is believed) at least as fast: below ~4.5 bits/weight dequantisation
+eats the smaller read (reference/quant.md §2 (iii)), so it serves when memory or an explicit constraint
+leaves nothing else. When memory pressure rejects the variant the preference would have taken, the
+decision says `downgraded`. To keep Ollama from loading and unloading in a thrash, a non-resident
+variant replaces a resident sibling only when it fits with a margin (`upgrade_hysteresis`) to spare.
 """
 
 from __future__ import annotations
