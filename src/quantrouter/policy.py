@@ -24,8 +24,9 @@ counts as fast enough (so quality decides among those).
 
 Constraints and the deadline reject first, judged on the variant alone (no backlog): when the deadline
 alone rules every variant out the decision fails with `FailureKind.DEADLINE`. The backlog only steers: a
-candidate whose T passes the deadline, or whose decode rate while the other busy runners time-slice the
-GPU falls below `min_tokens_per_second`, is `at_risk` and ranks after the rest (when all are, the
+candidate whose T, or whose decode stretched by the other busy runners time-slicing the GPU, passes the
+deadline, or whose decode rate under that sharing falls below `min_tokens_per_second`, is `at_risk` and
+ranks after the rest (when all are, the
 fastest is tried). A variant below `SPEED_FLOOR_BPW` yields to any feasible variant at or above the
 floor that is (or, unmeasured, is believed) at least as fast: below ~4.5 bits/weight dequantisation
 eats the smaller read (reference/quant.md §2 (iii)), so it serves when memory or an explicit constraint
@@ -219,9 +220,11 @@ class _Row:
         self.ttft = queue + load + prefill
         self.expected = self.ttft + decode
         # Its decode rate while other runners time-slice the GPU (its own runner's queue delays, never slows it).
-        shared_tps = speed.decode_tps / (1 + busy_runners - (c.in_flight > 0))
-        self.at_risk = ((request.time_remaining is not None and self.expected > request.time_remaining)
-                        or shared_tps < request.min_tokens_per_second)
+        sharing = 1 + busy_runners - (c.in_flight > 0)
+        shared_tps = speed.decode_tps / sharing
+        stretched = self.ttft + decode * sharing
+        late = request.time_remaining is not None and max(self.expected, stretched) > request.time_remaining
+        self.at_risk = late or shared_tps < request.min_tokens_per_second
 
     def assessment(self) -> Assessment:
         return Assessment(self.tag, self.quantization, self.need, self.resident, self.tps, self.measured, self.ttft,

@@ -421,3 +421,12 @@ def test_a_speed_floor_is_judged_at_the_rate_other_runners_leave() -> None:
     idle = decide(request(Q, min_tokens_per_second=60.0), ladder(("Q8_0", "Q4_K_M"), resident=("Q8_0", "Q4_K_M"),
                                                                  tps=MEASURED_TPS), free(40.0))
     assert chosen(idle) == "Q8_0", "with the GPU to itself Q8_0 meets the floor"
+
+
+def test_a_deadline_is_judged_with_the_decode_stretched_by_busy_runners() -> None:
+    """Q4_K_M is busy: F16 would share the GPU with it, 256 tokens taking 2 × 4.65 s, past an 8 s deadline."""
+    quants = ("F16", "Q4_K_M")
+    candidates = ladder(quants, resident=quants, tps=MEASURED_TPS, busy=("Q4_K_M",))
+    decision = decide(request(Q, prompt_tokens=0, time_remaining=8.0), candidates, free(40.0))
+    assert [a.quantization for a in decision.candidates if a.at_risk] == ["F16"]
+    assert chosen(decision) == "Q4_K_M"
