@@ -54,6 +54,7 @@ __all__ = [
     "PolicyConfig",
     "RoutingRequest",
     "decide",
+    "rank",
     "remaining_seconds",
 ]
 
@@ -228,8 +229,19 @@ class _Row:
 
     def assessment(self) -> Assessment:
         return Assessment(self.tag, self.quantization, self.need, self.resident, self.tps, self.measured, self.ttft,
-                          self.expected, self.quality, self.score, self.rejection, self.memory_only, self.queue,
-                          self.churn, self.at_risk)
+                          self.expected, self.quality, self.score, self.rejection, self.memory_only,
+                          queue_seconds=self.queue, churn_seconds=self.churn, at_risk=self.at_risk)
+
+    @classmethod
+    def of(cls, a: Assessment) -> _Row:
+        """A row for a finished assessment, to rank it again (the fleet ranks its nodes' choices)."""
+        row = cls.__new__(cls)
+        row.tag, row.quantization, row.need, row.resident = a.tag, a.quantization, a.memory_bytes, a.resident
+        row.tps, row.measured, row.ttft, row.expected = a.tokens_per_second, a.measured, a.time_to_first_token, \
+            a.expected_seconds
+        row.quality, row.score, row.rejection, row.memory_only = a.quality, a.score, a.rejection, a.memory_only
+        row.queue, row.churn, row.at_risk, row.below_floor = a.queue_seconds, a.churn_seconds, a.at_risk, False
+        return row
 
 
 def _charge_churn(rows: Sequence[_Row], pool: Sequence[CandidateInput], free: int, config: PolicyConfig) -> None:
@@ -293,6 +305,14 @@ def _rank(rows: Sequence[_Row], preference: Preference, config: PolicyConfig,
         ranked.sort(key=lambda row: (-round(row.score / TIE_TOLERANCE), row.expected + row.churn, -row.quality,
                                      row.tag))
     return ranked
+
+
+def rank(assessments: Sequence[Assessment], preference: Preference, config: PolicyConfig,
+         time_remaining: float | None = None) -> list[Assessment]:
+    """Finished assessments best first by the policy's own ranking, each with its score set."""
+    rows = [_Row.of(a) for a in assessments]
+    source = {id(row): a for row, a in zip(rows, assessments, strict=True)}
+    return [replace(source[id(row)], score=row.score) for row in _rank(rows, preference, config, time_remaining)]
 
 
 def decide(
