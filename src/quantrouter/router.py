@@ -76,10 +76,11 @@ class Limits:
     policy: PolicyConfig
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Work:
     """One in-flight stream as the policy's backlog counts it: the decision's service estimate and the share
-    of the requested tokens streamed so far (mutable: the relay counts chunks)."""
+    of the requested tokens streamed so far (mutable: the relay counts chunks; identity equality, so a set
+    holds each stream once)."""
 
     tag: str
     service_seconds: float
