@@ -1,11 +1,14 @@
 """Ollama's scheduler on one GPU, and the router in front of it, as a discrete-event simulation.
 
-What is simulated (reference/ollama.md §3 unless noted):
-- one runner per loaded variant, `OLLAMA_NUM_PARALLEL` = 1 (requests queue per runner), at most
-  3 runners per GPU (`defaultModelsPerGPU`), keep_alive 5 min;
-- a load evicts idle runners first when the prediction (weights + f16 KV) exceeds 80 % of free memory and
-  something else is loaded, otherwise waits for a runner to go idle; the first model always loads, with
-  layers that do not fit left on the CPU; the runner then really holds the prediction plus the compute graph;
+What is simulated (reference/ollama.md §3 unless noted), with the `EngineSpec` dimensions in brackets:
+- one runner per loaded variant serving up to [`OLLAMA_NUM_PARALLEL`] requests at once in one batch (each
+  at 1/b^β of its solo speed, bench/sim/hardware.py), the rest queued; at most 3 runners per GPU
+  (`defaultModelsPerGPU`), keep_alive 5 min;
+- a load evicts idle runners first when the prediction (weights + f16 KV for num_ctx × parallel, whatever
+  the [KV cache type]) exceeds [80 %] of free memory and something else is loaded, otherwise waits for a
+  runner to go idle; the first model always loads, with layers that do not fit left on the CPU; the runner
+  then really holds the weights, its KV cache at the real element size and the compute graph;
+- [load times] with jitter; decode speed on [a curve] that is not the router's prior;
 - runners on one GPU time-slice it (CUDA contexts of different processes do not overlap without MPS), so
   k busy runners each progress at 1/k of their solo speed (an assumption, stated in the results);
 - other tenants take memory as it frees up, never more than is there;
@@ -27,7 +30,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from bench.sim.hardware import (
+    BATCH_SLOWDOWN_EXPONENT,
+    DEFAULT_ENGINE,
     OLLAMA_MINIMUM_MEMORY,
+    EngineSpec,
     FamilySpec,
     GpuSpec,
     VariantSpec,
@@ -37,19 +43,17 @@ from bench.sim.hardware import (
     resident_bytes,
     seconds_per_token,
 )
-from bench.sim.workload import Request
-from quantrouter.throughput import NS, Observation, SpeedEstimate, ThroughputSnapshot, ThroughputTable, bandwidth_for
+from bench.sim.workload import Request, meets_floor
+from quantrouter.throughput import Observation, ThroughputSnapshot, ThroughputTable, bandwidth_for
+from quantrouter.units import NS
 
-# Ollama defaults (reference/ollama.md §3): keep_alive 5 min, 3 models per GPU, load when prediction ≤ 80 % free.
+# Ollama defaults (reference/ollama.md §3): keep_alive 5 min, 3 models per GPU.
 KEEP_ALIVE_S = 300.0
 MAX_LOADED_MODELS = 3
-LOAD_FREE_FRACTION = 0.8
 # The router's EWMA weight (quantrouter.config default ewma_alpha).
 EWMA_ALPHA = 0.3
 # One num_ctx per variant so Ollama never reloads over a context change (reference/ollama.md §3, "Router rule").
 NUM_CTX = 8192
-# Context a request typically decodes at, for the truth-fed policy's single speed figure per variant.
-TYPICAL_CONTEXT = 1024
 
 
 class Outcome(enum.Enum):
@@ -60,8 +64,12 @@ class Outcome(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Choice:
+    """A policy's pick; `service_seconds` is its own estimate of the request's time, which a router keeps to
+    know its backlog (0 for policies that do not estimate)."""
+
     tag: str | None
     reason: str
+    service_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +82,6 @@ class Prediction:
 
 class Truth(Protocol):
     def predict(self, request: Request, tag: str) -> Prediction: ...
-
-    def speed(self, tag: str) -> SpeedEstimate: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +98,7 @@ class RouterView:
     speeds: ThroughputSnapshot
     num_ctx: int
     truth: Truth
+    backlog: tuple[tuple[str, float, float], ...] = ()  # (tag, service estimate, share streamed) per request
 
 
 class Policy(Protocol):
@@ -112,10 +119,12 @@ class RequestResult:
     ttft: float = math.nan
     decode_tps: float = 0.0
     cold: bool = False
+    floor_met: bool = True  # False when the variant is below the request's min_quantization
 
     @property
     def slo_met(self) -> bool:
-        return self.outcome is Outcome.COMPLETED and self.decode_tps >= self.request.min_tokens_per_second
+        return (self.outcome is Outcome.COMPLETED and self.floor_met
+                and self.decode_tps >= self.request.min_tokens_per_second)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,12 +153,19 @@ class _Job:
     variant: VariantSpec
     cold: bool
     prefill_work: float
+    service_estimate: float = 0.0
     decode_work: float = 0.0
     phase: str = "queued"  # queued → prefill → decode
     work_left: float = 0.0
     acquired: float = math.nan
     phase_start: float = 0.0
     prefill_wall: float = 0.0
+
+    def tokens_done(self) -> float:
+        """The share of its tokens the router has seen stream back."""
+        if self.phase != "decode" or self.decode_work <= 0:
+            return 0.0
+        return 1.0 - self.work_left / self.decode_work
 
     def remaining_work(self) -> float:
         if self.phase == "queued":
@@ -174,14 +190,19 @@ class _Runner:
     def busy(self, now: float) -> bool:
         return self.ready(now) and bool(self.jobs)
 
+    def active(self) -> list[_Job]:
+        return [j for j in self.jobs if j.phase != "queued"]
+
 
 class Simulation:
     """One trace on one GPU under one policy. `run()` returns every request's outcome and the load counters."""
 
     def __init__(self, gpu: GpuSpec, family: FamilySpec, requests: Sequence[Request],
                  tenant: Sequence[tuple[float, int]], policy: Policy, audit: Sequence[Policy] = (),
-                 value: Callable[[Request, Prediction, float], float] | None = None) -> None:
+                 value: Callable[[Request, Prediction, float], float] | None = None,
+                 engine: EngineSpec = DEFAULT_ENGINE, num_ctx: int = NUM_CTX) -> None:
         self.gpu, self.family, self.policy = gpu, family, policy
+        self.engine, self.num_ctx = engine, num_ctx
         self._audit, self._value = audit, value
         self.now = 0.0
         self._events: list[tuple[float, int, str, object]] = []
@@ -214,73 +235,85 @@ class Simulation:
         return self.gpu.capacity_bytes - self._tenant_bytes() - self._runner_bytes()
 
     def _sample_memory(self) -> None:
-        self._memory.append(MemorySample(self.now, self._tenant_bytes(), self._runner_bytes()))
+        """Record memory when it changed (the plots and the capacity test read these)."""
+        runner = self._runner_bytes()
+        tenant = min(self._tenant_want, self.gpu.capacity_bytes - runner)
+        last = self._memory[-1] if self._memory else None
+        if last is None or (last.tenant_bytes, last.runner_bytes) != (tenant, runner):
+            self._memory.append(MemorySample(self.now, tenant, runner))
 
     # ---- truth (oracle only) -------------------------------------------------------------------------------
-    def speed(self, tag: str) -> SpeedEstimate:
-        v = self.family.variant(tag)
-        runner = self._runners.get(tag)
-        fraction = runner.gpu_fraction if runner else 1.0
-        return SpeedEstimate(1 / seconds_per_token(self.gpu, self.family, v, TYPICAL_CONTEXT, fraction),
-                             prompt_tps(self.gpu, self.family), load_seconds(self.gpu, v), measured=True)
+    def _seconds_per_token(self, v: VariantSpec, context: float, fraction: float) -> float:
+        return seconds_per_token(self.gpu, self.family, v, context, fraction, self.engine)
 
     def predict(self, request: Request, tag: str) -> Prediction:
         v = self.family.variant(tag)
         busy = {t for t, r in self._runners.items() if r.busy(self.now)}
         share = len(busy | {tag})
         runner = self._runners.get(tag)
+        parallel = self.engine.num_parallel
+        batch = 1
         if runner is not None:
             fraction = runner.gpu_fraction
-            wait = max(runner.ready_at - self.now, 0.0) + sum(j.remaining_work() for j in runner.jobs) * share
+            batch = min(len(runner.jobs) + 1, parallel)
+            queued = sum(j.remaining_work() for j in runner.jobs) if len(runner.jobs) >= parallel else 0.0
+            wait = max(runner.ready_at - self.now, 0.0) + queued * share / parallel ** (1 - BATCH_SLOWDOWN_EXPONENT)
         else:
             fraction, wait = self._placement(v, share)
-            wait += load_seconds(self.gpu, v)
+            wait += load_seconds(self.gpu, v) * math.exp(self.engine.load_jitter * request.load_noise)
+        slowdown = share * batch ** BATCH_SLOWDOWN_EXPONENT
         context = request.prompt_tokens + request.output_tokens / 2
-        decode = request.output_tokens * seconds_per_token(self.gpu, self.family, v, context, fraction)
+        decode = request.output_tokens * self._seconds_per_token(v, context, fraction) / request.speed_noise
         prefill = request.prompt_tokens / prompt_tps(self.gpu, self.family)
-        return Prediction(self.now + wait + (prefill + decode) * share, request.output_tokens / (decode * share))
+        return Prediction(self.now + wait + (prefill + decode) * slowdown, request.output_tokens / (decode * slowdown))
 
     def _placement(self, v: VariantSpec, share: int) -> tuple[float, float]:
         """(GPU fraction, seconds to wait for memory) if `v` were loaded now, by Ollama's rule."""
-        need = ollama_predicted_bytes(self.family, v, NUM_CTX)
-        actual = resident_bytes(self.family, v, NUM_CTX)
+        need = ollama_predicted_bytes(self.family, v, self.num_ctx, self.engine)
+        actual = resident_bytes(self.family, v, self.num_ctx, self.engine)
         idle = sum(r.gpu_bytes for r in self._runners.values() if r.ready(self.now) and not r.jobs)
         held = self._runner_bytes()
         room = self.gpu.capacity_bytes - self._tenant_bytes() - OLLAMA_MINIMUM_MEMORY
         fraction = min(1.0, max(room, 0) / actual)
-        if not self._runners or need <= LOAD_FREE_FRACTION * (self.free_bytes() + idle):
+        threshold = self.engine.load_fraction
+        if not self._runners or need <= threshold * (self.free_bytes() + idle):
             return min(1.0, max(self.free_bytes() + idle - OLLAMA_MINIMUM_MEMORY, 0) / actual), 0.0
         drain = max((sum(j.remaining_work() for j in r.jobs) for r in self._runners.values()), default=0.0)
-        return (fraction if need > LOAD_FREE_FRACTION * (self.free_bytes() + held) else 1.0), drain * share
+        return (fraction if need > threshold * (self.free_bytes() + held) else 1.0), drain * share
 
     # ---- events ---------------------------------------------------------------------------------------------
     def _push(self, t: float, kind: str, payload: object) -> None:
         heapq.heappush(self._events, (t, next(self._seq), kind, payload))
 
-    def _busy_heads(self) -> list[_Job]:
-        return [r.jobs[0] for r in self._runners.values() if r.busy(self.now) and r.jobs[0].phase != "queued"]
+    def _rates(self) -> list[tuple[_Job, float]]:
+        """Each running job with its progress per second: the GPU time-sliced across busy runners, and within a
+        runner shared by the batch."""
+        batches = [r.active() for r in self._runners.values() if r.ready(self.now)]
+        batches = [b for b in batches if b]
+        return [(job, 1.0 / (len(batches) * len(batch) ** BATCH_SLOWDOWN_EXPONENT))
+                for batch in batches for job in batch]
 
-    def _advance(self, t: float) -> None:
-        active = self._busy_heads()
-        if active and t > self.now:
-            progress = (t - self.now) / len(active)
-            for job in active:
-                job.work_left -= progress
+    def _advance(self, t: float, rates: list[tuple[_Job, float]]) -> None:
+        if t > self.now:
+            for job, rate in rates:
+                job.work_left -= (t - self.now) * rate
         self.now = t
 
     def run(self) -> RunResult:
-        while self._events or self._busy_heads():
-            active = self._busy_heads()
+        while True:
+            rates = self._rates()
+            if not self._events and not rates:
+                break
             next_event = self._events[0][0] if self._events else math.inf
-            soonest = min(active, key=lambda j: j.work_left, default=None)
-            phase_end = self.now + soonest.work_left * len(active) if soonest else math.inf
+            soonest = min(rates, key=lambda jr: jr[0].work_left / jr[1], default=None)
+            phase_end = self.now + soonest[0].work_left / soonest[1] if soonest else math.inf
             if soonest is not None and phase_end <= next_event:
-                self._advance(phase_end)
-                soonest.work_left = 0.0
-                self._end_phase(soonest)
+                self._advance(phase_end, rates)
+                soonest[0].work_left = 0.0
+                self._end_phase(soonest[0])
             else:
                 t, _, kind, payload = heapq.heappop(self._events)
-                self._advance(t)
+                self._advance(t, rates)
                 self._handle(kind, payload)
             self._sample_memory()
         return RunResult(tuple(sorted(self._results, key=lambda r: r.request.id)), self._loads,
@@ -314,8 +347,9 @@ class Simulation:
     # ---- the router -------------------------------------------------------------------------------------------
     def _view(self) -> RouterView:
         resident = {t: r.gpu_bytes for t, r in self._runners.items() if r.ready(self.now)}
+        backlog = tuple((j.variant.tag, j.service_estimate, j.tokens_done()) for j in self._jobs.values())
         return RouterView(self.now, self.family, self.gpu.nvml_name, self.gpu.capacity_bytes, self.free_bytes(),
-                          resident, dict(self._in_flight), self._table.snapshot(), NUM_CTX, self)
+                          resident, dict(self._in_flight), self._table.snapshot(), self.num_ctx, self, backlog)
 
     def _arrive(self, request: Request) -> None:
         view = self._view()
@@ -326,7 +360,8 @@ class Simulation:
             self._results.append(RequestResult(request, Outcome.REJECTED, choice.reason))
             return
         v = self.family.variant(choice.tag)
-        job = _Job(request, v, v.tag not in view.resident, request.prompt_tokens / prompt_tps(self.gpu, self.family))
+        job = _Job(request, v, v.tag not in view.resident, request.prompt_tokens / prompt_tps(self.gpu, self.family),
+                   choice.service_seconds)
         self._jobs[request.id] = job
         self._in_flight[v.tag] += 1
         runner = self._runners.get(v.tag)
@@ -341,7 +376,7 @@ class Simulation:
         values = {}
         for policy in (self.policy, *self._audit):
             tag = choice.tag if policy is self.policy else policy.choose(request, view).tag
-            quality = self.family.variant(tag).quant.quality if tag else 0.0
+            quality = self.family.quality(tag) if tag else 0.0
             values[policy.name] = self._value(request, self.predict(request, tag), quality) if tag else 0.0
         return values
 
@@ -351,13 +386,15 @@ class Simulation:
         self._in_flight[job.variant.tag] -= 1
         del self._jobs[request.id]
         load_wait = job.acquired - request.arrival
+        busy_runners = sum(1 for count in self._in_flight.values() if count) + 1  # as the router counts them
         self._table.observe(job.variant.tag, Observation(
             request.output_tokens, int(decode_wall * NS), request.prompt_tokens, int(job.prefill_wall * NS),
-            int(load_wait * NS), job.cold))
+            int(load_wait * NS), job.cold, busy_runners))
         self._results.append(RequestResult(
-            request, Outcome.COMPLETED, "completed", job.variant.tag, job.variant.quant.quality, latency,
-            job.phase_start - request.arrival, request.output_tokens / decode_wall, job.cold))
-        runner.jobs.popleft()
+            request, Outcome.COMPLETED, "completed", job.variant.tag, self.family.quality(job.variant.tag), latency,
+            job.phase_start - request.arrival, request.output_tokens / decode_wall, job.cold,
+            floor_met=meets_floor(request, job.variant.quant)))
+        runner.jobs.remove(job)
         self._start_next(runner)
 
     def _cancel(self, request: Request) -> None:
@@ -366,23 +403,21 @@ class Simulation:
             return
         self._in_flight[job.variant.tag] -= 1
         self._results.append(RequestResult(request, Outcome.DEADLINE, f"deadline passed while {job.phase}",
-                                           job.variant.tag, job.variant.quant.quality, cold=job.cold))
+                                           job.variant.tag, self.family.quality(job.variant.tag), cold=job.cold))
         if job in self._pending:
             self._pending.remove(job)
             self._schedule()
             return
         runner = self._runners[job.variant.tag]
-        was_head = runner.jobs[0] is job
         runner.jobs.remove(job)
-        if was_head:
-            self._start_next(runner)
+        self._start_next(runner)
 
     # ---- Ollama's scheduler --------------------------------------------------------------------------------------
     def _assign(self, job: _Job, runner: _Runner) -> None:
         """Queue `job` on `runner`; its decode cost depends on how much of the runner sits on the GPU."""
         request = job.request
         context = request.prompt_tokens + request.output_tokens / 2
-        seconds = seconds_per_token(self.gpu, self.family, job.variant, context, runner.gpu_fraction)
+        seconds = self._seconds_per_token(job.variant, context, runner.gpu_fraction)
         job.decode_work = request.output_tokens * seconds / request.speed_noise
         if runner.ready(self.now):
             job.acquired = self.now
@@ -400,9 +435,9 @@ class Simulation:
         if not runner.ready(self.now):
             return
         if runner.jobs:
-            head = runner.jobs[0]
-            if head.phase == "queued":
-                head.phase, head.work_left, head.phase_start = "prefill", head.prefill_work, self.now
+            for job in itertools.islice(runner.jobs, self.engine.num_parallel):
+                if job.phase == "queued":
+                    job.phase, job.work_left, job.phase_start = "prefill", job.prefill_work, self.now
             return
         runner.generation += 1
         self._push(self.now + KEEP_ALIVE_S, "expire", (runner.variant.tag, runner.generation))
@@ -412,26 +447,27 @@ class Simulation:
         """Serve the pending queue in order; the head waits (and blocks the rest) until it can load."""
         while self._pending:
             job = self._pending[0]
-            runner = self._runners.get(job.variant.tag) or self._load(job.variant)
+            runner = self._runners.get(job.variant.tag) or self._load(job.variant, job.request)
             if runner is None:
                 return
             self._pending.popleft()
             self._assign(job, runner)
 
-    def _load(self, v: VariantSpec) -> _Runner | None:
-        need = ollama_predicted_bytes(self.family, v, NUM_CTX)
+    def _load(self, v: VariantSpec, trigger: Request) -> _Runner | None:
+        need = ollama_predicted_bytes(self.family, v, self.num_ctx, self.engine)
         evicted = False
-        while self._runners and (need > LOAD_FREE_FRACTION * self.free_bytes()
+        while self._runners and (need > self.engine.load_fraction * self.free_bytes()
                                  or len(self._runners) >= MAX_LOADED_MODELS):
             idle = sorted(t for t, r in self._runners.items() if r.ready(self.now) and not r.jobs)
             if not idle:
                 return None
             del self._runners[idle[0]]
             evicted = True
-        actual = resident_bytes(self.family, v, NUM_CTX)
+        actual = resident_bytes(self.family, v, self.num_ctx, self.engine)
         room = max(self.free_bytes() - (OLLAMA_MINIMUM_MEMORY if not self._runners else 0), 0)
         gpu_bytes = min(actual, room)
-        runner = _Runner(v, gpu_bytes, gpu_bytes / actual, self.now + load_seconds(self.gpu, v))
+        load = load_seconds(self.gpu, v) * math.exp(self.engine.load_jitter * trigger.load_noise)
+        runner = _Runner(v, gpu_bytes, gpu_bytes / actual, self.now + load)
         self._runners[v.tag] = runner
         self._loads += 1
         self._evicting_loads += evicted

@@ -55,6 +55,49 @@ RTX_4090 = GpuSpec("RTX 4090 24GB", "NVIDIA GeForce RTX 4090", 24 * GB, 1.008e12
 DEQUANT_EFFICIENCY = {"Q2_K": 0.55, "Q3_K_M": 0.75}
 
 
+# Bytes per KV element by OLLAMA_KV_CACHE_TYPE (reference/quant.md §3: f16 2 B, q8_0 34/32 B).
+KV_ELEMENT_BYTES = {"f16": 2.0, "q8_0": 1.0625}
+# Batched decode (OLLAMA_NUM_PARALLEL > 1): with b sequences in one batch each decodes at 1/b^β of its solo
+# speed, so the runner's total rises as b^(1−β). β = 0.35 is an assumption (decode stays bandwidth bound: the
+# weights are read once per step for the whole batch, the KV cache and sampling per sequence).
+BATCH_SLOWDOWN_EXPONENT = 0.35
+# The "efficiency" speed curve: achieved bandwidth grows with the bytes read per token, as the measured rows of
+# reference/quant.md §2 show (small/quantized models reach 25–75 % of peak, F16 80–91 %): η(W) = η·(W/W_ref)^γ,
+# capped at η, with W_ref = the family's F16 file; γ = 0.3 is fitted by eye to those rows (computed).
+EFFICIENCY_EXPONENT = 0.3
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSpec:
+    """How the simulated Ollama differs from what the router assumes: one scenario dimension.
+
+    `load_fraction`: the scheduler's fit threshold (80 % in `server/sched.go`; 95 % models a patched or newer
+    scheduler). `kv_cache`: OLLAMA_KV_CACHE_TYPE, which changes what a runner holds but not what Ollama
+    predicts (the prediction always assumes f16, reference/ollama.md §3). `curve`: "bandwidth" is
+    t = W/(η·BW) + c; "efficiency" lets η grow with W (see EFFICIENCY_EXPONENT). `load_jitter`: lognormal σ
+    of load times (page cache, disk contention).
+    """
+
+    name: str = "default"
+    num_parallel: int = 1
+    load_fraction: float = 0.8
+    kv_cache: str = "f16"
+    curve: str = "bandwidth"
+    load_jitter: float = 0.0
+
+
+DEFAULT_ENGINE = EngineSpec()
+ENGINES = (
+    DEFAULT_ENGINE,
+    EngineSpec("parallel-2", num_parallel=2),
+    EngineSpec("parallel-4", num_parallel=4),
+    EngineSpec("fit-95%", load_fraction=0.95),
+    EngineSpec("kv-q8_0", kv_cache="q8_0"),
+    EngineSpec("efficiency-curve", curve="efficiency"),
+    EngineSpec("load-jitter", load_jitter=0.4),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class VariantSpec:
     tag: str
@@ -71,9 +114,15 @@ class FamilySpec:
     embedding_length: int
     vocab_size: int
     variants: tuple[VariantSpec, ...]
+    quality_gap_scale: float = 1.0
+    quality_source: str = "prior"
 
     def variant(self, tag: str) -> VariantSpec:
         return next(v for v in self.variants if v.tag == tag)
+
+    def quality(self, tag: str) -> float:
+        """The quality goodput is weighted by: the quant prior's gap to F16 scaled by `quality_gap_scale`."""
+        return 1.0 - (1.0 - self.variant(tag).quant.quality) * self.quality_gap_scale
 
     def kv_bytes_per_token(self) -> int:
         return self.architecture.kv_cache_bytes(1)
@@ -105,27 +154,38 @@ LLAMA_70B = FamilySpec(
     "llama3.1:70b-instruct", LLAMA_70B_PARAMETERS, Architecture("llama", 80, 8, 128, 131072), 64, 8192, 128256,
     _ladder("llama3.1:70b-instruct", {name: parse_quantization(name).weights_bytes(LLAMA_70B_PARAMETERS)
                                       for name in ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")}),
+    # Larger models lose less to quantization (an assumption, the direction llama.cpp's perplexity tables show
+    # for 70B vs 8B): the truth halves the 8B prior's agreement gap, which the router does not know.
+    quality_gap_scale=0.5, quality_source="prior, gap × 0.5 (stated perturbation)",
 )
 
 
-def ollama_predicted_bytes(family: FamilySpec, variant: VariantSpec, num_ctx: int) -> int:
-    """What Ollama's scheduler predicts before a load: weights + f16 KV (`PredictServerVRAM`, ollama.md §3)."""
-    return variant.size_bytes + family.architecture.kv_cache_bytes(num_ctx)
+def ollama_predicted_bytes(family: FamilySpec, variant: VariantSpec, num_ctx: int,
+                           engine: EngineSpec = DEFAULT_ENGINE) -> int:
+    """What Ollama's scheduler predicts before a load: weights + f16 KV for num_ctx × OLLAMA_NUM_PARALLEL
+    (`PredictServerVRAM`, reference/ollama.md §3), whatever the KV cache type."""
+    return variant.size_bytes + family.architecture.kv_cache_bytes(num_ctx * engine.num_parallel)
 
 
-def resident_bytes(family: FamilySpec, variant: VariantSpec, num_ctx: int) -> int:
-    """What a loaded runner really holds: the prediction plus the compute graph it leaves out."""
-    return ollama_predicted_bytes(family, variant, num_ctx) + family.graph_bytes(num_ctx)
+def resident_bytes(family: FamilySpec, variant: VariantSpec, num_ctx: int, engine: EngineSpec = DEFAULT_ENGINE) -> int:
+    """What a loaded runner really holds: weights, the KV cache at its real element size, the compute graph."""
+    context = num_ctx * engine.num_parallel
+    kv = family.architecture.kv_cache_bytes(context, KV_ELEMENT_BYTES[engine.kv_cache])
+    return variant.size_bytes + kv + family.graph_bytes(context)
 
 
 def seconds_per_token(gpu: GpuSpec, family: FamilySpec, variant: VariantSpec, context_tokens: float,
-                      gpu_fraction: float = 1.0) -> float:
+                      gpu_fraction: float = 1.0, engine: EngineSpec = DEFAULT_ENGINE) -> float:
     """True decode time per token alone on the GPU: bytes read / (η·BW) + c (reference/quant.md §2).
 
     Bytes read = weights + the KV cache up to the current position; layers not offloaded stream from DDR.
     """
     eta = gpu.efficiency * DEQUANT_EFFICIENCY.get(variant.quant.name, 1.0)
-    read = variant.size_bytes + context_tokens * family.kv_bytes_per_token()
+    if engine.curve == "efficiency":
+        reference = max(v.size_bytes for v in family.variants)
+        eta *= min(1.0, (variant.size_bytes / reference) ** EFFICIENCY_EXPONENT)
+    kv_scale = KV_ELEMENT_BYTES[engine.kv_cache] / KV_ELEMENT_BYTES["f16"]
+    read = variant.size_bytes + context_tokens * family.kv_bytes_per_token() * kv_scale
     on_gpu = read * gpu_fraction / (eta * gpu.bandwidth)
     on_cpu = read * (1 - gpu_fraction) / (CPU_EFFICIENCY * CPU_BANDWIDTH)
     return on_gpu + on_cpu + gpu.overhead_s * family.architecture.block_count / 32

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from bench.sim.engine import Choice, Prediction, RouterView, RunResult, Simulation
-from bench.sim.hardware import OLLAMA_MINIMUM_MEMORY, FamilySpec, GpuSpec, VariantSpec, ollama_predicted_bytes
-from bench.sim.workload import Request
+from bench.sim.engine import NUM_CTX, Choice, Prediction, RouterView, RunResult, Simulation
+from bench.sim.hardware import (
+    DEFAULT_ENGINE,
+    OLLAMA_MINIMUM_MEMORY,
+    EngineSpec,
+    FamilySpec,
+    GpuSpec,
+    VariantSpec,
+    ollama_predicted_bytes,
+)
+from bench.sim.workload import Request, meets_floor
 from quantrouter.catalog import VariantInfo
-from quantrouter.policy import CandidateInput, MemoryView, PolicyConfig, RoutingRequest, decide
+from quantrouter.policy import CandidateInput, MemoryView, PolicyConfig, RoutingRequest, decide, remaining_seconds
 from quantrouter.quant import QuantType, parse_quantization, quality_order
 from quantrouter.values import Preference
 
@@ -20,32 +30,36 @@ DEFAULT_QUANT = "Q4_K_M"  # Ollama's library default tag for most families
 
 @dataclass(frozen=True, slots=True)
 class QuantRouter:
-    """quantrouter's `decide`, fed as the service feeds it.
-
-    `true_speeds` swaps in the truth to isolate estimation error; `min_quantization` is the caller's floor.
-    """
+    """quantrouter's `decide`, fed as the service feeds it: estimates from the throughput table, the backlog
+    from its own in-flight requests (their estimates and the share of tokens streamed). `min_quantization` is a
+    floor on every request, on top of the request's own."""
 
     name: str = "quantrouter"
     config: PolicyConfig = field(default_factory=PolicyConfig)
-    true_speeds: bool = False
     min_quantization: QuantType | None = None
 
     def choose(self, request: Request, view: RouterView) -> Choice:
         family = view.family
-        sizes = {v.tag: v.size_bytes for v in family.variants}
-        candidates = []
-        for v in family.variants:
-            info = VariantInfo(v.tag, family.name, v.quant, v.size_bytes, family.parameter_count,
-                               family.architecture, v.tag in view.resident, view.resident.get(v.tag, 0))
-            speed = view.truth.speed(v.tag) if self.true_speeds else view.speeds.estimate(v.tag, v.size_bytes, sizes)
-            candidates.append(CandidateInput(info, speed, v.quant.quality, view.in_flight.get(v.tag, 0)))
+        infos = [VariantInfo(v.tag, family.name, v.quant, v.size_bytes, family.parameter_count, family.architecture,
+                             v.tag in view.resident, view.resident.get(v.tag, 0)) for v in family.variants]
+        speeds = view.speeds.estimates(infos)
+        queued: dict[str, float] = {}
+        for tag, service, done in view.backlog:
+            queued[tag] = queued.get(tag, 0.0) + service * (1.0 - done)
+        candidates = [CandidateInput(info, speed, info.quant.quality, view.in_flight.get(info.tag, 0),
+                                     queued_seconds=queued.get(info.tag, 0.0)) for info, speed in speeds]
+        floor = parse_quantization(request.min_quantization) if request.min_quantization else self.min_quantization
         routing = RoutingRequest(family.name, request.preference, prompt_tokens=request.prompt_tokens,
-                                 num_predict=request.output_tokens, num_ctx=view.num_ctx,
-                                 min_quantization=self.min_quantization,
+                                 num_predict=request.output_tokens, num_ctx=view.num_ctx, min_quantization=floor,
                                  min_tokens_per_second=request.min_tokens_per_second,
                                  time_remaining=request.deadline_s)
-        decision = decide(routing, candidates, MemoryView(view.free_bytes, OLLAMA_MINIMUM_MEMORY, "nvml"), self.config)
-        return Choice(decision.chosen.tag if decision.chosen else None, decision.reason_code)
+        backlog = remaining_seconds([(service, done) for _, service, done in view.backlog])
+        memory = MemoryView(view.free_bytes, OLLAMA_MINIMUM_MEMORY, "nvml", backlog)
+        decision = decide(routing, candidates, memory, self.config)
+        chosen = decision.chosen
+        if chosen is None:
+            return Choice(None, decision.reason_code)
+        return Choice(chosen.tag, decision.reason_code, chosen.expected_seconds - chosen.queue_seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +111,9 @@ class LatencyOnly:
     name: str = "latency-only"
 
     def choose(self, request: Request, view: RouterView) -> Choice:
-        sizes = {v.tag: v.size_bytes for v in view.family.variants}
-        pick = max(view.family.variants, key=lambda v: view.speeds.estimate(v.tag, v.size_bytes, sizes).decode_tps)
+        family = view.family
+        infos = [VariantInfo(v.tag, family.name, v.quant, v.size_bytes) for v in family.variants]
+        pick = max(view.speeds.estimates(infos), key=lambda pair: pair[1].decode_tps)[0]
         return Choice(pick.tag, "fastest")
 
 
@@ -120,8 +135,10 @@ class Oracle:
 
     def choose(self, request: Request, view: RouterView) -> Choice:
         def key(v: VariantSpec) -> tuple[float, float]:
+            if not meets_floor(request, v.quant):
+                return 0.0, -math.inf
             prediction = view.truth.predict(request, v.tag)
-            return slo_value(request, prediction, v.quant.quality), -prediction.finish
+            return slo_value(request, prediction, view.family.quality(v.tag)), -prediction.finish
 
         best = max(view.family.variants, key=key)
         if key(best)[0] <= 0:
@@ -140,8 +157,19 @@ class FixedPerPreference:
         return Choice(dict(self.mapping)[request.preference], "fixed per preference")
 
 
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """A variant (or a refusal) for each request id: what the exhaustive search enumerates."""
+
+    tags: tuple[str | None, ...]
+    name: str = "assignment"
+
+    def choose(self, request: Request, view: RouterView) -> Choice:
+        return Choice(self.tags[request.id], "assigned")
+
+
 # Coordinate-descent passes over (preference, variant) in the hindsight search.
-HINDSIGHT_PASSES = 2
+HINDSIGHT_PASSES = 1
 
 
 def goodput(run: RunResult) -> float:
@@ -149,18 +177,25 @@ def goodput(run: RunResult) -> float:
     return sum(r.quality * r.request.output_tokens for r in run.results if r.slo_met)
 
 
-def hindsight_best(gpu: GpuSpec, family: FamilySpec, requests: Sequence[Request],
-                   tenant: Sequence[tuple[float, int]]) -> RunResult:
-    """The best fixed variant per preference for this very trace, found by replaying it (coordinate descent).
+def exhaustive_best(gpu: GpuSpec, family: FamilySpec, requests: Sequence[Request],
+                    tenant: Sequence[tuple[float, int]], engine: EngineSpec = DEFAULT_ENGINE) -> float:
+    """The highest goodput any policy can reach on a tiny trace: every assignment of a variant or a refusal to
+    every request, each replayed on the simulator ((variants + 1)^requests runs)."""
+    options: list[str | None] = [v.tag for v in family.variants] + [None]
+    return max(goodput(Simulation(gpu, family, requests, tenant, Assignment(tags), engine=engine).run())
+               for tags in itertools.product(options, repeat=len(requests)))
 
-    It starts from always-Q4_K_M and the static rule's pick, so it never does worse than either on goodput.
-    """
+
+def hindsight_best(gpu: GpuSpec, family: FamilySpec, requests: Sequence[Request],
+                   tenant: Sequence[tuple[float, int]], engine: EngineSpec = DEFAULT_ENGINE,
+                   num_ctx: int = NUM_CTX) -> RunResult:
+    """The best fixed variant per preference for this very trace, found by replaying it (coordinate descent
+    from always-Q4_K_M, one pass over every preference × variant)."""
     def run(mapping: dict[Preference, str]) -> RunResult:
         policy = FixedPerPreference(tuple(mapping.items()))
-        return Simulation(gpu, family, requests, tenant, policy).run()
+        return Simulation(gpu, family, requests, tenant, policy, engine=engine, num_ctx=num_ctx).run()
 
-    starts = [next(v.tag for v in family.variants if v.quant.name == DEFAULT_QUANT),
-              static_rule_pick(family, gpu.capacity_bytes).tag]
+    starts = [next(v.tag for v in family.variants if v.quant.name == DEFAULT_QUANT)]
     best_mapping: dict[Preference, str] = {}
     best: RunResult | None = None
     for tag in starts:
@@ -180,7 +215,4 @@ def hindsight_best(gpu: GpuSpec, family: FamilySpec, requests: Sequence[Request]
 
 
 BASELINES = (AlwaysQuant(), StaticVramRule(), LargestFitsFree(), LatencyOnly())
-POLICIES = (QuantRouter(), QuantRouter("quantrouter (true speeds)", true_speeds=True),
-            QuantRouter("quantrouter (floor Q4_K_M)", min_quantization=parse_quantization(DEFAULT_QUANT)),
-            QuantRouter("quantrouter (fit to 100 % of free)", PolicyConfig(load_fraction=1.0)),
-            *BASELINES, Oracle())
+POLICIES = (QuantRouter(), *BASELINES, Oracle())

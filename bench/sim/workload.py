@@ -10,6 +10,7 @@ import math
 import random
 from dataclasses import dataclass
 
+from quantrouter.quant import QuantType, parse_quantization
 from quantrouter.values import Preference
 
 # Run-to-run spread of a request's decode speed (lognormal σ). llama-bench reports ± a few percent per run.
@@ -26,10 +27,13 @@ class RequestClass:
     output_tokens: tuple[int, int]
     deadline_s: float
     min_tokens_per_second: float
+    min_quantization: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Request:
+    """One request; `load_noise` is a standard normal draw that scales the load it triggers (engine jitter)."""
+
     id: int
     arrival: float
     preference: Preference
@@ -38,6 +42,8 @@ class Request:
     deadline_s: float
     min_tokens_per_second: float
     speed_noise: float
+    load_noise: float = 0.0
+    min_quantization: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +96,8 @@ def generate_requests(classes: tuple[RequestClass, ...], phases: tuple[Phase, ..
         cls = rng.choices(classes, weights)[0]
         requests.append(Request(
             len(requests), t, cls.preference, rng.randint(*cls.prompt_tokens), rng.randint(*cls.output_tokens),
-            cls.deadline_s, cls.min_tokens_per_second, math.exp(rng.gauss(0.0, SPEED_NOISE_SIGMA))))
+            cls.deadline_s, cls.min_tokens_per_second, math.exp(rng.gauss(0.0, SPEED_NOISE_SIGMA)),
+            rng.gauss(0.0, 1.0), cls.min_quantization))
 
 
 def generate_tenant(profile: TenantProfile, duration: float, rng: random.Random) -> tuple[tuple[float, int], ...]:
@@ -101,3 +108,20 @@ def generate_tenant(profile: TenantProfile, duration: float, rng: random.Random)
         level = steps[-1][1] + rng.randint(-(profile.high - profile.low) // 2, (profile.high - profile.low) // 2)
         steps.append((t, min(max(level, profile.low), profile.high)))
     return tuple(steps)
+
+
+def meets_floor(request: Request, quant: QuantType) -> bool:
+    """Whether `quant` honours the request's min_quantization (a violation fails the request)."""
+    floor = request.min_quantization
+    return floor is None or quant.quality >= parse_quantization(floor).quality
+
+
+def with_squeeze(steps: tuple[tuple[float, int], ...], start: float, end: float,
+                 level: int) -> tuple[tuple[float, int], ...]:
+    """`steps` with another tenant wanting at least `level` bytes from `start` to `end` (a squeeze)."""
+    times = sorted({t for t, _ in steps} | {start, end})
+    out = []
+    for t in times:
+        base = max((want for s, want in steps if s <= t), default=0)
+        out.append((t, max(base, level) if start <= t < end else base))
+    return tuple(out)

@@ -199,7 +199,8 @@ def _decision_lines(decision: Decision) -> list[str]:
         node = f"{c.node:<10} " if c.node else ""
         lines.append(f"  {mark} {node}{c.tag:<28} {c.quantization:<7} {format_bytes(c.memory_bytes):>10} "
                      f"{c.tokens_per_second:7.1f} tok/s{'' if c.measured else '*'} q={c.quality:.3f} "
-                     f"T={c.expected_seconds:6.2f}s {c.rejection}")
+                     f"T={c.expected_seconds:6.2f}s queue={c.queue_seconds:.2f}s churn={c.churn_seconds:.2f}s"
+                     f"{' at-risk' if c.at_risk else ''} {c.rejection}")
     return lines
 
 

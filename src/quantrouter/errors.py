@@ -6,7 +6,8 @@
     ├── Unauthenticated                   UNAUTHENTICATED
     ├── ModelNotFound                     NOT_FOUND (unknown family or tag)
     ├── NoVariantFits                     RESOURCE_EXHAUSTED (memory), with every candidate's reason
-    ├── ConstraintsUnsatisfiable          FAILED_PRECONDITION (constraints, deadline), with the reasons
+    ├── ConstraintsUnsatisfiable          FAILED_PRECONDITION (explicit constraints), with the reasons
+    ├── DeadlinePredicted                 DEADLINE_EXCEEDED (the deadline alone rules every variant out)
     ├── Overloaded                        RESOURCE_EXHAUSTED + RetryInfo (router's in-flight cap)
     ├── ShuttingDown                      UNAVAILABLE (draining)
     ├── NoLiveNode                        UNAVAILABLE (fleet: no node is live; says which and why)
@@ -39,6 +40,7 @@ __all__ = [
     "BackendTimeout",
     "BackendUnavailable",
     "ConstraintsUnsatisfiable",
+    "DeadlinePredicted",
     "FieldViolation",
     "InvalidRequest",
     "MalformedRequest",
@@ -103,6 +105,15 @@ class NoVariantFits(QuantrouterError):
 class ConstraintsUnsatisfiable(QuantrouterError):
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "NO_VARIANT_MEETS_CONSTRAINTS"
+
+
+class DeadlinePredicted(QuantrouterError):
+    """No variant is expected to finish before the deadline: answered up front rather than by the caller's own
+    timer a moment later, so the status does not depend on a race. ErrorInfo metadata carries
+    `predicted` and `best_expected_seconds`."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_PREDICTED"
 
 
 class Overloaded(QuantrouterError):

@@ -7,26 +7,44 @@ estimates and the time left before the deadline. The model (design §5):
   need ≤ `load_fraction` × (free − reserve + what idle variants of the same family would give back on
   eviction): Ollama loads a model beside others only within 80 % of free memory and otherwise waits for
   busy runners to finish (reference/ollama.md §3), which a routed request would spend in a queue;
-- ttft = cold-load time (when not resident) + prompt tokens / prompt tok/s;
+- queue = the GPU's backlog as this request would meet it: runners of one GPU time-slice it, so each
+  in-flight request delays this one by min(its remaining seconds, this one's own service time), and on a
+  runner that already serves `runner_parallel` requests this one also waits its turn;
+- ttft = queue + cold-load time (when not resident) + prompt tokens / prompt tok/s;
 - expected time T = ttft + num_predict / decode tok/s;
-- quality = the quant type's prior (quantrouter.quant).
+- churn = when loading a variant must evict an idle resident sibling (it does not fit beside it), the
+  sibling's reload time, which its next users pay; ranked on (never counted against the deadline);
+- quality = the candidate's quality (measured agreement where calibrated, else the quant prior);
+  qualities within `quality_tolerance` of the best count as equal, so QUALITY takes the faster of equals.
 
-QUALITY takes the highest quality (ties: smaller T); LATENCY the smallest T (ties: higher quality);
-BALANCED maximises w·q/q_max + (1−w)·T_min/T over the feasible candidates, w = `balanced_quality_weight`.
-Constraints and the deadline reject first. When memory pressure rejects the variant the preference
-would have taken, the decision says `downgraded`. To keep Ollama from loading and unloading in a
-thrash, a non-resident variant replaces a resident sibling only when it fits with a margin
-(`upgrade_hysteresis`) to spare.
+QUALITY takes the highest quality (ties: smaller T + churn); LATENCY the smallest T + churn (ties:
+higher quality); BALANCED maximises w·q/q_max + (1−w)·C_min/C with C = T + churn, w =
+`balanced_quality_weight`, where with a deadline a C within `balanced_deadline_share` of the time left
+counts as fast enough (so quality decides among those).
+
+Constraints and the deadline reject first, judged on the variant alone (no backlog): when the deadline
+alone rules every variant out the decision fails with `FailureKind.DEADLINE`. The backlog only steers: a
+candidate whose T, or whose decode stretched by the other busy runners time-slicing the GPU, passes the
+deadline, or whose decode rate under that sharing falls below `min_tokens_per_second`, is `at_risk` and
+ranks after the rest (when all are, the
+fastest is tried). A variant below `SPEED_FLOOR_BPW` yields to any feasible variant at or above the
+floor that is (or, unmeasured, is believed) at least as fast: below ~4.5 bits/weight dequantisation
+eats the smaller read (reference/quant.md §2 (iii)), so it serves when memory or an explicit constraint
+leaves nothing else. When memory pressure rejects the variant the preference would have taken, the
+decision says `downgraded`. To keep Ollama from loading and unloading in a thrash, a non-resident
+variant replaces a resident sibling only when it fits with a margin (`upgrade_hysteresis`) to spare.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from itertools import accumulate
 
 from quantrouter.catalog import VariantInfo
 from quantrouter.quant import QuantType
-from quantrouter.throughput import SpeedEstimate
+from quantrouter.throughput import SPEED_FLOOR_BPW, SpeedEstimate
 from quantrouter.units import format_bytes
 from quantrouter.values import Assessment, Decision, FailureKind, Preference
 
@@ -36,10 +54,16 @@ __all__ = [
     "PolicyConfig",
     "RoutingRequest",
     "decide",
+    "rank",
+    "remaining_seconds",
 ]
 
 # Ties within this relative margin count as equal, so the secondary key decides.
 TIE_TOLERANCE = 1e-6
+# Scores live in [0, 1]: a candidate at risk drops below every candidate that is not.
+AT_RISK_PENALTY = 1.0
+# How a deadline rejection starts, so that a decision can tell "the deadline alone" from other constraints.
+DEADLINE_REJECTION = "expected"
 # When the architecture is unknown (no /api/show yet), assume the KV cache adds this share of the weights.
 UNKNOWN_KV_SHARE = 0.1
 # Ollama's scheduler loads beside other models only when the prediction ≤ 80 % of free memory
@@ -72,20 +96,48 @@ class CandidateInput:
     quality: float
     in_flight: int = 0
     breaker_open: bool = False
+    queued_seconds: float = 0.0  # expected remaining seconds of the requests this variant is serving
 
 
 @dataclass(frozen=True, slots=True)
 class MemoryView:
+    """The GPU as the router sees it: free memory and the backlog of its own in-flight requests.
+
+    `backlog` holds each in-flight request's expected remaining seconds, sorted ascending
+    (`remaining_seconds` builds it).
+    """
+
     free_bytes: int
     reserve_bytes: int = 0
     source: str = "static"
+    backlog: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class PolicyConfig:
+    """The policy's knobs.
+
+    `quality_tolerance`: qualities this close to the best count as equal. 0.005 is about the standard
+    error of a top-1 agreement measured on a few thousand tokens (√(0.9·0.1/4000) ≈ 0.005), and below the
+    smallest gap between neighbouring rungs of the prior (Q4_K_M 0.919 vs IQ4_XS 0.913).
+    `runner_parallel`: OLLAMA_NUM_PARALLEL of the backend, the requests one runner serves at once.
+    `balanced_deadline_share`: for BALANCED requests with a deadline, an expected time within this share of
+    the time left counts as fast enough, so quality decides among such candidates.
+    """
+
     balanced_quality_weight: float = 0.5
     upgrade_hysteresis: float = 0.15
     load_fraction: float = OLLAMA_LOAD_FRACTION
+    quality_tolerance: float = 0.005
+    runner_parallel: int = 1
+    balanced_deadline_share: float = 0.5
+
+
+def remaining_seconds(expected_and_done: Sequence[tuple[float, float]]) -> tuple[float, ...]:
+    """The backlog for `MemoryView`: each in-flight request's expected service time times the share of its
+    tokens still to come (the tokens streamed so far tell; wall time does not, as queued and time-sliced
+    requests make no progress while it passes)."""
+    return tuple(sorted(expected * max(1.0 - done, 0.0) for expected, done in expected_and_done))
 
 
 def _memory_needed(variant: VariantInfo, num_ctx: int) -> int:
@@ -112,59 +164,155 @@ def _constraint_rejection(c: CandidateInput, request: RoutingRequest, speed: Spe
         return f"time to first token {ttft:.2f} s exceeds max_time_to_first_token " \
                f"{request.max_time_to_first_token:.2f} s"
     if request.time_remaining is not None and expected > request.time_remaining:
-        return f"expected {expected:.2f} s exceeds the {request.time_remaining:.2f} s left before the deadline"
+        return (f"{DEADLINE_REJECTION} {expected:.2f} s exceeds the {request.time_remaining:.2f} s left "
+                "before the deadline")
     return ""
 
 
-def _assess(c: CandidateInput, request: RoutingRequest, available: int, family_resident: bool,
-            config: PolicyConfig) -> Assessment:
-    v, speed = c.variant, c.speed
-    need = _memory_needed(v, request.num_ctx)
-    load = 0.0 if v.resident else speed.load_seconds
-    ttft = load + request.prompt_tokens / speed.prompt_tps
-    expected = ttft + request.num_predict / speed.decode_tps
-    rejection = _constraint_rejection(c, request, speed, ttft, expected)
-    memory_only = False
-    usable = available * config.load_fraction
-    if not rejection and not v.resident and request.pinned_tag is None:
-        if need > usable:
-            rejection = (f"needs {format_bytes(need)}, {format_bytes(max(available, 0))} free "
-                         f"(Ollama loads within {config.load_fraction:.0%} of it)")
-            memory_only = True
-        elif family_resident and need > usable / (1 + config.upgrade_hysteresis):
-            rejection = (f"needs {format_bytes(need)} of {format_bytes(available)} free: within the "
-                         f"{config.upgrade_hysteresis:.0%} margin kept before replacing a resident sibling")
-            memory_only = True
-    return Assessment(v.tag, v.quant.name, need, v.resident, speed.decode_tps, speed.measured, ttft,
-                      expected, c.quality, rejection=rejection, memory_only=memory_only)
+class _Backlog:
+    """Σ min(remaining_j, s) over the in-flight requests, in O(log n) per candidate."""
+
+    __slots__ = ("_prefix", "_sorted")
+
+    def __init__(self, remaining: tuple[float, ...]) -> None:
+        self._sorted = remaining
+        self._prefix = (0.0, *accumulate(remaining))
+
+    def delay(self, service: float) -> float:
+        i = bisect_left(self._sorted, service)
+        return self._prefix[i] + service * (len(self._sorted) - i)
 
 
-def _close(a: float, b: float) -> bool:
-    return abs(a - b) <= TIE_TOLERANCE * max(abs(a), abs(b), 1.0)
+class _Row:
+    """A candidate's numbers while the decision is made (mutable, so each `Assessment` is built once)."""
+
+    __slots__ = ("at_risk", "below_floor", "churn", "expected", "measured", "memory_only", "need", "quality",
+                 "quantization", "queue", "rejection", "resident", "score", "tag", "tps", "ttft")
+
+    def __init__(self, c: CandidateInput, request: RoutingRequest, available: int, family_resident: bool,
+                 backlog: _Backlog, busy_runners: int, config: PolicyConfig) -> None:
+        v, speed = c.variant, c.speed
+        self.tag, self.quantization, self.resident = v.tag, v.quant.name, v.resident
+        self.tps, self.measured, self.quality = speed.decode_tps, speed.measured, c.quality
+        self.below_floor = v.quant.bits_per_weight < SPEED_FLOOR_BPW
+        self.need = need = _memory_needed(v, request.num_ctx)
+        load = 0.0 if v.resident else speed.load_seconds
+        prefill = request.prompt_tokens / speed.prompt_tps
+        decode = request.num_predict / speed.decode_tps
+        service = prefill + decode
+        queue = backlog.delay(service)
+        if c.in_flight >= config.runner_parallel:
+            queue += max(c.queued_seconds - c.in_flight * service, 0.0)
+        # Constraints judge the variant on its own (alone on the GPU); the backlog only steers (`at_risk`).
+        rejection = _constraint_rejection(c, request, speed, load + prefill, load + service)
+        memory_only = False
+        usable = available * config.load_fraction
+        if not rejection and not v.resident and request.pinned_tag is None:
+            if need > usable:
+                rejection = (f"needs {format_bytes(need)}, {format_bytes(max(available, 0))} free "
+                             f"(Ollama loads within {config.load_fraction:.0%} of it)")
+                memory_only = True
+            elif family_resident and need > usable / (1 + config.upgrade_hysteresis):
+                rejection = (f"needs {format_bytes(need)} of {format_bytes(available)} free: within the "
+                             f"{config.upgrade_hysteresis:.0%} margin kept before replacing a resident sibling")
+                memory_only = True
+        self.rejection, self.memory_only = rejection, memory_only
+        self.queue, self.churn, self.score = queue, 0.0, 0.0
+        self.ttft = queue + load + prefill
+        self.expected = self.ttft + decode
+        # Its decode rate while other runners time-slice the GPU (its own runner's queue delays, never slows it).
+        sharing = 1 + busy_runners - (c.in_flight > 0)
+        shared_tps = speed.decode_tps / sharing
+        stretched = self.ttft + decode * sharing
+        late = request.time_remaining is not None and max(self.expected, stretched) > request.time_remaining
+        self.at_risk = late or shared_tps < request.min_tokens_per_second
+
+    def assessment(self) -> Assessment:
+        return Assessment(self.tag, self.quantization, self.need, self.resident, self.tps, self.measured, self.ttft,
+                          self.expected, self.quality, self.score, self.rejection, self.memory_only,
+                          queue_seconds=self.queue, churn_seconds=self.churn, at_risk=self.at_risk)
+
+    @classmethod
+    def of(cls, a: Assessment) -> _Row:
+        """A row for a finished assessment, to rank it again (the fleet ranks its nodes' choices)."""
+        row = cls.__new__(cls)
+        row.tag, row.quantization, row.need, row.resident = a.tag, a.quantization, a.memory_bytes, a.resident
+        row.tps, row.measured, row.ttft, row.expected = a.tokens_per_second, a.measured, a.time_to_first_token, \
+            a.expected_seconds
+        row.quality, row.score, row.rejection, row.memory_only = a.quality, a.score, a.rejection, a.memory_only
+        row.queue, row.churn, row.at_risk, row.below_floor = a.queue_seconds, a.churn_seconds, a.at_risk, False
+        return row
 
 
-def _rank(assessments: Sequence[Assessment], preference: Preference, weight: float) -> list[Assessment]:
-    """Best first, each with its score set (higher is better)."""
-    if not assessments:
+def _charge_churn(rows: Sequence[_Row], pool: Sequence[CandidateInput], free: int, config: PolicyConfig) -> None:
+    """A load that only fits by evicting idle resident siblings costs their next users a reload."""
+    reload = sum(c.speed.load_seconds for c in pool if c.variant.resident and c.in_flight == 0)
+    if not reload:
+        return
+    usable = free * config.load_fraction
+    for row in rows:
+        if not row.rejection and not row.resident and row.need > usable:
+            row.churn = reload
+
+
+def _hold_back_sub_floor(rows: Sequence[_Row]) -> None:
+    """Variants below the speed floor yield to any feasible variant at or above it that is (or is believed)
+    at least as fast: they serve when memory or an explicit constraint leaves nothing else."""
+    if not any(row.below_floor for row in rows):
+        return
+    fastest = max((row.tps for row in rows if not row.rejection and not row.below_floor), default=None)
+    if fastest is None:
+        return
+    for row in rows:
+        if row.below_floor and not row.rejection and (not row.measured or row.tps <= fastest):
+            row.rejection = (f"below {SPEED_FLOOR_BPW:g} bits/weight and no faster than a variant above it "
+                             "(dequantisation): kept for memory pressure")
+
+
+def _rank(rows: Sequence[_Row], preference: Preference, config: PolicyConfig,
+          time_remaining: float | None) -> list[_Row]:
+    """Best first, each with its score set (higher is better); candidates at risk of missing the deadline or
+    the speed floor behind the GPU's backlog score `AT_RISK_PENALTY` lower, so they rank after the rest."""
+    if not rows:
         return []
-    best_q = max(a.quality for a in assessments) or 1.0
-    best_t = min(a.expected_seconds for a in assessments)
-
-    def score(a: Assessment) -> float:
+    safe = [row for row in rows if not row.at_risk]
+    if not safe:  # nothing is expected to make it: the fastest has the best chance
+        safe, preference = list(rows), Preference.LATENCY
+    top_q = max(row.quality for row in safe)
+    floor_q = top_q - config.quality_tolerance
+    best_q = top_q or 1.0
+    # BALANCED with a deadline: finishing within `balanced_deadline_share` of the time left is fast enough.
+    enough = (config.balanced_deadline_share * time_remaining
+              if preference is Preference.BALANCED and time_remaining is not None else 0.0)
+    best_c = min(max(row.expected + row.churn, enough) for row in safe)
+    weight = config.balanced_quality_weight
+    for row in rows:
+        cost = max(row.expected + row.churn, enough)
+        speed = min(best_c / cost, 1.0) if cost > 0 else 1.0
+        quality = top_q if row.quality >= floor_q else row.quality
         if preference is Preference.QUALITY:
-            return a.quality
-        if preference is Preference.LATENCY:
-            return best_t / a.expected_seconds if a.expected_seconds > 0 else 1.0
-        speed = best_t / a.expected_seconds if a.expected_seconds > 0 else 1.0
-        return weight * a.quality / best_q + (1 - weight) * speed
-
-    scored = [replace(a, score=score(a)) for a in assessments]
+            value = quality
+        elif preference is Preference.LATENCY:
+            value = speed
+        else:
+            value = weight * quality / best_q + (1 - weight) * speed
+        row.score = value - AT_RISK_PENALTY if row.at_risk else value
+    ranked = list(rows)
     # Primary: score. Secondary: the other objective, so ties resolve as the docstring says.
     if preference is Preference.LATENCY:
-        scored.sort(key=lambda a: (-round(a.score / TIE_TOLERANCE), -a.quality, a.tag))
+        ranked.sort(key=lambda row: (-round(row.score / TIE_TOLERANCE), -row.quality, row.tag))
     else:
-        scored.sort(key=lambda a: (-round(a.score / TIE_TOLERANCE), a.expected_seconds, a.tag))
-    return scored
+        ranked.sort(key=lambda row: (-round(row.score / TIE_TOLERANCE), row.expected + row.churn, -row.quality,
+                                     row.tag))
+    return ranked
+
+
+def rank(assessments: Sequence[Assessment], preference: Preference, config: PolicyConfig,
+         time_remaining: float | None = None) -> list[Assessment]:
+    """Finished assessments best first by the policy's own ranking, each with its score set."""
+    rows = [_Row.of(a) for a in assessments]
+    source = {id(row): a for row, a in zip(rows, assessments, strict=True)}
+    return [replace(source[id(row)], score=row.score) for row in _rank(rows, preference, config, time_remaining)]
 
 
 def decide(
@@ -181,29 +329,43 @@ def decide(
         return replace(base, reason=f"no variants of {request.family}", failure=FailureKind.EMPTY)
 
     reclaimable = sum(c.variant.vram_bytes for c in pool if c.variant.resident and c.in_flight == 0)
-    available = memory.free_bytes - memory.reserve_bytes + reclaimable
+    free = memory.free_bytes - memory.reserve_bytes
+    available = free + reclaimable
     family_resident = any(c.variant.resident for c in pool)
-    assessed = [_assess(c, request, available, family_resident, config) for c in pool]
-    feasible = [a for a in assessed if a.feasible]
-    ranked = _rank(feasible, request.preference, config.balanced_quality_weight)
-    scores = {a.tag: a for a in ranked}
-    listed = tuple(scores.get(a.tag, a) for a in assessed)
+    backlog = _Backlog(memory.backlog)
+    busy_runners = sum(1 for c in pool if c.in_flight > 0)
+    rows = [_Row(c, request, available, family_resident, backlog, busy_runners, config) for c in pool]
+    if request.pinned_tag is None:
+        _charge_churn(rows, pool, free, config)
+        _hold_back_sub_floor(rows)
+
+    # Would the preference have picked something that memory alone ruled out? Ranked first, so that the
+    # feasible ranking's scores are the ones listed.
+    blocked: _Row | None = None
+    if any(row.memory_only for row in rows):
+        unconstrained = _rank([row for row in rows if not row.rejection or row.memory_only], request.preference,
+                              config, request.time_remaining)
+        blocked = unconstrained[0] if unconstrained[0].memory_only else None
+        for row in rows:
+            row.score = 0.0
+    ranked = _rank([row for row in rows if not row.rejection], request.preference, config, request.time_remaining)
+    listed = tuple(row.assessment() for row in rows)
 
     if not ranked:
-        only_memory = all(a.memory_only for a in assessed)
-        failure = FailureKind.MEMORY if only_memory else FailureKind.CONSTRAINTS
-        why = "; ".join(f"{a.tag}: {a.rejection}" for a in assessed)
+        if all(row.memory_only for row in rows):
+            failure = FailureKind.MEMORY
+        elif all(row.rejection.startswith(DEADLINE_REJECTION) for row in rows):
+            failure = FailureKind.DEADLINE
+        else:
+            failure = FailureKind.CONSTRAINTS
+        why = "; ".join(f"{row.tag}: {row.rejection}" for row in rows)
         return replace(base, reason=f"no variant of {request.family} can serve this request ({why})",
-                       candidates=listed, failure=failure)
+                       candidates=listed, failure=failure, best_expected_seconds=min(row.expected for row in rows))
 
-    chosen = ranked[0]
-    # Would the preference have picked something that memory alone ruled out?
-    unconstrained = _rank([a for a in assessed if a.feasible or a.memory_only], request.preference,
-                          config.balanced_quality_weight)
-    blocked = unconstrained[0] if unconstrained and unconstrained[0].tag != chosen.tag else None
-    downgraded = blocked is not None and blocked.memory_only
-    reason = _explain(request, chosen, blocked if downgraded else None)
-    return replace(base, chosen=chosen, reason=reason, candidates=listed, downgraded=downgraded)
+    chosen = listed[rows.index(ranked[0])]
+    lost = listed[rows.index(blocked)] if blocked is not None else None
+    reason = _explain(request, chosen, lost)
+    return replace(base, chosen=chosen, reason=reason, candidates=listed, downgraded=lost is not None)
 
 
 def _explain(request: RoutingRequest, chosen: Assessment, blocked: Assessment | None) -> str:

@@ -29,6 +29,7 @@ from quantrouter.errors import (
     BackendRejected,
     BackendUnavailable,
     ConstraintsUnsatisfiable,
+    DeadlinePredicted,
     ModelNotFound,
     NoVariantFits,
     Overloaded,
@@ -37,7 +38,7 @@ from quantrouter.errors import (
 from quantrouter.inventory import Inventory
 from quantrouter.memory import NVML, MemoryProbe
 from quantrouter.metrics import OTHER, Metrics
-from quantrouter.policy import CandidateInput, MemoryView, PolicyConfig, RoutingRequest, decide
+from quantrouter.policy import CandidateInput, MemoryView, PolicyConfig, RoutingRequest, decide, remaining_seconds
 from quantrouter.throughput import Observation, ThroughputTable
 from quantrouter.units import NS
 from quantrouter.values import Completion, Decision, FailureKind
@@ -75,6 +76,21 @@ class Limits:
     policy: PolicyConfig
 
 
+@dataclass(slots=True, eq=False)
+class _Work:
+    """One in-flight stream as the policy's backlog counts it: the decision's service estimate and the share
+    of the requested tokens streamed so far (mutable: the relay counts chunks; identity equality, so a set
+    holds each stream once)."""
+
+    tag: str
+    service_seconds: float
+    num_predict: int
+    streamed: int = 0
+
+    def done(self) -> float:
+        return min(self.streamed / self.num_predict, 1.0) if self.num_predict > 0 else 0.0
+
+
 def _variant_labels(variant: VariantInfo | None) -> tuple[str, str]:
     """`target_model_name` and `quantization` label values; `other` before a variant was chosen."""
     return (variant.tag, variant.quant.name) if variant else (OTHER, OTHER)
@@ -85,6 +101,9 @@ def failure_of(decision: Decision) -> QuantrouterError:
     metadata = {"family": decision.family}
     if decision.failure is FailureKind.MEMORY:
         return NoVariantFits(decision.reason, metadata=metadata)
+    if decision.failure is FailureKind.DEADLINE:
+        return DeadlinePredicted(decision.reason, metadata={
+            **metadata, "predicted": "true", "best_expected_seconds": f"{decision.best_expected_seconds:.3f}"})
     if decision.failure is FailureKind.EMPTY:
         return ModelNotFound(decision.reason, metadata=metadata)
     return ConstraintsUnsatisfiable(decision.reason, metadata=metadata)
@@ -104,8 +123,7 @@ class Router:
         self._clock = clock
         self._in_flight_tags: Counter[str] = Counter()
         self._in_flight_families: Counter[str] = Counter()
-        # Each stream's start and expected duration, for the backlog a fleet router reads.
-        self._expected: dict[object, tuple[float, float]] = {}
+        self._work: set[_Work] = set()
 
     @property
     def in_flight(self) -> int:
@@ -117,9 +135,11 @@ class Router:
         return {tag: count for tag, count in self._in_flight_tags.items() if count}
 
     def backlog_seconds(self) -> float:
-        """Expected seconds of work still ahead of the streams in progress (their estimates less elapsed)."""
-        now = self._clock()
-        return sum(max(0.0, expected - (now - started)) for started, expected in self._expected.values())
+        """Expected seconds of work still ahead of the streams in progress (the backlog the policy sees, summed)."""
+        return sum(self._backlog())
+
+    def _backlog(self) -> tuple[float, ...]:
+        return remaining_seconds([(w.service_seconds, w.done()) for w in self._work])
 
     def family_label(self, family: str) -> str:
         """A metric label value: known families only (bounded cardinality)."""
@@ -127,13 +147,18 @@ class Router:
 
     def candidates(self, catalog: CatalogSnapshot, family: str) -> list[CandidateInput]:
         now = self._clock()
-        return [CandidateInput(v, speed, v.quant.quality, self._in_flight_tags[v.tag], self.breaker.is_open(v.tag, now))
+        queued: dict[str, float] = {}
+        for work in self._work:
+            queued[work.tag] = queued.get(work.tag, 0.0) + work.service_seconds * (1.0 - work.done())
+        return [CandidateInput(v, speed, v.quant.quality, self._in_flight_tags[v.tag], self.breaker.is_open(v.tag, now),
+                               queued.get(v.tag, 0.0))
                 for v, speed in self.throughput.snapshot().estimates(catalog.family(family))]
 
     def memory_view(self) -> MemoryView:
+        """Free memory, and the backlog of this router's own in-flight streams (one GPU's worth of work)."""
         snapshot = self.probe.latest
         reserve = self.limits.reserve_bytes * len(snapshot.gpus) if snapshot.source == NVML else 0
-        return MemoryView(snapshot.free_bytes, reserve, snapshot.source)
+        return MemoryView(snapshot.free_bytes, reserve, snapshot.source, self._backlog())
 
     def decide(self, request: RoutingRequest) -> Decision:
         started = time.perf_counter()
@@ -183,18 +208,18 @@ class Router:
         code = grpc.StatusCode.OK
         variant: VariantInfo | None = None
         first_token: float | None = None
-        stream_key = object()
         try:
             decision = self.decide(request)
             self.record_decision(decision)
             fallback_used = False
             while True:
                 variant = self._chosen_variant(decision)
-                if decision.chosen is not None:
-                    self._expected[stream_key] = (self._clock(), decision.chosen.expected_seconds)
                 yield decision
+                chosen = decision.chosen
+                assert chosen is not None
+                work = _Work(variant.tag, chosen.expected_seconds - chosen.queue_seconds, request.num_predict)
                 try:
-                    async for item in self._forward(variant, job, cold=not variant.resident):
+                    async for item in self._forward(variant, job, work, cold=not variant.resident):
                         if isinstance(item, Completion):
                             item = replace(item, time_to_first_token=(first_token or self._clock()) - started)
                         elif first_token is None:
@@ -224,7 +249,6 @@ class Router:
             code = grpc.StatusCode.CANCELLED
             raise
         finally:
-            self._expected.pop(stream_key, None)
             self._in_flight_families[request.family] -= 1
             self.metrics.in_flight.labels(family).dec()
             tag, quantization = _variant_labels(variant)
@@ -239,28 +263,36 @@ class Router:
             raise BackendModelMissing(f"{decision.chosen.tag} left the catalog")
         return variant
 
-    async def _forward(self, variant: VariantInfo, job: Job, cold: bool) -> AsyncIterator[str | Completion]:
+    async def _forward(self, variant: VariantInfo, job: Job, work: _Work,
+                       cold: bool) -> AsyncIterator[str | Completion]:
         tag = variant.tag
         self._in_flight_tags[tag] += 1
+        self._work.add(work)
         try:
             stream = (self.backend.chat(tag, job.messages, job.options, job.format) if job.chat
                       else self.backend.generate(tag, job.prompt, job.system, job.options, job.format))
             async with aclosing(stream):
                 async for item in stream:
-                    yield self._finish(variant, item, cold) if isinstance(item, Final) else item
+                    if isinstance(item, Final):
+                        yield self._finish(variant, item, cold)
+                    else:
+                        work.streamed += 1  # a chunk is about a token
+                        yield item
         except BackendError as error:
             if not isinstance(error, _NOT_THE_VARIANTS_FAULT) and self.breaker.failure(tag, self._clock()):
                 self.metrics.breaker_trips.labels(self.family_label(variant.family), tag).inc()
             raise
         finally:
             self._in_flight_tags[tag] -= 1
+            self._work.discard(work)
             self.inventory.poke()
 
     def _finish(self, variant: VariantInfo, final: Final, cold: bool) -> Completion:
         self.breaker.success(variant.tag)
+        busy_runners = sum(1 for count in self._in_flight_tags.values() if count)
         self.throughput.observe(variant.tag, Observation(final.eval_count, final.eval_duration,
                                                          final.prompt_eval_count, final.prompt_eval_duration,
-                                                         final.load_duration, cold))
+                                                         final.load_duration, cold, busy_runners))
         labels = (self.family_label(variant.family), variant.tag, variant.quant.name)
         tps = final.eval_count * NS / final.eval_duration if final.eval_duration else 0.0
         prompt_tps = final.prompt_eval_count * NS / final.prompt_eval_duration if final.prompt_eval_duration else 0.0

@@ -280,7 +280,9 @@ def _candidate_pb(a: Assessment) -> pb.Candidate:
                         tokens_per_second=a.tokens_per_second, tokens_per_second_measured=a.measured,
                         time_to_first_token=duration_pb(a.time_to_first_token),
                         expected_duration=duration_pb(a.expected_seconds), quality=a.quality, score=a.score,
-                        feasible=a.feasible, rejection=a.rejection, node=a.node)
+                        feasible=a.feasible, rejection=a.rejection, node=a.node,
+                        queue_duration=duration_pb(a.queue_seconds), churn_duration=duration_pb(a.churn_seconds),
+                        at_risk=a.at_risk)
 
 
 def completion_pb(c: Completion) -> pb.Completion:

@@ -2,8 +2,14 @@
 
 Before a variant's first sample the estimate is a prior. Decode is memory-bandwidth bound, so a
 measured sibling scales by size (tok/s ∝ 1/bytes); with no sibling measured, the bandwidth model
-`tok/s = 1 / (W / (η·BW) + c)` of reference/quant.md §2 and §6 gives a first guess. Prompt processing
-is compute bound and roughly flat across quant types, so a sibling's figure carries over unscaled.
+`tok/s = 1 / (W / (η·BW) + c)` of reference/quant.md §2 and §6 gives a first guess. Neither extrapolates
+a gain below `SPEED_FLOOR_BPW`: there dequantisation eats the smaller read (Q2_K and Q3_K_S decode slower
+than Q4_0 on an RTX 3090, reference/quant.md §2), so a file below the floor counts as the size it would
+have at the floor. Prompt processing is compute bound and roughly flat across quant types, so a sibling's
+figure carries over unscaled.
+
+A decode rate measured while other runners shared the GPU says little about the variant (runners
+time-slice one GPU), so such a sample only starts a variant that has none; it never moves an estimate.
 """
 
 from __future__ import annotations
@@ -17,11 +23,13 @@ from quantrouter.units import NS
 
 __all__ = [
     "GPU_BANDWIDTH",
+    "SPEED_FLOOR_BPW",
     "Observation",
     "SpeedEstimate",
     "ThroughputSnapshot",
     "ThroughputTable",
     "bandwidth_for",
+    "decode_bytes",
 ]
 
 # Bandwidth model constants (reference/quant.md §6): η = achieved fraction of peak bandwidth,
@@ -35,6 +43,8 @@ PROMPT_SPEEDUP_PRIOR = 10.0
 # Cold load ≈ reading the weights at disk/PCIe speed plus a fixed start-up cost.
 LOAD_BYTES_PER_SECOND = 2e9
 LOAD_FIXED_S = 0.2
+# Bits per weight below which a smaller file decodes no faster (the Q4_K block is 4.5 bpw, quant.md §1d).
+SPEED_FLOOR_BPW = 4.5
 
 # Peak memory bandwidth, bytes/s, by a substring of the NVML device name (reference/quant.md §6).
 GPU_BANDWIDTH: tuple[tuple[str, float], ...] = (
@@ -64,6 +74,11 @@ def bandwidth_for(gpu_names: Iterable[str], configured: float = 0.0) -> float:
     return DEFAULT_BANDWIDTH
 
 
+def decode_bytes(size_bytes: int, bits_per_weight: float) -> int:
+    """The size a decode step costs like: the file's, or the size it would have at the speed floor."""
+    return int(size_bytes * max(1.0, SPEED_FLOOR_BPW / bits_per_weight)) if bits_per_weight > 0 else size_bytes
+
+
 @dataclass(frozen=True, slots=True)
 class Observation:
     """The figures of one finished request, from Ollama's final chunk (durations in ns)."""
@@ -74,6 +89,7 @@ class Observation:
     prompt_eval_duration_ns: int = 0
     load_duration_ns: int = 0
     cold: bool = False
+    busy_runners: int = 1  # runners (this one included) serving requests on the GPU when it finished
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +125,7 @@ class ThroughputSnapshot:
     bandwidth: float = DEFAULT_BANDWIDTH
 
     def estimate(self, tag: str, size_bytes: int, siblings: Mapping[str, int]) -> SpeedEstimate:
-        """The estimate for `tag` (file size `size_bytes`); `siblings` maps sibling tags to their sizes."""
+        """The estimate for `tag`; `siblings` maps sibling tags to theirs. Sizes are `decode_bytes`."""
         own = self.stats.get(tag, _Ewma())
         reference = self._best_sibling(tag, siblings)
         decode = own.decode_tps or self._decode_prior(size_bytes, reference)
@@ -119,8 +135,8 @@ class ThroughputSnapshot:
 
     def estimates(self, variants: Sequence[VariantInfo]) -> list[tuple[VariantInfo, SpeedEstimate]]:
         """Each variant of one family with its estimate, the others serving as siblings for the priors."""
-        sizes = {v.tag: v.size_bytes for v in variants}
-        return [(v, self.estimate(v.tag, v.size_bytes, sizes)) for v in variants]
+        sizes = {v.tag: decode_bytes(v.size_bytes, v.quant.bits_per_weight) for v in variants}
+        return [(v, self.estimate(v.tag, sizes[v.tag], sizes)) for v in variants]
 
     def _best_sibling(self, tag: str, siblings: Mapping[str, int]) -> tuple[_Ewma, int] | None:
         measured = [(self.stats[t], size) for t, size in siblings.items()
@@ -162,6 +178,8 @@ class ThroughputTable:
                   if o.prompt_eval_count > 0 and o.prompt_eval_duration_ns > 0 else None)
         load = o.load_duration_ns / NS if o.cold and o.load_duration_ns > 0 else None
         old = self._stats.get(tag, _Ewma())
+        if o.busy_runners > 1 and old.decode_tps is not None:
+            decode = None
         self._stats[tag] = _Ewma(
             _blend(old.decode_tps, decode, self._alpha),
             _blend(old.prompt_tps, prompt, self._alpha),

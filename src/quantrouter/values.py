@@ -22,7 +22,8 @@ class FailureKind(enum.Enum):
     """Why no candidate was chosen: the status the service answers with follows from it."""
 
     MEMORY = "memory"  # RESOURCE_EXHAUSTED: only memory stood in the way
-    CONSTRAINTS = "constraints"  # FAILED_PRECONDITION: constraints, deadline or failures ruled all out
+    CONSTRAINTS = "constraints"  # FAILED_PRECONDITION: explicit constraints or failures ruled all out
+    DEADLINE = "deadline"  # DEADLINE_EXCEEDED: the deadline alone ruled every variant out (predicted)
     EMPTY = "empty"  # NOT_FOUND: the family has no variants
 
 
@@ -44,6 +45,9 @@ class Assessment:
     memory_only: bool = False
     # The node holding the candidate, when a fleet router decided.
     node: str = ""
+    queue_seconds: float = 0.0  # the GPU backlog this request would wait behind, inside the expected time
+    churn_seconds: float = 0.0  # reload time its load would cost evicted siblings' next users (ranked on)
+    at_risk: bool = False  # the backlog puts its expected time past the deadline, or its rate below the floor
 
     @property
     def feasible(self) -> bool:
@@ -65,6 +69,7 @@ class Decision:
     free_bytes: int = 0
     # The node that serves the request, when a fleet router decided.
     node: str = ""
+    best_expected_seconds: float = 0.0  # when nothing was chosen: the smallest expected time among candidates
 
     @property
     def reason_code(self) -> str:

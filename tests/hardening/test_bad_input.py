@@ -11,6 +11,8 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
@@ -187,3 +189,22 @@ def test_stop_sequences_out_of_bounds(stub: pb_grpc.RouterServiceStub) -> None:
     request.options.stop.extend([""])
     seen = rich(generate_error(stub, request))
     assert (seen.code, seen.fields) == (INVALID, ("options.stop",))
+
+
+def test_a_deadline_no_variant_can_meet_is_deadline_exceeded_predicted(stub: pb_grpc.RouterServiceStub) -> None:
+    """4,096 tokens in 3 s on a CPU backend: every variant's expected time is past the deadline, so the router
+    answers DEADLINE_EXCEEDED itself (ErrorInfo says predicted, with the best expected time) rather than
+    FAILED_PRECONDITION, and well before the caller's own timer would fire."""
+    request = generate_request(FAMILY, num_predict=4096)
+    with pytest.raises(grpc.RpcError) as raised:
+        list(stub.Generate(request, timeout=3.0))
+    seen = rich(raised.value)
+    assert (seen.code, seen.reason) == (grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_PREDICTED")
+    status = rpc_status.from_call(raised.value)  # type: ignore[arg-type]
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    assert info.metadata["predicted"] == "true"
+    best = float(info.metadata["best_expected_seconds"])
+    assert best > 3.0, "the best candidate's expected time is past the deadline"
+    assert f"{best:.2f}" in seen.message or "exceeds" in seen.message

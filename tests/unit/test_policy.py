@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from quantrouter.catalog import Architecture, VariantInfo
-from quantrouter.policy import CandidateInput, MemoryView, PolicyConfig, RoutingRequest, decide
+from quantrouter.policy import CandidateInput, MemoryView, PolicyConfig, RoutingRequest, decide, remaining_seconds
 from quantrouter.quant import parse_quantization
 from quantrouter.throughput import ThroughputTable
 from quantrouter.values import Decision, FailureKind, Preference
@@ -82,7 +82,9 @@ Q, B, L = Preference.QUALITY, Preference.BALANCED, Preference.LATENCY
     [
         # 80 GB H100, everything fits.
         (Q, 78.0, (), False, "F16", False),
-        (L, 78.0, (), False, "Q2_K", False),  # priors ∝ 1/size and cold load ∝ size: the smallest wins
+        # Priors ∝ 1/size would make Q2_K the fastest, but below 4.5 bpw no gain is extrapolated and an
+        # unmeasured sub-floor variant yields to the variants above the floor.
+        (L, 78.0, (), False, "Q4_K_M", False),
         (L, 78.0, (), True, "Q4_K_M", False),  # measured: Q2_K is slower than Q4_K_M
         # Cold loads (5 s) dominate T, so BALANCED buys quality cheaply: Q5_K_M 0.962 beats Q4_K_M 0.960.
         (B, 78.0, (), True, "Q5_K_M", False),
@@ -185,7 +187,10 @@ def test_an_open_breaker_skips_the_variant() -> None:
         # Q2_K fits memory but is below the floor; the others do not fit: constraints, not only memory.
         (tuple(LADDER_GIB), 4.0, {"min_quantization": parse_quantization("Q4_K_M")}, FailureKind.CONSTRAINTS,
          "no_fit_constraints"),
-        (tuple(LADDER_GIB), 78.0, {"time_remaining": 0.5}, FailureKind.CONSTRAINTS, "no_fit_constraints"),
+        (tuple(LADDER_GIB), 78.0, {"time_remaining": 0.5}, FailureKind.DEADLINE, "no_fit_deadline"),
+        # The deadline and an explicit constraint together: FAILED_PRECONDITION, not DEADLINE_EXCEEDED.
+        (tuple(LADDER_GIB), 78.0, {"time_remaining": 0.5, "allowed_quantizations": frozenset({"Q8_0"})},
+         FailureKind.CONSTRAINTS, "no_fit_constraints"),
         ((), 78.0, {}, FailureKind.EMPTY, "no_fit_empty"),
         (tuple(LADDER_GIB), 78.0, {"pinned_tag": f"{FAMILY}-q3_k_m"}, FailureKind.EMPTY, "no_fit_empty"),
     ],
@@ -301,3 +306,127 @@ def test_expected_time_is_load_plus_prompt_plus_decode() -> None:
     assert decision.chosen.expected_seconds == pytest.approx(LOAD_SECONDS + 1000 / PROMPT_TPS + 1.0)
     assert decision.chosen.measured
     assert "130 tok/s" in decision.reason and "cold load" in decision.reason
+
+
+def test_a_deadline_alone_reports_the_best_expected_time() -> None:
+    decision = decide(request(Q, time_remaining=0.5), ladder(resident=("Q4_K_M",), tps=MEASURED_TPS), free(40.0))
+    assert decision.failure is FailureKind.DEADLINE
+    # Q4_K_M resident: 500 / 5000 + 256 / 130 = 2.07 s, the smallest of all.
+    assert decision.best_expected_seconds == pytest.approx(0.1 + 256 / 130)
+
+
+@pytest.mark.parametrize(
+    ("qualities", "tolerance", "expected"),
+    [
+        # Measured agreement on a requantised ladder: the rungs above Q4_K_M measure about the same.
+        ({"F16": 0.950, "Q8_0": 0.949, "Q6_K": 0.948}, 0.005, "Q6_K"),  # all equal: the fastest of them
+        ({"F16": 0.950, "Q8_0": 0.949, "Q6_K": 0.948}, 0.0, "F16"),  # no tolerance: the highest, however slight
+        ({"F16": 0.950, "Q8_0": 0.944, "Q6_K": 0.940}, 0.005, "F16"),  # beyond the tolerance: quality decides
+        ({"F16": 0.950, "Q8_0": 0.946, "Q6_K": 0.930}, 0.005, "Q8_0"),  # F16 and Q8_0 equal; Q8_0 is faster
+    ],
+)
+def test_quality_takes_the_fastest_of_equal_qualities(qualities: dict[str, float], tolerance: float,
+                                                       expected: str) -> None:
+    quants = tuple(qualities)
+    candidates = [replace(c, quality=qualities[c.variant.quant.name])
+                  for c in ladder(quants, resident=quants, tps=MEASURED_TPS)]
+    decision = decide(request(Q), candidates, free(40.0), PolicyConfig(quality_tolerance=tolerance))
+    assert chosen(decision) == expected
+
+
+def test_the_backlog_delays_every_candidate_by_what_it_overlaps() -> None:
+    """Runners time-slice the GPU: each in-flight request delays this one by min(its remaining, this one's own)."""
+    quants = ("F16", "Q4_K_M")
+    backlog = remaining_seconds([(10.0, 0.5), (1.0, 0.0), (40.0, 0.0)])  # 5, 1 and 40 s left
+    assert backlog == (1.0, 5.0, 40.0)
+    view = replace(free(40.0), backlog=backlog)
+    decision = decide(request(Q, prompt_tokens=0, num_predict=260), ladder(quants, resident=quants, tps=MEASURED_TPS),
+                      view)
+    by_quant = {a.quantization: a for a in decision.candidates}
+    # Service: F16 260/55 = 4.73 s, Q4_K_M 260/130 = 2 s.
+    assert by_quant["F16"].queue_seconds == pytest.approx(1.0 + 2 * 260 / 55)
+    assert by_quant["Q4_K_M"].queue_seconds == pytest.approx(1.0 + 2 * 2.0)
+    assert by_quant["F16"].expected_seconds == pytest.approx(260 / 55 + by_quant["F16"].queue_seconds)
+
+
+@pytest.mark.parametrize(
+    ("backlog", "expected", "at_risk"),
+    [
+        ((), "F16", ()),  # idle GPU: QUALITY gets F16
+        # Three long requests ahead: F16 would take 4.65 + 3 × 4.65 = 18.6 s of a 12 s deadline, Q8_0
+        # 2.7 + 8.1 = 10.8 s: QUALITY steps down to the best candidate expected in time.
+        ((30.0, 30.0, 30.0), "Q8_0", ("F16",)),
+        ((0.5,), "F16", ()),  # the backlog drains: back up
+    ],
+)
+def test_quality_steps_down_while_a_backlog_would_break_the_deadline(backlog: tuple[float, ...], expected: str,
+                                                                       at_risk: tuple[str, ...]) -> None:
+    quants = ("F16", "Q8_0", "Q4_K_M")
+    decision = decide(request(Q, prompt_tokens=0, num_predict=256, time_remaining=12.0),
+                      ladder(quants, resident=quants, tps=MEASURED_TPS), replace(free(40.0), backlog=backlog))
+    assert chosen(decision) == expected
+    assert tuple(a.quantization for a in decision.candidates if a.at_risk) == at_risk
+    assert all(a.feasible for a in decision.candidates), "the backlog steers; it never rejects"
+
+
+def test_when_nothing_is_expected_in_time_the_fastest_is_tried() -> None:
+    quants = ("F16", "Q8_0", "Q4_K_M")
+    decision = decide(request(Q, prompt_tokens=0, num_predict=256, time_remaining=5.0),
+                      ladder(quants, resident=quants, tps=MEASURED_TPS), replace(free(40.0), backlog=(60.0,) * 4))
+    assert all(a.at_risk for a in decision.candidates)
+    assert chosen(decision) == "Q4_K_M"
+
+
+def test_a_load_that_evicts_an_idle_sibling_is_charged_its_reload() -> None:
+    """Q8_0 resident and idle, 7.5 GiB free: Q6_K (6.64 GiB) only fits by evicting it, Q4_K_M (5.08) beside it."""
+    candidates = ladder(("Q8_0", "Q6_K", "Q4_K_M"), resident=("Q8_0",), tps=MEASURED_TPS)
+    decision = decide(request(L), candidates, free(7.5))
+    by_quant = {a.quantization: a for a in decision.candidates}
+    assert by_quant["Q6_K"].churn_seconds == pytest.approx(LOAD_SECONDS)
+    assert by_quant["Q4_K_M"].churn_seconds == 0.0 and by_quant["Q8_0"].churn_seconds == 0.0
+
+
+@pytest.mark.parametrize(
+    ("tps", "free_gib", "expected"),
+    [
+        (None, 78.0, "Q4_K_M"),  # priors: held back
+        ({**MEASURED_TPS, "Q2_K": 100.0}, 78.0, "Q4_K_M"),  # measured slower than Q4_K_M: held back
+        ({**MEASURED_TPS, "Q2_K": 200.0}, 78.0, "Q2_K"),  # measured faster (some GPU where it is): it may win
+        (None, 4.9, "Q2_K"),  # memory leaves nothing else (Q2_K needs 3.46 GiB of 3.56 usable): it serves
+    ],
+)
+def test_sub_floor_variants_win_only_when_memory_or_their_measured_speed_says(
+        tps: dict[str, float] | None, free_gib: float, expected: str) -> None:
+    decision = decide(request(L), ladder(tps=tps), free(free_gib))
+    assert chosen(decision) == expected
+
+
+@pytest.mark.parametrize(("time_remaining", "expected"), [(None, "Q4_K_M"), (30.0, "F16"), (5.0, "Q6_K")])
+def test_balanced_takes_quality_when_the_deadline_leaves_room(time_remaining: float | None, expected: str) -> None:
+    """All resident, 256 tokens: F16 4.65 s, Q6_K 2.33 s, Q4_K_M 1.97 s. Within half the time left, faster is
+    not better, so quality decides among those; beyond it the usual balance applies."""
+    quants = ("F16", "Q6_K", "Q4_K_M")
+    decision = decide(request(B, prompt_tokens=0, time_remaining=time_remaining),
+                      ladder(quants, resident=quants, tps=MEASURED_TPS), free(40.0))
+    assert chosen(decision) == expected
+
+
+def test_a_speed_floor_is_judged_at_the_rate_other_runners_leave() -> None:
+    """Q4_K_M is busy: a second runner (Q8_0) would time-slice the GPU with it and decode at 95 / 2 tok/s, below
+    the 60 tok/s floor, while joining Q4_K_M's queue delays the request but leaves its rate whole."""
+    candidates = ladder(("Q8_0", "Q4_K_M"), resident=("Q8_0", "Q4_K_M"), tps=MEASURED_TPS, busy=("Q4_K_M",))
+    decision = decide(request(Q, min_tokens_per_second=60.0), candidates, replace(free(40.0), backlog=(2.0,)))
+    assert chosen(decision) == "Q4_K_M"
+    assert [a.quantization for a in decision.candidates if a.at_risk] == ["Q8_0"]
+    idle = decide(request(Q, min_tokens_per_second=60.0), ladder(("Q8_0", "Q4_K_M"), resident=("Q8_0", "Q4_K_M"),
+                                                                 tps=MEASURED_TPS), free(40.0))
+    assert chosen(idle) == "Q8_0", "with the GPU to itself Q8_0 meets the floor"
+
+
+def test_a_deadline_is_judged_with_the_decode_stretched_by_busy_runners() -> None:
+    """Q4_K_M is busy: F16 would share the GPU with it, 256 tokens taking 2 × 4.65 s, past an 8 s deadline."""
+    quants = ("F16", "Q4_K_M")
+    candidates = ladder(quants, resident=quants, tps=MEASURED_TPS, busy=("Q4_K_M",))
+    decision = decide(request(Q, prompt_tokens=0, time_remaining=8.0), candidates, free(40.0))
+    assert [a.quantization for a in decision.candidates if a.at_risk] == ["F16"]
+    assert chosen(decision) == "Q4_K_M"

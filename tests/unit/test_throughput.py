@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from quantrouter.catalog import VariantInfo
+from quantrouter.quant import parse_quantization
 from quantrouter.throughput import (
     BANDWIDTH_EFFICIENCY,
     DEFAULT_BANDWIDTH,
@@ -11,9 +13,11 @@ from quantrouter.throughput import (
     LOAD_FIXED_S,
     PER_TOKEN_OVERHEAD_S,
     PROMPT_SPEEDUP_PRIOR,
+    SPEED_FLOOR_BPW,
     Observation,
     ThroughputTable,
     bandwidth_for,
+    decode_bytes,
 )
 
 ALPHA = 0.3
@@ -161,3 +165,39 @@ def test_a_snapshot_does_not_change_when_the_table_does() -> None:
 )
 def test_bandwidth_for_gpu_names(names: list[str], configured: float, bandwidth: float) -> None:
     assert bandwidth_for(names, configured) == bandwidth
+
+
+@pytest.mark.parametrize(
+    ("quant", "size", "expected"),
+    [
+        ("Q4_K_M", 4_920_000_000, 4_920_000_000),  # 4.89 bpw: above the floor, its own size
+        ("Q3_K_M", 4_000_000_000, int(4_000_000_000 * SPEED_FLOOR_BPW / 4.0)),  # costs like a 4.5-bpw file
+        ("Q2_K", 3_180_000_000, int(3_180_000_000 * SPEED_FLOOR_BPW / 3.1593)),
+    ],
+)
+def test_no_speed_gain_is_extrapolated_below_the_floor(quant: str, size: int, expected: int) -> None:
+    assert decode_bytes(size, parse_quantization(quant).bits_per_weight) == expected
+
+
+def test_a_sub_floor_sibling_is_predicted_no_faster_than_the_floor_allows() -> None:
+    """Scaled from a measured Q4_K_M, Q2_K's prior is what a 4.5-bpw file of its parameters would decode at."""
+    table = ThroughputTable(ALPHA, H100_SXM_BANDWIDTH)
+    table.observe("q4", _decode(120.0))
+    variants = [VariantInfo("q4", "f", parse_quantization("Q4_K_M"), Q4),
+                VariantInfo("q2", "f", parse_quantization("Q2_K"), 3_180_000_000)]
+    estimates = {v.tag: e for v, e in table.snapshot().estimates(variants)}
+    floor_size = 3_180_000_000 * SPEED_FLOOR_BPW / 3.1593
+    assert estimates["q2"].decode_tps == pytest.approx(120.0 * Q4 / floor_size, rel=1e-6)
+    assert estimates["q2"].decode_tps < 120.0 * Q4 / 3_180_000_000
+
+
+def test_a_sample_taken_while_other_runners_shared_the_gpu_only_starts_a_variant() -> None:
+    table = ThroughputTable(ALPHA, H100_SXM_BANDWIDTH)
+    shared = Observation(eval_count=100, eval_duration_ns=2 * SECOND_NS, busy_runners=2)  # 50 tok/s, time-sliced
+    table.observe("q4", shared)
+    assert table.snapshot().estimate("q4", Q4, SIZES).decode_tps == pytest.approx(50.0), "better than no sample"
+    table.observe("q4", _decode(120.0))
+    table.observe("q4", shared)
+    estimate = table.snapshot().estimate("q4", Q4, SIZES)
+    assert estimate.decode_tps == pytest.approx(0.3 * 120.0 + 0.7 * 50.0), "the shared sample did not move it"
+    assert estimate.samples == 2

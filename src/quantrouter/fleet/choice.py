@@ -14,8 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from quantrouter.fleet.state import NodeState
-from quantrouter.policy import PolicyConfig, RoutingRequest, decide
-from quantrouter.policy import _rank as rank_by_preference  # the policy's own ranking, not a fork of it
+from quantrouter.policy import PolicyConfig, RoutingRequest, decide, rank
 from quantrouter.values import Assessment, Decision, FailureKind
 
 __all__ = ["NodeVerdict", "choose"]
@@ -71,7 +70,7 @@ def choose(request: RoutingRequest, nodes: Mapping[str, NodeState], config: Poli
         return Decision(request.family, request.preference, None, f"no node can serve {request.family} ({why})",
                         listed, pinned=request.pinned_tag is not None, fallback=bool(excluded),
                         failure=_failure(verdicts))
-    best = rank_by_preference(offers, request.preference, config.balanced_quality_weight)[0]
+    best = rank(offers, request.preference, config, request.time_remaining)[0]  # the policy's own ranking
     verdict = next(v for v in verdicts if v.node == best.node)
     backlog = nodes[best.node].backlog_seconds
     reason = verdict.decision.reason
