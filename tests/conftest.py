@@ -40,6 +40,13 @@ def embedded_backend(ladder: list[LadderEntry], cache_dir: Path) -> Iterator[Emb
         yield server
 
 
+@pytest.fixture
+def fresh_backend(ladder: list[LadderEntry], cache_dir: Path) -> Iterator[EmbeddedServer]:
+    """A backend of one test's own over the cached ladder: nothing loaded, and free to delete from."""
+    with run_embedded_in_thread(EmbeddedConfig(cache_dir=cache_dir, memory_budget_bytes=ROOMY_BUDGET)) as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def router(embedded_backend: EmbeddedServer) -> Iterator[RunningServer]:
     with run_in_thread(router_settings(embedded_backend), CollectorRegistry()) as running:

@@ -3,16 +3,34 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import subprocess
+import urllib.request
+from collections.abc import Mapping
 
 from quantrouter.config import Settings, load_settings
 from quantrouter.embedded import EmbeddedServer
+from quantrouter.server import RunningServer
 
 FAMILY = "gemma3:270m"
 
 
-def router_settings(backend: EmbeddedServer, **overrides: object) -> Settings:
-    """Settings for a router in front of `backend`, with the backend's budget as its static capacity."""
+def router_settings(backend: EmbeddedServer, environ: Mapping[str, str] | None = None, **overrides: object
+                    ) -> Settings:
+    """Settings for a router in front of `backend`, with the backend's budget as its static capacity
+    (`environ`: `QUANTROUTER_*` variables, read as the process environment would be)."""
     base = load_settings({"grpc_address": "127.0.0.1:0", "metrics_address": "127.0.0.1:0",
                           "ollama_host": backend.url, "memory_capacity": backend.memory_budget_bytes,
-                          "memory_reserve": 0, "ps_refresh_interval": 0.2}, {})
+                          "memory_reserve": 0, "ps_refresh_interval": 0.2}, environ or {})
     return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
+
+
+def scrape(running: RunningServer, host: str = "127.0.0.1") -> str:
+    """The router's `/metrics` over HTTP, checked with Prometheus's own `promtool check metrics`."""
+    with urllib.request.urlopen(f"http://{host}:{running.metrics_port}/metrics", timeout=10) as response:
+        body: bytes = response.read()
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: `make tools` installs Debian's prometheus package"
+    checked = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr.decode() + checked.stdout.decode()
+    return body.decode()

@@ -40,6 +40,9 @@ PREFERENCES: tuple[PreferenceName, ...] = ("quality", "balanced", "latency")
 DEMO_PROMPT = "The capital of France is"
 DEMO_FAMILY = "gemma3:270m"
 DEMO_TOKENS = 96
+# Ollama's own default (-1) generates until the model stops, which a base model may never do: a first
+# `generate` on gemma3:270m ran 4,089 tokens for two minutes. A few paragraphs, unless asked for more.
+DEFAULT_NUM_PREDICT = 256
 
 
 def _settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -97,7 +100,8 @@ def _routing_flags(parser: argparse.ArgumentParser) -> None:
                         help="allowed quantization level (repeatable)")
     parser.add_argument("--min-tps", type=float, default=0.0, help="minimum decode tokens/sec")
     parser.add_argument("--max-ttft", type=float, help="maximum time to first token, seconds")
-    parser.add_argument("--num-predict", type=int, help="tokens to generate")
+    parser.add_argument("--num-predict", type=int, default=DEFAULT_NUM_PREDICT,
+                        help=f"most tokens to generate (default {DEFAULT_NUM_PREDICT}; -1: until the model stops)")
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--timeout", type=float, help="deadline in seconds")

@@ -10,12 +10,13 @@ gRPC server metrics reuse go-grpc-prometheus's names so existing dashboards read
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["OTHER", "Metrics"]
+__all__ = ["OTHER", "Metrics", "VariantState"]
 
 OTHER = "other"
 
@@ -27,6 +28,19 @@ DECISION_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 
 _VARIANT = ("model_name", "target_model_name", "quantization")
+
+
+@dataclass(frozen=True, slots=True)
+class VariantState:
+    """One variant as the router sees it at scrape time: the row behind the per-variant gauges."""
+
+    family: str
+    tag: str
+    quantization: str
+    resident: bool
+    vram_bytes: int
+    tokens_per_second: float
+    breaker_open: bool
 
 
 class Metrics:
@@ -72,21 +86,6 @@ class Metrics:
         self.in_flight = Gauge(
             "quantrouter_in_flight_requests", "Generate/Chat streams in progress.", ["model_name"],
             registry=registry)
-        self.backend_up = Gauge(
-            "quantrouter_backend_up", "1 when the last call to the backend (Ollama) succeeded.", registry=registry)
-        self.variant_resident = Gauge(
-            "quantrouter_variant_resident", "1 when the variant is loaded in the backend (/api/ps).",
-            _VARIANT, registry=registry)
-        self.variant_vram = Gauge(
-            "quantrouter_variant_vram_bytes", "GPU memory the variant holds (/api/ps size_vram).",
-            _VARIANT, registry=registry)
-        self.variant_tokens_per_second = Gauge(
-            "quantrouter_variant_tokens_per_second",
-            "Decode tokens/sec the policy uses for the variant (EWMA of measurements, or the prior).",
-            _VARIANT, registry=registry)
-        self.variant_breaker_open = Gauge(
-            "quantrouter_variant_breaker_open", "1 while the variant is skipped after repeated failures.",
-            ["model_name", "target_model_name"], registry=registry)
         self.grpc_started = Counter(
             "grpc_server_started", "RPCs started on the server.",
             ["grpc_type", "grpc_service", "grpc_method"], registry=registry)
@@ -103,6 +102,14 @@ class Metrics:
     def watch_memory(self, read: Callable[[], Iterable[tuple[str, str, int, int]]]) -> None:
         """Export GPU memory at scrape time from `read()` → (gpu, source, free, total) rows."""
         self.registry.register(_MemoryCollector(read))
+
+    def watch_variants(self, read: Callable[[], Iterable[VariantState]], backend_up: Callable[[], bool]) -> None:
+        """Export the per-variant gauges and `quantrouter_backend_up` at scrape time.
+
+        Read from the router's latest catalog, speeds and breaker rather than set as they change, so a
+        variant that left the backend leaves the exposition with it (a set gauge would stay for ever).
+        """
+        self.registry.register(_VariantCollector(read, backend_up))
 
 
 class _MemoryCollector(Collector):
@@ -121,3 +128,32 @@ class _MemoryCollector(Collector):
             total.add_metric([gpu, source], total_bytes)
         yield free
         yield total
+
+
+class _VariantCollector(Collector):
+    """The per-variant gauges, rebuilt from the router's state on every scrape."""
+
+    def __init__(self, read: Callable[[], Iterable[VariantState]], backend_up: Callable[[], bool]) -> None:
+        self._read = read
+        self._backend_up = backend_up
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily("quantrouter_backend_up", "1 when the last call to the backend (Ollama) succeeded.")
+        up.add_metric([], 1 if self._backend_up() else 0)
+        resident = GaugeMetricFamily("quantrouter_variant_resident",
+                                     "1 when the variant is loaded in the backend (/api/ps).", labels=_VARIANT)
+        vram = GaugeMetricFamily("quantrouter_variant_vram_bytes",
+                                 "GPU memory the variant holds (/api/ps size_vram).", labels=_VARIANT)
+        speed = GaugeMetricFamily(
+            "quantrouter_variant_tokens_per_second",
+            "Decode tokens/sec the policy uses for the variant (EWMA of measurements, or the prior).", labels=_VARIANT)
+        breaker = GaugeMetricFamily("quantrouter_variant_breaker_open",
+                                    "1 while the variant is skipped after repeated failures.",
+                                    labels=["model_name", "target_model_name"])
+        for v in self._read():
+            labels = [v.family, v.tag, v.quantization]
+            resident.add_metric(labels, 1 if v.resident else 0)
+            vram.add_metric(labels, v.vram_bytes)
+            speed.add_metric(labels, v.tokens_per_second)
+            breaker.add_metric([v.family, v.tag], 1 if v.breaker_open else 0)
+        yield from (up, resident, vram, speed, breaker)

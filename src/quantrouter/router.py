@@ -37,7 +37,7 @@ from quantrouter.errors import (
 )
 from quantrouter.inventory import Inventory
 from quantrouter.memory import NVML, MemoryProbe
-from quantrouter.metrics import OTHER, Metrics
+from quantrouter.metrics import OTHER, Metrics, VariantState
 from quantrouter.policy import CandidateInput, MemoryView, PolicyConfig, RoutingRequest, decide, remaining_seconds
 from quantrouter.throughput import Observation, ThroughputTable
 from quantrouter.units import NS
@@ -305,17 +305,11 @@ class Router:
         return Completion(variant.tag, final.prompt_eval_count, final.eval_count, tps, prompt_tps, 0.0,
                           final.load_duration / NS, final.total_duration / NS, final.done_reason)
 
-    def refresh_gauges(self) -> None:
-        """Per-variant gauges from the latest catalog and speeds (called on each scrape-ish tick)."""
+    def variant_states(self) -> list[VariantState]:
+        """Every variant in the latest catalog with its speed and breaker state (read at scrape time)."""
         catalog = self.inventory.snapshot
         speeds = self.throughput.snapshot()
         now = self._clock()
-        self.metrics.backend_up.set(1 if self.inventory.backend_up else 0)
-        for family in catalog.families:
-            for v, speed in speeds.estimates(catalog.family(family)):
-                labels = (family, v.tag, v.quant.name)
-                self.metrics.variant_resident.labels(*labels).set(1 if v.resident else 0)
-                self.metrics.variant_vram.labels(*labels).set(v.vram_bytes)
-                self.metrics.variant_tokens_per_second.labels(*labels).set(speed.decode_tps)
-                self.metrics.variant_breaker_open.labels(family, v.tag).set(1 if self.breaker.is_open(v.tag, now)
-                                                                             else 0)
+        return [VariantState(family, v.tag, v.quant.name, v.resident, v.vram_bytes, speed.decode_tps,
+                             self.breaker.is_open(v.tag, now))
+                for family in catalog.families for v, speed in speeds.estimates(catalog.family(family))]

@@ -43,7 +43,7 @@ __all__ = ["Listening", "RunningServer", "Stoppable", "describe", "listen", "run
 
 log = logging.getLogger(__name__)
 
-# How often readiness and the per-variant gauges follow the inventory.
+# How often readiness follows the inventory.
 WATCH_INTERVAL_S = 1.0
 # When no capacity is configured and NVML is absent, memory does not constrain routing.
 UNCONSTRAINED_CAPACITY = 1 << 60
@@ -171,6 +171,7 @@ def listen(settings: Settings, metrics: Metrics, add_servicer: Callable[[grpc.ai
     port = _bind(server, settings)
     metrics_host, metrics_port = _split_address(settings.metrics_address)
     http_server, http_thread = start_http_server(metrics_port, metrics_host, registry=metrics.registry)
+    stack.callback(http_server.server_close)  # last: shutdown() stops serving but leaves the socket open
     stack.callback(http_thread.join, 5)
     stack.callback(http_server.shutdown)
     return Listening(server, health_servicer, port, int(http_server.server_port))
@@ -207,6 +208,7 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None,
                         Limits(settings.max_in_flight, settings.max_in_flight_per_family, reserve,
                                PolicyConfig(settings.balanced_quality_weight, settings.upgrade_hysteresis,
                                             settings.load_fraction)))
+        metrics.watch_variants(router.variant_states, lambda: inventory.backend_up)
 
         running: RunningServer | None = None
         servicer = RouterService(router, settings, lambda: running is not None and running.draining)
@@ -221,7 +223,6 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None,
             ready = inventory.loaded and inventory.backend_up
             status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
             await health_servicer.set(SERVICE_NAME, status)
-            router.refresh_gauges()
 
         await watch()
         await server.start()

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from quantrouter.fleet.metrics import FleetMetrics
 from quantrouter.fleet.nodes import NodeSet, NodeSettings
-from quantrouter.metrics import Metrics
+from quantrouter.metrics import Metrics, VariantState
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -72,10 +72,12 @@ def metric_names(expr: str) -> set[str]:
 
 
 def exported_metric_names() -> set[str]:
-    """Every series name `quantrouter.metrics.Metrics` (GPU memory collector included) and a fleet
+    """Every series name `quantrouter.metrics.Metrics` (its scrape-time collectors included) and a fleet
     router's `FleetMetrics` can expose."""
     registry = CollectorRegistry()
-    Metrics(registry).watch_memory(lambda: [("0", "static", 1, 2)])
+    metrics = Metrics(registry)
+    metrics.watch_memory(lambda: [("0", "static", 1, 2)])
+    metrics.watch_variants(lambda: [VariantState("f", "f-q8_0", "Q8_0", True, 1, 1.0, False)], lambda: True)
     FleetMetrics(registry, NodeSet(NodeSettings()))
     return {family.name + suffix for family in registry.collect() for suffix in _SUFFIXES[family.type]}
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from quantrouter.cli import main
+from quantrouter.cli import DEFAULT_NUM_PREDICT, build_parser, main
 from quantrouter.embedded import EmbeddedServer
 from tests.support import FAMILY
 
@@ -17,6 +17,7 @@ from tests.support import FAMILY
     ("calibrate", ["--output", "serve --calibration FILE", "measured decode"]),
     ("ladder", ["Q8_0, Q4_K_M, Q4_K_S", "F16, BF16 or F32", "--embedded"]),
     ("variants", ["--backend", "measured", "quality prior"]),
+    ("generate", ["--num-predict", "default 256", "-1: until the model stops"]),
 ])
 def test_help_explains(command: str, phrases: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
@@ -25,6 +26,14 @@ def test_help_explains(command: str, phrases: list[str], capsys: pytest.CaptureF
     text = " ".join(capsys.readouterr().out.split())
     for phrase in phrases:
         assert phrase in text, f"{command} --help does not mention {phrase!r}"
+
+
+def test_generate_and_route_send_a_bounded_length_unless_told() -> None:
+    parser = build_parser()
+    for command in ("generate", "route"):
+        assert parser.parse_args([command, FAMILY, *(["a prompt"] if command == "generate" else [])]).num_predict \
+            == DEFAULT_NUM_PREDICT
+    assert parser.parse_args(["generate", FAMILY, "a prompt", "--num-predict", "-1"]).num_predict == -1
 
 
 def test_offline_recommend_prints_the_table_and_the_pick(capsys: pytest.CaptureFixture[str]) -> None:

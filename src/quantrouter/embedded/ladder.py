@@ -11,12 +11,14 @@ still match the manifest, re-hashing otherwise. A file lock keeps two processes 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import hashlib
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +45,17 @@ HASH_CHUNK = 1 << 20
 LLAMA_QUANTIZE_OK = 0
 # The logger llama-cpp-python routes llama.cpp's own log lines through (`llama_cpp/_logger.py`).
 LLAMA_CPP_LOGGER = "llama-cpp-python"
+
+
+@atexit.register
+def _close_llama_cpp_devnull() -> None:
+    """llama-cpp-python opens /dev/null twice at import (`llama_cpp/_utils.py`, for quieting loads) and
+    never closes it, so every process that imported it ended with "ResourceWarning: unclosed file".
+    At exit nothing loads a model any more: close them."""
+    utils = sys.modules.get("llama_cpp._utils")
+    if utils is not None:
+        utils.outnull_file.close()
+        utils.errnull_file.close()
 
 
 class LadderError(RuntimeError):

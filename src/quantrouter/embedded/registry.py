@@ -85,6 +85,10 @@ class Registry:
             name = f"{name}:{DEFAULT_TAG}"
         return self._models.get(name)
 
+    def remove(self, name: str) -> None:
+        """Stop serving `name` (Ollama's delete); the file stays, being the ladder's shared cache."""
+        self._models.pop(name, None)
+
     def __iter__(self) -> Iterator[ModelEntry]:
         return iter(self._models.values())
 

@@ -128,6 +128,7 @@ class EmbeddedServer:
             web.post("/api/show", self._show),
             web.post("/api/generate", self._generate),
             web.post("/api/chat", self._chat),
+            web.delete("/api/delete", self._delete),
         ])
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await self._runner.setup()
@@ -179,6 +180,13 @@ class EmbeddedServer:
             "capabilities": ["completion"],
             "modified_at": entry.modified_at.isoformat(),
         })
+
+    async def _delete(self, request: web.Request) -> web.Response:
+        """`DELETE /api/delete`: the tag leaves `/api/tags` at once, and memory once its request ends."""
+        entry = self._entry(wire.require_model(wire.parse_body(await request.read())))
+        self._registry.remove(entry.name)
+        await self._scheduler.unload(entry)
+        return web.Response()
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         data = wire.parse_body(await request.read())

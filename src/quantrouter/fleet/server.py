@@ -105,10 +105,12 @@ async def start_fleet(settings: Settings, registry: CollectorRegistry | None = N
             nodes.update(settings.nodes)
         await listening.health.set("", health_pb2.HealthCheckResponse.SERVING)
 
+        # The fleet holds no variants of its own; its backends are the nodes, up while one is live.
+        metrics.watch_variants(list, lambda: bool(nodes.live()))
+
         async def watch() -> None:
             while True:
                 live = bool(nodes.live())
-                metrics.backend_up.set(1 if live else 0)
                 await listening.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING if live
                                            else health_pb2.HealthCheckResponse.NOT_SERVING)
                 await asyncio.sleep(WATCH_INTERVAL_S)
