@@ -11,6 +11,7 @@ import ollama
 import pytest
 
 from quantrouter.embedded import EmbeddedServer
+from tests.embedded.conftest import QUEUE_LIMIT
 
 # Without a working cancel this would run for about a minute: 6000 tokens at ~100 tok/s.
 LONG = {"num_predict": 6000, "num_ctx": 8192, "temperature": 0}
@@ -19,6 +20,7 @@ PS_FIELDS = {"model": str, "name": str, "digest": str, "expires_at": datetime, "
              "context_length": int}
 DEFAULT_NUM_CTX = 2048
 MODEL_LOAD_AND_TOKENS_S = 10.0
+POLL_S = 0.01
 
 
 def _resident(server: EmbeddedServer) -> list[str]:
@@ -98,7 +100,10 @@ async def test_full_queue_is_503_and_a_disconnect_frees_the_model(server: Embedd
         first = await anext(stream)  # the model is now busy generating up to 6000 tokens
         assert first.response
         queued = asyncio.ensure_future(other.generate(model=model, prompt="Hi", options=SHORT_SAME_CTX))
-        await asyncio.sleep(0.5)
+        deadline = time.monotonic() + MODEL_LOAD_AND_TOKENS_S
+        while server.queued(model) < QUEUE_LIMIT:  # full once the backend holds this one
+            assert time.monotonic() < deadline, "the second request never reached the backend's queue"
+            await asyncio.sleep(POLL_S)
         with pytest.raises(ollama.ResponseError) as raised:
             await other.generate(model=model, prompt="Hi", options=SHORT_SAME_CTX)
         assert raised.value.status_code == 503

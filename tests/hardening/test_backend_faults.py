@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
+import ollama
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
@@ -39,7 +41,7 @@ from tests.hardening.helpers import (
     total,
     wait_for,
 )
-from tests.support import FAMILY, router_settings
+from tests.support import FAMILY, router_settings, scrape
 
 TIMEOUT_S = 30.0
 # "Fast" for a refused or broken backend: well under any client deadline worth setting.
@@ -50,6 +52,7 @@ SMALL_BUDGET = 450 * MiB
 F16 = f"{FAMILY}-f16"
 Q8 = f"{FAMILY}-q8_0"
 Q4 = f"{FAMILY}-q4_0"
+Q3 = f"{FAMILY}-q3_K_M"
 
 
 def settings_for(url: str, **overrides: Any) -> Settings:
@@ -131,9 +134,13 @@ def test_backend_killed_mid_stream_ends_the_stream_cleanly(cache_dir: Path) -> N
 
 
 def test_frozen_backend_hits_the_read_timeout_and_the_client_deadline(cache_dir: Path) -> None:
-    """SIGSTOP keeps the backend's socket open but silent: the slowest backend there is."""
+    """Row "Ollama slow / frozen": SIGSTOP keeps the backend's socket open but silent, the slowest backend
+    there is. A client deadline shorter than the read timeout ends the call first and is not the variant's
+    fault; the read timeout is DEADLINE_EXCEEDED `BACKEND_TIMEOUT` and counts a breaker failure (with
+    `breaker_failures` 1, that failure opens it)."""
     read_timeout = 6.0
-    settings = settings_for("", backend_read_timeout=read_timeout)
+    cooldown = 2.0
+    settings = settings_for("", backend_read_timeout=read_timeout, breaker_failures=1, breaker_cooldown=cooldown)
     with backend_process(cache_dir) as backend, \
             run_in_thread(dataclasses.replace(settings, ollama_host=backend.url), CollectorRegistry()) as running, \
             grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
@@ -142,13 +149,6 @@ def test_frozen_backend_hits_the_read_timeout_and_the_client_deadline(cache_dir:
         collect(stub, generate_request(Q4))
         backend.signal(signal.SIGSTOP)
         try:
-            started = time.monotonic()
-            with pytest.raises(grpc.RpcError) as raised:
-                list(stub.Generate(generate_request(Q4), timeout=TIMEOUT_S))
-            waited = time.monotonic() - started
-            seen = rich(raised.value)
-            assert (seen.code, seen.reason) == (grpc.StatusCode.DEADLINE_EXCEEDED, "BACKEND_TIMEOUT")
-            assert read_timeout <= waited < read_timeout + FAST_S
             # Before the read timeout, yet long enough that the policy, pricing one token at the speeds it
             # measured (slow on a loaded machine), still expects it to fit rather than refusing up front.
             client_deadline = 4.5
@@ -157,10 +157,49 @@ def test_frozen_backend_hits_the_read_timeout_and_the_client_deadline(cache_dir:
                 list(stub.Generate(generate_request(Q4, num_predict=1), timeout=client_deadline))
             assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
             assert time.monotonic() - started < client_deadline + FAST_S
+            assert not running.router.breaker.is_open(Q4, time.monotonic()), "a client's deadline counted"
+
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as raised:
+                list(stub.Generate(generate_request(Q4), timeout=TIMEOUT_S))
+            waited = time.monotonic() - started
+            seen = rich(raised.value)
+            assert (seen.code, seen.reason) == (grpc.StatusCode.DEADLINE_EXCEEDED, "BACKEND_TIMEOUT")
+            assert read_timeout <= waited < read_timeout + FAST_S
+            assert sample(running, "quantrouter_breaker_trips_total", model_name=FAMILY, target_model_name=Q4) == 1
             assert_nothing_in_flight(running)
         finally:
             backend.signal(signal.SIGCONT)
+        wait_for(lambda: not running.router.breaker.is_open(Q4, time.monotonic()), cooldown + FAST_S,
+                 "the cool-down to end")
         collect(stub, generate_request(Q4))  # thawed, it serves again
+
+
+def test_backend_unreachable_later_keeps_the_catalog(cache_dir: Path) -> None:
+    """Row "Ollama unreachable later": UNAVAILABLE `BACKEND_UNAVAILABLE` at once; the last catalog stays
+    (Route still decides, ListVariants still lists); readiness drops; no breaker counts it."""
+    with backend_process(cache_dir) as backend, \
+            run_in_thread(settings_for(backend.url, breaker_failures=1), CollectorRegistry()) as running, \
+            grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = pb_grpc.RouterServiceStub(channel)
+        collect(stub, generate_request(Q4))
+        backend.kill()
+        wait_for(lambda: health(f"127.0.0.1:{running.port}", SERVICE_NAME)
+                 == health_pb2.HealthCheckResponse.NOT_SERVING, RECOVERY_TIMEOUT_S, "readiness to drop")
+        for request in (generate_request(Q4), generate_request(Q4), generate_request(FAMILY)):
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as raised:
+                list(stub.Generate(request, timeout=TIMEOUT_S))
+            assert time.monotonic() - started < FAST_S
+            seen = rich(raised.value)
+            assert (seen.code, seen.reason) == (grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE")
+        assert stub.Route(pb.RouteRequest(model=FAMILY), timeout=TIMEOUT_S).decision.variant.startswith(FAMILY)
+        listing = stub.ListVariants(pb.ListVariantsRequest(), timeout=TIMEOUT_S)
+        assert len([v for f in listing.families for v in f.variants]) == 8
+        now = time.monotonic()
+        assert not any(running.router.breaker.is_open(f"{FAMILY}-{q}", now) for q in ("q4_0", "q8_0"))
+        assert total(running, "quantrouter_breaker_trips_total") == 0
+        assert_nothing_in_flight(running)
 
 
 @pytest.fixture
@@ -194,6 +233,67 @@ def test_backend_busy_is_resource_exhausted_with_retry_info(busy_backend: Embedd
         assert_nothing_in_flight(running)
 
 
+def test_busy_variant_falls_back_for_a_family_request(busy_backend: EmbeddedServer) -> None:
+    """Row "Ollama 503 (queue full)": before the first token a family request falls back once to the next
+    candidate. The 503 is the backend's own: another client (straight to the backend, unseen by the
+    router) holds q4_0 on a backend with no queue. Busy is load: the breaker (1 failure) stays shut."""
+    settings = router_settings(busy_backend, breaker_failures=1)
+    only = pb.Constraints(allowed_quantizations=["Q4_0", "Q3_K_M"])  # QUALITY takes Q4_0 first
+    with run_in_thread(settings, CollectorRegistry()) as running, \
+            grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel, \
+            httpx.stream("POST", f"{busy_backend.url}/api/generate", timeout=TIMEOUT_S, json={
+                "model": Q4, "prompt": LONG_PROMPT, "options": {"num_predict": 2000}}) as holder:
+        assert json.loads(next(holder.iter_lines()))["response"] is not None  # q4_0 is generating
+        stub = pb_grpc.RouterServiceStub(channel)
+        responses = collect(stub, generate_request(FAMILY, preference=pb.PREFERENCE_QUALITY, constraints=only))
+        decisions = [r.decision for r in responses if r.HasField("decision")]
+        assert [d.variant for d in decisions] == [Q4, Q3]
+        assert decisions[1].fallback and Q4 in decisions[1].reason
+        assert responses[-1].completion.variant == Q3
+        assert sample(running, "quantrouter_fallbacks_total", model_name=FAMILY, target_model_name=Q4,
+                      reason="BACKEND_BUSY") == 1
+        assert not running.router.breaker.is_open(Q4, time.monotonic())
+    assert_nothing_in_flight(running)
+
+
+def test_backend_rejection_is_invalid_argument_without_fallback(embedded_backend: EmbeddedServer) -> None:
+    """Row "Ollama rejects the options (400)": INVALID_ARGUMENT `BACKEND_REJECTED_REQUEST`, one decision
+    (no fallback) and no breaker count (1 failure would open it). The 400 is the backend's own: a
+    prompt longer than the `num_ctx` the caller asked for."""
+    with run_in_thread(router_settings(embedded_backend, breaker_failures=1), CollectorRegistry()) as running, \
+            grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        request = generate_request(FAMILY, prompt=" ".join(["word"] * 200), preference=pb.PREFERENCE_LATENCY)
+        request.options.num_ctx = 32
+        call = pb_grpc.RouterServiceStub(channel).Generate(request, timeout=TIMEOUT_S)
+        received = []
+        with pytest.raises(grpc.RpcError) as raised:
+            received.extend(call)
+        seen = rich(raised.value)
+        assert (seen.code, seen.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "BACKEND_REJECTED_REQUEST")
+        assert "context length" in seen.message
+        assert [r.HasField("decision") for r in received] == [True]
+        chosen = received[0].decision.variant
+        assert not running.router.breaker.is_open(chosen, time.monotonic())
+        assert total(running, "quantrouter_fallbacks_total") == 0
+    assert_nothing_in_flight(running)
+
+
+def test_deleted_variant_pinned_is_not_found(fresh_backend: EmbeddedServer) -> None:
+    """Row "Variant … vanished (404)" without a fallback: a pinned tag deleted from the backend
+    (`ollama rm`, here DELETE /api/delete) before the router's next catalog refresh is NOT_FOUND
+    `VARIANT_MISSING`."""
+    settings = router_settings(fresh_backend, tags_refresh_interval=600.0)
+    with run_in_thread(settings, CollectorRegistry()) as running, \
+            grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        assert ollama.Client(host=fresh_backend.url).delete(Q4).status == "success"
+        with pytest.raises(grpc.RpcError) as raised:
+            list(pb_grpc.RouterServiceStub(channel).Generate(generate_request(Q4), timeout=TIMEOUT_S))
+        seen = rich(raised.value)
+        assert (seen.code, seen.reason) == (grpc.StatusCode.NOT_FOUND, "VARIANT_MISSING")
+        assert total(running, "quantrouter_fallbacks_total") == 0
+    assert_nothing_in_flight(running)
+
+
 @pytest.fixture
 def overpromised(ladder: list[object], cache_dir: Path) -> Iterator[RunningServer]:
     """A router told of 4 GiB in front of a backend with 450 MiB: F16 is chosen and fails to load (500)."""
@@ -204,6 +304,8 @@ def overpromised(ladder: list[object], cache_dir: Path) -> Iterator[RunningServe
 
 
 def test_variant_that_fails_to_load_falls_back_once_then_the_breaker_opens(overpromised: RunningServer) -> None:
+    """Rows "Variant fails to load (500)" (a fallback for a family; UNAVAILABLE `BACKEND_FAILED` pinned)
+    and "The same variant keeps failing" (skipped up front; pinned: FAILED_PRECONDITION)."""
     running = overpromised
     with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         stub = pb_grpc.RouterServiceStub(channel)
@@ -217,7 +319,11 @@ def test_variant_that_fails_to_load_falls_back_once_then_the_breaker_opens(overp
         assert sample(running, "quantrouter_fallbacks_total", model_name=FAMILY, target_model_name=F16,
                       reason="BACKEND_FAILED") == 1
 
-        collect(stub, quality)  # the second failure of F16 opens its breaker
+        with pytest.raises(grpc.RpcError) as raised:  # pinned, a failed load has no fallback
+            list(stub.Generate(generate_request(F16), timeout=TIMEOUT_S))
+        seen = rich(raised.value)
+        assert (seen.code, seen.reason) == (grpc.StatusCode.UNAVAILABLE, "BACKEND_FAILED")
+        # That was F16's second failure in a row: its breaker opens.
         assert sample(running, "quantrouter_breaker_trips_total", model_name=FAMILY, target_model_name=F16) == 1
         wait_for(lambda: sample(running, "quantrouter_variant_breaker_open", model_name=FAMILY,
                                 target_model_name=F16) == 1, RECOVERY_TIMEOUT_S, "the breaker gauge")
@@ -228,7 +334,7 @@ def test_variant_that_fails_to_load_falls_back_once_then_the_breaker_opens(overp
         f16 = next(c for c in decisions[0].candidates if c.variant == F16)
         assert not f16.feasible and "cool-down" in f16.rejection
         assert sample(running, "quantrouter_fallbacks_total", model_name=FAMILY, target_model_name=F16,
-                      reason="BACKEND_FAILED") == 2
+                      reason="BACKEND_FAILED") == 1
 
         with pytest.raises(grpc.RpcError) as raised:  # pinned, there is nothing to fall back to
             list(stub.Generate(generate_request(F16), timeout=TIMEOUT_S))
@@ -303,11 +409,6 @@ class FlakyNvml:
         return "NVIDIA L4"
 
 
-def metrics_text(running: RunningServer) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=10) as response:
-        return str(response.read().decode())
-
-
 def test_nvml_errors_at_runtime_degrade_to_static_and_routing_continues(embedded_backend: EmbeddedServer) -> None:
     nvml = FlakyNvml()
     with run_in_thread(router_settings(embedded_backend, nvml_poll_interval=0.05), CollectorRegistry(),
@@ -322,7 +423,7 @@ def test_nvml_errors_at_runtime_degrade_to_static_and_routing_continues(embedded
         nvml.lost.set()
         degraded = wait_for(lambda: (m := source()).source == "static" and m, RECOVERY_TIMEOUT_S, "degradation")
         assert "NVML failed (GPU is lost)" in degraded.detail
-        assert 'source="static"' in metrics_text(running)
+        assert 'source="static"' in scrape(running)
         responses = collect(stub, generate_request(FAMILY))
         assert responses[0].decision.memory_source == "static"
         nvml.lost.clear()

@@ -24,7 +24,7 @@ from quantrouter.server import RunningServer, run_in_thread
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
 from tests.hardening.helpers import generate_request, rich
-from tests.support import FAMILY, router_settings
+from tests.support import FAMILY, router_settings, scrape
 
 TIMEOUT_S = 30.0
 # A refused handshake fails fast; the deadline only bounds the wait for a channel that never connects.
@@ -141,6 +141,46 @@ def test_certificates_reload_when_their_files_change(embedded_backend: EmbeddedS
             assert refused(channel) == grpc.StatusCode.UNAVAILABLE  # the old CA no longer vouches for it
 
 
+def test_half_written_rotation_keeps_the_previous_certificates(embedded_backend: EmbeddedServer, pki: Pki,
+                                                               tmp_path: Path) -> None:
+    """Security: "a half-written rotation keeps the previous certificates". The fault is injected on
+    purpose: the new key lands whole but its certificate only half written (as a copy in progress), then
+    complete. New handshakes keep the old pair meanwhile, and take the new one once it is whole."""
+    cert, key = tmp_path / "served.pem", tmp_path / "served.key"
+    shutil.copyfile(pki.server_cert, cert)
+    shutil.copyfile(pki.server_key, key)
+    with run_in_thread(router_settings(embedded_backend, tls_cert=cert, tls_key=key), CollectorRegistry()) as running:
+        target = f"127.0.0.1:{running.port}"
+        new_ca = _ca(tmp_path, "rotated-ca")
+        new_cert, new_key = _leaf(tmp_path, "rotated", new_ca, "subjectAltName=IP:127.0.0.1,DNS:localhost")
+        shutil.copyfile(new_key, key)
+        whole = new_cert.read_bytes()
+        cert.write_bytes(whole[:len(whole) // 2])
+        with grpc.secure_channel(target, credentials(pki)) as channel:
+            assert route_ok(channel), "a half-written certificate replaced a working one"
+        cert.write_bytes(whole)
+        with grpc.secure_channel(target, grpc.ssl_channel_credentials(new_ca[0].read_bytes())) as channel:
+            assert route_ok(channel)
+
+
+def test_token_from_the_environment(embedded_backend: EmbeddedServer) -> None:
+    """Security: `QUANTROUTER_AUTH_TOKEN` alone (no token file) guards every call but health."""
+    token = "env-token-5d02"
+    settings = router_settings(embedded_backend, environ={"QUANTROUTER_AUTH_TOKEN": token})
+    with run_in_thread(settings, CollectorRegistry()) as running, \
+            grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = pb_grpc.RouterServiceStub(channel)
+        listing = stub.ListVariants(pb.ListVariantsRequest(), metadata=(("authorization", f"Bearer {token}"),),
+                                    timeout=TIMEOUT_S)
+        assert listing.families
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.ListVariants(pb.ListVariantsRequest(), timeout=TIMEOUT_S)
+        seen = rich(raised.value)
+        assert (seen.code, seen.reason) == (grpc.StatusCode.UNAUTHENTICATED, "MISSING_OR_BAD_TOKEN")
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT_S)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
 @pytest.fixture
 def token_router(embedded_backend: EmbeddedServer, tmp_path: Path) -> Iterator[RunningServer]:
     token_file = tmp_path / "tokens"
@@ -181,11 +221,6 @@ def test_every_token_from_the_file_works_and_health_is_exempt(token_router: Runn
         assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def metrics_text(host: str, port: int) -> str:
-    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=TIMEOUT_S) as response:
-        return str(response.read().decode())
-
-
 def test_prompts_and_generated_text_stay_out_of_logs_and_metrics(
         router: RunningServer, target: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
@@ -204,7 +239,7 @@ def test_prompts_and_generated_text_stay_out_of_logs_and_metrics(
     assert len(generated) > len("the capital"), "too little text to look for"
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert caplog.records, "nothing was logged at DEBUG: the check would be empty"
-    exposed = metrics_text("127.0.0.1", router.metrics_port)
+    exposed = scrape(router)
     for text in (CANARY, CANARY.split()[0], generated):
         assert text not in logged
         assert text not in exposed
@@ -214,6 +249,6 @@ def test_metrics_bind_apart_from_grpc(embedded_backend: EmbeddedServer) -> None:
     """127.0.0.2 is loopback too (127/8): metrics there are not served on the gRPC address."""
     with run_in_thread(router_settings(embedded_backend, metrics_address="127.0.0.2:0"),
                        CollectorRegistry()) as running:
-        assert "quantrouter_in_flight_requests" in metrics_text("127.0.0.2", running.metrics_port)
+        assert "quantrouter_in_flight_requests" in scrape(running, "127.0.0.2")
         with pytest.raises((urllib.error.URLError, ConnectionError)):
-            metrics_text("127.0.0.1", running.metrics_port)
+            scrape(running, "127.0.0.1")

@@ -54,8 +54,14 @@ def test_compare_runs_each_variant_and_the_reference(settings: Settings, tmp_pat
         assert r.run.time_to_first_token >= r.run.load_seconds
         assert 0.0 <= r.agreement <= 1.0
         assert r.top_k_agreement is None  # the embedded backend returns no logprobs
-    # Q4_K_M is the ladder's source and F16 was made from it: same weights, same greedy path.
-    assert result.results[1].agreement == 1.0
+    # Agreement is the share of the reference's greedy tokens a variant reproduces before it first
+    # diverges. Even Q4_K_M, the ladder's source of F16, may diverge: F16 computes the same weights with
+    # other arithmetic (Q4_K's dot products round activations to 8 bits), so close logits can swap.
+    for r in result.results[1:]:
+        shared = round(r.agreement * len(reference.run.tokens))
+        assert r.run.tokens[:shared] == reference.run.tokens[:shared]
+        if shared < min(len(r.run.tokens), len(reference.run.tokens)):
+            assert r.run.tokens[shared] != reference.run.tokens[shared], "agreement stopped before a divergence"
     plot = tmp_path / "speed-vs-quality.png"
     plot_comparison(result, plot)
     assert plot.read_bytes().startswith(PNG_MAGIC)

@@ -140,6 +140,11 @@ class Scheduler:
                   for r in self._runners.values() if r.loaded]
         return sorted(models, key=lambda m: m.expires_at, reverse=True)
 
+    def queued(self, name: str) -> int:
+        """Requests waiting for model `name`'s turn (not counting the one it is serving)."""
+        slot = self._slots.get(name)
+        return slot.waiting if slot is not None else 0
+
     def required_bytes(self, entry: ModelEntry, num_ctx: int) -> int:
         """What a load reserves: the weights file plus its f16 KV cache."""
         return entry.size + entry.info.kv_cache_bytes(num_ctx)

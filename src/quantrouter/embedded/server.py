@@ -115,6 +115,10 @@ class EmbeddedServer:
         """Loaded models, as `/api/ps` lists them."""
         return self._scheduler.resident()
 
+    def queued(self, name: str) -> int:
+        """Requests waiting for model `name` (Ollama's pending queue, which `max_queue` bounds)."""
+        return self._scheduler.queued(name)
+
     async def start(self) -> None:
         """Build the ladder if needed, then listen (port 0 → a free port, read back into `.port`)."""
         ladder = await asyncio.to_thread(prepare_ladder, self.config.cache_dir, progress=False)
