@@ -22,7 +22,9 @@ from tests.hardening.helpers import LONG_PROMPT, generate_request, rich, total, 
 from tests.support import FAMILY, router_settings
 
 TIMEOUT_S = 30.0
-AT_ONCE_S = 1.0
+# A refusal takes milliseconds; a queued request would wait out a holder's 4,000 tokens (a minute or
+# more), so 3 s keeps the two apart even on two cores shared with other suites.
+AT_ONCE_S = 3.0
 HOLDERS = (f"{FAMILY}-q4_0", f"{FAMILY}-q8_0")
 
 
