@@ -188,14 +188,17 @@ def test_backend_unreachable_later_keeps_the_catalog(cache_dir: Path) -> None:
         backend.kill()
         wait_for(lambda: health(f"127.0.0.1:{running.port}", SERVICE_NAME)
                  == health_pb2.HealthCheckResponse.NOT_SERVING, RECOVERY_TIMEOUT_S, "readiness to drop")
-        for request in (generate_request(Q4), generate_request(Q4), generate_request(FAMILY)):
+        # The family request sets no deadline: with the backend gone the router priced 8 tokens at minutes
+        # here and refused a 30 s deadline up front (FAILED_PRECONDITION); this row is about reaching Ollama.
+        for request, deadline in ((generate_request(Q4), TIMEOUT_S), (generate_request(Q4), TIMEOUT_S),
+                                  (generate_request(FAMILY), None)):
             started = time.monotonic()
             with pytest.raises(grpc.RpcError) as raised:
-                list(stub.Generate(request, timeout=TIMEOUT_S))
+                list(stub.Generate(request, timeout=deadline))
             assert time.monotonic() - started < FAST_S
             seen = rich(raised.value)
             assert (seen.code, seen.reason) == (grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE")
-        assert stub.Route(pb.RouteRequest(model=FAMILY), timeout=TIMEOUT_S).decision.variant.startswith(FAMILY)
+        assert stub.Route(pb.RouteRequest(model=FAMILY)).decision.variant.startswith(FAMILY)
         listing = stub.ListVariants(pb.ListVariantsRequest(), timeout=TIMEOUT_S)
         assert len([v for f in listing.families for v in f.variants]) == 8
         now = time.monotonic()
@@ -264,8 +267,9 @@ def test_backend_rejection_is_invalid_argument_without_fallback(embedded_backend
     prompt longer than the `num_ctx` the caller asked for."""
     with run_in_thread(router_settings(embedded_backend, breaker_failures=1), CollectorRegistry()) as running, \
             grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-        request = generate_request(FAMILY, prompt=" ".join(["word"] * 200), preference=pb.PREFERENCE_LATENCY)
-        request.options.num_ctx = 32
+        # llama.cpp rounds a context up to 256 tokens; 400 words are 401 tokens.
+        request = generate_request(FAMILY, prompt=" ".join(["word"] * 400), preference=pb.PREFERENCE_LATENCY)
+        request.options.num_ctx = 256
         call = pb_grpc.RouterServiceStub(channel).Generate(request, timeout=TIMEOUT_S)
         received = []
         with pytest.raises(grpc.RpcError) as raised:
