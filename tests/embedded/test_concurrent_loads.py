@@ -25,14 +25,13 @@ def _where(fd: int) -> tuple[int, int]:
 
 def test_parallel_loads_keep_stdout_and_stderr(server: EmbeddedServer) -> None:
     before = (_where(1), _where(2))
-    client = ollama.Client(host=server.url)
 
     def load_then_unload(tag: str) -> tuple[str | None, str | None]:
         loaded = client.generate(model=tag, prompt="", keep_alive="1m").done_reason
         unloaded = client.generate(model=tag, prompt="", keep_alive=0).done_reason
         return loaded, unloaded
 
-    with ThreadPoolExecutor(len(VARIANTS)) as pool:
+    with ollama.Client(host=server.url) as client, ThreadPoolExecutor(len(VARIANTS)) as pool:
         for _ in range(ROUNDS):
             assert list(pool.map(load_then_unload, VARIANTS)) == [("load", "unload")] * len(VARIANTS)
     assert (_where(1), _where(2)) == before

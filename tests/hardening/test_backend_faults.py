@@ -291,7 +291,8 @@ def test_deleted_variant_pinned_is_not_found(fresh_backend: EmbeddedServer) -> N
     settings = router_settings(fresh_backend, tags_refresh_interval=600.0)
     with run_in_thread(settings, CollectorRegistry()) as running, \
             grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-        assert ollama.Client(host=fresh_backend.url).delete(Q4).status == "success"
+        with ollama.Client(host=fresh_backend.url) as client:
+            assert client.delete(Q4).status == "success"
         with pytest.raises(grpc.RpcError) as raised:
             list(pb_grpc.RouterServiceStub(channel).Generate(generate_request(Q4), timeout=TIMEOUT_S))
         seen = rich(raised.value)

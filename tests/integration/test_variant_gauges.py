@@ -46,18 +46,18 @@ def series(text: str, tag: str) -> dict[str, float]:
 
 def test_a_deleted_variant_leaves_the_gauges(private_stack: tuple[EmbeddedServer, RunningServer]) -> None:
     backend, running = private_stack
-    client = ollama.Client(host=backend.url)
-    client.generate(model=DELETED, prompt="")  # load it, as a request would
-    wait_for(lambda: series(scrape(running), DELETED).get("quantrouter_variant_resident") == 1,
-             REFRESH_TIMEOUT_S, f"{DELETED} to be exported as resident")
-    assert set(series(scrape(running), DELETED)) == set(VARIANT_GAUGES)
+    with ollama.Client(host=backend.url) as client:
+        client.generate(model=DELETED, prompt="")  # load it, as a request would
+        wait_for(lambda: series(scrape(running), DELETED).get("quantrouter_variant_resident") == 1,
+                 REFRESH_TIMEOUT_S, f"{DELETED} to be exported as resident")
+        assert set(series(scrape(running), DELETED)) == set(VARIANT_GAUGES)
 
-    assert client.delete(DELETED).status == "success"
-    assert DELETED not in {m.model for m in client.list().models}
-    assert not any(m.model == DELETED for m in client.ps().models), "a deleted model stays loaded"
-    with pytest.raises(ollama.ResponseError) as raised:
-        client.delete(DELETED)
-    assert raised.value.status_code == 404
+        assert client.delete(DELETED).status == "success"
+        assert DELETED not in {m.model for m in client.list().models}
+        assert not any(m.model == DELETED for m in client.ps().models), "a deleted model stays loaded"
+        with pytest.raises(ollama.ResponseError) as raised:
+            client.delete(DELETED)
+        assert raised.value.status_code == 404
 
     wait_for(lambda: not series(scrape(running), DELETED), REFRESH_TIMEOUT_S, f"{DELETED}'s series to go")
     text = scrape(running)
