@@ -1,7 +1,8 @@
 """Overhead benchmark: what the router adds between a client and Ollama, against the direct path in one run.
 
-A client in this process streams completions straight from a backend with the official `ollama`
-AsyncClient (what a service does without the router) and through a router with `AsyncRouterClient`.
+A client in this process streams completions straight from a backend (Ollama's NDJSON over httpx, parsed
+with `json` as the router parses it) and through a router with `AsyncRouterClient`; both clients are
+lean, so the figures are the backend's and the router's, not the client's.
 The backend and the router each run in their own subprocess, so the router's CPU time (utime + stime
 from /proc/<pid>/stat) and memory are its own.
 
@@ -27,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import csv
+import json
 import os
 import re
 import shutil
@@ -43,7 +45,6 @@ from datetime import datetime
 from pathlib import Path
 
 import httpx
-import ollama
 
 from bench.fixtures.canned_ollama import FAMILY as CANNED_FAMILY
 from bench.fixtures.canned_ollama import VARIANTS as CANNED_VARIANTS
@@ -207,16 +208,22 @@ def router_for(backend: Service, logs: Path) -> contextlib.AbstractContextManage
 
 # The arms: each request's time to its first text and the tokens the backend counted.
 
-async def direct_request(client: ollama.AsyncClient, scenario: Scenario) -> Sample:
+async def direct_request(client: httpx.AsyncClient, scenario: Scenario) -> Sample:
+    """Ollama's NDJSON read as the router reads it, whatever has arrived at once (httpx, `json`): a lean
+    client, so that the direct arm measures the backend and not a client's per-chunk costs."""
     started = time.perf_counter()
-    first, tokens = None, 0
-    parts = await client.generate(model=CANNED_TAG, prompt=PROMPT, stream=True,
-                                  options={"num_predict": scenario.num_predict, "temperature": 0.0})
-    async for part in parts:
-        if part.response and first is None:
-            first = time.perf_counter()
-        if part.done:
-            tokens = part.eval_count or 0
+    first, tokens, pending = None, 0, b""
+    body = {"model": CANNED_TAG, "prompt": PROMPT, "stream": True,
+            "options": {"num_predict": scenario.num_predict, "temperature": 0.0}}
+    async with client.stream("POST", "/api/generate", json=body) as response:
+        response.raise_for_status()
+        async for data in response.aiter_bytes():
+            *lines, pending = (pending + data).split(b"\n")
+            for part in (json.loads(line) for line in lines if line):
+                if part.get("response") and first is None:
+                    first = time.perf_counter()
+                if part.get("done"):
+                    tokens = int(part.get("eval_count") or 0)
     return Sample((first or time.perf_counter()) - started, tokens)
 
 
@@ -251,7 +258,7 @@ async def arms_for(backend: Service, router: Service, scenario: Scenario
                    ) -> AsyncIterator[dict[str, Callable[[], Awaitable[Sample]]]]:
     # A service streaming this many requests at once would size its pool for them, as the router does.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with (ollama.AsyncClient(host=backend.address, timeout=REQUEST_TIMEOUT_S, limits=limits) as direct,
+    async with (httpx.AsyncClient(base_url=backend.address, timeout=REQUEST_TIMEOUT_S, limits=limits) as direct,
                 AsyncRouterClient(f"127.0.0.1:{router.address}") as routed):
         yield {DIRECT: lambda: direct_request(direct, scenario), ROUTER: lambda: router_request(routed, scenario)}
 

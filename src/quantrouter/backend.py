@@ -2,17 +2,20 @@
 
 This is where `ollama` and `httpx` errors become ours: `translated` turns them into the
 quantrouter.errors tree in one place (the quantization tools reuse it for `create` and `logprobs`).
-Streams are relayed chunk by chunk and closed in a `finally`, so a cancelled gRPC call closes the
-HTTP response and Ollama stops generating.
+Streamed responses are read by `_BatchingClient`: the `ollama` client builds every request, and each
+read off the socket becomes one batch of plain dicts, so the text of the chunks that arrived together
+leaves as one piece (one gRPC message, not one per token) and no pydantic model is built per chunk.
+Nothing is read before the consumer asks for the next piece, so a cancelled gRPC call closes the HTTP
+response (in a `finally`) and Ollama stops generating.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import httpx
 import ollama
@@ -136,9 +139,55 @@ def _architecture(info: Mapping[str, Any]) -> Architecture | None:
                         number("context_length"))
 
 
-def _final(part: Any) -> Final:
-    return Final(part.done_reason or "", part.prompt_eval_count or 0, part.prompt_eval_duration or 0,
-                 part.eval_count or 0, part.eval_duration or 0, part.load_duration or 0, part.total_duration or 0)
+def _final(part: Mapping[str, Any]) -> Final:
+    def count(key: str) -> int:
+        return int(part.get(key) or 0)
+
+    return Final(part.get("done_reason") or "", count("prompt_eval_count"), count("prompt_eval_duration"),
+                 count("eval_count"), count("eval_duration"), count("load_duration"), count("total_duration"))
+
+
+def _generated_text(part: Mapping[str, Any]) -> str:
+    return str(part.get("response") or "")
+
+
+def _chat_text(part: Mapping[str, Any]) -> str:
+    return str((part.get("message") or {}).get("content") or "")
+
+
+# What a streamed call of `_BatchingClient` returns (its `generate` and `chat` are typed for the client's own).
+_Batches = AsyncIterator[list[dict[str, Any]]]
+
+
+class _BatchingClient(ollama.AsyncClient):
+    """`ollama.AsyncClient` whose streamed calls yield lists of parsed NDJSON chunks, one list per read.
+
+    The client's own streaming parses each line into a pydantic model and yields it alone; here a read
+    off the socket (whatever the backend has sent by then, never waiting for more) is split into lines
+    and parsed with `json`. Non-streamed calls are the client's own.
+    """
+
+    async def _request(self, cls: Any, *args: Any, stream: bool = False, **kwargs: Any) -> Any:
+        if not stream:
+            return await super()._request(cls, *args, stream=False, **kwargs)
+        return self._batches(*args, **kwargs)
+
+    async def _batches(self, *args: Any, **kwargs: Any) -> _Batches:
+        async with self._client.stream(*args, **kwargs) as response:
+            if response.is_error:
+                await response.aread()
+                raise ollama.ResponseError(response.text, response.status_code)
+            pending = b""
+            async for data in response.aiter_bytes():
+                *lines, pending = (pending + data).split(b"\n")
+                parts = [json.loads(line) for line in lines if line.strip()]
+                for part in parts:
+                    if error := part.get("error"):
+                        raise ollama.ResponseError(error)
+                if parts:
+                    yield parts
+            if pending.strip():
+                raise json.JSONDecodeError("the stream ended inside a line", pending.decode(errors="replace"), 0)
 
 
 def _format(text: str) -> Literal["", "json"] | None:
@@ -155,7 +204,7 @@ class OllamaBackend:
         # httpx's default pool (100 connections) would queue streams past 100 and time them out after `pool`
         # seconds; the router's max_in_flight already bounds how many streams are open.
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-        self._client = ollama.AsyncClient(host=host, timeout=timeout, limits=limits)
+        self._client = _BatchingClient(host=host, timeout=timeout, limits=limits)
         self._keep_alive = keep_alive
 
     async def close(self) -> None:
@@ -189,40 +238,42 @@ class OllamaBackend:
 
     async def generate(self, tag: str, prompt: str, system: str, options: Mapping[str, Any],
                        format: str = "") -> AsyncGenerator[str | Final, None]:
-        """Text chunks as Ollama produces them, then one `Final`."""
+        """Text as Ollama produces it (the chunks that arrived together as one piece), then one `Final`."""
         with translated(tag):
-            parts = await self._client.generate(
+            parts = cast(_Batches, await self._client.generate(
                 model=tag, prompt=prompt, system=system, options=dict(options), stream=True,
-                keep_alive=self._keep_alive, format=_format(format))
-        async for item in self._relay(tag, parts, lambda p: p.response or ""):
+                keep_alive=self._keep_alive, format=_format(format)))
+        async for item in self._relay(tag, parts, _generated_text):
             yield item
 
     async def chat(self, tag: str, messages: Sequence[Mapping[str, str]], options: Mapping[str, Any],
                    format: str = "") -> AsyncGenerator[str | Final, None]:
         with translated(tag):
-            parts = await self._client.chat(
+            parts = cast(_Batches, await self._client.chat(
                 model=tag, messages=[dict(m) for m in messages], options=dict(options), stream=True,
-                keep_alive=self._keep_alive, format=_format(format))
-        async for item in self._relay(tag, parts, lambda p: (p.message.content if p.message else "") or ""):
+                keep_alive=self._keep_alive, format=_format(format)))
+        async for item in self._relay(tag, parts, _chat_text):
             yield item
 
     @staticmethod
-    async def _relay(tag: str, parts: AsyncIterator[Any], text_of: Any) -> AsyncIterator[str | Final]:
+    async def _relay(tag: str, batches: _Batches,
+                     text_of: Callable[[Mapping[str, Any]], str]) -> AsyncIterator[str | Final]:
         started = False
         try:
             while True:
                 with translated(tag, started):
                     try:
-                        part = await anext(parts)
+                        batch = await anext(batches)
                     except StopAsyncIteration:
                         break
-                if part.done:
-                    yield _final(part)
-                    return
-                text = text_of(part)
+                final = next((part for part in batch if part.get("done")), None)
+                text = "".join(text_of(part) for part in batch if not part.get("done"))
                 if text:
                     started = True
                     yield text
+                if final is not None:
+                    yield _final(final)
+                    return
             raise _mark(BackendFailed("the backend closed the stream without a final chunk"), started)
         finally:
-            await parts.aclose()  # type: ignore[attr-defined]
+            await batches.aclose()  # type: ignore[attr-defined]
