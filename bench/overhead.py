@@ -440,7 +440,8 @@ AREAS = (("grpc/_cython", GRPC_CORE), ("grpc/", "grpc aio (Python)"), ("ollama/"
          ("quantrouter/", "quantrouter"), ("asyncio/", "event loop"), ("_asynciomodule", "event loop"),
          ("uvloop/", "event loop"), ("contextlib", "contextlib (context managers per chunk)"))
 WAITING = "waiting (epoll, poll, locks)"
-WAIT_CALLS = ("epoll_wait", "poll ", "select ", "pthread_cond", "futex", "nanosleep", "sem_wait", "clock_nanosleep")
+WAIT_CALLS = ("epoll_wait", "epoll_pwait", "poll ", "select ", "pthread_cond", "futex", "nanosleep", "sem_wait",
+              "clock_nanosleep")
 
 
 def _area(frames: Sequence[str]) -> str:

@@ -11,9 +11,11 @@ response (in a `finally`) and Ollama stops generating.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -31,8 +33,10 @@ from quantrouter.errors import (
     BackendUnavailable,
 )
 
-__all__ = ["Final", "ListedModel", "OllamaBackend", "ResidentModel", "ShownModel", "translated"]
+__all__ = ["Final", "ListedModel", "OllamaBackend", "ResidentModel", "ShownModel", "Text", "translated"]
 
+# A piece of relayed text stops growing here even if more is buffered (one gRPC message stays small).
+MAX_PIECE_BYTES = 64 * 1024
 # Ollama answers 503 when its queue is full (server/sched.go ErrMaxQueue); clients should back off.
 BUSY_RETRY_AFTER_S = 1.0
 
@@ -77,6 +81,14 @@ class Final:
     eval_duration: int
     load_duration: int
     total_duration: int
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    """Generated text as it arrived: `chunks` of Ollama's NDJSON chunks (about a token each) joined."""
+
+    text: str
+    chunks: int
 
 
 @contextmanager
@@ -159,12 +171,51 @@ def _chat_text(part: Mapping[str, Any]) -> str:
 _Batches = AsyncIterator[list[dict[str, Any]]]
 
 
-class _BatchingClient(ollama.AsyncClient):
-    """`ollama.AsyncClient` whose streamed calls yield lists of parsed NDJSON chunks, one list per read.
+async def _next_or_none(chunks: AsyncIterator[bytes]) -> bytes | None:
+    return await anext(chunks, None)
 
-    The client's own streaming parses each line into a pydantic model and yields it alone; here a read
-    off the socket (whatever the backend has sent by then, never waiting for more) is split into lines
-    and parsed with `json`. Non-streamed calls are the client's own.
+
+async def _arrived(chunks: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
+    """The bytes of `chunks` (httpx's body: one item per HTTP chunk), joined while each next one is there at once.
+
+    httpx hands out each HTTP chunk alone even when one socket read brought many. After a chunk, the next
+    one is asked for in a task that gets one turn of the loop: done by then, it was already buffered and
+    joins the piece; otherwise the piece goes out, and that read, which waits on the network, is where the
+    next piece starts. So the bytes are never more than one read ahead of the consumer, and when the consumer
+    closes this generator the waiting read is cancelled (closing the response) before it returns.
+    """
+    waiting: asyncio.Task[bytes | None] | None = None
+    try:
+        while True:
+            data = await (waiting if waiting is not None else _next_or_none(chunks))
+            waiting = None
+            if data is None:
+                return
+            while len(data) < MAX_PIECE_BYTES:
+                following = asyncio.ensure_future(_next_or_none(chunks))
+                await asyncio.sleep(0)  # one turn: a buffered chunk completes in it, a network read does not
+                if not following.done():
+                    waiting = following
+                    break
+                more = following.result()
+                if more is None:
+                    yield data
+                    return
+                data += more
+            yield data
+    finally:
+        if waiting is not None:
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+
+
+class _BatchingClient(ollama.AsyncClient):
+    """`ollama.AsyncClient` whose streamed calls yield lists of parsed NDJSON chunks, one list per piece.
+
+    The client's own streaming parses each line into a pydantic model and yields it alone; here what has
+    arrived together (`_arrived`) is split into lines and parsed with `json`. Non-streamed calls are the
+    client's own.
     """
 
     async def _request(self, cls: Any, *args: Any, stream: bool = False, **kwargs: Any) -> Any:
@@ -178,14 +229,15 @@ class _BatchingClient(ollama.AsyncClient):
                 await response.aread()
                 raise ollama.ResponseError(response.text, response.status_code)
             pending = b""
-            async for data in response.aiter_bytes():
-                *lines, pending = (pending + data).split(b"\n")
-                parts = [json.loads(line) for line in lines if line.strip()]
-                for part in parts:
-                    if error := part.get("error"):
-                        raise ollama.ResponseError(error)
-                if parts:
-                    yield parts
+            async with aclosing(_arrived(response.aiter_bytes())) as pieces:
+                async for data in pieces:
+                    *lines, pending = (pending + data).split(b"\n")
+                    parts = [json.loads(line) for line in lines if line.strip()]
+                    for part in parts:
+                        if error := part.get("error"):
+                            raise ollama.ResponseError(error)
+                    if parts:
+                        yield parts
             if pending.strip():
                 raise json.JSONDecodeError("the stream ended inside a line", pending.decode(errors="replace"), 0)
 
@@ -237,7 +289,7 @@ class OllamaBackend:
                 for m in running.models]
 
     async def generate(self, tag: str, prompt: str, system: str, options: Mapping[str, Any],
-                       format: str = "") -> AsyncGenerator[str | Final, None]:
+                       format: str = "") -> AsyncGenerator[Text | Final, None]:
         """Text as Ollama produces it (the chunks that arrived together as one piece), then one `Final`."""
         with translated(tag):
             parts = cast(_Batches, await self._client.generate(
@@ -247,7 +299,7 @@ class OllamaBackend:
             yield item
 
     async def chat(self, tag: str, messages: Sequence[Mapping[str, str]], options: Mapping[str, Any],
-                   format: str = "") -> AsyncGenerator[str | Final, None]:
+                   format: str = "") -> AsyncGenerator[Text | Final, None]:
         with translated(tag):
             parts = cast(_Batches, await self._client.chat(
                 model=tag, messages=[dict(m) for m in messages], options=dict(options), stream=True,
@@ -257,8 +309,10 @@ class OllamaBackend:
 
     @staticmethod
     async def _relay(tag: str, batches: _Batches,
-                     text_of: Callable[[Mapping[str, Any]], str]) -> AsyncIterator[str | Final]:
-        started = False
+                     text_of: Callable[[Mapping[str, Any]], str]) -> AsyncIterator[Text | Final]:
+        """Text, then the `Final`; then the body's end is read too (it follows the final chunk at once), so
+        the connection goes back to the pool instead of a new one being opened for the next request."""
+        started = done = False
         try:
             while True:
                 with translated(tag, started):
@@ -266,14 +320,17 @@ class OllamaBackend:
                         batch = await anext(batches)
                     except StopAsyncIteration:
                         break
+                if done:
+                    continue
                 final = next((part for part in batch if part.get("done")), None)
-                text = "".join(text_of(part) for part in batch if not part.get("done"))
-                if text:
+                texts = [text for part in batch if not part.get("done") and (text := text_of(part))]
+                if texts:
                     started = True
-                    yield text
+                    yield Text("".join(texts), len(texts))
                 if final is not None:
+                    done = True
                     yield _final(final)
-                    return
-            raise _mark(BackendFailed("the backend closed the stream without a final chunk"), started)
+            if not done:
+                raise _mark(BackendFailed("the backend closed the stream without a final chunk"), started)
         finally:
             await batches.aclose()  # type: ignore[attr-defined]
