@@ -204,9 +204,9 @@ async def _arrived(chunks: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
                 data += more
             yield data
     finally:
-        if waiting is not None:
+        if waiting is not None:  # the consumer stopped: what the read brings, or how it failed, no longer matters
             waiting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await waiting
 
 
