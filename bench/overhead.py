@@ -1,22 +1,25 @@
 """Overhead benchmark: what the router adds between a client and Ollama, against the direct path in one run.
 
-A client in this process streams completions straight from a backend with the official `ollama`
-AsyncClient (what a service does without the router) and through a router with `AsyncRouterClient`,
-in alternating rounds (direct, router, router, direct, ...) so both arms see the same machine. The
-backend and the router each run in their own subprocess (`python -m quantrouter.cli serve`), so the
-router's CPU time, utime + stime from /proc/<pid>/stat, is its own and not the client's.
+A client in this process streams completions straight from a backend (Ollama's NDJSON over aiohttp, parsed
+with `json` as the router parses it) and through a router with `AsyncRouterClient`; both clients are
+lean, so the figures are the backend's and the router's, not the client's.
+The backend and the router each run in their own subprocess, so the router's CPU time (utime + stime
+from /proc/<pid>/stat) and memory are its own.
 
-Three backends: the canned Ollama fixture (bench.fixtures.canned_ollama) unpaced, so that the router
-and not a model is what is measured, at 1, 16 and 256 concurrent streams; the same fixture paced at a
-GPU-like decode rate, where the router is not saturated at low concurrency; then the embedded llama.cpp
-backend for a realistic run at 1 and 4 streams.
+The backend is the canned Ollama fixture (bench.fixtures.canned_ollama): paced at a GPU-like 50 tok/s a
+stream, where the router should be invisible, and unpaced, where the router is saturated and what is
+measured is how fast one router process relays. Every scenario runs `repetitions` times; a repetition
+is one round per arm and then one per arm in reverse order (direct, router, router, direct), so both arms
+see the same machine. Each arm gets at least 200 requests a repetition, so a p99 is a real quantile.
+Figures are computed per repetition (the router's p50 minus direct's p50 in that repetition, and so on)
+and summarised as the median over repetitions with the min–max range.
 
-Time to first token is from the call to the first text chunk. The added TTFT is distribution-wise,
-p50(router) − p50(direct) and p99(router) − p99(direct): requests at 16 or 256 streams overlap and
-have no natural partner in the other arm, and a latency objective is stated on the quantiles.
+`--profile NAME` instead samples the router with py-spy under the unpaced 16-stream scenario and writes
+bench/results/overhead-profile-NAME.md (each area's share of the router's busy samples and a top-N table).
 
-Run: `python -m bench.overhead [--quick]`. Writes bench/results/overhead.md and overhead.csv; the
-reading between the markers at the top of the markdown is kept from one run to the next.
+Run: `python -m bench.overhead [--quick]`. Writes bench/results/overhead.md and overhead.csv, and the
+overhead figures in README.md between its `overhead` markers; every sentence of the reading is built from
+this run's figures.
 """
 
 from __future__ import annotations
@@ -25,72 +28,96 @@ import argparse
 import asyncio
 import contextlib
 import csv
-import dataclasses
+import json
 import os
 import re
-import resource
+import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
-import httpx
-import ollama
+import aiohttp
 
 from bench.fixtures.canned_ollama import FAMILY as CANNED_FAMILY
 from bench.fixtures.canned_ollama import VARIANTS as CANNED_VARIANTS
 from bench.machine import describe
 from quantrouter.client import AsyncRouterClient, Options
+from quantrouter.values import Completion
 
 RESULTS = Path(__file__).parent / "results"
+README = Path(__file__).parent.parent / "README.md"
+README_START, README_END = "<!-- overhead:start -->", "<!-- overhead:end -->"
 PROMPT = "Why is the sky blue?"
 DIRECT, ROUTER = "direct", "router"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-START_TIMEOUT_S = 600.0  # the embedded backend builds its model ladder on a fresh machine
-STOP_TIMEOUT_S = 10.0
+START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 30.0
 POLL_S = 0.05
 REQUEST_TIMEOUT_S = 120.0
-# The router's per-family default (64 streams) would shed the 256-stream rounds; raise it to what is measured.
+# The router's per-family default (64 streams) is the most a scenario opens at once; raise it to be sure.
 ROUTER_ENV = {"QUANTROUTER_MAX_IN_FLIGHT": "256", "QUANTROUTER_MAX_IN_FLIGHT_PER_FAMILY": "256",
               "QUANTROUTER_MEMORY_RESERVE": "0", "QUANTROUTER_LOG_LEVEL": "info"}
-CANNED, PACED, EMBEDDED = "canned", "canned-paced", "embedded"
-CANNED_TOKENS, PACED_TOKENS, EMBEDDED_TOKENS = 128, 16, 32
-# The paced fixture streams at a GPU-like decode rate, so the router is not saturated at low concurrency.
-PACED_TOKENS_PER_S = 50.0
+CANNED, PACED = "unpaced", "paced"
+PACED_TOKENS_PER_S = 50.0  # a GPU-like decode rate for one stream
 CANNED_CAPACITY = "80GiB"
-EMBEDDED_BUDGET = "4GiB"
-EMBEDDED_TAG = "gemma3:270m-q8_0"
-READING_START, READING_END = "<!-- reading:start -->", "<!-- reading:end -->"
+CANNED_TAG = next(v.tag for v in CANNED_VARIANTS if v.quantization_level == "Q4_K_M")
+REPETITIONS = 3
+PROFILE_TOP = 25
+PROFILE_RATE = 200
+PROFILE_ROUNDS = 3
 
 
 @dataclass(frozen=True, slots=True)
 class Scenario:
-    """One backend at one concurrency: `rounds` per arm, each `concurrency` streams × `per_stream` requests."""
+    """One backend at one concurrency: per repetition, two rounds an arm of `streams` × `per_stream` requests."""
 
     backend: str
-    concurrency: int
-    rounds: int
+    streams: int
     per_stream: int
     num_predict: int
-    router_model: str
-    direct_tag: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.backend}, {self.streams} stream{'s' if self.streams > 1 else ''}"
 
 
-def scenarios(quick: bool) -> list[Scenario]:
-    """Request counts are bounded so the whole run stays near five minutes on two cores."""
-    canned_tag = next(v.tag for v in CANNED_VARIANTS if v.quantization_level == "Q4_K_M")
-    canned = [(1, 8, 8), (16, 4, 4), (256, 3, 1)] if not quick else [(1, 2, 2), (16, 2, 1), (256, 2, 1)]
-    paced = [(1, 6, 5), (16, 3, 3), (256, 2, 1)] if not quick else [(16, 2, 1)]
-    embedded = [(1, 3, 2), (4, 2, 1)] if not quick else [(1, 2, 1)]
-    return ([Scenario(CANNED, c, r, n, CANNED_TOKENS, CANNED_FAMILY, canned_tag) for c, r, n in canned]
-            + [Scenario(PACED, c, r, n, PACED_TOKENS, CANNED_FAMILY, canned_tag) for c, r, n in paced]
-            + [Scenario(EMBEDDED, c, r, n, EMBEDDED_TOKENS, EMBEDDED_TAG, EMBEDDED_TAG) for c, r, n in embedded])
+# Two rounds an arm per repetition: every scenario gives each arm ≥ 200 requests a repetition.
+TTFT_ONE = Scenario(PACED, 1, 100, 2)  # TTFT only: two tokens keep the 200 requests short
+TTFT_MANY = Scenario(PACED, 64, 2, 16)
+RELAY_ONE = Scenario(CANNED, 1, 100, 128)
+RELAY_MANY = Scenario(CANNED, 16, 7, 128)
+SCENARIOS = (TTFT_ONE, TTFT_MANY, RELAY_ONE, RELAY_MANY)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One of issue 13's targets: a figure of one scenario, its bound and which side of it is good."""
+
+    scenario: Scenario
+    figure: str
+    bound: float
+    at_most: bool
+    text: str
+
+    def met(self, value: float) -> bool:
+        return value <= self.bound if self.at_most else value >= self.bound
+
+
+TARGETS = (
+    Target(TTFT_ONE, "added_ttft_p50_ms", 1.0, True, "added TTFT p50 ≤ 1 ms, 1 paced stream"),
+    Target(TTFT_MANY, "added_ttft_p99_ms", 3.0, True, "added TTFT p99 ≤ 3 ms, 64 paced streams"),
+    Target(RELAY_MANY, "relay_vs_direct", 0.8, False, "relay ≥ 0.8× direct tok/s, 16 unpaced streams"),
+    Target(RELAY_MANY, "tokens_per_s", 20_000.0, False, "relay ≥ 20k tok/s per router process"),
+)
+RSS_TARGET_MIB = 80.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,42 +126,27 @@ class Sample:
     tokens: int
 
 
-@dataclass(frozen=True, slots=True)
-class Cpu:
-    """CPU seconds so far of the router, the backend and this client process."""
-
-    router: float
-    backend: float
-    client: float
-
-    def __add__(self, other: Cpu) -> Cpu:
-        return Cpu(self.router + other.router, self.backend + other.backend, self.client + other.client)
-
-    def __sub__(self, other: Cpu) -> Cpu:
-        return Cpu(self.router - other.router, self.backend - other.backend, self.client - other.client)
-
-
 @dataclass
 class Arm:
-    """Everything one arm of one scenario measured, summed over its rounds."""
+    """What one arm measured in one repetition of a scenario (two rounds)."""
 
     samples: list[Sample] = field(default_factory=list)
     failures: Counter[str] = field(default_factory=Counter)
     wall_s: float = 0.0
-    cpu: Cpu = Cpu(0.0, 0.0, 0.0)
+    router_cpu_s: float = 0.0
 
     @property
     def tokens(self) -> int:
         return sum(s.tokens for s in self.samples)
 
-    def ttft_ms(self, quantile: float) -> float:
-        ttfts = sorted(s.ttft_s for s in self.samples)
-        if not ttfts:
-            return float("nan")
-        return 1000 * ttfts[min(len(ttfts) - 1, int(quantile * len(ttfts)))]
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else float("nan")
 
-    def per_1k(self, seconds: float) -> float:
-        return 1000 * seconds / self.tokens if self.tokens else float("nan")
+    def ttft_ms(self, quantile: float) -> float:
+        """Nearest-rank quantile (with ≥ 200 samples, p99 is one of the two slowest in a hundred)."""
+        ttfts = sorted(s.ttft_s for s in self.samples)
+        return 1000 * ttfts[min(len(ttfts) - 1, int(quantile * len(ttfts)))] if ttfts else float("nan")
 
 
 # Subprocesses.
@@ -152,17 +164,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def memory_mib(pid: int, field: str) -> float:
+def memory_mib(pid: int, name: str) -> float:
     """VmRSS (resident now) or VmHWM (its peak so far) of a process, from /proc/<pid>/status (proc(5))."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
+        if line.startswith(f"{name}:"):
             return round(int(line.split()[1]) / 1024, 1)
     return float("nan")
-
-
-def client_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 @contextlib.contextmanager
@@ -187,49 +194,52 @@ def spawned(name: str, argv: Sequence[str], env: Mapping[str, str], ready: str, 
             process.wait(STOP_TIMEOUT_S)
 
 
-def canned_backend(name: str, tokens_per_second: float, logs: Path) -> contextlib.AbstractContextManager[Service]:
-    return spawned(name, [sys.executable, "-m", "bench.fixtures.canned_ollama", "--port", "0",
-                          "--tokens-per-second", str(tokens_per_second)], {}, r"(http://\S+)", logs)
+def canned_backend(backend: str, logs: Path) -> contextlib.AbstractContextManager[Service]:
+    rate = PACED_TOKENS_PER_S if backend == PACED else 0.0
+    return spawned(backend, [sys.executable, "-m", "bench.fixtures.canned_ollama", "--port", "0",
+                             "--tokens-per-second", str(rate)], {}, r"(http://\S+)", logs)
 
 
-def embedded_backend(logs: Path) -> contextlib.AbstractContextManager[Service]:
-    return spawned(EMBEDDED, [sys.executable, "-m", "quantrouter.cli", "embedded", "serve", "--port", "0",
-                                "--memory-budget", EMBEDDED_BUDGET], {}, r"Ollama API at (http://\S+)", logs)
-
-
-def router_for(backend: Service, logs: Path, capacity: str) -> contextlib.AbstractContextManager[Service]:
+def router_for(backend: Service, logs: Path) -> contextlib.AbstractContextManager[Service]:
     argv = [sys.executable, "-m", "quantrouter.cli", "serve", "--grpc-address", "127.0.0.1:0",
-            "--metrics-address", "127.0.0.1:0", "--ollama-host", backend.address, "--memory-capacity", capacity]
+            "--metrics-address", "127.0.0.1:0", "--ollama-host", backend.address, "--memory-capacity", CANNED_CAPACITY]
     return spawned(f"router-{backend.name}", argv, ROUTER_ENV, r"quantrouter serving on port (\d+)", logs)
 
 
-# The two arms.
+# The arms: each request's time to its first text and the tokens the backend counted.
 
-async def direct_request(client: ollama.AsyncClient, scenario: Scenario) -> Sample:
+async def direct_request(session: aiohttp.ClientSession, scenario: Scenario) -> Sample:
+    """Ollama's NDJSON through aiohttp (a C HTTP parser; `iter_any` hands over all that has arrived) and
+    `json`: a lean client, so that the direct arm measures the backend and not a client's per-chunk costs."""
     started = time.perf_counter()
-    first, tokens = None, 0
-    parts = await client.generate(model=scenario.direct_tag, prompt=PROMPT, stream=True,
-                                  options={"num_predict": scenario.num_predict, "temperature": 0.0})
-    async for part in parts:
-        if part.response:
-            first = first or time.perf_counter()
-            tokens += 1
+    first, tokens, pending = None, 0, b""
+    body = {"model": CANNED_TAG, "prompt": PROMPT, "stream": True,
+            "options": {"num_predict": scenario.num_predict, "temperature": 0.0}}
+    async with session.post("/api/generate", json=body) as response:
+        response.raise_for_status()
+        async for data in response.content.iter_any():
+            *lines, pending = (pending + data).split(b"\n")
+            for part in (json.loads(line) for line in lines if line):
+                if part.get("response") and first is None:
+                    first = time.perf_counter()
+                if part.get("done"):
+                    tokens = int(part.get("eval_count") or 0)
     return Sample((first or time.perf_counter()) - started, tokens)
 
 
 async def router_request(client: AsyncRouterClient, scenario: Scenario) -> Sample:
     started = time.perf_counter()
     first, tokens = None, 0
-    async for event in client.generate(scenario.router_model, PROMPT, timeout=REQUEST_TIMEOUT_S,
+    async for event in client.generate(CANNED_FAMILY, PROMPT, timeout=REQUEST_TIMEOUT_S,
                                        options=Options(num_predict=scenario.num_predict, temperature=0.0)):
-        if isinstance(event, str):
-            first = first or time.perf_counter()
-            tokens += 1
+        if isinstance(event, str) and first is None:
+            first = time.perf_counter()
+        elif isinstance(event, Completion):
+            tokens = event.generated_tokens
     return Sample((first or time.perf_counter()) - started, tokens)
 
 
-async def run_round(request: Callable[[], Awaitable[Sample]], scenario: Scenario, arm: Arm,
-                    cpu: Callable[[], Cpu]) -> None:
+async def run_round(request: Callable[[], Awaitable[Sample]], scenario: Scenario, arm: Arm, router_pid: int) -> None:
     async def stream() -> None:
         for _ in range(scenario.per_stream):
             try:
@@ -237,150 +247,281 @@ async def run_round(request: Callable[[], Awaitable[Sample]], scenario: Scenario
             except Exception as error:  # a failed request is a result: counted by kind, not fatal
                 arm.failures[type(error).__name__] += 1
 
-    before, started = cpu(), time.perf_counter()
-    await asyncio.gather(*(stream() for _ in range(scenario.concurrency)))
+    cpu_before, started = cpu_seconds(router_pid), time.perf_counter()
+    await asyncio.gather(*(stream() for _ in range(scenario.streams)))
     arm.wall_s += time.perf_counter() - started
-    arm.cpu += cpu() - before
+    arm.router_cpu_s += cpu_seconds(router_pid) - cpu_before
 
 
-async def run_scenario(scenario: Scenario, backend: Service, router: Service) -> dict[str, Arm]:
-    """Warm both arms once, then alternate rounds in ABBA order so drift cancels."""
-    def cpu() -> Cpu:
-        return Cpu(cpu_seconds(router.pid), cpu_seconds(backend.pid), client_cpu_seconds())
-
+@contextlib.asynccontextmanager
+async def arms_for(backend: Service, router: Service, scenario: Scenario
+                   ) -> AsyncIterator[dict[str, Callable[[], Awaitable[Sample]]]]:
     # A service streaming this many requests at once would size its pool for them, as the router does.
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with (ollama.AsyncClient(host=backend.address, timeout=REQUEST_TIMEOUT_S, limits=limits) as direct,
+    async with (aiohttp.ClientSession(backend.address, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
+                                      connector=aiohttp.TCPConnector(limit=0)) as direct,
                 AsyncRouterClient(f"127.0.0.1:{router.address}") as routed):
-        requests: dict[str, Callable[[], Awaitable[Sample]]] = {
-            DIRECT: lambda: direct_request(direct, scenario),
-            ROUTER: lambda: router_request(routed, scenario),
-        }
-        warmup = dataclasses.replace(scenario, per_stream=1)
-        for name in (DIRECT, ROUTER):
-            await run_round(requests[name], warmup, Arm(), cpu)
-        arms = {DIRECT: Arm(), ROUTER: Arm()}
-        for index in range(scenario.rounds):
-            order = (DIRECT, ROUTER) if index % 2 == 0 else (ROUTER, DIRECT)
-            for name in order:
-                await run_round(requests[name], scenario, arms[name], cpu)
-    return arms
+        yield {DIRECT: lambda: direct_request(direct, scenario), ROUTER: lambda: router_request(routed, scenario)}
 
 
-# Results.
+async def run_scenario(scenario: Scenario, backend: Service, router: Service, repetitions: int
+                       ) -> list[dict[str, Arm]]:
+    """Warm each arm once, then per repetition one round an arm and one more in reverse order."""
+    results = []
+    async with arms_for(backend, router, scenario) as requests:
+        warmup = replace(scenario, per_stream=1)
+        for request in requests.values():
+            await run_round(request, warmup, Arm(), router.pid)
+        order = list(requests)
+        for _ in range(repetitions):
+            arms = {name: Arm() for name in order}
+            for name in [*order, *reversed(order)]:
+                await run_round(requests[name], scenario, arms[name], router.pid)
+            results.append(arms)
+    return results
+
+
+# Figures.
+
+def figures(scenario: Scenario, repetition: int, arms: dict[str, Arm]) -> list[dict[str, object]]:
+    """One row an arm; the router's row carries what it adds over direct in the same repetition."""
+    direct = arms[DIRECT]
+    rows = []
+    for name, arm in arms.items():
+        row: dict[str, object] = {
+            "scenario": scenario.name, "repetition": repetition + 1, "arm": name, "requests": len(arm.samples),
+            "failed": sum(arm.failures.values()), "tokens": arm.tokens, "wall_s": round(arm.wall_s, 3),
+            "ttft_p50_ms": round(arm.ttft_ms(0.50), 3), "ttft_p99_ms": round(arm.ttft_ms(0.99), 3),
+            "tokens_per_s": round(arm.tokens_per_s, 1),
+            "router_cpu_s_per_1k": round(1000 * arm.router_cpu_s / arm.tokens, 4) if arm.tokens else float("nan"),
+            "added_ttft_p50_ms": "", "added_ttft_p99_ms": "", "relay_vs_direct": ""}
+        if name != DIRECT:
+            row |= {"added_ttft_p50_ms": round(arm.ttft_ms(0.50) - direct.ttft_ms(0.50), 3),
+                    "added_ttft_p99_ms": round(arm.ttft_ms(0.99) - direct.ttft_ms(0.99), 3),
+                    "relay_vs_direct": round(arm.tokens_per_s / direct.tokens_per_s, 3)}
+        rows.append(row)
+    return rows
+
 
 @dataclass(frozen=True, slots=True)
-class Row:
-    scenario: Scenario
-    arm: str
-    measured: Arm
+class Spread:
+    """The median over repetitions and the range around it."""
 
-    def values(self, baseline: Arm) -> dict[str, object]:
-        m, is_router = self.measured, self.arm == ROUTER
-        tps = m.tokens / m.wall_s if m.wall_s else float("nan")
-        base_tps = baseline.tokens / baseline.wall_s if baseline.wall_s else float("nan")
-        return {
-            "backend": self.scenario.backend, "streams": self.scenario.concurrency, "arm": self.arm,
-            "requests": len(m.samples), "failed": sum(m.failures.values()),
-            "failures": " ".join(f"{k}×{v}" for k, v in m.failures.items()),
-            "tokens": m.tokens, "wall_s": round(m.wall_s, 3),
-            "ttft_p50_ms": round(m.ttft_ms(0.50), 2), "ttft_p99_ms": round(m.ttft_ms(0.99), 2),
-            "tokens_per_s": round(tps, 1),
-            "router_cpu_s_per_1k": round(m.per_1k(m.cpu.router), 4) if is_router else "",
-            "backend_cpu_s_per_1k": round(m.per_1k(m.cpu.backend), 4),
-            "client_cpu_s_per_1k": round(m.per_1k(m.cpu.client), 4),
-            "added_ttft_p50_ms": round(m.ttft_ms(0.50) - baseline.ttft_ms(0.50), 2) if is_router else "",
-            "added_ttft_p99_ms": round(m.ttft_ms(0.99) - baseline.ttft_ms(0.99), 2) if is_router else "",
-            "throughput_vs_direct": round(tps / base_tps, 3) if is_router else "",
-            "router_idle_cpu_s": round(baseline.cpu.router, 2) if is_router else "",
-        }
+    median: float
+    low: float
+    high: float
+
+    def text(self, digits: int) -> str:
+        return f"{self.median:,.{digits}f} [{self.low:,.{digits}f} – {self.high:,.{digits}f}]"
 
 
-def _table(rows: list[dict[str, object]], columns: Sequence[tuple[str, str]]) -> list[str]:
-    lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(row[key]) for key, _ in columns) + " |" for row in rows]
-    return lines
+def spread(rows: Sequence[Mapping[str, object]], scenario: Scenario, arm: str, key: str) -> Spread:
+    values = [float(str(r[key])) for r in rows if r["scenario"] == scenario.name and r["arm"] == arm]
+    return Spread(statistics.median(values), min(values), max(values))
 
 
-SUMMARY = (("backend", "backend"), ("streams", "streams"), ("added_ttft_p50_ms", "added TTFT p50 (ms)"),
-           ("added_ttft_p99_ms", "added TTFT p99 (ms)"), ("tokens_per_s", "relay tok/s"),
-           ("throughput_vs_direct", "tok/s vs direct"), ("router_cpu_s_per_1k", "router CPU s / 1k tok"),
-           ("router_rss_idle_mib", "router RSS idle (MiB)"), ("router_rss_peak_mib", "router RSS peak (MiB)"),
-           ("failed", "failed"))
-DETAIL = (("backend", "backend"), ("streams", "streams"), ("arm", "arm"), ("requests", "requests"),
-          ("tokens", "tokens"), ("wall_s", "wall s"), ("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p99_ms", "TTFT p99 ms"),
-          ("tokens_per_s", "tok/s"), ("router_cpu_s_per_1k", "router CPU s/1k"),
-          ("backend_cpu_s_per_1k", "backend CPU s/1k"), ("client_cpu_s_per_1k", "client CPU s/1k"),
-          ("router_idle_cpu_s", "router CPU s in direct rounds"), ("failures", "failures"))
+SUMMARY = (("added_ttft_p50_ms", "added TTFT p50 ms", 2), ("added_ttft_p99_ms", "added TTFT p99 ms", 2),
+           ("tokens_per_s", "router tok/s", 0), ("relay_vs_direct", "tok/s vs direct", 3),
+           ("router_cpu_s_per_1k", "router CPU s / 1k tok", 3))
+DETAIL = ("scenario", "repetition", "arm", "requests", "failed", "tokens", "wall_s", "ttft_p50_ms", "ttft_p99_ms",
+          "tokens_per_s", "router_cpu_s_per_1k", "added_ttft_p50_ms", "added_ttft_p99_ms", "relay_vs_direct")
 
 
-def _kept_reading(path: Path) -> str:
-    text = path.read_text() if path.exists() else ""
-    start, end = text.find(READING_START), text.find(READING_END)
-    if start < 0 or end < start:
-        return f"{READING_START}\n(no reading yet)\n{READING_END}"
-    return text[start:end + len(READING_END)]
+def _table(header: Sequence[str], body: Sequence[Sequence[object]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(str(cell) for cell in line) + " |" for line in body)]
 
 
-def write_results(rows: list[dict[str, object]], started: datetime, elapsed_s: float) -> None:
+@dataclass(frozen=True, slots=True)
+class Memory:
+    idle_mib: float
+    after_mib: float
+    peak_mib: float
+
+
+def targets_table(rows: Sequence[Mapping[str, object]], memory: Memory) -> list[str]:
+    body: list[list[object]] = []
+    for target in TARGETS:
+        value = spread(rows, target.scenario, ROUTER, target.figure)
+        digits = 0 if target.figure == "tokens_per_s" else 2
+        body.append([target.text, value.text(digits), "met" if target.met(value.median) else "**not met**"])
+    body.append([f"router RSS idle ≤ {RSS_TARGET_MIB:.0f} MiB", f"{memory.idle_mib:.1f}",
+                 "met" if memory.idle_mib <= RSS_TARGET_MIB else "**not met**"])
+    return _table(("target (issue 13)", "median [min – max] over repetitions", "verdict"), body)
+
+
+def reading(rows: Sequence[Mapping[str, object]], memory: Memory) -> str:
+    """The prose, every figure taken from `rows`."""
+    def of(scenario: Scenario, key: str, digits: int, arm: str = ROUTER) -> str:
+        return spread(rows, scenario, arm, key).text(digits)
+
+    failed = sum(int(str(r["failed"])) for r in rows)
+    return (
+        f"At a GPU-like {PACED_TOKENS_PER_S:.0f} tok/s a stream, quantrouter adds "
+        f"{of(TTFT_ONE, 'added_ttft_p50_ms', 2)} ms to time to first token at p50 with one stream and "
+        f"{of(TTFT_MANY, 'added_ttft_p99_ms', 2)} ms at p99 with {TTFT_MANY.streams} "
+        f"(direct: p50 {of(TTFT_ONE, 'ttft_p50_ms', 2, DIRECT)} ms and p99 "
+        f"{of(TTFT_MANY, 'ttft_p99_ms', 2, DIRECT)} ms). Unpaced, where the router is the bottleneck, one router "
+        f"process relays {of(RELAY_MANY, 'tokens_per_s', 0)} tok/s over {RELAY_MANY.streams} streams, "
+        f"{of(RELAY_MANY, 'relay_vs_direct', 3)}× of the backend's own rate to a direct client "
+        f"({of(RELAY_MANY, 'tokens_per_s', 0, DIRECT)} tok/s), at {of(RELAY_MANY, 'router_cpu_s_per_1k', 3)} "
+        f"CPU-seconds per 1,000 tokens; one unpaced stream gets {of(RELAY_ONE, 'relay_vs_direct', 3)}× of direct. "
+        f"The router process holds {memory.idle_mib:.1f} MiB resident when idle, {memory.peak_mib:.1f} MiB at its "
+        f"peak and {memory.after_mib:.1f} MiB after the run. {failed} request{'s' if failed != 1 else ''} failed. "
+        "Medians over repetitions with [min – max]; client, router and backend share the machine's cores, so "
+        "compare the arms within this run, not runs with each other.")
+
+
+def write_results(rows: list[dict[str, object]], memory: Memory, started: datetime, elapsed_s: float,
+                  repetitions: int, load_before: tuple[float, float, float]) -> str:
     RESULTS.mkdir(exist_ok=True)
     with (RESULTS / "overhead.csv").open("w", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(out, fieldnames=DETAIL)
         writer.writeheader()
         writer.writerows(rows)
-    markdown = RESULTS / "overhead.md"
-    routed = [row for row in rows if row["arm"] == ROUTER]
+    text = reading(rows, memory)
+    summary = [[s.name, *(spread(rows, s, ROUTER, key).text(digits) for key, _, digits in SUMMARY)]
+               for s in SCENARIOS]
     lines = [
         "# Router overhead: direct to the backend vs through quantrouter", "",
-        _kept_reading(markdown), "",
-        f"Run {started:%Y-%m-%d %H:%M} on {describe()}; {elapsed_s:.0f} s in all. "
-        "Regenerate with `python -m bench.overhead` (bench/overhead.py explains the method).", "",
-        "Client, router and backend are three processes sharing this machine's cores. TTFT is from the call "
-        "to the first text chunk; the added TTFT is p50(router) − p50(direct) and p99(router) − p99(direct) "
-        "over the same rounds (requests overlap, so they have no partner to pair with). Relay tok/s is text "
-        "chunks (one token each) through one router process over the rounds' wall time. Router CPU is "
-        "utime + stime of the router process during its rounds. The canned backend is the benchmark fixture "
-        f"bench/fixtures/canned_ollama.py: `{CANNED}` unpaced with {CANNED_TOKENS} tokens a request, so the "
-        f"router is saturated and measured; `{PACED}` at {PACED_TOKENS_PER_S:.0f} tokens/s per stream with "
-        f"{PACED_TOKENS} tokens a request, a GPU-like decode rate. `{EMBEDDED}` is llama.cpp serving "
-        f"`{EMBEDDED_TAG}` ({EMBEDDED_TOKENS} tokens a request) on the same cores.", "",
-        "## Summary", "", *_table(routed, SUMMARY), "",
-        "## Both arms", "", *_table(rows, DETAIL), "",
+        f"Run {started:%Y-%m-%d %H:%M %Z} on {describe()}; {elapsed_s:.0f} s in all; load average before the "
+        f"run {', '.join(f'{x:.2f}' for x in load_before)}. Regenerate with `python -m bench.overhead` "
+        "(bench/overhead.py explains the method).", "",
+        f"**Reading (generated from this run's figures).** {text}", "",
+        "## Targets", "", *targets_table(rows, memory), "",
+        "## Summary", "",
+        f"Median over {repetitions} repetitions [min – max]. A repetition runs one round an arm and one more in "
+        "reverse order (direct, router, router, direct); each arm gets ≥ 200 requests a repetition. TTFT is from "
+        "the call to the first text; added TTFT is the router's quantile minus direct's in the same repetition "
+        "(requests overlap, so they have no one partner to pair with). Tok/s counts the tokens the backend "
+        "reported (eval_count) over the rounds' wall time. Router CPU is utime + stime of the router process. "
+        f"`{PACED}`: the canned fixture (bench/fixtures/canned_ollama.py) at {PACED_TOKENS_PER_S:.0f} tok/s a stream; "
+        f"`{CANNED}`: the same fixture as fast as it can write.", "",
+        *_table(("scenario", *(title for _, title, _ in SUMMARY)), summary), "",
+        "## Every repetition", "", *_table(DETAIL, [[row[key] for key in DETAIL] for row in rows]), "",
     ]
-    markdown.write_text("\n".join(lines))
+    (RESULTS / "overhead.md").write_text("\n".join(lines))
+    return text
 
 
-async def measure(scenario_list: list[Scenario], logs: Path) -> list[dict[str, object]]:
+def update_readme(text: str, started: datetime) -> None:
+    """Replace the README's overhead figures with this run's (between its markers)."""
+    readme = README.read_text()
+    start, end = readme.find(README_START), readme.find(README_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"README.md has no {README_START} … {README_END} block to update")
+    block = f"{README_START}\n  {text} (Run of {started:%Y-%m-%d}.)\n  "
+    README.write_text(readme[:start] + block + readme[end:])
+
+
+async def measure(chosen: Sequence[Scenario], repetitions: int, logs: Path) -> tuple[list[dict[str, object]], Memory]:
     rows: list[dict[str, object]] = []
-    backends: dict[str, tuple[Callable[[], contextlib.AbstractContextManager[Service]], str]] = {
-        CANNED: (lambda: canned_backend(CANNED, 0.0, logs), CANNED_CAPACITY),
-        PACED: (lambda: canned_backend(PACED, PACED_TOKENS_PER_S, logs), CANNED_CAPACITY),
-        EMBEDDED: (lambda: embedded_backend(logs), EMBEDDED_BUDGET),
-    }
-    for backend_name, (backend_of, capacity) in backends.items():
-        chosen = [s for s in scenario_list if s.backend == backend_name]
-        if not chosen:
-            continue
-        with backend_of() as backend, router_for(backend, logs, capacity) as router:
-            idle_mib = memory_mib(router.pid, "VmRSS")
-            for scenario in chosen:
-                print(f"{backend_name}: {scenario.concurrency} streams ...", file=sys.stderr, flush=True)
-                arms = await run_scenario(scenario, backend, router)
-                # Scenarios run in rising concurrency, so the peak so far is this one's.
-                peak = {"router_rss_idle_mib": idle_mib, "router_rss_peak_mib": memory_mib(router.pid, "VmHWM")}
-                rows += [{**Row(scenario, name, arms[name]).values(arms[DIRECT]),
-                          **(peak if name == ROUTER else dict.fromkeys(peak, ""))} for name in (DIRECT, ROUTER)]
-    return rows
+    idle, after, peak = [], [], []
+    for backend_name in (PACED, CANNED):
+        with canned_backend(backend_name, logs) as backend, router_for(backend, logs) as router:
+            idle.append(memory_mib(router.pid, "VmRSS"))
+            for scenario in (s for s in chosen if s.backend == backend_name):
+                print(f"{scenario.name} ...", file=sys.stderr, flush=True)
+                for index, arms in enumerate(await run_scenario(scenario, backend, router, repetitions)):
+                    rows += figures(scenario, index, arms)
+            after.append(memory_mib(router.pid, "VmRSS"))
+            peak.append(memory_mib(router.pid, "VmHWM"))
+    return rows, Memory(max(idle), max(after), max(peak))
+
+
+# Profile.
+
+HTTP = "httpx / httpcore / h11 / anyio (the ollama client's transport)"
+GRPC_CORE = "grpc core (Cython and C: per-message send and receive)"
+# Where a sample's time goes: the innermost frame whose location names one of these.
+AREAS = (("grpc/_cython", GRPC_CORE), ("grpc/", "grpc aio (Python)"), ("ollama/", "ollama client"),
+         ("pydantic", "pydantic (the ollama client's models)"), ("httpx/", HTTP), ("httpcore/", HTTP),
+         ("h11/", HTTP), ("anyio/", HTTP), ("json/", "json (NDJSON parsing)"), ("_message", "protobuf"),
+         ("google/protobuf", "protobuf"), ("prometheus_client/", "prometheus_client"),
+         ("quantrouter/", "quantrouter"), ("asyncio/", "event loop"), ("_asynciomodule", "event loop"),
+         ("uvloop/", "event loop"), ("contextlib", "contextlib (context managers per chunk)"))
+WAITING = "waiting (epoll, poll, locks)"
+WAIT_CALLS = ("epoll_wait", "epoll_pwait", "poll ", "select ", "pthread_cond", "futex", "nanosleep", "sem_wait",
+              "clock_nanosleep")
+
+
+def _area(frames: Sequence[str]) -> str:
+    """Leaf first: a blocking call is waiting; otherwise the innermost frame from a known package."""
+    if frames[0].startswith(WAIT_CALLS):
+        return WAITING
+    return next((name for frame in frames for key, name in AREAS if key in frame), "other")
+
+
+def _leaf(frame: str) -> str:
+    """A frame's name, or its library where it has no symbol (py-spy prints an address)."""
+    return re.sub(r"^0x[0-9a-f]+ ", "", frame)
+
+
+def write_profile(folded: Path, name: str, started: datetime) -> None:
+    """Area shares and the top leaves from py-spy's folded stacks (`frame;frame;… count`, root first)."""
+    areas: Counter[str] = Counter()
+    leaves: Counter[tuple[str, str]] = Counter()
+    for line in folded.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")[::-1]
+        area = _area(frames)
+        areas[area] += int(count)
+        if area != WAITING:
+            leaves[_leaf(frames[0]), area] += int(count)
+    busy = sum(areas.values()) - areas[WAITING]
+    lines = [
+        f"# Router profile ({name}): py-spy on `quantrouter serve` under {RELAY_MANY.streams} unpaced streams", "",
+        f"Run {started:%Y-%m-%d %H:%M %Z} on {describe()}. `python -m bench.overhead --profile {name}` attaches "
+        f"py-spy (`record --native`, {PROFILE_RATE} samples/s, every thread) to the router while it relays "
+        f"{PROFILE_ROUNDS} rounds of `{RELAY_MANY.name}` (router arm only). A sample counts towards the innermost "
+        "frame from a known package; samples blocked in epoll, poll or a lock are waiting, not work.", "",
+        f"## Share of the router's busy samples by area ({busy} busy of {sum(areas.values())})", "",
+        *_table(("area", "samples", "share of busy"),
+                [[area, n, f"{n / busy:.0%}" if area != WAITING else "—"] for area, n in areas.most_common()]), "",
+        f"## Top {PROFILE_TOP} innermost frames (busy samples)", "",
+        *_table(("samples", "share", "frame", "area"),
+                [[n, f"{n / busy:.1%}", f"`{leaf}`", area] for (leaf, area), n in leaves.most_common(PROFILE_TOP)]),
+        "",
+    ]
+    (RESULTS / f"overhead-profile-{name}.md").write_text("\n".join(lines))
+
+
+async def profile(logs: Path) -> Path:
+    """py-spy (the `bench` extra) attached to a router relaying the unpaced 16-stream rounds."""
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if spy is None:
+        raise SystemExit("--profile needs py-spy: pip install 'quantrouter[bench]'")
+    folded = logs / "router.folded"
+    with canned_backend(CANNED, logs) as backend, router_for(backend, logs) as router:
+        recorder = subprocess.Popen([spy, "record", "--pid", str(router.pid), "--native", "--rate", str(PROFILE_RATE),
+                                     "--format", "raw", "--output", str(folded)], stdout=subprocess.DEVNULL)
+        try:
+            async with arms_for(backend, router, RELAY_MANY) as requests:
+                for _ in range(PROFILE_ROUNDS):
+                    await run_round(requests[ROUTER], RELAY_MANY, Arm(), router.pid)
+        finally:
+            recorder.send_signal(signal.SIGINT)  # py-spy writes its output when interrupted
+            recorder.wait(STOP_TIMEOUT_S)
+    return folded
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Router overhead: direct vs routed streaming, in one run.")
-    parser.add_argument("--quick", action="store_true", help="a few requests per scenario (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="one repetition, a tenth of the requests (a smoke run)")
+    parser.add_argument("--profile", metavar="NAME",
+                        help="profile the router under 16 unpaced streams; writes overhead-profile-NAME.md")
     args = parser.parse_args(sys.argv[1:] if __name__ == "__main__" else [])
-    started, clock = datetime.now().astimezone(), time.monotonic()
+    started, clock, load_before = datetime.now().astimezone(), time.monotonic(), os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="quantrouter-overhead-") as logs:
-        rows = asyncio.run(measure(scenarios(args.quick), Path(logs)))
-    write_results(rows, started, time.monotonic() - clock)
+        if args.profile:
+            write_profile(asyncio.run(profile(Path(logs))), args.profile, started)
+            print((RESULTS / f"overhead-profile-{args.profile}.md").read_text())
+            return
+        chosen = [replace(s, per_stream=max(1, s.per_stream // 10)) for s in SCENARIOS] if args.quick else SCENARIOS
+        repetitions = 1 if args.quick else REPETITIONS
+        rows, memory = asyncio.run(measure(chosen, repetitions, Path(logs)))
+    text = write_results(rows, memory, started, time.monotonic() - clock, repetitions, load_before)
+    if not args.quick:
+        update_readme(text, started)
     print((RESULTS / "overhead.md").read_text())
 
 

@@ -2,17 +2,22 @@
 
 This is where `ollama` and `httpx` errors become ours: `translated` turns them into the
 quantrouter.errors tree in one place (the quantization tools reuse it for `create` and `logprobs`).
-Streams are relayed chunk by chunk and closed in a `finally`, so a cancelled gRPC call closes the
-HTTP response and Ollama stops generating.
+Streamed responses are read by `_BatchingClient`: the `ollama` client builds every request, and each
+read off the socket becomes one batch of plain dicts, so the text of the chunks that arrived together
+leaves as one piece (one gRPC message, not one per token) and no pydantic model is built per chunk.
+Nothing is read before the consumer asks for the next piece, so a cancelled gRPC call closes the HTTP
+response (in a `finally`) and Ollama stops generating.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import httpx
 import ollama
@@ -28,8 +33,10 @@ from quantrouter.errors import (
     BackendUnavailable,
 )
 
-__all__ = ["Final", "ListedModel", "OllamaBackend", "ResidentModel", "ShownModel", "translated"]
+__all__ = ["Final", "ListedModel", "OllamaBackend", "ResidentModel", "ShownModel", "Text", "translated"]
 
+# A piece of relayed text stops growing here even if more is buffered (one gRPC message stays small).
+MAX_PIECE_BYTES = 64 * 1024
 # Ollama answers 503 when its queue is full (server/sched.go ErrMaxQueue); clients should back off.
 BUSY_RETRY_AFTER_S = 1.0
 
@@ -74,6 +81,14 @@ class Final:
     eval_duration: int
     load_duration: int
     total_duration: int
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    """Generated text as it arrived: `chunks` of Ollama's NDJSON chunks (about a token each) joined."""
+
+    text: str
+    chunks: int
 
 
 @contextmanager
@@ -136,9 +151,95 @@ def _architecture(info: Mapping[str, Any]) -> Architecture | None:
                         number("context_length"))
 
 
-def _final(part: Any) -> Final:
-    return Final(part.done_reason or "", part.prompt_eval_count or 0, part.prompt_eval_duration or 0,
-                 part.eval_count or 0, part.eval_duration or 0, part.load_duration or 0, part.total_duration or 0)
+def _final(part: Mapping[str, Any]) -> Final:
+    def count(key: str) -> int:
+        return int(part.get(key) or 0)
+
+    return Final(part.get("done_reason") or "", count("prompt_eval_count"), count("prompt_eval_duration"),
+                 count("eval_count"), count("eval_duration"), count("load_duration"), count("total_duration"))
+
+
+def _generated_text(part: Mapping[str, Any]) -> str:
+    return str(part.get("response") or "")
+
+
+def _chat_text(part: Mapping[str, Any]) -> str:
+    return str((part.get("message") or {}).get("content") or "")
+
+
+# What a streamed call of `_BatchingClient` returns (its `generate` and `chat` are typed for the client's own).
+_Batches = AsyncIterator[list[dict[str, Any]]]
+
+
+async def _next_or_none(chunks: AsyncIterator[bytes]) -> bytes | None:
+    return await anext(chunks, None)
+
+
+async def _arrived(chunks: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
+    """The bytes of `chunks` (httpx's body: one item per HTTP chunk), joined while each next one is there at once.
+
+    httpx hands out each HTTP chunk alone even when one socket read brought many. After a chunk, the next
+    one is asked for in a task that gets one turn of the loop: done by then, it was already buffered and
+    joins the piece; otherwise the piece goes out, and that read, which waits on the network, is where the
+    next piece starts. So the bytes are never more than one read ahead of the consumer, and when the consumer
+    closes this generator the waiting read is cancelled (closing the response) before it returns.
+    """
+    waiting: asyncio.Task[bytes | None] | None = None
+    try:
+        while True:
+            data = await (waiting if waiting is not None else _next_or_none(chunks))
+            waiting = None
+            if data is None:
+                return
+            while len(data) < MAX_PIECE_BYTES:
+                following = asyncio.ensure_future(_next_or_none(chunks))
+                await asyncio.sleep(0)  # one turn: a buffered chunk completes in it, a network read does not
+                if not following.done():
+                    waiting = following
+                    break
+                more = following.result()
+                if more is None:
+                    yield data
+                    return
+                data += more
+            yield data
+    finally:
+        if waiting is not None:  # the consumer stopped: what the read brings, or how it failed, no longer matters
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await waiting
+
+
+class _BatchingClient(ollama.AsyncClient):
+    """`ollama.AsyncClient` whose streamed calls yield lists of parsed NDJSON chunks, one list per piece.
+
+    The client's own streaming parses each line into a pydantic model and yields it alone; here what has
+    arrived together (`_arrived`) is split into lines and parsed with `json`. Non-streamed calls are the
+    client's own.
+    """
+
+    async def _request(self, cls: Any, *args: Any, stream: bool = False, **kwargs: Any) -> Any:
+        if not stream:
+            return await super()._request(cls, *args, stream=False, **kwargs)
+        return self._batches(*args, **kwargs)
+
+    async def _batches(self, *args: Any, **kwargs: Any) -> _Batches:
+        async with self._client.stream(*args, **kwargs) as response:
+            if response.is_error:
+                await response.aread()
+                raise ollama.ResponseError(response.text, response.status_code)
+            pending = b""
+            async with aclosing(_arrived(response.aiter_bytes())) as pieces:
+                async for data in pieces:
+                    *lines, pending = (pending + data).split(b"\n")
+                    parts = [json.loads(line) for line in lines if line.strip()]
+                    for part in parts:
+                        if error := part.get("error"):
+                            raise ollama.ResponseError(error)
+                    if parts:
+                        yield parts
+            if pending.strip():
+                raise json.JSONDecodeError("the stream ended inside a line", pending.decode(errors="replace"), 0)
 
 
 def _format(text: str) -> Literal["", "json"] | None:
@@ -155,7 +256,7 @@ class OllamaBackend:
         # httpx's default pool (100 connections) would queue streams past 100 and time them out after `pool`
         # seconds; the router's max_in_flight already bounds how many streams are open.
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-        self._client = ollama.AsyncClient(host=host, timeout=timeout, limits=limits)
+        self._client = _BatchingClient(host=host, timeout=timeout, limits=limits)
         self._keep_alive = keep_alive
 
     async def close(self) -> None:
@@ -188,41 +289,48 @@ class OllamaBackend:
                 for m in running.models]
 
     async def generate(self, tag: str, prompt: str, system: str, options: Mapping[str, Any],
-                       format: str = "") -> AsyncGenerator[str | Final, None]:
-        """Text chunks as Ollama produces them, then one `Final`."""
+                       format: str = "") -> AsyncGenerator[Text | Final, None]:
+        """Text as Ollama produces it (the chunks that arrived together as one piece), then one `Final`."""
         with translated(tag):
-            parts = await self._client.generate(
+            parts = cast(_Batches, await self._client.generate(
                 model=tag, prompt=prompt, system=system, options=dict(options), stream=True,
-                keep_alive=self._keep_alive, format=_format(format))
-        async for item in self._relay(tag, parts, lambda p: p.response or ""):
+                keep_alive=self._keep_alive, format=_format(format)))
+        async for item in self._relay(tag, parts, _generated_text):
             yield item
 
     async def chat(self, tag: str, messages: Sequence[Mapping[str, str]], options: Mapping[str, Any],
-                   format: str = "") -> AsyncGenerator[str | Final, None]:
+                   format: str = "") -> AsyncGenerator[Text | Final, None]:
         with translated(tag):
-            parts = await self._client.chat(
+            parts = cast(_Batches, await self._client.chat(
                 model=tag, messages=[dict(m) for m in messages], options=dict(options), stream=True,
-                keep_alive=self._keep_alive, format=_format(format))
-        async for item in self._relay(tag, parts, lambda p: (p.message.content if p.message else "") or ""):
+                keep_alive=self._keep_alive, format=_format(format)))
+        async for item in self._relay(tag, parts, _chat_text):
             yield item
 
     @staticmethod
-    async def _relay(tag: str, parts: AsyncIterator[Any], text_of: Any) -> AsyncIterator[str | Final]:
-        started = False
+    async def _relay(tag: str, batches: _Batches,
+                     text_of: Callable[[Mapping[str, Any]], str]) -> AsyncIterator[Text | Final]:
+        """Text, then the `Final`; then the body's end is read too (it follows the final chunk at once), so
+        the connection goes back to the pool instead of a new one being opened for the next request."""
+        started = done = False
         try:
             while True:
                 with translated(tag, started):
                     try:
-                        part = await anext(parts)
+                        batch = await anext(batches)
                     except StopAsyncIteration:
                         break
-                if part.done:
-                    yield _final(part)
-                    return
-                text = text_of(part)
-                if text:
+                if done:
+                    continue
+                final = next((part for part in batch if part.get("done")), None)
+                texts = [text for part in batch if not part.get("done") and (text := text_of(part))]
+                if texts:
                     started = True
-                    yield text
-            raise _mark(BackendFailed("the backend closed the stream without a final chunk"), started)
+                    yield Text("".join(texts), len(texts))
+                if final is not None:
+                    done = True
+                    yield _final(final)
+            if not done:
+                raise _mark(BackendFailed("the backend closed the stream without a final chunk"), started)
         finally:
-            await parts.aclose()  # type: ignore[attr-defined]
+            await batches.aclose()  # type: ignore[attr-defined]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ from quantrouter.client import (
     VariantListing,
 )
 from quantrouter.config import ConfigError, Settings, load_settings
-from quantrouter.server import describe, serve, start
+from quantrouter.server import configure_logging, describe, serve_processes, start
 from quantrouter.units import format_bytes
 from quantrouter.values import Completion, Decision
 
@@ -51,6 +50,9 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--grpc-address", dest="grpc_address", help="gRPC listen address (default 0.0.0.0:50051)")
     group.add_argument("--metrics-address", dest="metrics_address",
                        help="Prometheus /metrics listen address (default 0.0.0.0:9464)")
+    group.add_argument("--workers", dest="workers", type=int,
+                       help="router processes sharing the gRPC port, one core each (default 1); worker i serves "
+                            "metrics on the metrics port + i")
     group.add_argument("--ollama-host", dest="ollama_host", help="Ollama URL (default $OLLAMA_HOST or 127.0.0.1:11434)")
     group.add_argument("--embedded", action="store_const", const=True, default=None,
                        help="start the embedded llama.cpp backend in-process and route to it (no Ollama, no GPU)")
@@ -183,8 +185,8 @@ def _load(args: argparse.Namespace) -> Settings:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if settings.nodes or settings.discover:
         from quantrouter.fleet.server import start_fleet
-        return asyncio.run(serve(settings, start_fleet))
-    return asyncio.run(serve(settings))
+        return serve_processes(settings, start_fleet)
+    return serve_processes(settings)
 
 
 def _constraints(args: argparse.Namespace) -> Constraints:
@@ -325,9 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _load(args)
     except ConfigError as error:
         parser.error(str(error))
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if settings.log_level != "debug":  # one line per backend call would bury everything else
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_logging(settings.log_level)
     try:
         result: Any = args.func(args, settings)
         return int(result)

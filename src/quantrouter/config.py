@@ -47,6 +47,11 @@ class Settings:
     # Where the router listens and where Ollama is.
     grpc_address: str = f"0.0.0.0:{DEFAULT_GRPC_PORT}"
     metrics_address: str = f"0.0.0.0:{DEFAULT_METRICS_PORT}"
+    # Router processes sharing the gRPC port (SO_REUSEPORT): one event loop relays on one core. Worker i
+    # serves its metrics on the metrics port + i; limits and measured speeds are per process.
+    workers: int = 1
+    # "uvloop" (libuv, where installed) or "asyncio" (the standard loop).
+    event_loop: str = "uvloop"
     ollama_host: str = DEFAULT_OLLAMA_HOST
     # Start the embedded llama.cpp backend in-process and route to it instead of Ollama.
     embedded: bool = False
@@ -228,7 +233,9 @@ def _validate(settings: Settings) -> None:
     if settings.max_prompt_bytes >= settings.max_message_bytes:
         raise ConfigError(f"setting max_prompt_bytes ({settings.max_prompt_bytes}) must be below max_message_bytes "
                           f"({settings.max_message_bytes}), or a long prompt is refused without saying why")
-    for name in ("max_in_flight", "max_in_flight_per_family", "num_ctx", "num_predict_default"):
+    if settings.event_loop not in ("uvloop", "asyncio"):
+        raise ConfigError(f"setting event_loop must be uvloop or asyncio, got {settings.event_loop!r}")
+    for name in ("workers", "max_in_flight", "max_in_flight_per_family", "num_ctx", "num_predict_default"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"setting {name} must be positive, got {getattr(settings, name)}")
     if not 0 < settings.ewma_alpha <= 1:

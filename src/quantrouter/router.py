@@ -265,9 +265,13 @@ class Router:
 
     async def _forward(self, variant: VariantInfo, job: Job, work: _Work,
                        cold: bool) -> AsyncIterator[str | Completion]:
+        """Relay one variant's stream. Residency changes only when a stream loads a model (and may evict
+        others) or fails, so only those ask the inventory for an early `/api/ps`: one per request would put
+        a backend call and a catalog rebuild behind every warm stream."""
         tag = variant.tag
         self._in_flight_tags[tag] += 1
         self._work.add(work)
+        failed = True
         try:
             stream = (self.backend.chat(tag, job.messages, job.options, job.format) if job.chat
                       else self.backend.generate(tag, job.prompt, job.system, job.options, job.format))
@@ -276,8 +280,9 @@ class Router:
                     if isinstance(item, Final):
                         yield self._finish(variant, item, cold)
                     else:
-                        work.streamed += 1  # a chunk is about a token
-                        yield item
+                        work.streamed += item.chunks  # a chunk is about a token
+                        yield item.text
+            failed = False
         except BackendError as error:
             if not isinstance(error, _NOT_THE_VARIANTS_FAULT) and self.breaker.failure(tag, self._clock()):
                 self.metrics.breaker_trips.labels(self.family_label(variant.family), tag).inc()
@@ -285,7 +290,8 @@ class Router:
         finally:
             self._in_flight_tags[tag] -= 1
             self._work.discard(work)
-            self.inventory.poke()
+            if cold or failed:
+                self.inventory.poke()
 
     def _finish(self, variant: VariantInfo, final: Final, cold: bool) -> Completion:
         self.breaker.success(variant.tag)

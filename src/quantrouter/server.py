@@ -1,7 +1,8 @@
 """Assembly: the grpc.aio server with health, reflection, interceptors, the metrics port and signals.
 
 `start()` builds and starts everything and returns a `RunningServer` holding the bound ports, so tests
-bind port 0 and read the real port back; `serve()` runs until SIGTERM/SIGINT. Shutdown follows the
+bind port 0 and read the real port back; `serve()` runs until SIGTERM/SIGINT; `serve_processes()` runs
+it on uvloop, in `workers` processes sharing one port when asked. Shutdown follows the
 grpc aio example: health → NOT_SERVING, stop accepting, let streams drain for the grace period,
 then cancel the background tasks and close the backend.
 """
@@ -10,8 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import multiprocessing
+import multiprocessing.connection
+import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -39,7 +45,8 @@ from quantrouter.tls import server_credentials
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
 
-__all__ = ["Listening", "RunningServer", "Stoppable", "describe", "listen", "run_in_thread", "serve", "start"]
+__all__ = ["Listening", "RunningServer", "Stoppable", "configure_logging", "describe", "listen", "run_in_thread",
+           "serve", "serve_processes", "start"]
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +279,87 @@ async def serve(settings: Settings, starter: Callable[[Settings], Awaitable[Stop
             with contextlib.suppress(ValueError, RuntimeError):
                 loop.remove_signal_handler(sig)
     return 0
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level != "debug":  # one line per backend call would bury everything else
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop (libuv) where installed and asked for, else asyncio's own loop."""
+    if name == "uvloop":
+        with contextlib.suppress(ImportError):
+            import uvloop
+            return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
+Starter = Callable[[Settings], Awaitable[Stoppable]]
+
+
+def _serve_on_new_loop(settings: Settings, starter: Starter | None) -> int:
+    with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
+        return runner.run(serve(settings, starter))
+
+
+def _worker(settings: Settings, starter: Starter | None) -> None:
+    """One of `serve_processes`' workers: its own process group, so a terminal's Ctrl-C reaches only the
+    parent, which passes each signal on once."""
+    os.setpgrp()
+    configure_logging(settings.log_level)
+    raise SystemExit(_serve_on_new_loop(settings, starter))
+
+
+def _reserved_port(host: str) -> socket.socket:
+    """A port for the workers when the address asks for any (port 0): bound with SO_REUSEPORT, never listening,
+    held until they exit so nothing else takes it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    reserved = socket.socket(family, socket.SOCK_STREAM)
+    reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    reserved.bind((host, 0))
+    return reserved
+
+
+def serve_processes(settings: Settings, starter: Starter | None = None) -> int:
+    """Serve on this process, or with `workers` > 1 on that many, all bound to one gRPC port: grpc sets
+    SO_REUSEPORT on Linux (its `grpc.so_reuseport` default), so the kernel spreads connections over them.
+    Worker i serves metrics on the metrics port + i. Returns the worst exit status."""
+    if settings.workers == 1:
+        return _serve_on_new_loop(settings, starter)
+    if settings.embedded:
+        raise ConfigError("--workers runs several router processes; with --embedded each would start its own "
+                          "backend. Run `quantrouter embedded serve` and point --ollama-host at it")
+    host, port = _split_address(settings.grpc_address)
+    with contextlib.ExitStack() as stack:
+        if port == 0:
+            port = stack.enter_context(_reserved_port(host)).getsockname()[1]
+        grpc_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        metrics_host, metrics_port = _split_address(settings.metrics_address)
+        context = multiprocessing.get_context("spawn")  # grpc's core does not survive fork
+        workers = [context.Process(target=_worker, name=f"quantrouter-worker-{i}", args=(dataclasses.replace(
+            settings, grpc_address=grpc_address, workers=1,
+            metrics_address=f"{metrics_host}:{metrics_port + i if metrics_port else 0}"), starter))
+            for i in range(settings.workers)]
+        for worker in workers:
+            worker.start()
+
+        def pass_on(signum: int, frame: object) -> None:
+            for worker in workers:
+                if worker.pid is not None and worker.exitcode is None:
+                    os.kill(worker.pid, signum)
+
+        previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            multiprocessing.connection.wait([worker.sentinel for worker in workers])
+            pass_on(signal.SIGTERM, None)  # one worker ended (a signal, or a failure): the rest follow
+            for worker in workers:
+                worker.join()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    return max(worker.exitcode or 0 for worker in workers)
 
 
 def describe(running: RunningServer) -> str:

@@ -52,6 +52,8 @@ def test_cache_dir_follows_xdg() -> None:
     ({"QUANTROUTER_DEFAULT_MIN_QUANTIZATION": "Q9_X"}, "default_min_quantization: unknown quantization"),
     ({"QUANTROUTER_LOAD_FRACTION": "1.5"}, "load_fraction must be in"),
     ({"QUANTROUTER_TLS_CERT": "/a.pem"}, "tls_cert and tls_key go together"),
+    ({"QUANTROUTER_WORKERS": "0"}, "setting workers must be positive"),
+    ({"QUANTROUTER_EVENT_LOOP": "trio"}, "setting event_loop must be uvloop or asyncio"),
 ])
 def test_bad_values_name_the_setting(environ: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

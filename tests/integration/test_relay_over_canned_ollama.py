@@ -1,0 +1,179 @@
+"""The relay against a real Ollama-protocol server over HTTP: the benchmark fixture bench.fixtures.canned_ollama,
+which streams canned text as fast as asked (a stand-in for a model: the relay is what is tested here).
+
+Proves: chunks that reached the router together leave as one piece (what makes one gRPC message carry many
+tokens under load), the text and Ollama's final figures survive the batching for generate and chat, one
+connection serves consecutive streams, and
+`quantrouter serve --workers 2` runs two router processes that share one gRPC port and both take calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from bench.fixtures.canned_ollama import CANNED_TEXT, FAMILY, VARIANTS, serve
+
+from quantrouter.backend import Final, OllamaBackend, Text
+from quantrouter.v1 import router_service_pb2 as pb
+from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
+
+TAG = VARIANTS[-1].tag
+TOKENS = 64
+WORKERS = 2
+CONNECTIONS = 16  # the kernel spreads connections over the workers: all on one has odds 2 ** -15
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+
+
+def expected_text(tokens: int) -> str:
+    return "".join(CANNED_TEXT[i % len(CANNED_TEXT)] for i in range(tokens))
+
+
+@pytest.fixture
+async def canned() -> AsyncIterator[str]:
+    runner, url = await serve()
+    try:
+        yield url
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def backend(canned: str) -> AsyncIterator[OllamaBackend]:
+    client = OllamaBackend(canned, connect_timeout=5.0, read_timeout=30.0, keep_alive="5m")
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def test_chunks_that_arrived_together_are_relayed_as_one_piece(backend: OllamaBackend) -> None:
+    """The consumer pauses after the first piece; everything the fixture writes meanwhile comes as few pieces."""
+    pieces: list[str] = []
+    finals: list[Final] = []
+    stream = backend.generate(TAG, "Why is the sky blue?", "", {"num_predict": TOKENS})
+    async for item in stream:
+        if isinstance(item, Final):
+            finals.append(item)
+            continue
+        pieces.append(item.text)
+        if len(pieces) == 1:
+            await asyncio.sleep(0.5)  # the unpaced fixture writes all 64 chunks (≈ 8 KiB) by then
+    assert "".join(pieces) == expected_text(TOKENS)
+    assert 2 <= len(pieces) <= 4, pieces  # one token first, then the rest in a read or three, not 63 messages
+    assert len(finals) == 1 and finals[0].eval_count == TOKENS and finals[0].done_reason == "length"
+    assert finals[0].eval_duration > 0 and finals[0].total_duration >= finals[0].eval_duration
+
+
+async def test_chat_text_and_final_figures_survive_the_batching(backend: OllamaBackend) -> None:
+    items = [item async for item in backend.chat(TAG, [{"role": "user", "content": "Hi"}], {"num_predict": 7})]
+    *texts, final = items
+    assert "".join(t.text for t in texts if isinstance(t, Text)) == expected_text(7)
+    assert sum(t.chunks for t in texts if isinstance(t, Text)) == 7  # one chunk a token, however they were joined
+    assert isinstance(final, Final) and final.eval_count == 7 and final.prompt_eval_count >= 1
+
+
+def connections_to(port: int) -> int:
+    """TCP connections (any state, TIME_WAIT included) to a loopback port, from /proc/net/tcp (proc(5))."""
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for row in rows if row.split()[2].endswith(f":{port:04X}"))
+
+
+async def test_consecutive_streams_reuse_one_connection(canned: str, backend: OllamaBackend) -> None:
+    """The relay reads each body to its end after the final chunk, so the pool keeps the connection: a new
+    TCP connection per request would put a connect and an accept in every time to first token."""
+    for _ in range(10):
+        items = [item async for item in backend.generate(TAG, "Hi", "", {"num_predict": 2})]
+        assert isinstance(items[-1], Final)
+    assert connections_to(int(canned.rsplit(":", 1)[1])) == 1
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def metrics_total(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def canned_process(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    log = tmp_path / "canned.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "bench.fixtures.canned_ollama", "--port", "0"], stdout=out)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not log.read_text().strip():
+        assert process.poll() is None and time.monotonic() < deadline, "the canned backend did not start"
+        time.sleep(0.05)
+    return process, log.read_text().strip()
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int]]:
+    """`quantrouter serve --workers 2` on a port of its own choosing, in front of the canned backend."""
+    canned, url = canned_process(tmp_path)
+    metrics_port = free_port()
+    log = tmp_path / "router.log"
+    with log.open("wb") as out:
+        router = subprocess.Popen(
+            [sys.executable, "-m", "quantrouter.cli", "serve", "--workers", str(WORKERS), "--ollama-host", url,
+             "--grpc-address", "127.0.0.1:0", "--metrics-address", f"127.0.0.1:{metrics_port}",
+             "--memory-capacity", "80GiB"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while len(lines := [line for line in log.read_text().splitlines() if "quantrouter serving on port" in line]
+                  ) < WORKERS:
+            assert router.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.05)
+        ports = {line.split("serving on port ")[1].split()[0] for line in lines}
+        assert len(ports) == 1, f"the workers serve on different ports: {ports}"
+        yield router, int(ports.pop()), metrics_port
+    finally:
+        router.send_signal(signal.SIGTERM)
+        router.wait(STOP_TIMEOUT_S)
+        canned.terminate()
+        canned.wait(STOP_TIMEOUT_S)
+
+
+def test_workers_share_one_port_and_both_take_calls(workers: tuple[subprocess.Popen[bytes], int, int]) -> None:
+    router, port, metrics_port = workers
+    request = pb.GenerateRequest(model=FAMILY, prompt="Hi", options=pb.GenerationOptions(num_predict=4))
+    for _ in range(CONNECTIONS):  # a channel each: a new TCP connection, which the kernel places on a worker
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            responses = list(pb_grpc.RouterServiceStub(channel).Generate(request, timeout=30))
+            assert responses[-1].completion.generated_tokens == 4
+    served = [metrics_total(metrics_port + i, "quantrouter_requests_total") for i in range(WORKERS)]
+    assert sum(served) == CONNECTIONS and all(served), served
+    router.send_signal(signal.SIGTERM)
+    assert router.wait(STOP_TIMEOUT_S) == 0
+    assert not [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                if Path(f"/proc/{pid}/stat").exists() and _parent_of(pid) == router.pid]
+
+
+def _parent_of(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+
+
+def test_workers_refuse_the_embedded_backend() -> None:
+    result = subprocess.run([sys.executable, "-m", "quantrouter.cli", "serve", "--workers", "2", "--embedded"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--workers" in result.stderr and "quantrouter embedded serve" in result.stderr
+
