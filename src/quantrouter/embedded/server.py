@@ -9,12 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from types import TracebackType
@@ -23,8 +22,9 @@ from typing import Any
 from aiohttp import web
 
 from quantrouter.background import service_in_thread
-from quantrouter.embedded import engine, wire
+from quantrouter.embedded import engine, openai, wire
 from quantrouter.embedded.errors import BadRequestError, EmbeddedError, ModelNotFoundError
+from quantrouter.embedded.exchange import Exchange
 from quantrouter.embedded.ladder import prepare_ladder
 from quantrouter.embedded.registry import ModelEntry, Registry
 from quantrouter.embedded.scheduler import ResidentModel, Scheduler, parse_keep_alive
@@ -37,7 +37,6 @@ _log = logging.getLogger(__name__)
 OLLAMA_API_VERSION = "0.32.15"
 # `GET /` body, verbatim from `server/routes.go`; clients use it as the liveness probe.
 ROOT_TEXT = "Ollama is running"
-NDJSON = "application/x-ndjson"
 DEFAULT_MAX_QUEUE = 8
 DEFAULT_THREADS = 2
 DEFAULT_NUM_CTX = 2048
@@ -63,21 +62,6 @@ class EmbeddedConfig:
     n_threads: int = DEFAULT_THREADS
     default_num_ctx: int = DEFAULT_NUM_CTX
     default_keep_alive: str = DEFAULT_KEEP_ALIVE
-
-
-@dataclass(eq=False)
-class _Exchange:
-    """One generate/chat request in flight: where its text goes and how the client is doing."""
-
-    request: web.Request
-    stream: bool
-    started_ns: int
-    response: web.StreamResponse | None = None
-    texts: list[str] = field(default_factory=list)
-
-    @property
-    def client_gone(self) -> bool:
-        return self.request.transport is None or self.request.transport.is_closing()
 
 
 class EmbeddedServer:
@@ -133,6 +117,7 @@ class EmbeddedServer:
             web.post("/api/generate", self._generate),
             web.post("/api/chat", self._chat),
             web.delete("/api/delete", self._delete),
+            *openai.routes(self),
         ])
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await self._runner.setup()
@@ -171,7 +156,7 @@ class EmbeddedServer:
 
     async def _show(self, request: web.Request) -> web.Response:
         data = wire.parse_body(await request.read())
-        entry = self._entry(wire.require_model(data))
+        entry = self.entry(wire.require_model(data))
         verbose = bool(data.get("verbose"))
         model_info = await asyncio.to_thread(entry.info.model_info, verbose=verbose)
         return web.json_response({
@@ -187,21 +172,21 @@ class EmbeddedServer:
 
     async def _delete(self, request: web.Request) -> web.Response:
         """`DELETE /api/delete`: the tag leaves `/api/tags` at once, and memory once its request ends."""
-        entry = self._entry(wire.require_model(wire.parse_body(await request.read())))
+        entry = self.entry(wire.require_model(wire.parse_body(await request.read())))
         self._registry.remove(entry.name)
         await self._scheduler.unload(entry)
         return web.Response()
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         data = wire.parse_body(await request.read())
-        entry = self._entry(wire.require_model(data))
+        entry = self.entry(wire.require_model(data))
         prompt = data.get("prompt") or ""
         if not isinstance(prompt, str):
             raise BadRequestError("prompt must be a string")
         # A model imported without a template gets Ollama's plain-prompt default, so a base model
         # like the PyPI Gemma GGUF continues the text instead of imitating a chat it was not tuned for.
         raw = bool(data.get("raw")) or entry.info.chat_template is None
-        messages = [] if raw else _generate_messages(data.get("system"), prompt)
+        messages = [] if raw else wire.prompt_messages(data.get("system"), prompt)
         system = data.get("system")
         raw_prompt = f"{system}\n\n{prompt}" if raw and isinstance(system, str) and system and prompt else prompt
 
@@ -213,7 +198,7 @@ class EmbeddedServer:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         data = wire.parse_body(await request.read())
-        entry = self._entry(wire.require_model(data))
+        entry = self.entry(wire.require_model(data))
         messages = data.get("messages") or []
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise BadRequestError("messages must be an array of objects")
@@ -231,14 +216,17 @@ class EmbeddedServer:
 
         Only /api/generate returns the (deprecated) token `context`.
         """
-        exchange = _Exchange(request, stream=data.get("stream", True) is not False,
-                             started_ns=time.perf_counter_ns())
+        exchange = Exchange(request, stream=data.get("stream", True) is not False,
+                            started_ns=time.perf_counter_ns())
         options = wire.parse_options(data, entry, self.config.default_num_ctx)
         base = {"model": entry.name}
         if not raw_prompt and not messages:
             return await self._load_or_unload(entry, options, base, shape)
-        async with self._scheduler.acquire(entry, options.num_ctx, options.keep_alive) as lease:
-            result = await self._run(exchange, lease.model, entry, raw_prompt, messages, options, base, shape)
+
+        def piece(text: str) -> dict[str, Any]:
+            return {**base, "created_at": wire.now_rfc3339(), **shape(text), "done": False}
+
+        result, load_ns = await self.generate(exchange, entry, raw_prompt, messages, options, piece)
         if result is None:
             return exchange.response or web.Response(status=HTTPStatus.NO_CONTENT)
         final = {**base, "created_at": wire.now_rfc3339(),
@@ -246,10 +234,10 @@ class EmbeddedServer:
                  "done": True, "done_reason": result.done_reason,
                  **({"context": list(result.context)} if with_context else {}),
                  **wire.final_metrics(result, time.perf_counter_ns() - exchange.started_ns,
-                                      lease.load_duration_ns)}
+                                      load_ns)}
         if not exchange.stream:
             return web.json_response(final)
-        await _send(exchange, final)
+        await exchange.send(final)
         assert exchange.response is not None
         await exchange.response.write_eof()
         return exchange.response
@@ -266,9 +254,18 @@ class EmbeddedServer:
         return web.json_response({**base, "created_at": wire.now_rfc3339(), **shape(""), "done": True,
                                   "done_reason": reason})
 
-    async def _run(self, exchange: _Exchange, model: Any, entry: ModelEntry, raw_prompt: str,
-                   messages: list[dict[str, str]], options: wire.RequestOptions, base: dict[str, Any],
-                   shape: Callable[[str], dict[str, Any]]) -> engine.GenerationResult | None:
+    async def generate(self, exchange: Exchange, entry: ModelEntry, raw_prompt: str, messages: list[dict[str, str]],
+                       options: wire.RequestOptions, piece: Callable[[str], dict[str, Any]],
+                       ) -> tuple[engine.GenerationResult | None, int]:
+        """Generate on `entry`, streaming each text as `piece(text)` when the exchange streams; the result
+        (None when the client left) and the load time in ns. The HTTP APIs differ only in their shapes."""
+        async with self._scheduler.acquire(entry, options.num_ctx, options.keep_alive) as lease:
+            result = await self._run(exchange, lease.model, entry, raw_prompt, messages, options, piece)
+        return result, lease.load_duration_ns
+
+    async def _run(self, exchange: Exchange, model: Any, entry: ModelEntry, raw_prompt: str,
+                   messages: list[dict[str, str]], options: wire.RequestOptions,
+                   piece: Callable[[str], dict[str, Any]]) -> engine.GenerationResult | None:
         """Stream tokens from the worker thread to the client; None when the client went away."""
         prompt = raw_prompt
         if messages:
@@ -291,13 +288,12 @@ class EmbeddedServer:
                     return None
                 exchange.texts.append(text)
                 if exchange.stream:
-                    await _send(exchange, {**base, "created_at": wire.now_rfc3339(), **shape(text),
-                                           "done": False})
+                    await exchange.send(piece(text))
             return await worker
         except EmbeddedError as error:
             if exchange.response is None:
                 raise
-            await _send(exchange, {"error": error.message})  # mid-stream: the status is already sent
+            await exchange.send({"error": error.message})  # mid-stream: the status is already sent
             return None
         except ConnectionResetError:
             return None
@@ -306,31 +302,16 @@ class EmbeddedServer:
             with contextlib.suppress(Exception):
                 await asyncio.shield(worker)  # the model stays ours until its thread lets go
 
-    def _entry(self, name: str) -> ModelEntry:
+    def entry(self, name: str) -> ModelEntry:
+        """The served model of this name, or 404."""
         entry = self._registry.get(name)
         if entry is None:
             raise ModelNotFoundError(name)
         return entry
 
 
-def _generate_messages(system: object, prompt: str) -> list[dict[str, str]]:
-    """/api/generate runs the prompt through the model's template as one user turn, unless `raw`."""
-    if not prompt:
-        return []
-    turns = [{"role": "system", "content": system}] if isinstance(system, str) and system else []
-    return [*turns, {"role": "user", "content": prompt}]
-
-
 def _load(entry: ModelEntry, num_ctx: int, *, n_threads: int) -> Any:
     return engine.load_model(entry, num_ctx, n_threads)
-
-
-async def _send(exchange: _Exchange, chunk: dict[str, Any]) -> None:
-    """One NDJSON line; the response starts (status 200) with the first one."""
-    if exchange.response is None:
-        exchange.response = web.StreamResponse(headers={"Content-Type": NDJSON})
-        await exchange.response.prepare(exchange.request)
-    await exchange.response.write(json.dumps(chunk).encode() + b"\n")
 
 
 @web.middleware

@@ -24,6 +24,7 @@ __all__ = [
     "now_rfc3339",
     "parse_body",
     "parse_options",
+    "prompt_messages",
     "ps_entry",
     "require_model",
 ]
@@ -117,6 +118,14 @@ def _number(key: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadRequestError(f'option "{key}" must be of type number')
     return value
+
+
+def prompt_messages(system: object, prompt: str) -> list[dict[str, str]]:
+    """/api/generate runs the prompt through the model's template as one user turn, unless `raw`."""
+    if not prompt:
+        return []
+    turns = [{"role": "system", "content": system}] if isinstance(system, str) and system else []
+    return [*turns, {"role": "user", "content": prompt}]
 
 
 def now_rfc3339() -> str:
