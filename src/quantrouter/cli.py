@@ -127,6 +127,29 @@ def build_parser() -> argparse.ArgumentParser:
     _fleet_flags(serve_parser)
     serve_parser.set_defaults(func=_serve)
 
+    epp = commands.add_parser(
+        "epp", help="run the Endpoint Picker for Envoy / the Gateway API Inference Extension",
+        description="Serve Envoy's ext_proc (envoy.service.ext_proc.v3) on the gRPC address: for each HTTP request "
+        "to /api/generate, /api/chat, /v1/chat/completions or /v1/completions, pick the node and the quantization "
+        "variant from the node routers' capacity reports, rewrite the body's model to that variant and tell Envoy "
+        "where to send it (x-gateway-destination-endpoint). The caller's preference comes from the "
+        "x-quantrouter-preference header or a +quality / +balanced / +latency suffix on the model. "
+        "Needs the gateway extra.")
+    _settings_flags(epp)
+    _fleet_flags(epp)
+    group = epp.add_argument_group("endpoint picker")
+    group.add_argument("--endpoint", dest="endpoints", action="append", metavar="NAME=HOST:PORT",
+                       help="the model server (Ollama) of node NAME, where Envoy sends its requests; repeatable "
+                            "(default: the node router's host at --endpoint-port)")
+    group.add_argument("--endpoint-port", dest="endpoint_port", type=int,
+                       help="the model servers' port beside each node router (default 11434, Ollama's)")
+    group.add_argument("--fallbacks", type=int,
+                       help="nodes after the picked one the proxy may try, in order (default 0: Envoy's ORIGINAL_DST "
+                            "cluster takes one address; its override_host policy and GIE gateways take a list)")
+    group.add_argument("--max-in-flight", dest="max_in_flight", type=int,
+                       help="streams in flight through the picker before it sheds with 429 (default 256)")
+    epp.set_defaults(func=_epp)
+
     demo = commands.add_parser("demo", help="start everything on the embedded backend and show routing at work",
                                description="Builds the model ladder if needed, starts the embedded llama.cpp "
                                            "backend and the router, sends requests with each preference and "
@@ -187,6 +210,16 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         from quantrouter.fleet.server import start_fleet
         return serve_processes(settings, start_fleet)
     return serve_processes(settings)
+
+
+def _epp(args: argparse.Namespace, settings: Settings) -> int:
+    if not (settings.nodes or settings.discover):
+        raise ConfigError("the picker routes across node routers: give --node NAME=HOST:PORT or --discover")
+    try:
+        from quantrouter.gateway.server import start_epp
+    except ImportError as error:
+        return _needs_extra("gateway", f"{error.name} is missing")
+    return asyncio.run(serve(settings, start_epp))
 
 
 def _constraints(args: argparse.Namespace) -> Constraints:

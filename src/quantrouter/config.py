@@ -107,6 +107,13 @@ class Settings:
     node_stale_after: float = 5.0
     # The bearer token the fleet presents to node routers that require one (their auth_token).
     node_auth_token: str = ""
+    # Endpoint Picker (`quantrouter epp`): each node's model server (name → host:port) for Envoy to send
+    # requests to; a node not listed is reached on its node router's host at `endpoint_port` (Ollama's).
+    endpoints: Mapping[str, str] = field(default_factory=dict)
+    endpoint_port: int = 11434
+    # Nodes after the picked one that the proxy may try, in order, for the same variant. Envoy's ORIGINAL_DST
+    # cluster takes one address only, so the default sends one; its override_host policy takes a list.
+    fallbacks: int = 0
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -159,7 +166,7 @@ def _convert(name: str, value: Any, default: Any) -> Any:
             return parse_bytes(value)
         if name in _DURATION_FIELDS:
             return parse_duration(value)
-        if name in ("aliases", "nodes"):
+        if name in ("aliases", "nodes", "endpoints"):
             if isinstance(value, str):
                 value = [item for item in value.split(",") if item.strip()]
             if isinstance(value, list | tuple):
@@ -253,6 +260,9 @@ def _validate(settings: Settings) -> None:
     if not 0 < settings.node_report_interval < settings.node_stale_after:
         raise ConfigError(f"setting node_stale_after ({settings.node_stale_after} s) must exceed "
                           f"node_report_interval ({settings.node_report_interval} s), which must be positive")
+    if settings.fallbacks < 0 or not 0 < settings.endpoint_port < 65536:
+        raise ConfigError(f"setting fallbacks ({settings.fallbacks}) must be ≥ 0 and endpoint_port "
+                          f"({settings.endpoint_port}) a TCP port")
     if settings.default_min_quantization:
         try:
             parse_quantization(settings.default_min_quantization)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,7 +71,16 @@ class FleetServer:
         log.info("fleet router closed")
 
 
-async def start_fleet(settings: Settings, registry: CollectorRegistry | None = None) -> FleetServer:
+# More services on the fleet router's gRPC server, given its router and registry (the Endpoint Picker's).
+AddServicers = Callable[[FleetRouter, CollectorRegistry, grpc.aio.Server], None]
+
+
+def _no_more(router: FleetRouter, registry: CollectorRegistry, server: grpc.aio.Server) -> None:
+    pass
+
+
+async def start_fleet(settings: Settings, registry: CollectorRegistry | None = None,
+                      add_servicers: AddServicers = _no_more) -> FleetServer:
     """Build and start a fleet router over `settings.nodes` (or what `settings.discover` finds)."""
     registry = registry if registry is not None else CollectorRegistry()
     stack = AsyncExitStack()
@@ -94,8 +103,12 @@ async def start_fleet(settings: Settings, registry: CollectorRegistry | None = N
                                                                 settings.upgrade_hysteresis, settings.load_fraction))
         running: FleetServer | None = None
         servicer = FleetService(router, settings, lambda: running is not None and running.draining)
-        listening = listen(settings, metrics,
-                           lambda server: pb_grpc.add_RouterServiceServicer_to_server(servicer, server), stack)
+
+        def add(server: grpc.aio.Server) -> None:
+            pb_grpc.add_RouterServiceServicer_to_server(servicer, server)
+            add_servicers(router, registry, server)
+
+        listening = listen(settings, metrics, add, stack)
         tasks: list[asyncio.Task[None]] = []
         if settings.discover:
             from quantrouter.fleet.discovery import follow_service
