@@ -152,9 +152,8 @@ def envoy(name: str, config: dict[str, object], logs: Path) -> contextlib.Abstra
 def write_results(rows: list[dict[str, object]], pick: tuple[float, float, int], started: datetime,
                   elapsed_s: float) -> None:
     one = {row["arm"]: row for row in rows if row["streams"] == 1}
-    added_p50 = float(one[PICKER]["p50"]) - float(one[ROUND_ROBIN]["p50"])  # type: ignore[arg-type]
-    added_p99 = float(one[PICKER]["p99"]) - float(one[ROUND_ROBIN]["p99"])  # type: ignore[arg-type]
-    envoy_p50 = float(one[ROUND_ROBIN]["p50"]) - float(one[DIRECT]["p50"])  # type: ignore[arg-type]
+    added_p50, added_p99 = float(one[PICKER]["vs_rr_p50"]), float(one[PICKER]["vs_rr_p99"])  # type: ignore[arg-type]
+    envoy_p50 = float(one[ROUND_ROBIN]["vs_direct"])  # type: ignore[arg-type]
     verdict = "within" if added_p50 <= GOAL_MS else "over"
     lines = [
         "# Gateway: Envoy + the Endpoint Picker vs Envoy round-robin vs direct", "",

@@ -51,6 +51,7 @@ REASON_HEADER = "x-quantrouter-reason"
 # Header values stay short and printable ASCII whatever the reason's wording.
 MAX_REASON_CHARS = 300
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+_ASCII = str.maketrans({"≈": "~", "≥": ">=", "≤": "<=", "×": "x", "→": "->", "−": "-", "…": "..."})
 # The tail of a response kept to read an Ollama final chunk's eval_count / eval_duration.
 RESPONSE_TAIL_BYTES = 4096
 
@@ -244,7 +245,7 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         if pick is not None:
             fallback = node is not None and node != pick.node
             self._metrics.served.labels(exchange.node, pick.tag, str(fallback).lower()).inc()
-            reason = _UNPRINTABLE.sub("?", pick.decision.reason)[:MAX_REASON_CHARS]
+            reason = _UNPRINTABLE.sub("?", pick.decision.reason.translate(_ASCII))[:MAX_REASON_CHARS]
             headers = {VARIANT_HEADER: pick.tag, NODE_HEADER: exchange.node, REASON_HEADER: reason}
         return ext.ProcessingResponse(response_headers=ext.HeadersResponse(
             response=ext.CommonResponse(header_mutation=_set(headers))))
