@@ -26,12 +26,12 @@ from prometheus_client import CollectorRegistry
 
 from quantrouter.background import service_in_thread
 from quantrouter.config import Settings, load_settings
-from quantrouter.embedded import EmbeddedConfig, LadderEntry, run_embedded_in_thread
 from quantrouter.fleet.server import FleetServer
 from quantrouter.gateway.envoy import envoy_config
 from quantrouter.gateway.server import epp_in_thread
-from quantrouter.server import run_in_thread
-from tests.fleet.conftest import BUDGETS, NUM_CTX, REPORT_INTERVAL_S, STALE_AFTER_S, Node, node_settings, wait_for
+from tests.fleet.conftest import NUM_CTX, REPORT_INTERVAL_S, STALE_AFTER_S, Node, nodes, wait_for
+
+__all__ = ["nodes"]  # the fleet tests' fixture, used here too
 
 # The picker sheds above this many streams in flight, so a test can reach it with two open streams.
 PICKER_MAX_IN_FLIGHT = 2
@@ -175,16 +175,10 @@ def open_gateway(nodes: dict[str, Node], endpoints: dict[str, str], doorway: Doo
 
 
 @pytest.fixture(scope="session")
-def gateway_parts(ladder: list[LadderEntry], cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
+def gateway_parts(nodes: dict[str, Node], tmp_path_factory: pytest.TempPathFactory
                   ) -> Iterator[tuple[dict[str, Node], dict[str, str], Doorway, Path]]:
-    """Three nodes, the large one's model server behind a doorway the tests can shut."""
+    """The fleet tests' three nodes, the large one's model server behind a doorway the tests can shut."""
     with contextlib.ExitStack() as stack:
-        nodes = {}
-        for name, budget in BUDGETS.items():
-            backend = stack.enter_context(run_embedded_in_thread(EmbeddedConfig(cache_dir=cache_dir,
-                                                                                memory_budget_bytes=budget)))
-            router = stack.enter_context(run_in_thread(node_settings(backend), CollectorRegistry()))
-            nodes[name] = Node(backend, router)
         doorway = Doorway(nodes["large"].backend.port)
 
         async def opened() -> Doorway:
