@@ -38,7 +38,8 @@ def test_parameter_size_matches_ollama_human_number(count: int, text: str) -> No
 
 def test_all_lists_exactly_the_public_names() -> None:
     public = {name for name in vars(embedded) if not name.startswith("_")}
-    modules = {"cli", "engine", "errors", "gguf_info", "ladder", "registry", "scheduler", "server", "wire"}
+    modules = {"cli", "engine", "errors", "exchange", "gguf_info", "ladder", "openai", "registry", "scheduler",
+               "server", "wire"}
     assert set(embedded.__all__) == public - modules
 
 
