@@ -219,7 +219,7 @@ def _epp(args: argparse.Namespace, settings: Settings) -> int:
         from quantrouter.gateway.server import start_epp
     except ImportError as error:
         return _needs_extra("gateway", f"{error.name} is missing")
-    return asyncio.run(serve(settings, start_epp))
+    return serve_processes(settings, start_epp)
 
 
 def _constraints(args: argparse.Namespace) -> Constraints:
