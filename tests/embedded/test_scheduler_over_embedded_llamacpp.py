@@ -86,7 +86,7 @@ def test_eviction_is_least_recently_used(small_server: EmbeddedServer) -> None:
 
 def test_a_load_that_can_never_fit_is_a_500(small_server: EmbeddedServer) -> None:
     with ollama.Client(host=small_server.url) as client, pytest.raises(ollama.ResponseError) as raised:
-        client.generate(model="gemma3:270m-f16", prompt="Hi", options={"num_ctx": 32768})
+        client.generate(model="gemma3:270m-f16", prompt="Hi", options={"num_ctx": 65536})
     assert raised.value.status_code == 500
     assert "memory budget" in raised.value.error
 

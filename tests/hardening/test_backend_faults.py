@@ -45,8 +45,9 @@ TIMEOUT_S = 30.0
 # "Fast" for a refused or broken backend: well under any client deadline worth setting.
 FAST_S = 2.0
 RECOVERY_TIMEOUT_S = 20.0
-# Fits every quantized variant but never F16 (517 MiB weights): the backend refuses to load it.
-SMALL_BUDGET = 450 * MiB
+# Fits every quantized variant (Q8_0 ≈ 863 MiB at num_ctx 4096, compute graph included) but never F16
+# (≈ 1103 MiB): the backend refuses to load it.
+SMALL_BUDGET = 1000 * MiB
 F16 = f"{FAMILY}-f16"
 Q8 = f"{FAMILY}-q8_0"
 Q4 = f"{FAMILY}-q4_0"
@@ -196,7 +197,7 @@ def test_backend_busy_is_resource_exhausted_with_retry_info(busy_backend: Embedd
 
 @pytest.fixture
 def overpromised(ladder: list[object], cache_dir: Path) -> Iterator[RunningServer]:
-    """A router told of 4 GiB in front of a backend with 450 MiB: F16 is chosen and fails to load (500)."""
+    """A router told of 4 GiB in front of a backend with 1000 MiB: F16 is chosen and fails to load (500)."""
     with run_embedded_in_thread(EmbeddedConfig(cache_dir=cache_dir, memory_budget_bytes=SMALL_BUDGET)) as backend, \
             run_in_thread(router_settings(backend, memory_capacity=4 * GiB, breaker_failures=2,
                                           breaker_cooldown=600.0), CollectorRegistry()) as running:

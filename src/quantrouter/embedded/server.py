@@ -309,8 +309,9 @@ def _generate_messages(system: object, prompt: str) -> list[dict[str, str]]:
     return [*turns, {"role": "user", "content": prompt}]
 
 
-def _load(entry: ModelEntry, num_ctx: int, *, n_threads: int) -> Any:
-    return engine.load_model(entry, num_ctx, n_threads)
+def _load(entry: ModelEntry, num_ctx: int, *, n_threads: int) -> tuple[Any, int]:
+    loaded = engine.load_model(entry, num_ctx, n_threads)
+    return loaded.llama, loaded.allocation.total
 
 
 async def _send(exchange: _Exchange, chunk: dict[str, Any]) -> None:

@@ -96,7 +96,7 @@ def _candidate(item: pb.NodeVariant) -> CandidateInput:
     info = VariantInfo(v.tag, item.family, quant, v.size_bytes, v.parameter_count, arch, v.resident, v.vram_bytes)
     speed = SpeedEstimate(v.tokens_per_second, item.prompt_tokens_per_second, load, v.samples,
                           v.tokens_per_second_measured)
-    return CandidateInput(info, speed, v.quality, item.in_flight, item.breaker_open)
+    return CandidateInput(info, speed, v.quality, item.in_flight, item.breaker_open, quality_measured=v.quality_measured)
 
 
 def read_report(report: pb.NodeCapacity) -> NodeState:
