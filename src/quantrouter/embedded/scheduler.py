@@ -133,6 +133,9 @@ class Scheduler:
         self._waiters: list[asyncio.Future[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._charged: dict[tuple[str, int], int] = {}
+        # Since start: models loaded, and resident models unloaded to make room for another.
+        self.loads = 0
+        self.evictions = 0
 
     def free_bytes(self) -> int:
         """Budget not reserved by resident or loading models."""
@@ -207,9 +210,11 @@ class Scheduler:
         while need > self.free_bytes():
             victim = self._least_recently_used_idle()
             if victim is not None:
+                self.evictions += 1
                 await self._unload(victim)
             else:
                 await self._wait_for_change()
+        self.loads += 1
         runner = _Runner(entry, num_ctx, need, self._default_keep_alive)
         self._runners[entry.name] = runner  # reserve before the first await so others see it
         task = asyncio.ensure_future(asyncio.to_thread(self._loader, entry, num_ctx))
@@ -237,6 +242,7 @@ class Scheduler:
             victim = self._least_recently_used_idle(besides=loaded)
             if victim is None:
                 return
+            self.evictions += 1
             await self._unload(victim)
 
     def _adopt_abandoned_load(self, runner: _Runner, task: asyncio.Future[Any]) -> None:

@@ -111,6 +111,10 @@ class EmbeddedServer:
         """Memory budget not held by resident models: what a static-capacity memory source reads."""
         return self._scheduler.free_bytes()
 
+    def load_counts(self) -> tuple[int, int]:
+        """Models loaded since start, and how many resident ones were evicted to make room."""
+        return self._scheduler.loads, self._scheduler.evictions
+
     def resident(self) -> list[ResidentModel]:
         """Loaded models, as `/api/ps` lists them."""
         return self._scheduler.resident()

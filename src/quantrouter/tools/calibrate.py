@@ -37,7 +37,6 @@ from quantrouter.tools.quality import (
     OLLAMA_TOP_K,
     EvaluationText,
     compare_top_k,
-    evaluation_text,
     score_gguf_files,
     summarise,
 )
@@ -98,18 +97,19 @@ def calibration_of(per_prompt: Sequence[Sequence[tuple[VariantInfo, Run]]],
 
 async def calibrate(settings: Settings, family: str, path: Path, quants: Sequence[str] = (), *,
                     prompts: Sequence[str] = CALIBRATION_PROMPTS, num_predict: int = DEFAULT_NUM_PREDICT,
-                    seed: int = DEFAULT_SEED, host: str | None = None, quality: bool = False,
+                    seed: int = DEFAULT_SEED, host: str | None = None, quality: EvaluationText | None = None,
                     gguf_files: Mapping[str, Path] | None = None,
                     progress: ProgressFactory | None = None) -> Calibration:
     """Measure the family's variants (or those in `quants`, plus the reference) and write `path`.
 
-    With `quality`, `gguf_files` (tag → file, the embedded backend's) selects llama.cpp's logits;
-    without it the backend's logprobs are used. Nothing is written unless every measurement finished.
+    With `quality` (the evaluation text, usually `evaluation_text()`), `gguf_files` (tag → file, the
+    embedded backend's) selects llama.cpp's logits; without it the backend's logprobs are used.
+    Nothing is written unless every measurement finished.
     """
     name, variants = family_variants(await read_catalog(settings, host), family)
     reference = variants[0]
     chosen = (reference, *(v for v in select_quants(name, variants, quants) if v != reference))
-    text = evaluation_text() if quality else None
+    text = quality
     qualities: dict[str, MeasuredQuality] = {}
     if text is not None:
         steps = len(chosen) * len(text.entries)

@@ -31,6 +31,7 @@ from quantrouter.tools.errors import ToolError
 from quantrouter.tools.ladder import OLLAMA_QUANTIZE_TARGETS, build_embedded_ladder, build_ladder, format_ladder
 from quantrouter.tools.live import family_variants, read_backend
 from quantrouter.tools.measure import DEFAULT_SEED
+from quantrouter.tools.quality import evaluation_text
 from quantrouter.tools.recommend import (
     Recommendation,
     offline_candidates,
@@ -254,6 +255,7 @@ def _compare(args: argparse.Namespace, settings: Settings) -> int:
 def _calibrate(args: argparse.Namespace, settings: Settings) -> int:
     bars: list[Any] = []
     progress = None if args.quiet else functools.partial(_quality_bar, bars)
+    text = evaluation_text() if args.quality else None
     try:
         if settings.embedded:
             from quantrouter.embedded import EmbeddedConfig, run_embedded_in_thread
@@ -262,11 +264,11 @@ def _calibrate(args: argparse.Namespace, settings: Settings) -> int:
             with run_embedded_in_thread(config) as backend:
                 files = {entry.name: entry.path for entry in backend.registry}
                 result = asyncio.run(calibrate(settings, args.family, args.output, args.quants,
-                                               num_predict=args.num_predict, host=backend.url, quality=args.quality,
+                                               num_predict=args.num_predict, host=backend.url, quality=text,
                                                gguf_files=files, progress=progress))
         else:
             result = asyncio.run(calibrate(settings, args.family, args.output, args.quants,
-                                           num_predict=args.num_predict, quality=args.quality, progress=progress))
+                                           num_predict=args.num_predict, quality=text, progress=progress))
     finally:
         for bar in bars:
             bar.close()

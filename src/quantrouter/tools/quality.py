@@ -25,10 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Any
 
 from quantrouter.calibration import MeasuredQuality
 from quantrouter.tools.errors import ToolError
@@ -43,6 +40,7 @@ __all__ = [
     "compare_top_k",
     "evaluation_text",
     "score_gguf_files",
+    "score_in_process",
     "summarise",
 ]
 
@@ -51,7 +49,11 @@ OLLAMA_TOP_K = "Ollama top-k logprobs over the greedy prefix shared with the ref
 # Below any top-k logprob a backend reports: stands in for a token missing from one side's top-k.
 _FLOOR_MARGIN = math.log(2.0)
 
-Floats = npt.NDArray[np.float64]
+if TYPE_CHECKING:  # numpy comes with the embedded and tools extras, not with the router's image
+    import numpy as np
+    import numpy.typing as npt
+
+    Floats = npt.NDArray[np.float64]
 Progress = Callable[[str], None]
 
 
@@ -80,6 +82,8 @@ class PositionScores:
 
 
 def _log_softmax(logits: npt.NDArray[np.float32]) -> Floats:
+    import numpy as np
+
     shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
     result: Floats = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
     return result
@@ -88,6 +92,8 @@ def _log_softmax(logits: npt.NDArray[np.float32]) -> Floats:
 def compare_positions(reference_logits: npt.NDArray[np.float32], variant_logits: npt.NDArray[np.float32],
                       targets: npt.NDArray[np.int64]) -> PositionScores:
     """Row i of each logits array predicts `targets[i]` (pure)."""
+    import numpy as np
+
     reference, variant = _log_softmax(reference_logits), _log_softmax(variant_logits)
     rows = np.arange(len(targets))
     kl = (np.exp(reference) * (reference - variant)).sum(axis=-1)
@@ -102,6 +108,8 @@ def compare_top_k(reference: Sequence[Step], variant: Sequence[Step]) -> Positio
     KL runs over the union of both top-k sets, a token missing from one side taking a logprob just below
     that side's smallest; the likelihoods are of the reference's own token.
     """
+    import numpy as np
+
     kl, same, nll_ref, nll_var = [], [], [], []
     for r, v in zip(reference, variant, strict=False):
         ref, var = r.distribution(), v.distribution()
@@ -127,6 +135,8 @@ def _stderr(values: Floats) -> float:
 
 def summarise(scores: Sequence[PositionScores], method: str) -> MeasuredQuality:
     """Means and standard errors over every scored position, as llama.cpp's perplexity tool reports them."""
+    import numpy as np
+
     kl = np.concatenate([s.kl for s in scores])
     same = np.concatenate([s.same_top for s in scores])
     if len(kl) == 0:
@@ -143,10 +153,43 @@ def summarise(scores: Sequence[PositionScores], method: str) -> MeasuredQuality:
 
 def score_gguf_files(files: Mapping[str, Path], reference: str, text: EvaluationText, n_threads: int,
                      progress: Progress) -> dict[str, MeasuredQuality]:
-    """Score every file against `files[reference]` with llama.cpp's logits (blocking; minutes for a ladder).
+    """`score_in_process` in a child process, reporting progress here (blocking; minutes for a ladder).
 
-    The reference's log-probabilities at the scored positions are kept in memory (positions × vocabulary
-    float32), so each variant is loaded once.
+    Isolated because llama.cpp's CPU backend, once a process has loaded a model without its repacked
+    buffer types (as scoring must, `load_scorer`), dies with SIGILL when that process later generates
+    with a repacked Q2_K model: the embedded backend that shares the process would crash.
+    """
+    import multiprocessing
+    import queue
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, ProcessPoolExecutor(1, mp_context=context) as pool:
+        steps = manager.Queue()
+        job = pool.submit(_score_in_child, dict(files), reference, text, n_threads, steps)
+        while not job.done() or not steps.empty():
+            try:
+                progress(steps.get(timeout=0.2))
+            except queue.Empty:
+                continue
+        try:
+            return job.result()
+        except BrokenProcessPool:
+            raise ToolError("llama.cpp died while scoring (see its messages above); nothing was written") from None
+
+
+def _score_in_child(files: dict[str, Path], reference: str, text: EvaluationText, n_threads: int,
+                    steps: Any) -> dict[str, MeasuredQuality]:
+    return score_in_process(files, reference, text, n_threads, steps.put)
+
+
+def score_in_process(files: Mapping[str, Path], reference: str, text: EvaluationText, n_threads: int,
+                     progress: Progress) -> dict[str, MeasuredQuality]:
+    """Score every file against `files[reference]` with llama.cpp's logits, in this process.
+
+    The reference's logits at the scored positions are kept in memory (positions × vocabulary float32),
+    so each variant is loaded once.
     """
     from quantrouter.embedded.engine import load_scorer, position_logits
 
@@ -190,4 +233,6 @@ def _tokens(scorer: Any, prompt: str, whole: str) -> tuple[list[int], int]:
 
 
 def _targets(tokens: Sequence[int], start: int) -> npt.NDArray[np.int64]:
+    import numpy as np
+
     return np.array(tokens[start:], dtype=np.int64)
