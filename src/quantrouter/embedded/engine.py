@@ -7,11 +7,12 @@ to `on_text` as each token is decoded; a set `cancel` event stops the loop befor
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,32 @@ def parse_allocation(log: str, weights: int) -> Allocation:
                       round(sizes["compute"] * _MIB))
 
 
+@contextlib.contextmanager
+def _without_repacked_buffers() -> Iterator[None]:
+    """Llama() loads with llama.cpp's extra (repacked) CPU buffer types off (`use_extra_bufts = False`).
+
+    On this project's AMX machine the repacked kernels die with SIGILL on every quantized model, in any
+    process and venv (seen 2026-11-30), while the plain CPU kernels run the same quantized dot products.
+    `Llama` takes no such argument, so its default model parameters are swapped for the call; loads hold
+    `_LOAD_LOCK`, so no other load sees the swap.
+    """
+    import llama_cpp.llama
+
+    module = llama_cpp.llama.llama_cpp
+    default = module.llama_model_default_params
+
+    def without_repacking() -> Any:
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    module.llama_model_default_params = without_repacking
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = default
+
+
 def load_model(entry: ModelEntry, num_ctx: int, n_threads: int) -> LoadedModel:
     """A llama.cpp model with a context of `num_ctx` tokens (blocking: call from a worker thread)."""
     import llama_cpp
@@ -132,7 +159,7 @@ def load_model(entry: ModelEntry, num_ctx: int, n_threads: int) -> LoadedModel:
     def capture(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         lines.append(text.decode("utf-8", errors="replace"))
 
-    with _LOAD_LOCK:
+    with _LOAD_LOCK, _without_repacked_buffers():
         llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
         try:
             llama = llama_cpp.Llama(model_path=str(entry.path), n_ctx=num_ctx, n_threads=n_threads,
@@ -167,9 +194,8 @@ class Scorer:
 def load_scorer(path: Path, num_ctx: int, n_threads: int) -> Scorer:
     """A scorer for `path` (blocking).
 
-    Loaded without llama.cpp's extra (repacked) buffer types: on this machine's AMX CPU the repacked
-    kernels die with SIGILL when logits are requested for more than one position of a batch, which
-    scoring needs; the plain CPU kernels compute the same quantized dot products.
+    Loaded without llama.cpp's extra (repacked) buffer types, as `load_model` loads (see
+    `_without_repacked_buffers`).
     """
     import llama_cpp
     from llama_cpp import _internals

@@ -40,7 +40,6 @@ __all__ = [
     "compare_top_k",
     "evaluation_text",
     "score_gguf_files",
-    "score_in_process",
     "summarise",
 ]
 
@@ -153,40 +152,7 @@ def summarise(scores: Sequence[PositionScores], method: str) -> MeasuredQuality:
 
 def score_gguf_files(files: Mapping[str, Path], reference: str, text: EvaluationText, n_threads: int,
                      progress: Progress) -> dict[str, MeasuredQuality]:
-    """`score_in_process` in a child process, reporting progress here (blocking; minutes for a ladder).
-
-    Isolated because llama.cpp's CPU backend, once a process has loaded a model without its repacked
-    buffer types (as scoring must, `load_scorer`), dies with SIGILL when that process later generates
-    with a repacked Q2_K model: the embedded backend that shares the process would crash.
-    """
-    import multiprocessing
-    import queue
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
-    context = multiprocessing.get_context("spawn")
-    with context.Manager() as manager, ProcessPoolExecutor(1, mp_context=context) as pool:
-        steps = manager.Queue()
-        job = pool.submit(_score_in_child, dict(files), reference, text, n_threads, steps)
-        while not job.done() or not steps.empty():
-            try:
-                progress(steps.get(timeout=0.2))
-            except queue.Empty:
-                continue
-        try:
-            return job.result()
-        except BrokenProcessPool:
-            raise ToolError("llama.cpp died while scoring (see its messages above); nothing was written") from None
-
-
-def _score_in_child(files: dict[str, Path], reference: str, text: EvaluationText, n_threads: int,
-                    steps: Any) -> dict[str, MeasuredQuality]:
-    return score_in_process(files, reference, text, n_threads, steps.put)
-
-
-def score_in_process(files: Mapping[str, Path], reference: str, text: EvaluationText, n_threads: int,
-                     progress: Progress) -> dict[str, MeasuredQuality]:
-    """Score every file against `files[reference]` with llama.cpp's logits, in this process.
+    """Score every file against `files[reference]` with llama.cpp's logits (blocking; minutes for a ladder).
 
     The reference's logits at the scored positions are kept in memory (positions × vocabulary float32),
     so each variant is loaded once.
