@@ -168,7 +168,7 @@ def test_quality_from_llama_cpp_logits_is_written_with_its_provenance(settings: 
     assert reference.kl_mean == pytest.approx(0.0, abs=1e-9)
     assert q2.positions == reference.positions > 20
     # Q2_K loses information: its distributions diverge and the reference's text becomes less likely.
-    assert q2.kl_mean > 10 * q2.kl_stderr > 0 and q2.ppl_ratio > 1.0 and q2.top1 < 1.0
+    assert q2.kl_mean > 3 * q2.kl_stderr > 0 and q2.ppl_ratio > 1.0 and q2.top1 < 1.0
 
 
 def test_quality_without_logits_or_logprobs_is_a_clear_error_and_keeps_the_file(settings: Settings,

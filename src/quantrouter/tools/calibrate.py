@@ -143,17 +143,17 @@ async def _quality_from_logprobs(settings: Settings, chosen: Sequence[VariantInf
     """Each variant's greedy top-k logprobs on each evaluation prompt, compared with the reference's."""
     client = client_for(settings, host)
     try:
+        probe = await run_greedy(client, chosen[0], text.entries[0][0], 1, top_logprobs=OLLAMA_MAX_TOP_LOGPROBS)
+        if not any(step.top_logprobs for step in probe.steps):
+            raise ToolError(f"the backend at {host or settings.ollama_host} returned no logprobs, so quality "
+                            "cannot be measured there: use `calibrate --quality --embedded` (llama.cpp's logits "
+                            "from the GGUF files) or an Ollama that returns logprobs (0.12 or later)")
         runs: dict[str, list[Run]] = {}
         for v in chosen:
             runs[v.tag] = []
             for prompt, _ in text.entries:
-                run = await run_greedy(client, v, prompt, LOGPROBS_NUM_PREDICT, top_logprobs=OLLAMA_MAX_TOP_LOGPROBS)
-                if not any(step.top_logprobs for step in run.steps):
-                    raise ToolError(f"the backend at {host or settings.ollama_host} returned no logprobs for {v.tag}, "
-                                    "so quality cannot be measured there: use `calibrate --quality --embedded` "
-                                    "(llama.cpp's logits from the GGUF files) or an Ollama that returns logprobs "
-                                    "(0.12 or later)")
-                runs[v.tag].append(run)
+                runs[v.tag].append(await run_greedy(client, v, prompt, LOGPROBS_NUM_PREDICT,
+                                                    top_logprobs=OLLAMA_MAX_TOP_LOGPROBS))
                 progress(v.tag)
     finally:
         await client.close()  # type: ignore[no-untyped-call]
