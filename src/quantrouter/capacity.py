@@ -70,7 +70,9 @@ def capacity_of(router: Router) -> pb.NodeCapacity:
                 load_duration=duration_pb(speed.load_seconds),
                 architecture=pb.Architecture(name=arch.name, block_count=arch.block_count,
                                              head_count_kv=arch.head_count_kv, head_dim=arch.head_dim,
-                                             context_length=arch.context_length) if arch else None,
+                                             context_length=arch.context_length,
+                                             embedding_length=arch.embedding_length, head_count=arch.head_count,
+                                             vocab_size=arch.vocab_size) if arch else None,
                 in_flight=c.in_flight, breaker_open=c.breaker_open))
     return pb.NodeCapacity(
         schema_version=SCHEMA_VERSION, memory=memory_status_pb(router.probe.latest),
