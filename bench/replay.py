@@ -77,8 +77,8 @@ class Preset:
     rate: float
 
 
-FULL = Preset((1, 2, 3), 30, 0.6)
-QUICK = Preset((1,), 12, 0.6)
+FULL = Preset((1, 2, 3), 20, 0.25)
+QUICK = Preset((1,), 8, 0.25)
 START_TIMEOUT_S = 120.0
 
 
@@ -308,7 +308,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="measured speeds and quality (`quantrouter calibrate --quality --embedded`)")
     parser.add_argument("--out", type=Path, default=RESULTS,
                         help="where replay.md, .csv and .png go (default bench/results)")
-    parser.add_argument("--quick", action="store_true", help="one seed, 12 requests: a few minutes")
+    parser.add_argument("--quick", action="store_true", help="one seed, 8 requests: a few minutes")
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else FULL
     args.seed = args.seed or list(preset.seeds)
