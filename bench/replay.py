@@ -297,7 +297,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.replay", description=__doc__.split("\n\n")[0],
         epilog="The full run (3 seeds × 4 policies) takes about a quarter of an hour here; --quick one seed, "
-               "12 requests, a few minutes.")
+               "8 requests, a few minutes.")
     parser.add_argument("--seed", type=int, action="append", help=f"a trace seed; repeat for more "
                         f"(default {', '.join(map(str, FULL.seeds))})")
     parser.add_argument("--requests", type=int, help=f"requests per seed (default {FULL.requests})")
