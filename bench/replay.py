@@ -195,7 +195,15 @@ def run_policy(trace: Sequence[Request], seed: int, policy: str, budget: int, ca
     with run_embedded_in_thread(config) as backend, \
             run_in_thread(_router_settings(backend, calibration), CollectorRegistry()) as router:
         outcomes = asyncio.run(_replay(f"127.0.0.1:{router.port}", trace, seed, policy, budget, qualities))
+        _wait_until_idle(backend)  # past their deadline, generations still run in the backend
         return outcomes, backend.load_counts()
+
+
+def _wait_until_idle(backend: EmbeddedServer, timeout: float = 300.0) -> None:
+    """Stopping the backend frees its models: wait until none is generating, so none is freed mid-token."""
+    ends = time.monotonic() + timeout
+    while any(m.busy for m in backend.resident()) and time.monotonic() < ends:
+        time.sleep(0.2)
 
 
 @dataclass(frozen=True, slots=True)
