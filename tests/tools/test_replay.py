@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from bench.replay import MIX, NUM_PREDICT, PROMPTS, largest_fitting_free, make_trace, rule_of_thumb_tag
 
 from quantrouter.calibration import VariantCalibration
@@ -21,7 +23,7 @@ def _listing(free: int, resident: str = "") -> VariantListing:
 def test_a_seed_makes_the_same_trace_and_deadlines_follow_the_measured_speed() -> None:
     trace = make_trace(7, 50, 0.5, SPEED)
     assert trace == make_trace(7, 50, 0.5, SPEED) != make_trace(8, 50, 0.5, SPEED)
-    assert all(a.at < b.at for a, b in zip(trace, trace[1:], strict=False))
+    assert all(a.at < b.at for a, b in itertools.pairwise(trace))
     assert {r.preference for r in trace} == {p for p, _, _ in MIX}
     assert all(r.prompt in PROMPTS and r.num_predict in NUM_PREDICT for r in trace)
     slack = {p: s for p, _, s in MIX}
