@@ -147,8 +147,10 @@ def _architecture(info: Mapping[str, Any]) -> Architecture | None:
     blocks = number("block_count")
     if not blocks or not head_dim:
         return None
+    tokens = info.get("tokenizer.ggml.tokens")  # listed only by a verbose /api/show
+    vocab = number("vocab_size") or (len(tokens) if isinstance(tokens, list) else 0)
     return Architecture(arch, blocks, number("attention.head_count_kv") or heads, head_dim,
-                        number("context_length"))
+                        number("context_length"), number("embedding_length"), heads, vocab)
 
 
 def _final(part: Mapping[str, Any]) -> Final:

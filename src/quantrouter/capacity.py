@@ -42,11 +42,12 @@ def duration_pb(seconds: float) -> duration_pb2.Duration:
     return d
 
 
-def variant_pb(v: VariantInfo, speed: SpeedEstimate) -> pb.Variant:
+def variant_pb(v: VariantInfo, speed: SpeedEstimate, quality: tuple[float, bool]) -> pb.Variant:
+    """`quality`: the figure the router ranks by and whether it was measured (else the quant's prior)."""
     return pb.Variant(tag=v.tag, quantization=v.quant.name, size_bytes=v.size_bytes,
                       parameter_count=v.parameter_count, resident=v.resident, vram_bytes=v.vram_bytes,
-                      tokens_per_second=speed.decode_tps, samples=speed.samples, quality=v.quant.quality,
-                      tokens_per_second_measured=speed.measured)
+                      tokens_per_second=speed.decode_tps, samples=speed.samples, quality=quality[0],
+                      tokens_per_second_measured=speed.measured, quality_measured=quality[1])
 
 
 def memory_status_pb(memory: MemorySnapshot) -> pb.MemoryStatus:
@@ -64,12 +65,14 @@ def capacity_of(router: Router) -> pb.NodeCapacity:
         for c in router.candidates(catalog, family):
             v, speed, arch = c.variant, c.speed, c.variant.architecture
             variants.append(pb.NodeVariant(
-                variant=variant_pb(v, speed),
+                variant=variant_pb(v, speed, (c.quality, c.quality_measured)),
                 family=family, prompt_tokens_per_second=speed.prompt_tps,
                 load_duration=duration_pb(speed.load_seconds),
                 architecture=pb.Architecture(name=arch.name, block_count=arch.block_count,
                                              head_count_kv=arch.head_count_kv, head_dim=arch.head_dim,
-                                             context_length=arch.context_length) if arch else None,
+                                             context_length=arch.context_length,
+                                             embedding_length=arch.embedding_length, head_count=arch.head_count,
+                                             vocab_size=arch.vocab_size) if arch else None,
                 in_flight=c.in_flight, breaker_open=c.breaker_open))
     return pb.NodeCapacity(
         schema_version=SCHEMA_VERSION, memory=memory_status_pb(router.probe.latest),

@@ -23,11 +23,16 @@ __all__ = [
     "Resolution",
     "VariantInfo",
     "build_catalog",
+    "compute_graph_bytes",
     "family_name_of",
 ]
 
 # The quantization part of a library tag: `-q4_K_M`, `-fp16`, `-bf16`, `-iq4_xs`, `:q8_0`.
 _QUANT_SUFFIX = re.compile(r"[-_:]?((?:i?q\d[\w]*)|fp16|f16|bf16|fp32|f32)$", re.IGNORECASE)
+
+
+# llama.cpp's and Ollama's default batch (`n_batch`, `num_batch`), which sizes the compute buffer.
+DEFAULT_BATCH = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,10 +45,40 @@ class Architecture:
     head_dim: int
     context_length: int
 
+    # For the compute graph (`graph_bytes`); 0 where `/api/show` did not say (the graph is then left out).
+    embedding_length: int = 0
+    head_count: int = 0
+    vocab_size: int = 0
+
     def kv_cache_bytes(self, num_ctx: int, bytes_per_element: float = 2.0) -> int:
         """2 (K and V) × layers × context × KV heads × head_dim × bytes (f16 = 2), as Ollama predicts."""
         context = min(num_ctx, self.context_length) if self.context_length else num_ctx
         return int(2 * self.block_count * context * self.head_count_kv * self.head_dim * bytes_per_element)
+
+    def graph_bytes(self, num_ctx: int) -> int:
+        """The compute buffer llama.cpp reserves beside weights and KV cache (`compute_graph_bytes`)."""
+        if not self.vocab_size:
+            return 0
+        return compute_graph_bytes(self.embedding_length, self.vocab_size, self.head_count or self.head_count_kv,
+                                   min(num_ctx, self.context_length) if self.context_length else num_ctx)
+
+    def context_bytes(self, num_ctx: int) -> int:
+        """Everything a load needs besides the weights: KV cache plus compute graph."""
+        return self.kv_cache_bytes(num_ctx) + self.graph_bytes(num_ctx)
+
+
+def compute_graph_bytes(embedding_length: int, vocab_size: int, head_count: int, num_ctx: int,
+                        batch: int = DEFAULT_BATCH) -> int:
+    """llama.cpp's compute buffer for one `batch` of a `num_ctx` context, as Ollama's estimator sizes it.
+
+    Ollama `fs/ggml/ggml.go` GraphSize (reference/ollama.md §3): max(4·b·(1 + 4E + C·(1 + H)),
+    4·b·(E + V)) with b = min(ctx, batch). The second term (the output logits of a batch) dominates
+    small models with large vocabularies: Gemma 3 270M (E 640, V 262144) → 513 MiB, where llama.cpp
+    reports a 514.5 MiB compute buffer.
+    """
+    b = min(num_ctx, batch)
+    return max(4 * b * (1 + 4 * embedding_length + num_ctx * (1 + head_count)),
+               4 * b * (embedding_length + vocab_size))
 
 
 @dataclass(frozen=True, slots=True)

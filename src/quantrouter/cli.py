@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     variants = commands.add_parser(
         "variants", help="list families and variants a running router (or a backend) knows",
         description="Per family: tag, quant level, size, parameter count, resident or not, VRAM, tokens/sec "
-                    "(measured, or * a prior) with its sample count, and the quality prior. From a running "
+                    "(measured, or * a prior) with its sample count, and quality: measured by `calibrate --quality` "
+                    "(marked measured) or the quant type's prior (marked prior). From a running "
                     "router at --target, or straight from a backend with --backend URL (speeds are then the "
                     "router's priors, or the figures of --calibration FILE).")
     variants.add_argument("family", nargs="?", default="", help="only this family")
@@ -238,6 +239,7 @@ def _decision_lines(decision: Decision) -> list[str]:
         node = f"{c.node:<10} " if c.node else ""
         lines.append(f"  {mark} {node}{c.tag:<28} {c.quantization:<7} {format_bytes(c.memory_bytes):>10} "
                      f"{c.tokens_per_second:7.1f} tok/s{'' if c.measured else '*'} q={c.quality:.3f} "
+                     f"{'measured' if c.quality_measured else 'prior':<8} "
                      f"T={c.expected_seconds:6.2f}s queue={c.queue_seconds:.2f}s churn={c.churn_seconds:.2f}s"
                      f"{' at-risk' if c.at_risk else ''} {c.rejection}")
     return lines
@@ -276,15 +278,17 @@ def format_listing(listing: VariantListing) -> str:
              f"{format_bytes(listing.free_bytes)} free of {format_bytes(listing.total_bytes)}"
              + (f" — {listing.memory_detail}" if listing.memory_detail else "")]
     header = f"  {'tag':<30} {'quant':<7} {'size':>10} {'params':>8} {'resident':>8} {'vram':>10} " \
-             f"{'tok/s':>8} {'n':>4} {'quality':>7}"
+             f"{'tok/s':>8} {'n':>4} {'quality':>7} {'':<8}"
     for family, variants in listing.families.items():
         lines += [family, header]
         for v in variants:
             tps = f"{v.tokens_per_second:.1f}" + ("" if v.measured else "*")
             lines.append(f"  {v.tag:<30} {v.quantization:<7} {format_bytes(v.size_bytes):>10} "
                          f"{v.parameter_count / 1e6:>7.0f}M {'yes' if v.resident else 'no':>8} "
-                         f"{format_bytes(v.vram_bytes):>10} {tps:>8} {v.samples:>4} {v.quality:>7.3f}")
-    lines.append("* prior estimate: no request measured yet")
+                         f"{format_bytes(v.vram_bytes):>10} {tps:>8} {v.samples:>4} {v.quality:>7.3f} "
+                         f"{'measured' if v.quality_measured else 'prior':<8}")
+    lines.append("* prior estimate: no request measured yet; quality: measured (calibrate --quality) or the "
+                 "quant type's prior")
     return "\n".join(lines)
 
 

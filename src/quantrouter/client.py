@@ -89,6 +89,7 @@ class Variant:
     measured: bool
     samples: int
     quality: float
+    quality_measured: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +139,8 @@ def _decision_of(message: pb.RouteDecision) -> Decision:
     candidates = tuple(Assessment(
         c.variant, c.quantization, c.memory_bytes, c.resident, c.tokens_per_second, c.tokens_per_second_measured,
         _seconds(c.time_to_first_token), _seconds(c.expected_duration), c.quality, c.score, c.rejection, node=c.node,
-        queue_seconds=_seconds(c.queue_duration), churn_seconds=_seconds(c.churn_duration), at_risk=c.at_risk)
+        queue_seconds=_seconds(c.queue_duration), churn_seconds=_seconds(c.churn_duration), at_risk=c.at_risk,
+        quality_measured=c.quality_measured)
         for c in message.candidates)
     chosen = next((c for c in candidates if c.tag == message.variant and c.node == message.node), None)
     return Decision(message.model, _PREFERENCE_OF_PB[message.preference], chosen, message.reason, candidates,
@@ -164,7 +166,7 @@ def _event_of(message: Any) -> Event:
 def _listing_of(message: pb.ListVariantsResponse) -> VariantListing:
     families = {f.name: tuple(Variant(v.tag, v.quantization, v.size_bytes, v.parameter_count, v.resident,
                                       v.vram_bytes, v.tokens_per_second, v.tokens_per_second_measured, v.samples,
-                                      v.quality) for v in f.variants)
+                                      v.quality, v.quality_measured) for v in f.variants)
                 for f in message.families}
     memory = message.memory
     return VariantListing(families, memory.source, memory.free_bytes, memory.total_bytes, memory.detail,

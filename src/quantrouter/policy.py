@@ -97,6 +97,7 @@ class CandidateInput:
     in_flight: int = 0
     breaker_open: bool = False
     queued_seconds: float = 0.0  # expected remaining seconds of the requests this variant is serving
+    quality_measured: bool = False  # `quality` is calibrate --quality's measurement, not the quant's prior
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +144,7 @@ def remaining_seconds(expected_and_done: Sequence[tuple[float, float]]) -> tuple
 def _memory_needed(variant: VariantInfo, num_ctx: int) -> int:
     if variant.architecture is None:
         return int(variant.size_bytes * (1 + UNKNOWN_KV_SHARE))
-    return variant.size_bytes + variant.architecture.kv_cache_bytes(num_ctx)
+    return variant.size_bytes + variant.architecture.context_bytes(num_ctx)
 
 
 def _constraint_rejection(c: CandidateInput, request: RoutingRequest, speed: SpeedEstimate,
@@ -187,13 +188,14 @@ class _Row:
     """A candidate's numbers while the decision is made (mutable, so each `Assessment` is built once)."""
 
     __slots__ = ("at_risk", "below_floor", "churn", "expected", "measured", "memory_only", "need", "quality",
-                 "quantization", "queue", "rejection", "resident", "score", "tag", "tps", "ttft")
+                 "quality_measured", "quantization", "queue", "rejection", "resident", "score", "tag", "tps", "ttft")
 
     def __init__(self, c: CandidateInput, request: RoutingRequest, available: int, family_resident: bool,
                  backlog: _Backlog, busy_runners: int, config: PolicyConfig) -> None:
         v, speed = c.variant, c.speed
         self.tag, self.quantization, self.resident = v.tag, v.quant.name, v.resident
         self.tps, self.measured, self.quality = speed.decode_tps, speed.measured, c.quality
+        self.quality_measured = c.quality_measured
         self.below_floor = v.quant.bits_per_weight < SPEED_FLOOR_BPW
         self.need = need = _memory_needed(v, request.num_ctx)
         load = 0.0 if v.resident else speed.load_seconds
@@ -230,7 +232,8 @@ class _Row:
     def assessment(self) -> Assessment:
         return Assessment(self.tag, self.quantization, self.need, self.resident, self.tps, self.measured, self.ttft,
                           self.expected, self.quality, self.score, self.rejection, self.memory_only,
-                          queue_seconds=self.queue, churn_seconds=self.churn, at_risk=self.at_risk)
+                          queue_seconds=self.queue, churn_seconds=self.churn, at_risk=self.at_risk,
+                          quality_measured=self.quality_measured)
 
     @classmethod
     def of(cls, a: Assessment) -> _Row:
@@ -241,6 +244,7 @@ class _Row:
             a.expected_seconds
         row.quality, row.score, row.rejection, row.memory_only = a.quality, a.score, a.rejection, a.memory_only
         row.queue, row.churn, row.at_risk, row.below_floor = a.queue_seconds, a.churn_seconds, a.at_risk, False
+        row.quality_measured = a.quality_measured
         return row
 
 

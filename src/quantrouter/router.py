@@ -20,6 +20,7 @@ import grpc
 
 from quantrouter.backend import Final, OllamaBackend
 from quantrouter.breaker import Breaker
+from quantrouter.calibration import MeasuredQuality, quality_of
 from quantrouter.catalog import CatalogSnapshot, VariantInfo
 from quantrouter.errors import (
     BackendBusy,
@@ -112,7 +113,8 @@ def failure_of(decision: Decision) -> QuantrouterError:
 class Router:
     def __init__(self, backend: OllamaBackend, inventory: Inventory, probe: MemoryProbe, throughput: ThroughputTable,
                  breaker: Breaker, metrics: Metrics, limits: Limits,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 measured_quality: Mapping[str, MeasuredQuality] | None = None) -> None:
         self.backend = backend
         self.inventory = inventory
         self.probe = probe
@@ -121,6 +123,7 @@ class Router:
         self.metrics = metrics
         self.limits = limits
         self._clock = clock
+        self.measured_quality = dict(measured_quality or {})
         self._in_flight_tags: Counter[str] = Counter()
         self._in_flight_families: Counter[str] = Counter()
         self._work: set[_Work] = set()
@@ -145,14 +148,21 @@ class Router:
         """A metric label value: known families only (bounded cardinality)."""
         return family if family in self.inventory.snapshot.families else OTHER
 
+    def quality_of(self, variant: VariantInfo) -> tuple[float, bool]:
+        """Measured quality where the calibration file has it, else the quant type's prior; and which."""
+        return quality_of(variant, self.measured_quality)
+
     def candidates(self, catalog: CatalogSnapshot, family: str) -> list[CandidateInput]:
         now = self._clock()
         queued: dict[str, float] = {}
         for work in self._work:
             queued[work.tag] = queued.get(work.tag, 0.0) + work.service_seconds * (1.0 - work.done())
-        return [CandidateInput(v, speed, v.quant.quality, self._in_flight_tags[v.tag], self.breaker.is_open(v.tag, now),
-                               queued.get(v.tag, 0.0))
-                for v, speed in self.throughput.snapshot().estimates(catalog.family(family))]
+        rows = []
+        for v, speed in self.throughput.snapshot().estimates(catalog.family(family)):
+            quality, measured = self.quality_of(v)
+            rows.append(CandidateInput(v, speed, quality, self._in_flight_tags[v.tag], self.breaker.is_open(v.tag, now),
+                                       queued.get(v.tag, 0.0), quality_measured=measured))
+        return rows
 
     def memory_view(self) -> MemoryView:
         """Free memory, and the backlog of this router's own in-flight streams (one GPU's worth of work)."""

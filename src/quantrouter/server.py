@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from quantrouter.backend import OllamaBackend
 from quantrouter.background import service_in_thread
 from quantrouter.breaker import Breaker
-from quantrouter.calibration import load_calibration
+from quantrouter.calibration import load_calibration, measured_qualities
 from quantrouter.config import ConfigError, Settings
 from quantrouter.interceptors import AuthInterceptor, MetricsInterceptor, StatusInterceptor
 from quantrouter.inventory import Inventory
@@ -214,7 +214,8 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None,
                         Breaker(settings.breaker_failures, settings.breaker_cooldown), metrics,
                         Limits(settings.max_in_flight, settings.max_in_flight_per_family, reserve,
                                PolicyConfig(settings.balanced_quality_weight, settings.upgrade_hysteresis,
-                                            settings.load_fraction)))
+                                            settings.load_fraction)),
+                        measured_quality=measured_qualities(settings.calibration_file))
         metrics.watch_variants(router.variant_states, lambda: inventory.backend_up)
 
         running: RunningServer | None = None

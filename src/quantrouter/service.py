@@ -240,7 +240,7 @@ class RouterService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
         result = []
         for family in families:
             variants = sorted(catalog.family(family), key=lambda v: (quality_key(v.quant), v.tag))
-            result.append(pb.Family(name=family, variants=[variant_pb(v, speed)
+            result.append(pb.Family(name=family, variants=[variant_pb(v, speed, router.quality_of(v))
                                                            for v, speed in speeds.estimates(variants)]))
         return pb.ListVariantsResponse(families=result, memory=memory_status_pb(router.probe.latest))
 
@@ -282,7 +282,7 @@ def _candidate_pb(a: Assessment) -> pb.Candidate:
                         expected_duration=duration_pb(a.expected_seconds), quality=a.quality, score=a.score,
                         feasible=a.feasible, rejection=a.rejection, node=a.node,
                         queue_duration=duration_pb(a.queue_seconds), churn_duration=duration_pb(a.churn_seconds),
-                        at_risk=a.at_risk)
+                        at_risk=a.at_risk, quality_measured=a.quality_measured)
 
 
 def completion_pb(c: Completion) -> pb.Completion:

@@ -48,6 +48,7 @@ class Assessment:
     queue_seconds: float = 0.0  # the GPU backlog this request would wait behind, inside the expected time
     churn_seconds: float = 0.0  # reload time its load would cost evicted siblings' next users (ranked on)
     at_risk: bool = False  # the backlog puts its expected time past the deadline, or its rate below the floor
+    quality_measured: bool = False
 
     @property
     def feasible(self) -> bool:

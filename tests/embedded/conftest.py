@@ -13,10 +13,11 @@ import pytest
 from quantrouter.embedded import EmbeddedConfig, EmbeddedServer, LadderEntry, run_embedded_in_thread
 
 MiB = 1 << 20
-# Room for every rung at once, so tests that are not about eviction never evict.
-ROOMY_BUDGET = 4096 * MiB
-# Fits F16 (518 MiB + 36 MiB KV at num_ctx 2048) but not F16 + Q8_0 (278 MiB + 36 MiB KV).
-SMALL_BUDGET = 700 * MiB
+# Room for every rung at once (≈ 2.2 GiB of weights, and 36 MiB of KV cache plus a 514.5 MiB compute
+# buffer each at num_ctx 2048), so tests that are not about eviction never evict.
+ROOMY_BUDGET = 8192 * MiB
+# Fits F16 (≈ 1067 MiB at num_ctx 2048) and Q4_0 + Q8_0 (≈ 780 + 827 MiB), not F16 + Q8_0.
+SMALL_BUDGET = 1750 * MiB
 QUEUE_LIMIT = 1
 
 

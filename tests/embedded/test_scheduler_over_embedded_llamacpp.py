@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import ollama
 import pytest
 
-from quantrouter.embedded import EmbeddedServer
+from quantrouter.embedded import EmbeddedConfig, EmbeddedServer, LadderEntry, run_embedded_in_thread
 from tests.embedded.conftest import QUEUE_LIMIT
 
 # Without a working cancel this would run for about a minute: 6000 tokens at ~100 tok/s (far longer on
@@ -22,6 +23,7 @@ PS_FIELDS = {"model": str, "name": str, "digest": str, "expires_at": datetime, "
 DEFAULT_NUM_CTX = 2048
 MODEL_LOAD_AND_TOKENS_S = 30.0
 POLL_S = 0.01
+TINY_BUDGET = 512 << 20
 
 
 def _resident(server: EmbeddedServer) -> list[str]:
@@ -87,9 +89,12 @@ def test_eviction_is_least_recently_used(small_server: EmbeddedServer) -> None:
         assert _resident(small_server) == ["gemma3:270m-f16"]
 
 
-def test_a_load_that_can_never_fit_is_a_500(small_server: EmbeddedServer) -> None:
-    with ollama.Client(host=small_server.url) as client, pytest.raises(ollama.ResponseError) as raised:
-        client.generate(model="gemma3:270m-f16", prompt="Hi", options={"num_ctx": 32768})
+def test_a_load_that_can_never_fit_is_a_500(cache_dir: Path, ladder: list[LadderEntry]) -> None:
+    # Below the smallest rung (Q2_K ≈ 775 MiB with its compute buffer at num_ctx 2048).
+    config = EmbeddedConfig(cache_dir=cache_dir, memory_budget_bytes=TINY_BUDGET)
+    with run_embedded_in_thread(config) as tiny, ollama.Client(host=tiny.url) as client, \
+            pytest.raises(ollama.ResponseError) as raised:
+        client.generate(model="gemma3:270m-q2_K", prompt="Hi")
     assert raised.value.status_code == 500
     assert "memory budget" in raised.value.error
 

@@ -19,9 +19,10 @@ from quantrouter.server import RunningServer, run_in_thread
 from quantrouter.units import GiB, MiB
 from tests.support import router_settings
 
-# Small fits the quantized variants up to Q5_K_M (≈ 250 MiB + KV, within 80 % of 350 MiB) but not Q8_0
-# or F16; medium fits F16 (517 MiB + KV) with little room; large fits F16 with room to spare.
-BUDGETS = {"small": 350 * MiB, "medium": 700 * MiB, "large": int(1.2 * GiB)}
+# At num_ctx 4096 a variant needs its file + 72 MiB KV + 513 MiB compute graph, within 80 % of the free
+# memory. Small fits the quantized variants up to Q5_K_M (≈ 833 MiB) but not Q8_0 (≈ 863 MiB) or F16;
+# medium fits F16 (≈ 1103 MiB) with little room; large fits F16 with room to spare.
+BUDGETS = {"small": 1060 * MiB, "medium": 1400 * MiB, "large": int(2.5 * GiB)}
 # One context size on every router and in every request, so the fleet prices what the node loads.
 NUM_CTX = 1024
 # Reports often and a short staleness limit, so the tests wait seconds, not minutes.

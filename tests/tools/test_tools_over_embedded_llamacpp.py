@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from quantrouter.calibration import read_calibration
+from quantrouter.calibration import read_calibration, read_calibration_file
 from quantrouter.catalog import VariantInfo, build_catalog
 from quantrouter.cli import main
 from quantrouter.client import RouterClient
 from quantrouter.config import Settings, load_settings
 from quantrouter.embedded import EmbeddedServer
 from quantrouter.quant import parse_quantization
-from quantrouter.server import run_in_thread
+from quantrouter.server import RunningServer, run_in_thread
 from quantrouter.tools import (
     CALIBRATION_PROMPTS,
     ToolError,
@@ -28,12 +29,14 @@ from quantrouter.tools import (
     read_catalog,
     target_tag,
 )
+from quantrouter.tools.quality import LLAMA_CPP_LOGITS, EvaluationText, evaluation_text
 from quantrouter.units import MiB
 from tests.support import FAMILY, router_settings
 
 PROMPT = "The capital of France is"
 TOKENS = 8
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+COMMITTED_CALIBRATION = Path(__file__).parents[2] / "bench" / "results" / "calibration-gemma3-270m.json"
 
 
 @pytest.fixture
@@ -142,3 +145,68 @@ def test_live_recommend_uses_real_sizes(settings: Settings, embedded_backend: Em
     chosen = body["chosen"]
     if chosen is not None:
         assert chosen["fits"] and chosen["total_bytes"] <= body["budget_bytes"]
+
+
+def _one_entry_text() -> EvaluationText:
+    shipped = evaluation_text()
+    return EvaluationText(shipped.entries[:1], shipped.provenance)
+
+
+def test_quality_from_llama_cpp_logits_is_written_with_its_provenance(settings: Settings,
+                                                                      embedded_backend: EmbeddedServer,
+                                                                      tmp_path: Path) -> None:
+    path = tmp_path / "calibration.json"
+    files = {entry.name: entry.path for entry in embedded_backend.registry}
+    steps: list[str] = []
+
+    def progress(total: int) -> Callable[[str], None]:
+        steps.append(f"total {total}")
+        return steps.append
+
+    asyncio.run(calibrate(settings, FAMILY, path, ["q2_K"], prompts=CALIBRATION_PROMPTS[:1], num_predict=TOKENS,
+                          quality=_one_entry_text(), gguf_files=files, progress=progress))
+    written = read_calibration_file(path)
+    assert steps == ["total 2", "gemma3:270m-f16", "gemma3:270m-q2_K"]
+    assert written.reference == "gemma3:270m-f16" and written.quality_text == evaluation_text().provenance
+    reference, q2 = (written.variants[t].quality for t in ("gemma3:270m-f16", "gemma3:270m-q2_K"))
+    assert reference is not None and q2 is not None
+    assert (reference.top1, reference.ppl_ratio, reference.method) == (1.0, pytest.approx(1.0), LLAMA_CPP_LOGITS)
+    assert reference.kl_mean == pytest.approx(0.0, abs=1e-9)
+    assert q2.positions == reference.positions > 20
+    # Q2_K loses information: its distributions diverge and the reference's text becomes less likely.
+    assert q2.kl_mean > 3 * q2.kl_stderr > 0 and q2.ppl_ratio > 1.0 and q2.top1 < 1.0
+
+
+def test_quality_without_logits_or_logprobs_is_a_clear_error_and_keeps_the_file(settings: Settings,
+                                                                                tmp_path: Path) -> None:
+    path = tmp_path / "calibration.json"
+    path.write_text("previous calibration\n")
+    with pytest.raises(ToolError, match=r"returned no logprobs.*calibrate --quality --embedded"):
+        asyncio.run(calibrate(settings, FAMILY, path, ["q2_K"], prompts=CALIBRATION_PROMPTS[:1], num_predict=TOKENS,
+                              quality=_one_entry_text()))
+    assert path.read_text() == "previous calibration\n"
+
+
+def test_committed_calibration_marks_quality_measured(embedded_backend: EmbeddedServer,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    measured = read_calibration(COMMITTED_CALIBRATION)
+    assert len(measured) == 8 and all(c.quality is not None for c in measured.values())
+    settings = router_settings(embedded_backend, calibration_file=COMMITTED_CALIBRATION)
+    with run_in_thread(settings, CollectorRegistry()) as running, \
+            RouterClient(f"127.0.0.1:{running.port}") as client:
+        listed = client.list_variants(FAMILY).families[FAMILY]
+        decision = client.route(FAMILY, prompt="Hi", preference="quality")
+        assert main(["variants", FAMILY, "--target", f"127.0.0.1:{running.port}"]) == 0
+    for v in listed:
+        quality = measured[v.tag].quality
+        assert v.quality_measured and quality is not None and v.quality == quality.top1
+    assert all(c.quality_measured for c in decision.candidates)
+    rows = [line for line in capsys.readouterr().out.splitlines() if "gemma3:270m-" in line]
+    assert len(rows) == 8 and all(line.rstrip().endswith("measured") for line in rows)
+
+
+def test_without_a_calibration_quality_is_the_prior(router: RunningServer) -> None:
+    with RouterClient(f"127.0.0.1:{router.port}") as client:
+        listed = client.list_variants(FAMILY).families[FAMILY]
+    assert listed and not any(v.quality_measured for v in listed)
+    assert all(v.quality == parse_quantization(v.quantization).quality for v in listed)

@@ -7,17 +7,33 @@ to `on_text` as each token is decoded; a set `cancel` event stops the loop befor
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
+import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from quantrouter.embedded.errors import BadRequestError
 from quantrouter.embedded.registry import ModelEntry
 
-__all__ = ["GenerationResult", "SamplingOptions", "close_model", "generate", "load_model", "render_chat"]
+__all__ = [
+    "Allocation",
+    "GenerationResult",
+    "LoadedModel",
+    "SamplingOptions",
+    "Scorer",
+    "close_model",
+    "generate",
+    "load_model",
+    "load_scorer",
+    "parse_allocation",
+    "position_logits",
+    "render_chat",
+]
 
 # Ollama `api/types.go` DefaultOptions: the values a request gets for options it leaves out.
 DEFAULT_TEMPERATURE = 0.8
@@ -66,13 +82,153 @@ class GenerationResult:
 _LOAD_LOCK = threading.Lock()
 
 
-def load_model(entry: ModelEntry, num_ctx: int, n_threads: int) -> Any:
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    """What llama.cpp allocated for one loaded model (bytes): what a backend really charges for it.
+
+    Weights are the model's tensor bytes (`llama_model_size`); the KV cache, output and compute
+    buffers are the sizes llama.cpp logs while it creates the context ("KV buffer size = … MiB",
+    "output buffer size", "compute buffer size"), summed over devices.
+    """
+
+    weights: int
+    kv_cache: int
+    output: int
+    compute: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.output + self.compute
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """A llama.cpp model ready to generate, and what it took."""
+
+    llama: Any
+    allocation: Allocation
+
+
+_BUFFER_LINE = re.compile(r"\b(KV|output|compute) buffer size =\s*([0-9.]+) MiB")
+_MIB = 1 << 20
+
+
+def parse_allocation(log: str, weights: int) -> Allocation:
+    """The buffers llama.cpp reported in `log` (its load-time messages), plus `weights` (pure)."""
+    sizes = {"KV": 0.0, "output": 0.0, "compute": 0.0}
+    for kind, mib in _BUFFER_LINE.findall(log):
+        sizes[kind] += float(mib)
+    return Allocation(weights, round(sizes["KV"] * _MIB), round(sizes["output"] * _MIB),
+                      round(sizes["compute"] * _MIB))
+
+
+@contextlib.contextmanager
+def _without_repacked_buffers() -> Iterator[None]:
+    """Llama() loads with llama.cpp's extra (repacked) CPU buffer types off (`use_extra_bufts = False`).
+
+    On this project's AMX machine the repacked kernels die with SIGILL on every quantized model, in any
+    process and venv (seen 2026-11-30), while the plain CPU kernels run the same quantized dot products.
+    `Llama` takes no such argument, so its default model parameters are swapped for the call; loads hold
+    `_LOAD_LOCK`, so no other load sees the swap.
+    """
+    import llama_cpp.llama
+
+    module = llama_cpp.llama.llama_cpp
+    default = module.llama_model_default_params
+
+    def without_repacking() -> Any:
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    module.llama_model_default_params = without_repacking
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = default
+
+
+def load_model(entry: ModelEntry, num_ctx: int, n_threads: int) -> LoadedModel:
     """A llama.cpp model with a context of `num_ctx` tokens (blocking: call from a worker thread)."""
     import llama_cpp
+    import llama_cpp._logger
 
-    with _LOAD_LOCK:
-        return llama_cpp.Llama(model_path=str(entry.path), n_ctx=num_ctx, n_threads=n_threads,
-                               n_threads_batch=n_threads, verbose=False)
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+    def capture(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        lines.append(text.decode("utf-8", errors="replace"))
+
+    with _LOAD_LOCK, _without_repacked_buffers():
+        llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
+        try:
+            llama = llama_cpp.Llama(model_path=str(entry.path), n_ctx=num_ctx, n_threads=n_threads,
+                                    n_threads_batch=n_threads, verbose=False)
+        finally:
+            llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
+    weights = int(llama_cpp.llama_model_size(llama._model.model))
+    return LoadedModel(llama, parse_allocation("".join(lines), weights))
+
+
+@dataclass(frozen=True, slots=True)
+class Scorer:
+    """A llama.cpp model and context that return the logits of every position (quality calibration)."""
+
+    model: Any
+    context: Any
+    n_vocab: int
+    n_ctx: int
+
+    def tokenize(self, text: str) -> list[int]:
+        """`text` as the model's tokens, BOS first."""
+        return list(self.model.tokenize(text.encode(), add_bos=True, special=False))
+
+    def close(self) -> None:
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        with _LOAD_LOCK, suppress_stdout_stderr(disable=False):  # llama.cpp logs its buffers as it frees them
+            self.context.close()
+            self.model.close()
+
+
+def load_scorer(path: Path, num_ctx: int, n_threads: int) -> Scorer:
+    """A scorer for `path` (blocking).
+
+    Loaded without llama.cpp's extra (repacked) buffer types, as `load_model` loads (see
+    `_without_repacked_buffers`).
+    """
+    import llama_cpp
+    from llama_cpp import _internals
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    model_params = llama_cpp.llama_model_default_params()
+    model_params.use_extra_bufts = False
+    context_params = llama_cpp.llama_context_default_params()
+    context_params.n_ctx = context_params.n_batch = context_params.n_ubatch = num_ctx
+    context_params.n_threads = context_params.n_threads_batch = n_threads
+    with _LOAD_LOCK, suppress_stdout_stderr(disable=False):
+        model = _internals.LlamaModel(path_model=str(path), params=model_params, verbose=False)
+        context = _internals.LlamaContext(model=model, params=context_params, verbose=False)
+    return Scorer(model, context, model.n_vocab(), num_ctx)
+
+
+def position_logits(scorer: Scorer, tokens: Sequence[int]) -> Any:
+    """llama.cpp's logits after each of `tokens` (row i predicts token i + 1), a float32 numpy array."""
+    import llama_cpp
+    import numpy as np
+    from llama_cpp import _internals
+
+    if not 0 < len(tokens) <= scorer.n_ctx:
+        raise ValueError(f"{len(tokens)} tokens do not fit a scoring context of {scorer.n_ctx}")
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(scorer.context.ctx), True)
+    batch = _internals.LlamaBatch(n_tokens=len(tokens), embd=0, n_seq_max=1, verbose=False)
+    try:
+        batch.set_batch(list(tokens), n_past=0, logits_all=True)
+        scorer.context.decode(batch)
+        logits = llama_cpp.llama_get_logits(scorer.context.ctx)
+        return np.ctypeslib.as_array(logits, shape=(len(tokens), scorer.n_vocab)).copy()
+    finally:
+        batch.close()
 
 
 def close_model(model: Any) -> None:

@@ -18,12 +18,14 @@ from typing import Any, TypeVar
 
 import gguf
 
+from quantrouter.catalog import compute_graph_bytes
 from quantrouter.quant import QuantType, by_file_type
 
 __all__ = ["GGUFInfo", "GGUFInfoError", "format_parameter_size", "read_gguf_info"]
 
 # Bytes per element of the f16 KV cache that llama.cpp allocates by default.
 F16_BYTES = 2
+_TOKEN_EMBEDDING = "token_embd.weight"
 THOUSAND = 1_000
 MILLION = 1_000_000
 BILLION = 1_000_000_000
@@ -53,6 +55,7 @@ class GGUFInfo:
     value_length: int
     context_length: int
     embedding_length: int
+    vocab_size: int
     basename: str
     size_label: str
     chat_template: str | None
@@ -73,10 +76,17 @@ class GGUFInfo:
         per_token = self.block_count * self.head_count_kv * (self.key_length + self.value_length)
         return per_token * num_ctx * F16_BYTES
 
+    def estimated_bytes(self, file_size: int, num_ctx: int) -> int:
+        """What a load should take before llama.cpp says: the file, the f16 KV cache, the compute graph."""
+        graph = compute_graph_bytes(self.embedding_length, self.vocab_size, self.head_count, num_ctx)
+        return file_size + self.kv_cache_bytes(num_ctx) + graph
+
     def model_info(self, *, verbose: bool = False) -> dict[str, MetadataValue]:
         """`/api/show` `model_info`: every metadata key; arrays only when verbose, else null (as Ollama)."""
         info: dict[str, MetadataValue] = dict(sorted(self.scalars.items()))
         info["general.parameter_count"] = self.parameter_count
+        # GGUF's `[llm].vocab_size`, from the token embedding's shape where the file leaves the key out.
+        info.setdefault(f"{self.architecture}.vocab_size", self.vocab_size)
         arrays = _read_arrays(self.path, self.array_keys) if verbose else {}
         for key in self.array_keys:
             info[key] = arrays.get(key)
@@ -125,6 +135,7 @@ def read_gguf_info(path: Path) -> GGUFInfo:
         value_length=_optional_int(scalars, f"{arch}.attention.value_length", default_head_dim),
         context_length=_require(scalars, f"{arch}.context_length", int, path),
         embedding_length=embedding_length,
+        vocab_size=_optional_int(scalars, f"{arch}.vocab_size", header.vocab_size),
         basename=str(scalars.get("general.basename") or arch),
         size_label=str(scalars.get("general.size_label") or format_parameter_size(parameter_count)),
         chat_template=template if isinstance(template, str) else None,
@@ -155,6 +166,7 @@ class _Header:
     values: dict[str, MetadataValue]
     array_keys: tuple[str, ...]
     tensor_elements: int
+    vocab_size: int  # rows of token_embd.weight (0 if absent)
 
 
 _SCALAR_FORMATS = {
@@ -220,11 +232,13 @@ def _read_header(path: Path, *, with_arrays: bool) -> _Header:
             if kind == gguf.GGUFValueType.ARRAY:
                 array_keys.append(key)
             values[key] = cursor.value(kind, keep=with_arrays or kind != gguf.GGUFValueType.ARRAY)
-        elements = 0
+        elements = vocab = 0
         for _ in range(n_tensors):
-            cursor.skip_string()
+            name = cursor.string()
             dims = [cursor.unpack("<Q") for _ in range(cursor.unpack("<I"))]
+            if name == _TOKEN_EMBEDDING and len(dims) == 2:
+                vocab = dims[1]  # ggml order: (embedding_length, vocabulary)
             cursor.unpack("<I")  # tensor type
             cursor.unpack("<Q")  # data offset
             elements += math.prod(dims)
-    return _Header(values, tuple(array_keys), elements)
+    return _Header(values, tuple(array_keys), elements, vocab)

@@ -1,8 +1,10 @@
 """Which models are resident, within a memory budget that stands in for VRAM, as Ollama schedules them.
 
 Mirrors ollama/ollama `server/sched.go` (reference/ollama.md §3):
-- a load reserves the file size plus an f16 KV cache for its `num_ctx`; a different `num_ctx`
-  reloads the model (`needsReload`);
+- a load first reserves an estimate (file size, f16 KV cache for its `num_ctx`, compute graph), then,
+  once llama.cpp has loaded it, is charged what llama.cpp reports it allocated, as Ollama's newer
+  servers charge the backend's own memory layout; later loads of the same model and `num_ctx` reserve
+  that figure from the start. A different `num_ctx` reloads the model (`needsReload`);
 - when a load does not fit, idle models are evicted least recently used first; when none is idle
   the load waits for one to become idle; a load bigger than the whole budget fails at once;
 - after a request, a model stays for its keep_alive (`0` unloads it at once, negative keeps it);
@@ -35,7 +37,8 @@ _GO_MAX_DURATION_S = (2**63 - 1) / NS_PER_S
 _GO_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
-Loader = Callable[[ModelEntry, int], Any]
+# A model handle and the bytes llama.cpp allocated for it.
+Loader = Callable[[ModelEntry, int], tuple[Any, int]]
 Closer = Callable[[Any], None]
 
 
@@ -129,6 +132,10 @@ class Scheduler:
         self._slots: dict[str, _Slot] = {}
         self._waiters: list[asyncio.Future[None]] = []
         self._background: set[asyncio.Task[None]] = set()
+        self._charged: dict[tuple[str, int], int] = {}
+        # Since start: models loaded, and resident models unloaded to make room for another.
+        self.loads = 0
+        self.evictions = 0
 
     def free_bytes(self) -> int:
         """Budget not reserved by resident or loading models."""
@@ -146,8 +153,9 @@ class Scheduler:
         return slot.waiting if slot is not None else 0
 
     def required_bytes(self, entry: ModelEntry, num_ctx: int) -> int:
-        """What a load reserves: the weights file plus its f16 KV cache."""
-        return entry.size + entry.info.kv_cache_bytes(num_ctx)
+        """What a load reserves: what llama.cpp allocated last time, else the estimate."""
+        known = self._charged.get((entry.name, num_ctx))
+        return known if known is not None else entry.info.estimated_bytes(entry.size, num_ctx)
 
     @contextlib.asynccontextmanager
     async def acquire(self, entry: ModelEntry, num_ctx: int, keep_alive: float | None) -> AsyncIterator[Lease]:
@@ -202,37 +210,57 @@ class Scheduler:
         need = self.required_bytes(entry, num_ctx)
         if need > self.budget_bytes:
             raise ModelLoadError(
-                f"model '{entry.name}' needs {need} bytes ({entry.size} weights + KV cache for num_ctx "
-                f"{num_ctx}) but the memory budget is {self.budget_bytes} bytes")
+                f"model '{entry.name}' needs {need} bytes ({entry.size} weights + KV cache and compute buffer for "
+                f"num_ctx {num_ctx}) but the memory budget is {self.budget_bytes} bytes")
         while need > self.free_bytes():
             victim = self._least_recently_used_idle()
             if victim is not None:
+                self.evictions += 1
                 await self._unload(victim)
             else:
                 await self._wait_for_change()
+        self.loads += 1
         runner = _Runner(entry, num_ctx, need, self._default_keep_alive)
         self._runners[entry.name] = runner  # reserve before the first await so others see it
         task = asyncio.ensure_future(asyncio.to_thread(self._loader, entry, num_ctx))
         try:
-            runner.model = await asyncio.shield(task)
+            model, charged = await asyncio.shield(task)
         except asyncio.CancelledError:
             task.add_done_callback(lambda done: self._adopt_abandoned_load(runner, done))
             raise
         except Exception as error:
             self._drop(runner)
             raise ModelLoadError(f"llama.cpp could not load {entry.path.name}: {error}") from error
+        self._charge(runner, model, charged)
+        await self._evict_overflow(runner)
         return runner
+
+    def _charge(self, runner: _Runner, model: Any, charged: int) -> None:
+        """Book what llama.cpp really allocated in place of the estimate, and remember it."""
+        runner.model = model
+        runner.reserved = charged
+        self._charged[(runner.entry.name, runner.num_ctx)] = charged
+
+    async def _evict_overflow(self, loaded: _Runner) -> None:
+        """A load that took more than its estimate pushes idle models out until the budget holds."""
+        while self.free_bytes() < 0:
+            victim = self._least_recently_used_idle(besides=loaded)
+            if victim is None:
+                return
+            self.evictions += 1
+            await self._unload(victim)
 
     def _adopt_abandoned_load(self, runner: _Runner, task: asyncio.Future[Any]) -> None:
         """A load whose request went away still finishes: keep it as an idle model, or drop it."""
         if task.cancelled() or task.exception() is not None:
             self._drop(runner)
             return
-        runner.model = task.result()
+        model, charged = task.result()
+        self._charge(runner, model, charged)
         self._went_idle(runner)
 
-    def _least_recently_used_idle(self) -> _Runner | None:
-        idle = [r for r in self._runners.values() if r.loaded and not r.busy]
+    def _least_recently_used_idle(self, besides: _Runner | None = None) -> _Runner | None:
+        idle = [r for r in self._runners.values() if r.loaded and not r.busy and r is not besides]
         return min(idle, key=lambda r: r.last_used, default=None)
 
     def _went_idle(self, runner: _Runner) -> None:

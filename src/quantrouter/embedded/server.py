@@ -95,6 +95,10 @@ class EmbeddedServer:
         """Memory budget not held by resident models: what a static-capacity memory source reads."""
         return self._scheduler.free_bytes()
 
+    def load_counts(self) -> tuple[int, int]:
+        """Models loaded since start, and how many resident ones were evicted to make room."""
+        return self._scheduler.loads, self._scheduler.evictions
+
     def resident(self) -> list[ResidentModel]:
         """Loaded models, as `/api/ps` lists them."""
         return self._scheduler.resident()
@@ -310,8 +314,9 @@ class EmbeddedServer:
         return entry
 
 
-def _load(entry: ModelEntry, num_ctx: int, *, n_threads: int) -> Any:
-    return engine.load_model(entry, num_ctx, n_threads)
+def _load(entry: ModelEntry, num_ctx: int, *, n_threads: int) -> tuple[Any, int]:
+    loaded = engine.load_model(entry, num_ctx, n_threads)
+    return loaded.llama, loaded.allocation.total
 
 
 @web.middleware

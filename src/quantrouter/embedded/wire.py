@@ -159,7 +159,7 @@ def list_entry(entry: ModelEntry) -> dict[str, Any]:
 
 
 def ps_entry(model: ResidentModel) -> dict[str, Any]:
-    """One `/api/ps` model (`ProcessModelResponse`); the whole reservation counts as "VRAM"."""
+    """One `/api/ps` model (`ProcessModelResponse`): what llama.cpp allocated for it, all counted as "VRAM"."""
     return {
         "name": model.entry.name,
         "model": model.entry.name,

@@ -89,7 +89,7 @@ class FleetService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
                     best[c.variant.tag] = c
         families: dict[str, list[pb.Variant]] = {}
         for c in sorted(best.values(), key=lambda c: (quality_key(c.variant.quant), c.variant.tag)):
-            listed = variant_pb(c.variant, c.speed)
+            listed = variant_pb(c.variant, c.speed, (c.quality, c.quality_measured))
             listed.resident = c.variant.tag in resident
             families.setdefault(c.variant.family, []).append(listed)
         gpus = tuple(GpuMemory(f"{name}/{g.uuid}", f"{name}/{g.name}", g.free_bytes, g.total_bytes)

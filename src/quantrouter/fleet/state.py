@@ -92,11 +92,13 @@ def _candidate(item: pb.NodeVariant) -> CandidateInput:
         a = item.architecture
         _require(min(a.block_count, a.head_count_kv, a.head_dim, a.context_length) >= 0, "bad_variant",
                  f"{v.tag}: negative architecture figures")
-        arch = Architecture(a.name, a.block_count, a.head_count_kv, a.head_dim, a.context_length)
+        arch = Architecture(a.name, a.block_count, a.head_count_kv, a.head_dim, a.context_length,
+                            a.embedding_length, a.head_count, a.vocab_size)
     info = VariantInfo(v.tag, item.family, quant, v.size_bytes, v.parameter_count, arch, v.resident, v.vram_bytes)
     speed = SpeedEstimate(v.tokens_per_second, item.prompt_tokens_per_second, load, v.samples,
                           v.tokens_per_second_measured)
-    return CandidateInput(info, speed, v.quality, item.in_flight, item.breaker_open)
+    return CandidateInput(info, speed, v.quality, item.in_flight, item.breaker_open,
+                          quality_measured=v.quality_measured)
 
 
 def read_report(report: pb.NodeCapacity) -> NodeState:

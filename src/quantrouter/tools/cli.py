@@ -31,6 +31,7 @@ from quantrouter.tools.errors import ToolError
 from quantrouter.tools.ladder import OLLAMA_QUANTIZE_TARGETS, build_embedded_ladder, build_ladder, format_ladder
 from quantrouter.tools.live import family_variants, read_backend
 from quantrouter.tools.measure import DEFAULT_SEED
+from quantrouter.tools.quality import evaluation_text
 from quantrouter.tools.recommend import (
     Recommendation,
     offline_candidates,
@@ -149,6 +150,15 @@ def add_tool_commands(subparsers: Any) -> None:
     cal.add_argument("--quants", type=_quant_list, default=(), help="only these levels (plus the reference)")
     cal.add_argument("--num-predict", type=int, default=CALIBRATION_NUM_PREDICT,
                      help=f"tokens per prompt (default {CALIBRATION_NUM_PREDICT})")
+    cal.add_argument("--quality", action="store_true",
+                     help="also measure each variant's quality against the highest-precision one on the shipped "
+                          "evaluation text: mean KL divergence, top-token agreement and perplexity ratio, as "
+                          "llama.cpp's perplexity tool reports them. Exact with --embedded (llama.cpp's logits); "
+                          "against Ollama an approximation from its top-20 logprobs")
+    cal.add_argument("--embedded", action="store_const", const=True, default=None,
+                     help="start the embedded llama.cpp backend in-process (ladder under --cache-dir) and measure it")
+    cal.add_argument("--cache-dir", dest="cache_dir", help="where the embedded ladder is (default: settings)")
+    cal.add_argument("--quiet", action="store_true", help="no progress bar")
     _backend_flag(cal)
     cal.set_defaults(func=_reported("calibrate", _calibrate))
 
@@ -243,9 +253,42 @@ def _compare(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _calibrate(args: argparse.Namespace, settings: Settings) -> int:
-    result = asyncio.run(calibrate(settings, args.family, args.output, args.quants, num_predict=args.num_predict))
+    bars: list[Any] = []
+    progress = None if args.quiet else functools.partial(_quality_bar, bars)
+    text = evaluation_text() if args.quality else None
+    try:
+        if settings.embedded:
+            from quantrouter.embedded import EmbeddedConfig, run_embedded_in_thread
+
+            config = EmbeddedConfig(cache_dir=settings.cache_dir, memory_budget_bytes=settings.embedded_memory_budget)
+            with run_embedded_in_thread(config) as backend:
+                files = {entry.name: entry.path for entry in backend.registry}
+                result = asyncio.run(calibrate(settings, args.family, args.output, args.quants,
+                                               num_predict=args.num_predict, host=backend.url, quality=text,
+                                               gguf_files=files, progress=progress))
+        else:
+            result = asyncio.run(calibrate(settings, args.family, args.output, args.quants,
+                                           num_predict=args.num_predict, quality=text, progress=progress))
+    finally:
+        for bar in bars:
+            bar.close()
     _print(result, format_calibration(result), args.json)
     return EXIT_OK
+
+
+def _quality_bar(bars: list[Any], steps: int) -> Callable[[str], None]:
+    """A tqdm bar over the quality run's steps (one per variant and evaluation entry)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        raise ToolError("progress bars need tqdm (pip install tqdm); or pass --quiet") from None
+    bar = tqdm(total=steps, desc="quality", unit="text", leave=True)
+    bars.append(bar)
+
+    def step(tag: str) -> None:
+        bar.set_postfix_str(tag, refresh=False)
+        bar.update()
+    return step
 
 
 def _ladder(args: argparse.Namespace, settings: Settings) -> int:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from quantrouter.backend import OllamaBackend
-from quantrouter.calibration import load_calibration
+from quantrouter.calibration import load_calibration, measured_qualities, quality_of
 from quantrouter.catalog import CatalogSnapshot, VariantInfo
 from quantrouter.client import Variant, VariantListing
 from quantrouter.config import Settings
@@ -101,13 +101,14 @@ def backend_listing(view: BackendView, settings: Settings, family: str = "") -> 
     if settings.calibration_file is not None:
         load_calibration(settings.calibration_file, speeds)
     table = speeds.snapshot()
+    measured = measured_qualities(settings.calibration_file)
     listed: dict[str, tuple[Variant, ...]] = {}
     for name in families:
         variants = family_variants(catalog, name)[1]  # best quality first, as the router's ListVariants
         rows = []
         for v, speed in table.estimates(variants):
             rows.append(Variant(v.tag, v.quant.name, v.size_bytes, v.parameter_count, v.resident, v.vram_bytes,
-                                speed.decode_tps, speed.measured, speed.samples, v.quant.quality))
+                                speed.decode_tps, speed.measured, speed.samples, *quality_of(v, measured)))
         listed[name] = tuple(rows)
     memory = view.memory
     return VariantListing(listed, memory.source, memory.free_bytes, memory.total_bytes, memory.detail,

@@ -50,6 +50,11 @@ class Step:
 
     token: str
     top: tuple[str, ...] = ()
+    top_logprobs: tuple[float, ...] = ()  # the log-probability of each of `top`
+
+    def distribution(self) -> dict[str, float]:
+        """Token → logprob over the top-k (empty without logprobs)."""
+        return dict(zip(self.top, self.top_logprobs, strict=False))
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,12 +112,13 @@ def _rate(count: int, duration_ns: int) -> float:
 
 def _steps(part: Any, text: str) -> list[Step]:
     if part.logprobs:
-        return [Step(p.token, tuple(t.token for t in p.top_logprobs or ())) for p in part.logprobs]
+        return [Step(p.token, tuple(t.token for t in p.top_logprobs or ()),
+                     tuple(t.logprob for t in p.top_logprobs or ())) for p in part.logprobs]
     return [Step(text)] if text else []
 
 
 async def run_greedy(client: ollama.AsyncClient, variant: VariantInfo, prompt: str, num_predict: int,
-                     seed: int = DEFAULT_SEED) -> Run:
+                     seed: int = DEFAULT_SEED, top_logprobs: int = TOP_LOGPROBS) -> Run:
     """Generate `num_predict` tokens at temperature 0 with `seed`, streaming, and measure the run."""
     tag = variant.tag
     options = {"temperature": 0.0, "seed": seed, "num_predict": num_predict}
@@ -122,7 +128,7 @@ async def run_greedy(client: ollama.AsyncClient, variant: VariantInfo, prompt: s
     steps: list[Step] = []
     with translated(tag):
         stream = await client.generate(model=tag, prompt=prompt, options=options, stream=True, logprobs=True,
-                                       top_logprobs=TOP_LOGPROBS)
+                                       top_logprobs=top_logprobs)
         async for part in stream:
             text = part.response or ""
             if (text or part.logprobs) and first is None:
