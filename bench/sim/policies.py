@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from bench.sim.engine import NUM_CTX, Choice, Prediction, RouterView, RunResult, Simulation
+from bench.sim.engine import NUM_CTX, Choice, Policy, Prediction, RouterView, RunResult, Simulation
 from bench.sim.hardware import (
     DEFAULT_ENGINE,
     OLLAMA_MINIMUM_MEMORY,
@@ -20,7 +20,7 @@ from bench.sim.hardware import (
 from bench.sim.workload import Request, meets_floor
 from quantrouter.catalog import VariantInfo
 from quantrouter.policy import CandidateInput, MemoryView, PolicyConfig, RoutingRequest, decide, remaining_seconds
-from quantrouter.quant import QuantType, parse_quantization, quality_order
+from quantrouter.quant import KV_CACHE_TYPES, QuantType, parse_quantization, quality_order
 from quantrouter.values import Preference
 
 # "Highest quant whose size × 1.2 fits total VRAM": the common rule of thumb (20 % for KV cache and overhead).
@@ -216,3 +216,12 @@ def hindsight_best(gpu: GpuSpec, family: FamilySpec, requests: Sequence[Request]
 
 BASELINES = (AlwaysQuant(), StaticVramRule(), LargestFitsFree(), LatencyOnly())
 POLICIES = (QuantRouter(), *BASELINES, Oracle())
+
+
+def policies_for(engine: EngineSpec) -> tuple[Policy, ...]:
+    """`POLICIES` with quantrouter set up as its operator would beside this engine: told Ollama's
+    OLLAMA_NUM_PARALLEL and OLLAMA_KV_CACHE_TYPE (settings ollama_num_parallel, ollama_kv_cache_type). What those
+    mean for memory and speed stays the simulator's own (bench/sim/hardware.py)."""
+    config = PolicyConfig(runner_parallel=engine.num_parallel,
+                          kv_bytes_per_element=KV_CACHE_TYPES[engine.kv_cache])
+    return (QuantRouter(config=config), *POLICIES[1:])

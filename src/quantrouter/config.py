@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantrouter.quant import UnknownQuantizationError, parse_quantization
+from quantrouter.quant import KV_CACHE_TYPES, UnknownQuantizationError, parse_quantization
 from quantrouter.units import GiB, MiB
 
 __all__ = [
@@ -78,6 +78,10 @@ class Settings:
     default_min_quantization: str = ""
     # Ollama loads beside other models only within 80 % of free memory (reference/ollama.md §3).
     load_fraction: float = 0.8
+    # What the backend was started with, mirrored so that the memory estimate is what a runner will hold
+    # (KV cache for num_ctx × OLLAMA_NUM_PARALLEL slots at OLLAMA_KV_CACHE_TYPE's element size).
+    ollama_num_parallel: int = 1
+    ollama_kv_cache_type: str = ""
     balanced_quality_weight: float = 0.5
     upgrade_hysteresis: float = 0.15
     gpu_bandwidth: float = 0.0
@@ -116,6 +120,9 @@ class Settings:
     fallbacks: int = 0
 
 
+# Settings that fall back to Ollama's own variable, so a router started with Ollama's environment agrees with it.
+_OLLAMA_MIRRORS = {"ollama_host": "OLLAMA_HOST", "ollama_num_parallel": "OLLAMA_NUM_PARALLEL",
+                   "ollama_kv_cache_type": "OLLAMA_KV_CACHE_TYPE"}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
@@ -201,7 +208,8 @@ def load_settings(
 ) -> Settings:
     """Flags win over `QUANTROUTER_<NAME>` variables, which win over the TOML file, then defaults.
 
-    `OLLAMA_HOST` is honoured as Ollama's own tools do, below `QUANTROUTER_OLLAMA_HOST`.
+    `OLLAMA_HOST`, `OLLAMA_NUM_PARALLEL` and `OLLAMA_KV_CACHE_TYPE` are honoured below their `QUANTROUTER_OLLAMA_*`
+    variables.
     """
     flags = flags or {}
     environ = environ or {}
@@ -221,8 +229,8 @@ def load_settings(
     for name in known:
         default = getattr(defaults, name)
         env_value = environ.get(f"QUANTROUTER_{name.upper()}")
-        if name == "ollama_host" and env_value is None:
-            env_value = environ.get("OLLAMA_HOST")
+        if name in _OLLAMA_MIRRORS and env_value is None:
+            env_value = environ.get(_OLLAMA_MIRRORS[name])
         for raw in (flags.get(name), env_value, file_values.get(name)):
             if raw is not None:
                 values[name] = _convert(name, raw, default)
@@ -242,7 +250,11 @@ def _validate(settings: Settings) -> None:
                           f"({settings.max_message_bytes}), or a long prompt is refused without saying why")
     if settings.event_loop not in ("uvloop", "asyncio"):
         raise ConfigError(f"setting event_loop must be uvloop or asyncio, got {settings.event_loop!r}")
-    for name in ("workers", "max_in_flight", "max_in_flight_per_family", "num_ctx", "num_predict_default"):
+    if settings.ollama_kv_cache_type.lower() not in KV_CACHE_TYPES:
+        raise ConfigError(f"setting ollama_kv_cache_type: {settings.ollama_kv_cache_type!r} is not one of Ollama's "
+                          "KV cache types; write f16, q8_0 or q4_0 (as in OLLAMA_KV_CACHE_TYPE)")
+    for name in ("workers", "max_in_flight", "max_in_flight_per_family", "num_ctx", "num_predict_default",
+                 "ollama_num_parallel"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"setting {name} must be positive, got {getattr(settings, name)}")
     if not 0 < settings.ewma_alpha <= 1:

@@ -3,10 +3,12 @@
 No I/O, no clock, no logging: the service passes in the catalog's variants, a memory view, the speed
 estimates and the time left before the deadline. The model (design §5):
 
-- memory needed = weights + f16 KV cache for num_ctx; a variant fits when it is resident, or when
-  need ≤ `load_fraction` × (free − reserve + what idle variants of the same family would give back on
-  eviction): Ollama loads a model beside others only within 80 % of free memory and otherwise waits for
-  busy runners to finish (reference/ollama.md §3), which a routed request would spend in a queue;
+- memory needed = weights + the KV cache for num_ctx × `runner_parallel` slots at `kv_bytes_per_element`
+  (f16 unless the router is told Ollama's OLLAMA_KV_CACHE_TYPE: what the runner will hold); a variant
+  fits when it is resident, or when need ≤ `load_fraction` × (free − reserve + what idle variants of the
+  same family would give back on eviction): Ollama loads a model beside others only within 80 % of free
+  memory and otherwise waits for busy runners to finish (reference/ollama.md §3), which a routed request
+  would spend in a queue;
 - queue = the GPU's backlog as this request would meet it: runners of one GPU time-slice it, so each
   in-flight request delays this one by min(its remaining seconds, this one's own service time), and on a
   runner that already serves `runner_parallel` requests this one also waits its turn;
@@ -43,7 +45,7 @@ from dataclasses import dataclass, replace
 from itertools import accumulate
 
 from quantrouter.catalog import VariantInfo
-from quantrouter.quant import QuantType
+from quantrouter.quant import KV_CACHE_TYPES, QuantType
 from quantrouter.throughput import SPEED_FLOOR_BPW, SpeedEstimate
 from quantrouter.units import format_bytes
 from quantrouter.values import Assessment, Decision, FailureKind, Preference
@@ -124,6 +126,7 @@ class PolicyConfig:
     `runner_parallel`: OLLAMA_NUM_PARALLEL of the backend, the requests one runner serves at once.
     `balanced_deadline_share`: for BALANCED requests with a deadline, an expected time within this share of
     the time left counts as fast enough, so quality decides among such candidates.
+    `kv_bytes_per_element`: the backend's KV cache element size (OLLAMA_KV_CACHE_TYPE, `quant.KV_CACHE_TYPES`).
     """
 
     balanced_quality_weight: float = 0.5
@@ -132,6 +135,7 @@ class PolicyConfig:
     quality_tolerance: float = 0.005
     runner_parallel: int = 1
     balanced_deadline_share: float = 0.5
+    kv_bytes_per_element: float = KV_CACHE_TYPES["f16"]
 
 
 def remaining_seconds(expected_and_done: Sequence[tuple[float, float]]) -> tuple[float, ...]:
@@ -141,10 +145,13 @@ def remaining_seconds(expected_and_done: Sequence[tuple[float, float]]) -> tuple
     return tuple(sorted(expected * max(1.0 - done, 0.0) for expected, done in expected_and_done))
 
 
-def _memory_needed(variant: VariantInfo, num_ctx: int) -> int:
+def _memory_needed(variant: VariantInfo, num_ctx: int, config: PolicyConfig) -> int:
+    """Weights + the KV cache of every slot (Ollama starts a runner with num_ctx × OLLAMA_NUM_PARALLEL)."""
+    slots, element = config.runner_parallel, config.kv_bytes_per_element
     if variant.architecture is None:
-        return int(variant.size_bytes * (1 + UNKNOWN_KV_SHARE))
-    return variant.size_bytes + variant.architecture.context_bytes(num_ctx)
+        return int(variant.size_bytes * (1 + UNKNOWN_KV_SHARE * slots * element / KV_CACHE_TYPES["f16"]))
+    return (variant.size_bytes + slots * variant.architecture.kv_cache_bytes(num_ctx, element)
+            + variant.architecture.graph_bytes(num_ctx))
 
 
 def _constraint_rejection(c: CandidateInput, request: RoutingRequest, speed: SpeedEstimate,
@@ -197,7 +204,7 @@ class _Row:
         self.tps, self.measured, self.quality = speed.decode_tps, speed.measured, c.quality
         self.quality_measured = c.quality_measured
         self.below_floor = v.quant.bits_per_weight < SPEED_FLOOR_BPW
-        self.need = need = _memory_needed(v, request.num_ctx)
+        self.need = need = _memory_needed(v, request.num_ctx, config)
         load = 0.0 if v.resident else speed.load_seconds
         prefill = request.prompt_tokens / speed.prompt_tps
         decode = request.num_predict / speed.decode_tps

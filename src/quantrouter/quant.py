@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 __all__ = [
+    "KV_CACHE_TYPES",
     "QUANT_TYPES",
     "QuantType",
     "UnknownQuantizationError",
@@ -64,6 +65,10 @@ QUANT_TYPES: tuple[QuantType, ...] = (
     QuantType("Q2_K_S", 21, 3.17, 0.7200),
     QuantType("Q2_K", 10, 3.1593, 0.7114),
 )
+
+# Bytes per KV cache element by OLLAMA_KV_CACHE_TYPE ("" is f16), from llama.cpp's block sizes: what a runner
+# really holds (q8_0 34 B and q4_0 18 B per 32 elements; reference/quant.md §3).
+KV_CACHE_TYPES: dict[str, float] = {"": 2.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
 _BY_NAME = {q.name: q for q in QUANT_TYPES}
 _BY_FILE_TYPE = {q.file_type: q for q in QUANT_TYPES}

@@ -38,6 +38,7 @@ from quantrouter.inventory import Inventory
 from quantrouter.memory import MemoryProbe, StaticSource, load_pynvml
 from quantrouter.metrics import Metrics
 from quantrouter.policy import PolicyConfig
+from quantrouter.quant import KV_CACHE_TYPES
 from quantrouter.router import Limits, Router
 from quantrouter.service import SERVICE_NAME, RouterService, status_of
 from quantrouter.throughput import ThroughputTable, bandwidth_for
@@ -214,7 +215,9 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None,
                         Breaker(settings.breaker_failures, settings.breaker_cooldown), metrics,
                         Limits(settings.max_in_flight, settings.max_in_flight_per_family, reserve,
                                PolicyConfig(settings.balanced_quality_weight, settings.upgrade_hysteresis,
-                                            settings.load_fraction)),
+                                            settings.load_fraction, runner_parallel=settings.ollama_num_parallel,
+                                            kv_bytes_per_element=KV_CACHE_TYPES[
+                                                settings.ollama_kv_cache_type.lower()])),
                         measured_quality=measured_qualities(settings.calibration_file))
         metrics.watch_variants(router.variant_states, lambda: inventory.backend_up)
 

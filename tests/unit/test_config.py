@@ -40,6 +40,13 @@ def test_ollama_host_follows_ollamas_own_variable_below_ours() -> None:
     assert load_settings({}, both).ollama_host == "http://other:11434"
 
 
+def test_ollamas_parallel_and_kv_cache_type_are_mirrored_below_ours() -> None:
+    settings = load_settings({}, {"OLLAMA_NUM_PARALLEL": "4", "OLLAMA_KV_CACHE_TYPE": "q8_0"})
+    assert (settings.ollama_num_parallel, settings.ollama_kv_cache_type) == (4, "q8_0")
+    ours = load_settings({}, {"OLLAMA_NUM_PARALLEL": "4", "QUANTROUTER_OLLAMA_NUM_PARALLEL": "2"})
+    assert (ours.ollama_num_parallel, ours.ollama_kv_cache_type) == (2, "")
+
+
 def test_cache_dir_follows_xdg() -> None:
     assert default_cache_dir({"XDG_CACHE_HOME": "/c"}) == Path("/c/quantrouter")
     assert default_cache_dir({"QUANTROUTER_CACHE_DIR": "/q", "XDG_CACHE_HOME": "/c"}) == Path("/q")
@@ -54,6 +61,8 @@ def test_cache_dir_follows_xdg() -> None:
     ({"QUANTROUTER_TLS_CERT": "/a.pem"}, "tls_cert and tls_key go together"),
     ({"QUANTROUTER_WORKERS": "0"}, "setting workers must be positive"),
     ({"QUANTROUTER_EVENT_LOOP": "trio"}, "setting event_loop must be uvloop or asyncio"),
+    ({"OLLAMA_KV_CACHE_TYPE": "q5_1"}, "ollama_kv_cache_type: 'q5_1' is not one of Ollama's KV cache types"),
+    ({"OLLAMA_NUM_PARALLEL": "0"}, "setting ollama_num_parallel must be positive"),
 ])
 def test_bad_values_name_the_setting(environ: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

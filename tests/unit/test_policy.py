@@ -10,7 +10,7 @@ import pytest
 
 from quantrouter.catalog import Architecture, VariantInfo
 from quantrouter.policy import CandidateInput, MemoryView, PolicyConfig, RoutingRequest, decide, remaining_seconds
-from quantrouter.quant import parse_quantization
+from quantrouter.quant import KV_CACHE_TYPES, parse_quantization
 from quantrouter.throughput import ThroughputTable
 from quantrouter.values import Decision, FailureKind, Preference
 
@@ -222,6 +222,21 @@ def test_fit_follows_ollamas_load_threshold(load_fraction: float, expected: str)
                       PolicyConfig(load_fraction=load_fraction))
     assert chosen(decision) == expected
     assert decision.downgraded is (expected != "Q8_0")
+
+
+@pytest.mark.parametrize(
+    ("parallel", "kv_type", "need_gib", "expected"),
+    # Q8_0 is 7.96 GiB; its KV cache at num_ctx 4096 is 0.5 GiB per slot at f16, 34/32 B per element at q8_0
+    # (reference/quant.md §3). 10.8 GiB free − reserve = 10.35 GiB; 80 % of it = 8.28 GiB.
+    [(1, "f16", 8.46, "Q6_K"), (1, "q8_0", 8.2256, "Q8_0"), (2, "q8_0", 8.49, "Q6_K"), (2, "f16", 8.96, "Q6_K")],
+)
+def test_the_memory_estimate_follows_ollamas_kv_cache_type_and_parallel_slots(
+        parallel: int, kv_type: str, need_gib: float, expected: str) -> None:
+    config = PolicyConfig(runner_parallel=parallel, kv_bytes_per_element=KV_CACHE_TYPES[kv_type])
+    decision = decide(request(Q), ladder(("Q8_0", "Q6_K", "Q4_K_M"), tps=MEASURED_TPS), free(10.8), config)
+    assert chosen(decision) == expected
+    q8 = next(a for a in decision.candidates if a.quantization == "Q8_0")
+    assert q8.memory_bytes / GIB == pytest.approx(need_gib, abs=0.005)
 
 
 def test_a_pinned_tag_is_served_even_when_memory_looks_short() -> None:
