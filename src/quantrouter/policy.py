@@ -40,7 +40,7 @@ variant replaces a resident sibling only when it fits with a margin (`upgrade_hy
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from itertools import accumulate
 
@@ -145,15 +145,6 @@ def remaining_seconds(expected_and_done: Sequence[tuple[float, float]]) -> tuple
     return tuple(sorted(expected * max(1.0 - done, 0.0) for expected, done in expected_and_done))
 
 
-def _memory_needed(variant: VariantInfo, num_ctx: int, config: PolicyConfig) -> int:
-    """Weights + the KV cache of every slot (Ollama starts a runner with num_ctx × OLLAMA_NUM_PARALLEL)."""
-    slots, element = config.runner_parallel, config.kv_bytes_per_element
-    if variant.architecture is None:
-        return int(variant.size_bytes * (1 + UNKNOWN_KV_SHARE * slots * element / KV_CACHE_TYPES["f16"]))
-    return (variant.size_bytes + slots * variant.architecture.kv_cache_bytes(num_ctx, element)
-            + variant.architecture.graph_bytes(num_ctx))
-
-
 def _constraint_rejection(c: CandidateInput, request: RoutingRequest, speed: SpeedEstimate,
                           ttft: float, expected: float) -> str:
     quant = c.variant.quant
@@ -191,50 +182,81 @@ class _Backlog:
         return self._prefix[i] + service * (len(self._sorted) - i)
 
 
+class _Frame:
+    """What every candidate of one decision shares, worked out once: the request's numbers, the memory
+    thresholds, the backlog, and the context bytes per architecture (weights + the KV cache of every slot,
+    as Ollama starts a runner with num_ctx × OLLAMA_NUM_PARALLEL, + the compute graph)."""
+
+    __slots__ = ("_kv", "available", "backlog", "busy_runners", "config", "deadline", "decode_tokens",
+                 "family_resident", "min_tps", "prompt_tokens", "request", "upgrade_usable", "usable", "vetted")
+
+    def __init__(self, request: RoutingRequest, available: int, family_resident: bool, backlog: _Backlog,
+                 busy_runners: int, config: PolicyConfig) -> None:
+        self.request, self.config, self.backlog, self.busy_runners = request, config, backlog, busy_runners
+        self.prompt_tokens, self.decode_tokens = request.prompt_tokens, request.num_predict
+        self.deadline, self.min_tps = request.time_remaining, request.min_tokens_per_second
+        self.available, self.family_resident = available, family_resident
+        # Memory limits apply only to loads the policy chooses (a pinned tag is served as asked).
+        self.vetted = request.pinned_tag is None
+        self.usable = available * config.load_fraction
+        self.upgrade_usable = self.usable / (1 + config.upgrade_hysteresis)
+        self._kv: dict[int, int] = {}
+
+    def need(self, variant: VariantInfo) -> int:
+        arch, config = variant.architecture, self.config
+        slots, element = config.runner_parallel, config.kv_bytes_per_element
+        if arch is None:
+            return int(variant.size_bytes * (1 + UNKNOWN_KV_SHARE * slots * element / KV_CACHE_TYPES["f16"]))
+        kv = self._kv.get(id(arch))
+        if kv is None:
+            num_ctx = self.request.num_ctx
+            kv = self._kv[id(arch)] = slots * arch.kv_cache_bytes(num_ctx, element) + arch.graph_bytes(num_ctx)
+        return variant.size_bytes + kv
+
+
 class _Row:
     """A candidate's numbers while the decision is made (mutable, so each `Assessment` is built once)."""
 
     __slots__ = ("at_risk", "below_floor", "churn", "expected", "measured", "memory_only", "need", "quality",
                  "quality_measured", "quantization", "queue", "rejection", "resident", "score", "tag", "tps", "ttft")
 
-    def __init__(self, c: CandidateInput, request: RoutingRequest, available: int, family_resident: bool,
-                 backlog: _Backlog, busy_runners: int, config: PolicyConfig) -> None:
-        v, speed = c.variant, c.speed
-        self.tag, self.quantization, self.resident = v.tag, v.quant.name, v.resident
-        self.tps, self.measured, self.quality = speed.decode_tps, speed.measured, c.quality
+    def __init__(self, c: CandidateInput, frame: _Frame) -> None:
+        v, speed, config = c.variant, c.speed, frame.config
+        quant, resident, tps = v.quant, v.resident, speed.decode_tps
+        self.tag, self.quantization, self.resident = v.tag, quant.name, resident
+        self.tps, self.measured, self.quality = tps, speed.measured, c.quality
         self.quality_measured = c.quality_measured
-        self.below_floor = v.quant.bits_per_weight < SPEED_FLOOR_BPW
-        self.need = need = _memory_needed(v, request.num_ctx, config)
-        load = 0.0 if v.resident else speed.load_seconds
-        prefill = request.prompt_tokens / speed.prompt_tps
-        decode = request.num_predict / speed.decode_tps
+        self.below_floor = quant.bits_per_weight < SPEED_FLOOR_BPW
+        self.need = need = frame.need(v)
+        load = 0.0 if resident else speed.load_seconds
+        prefill = frame.prompt_tokens / speed.prompt_tps
+        decode = frame.decode_tokens / tps
         service = prefill + decode
-        queue = backlog.delay(service)
-        if c.in_flight >= config.runner_parallel:
-            queue += max(c.queued_seconds - c.in_flight * service, 0.0)
+        queue = frame.backlog.delay(service)
+        in_flight = c.in_flight
+        if in_flight >= config.runner_parallel:
+            queue += max(c.queued_seconds - in_flight * service, 0.0)
         # Constraints judge the variant on its own (alone on the GPU); the backlog only steers (`at_risk`).
-        rejection = _constraint_rejection(c, request, speed, load + prefill, load + service)
+        rejection = _constraint_rejection(c, frame.request, speed, load + prefill, load + service)
         memory_only = False
-        usable = available * config.load_fraction
-        if not rejection and not v.resident and request.pinned_tag is None:
-            if need > usable:
-                rejection = (f"needs {format_bytes(need)}, {format_bytes(max(available, 0))} free "
+        if not rejection and not resident and frame.vetted:
+            if need > frame.usable:
+                rejection = (f"needs {format_bytes(need)}, {format_bytes(max(frame.available, 0))} free "
                              f"(Ollama loads within {config.load_fraction:.0%} of it)")
                 memory_only = True
-            elif family_resident and need > usable / (1 + config.upgrade_hysteresis):
-                rejection = (f"needs {format_bytes(need)} of {format_bytes(available)} free: within the "
+            elif frame.family_resident and need > frame.upgrade_usable:
+                rejection = (f"needs {format_bytes(need)} of {format_bytes(frame.available)} free: within the "
                              f"{config.upgrade_hysteresis:.0%} margin kept before replacing a resident sibling")
                 memory_only = True
         self.rejection, self.memory_only = rejection, memory_only
         self.queue, self.churn, self.score = queue, 0.0, 0.0
-        self.ttft = queue + load + prefill
-        self.expected = self.ttft + decode
+        self.ttft = ttft = queue + load + prefill
+        self.expected = expected = ttft + decode
         # Its decode rate while other runners time-slice the GPU (its own runner's queue delays, never slows it).
-        sharing = 1 + busy_runners - (c.in_flight > 0)
-        shared_tps = speed.decode_tps / sharing
-        stretched = self.ttft + decode * sharing
-        late = request.time_remaining is not None and max(self.expected, stretched) > request.time_remaining
-        self.at_risk = late or shared_tps < request.min_tokens_per_second
+        sharing = 1 + frame.busy_runners - (in_flight > 0)
+        deadline = frame.deadline
+        late = deadline is not None and max(expected, ttft + decode * sharing) > deadline
+        self.at_risk = late or tps / sharing < frame.min_tps
 
     def assessment(self) -> Assessment:
         return Assessment(self.tag, self.quantization, self.need, self.resident, self.tps, self.measured, self.ttft,
@@ -280,12 +302,11 @@ def _hold_back_sub_floor(rows: Sequence[_Row]) -> None:
                              "(dequantisation): kept for memory pressure")
 
 
-def _rank(rows: Sequence[_Row], preference: Preference, config: PolicyConfig,
-          time_remaining: float | None) -> list[_Row]:
-    """Best first, each with its score set (higher is better); candidates at risk of missing the deadline or
-    the speed floor behind the GPU's backlog score `AT_RISK_PENALTY` lower, so they rank after the rest."""
-    if not rows:
-        return []
+def _score(rows: Sequence[_Row], preference: Preference, config: PolicyConfig,
+           time_remaining: float | None) -> Callable[[_Row], tuple[float | str, ...]]:
+    """Set each row's score (higher is better) and return the ranking key (best first); candidates at risk
+    of missing the deadline or the speed floor behind the GPU's backlog score `AT_RISK_PENALTY` lower, so
+    they rank after the rest."""
     safe = [row for row in rows if not row.at_risk]
     if not safe:  # nothing is expected to make it: the fastest has the best chance
         safe, preference = list(rows), Preference.LATENCY
@@ -295,11 +316,13 @@ def _rank(rows: Sequence[_Row], preference: Preference, config: PolicyConfig,
     # BALANCED with a deadline: finishing within `balanced_deadline_share` of the time left is fast enough.
     enough = (config.balanced_deadline_share * time_remaining
               if preference is Preference.BALANCED and time_remaining is not None else 0.0)
-    best_c = min(max(row.expected + row.churn, enough) for row in safe)
+    best_c = min(cost if (cost := row.expected + row.churn) > enough else enough for row in safe)
     weight = config.balanced_quality_weight
     for row in rows:
-        cost = max(row.expected + row.churn, enough)
-        speed = min(best_c / cost, 1.0) if cost > 0 else 1.0
+        cost = row.expected + row.churn
+        if cost < enough:
+            cost = enough
+        speed = (best_c / cost if best_c < cost else 1.0) if cost > 0 else 1.0
         quality = top_q if row.quality >= floor_q else row.quality
         if preference is Preference.QUALITY:
             value = quality
@@ -308,14 +331,22 @@ def _rank(rows: Sequence[_Row], preference: Preference, config: PolicyConfig,
         else:
             value = weight * quality / best_q + (1 - weight) * speed
         row.score = value - AT_RISK_PENALTY if row.at_risk else value
-    ranked = list(rows)
     # Primary: score. Secondary: the other objective, so ties resolve as the docstring says.
     if preference is Preference.LATENCY:
-        ranked.sort(key=lambda row: (-round(row.score / TIE_TOLERANCE), -row.quality, row.tag))
-    else:
-        ranked.sort(key=lambda row: (-round(row.score / TIE_TOLERANCE), row.expected + row.churn, -row.quality,
-                                     row.tag))
-    return ranked
+        return lambda row: (-round(row.score / TIE_TOLERANCE), -row.quality, row.tag)
+    return lambda row: (-round(row.score / TIE_TOLERANCE), row.expected + row.churn, -row.quality, row.tag)
+
+
+def _rank(rows: Sequence[_Row], preference: Preference, config: PolicyConfig,
+          time_remaining: float | None) -> list[_Row]:
+    """Best first, each with its score set."""
+    return sorted(rows, key=_score(rows, preference, config, time_remaining)) if rows else []
+
+
+def _best(rows: Sequence[_Row], preference: Preference, config: PolicyConfig,
+          time_remaining: float | None) -> _Row | None:
+    """What `_rank` would put first (without sorting the rest), each row's score set."""
+    return min(rows, key=_score(rows, preference, config, time_remaining)) if rows else None
 
 
 def rank(assessments: Sequence[Assessment], preference: Preference, config: PolicyConfig,
@@ -343,9 +374,9 @@ def decide(
     free = memory.free_bytes - memory.reserve_bytes
     available = free + reclaimable
     family_resident = any(c.variant.resident for c in pool)
-    backlog = _Backlog(memory.backlog)
     busy_runners = sum(1 for c in pool if c.in_flight > 0)
-    rows = [_Row(c, request, available, family_resident, backlog, busy_runners, config) for c in pool]
+    frame = _Frame(request, available, family_resident, _Backlog(memory.backlog), busy_runners, config)
+    rows = [_Row(c, frame) for c in pool]
     if request.pinned_tag is None:
         _charge_churn(rows, pool, free, config)
         _hold_back_sub_floor(rows)
@@ -354,15 +385,15 @@ def decide(
     # feasible ranking's scores are the ones listed.
     blocked: _Row | None = None
     if any(row.memory_only for row in rows):
-        unconstrained = _rank([row for row in rows if not row.rejection or row.memory_only], request.preference,
+        unconstrained = _best([row for row in rows if not row.rejection or row.memory_only], request.preference,
                               config, request.time_remaining)
-        blocked = unconstrained[0] if unconstrained[0].memory_only else None
+        blocked = unconstrained if unconstrained is not None and unconstrained.memory_only else None
         for row in rows:
             row.score = 0.0
-    ranked = _rank([row for row in rows if not row.rejection], request.preference, config, request.time_remaining)
+    best = _best([row for row in rows if not row.rejection], request.preference, config, request.time_remaining)
     listed = tuple(row.assessment() for row in rows)
 
-    if not ranked:
+    if best is None:
         if all(row.memory_only for row in rows):
             failure = FailureKind.MEMORY
         elif all(row.rejection.startswith(DEADLINE_REJECTION) for row in rows):
@@ -373,7 +404,7 @@ def decide(
         return replace(base, reason=f"no variant of {request.family} can serve this request ({why})",
                        candidates=listed, failure=failure, best_expected_seconds=min(row.expected for row in rows))
 
-    chosen = listed[rows.index(ranked[0])]
+    chosen = listed[rows.index(best)]
     lost = listed[rows.index(blocked)] if blocked is not None else None
     reason = _explain(request, chosen, lost)
     return replace(base, chosen=chosen, reason=reason, candidates=listed, downgraded=lost is not None)
