@@ -365,10 +365,8 @@ def decide(
 ) -> Decision:
     """Pick the variant for `request` among `candidates` (the family's variants)."""
     pool = [c for c in candidates if request.pinned_tag in (None, c.variant.tag)]
-    base = Decision(request.family, request.preference, None, "", pinned=request.pinned_tag is not None,
-                    fallback=bool(request.excluded), memory_source=memory.source, free_bytes=memory.free_bytes)
     if not pool:
-        return replace(base, reason=f"no variants of {request.family}", failure=FailureKind.EMPTY)
+        return _decision(request, memory, None, f"no variants of {request.family}", failure=FailureKind.EMPTY)
 
     reclaimable = sum(c.variant.vram_bytes for c in pool if c.variant.resident and c.in_flight == 0)
     free = memory.free_bytes - memory.reserve_bytes
@@ -401,13 +399,22 @@ def decide(
         else:
             failure = FailureKind.CONSTRAINTS
         why = "; ".join(f"{row.tag}: {row.rejection}" for row in rows)
-        return replace(base, reason=f"no variant of {request.family} can serve this request ({why})",
-                       candidates=listed, failure=failure, best_expected_seconds=min(row.expected for row in rows))
+        return _decision(request, memory, None, f"no variant of {request.family} can serve this request ({why})",
+                         candidates=listed, failure=failure, best_expected_seconds=min(row.expected for row in rows))
 
     chosen = listed[rows.index(best)]
     lost = listed[rows.index(blocked)] if blocked is not None else None
     reason = _explain(request, chosen, lost)
-    return replace(base, chosen=chosen, reason=reason, candidates=listed, downgraded=lost is not None)
+    return _decision(request, memory, chosen, reason, candidates=listed, downgraded=lost is not None)
+
+
+def _decision(request: RoutingRequest, memory: MemoryView, chosen: Assessment | None, reason: str, *,
+              candidates: tuple[Assessment, ...] = (), downgraded: bool = False, failure: FailureKind | None = None,
+              best_expected_seconds: float = 0.0) -> Decision:
+    return Decision(request.family, request.preference, chosen, reason, candidates, downgraded,
+                    pinned=request.pinned_tag is not None, fallback=bool(request.excluded), failure=failure,
+                    memory_source=memory.source, free_bytes=memory.free_bytes,
+                    best_expected_seconds=best_expected_seconds)
 
 
 def _explain(request: RoutingRequest, chosen: Assessment, blocked: Assessment | None) -> str:
