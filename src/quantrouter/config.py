@@ -78,8 +78,8 @@ class Settings:
     default_min_quantization: str = ""
     # Ollama loads beside other models only within 80 % of free memory (reference/ollama.md §3).
     load_fraction: float = 0.8
-    # What the backend was started with, mirrored so that the memory estimate is what a runner will hold
-    # (KV cache for num_ctx × OLLAMA_NUM_PARALLEL slots at OLLAMA_KV_CACHE_TYPE's element size).
+    # What the backend was started with, mirrored: the requests one runner serves at once (a further one
+    # queues), and the KV cache element size, so that the memory estimate is what a runner will hold.
     ollama_num_parallel: int = 1
     ollama_kv_cache_type: str = ""
     balanced_quality_weight: float = 0.5

@@ -3,12 +3,12 @@
 No I/O, no clock, no logging: the service passes in the catalog's variants, a memory view, the speed
 estimates and the time left before the deadline. The model (design §5):
 
-- memory needed = weights + the KV cache for num_ctx × `runner_parallel` slots at `kv_bytes_per_element`
-  (f16 unless the router is told Ollama's OLLAMA_KV_CACHE_TYPE: what the runner will hold); a variant
-  fits when it is resident, or when need ≤ `load_fraction` × (free − reserve + what idle variants of the
-  same family would give back on eviction): Ollama loads a model beside others only within 80 % of free
-  memory and otherwise waits for busy runners to finish (reference/ollama.md §3), which a routed request
-  would spend in a queue;
+- memory needed = weights + the KV cache for num_ctx at `kv_bytes_per_element` (f16 unless the router is
+  told Ollama's OLLAMA_KV_CACHE_TYPE: what the runner will hold), one slot's worth; a variant fits when it
+  is resident, or when need ≤ `load_fraction` × (free − reserve + what idle variants of the same family
+  would give back on eviction): Ollama loads a model beside others only within 80 % of free memory and
+  otherwise waits for busy runners to finish (reference/ollama.md §3), which a routed request would spend
+  in a queue;
 - queue = the GPU's backlog as this request would meet it: runners of one GPU time-slice it, so each
   in-flight request delays this one by min(its remaining seconds, this one's own service time), and on a
   runner that already serves `runner_parallel` requests this one also waits its turn;
@@ -184,8 +184,12 @@ class _Backlog:
 
 class _Frame:
     """What every candidate of one decision shares, worked out once: the request's numbers, the memory
-    thresholds, the backlog, and the context bytes per architecture (weights + the KV cache of every slot,
-    as Ollama starts a runner with num_ctx × OLLAMA_NUM_PARALLEL, + the compute graph)."""
+    thresholds, the backlog, and the context bytes per architecture (KV cache + compute graph).
+
+    The KV cache is counted for one slot although Ollama gives a runner num_ctx × OLLAMA_NUM_PARALLEL: with
+    every slot counted the simulator's long-prompts / parallel-4 cell had no variant left that fits within
+    `load_fraction`, and the router refused everything that Ollama, whose first model always loads, serves.
+    """
 
     __slots__ = ("_kv", "available", "backlog", "busy_runners", "config", "deadline", "decode_tokens",
                  "family_resident", "min_tps", "prompt_tokens", "request", "upgrade_usable", "usable", "vetted")
@@ -203,14 +207,13 @@ class _Frame:
         self._kv: dict[int, int] = {}
 
     def need(self, variant: VariantInfo) -> int:
-        arch, config = variant.architecture, self.config
-        slots, element = config.runner_parallel, config.kv_bytes_per_element
+        arch, element = variant.architecture, self.config.kv_bytes_per_element
         if arch is None:
-            return int(variant.size_bytes * (1 + UNKNOWN_KV_SHARE * slots * element / KV_CACHE_TYPES["f16"]))
+            return int(variant.size_bytes * (1 + UNKNOWN_KV_SHARE * element / KV_CACHE_TYPES["f16"]))
         kv = self._kv.get(id(arch))
         if kv is None:
             num_ctx = self.request.num_ctx
-            kv = self._kv[id(arch)] = slots * arch.kv_cache_bytes(num_ctx, element) + arch.graph_bytes(num_ctx)
+            kv = self._kv[id(arch)] = arch.kv_cache_bytes(num_ctx, element) + arch.graph_bytes(num_ctx)
         return variant.size_bytes + kv
 
 

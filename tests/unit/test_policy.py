@@ -225,18 +225,29 @@ def test_fit_follows_ollamas_load_threshold(load_fraction: float, expected: str)
 
 
 @pytest.mark.parametrize(
-    ("parallel", "kv_type", "need_gib", "expected"),
-    # Q8_0 is 7.96 GiB; its KV cache at num_ctx 4096 is 0.5 GiB per slot at f16, 34/32 B per element at q8_0
-    # (reference/quant.md §3). 10.8 GiB free − reserve = 10.35 GiB; 80 % of it = 8.28 GiB.
-    [(1, "f16", 8.46, "Q6_K"), (1, "q8_0", 8.2256, "Q8_0"), (2, "q8_0", 8.49, "Q6_K"), (2, "f16", 8.96, "Q6_K")],
+    ("kv_type", "need_gib", "expected"),
+    # Q8_0 is 7.96 GiB; its KV cache at num_ctx 4096 is 0.5 GiB at f16, 34/32 B per element at q8_0, 18/32 at
+    # q4_0 (reference/quant.md §3). 10.8 GiB free − reserve = 10.35 GiB; 80 % of it = 8.28 GiB.
+    [("f16", 8.46, "Q6_K"), ("q8_0", 8.2256, "Q8_0"), ("q4_0", 8.1006, "Q8_0")],
 )
-def test_the_memory_estimate_follows_ollamas_kv_cache_type_and_parallel_slots(
-        parallel: int, kv_type: str, need_gib: float, expected: str) -> None:
-    config = PolicyConfig(runner_parallel=parallel, kv_bytes_per_element=KV_CACHE_TYPES[kv_type])
+def test_the_memory_estimate_follows_ollamas_kv_cache_type(kv_type: str, need_gib: float, expected: str) -> None:
+    config = PolicyConfig(kv_bytes_per_element=KV_CACHE_TYPES[kv_type])
     decision = decide(request(Q), ladder(("Q8_0", "Q6_K", "Q4_K_M"), tps=MEASURED_TPS), free(10.8), config)
     assert chosen(decision) == expected
     q8 = next(a for a in decision.candidates if a.quantization == "Q8_0")
     assert q8.memory_bytes / GIB == pytest.approx(need_gib, abs=0.005)
+
+
+@pytest.mark.parametrize(("parallel", "waits"), [(1, True), (2, False)])
+def test_a_runner_queues_beyond_ollamas_num_parallel(parallel: int, waits: bool) -> None:
+    """Q4_K_M's runner serves one request with 10 s of work left: with OLLAMA_NUM_PARALLEL 1 the next request
+    waits for it, with 2 it joins the batch at once."""
+    pool = [replace(c, queued_seconds=10.0) if c.variant.quant.name == "Q4_K_M" else c
+            for c in ladder(("Q8_0", "Q4_K_M"), resident=("Q4_K_M",), tps=MEASURED_TPS, busy=("Q4_K_M",))]
+    decision = decide(request(L), pool, free(40.0), PolicyConfig(runner_parallel=parallel))
+    q4 = next(a for a in decision.candidates if a.quantization == "Q4_K_M")
+    service = 500 / PROMPT_TPS + 256 / MEASURED_TPS["Q4_K_M"]
+    assert q4.queue_seconds == pytest.approx(10.0 - service if waits else 0.0)
 
 
 def test_a_pinned_tag_is_served_even_when_memory_looks_short() -> None:
