@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         "variants", help="list families and variants a running router (or a backend) knows",
         description="Per family: tag, quant level, size, parameter count, resident or not, VRAM, tokens/sec "
                     "(measured, or * a prior) with its sample count, and quality: measured by `calibrate --quality` "
-                    "(marked measured) or the quant type's prior (marked prior). From a running "
+                    "(marked measured) or its quant type's quality prior (marked prior). From a running "
                     "router at --target, or straight from a backend with --backend URL (speeds are then the "
                     "router's priors, or the figures of --calibration FILE).")
     variants.add_argument("family", nargs="?", default="", help="only this family")
