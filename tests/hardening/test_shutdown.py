@@ -76,6 +76,8 @@ def served(embedded_backend: EmbeddedServer) -> Iterator[Served]:
             process.kill()
         process.wait(EXIT_TIMEOUT_S)
         reader.join(EXIT_TIMEOUT_S)
+        assert process.stderr is not None
+        process.stderr.close()
 
 
 def exit_code(served: Served, timeout: float = EXIT_TIMEOUT_S) -> int:

@@ -126,8 +126,11 @@ def parse_allocation(log: str, weights: int) -> Allocation:
 def _without_repacked_buffers() -> Iterator[None]:
     """Llama() loads with llama.cpp's extra (repacked) CPU buffer types off (`use_extra_bufts = False`).
 
-    On this project's AMX machine the repacked kernels die with SIGILL on every quantized model, in any
-    process and venv (seen 2026-11-30), while the plain CPU kernels run the same quantized dot products.
+    A repacked buffer is a second copy of the weights in a CPU-specific layout that llama.cpp's load log
+    does not list, so the memory charged for a model would miss it (214–511 MiB for this ladder on an AMX
+    machine). With it off, what is charged is what is held; the plain CPU kernels run the same quantized
+    dot products. (The AMX kernels also died with SIGILL on a VM that advertised AMX without enabling it;
+    `make install` now builds llama.cpp without them.)
     `Llama` takes no such argument, so its default model parameters are swapped for the call; loads hold
     `_LOAD_LOCK`, so no other load sees the swap.
     """
