@@ -14,7 +14,6 @@ from typing import Any
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from quantrouter.capacity import DEFAULT_INTERVAL_S, duration_pb, memory_status_pb, variant_pb, watch
 from quantrouter.config import Settings
@@ -292,6 +291,3 @@ def completion_pb(c: Completion) -> pb.Completion:
                          load_duration=duration_pb(c.load_seconds), total_duration=duration_pb(c.total_seconds),
                          done_reason=c.done_reason)
 
-
-def abort_status(error: QuantrouterError) -> grpc.Status:
-    return rpc_status.to_status(status_of(error))

@@ -21,8 +21,10 @@ from typing import Any
 
 from aiohttp import web
 
+import quantrouter.embedded.engine as engine
+import quantrouter.embedded.openai as openai
+import quantrouter.embedded.wire as wire
 from quantrouter.background import service_in_thread
-from quantrouter.embedded import engine, openai, wire
 from quantrouter.embedded.errors import BadRequestError, EmbeddedError, ModelNotFoundError
 from quantrouter.embedded.exchange import Exchange
 from quantrouter.embedded.ladder import prepare_ladder

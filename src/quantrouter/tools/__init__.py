@@ -5,8 +5,8 @@ Each is a Python function and a `quantrouter` subcommand (`tools.cli.add_tool_co
 memory probe and calibration format.
 """
 
-from quantrouter.tools.calibrate import CALIBRATION_PROMPTS, Calibration, calibrate, calibration_of
-from quantrouter.tools.compare import Comparison, VariantResult, compare, compare_runs, plot_comparison
+from quantrouter.tools.calibration import CALIBRATION_PROMPTS, Calibration, calibrate, calibration_of
+from quantrouter.tools.comparison import Comparison, VariantResult, compare, compare_runs, plot_comparison
 from quantrouter.tools.errors import ToolError
 from quantrouter.tools.ladder import (
     OLLAMA_QUANTIZE_TARGETS,
@@ -19,7 +19,7 @@ from quantrouter.tools.ladder import (
 )
 from quantrouter.tools.live import BackendView, backend_listing, family_variants, read_backend, read_catalog
 from quantrouter.tools.measure import Run, Step, greedy_agreement, run_greedy, top_k_agreement
-from quantrouter.tools.recommend import (
+from quantrouter.tools.recommendation import (
     Candidate,
     Estimate,
     Recommendation,

@@ -23,15 +23,15 @@ from quantrouter.catalog import Architecture
 from quantrouter.client import RouterClient
 from quantrouter.config import ConfigError, Settings, parse_bytes
 from quantrouter.errors import QuantrouterError
-from quantrouter.tools.calibrate import CALIBRATION_PROMPTS, calibrate, format_calibration
-from quantrouter.tools.calibrate import DEFAULT_NUM_PREDICT as CALIBRATION_NUM_PREDICT
-from quantrouter.tools.compare import DEFAULT_NUM_PREDICT as COMPARE_NUM_PREDICT
-from quantrouter.tools.compare import compare, format_comparison, plot_comparison
+from quantrouter.tools.calibration import CALIBRATION_PROMPTS, calibrate, format_calibration
+from quantrouter.tools.calibration import DEFAULT_NUM_PREDICT as CALIBRATION_NUM_PREDICT
+from quantrouter.tools.comparison import DEFAULT_NUM_PREDICT as COMPARE_NUM_PREDICT
+from quantrouter.tools.comparison import compare, format_comparison, plot_comparison
 from quantrouter.tools.errors import ToolError
 from quantrouter.tools.ladder import OLLAMA_QUANTIZE_TARGETS, build_embedded_ladder, build_ladder, format_ladder
 from quantrouter.tools.live import family_variants, read_backend
 from quantrouter.tools.measure import DEFAULT_SEED
-from quantrouter.tools.recommend import (
+from quantrouter.tools.recommendation import (
     Recommendation,
     offline_candidates,
     recommend,

@@ -6,7 +6,7 @@ import pytest
 
 from quantrouter.catalog import Architecture, VariantInfo
 from quantrouter.quant import parse_quantization
-from quantrouter.tools.recommend import (
+from quantrouter.tools.recommendation import (
     estimated_kv_bytes,
     nominal_bits,
     offline_candidates,
