@@ -1,7 +1,8 @@
 """The `quantrouter` command: serve, talk to a running router, try it all on the embedded backend.
 
 Settings come from flags, then `QUANTROUTER_*` variables, then `--config FILE` (TOML), then defaults
-(quantrouter.config). Client commands (`generate`, `route`, `variants`) reach a router at `--target`.
+(quantrouter.config). Client commands (`generate`, `route`, `variants`) reach a router at `--target`
+and load only the client; `serve` and `demo` import the server when they run.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from quantrouter.client import (
     VariantListing,
 )
 from quantrouter.config import ConfigError, Settings, load_settings
-from quantrouter.server import configure_logging, describe, serve_processes, start
+from quantrouter.logs import configure_logging
 from quantrouter.units import format_bytes
 from quantrouter.values import Completion, Decision
 
@@ -206,6 +207,8 @@ def _load(args: argparse.Namespace) -> Settings:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from quantrouter.server import serve_processes  # only serving loads the server (grpc.aio, prometheus, ollama)
+
     if settings.nodes or settings.discover:
         from quantrouter.fleet.server import start_fleet
         return serve_processes(settings, start_fleet)
@@ -219,6 +222,8 @@ def _epp(args: argparse.Namespace, settings: Settings) -> int:
         from quantrouter.gateway.server import start_epp
     except ImportError as error:
         return _needs_extra("gateway", f"{error.name} is missing")
+    from quantrouter.server import serve_processes
+
     return serve_processes(settings, start_epp)
 
 
@@ -315,6 +320,8 @@ async def _demo_request(client: AsyncRouterClient, preference: PreferenceName) -
 
 
 async def _demo_async(args: argparse.Namespace, settings: Settings) -> int:
+    from quantrouter.server import describe, start
+
     running = await start(settings)
     try:
         print(f"quantrouter demo: {describe(running)}\n")

@@ -35,6 +35,7 @@ from quantrouter.calibration import load_calibration
 from quantrouter.config import ConfigError, Settings
 from quantrouter.interceptors import AuthInterceptor, MetricsInterceptor, StatusInterceptor
 from quantrouter.inventory import Inventory
+from quantrouter.logs import configure_logging
 from quantrouter.memory import MemoryProbe, StaticSource, load_pynvml
 from quantrouter.metrics import Metrics
 from quantrouter.policy import PolicyConfig
@@ -45,7 +46,7 @@ from quantrouter.tls import server_credentials
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
 
-__all__ = ["Listening", "RunningServer", "Stoppable", "configure_logging", "describe", "listen", "run_in_thread",
+__all__ = ["Listening", "RunningServer", "Stoppable", "describe", "listen", "run_in_thread",
            "serve", "serve_processes", "start"]
 
 log = logging.getLogger(__name__)
@@ -279,12 +280,6 @@ async def serve(settings: Settings, starter: Callable[[Settings], Awaitable[Stop
             with contextlib.suppress(ValueError, RuntimeError):
                 loop.remove_signal_handler(sig)
     return 0
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if level != "debug":  # one line per backend call would bury everything else
-        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
