@@ -143,7 +143,7 @@ class Router:
 
     def family_label(self, family: str) -> str:
         """A metric label value: known families only (bounded cardinality)."""
-        return family if family in self.inventory.snapshot.families else OTHER
+        return family if self.inventory.snapshot.has_family(family) else OTHER
 
     def candidates(self, catalog: CatalogSnapshot, family: str) -> list[CandidateInput]:
         now = self._clock()
