@@ -8,13 +8,15 @@ agreement}}}`; `agreement` is the greedy-token agreement with the highest-precis
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from quantrouter.throughput import ThroughputTable
+from quantrouter.config import PolicySettings
+from quantrouter.throughput import ThroughputTable, bandwidth_for
 
-__all__ = ["CalibrationError", "VariantCalibration", "load_calibration", "read_calibration", "write_calibration"]
+__all__ = ["CalibrationError", "VariantCalibration", "load_calibration", "read_calibration", "starting_speeds",
+           "write_calibration"]
 
 FORMAT_VERSION = 1
 
@@ -57,3 +59,11 @@ def load_calibration(path: Path, table: ThroughputTable) -> int:
     for tag, c in variants.items():
         table.seed(tag, c.decode_tps, c.prompt_tps, c.load_seconds, c.samples)
     return len(variants)
+
+
+def starting_speeds(policy: PolicySettings, gpu_names: Iterable[str]) -> ThroughputTable:
+    """The speed table a router starts from: priors for these GPUs, then the calibration file's figures."""
+    table = ThroughputTable(policy.ewma_alpha, bandwidth_for(gpu_names, policy.gpu_bandwidth))
+    if policy.calibration_file is not None:
+        load_calibration(policy.calibration_file, table)
+    return table

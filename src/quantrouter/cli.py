@@ -209,14 +209,14 @@ def _load(args: argparse.Namespace) -> Settings:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from quantrouter.server import serve_processes  # only serving loads the server (grpc.aio, prometheus, ollama)
 
-    if settings.nodes or settings.discover:
+    if settings.fleet.nodes or settings.fleet.discover:
         from quantrouter.fleet.server import start_fleet
         return serve_processes(settings, start_fleet)
     return serve_processes(settings)
 
 
 def _epp(args: argparse.Namespace, settings: Settings) -> int:
-    if not (settings.nodes or settings.discover):
+    if not (settings.fleet.nodes or settings.fleet.discover):
         raise ConfigError("the picker routes across node routers: give --node NAME=HOST:PORT or --discover")
     try:
         from quantrouter.gateway.server import start_epp
@@ -296,7 +296,7 @@ def format_listing(listing: VariantListing) -> str:
 def _variants(args: argparse.Namespace, settings: Settings) -> int:
     if args.backend:
         from quantrouter.tools.live import backend_listing, read_backend
-        listing = backend_listing(asyncio.run(read_backend(settings, args.backend)), settings, args.family)
+        listing = backend_listing(asyncio.run(read_backend(settings, args.backend)), settings.policy, args.family)
     else:
         with RouterClient(args.target, token=args.token) as client:
             listing = client.list_variants(args.family)
@@ -339,7 +339,7 @@ async def _demo_async(args: argparse.Namespace, settings: Settings) -> int:
         print("\n".join(_decision_lines(decision)))
         print(f"\nmetrics: curl -s http://127.0.0.1:{running.metrics_port}/metrics | grep quantrouter_")
         if args.keep_serving:
-            print(f"serving on {settings.grpc_address} (port {running.port}); Ctrl-C to stop")
+            print(f"serving on {settings.server.grpc_address} (port {running.port}); Ctrl-C to stop")
             await running.wait()
         return 0
     finally:
@@ -347,11 +347,12 @@ async def _demo_async(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
-    overrides: dict[str, Any] = {"embedded": True}
+    server = settings.server
     if not args.keep_serving:  # a one-shot demo takes free ports, so it runs beside anything
-        overrides["grpc_address"] = args.grpc_address or "127.0.0.1:0"
-        overrides["metrics_address"] = args.metrics_address or "127.0.0.1:0"
-    return asyncio.run(_demo_async(args, replace(settings, **overrides)))
+        server = replace(server, grpc_address=args.grpc_address or "127.0.0.1:0",
+                         metrics_address=args.metrics_address or "127.0.0.1:0")
+    demo = replace(settings, server=server, embedded=replace(settings.embedded, enabled=True))
+    return asyncio.run(_demo_async(args, demo))
 
 
 def _needs_extra(extra: str, reason: str) -> int:
@@ -367,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _load(args)
     except ConfigError as error:
         parser.error(str(error))
-    configure_logging(settings.log_level)
+    configure_logging(settings.server.log_level)
     try:
         result: Any = args.func(args, settings)
         return int(result)

@@ -21,6 +21,7 @@ import grpc
 from quantrouter.backend import Final, OllamaBackend
 from quantrouter.breaker import Breaker
 from quantrouter.catalog import CatalogSnapshot, VariantInfo
+from quantrouter.config import LimitSettings
 from quantrouter.errors import (
     BackendBusy,
     BackendError,
@@ -43,7 +44,7 @@ from quantrouter.throughput import Observation, ThroughputTable
 from quantrouter.units import NS
 from quantrouter.values import Completion, Decision, FailureKind
 
-__all__ = ["Completion", "Job", "Limits", "Router", "failure_of"]
+__all__ = ["Completion", "Job", "Router", "failure_of"]
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +67,6 @@ class Job:
     options: Mapping[str, Any] = field(default_factory=dict)
     format: str = ""
     chat: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    max_in_flight: int
-    max_in_flight_per_family: int
-    reserve_bytes: int
-    policy: PolicyConfig
 
 
 @dataclass(slots=True, eq=False)
@@ -111,15 +104,18 @@ def failure_of(decision: Decision) -> QuantrouterError:
 
 class Router:
     def __init__(self, backend: OllamaBackend, inventory: Inventory, probe: MemoryProbe, throughput: ThroughputTable,
-                 breaker: Breaker, metrics: Metrics, limits: Limits,
+                 metrics: Metrics, limits: LimitSettings, policy: PolicyConfig, reserve_bytes: int,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        """`reserve_bytes` is what the backend keeps back on each GPU NVML reports (none on a static capacity)."""
         self.backend = backend
         self.inventory = inventory
         self.probe = probe
         self.throughput = throughput
-        self.breaker = breaker
+        self.breaker = Breaker(limits.breaker_failures, limits.breaker_cooldown)
         self.metrics = metrics
         self.limits = limits
+        self.policy = policy
+        self.reserve_bytes = reserve_bytes
         self._clock = clock
         self._in_flight_tags: Counter[str] = Counter()
         self._in_flight_families: Counter[str] = Counter()
@@ -157,13 +153,13 @@ class Router:
     def memory_view(self) -> MemoryView:
         """Free memory, and the backlog of this router's own in-flight streams (one GPU's worth of work)."""
         snapshot = self.probe.latest
-        reserve = self.limits.reserve_bytes * len(snapshot.gpus) if snapshot.source == NVML else 0
+        reserve = self.reserve_bytes * len(snapshot.gpus) if snapshot.source == NVML else 0
         return MemoryView(snapshot.free_bytes, reserve, snapshot.source, self._backlog())
 
     def decide(self, request: RoutingRequest) -> Decision:
         started = time.perf_counter()
         decision = decide(request, self.candidates(self.inventory.snapshot, request.family), self.memory_view(),
-                          self.limits.policy)
+                          self.policy)
         self.metrics.decision_duration.observe(time.perf_counter() - started)
         return decision
 

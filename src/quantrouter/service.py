@@ -16,7 +16,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from quantrouter.capacity import DEFAULT_INTERVAL_S, duration_pb, memory_status_pb, variant_pb, watch
-from quantrouter.config import Settings
+from quantrouter.config import LimitSettings, RequestDefaults
 from quantrouter.errors import DOMAIN, FieldViolation, InvalidRequest, QuantrouterError, ShuttingDown
 from quantrouter.policy import RoutingRequest
 from quantrouter.quant import UnknownQuantizationError, parse_quantization, quality_key
@@ -83,11 +83,12 @@ class RequestReader:
     """Validation and conversion of requests, protobuf → ours; `resolve` names the family and pinned tag
     (a node router asks its catalog, a fleet router its nodes' catalogs)."""
 
-    def __init__(self, settings: Settings, resolve: Callable[[str], tuple[str, str | None]]) -> None:
-        self._settings = settings
+    def __init__(self, defaults: RequestDefaults, limits: LimitSettings,
+                 resolve: Callable[[str], tuple[str, str | None]]) -> None:
+        self._defaults = defaults
+        self._max_prompt_bytes = limits.max_prompt_bytes
         self._resolve = resolve
-        self._default_floor = (parse_quantization(settings.default_min_quantization)
-                               if settings.default_min_quantization else None)
+        self._default_floor = parse_quantization(defaults.min_quantization) if defaults.min_quantization else None
 
     def _routing_request(self, model: str, preference: int, constraints: pb.Constraints,
                          options: pb.GenerationOptions, prompt_chars: int, time_remaining: float | None,
@@ -124,8 +125,8 @@ class RequestReader:
             preference=_PREFERENCES[preference],
             pinned_tag=pinned,
             prompt_tokens=prompt_chars // CHARS_PER_TOKEN + 1,
-            num_predict=num_predict if num_predict > 0 else self._settings.num_predict_default,
-            num_ctx=options.num_ctx if options.HasField("num_ctx") else self._settings.num_ctx,
+            num_predict=num_predict if num_predict > 0 else self._defaults.num_predict,
+            num_ctx=options.num_ctx if options.HasField("num_ctx") else self._defaults.num_ctx,
             min_quantization=floor,
             allowed_quantizations=frozenset(allowed),
             min_tokens_per_second=min_tps,
@@ -164,7 +165,7 @@ class RequestReader:
         return result
 
     def _check_size(self, size: int, field: str, violations: list[FieldViolation]) -> None:
-        limit = self._settings.max_prompt_bytes
+        limit = self._max_prompt_bytes
         _check(violations, size <= limit, field, f"{size} bytes is over the {limit}-byte limit")
 
     def generate(self, request: pb.GenerateRequest, time_remaining: float | None) -> tuple[RoutingRequest, Job]:
@@ -201,9 +202,10 @@ class RequestReader:
 
 
 class RouterService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
-    def __init__(self, router: Router, settings: Settings, shutting_down: Callable[[], bool]) -> None:
+    def __init__(self, router: Router, defaults: RequestDefaults, limits: LimitSettings,
+                 shutting_down: Callable[[], bool]) -> None:
         self._router = router
-        self._reader = RequestReader(settings, router.resolve)
+        self._reader = RequestReader(defaults, limits, router.resolve)
         self._shutting_down = shutting_down
 
     # RPCs.

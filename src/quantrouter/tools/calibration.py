@@ -72,7 +72,7 @@ async def calibrate(settings: Settings, family: str, path: Path, quants: Sequenc
     name, variants = family_variants(await read_catalog(settings, host), family)
     reference = variants[0]
     chosen = (reference, *(v for v in select_quants(name, variants, quants) if v != reference))
-    per_prompt = await measure_variants(settings, chosen, prompts, num_predict, seed, True, host)
+    per_prompt = await measure_variants(settings.backend.at(host), chosen, prompts, num_predict, seed, True)
     measured = calibration_of(per_prompt, reference.tag)
     write_calibration(path, measured, datetime.now(UTC).isoformat(timespec="seconds"))
     return Calibration(name, reference.tag, measured, path)

@@ -208,7 +208,7 @@ def _memory_from_router(target: str, family: str) -> tuple[int, int]:
 
 
 def _recommend(args: argparse.Namespace, settings: Settings) -> int:
-    reserve = settings.memory_reserve
+    reserve = settings.memory.reserve
     if args.params is not None:
         if args.vram is None:
             raise ToolError("offline mode needs --vram with --params (e.g. --vram 8GiB --params 7B)")
@@ -249,8 +249,8 @@ def _calibrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _ladder(args: argparse.Namespace, settings: Settings) -> int:
-    if settings.embedded:
-        result = build_embedded_ladder(settings.cache_dir, progress=not args.quiet)
+    if settings.embedded.enabled:
+        result = build_embedded_ladder(settings.embedded.cache_dir, progress=not args.quiet)
     elif not args.source:
         raise ToolError("give the SOURCE_TAG to quantize (an F16/BF16/F32 tag), or --embedded")
     else:

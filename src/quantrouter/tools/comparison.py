@@ -57,7 +57,7 @@ async def compare(settings: Settings, family: str, prompt: str, quants: Sequence
     name, variants = family_variants(await read_catalog(settings, host), family)
     reference = variants[0]
     chosen = (reference, *(v for v in select_quants(name, variants, quants) if v != reference))
-    [runs] = await measure_variants(settings, chosen, [prompt], num_predict, seed, unload, host)
+    [runs] = await measure_variants(settings.backend.at(host), chosen, [prompt], num_predict, seed, unload)
     return Comparison(name, prompt, reference.tag, compare_runs(runs, reference.tag))
 
 

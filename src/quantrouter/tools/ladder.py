@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quantrouter.backend import translated
+from quantrouter.backend import ollama_client, translated
 from quantrouter.catalog import family_name_of
 from quantrouter.config import Settings
 from quantrouter.errors import BackendModelMissing
 from quantrouter.quant import QuantType, UnknownQuantizationError, by_file_type, parse_quantization
 from quantrouter.tools.errors import ToolError
-from quantrouter.tools.measure import client_for
 from quantrouter.units import format_bytes
 
 __all__ = [
@@ -119,7 +118,8 @@ async def build_ladder(settings: Settings, source: str, quants: Sequence[str] = 
                        progress: bool = True, host: str | None = None) -> LadderResult:
     """Check `source`, then `create` each missing target with `quantize`, showing Ollama's progress."""
     targets = ladder_targets(quants)
-    client = client_for(settings, host)
+    backend = settings.backend.at(host)
+    client = ollama_client(backend)
     try:
         with translated(source):
             shown = await client.show(source)
@@ -132,7 +132,7 @@ async def build_ladder(settings: Settings, source: str, quants: Sequence[str] = 
             if tag in held and not force:
                 rungs.append(Rung(tag, quant.name, held[tag], EXISTS))
                 continue
-            await _create(client, source, tag, quant, progress, host or settings.ollama_host)
+            await _create(client, source, tag, quant, progress, backend.host)
             with translated(tag):
                 size = next((int(m.size or 0) for m in (await client.list()).models if m.model == tag), 0)
             rungs.append(Rung(tag, quant.name, size, CREATED))
