@@ -15,7 +15,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from quantrouter.quant import QuantType
+from quantrouter.quant import QuantType, quality_key
 
 __all__ = [
     "Architecture",
@@ -80,6 +80,7 @@ class CatalogSnapshot:
     variants: tuple[VariantInfo, ...] = ()
     names: Mapping[str, str] | None = None
     _by_family: Mapping[str, tuple[VariantInfo, ...]] = field(init=False, repr=False, compare=False)
+    _best_first: Mapping[str, tuple[VariantInfo, ...]] = field(init=False, repr=False, compare=False)
     _by_tag: Mapping[str, VariantInfo] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -87,6 +88,9 @@ class CatalogSnapshot:
         for v in self.variants:
             grouped[v.family].append(v)
         object.__setattr__(self, "_by_family", {name: tuple(grouped[name]) for name in sorted(grouped)})
+        object.__setattr__(self, "_best_first", {
+            name: tuple(sorted(members, key=lambda v: (quality_key(v.quant), v.tag)))
+            for name, members in self._by_family.items()})
         object.__setattr__(self, "_by_tag", {v.tag: v for v in self.variants})
 
     @property
@@ -98,6 +102,10 @@ class CatalogSnapshot:
 
     def family(self, name: str) -> tuple[VariantInfo, ...]:
         return self._by_family.get(name, ())
+
+    def best_first(self, name: str) -> tuple[VariantInfo, ...]:
+        """The family's variants, highest quality first (ties by tag): the order listings show."""
+        return self._best_first.get(name, ())
 
     def variant(self, tag: str) -> VariantInfo | None:
         return self._by_tag.get(tag)

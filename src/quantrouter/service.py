@@ -18,8 +18,9 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from quantrouter.capacity import DEFAULT_INTERVAL_S, duration_pb, memory_status_pb, variant_pb, watch
 from quantrouter.config import LimitSettings, RequestDefaults
 from quantrouter.errors import DOMAIN, FieldViolation, InvalidRequest, QuantrouterError, ShuttingDown
+from quantrouter.listing import variant_rows
 from quantrouter.policy import RoutingRequest
-from quantrouter.quant import UnknownQuantizationError, parse_quantization, quality_key
+from quantrouter.quant import UnknownQuantizationError, parse_quantization
 from quantrouter.router import Job, Router, failure_of
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
@@ -237,12 +238,8 @@ class RouterService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
         if request.model:
             family, _ = router.resolve(request.model)
             families = [family]
-        speeds = router.throughput.snapshot()
-        result = []
-        for family in families:
-            variants = sorted(catalog.family(family), key=lambda v: (quality_key(v.quant), v.tag))
-            result.append(pb.Family(name=family, variants=[variant_pb(v, speed)
-                                                           for v, speed in speeds.estimates(variants)]))
+        result = [pb.Family(name=family, variants=[variant_pb(v) for v in rows])
+                  for family, rows in variant_rows(catalog, router.throughput.snapshot(), families).items()]
         return pb.ListVariantsResponse(families=result, memory=memory_status_pb(router.probe.latest))
 
     async def WatchCapacity(self, request: pb.WatchCapacityRequest, context: grpc.aio.ServicerContext

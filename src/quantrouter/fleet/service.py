@@ -19,6 +19,7 @@ from quantrouter.capacity import memory_status_pb, variant_pb
 from quantrouter.config import LimitSettings, RequestDefaults
 from quantrouter.errors import ShuttingDown
 from quantrouter.fleet.router import FleetRouter
+from quantrouter.listing import variant_row
 from quantrouter.memory import GpuMemory, MemorySnapshot
 from quantrouter.policy import CandidateInput, RoutingRequest
 from quantrouter.quant import quality_key
@@ -90,7 +91,7 @@ class FleetService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
                     best[c.variant.tag] = c
         families: dict[str, list[pb.Variant]] = {}
         for c in sorted(best.values(), key=lambda c: (quality_key(c.variant.quant), c.variant.tag)):
-            listed = variant_pb(c.variant, c.speed)
+            listed = variant_pb(variant_row(c.variant, c.speed))
             listed.resident = c.variant.tag in resident
             families.setdefault(c.variant.family, []).append(listed)
         gpus = tuple(GpuMemory(f"{name}/{g.uuid}", f"{name}/{g.name}", g.free_bytes, g.total_bytes)

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from quantrouter.backend import OllamaBackend
 from quantrouter.calibration import starting_speeds
 from quantrouter.catalog import CatalogSnapshot, VariantInfo
-from quantrouter.client import Variant, VariantListing
+from quantrouter.client import VariantListing
 from quantrouter.config import PolicySettings, Settings
 from quantrouter.inventory import Inventory
+from quantrouter.listing import variant_rows
 from quantrouter.memory import MemoryProbe, MemorySnapshot, StaticSource
-from quantrouter.quant import UnknownQuantizationError, parse_quantization, quality_key
+from quantrouter.quant import UnknownQuantizationError, parse_quantization
 from quantrouter.tools.errors import ToolError
 
 __all__ = ["BackendView", "backend_listing", "family_variants", "read_backend", "read_catalog",
@@ -64,8 +65,7 @@ def family_variants(catalog: CatalogSnapshot, name: str) -> tuple[str, tuple[Var
     if resolution is None:
         known = ", ".join(catalog.families) or "none"
         raise ToolError(f"unknown family {name!r}; the backend holds: {known}")
-    variants = catalog.family(resolution.family)
-    return resolution.family, tuple(sorted(variants, key=lambda v: (quality_key(v.quant), v.tag)))
+    return resolution.family, catalog.best_first(resolution.family)
 
 
 def select_quants(family: str, variants: Sequence[VariantInfo], quants: Sequence[str]) -> tuple[VariantInfo, ...]:
@@ -90,14 +90,6 @@ def backend_listing(view: BackendView, settings: PolicySettings, family: str = "
     catalog = view.catalog
     families = [family_variants(catalog, family)[0]] if family else catalog.families
     table = starting_speeds(settings, (g.name for g in view.memory.gpus)).snapshot()
-    listed: dict[str, tuple[Variant, ...]] = {}
-    for name in families:
-        variants = family_variants(catalog, name)[1]  # best quality first, as the router's ListVariants
-        rows = []
-        for v, speed in table.estimates(variants):
-            rows.append(Variant(v.tag, v.quant.name, v.size_bytes, v.parameter_count, v.resident, v.vram_bytes,
-                                speed.decode_tps, speed.measured, speed.samples, v.quant.quality))
-        listed[name] = tuple(rows)
     memory = view.memory
-    return VariantListing(listed, memory.source, memory.free_bytes, memory.total_bytes, memory.detail,
-                          tuple(g.name for g in memory.gpus))
+    return VariantListing(variant_rows(catalog, table, families), memory.source, memory.free_bytes,
+                          memory.total_bytes, memory.detail, tuple(g.name for g in memory.gpus))
