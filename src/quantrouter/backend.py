@@ -17,7 +17,7 @@ import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal, Protocol, cast
 
 import httpx
 import ollama
@@ -34,7 +34,7 @@ from quantrouter.errors import (
     BackendUnavailable,
 )
 
-__all__ = ["Final", "ListedModel", "OllamaBackend", "ResidentModel", "ShownModel", "Text", "ollama_client",
+__all__ = ["Backend", "Final", "ListedModel", "OllamaBackend", "ResidentModel", "ShownModel", "Text", "ollama_client",
            "translated"]
 
 # A piece of relayed text stops growing here even if more is buffered (one gRPC message stays small).
@@ -93,6 +93,27 @@ class Text:
 
     text: str
     chunks: int
+
+
+class Backend(Protocol):
+    """What the router and its inventory ask of a backend; `OllamaBackend` is the one in production.
+
+    Errors leave as the quantrouter.errors tree (`BackendError` and below), never as a library's own.
+    """
+
+    async def list_models(self) -> list[ListedModel]: ...
+
+    async def show(self, tag: str) -> ShownModel: ...
+
+    async def ps(self) -> list[ResidentModel]: ...
+
+    def generate(self, tag: str, prompt: str, system: str, options: Mapping[str, Any],
+                 format: str = "") -> AsyncGenerator[Text | Final, None]:
+        """Text as the backend produces it, then one `Final`."""
+        ...
+
+    def chat(self, tag: str, messages: Sequence[Mapping[str, str]], options: Mapping[str, Any],
+             format: str = "") -> AsyncGenerator[Text | Final, None]: ...
 
 
 @contextmanager

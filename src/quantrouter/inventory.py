@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 
-from quantrouter.backend import OllamaBackend, ShownModel
+from quantrouter.backend import Backend, ShownModel
 from quantrouter.catalog import CatalogSnapshot, VariantInfo, build_catalog
 from quantrouter.config import CatalogSettings
 from quantrouter.errors import BackendError
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 class Inventory:
-    def __init__(self, backend: OllamaBackend, settings: CatalogSettings) -> None:
+    def __init__(self, backend: Backend, settings: CatalogSettings) -> None:
         self._backend = backend
         self._settings = settings
         self._aliases = dict(settings.aliases)
