@@ -118,7 +118,7 @@ class Backend(Protocol):
 
 @contextmanager
 def translated(tag: str = "", started: bool = False) -> Iterator[None]:
-    """Map the client's exceptions to ours (reference/ollama.md §2: how each one surfaces)."""
+    """Map the client's exceptions to ours (docs/ollama.md §2: how each one surfaces)."""
     try:
         yield
     except ollama.ResponseError as error:

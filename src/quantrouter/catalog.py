@@ -1,7 +1,7 @@
 """Variants and families as Ollama reports them, grouped robustly.
 
 Ollama tags are free-form (`llama3.2:3b-instruct-q8_0`, `llama3.2:latest`, `mybot:v2`), so a tag is
-never parsed for its quantization: that comes from `details.quantization_level` (reference/ollama.md §4).
+never parsed for its quantization: that comes from `details.quantization_level` (docs/ollama.md §4).
 A family is the tag with its quantization suffix removed (`gemma3:270m-q8_0` → `gemma3:270m`); a tag
 without one (`llama3.2:latest`) joins the one family of the same repository, `details.family` and
 `parameter_size`, if there is exactly one. Aliases put custom models (made `FROM` a base with a

@@ -46,7 +46,7 @@ DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"
 # OpenTelemetry's Prometheus exporter port; it keeps clear of a Prometheus server's 9090.
 DEFAULT_METRICS_PORT = 9464
 DEFAULT_GRPC_PORT = 50051
-# Ollama's per-GPU minimum reserve on CUDA (`ml/device.go` MinimumMemory, reference/quant.md §3).
+# Ollama's per-GPU minimum reserve on CUDA (`ml/device.go` MinimumMemory, docs/quantization.md §3).
 OLLAMA_GPU_MINIMUM_MEMORY = 457 * MiB
 
 

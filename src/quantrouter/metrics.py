@@ -1,7 +1,7 @@
 """Every Prometheus metric the router exports, defined once in `Metrics(registry)`.
 
 Names follow Prometheus's naming guide (`quantrouter_` prefix, base units, `_total` counters) and the
-field's label names (reference/anchors.md §4): `model_name` is the requested family,
+field's label names (docs/conventions.md §3): `model_name` is the requested family,
 `target_model_name` the variant served. Label values come only from the discovered catalog and from
 closed sets (preferences, reasons, gRPC codes); a name the catalog does not know is recorded as `other`.
 gRPC server metrics reuse go-grpc-prometheus's names so existing dashboards read them.
@@ -20,7 +20,7 @@ __all__ = ["OTHER", "Metrics", "VariantState"]
 
 OTHER = "other"
 
-# OpenTelemetry GenAI semantic conventions' recommended buckets (reference/conventions.md §3).
+# OpenTelemetry GenAI semantic conventions' recommended buckets (docs/conventions.md §3).
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 TOKENS_PER_SECOND_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 2000)

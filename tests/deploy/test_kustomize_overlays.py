@@ -1,5 +1,5 @@
 """Every overlay renders with `kubectl kustomize`, validates against the Kubernetes schemas in strict
-mode, and has the shape reference/conventions.md §4 asks for. CRDs (PodMonitor, PrometheusRule) have
+mode, and has the shape docs/conventions.md §4 asks for. CRDs (PodMonitor, PrometheusRule) have
 no bundled schema, so their fields are checked here."""
 
 from __future__ import annotations

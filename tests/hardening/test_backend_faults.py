@@ -375,7 +375,7 @@ class _Memory:
 
 class FlakyNvml:
     """A stand-in for the `pynvml` module (no GPU here): one 24 GiB GPU, with NVML's function names,
-    return shapes and error classes (reference/quant.md §5). `lost` makes every device call raise
+    return shapes and error classes (docs/quantization.md §5). `lost` makes every device call raise
     `NVMLError_GpuIsLost`, as a GPU that fell off the bus does; clearing it brings the GPU back.
     """
 

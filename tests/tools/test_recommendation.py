@@ -1,4 +1,4 @@
-"""recommend's arithmetic against hand-computed values (reference/quant.md §1d and §3)."""
+"""recommend's arithmetic against hand-computed values (docs/quantization.md §1d and §3)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Which models are resident, within a memory budget that stands in for VRAM, as Ollama schedules them.
 
-Mirrors ollama/ollama `server/sched.go` (reference/ollama.md §3):
+Mirrors ollama/ollama `server/sched.go` (docs/ollama.md §3):
 - a load reserves the file size plus an f16 KV cache for its `num_ctx`; a different `num_ctx`
   reloads the model (`needsReload`);
 - when a load does not fit, idle models are evicted least recently used first; when none is idle

@@ -1,7 +1,7 @@
 """`ladder`: create the variants a backend can quantize to itself, named so the catalog groups them.
 
 Ollama's `create` with `quantize` makes only Q8_0, Q4_K_M and Q4_K_S, and only from F16, BF16 or F32
-weights (reference/ollama.md §4, `server/create.go`); the source is checked through `/api/show` first,
+weights (docs/ollama.md §4, `server/create.go`); the source is checked through `/api/show` first,
 so a wrong source fails with what to do instead of after a download. Targets are named
 `<family>-<quant>` (`llama3.2:3b-instruct-fp16` → `llama3.2:3b-instruct-q8_0`), the spelling
 `catalog.family_name_of` strips, so the new variants join the source's family.
@@ -38,7 +38,7 @@ __all__ = [
     "target_tag",
 ]
 
-# `fs/ggml/type.go` ParseFileType and `server/create.go` (reference/ollama.md §4).
+# `fs/ggml/type.go` ParseFileType and `server/create.go` (docs/ollama.md §4).
 OLLAMA_QUANTIZE_TARGETS: tuple[QuantType, ...] = tuple(parse_quantization(n) for n in ("Q8_0", "Q4_K_M", "Q4_K_S"))
 QUANTIZABLE_SOURCES = frozenset({"F16", "BF16", "F32"})
 CREATED, EXISTS, BUILT = "created", "already there", "built"

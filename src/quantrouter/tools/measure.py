@@ -70,7 +70,7 @@ class Run:
 
 
 async def unload_model(client: ollama.AsyncClient, tag: str) -> None:
-    """An empty prompt with keep_alive 0 unloads the model (reference/ollama.md §1), so the next load is cold."""
+    """An empty prompt with keep_alive 0 unloads the model (docs/ollama.md §1), so the next load is cold."""
     with translated(tag):
         await client.generate(model=tag, prompt="", keep_alive=0)
 

@@ -1,6 +1,6 @@
 """Which quantization fits a memory budget, and why: pure arithmetic, no I/O.
 
-A variant needs its weights plus the KV cache for the context (reference/quant.md §1d and §3):
+A variant needs its weights plus the KV cache for the context (docs/quantization.md §1d and §3):
 
 - weights = parameters × file bits/weight ÷ 8 (the `QuantType` table), or the real file size when the
   backend holds the variant;
