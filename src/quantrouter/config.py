@@ -76,13 +76,13 @@ class ServerSettings:
 
 @dataclass(frozen=True, slots=True)
 class SecuritySettings:
-    """TLS for the gRPC port and the bearer tokens calls must carry (none: no authentication)."""
+    """The bearer tokens calls must carry (none: no authentication) and TLS for the gRPC port."""
 
+    auth_token: str = ""
+    auth_token_file: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
-    auth_token_file: Path | None = None
-    auth_token: str = ""
 
 
 @dataclass(frozen=True, slots=True)

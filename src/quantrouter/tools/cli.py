@@ -23,18 +23,18 @@ from quantrouter.catalog import Architecture
 from quantrouter.client import RouterClient
 from quantrouter.config import ConfigError, Settings, parse_bytes
 from quantrouter.errors import QuantrouterError
-from quantrouter.tools.calibration import CALIBRATION_PROMPTS, calibrate, format_calibration
-from quantrouter.tools.calibration import DEFAULT_NUM_PREDICT as CALIBRATION_NUM_PREDICT
-from quantrouter.tools.comparison import DEFAULT_NUM_PREDICT as COMPARE_NUM_PREDICT
-from quantrouter.tools.comparison import compare, format_comparison, plot_comparison
+from quantrouter.tools.calibrate import CALIBRATION_PROMPTS, calibrate_family, format_calibration
+from quantrouter.tools.calibrate import DEFAULT_NUM_PREDICT as CALIBRATION_NUM_PREDICT
+from quantrouter.tools.compare import DEFAULT_NUM_PREDICT as COMPARE_NUM_PREDICT
+from quantrouter.tools.compare import compare_variants, format_comparison, plot_comparison
 from quantrouter.tools.errors import ToolError
 from quantrouter.tools.ladder import OLLAMA_QUANTIZE_TARGETS, build_embedded_ladder, build_ladder, format_ladder
 from quantrouter.tools.live import family_variants, read_backend
 from quantrouter.tools.measure import DEFAULT_SEED
-from quantrouter.tools.recommendation import (
+from quantrouter.tools.recommend import (
     Recommendation,
     offline_candidates,
-    recommend,
+    recommend_variant,
     variant_candidates,
 )
 from quantrouter.units import format_bytes
@@ -213,7 +213,7 @@ def _recommend(args: argparse.Namespace, settings: Settings) -> int:
         if args.vram is None:
             raise ToolError("offline mode needs --vram with --params (e.g. --vram 8GiB --params 7B)")
         candidates = offline_candidates(args.params, args.context, _architecture(args))
-        result = recommend(candidates, args.vram, reserve, args.context)
+        result = recommend_variant(candidates, args.vram, reserve, args.context)
     elif args.family:
         view = asyncio.run(read_backend(settings, capacity_bytes=args.vram or 0))
         family, variants = family_variants(view.catalog, args.family)
@@ -225,7 +225,7 @@ def _recommend(args: argparse.Namespace, settings: Settings) -> int:
         # The family's own resident variants give their memory back when the router swaps one for another.
         reclaimable = sum(v.vram_bytes for v in variants if v.resident)
         budget = min(total, free + reclaimable)
-        result = recommend(variant_candidates(variants, args.context), budget, reserve, args.context)
+        result = recommend_variant(variant_candidates(variants, args.context), budget, reserve, args.context)
     else:
         raise ToolError("give a FAMILY (live) or --vram and --params (offline); see --help")
     _print(result, format_recommendation(result), args.json)
@@ -233,8 +233,8 @@ def _recommend(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _compare(args: argparse.Namespace, settings: Settings) -> int:
-    result = asyncio.run(compare(settings, args.family, args.prompt, args.quants, num_predict=args.num_predict,
-                                 seed=args.seed, unload=not args.no_unload))
+    result = asyncio.run(compare_variants(settings, args.family, args.prompt, args.quants, num_predict=args.num_predict,
+                                          seed=args.seed, unload=not args.no_unload))
     _print(result, format_comparison(result), args.json)
     if args.plot is not None:
         plot_comparison(result, args.plot)
@@ -243,7 +243,8 @@ def _compare(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _calibrate(args: argparse.Namespace, settings: Settings) -> int:
-    result = asyncio.run(calibrate(settings, args.family, args.output, args.quants, num_predict=args.num_predict))
+    result = asyncio.run(calibrate_family(settings, args.family, args.output, args.quants,
+                                          num_predict=args.num_predict))
     _print(result, format_calibration(result), args.json)
     return EXIT_OK
 

@@ -20,7 +20,7 @@ from quantrouter.config import Settings
 from quantrouter.tools.live import family_variants, read_catalog, select_quants
 from quantrouter.tools.measure import DEFAULT_SEED, Run, greedy_agreement, measure_variants
 
-__all__ = ["CALIBRATION_PROMPTS", "Calibration", "calibrate", "calibration_of", "format_calibration"]
+__all__ = ["CALIBRATION_PROMPTS", "Calibration", "calibrate_family", "calibration_of", "format_calibration"]
 
 # Short, varied prompts: a fact, an explanation, code, a list. Enough to exercise prompt processing and
 # decode without taking minutes per variant.
@@ -35,6 +35,8 @@ DEFAULT_NUM_PREDICT = 32
 
 @dataclass(frozen=True, slots=True)
 class Calibration:
+    """What `calibrate` measured for a family and wrote to `path`, for the router to start from."""
+
     family: str
     reference: str
     variants: dict[str, VariantCalibration]
@@ -65,7 +67,7 @@ def calibration_of(per_prompt: Sequence[Sequence[tuple[VariantInfo, Run]]],
             for tag, runs in by_tag.items()}
 
 
-async def calibrate(settings: Settings, family: str, path: Path, quants: Sequence[str] = (), *,
+async def calibrate_family(settings: Settings, family: str, path: Path, quants: Sequence[str] = (), *,
                     prompts: Sequence[str] = CALIBRATION_PROMPTS, num_predict: int = DEFAULT_NUM_PREDICT,
                     seed: int = DEFAULT_SEED, host: str | None = None) -> Calibration:
     """Measure the family's variants (or those in `quants`, plus the reference) and write `path`."""
