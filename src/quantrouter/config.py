@@ -205,32 +205,26 @@ class Settings:
     fleet: FleetSettings = field(default_factory=FleetSettings)
 
 
-# Keys whose field name differs: key → (group, field).
+# Per group, the fields whose key is not their own name: field → key.
 _KEYS = {
-    "ollama_host": ("backend", "host"),
-    "backend_connect_timeout": ("backend", "connect_timeout"),
-    "backend_read_timeout": ("backend", "read_timeout"),
-    "memory_capacity": ("memory", "capacity"),
-    "memory_reserve": ("memory", "reserve"),
-    "num_predict_default": ("requests", "num_predict"),
-    "default_min_quantization": ("requests", "min_quantization"),
-    "embedded": ("embedded", "enabled"),
-    "embedded_memory_budget": ("embedded", "memory_budget"),
-    "node_report_interval": ("fleet", "report_interval"),
-    "node_stale_after": ("fleet", "stale_after"),
-    "node_auth_token": ("fleet", "auth_token"),
+    "backend": {"host": "ollama_host", "connect_timeout": "backend_connect_timeout",
+                "read_timeout": "backend_read_timeout"},
+    "memory": {"capacity": "memory_capacity", "reserve": "memory_reserve"},
+    "requests": {"num_predict": "num_predict_default", "min_quantization": "default_min_quantization"},
+    "embedded": {"enabled": "embedded", "memory_budget": "embedded_memory_budget"},
+    "fleet": {"report_interval": "node_report_interval", "stale_after": "node_stale_after",
+              "auth_token": "node_auth_token"},
 }
 
 
 def _setting_keys() -> dict[str, tuple[str, str]]:
     """key → (group, field), over every group of `Settings`."""
-    renamed = {where: key for key, where in _KEYS.items()}
     keys: dict[str, tuple[str, str]] = {}
     for group in dataclasses.fields(Settings):
         group_class = group.default_factory
         assert isinstance(group_class, type)  # each group's default is its class
         for item in dataclasses.fields(group_class):
-            key = renamed.get((group.name, item.name), item.name)
+            key = _KEYS.get(group.name, {}).get(item.name, item.name)
             assert key not in keys, f"two settings share the key {key}"
             keys[key] = (group.name, item.name)
     return keys

@@ -39,7 +39,7 @@ from quantrouter.memory import MemoryProbe, StaticSource, load_pynvml
 from quantrouter.metrics import Metrics
 from quantrouter.policy import PolicyConfig
 from quantrouter.router import Router
-from quantrouter.service import SERVICE_NAME, RouterService, status_of
+from quantrouter.service import SERVICE_NAME, RequestReader, RouterService, status_of
 from quantrouter.tls import server_credentials
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
@@ -216,7 +216,7 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None,
         metrics.watch_variants(router.variant_states, lambda: inventory.backend_up)
 
         running: RunningServer | None = None
-        servicer = RouterService(router, settings.requests, settings.limits,
+        servicer = RouterService(router, RequestReader(settings.requests, settings.limits, router.resolve),
                                  lambda: running is not None and running.draining)
         listening = listen(settings, metrics, lambda server: pb_grpc.add_RouterServiceServicer_to_server(
             servicer, server), stack)

@@ -203,10 +203,9 @@ class RequestReader:
 
 
 class RouterService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
-    def __init__(self, router: Router, defaults: RequestDefaults, limits: LimitSettings,
-                 shutting_down: Callable[[], bool]) -> None:
+    def __init__(self, router: Router, reader: RequestReader, shutting_down: Callable[[], bool]) -> None:
         self._router = router
-        self._reader = RequestReader(defaults, limits, router.resolve)
+        self._reader = reader
         self._shutting_down = shutting_down
 
     # RPCs.

@@ -26,7 +26,7 @@ from quantrouter.fleet.router import FleetRouter
 from quantrouter.fleet.service import FleetService
 from quantrouter.metrics import Metrics
 from quantrouter.server import DRAIN_POLL_S, WATCH_INTERVAL_S, listen, policy_config
-from quantrouter.service import SERVICE_NAME
+from quantrouter.service import SERVICE_NAME, RequestReader
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
 
 __all__ = ["FleetServer", "fleet_in_thread", "start_fleet"]
@@ -101,7 +101,7 @@ async def start_fleet(settings: Settings, registry: CollectorRegistry | None = N
         fleet_metrics = FleetMetrics(registry, nodes)
         router = FleetRouter(nodes, fleet_metrics, policy_config(settings.policy))
         running: FleetServer | None = None
-        servicer = FleetService(router, settings.requests, settings.limits,
+        servicer = FleetService(router, RequestReader(settings.requests, settings.limits, router.resolve),
                                 lambda: running is not None and running.draining)
 
         def add(server: grpc.aio.Server) -> None:

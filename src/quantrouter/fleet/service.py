@@ -16,7 +16,6 @@ from typing import Any
 import grpc
 
 from quantrouter.capacity import memory_status_pb, variant_pb
-from quantrouter.config import LimitSettings, RequestDefaults
 from quantrouter.errors import ShuttingDown
 from quantrouter.fleet.router import FleetRouter
 from quantrouter.listing import variant_row
@@ -35,10 +34,9 @@ FLEET_SOURCE = "fleet"
 
 
 class FleetService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
-    def __init__(self, router: FleetRouter, defaults: RequestDefaults, limits: LimitSettings,
-                 shutting_down: Callable[[], bool]) -> None:
+    def __init__(self, router: FleetRouter, reader: RequestReader, shutting_down: Callable[[], bool]) -> None:
         self._router = router
-        self._reader = RequestReader(defaults, limits, router.resolve)
+        self._reader = reader
         self._shutting_down = shutting_down
 
     async def _relay(self, routing: RoutingRequest, request: Any, method: str,
