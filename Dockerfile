@@ -1,4 +1,4 @@
-# quantrouter container images (reference/conventions.md §6).
+# quantrouter container images (docs/conventions.md §6).
 #   docker build -t quantrouter:0.1.0 .                                  router only, in front of Ollama
 #   docker build --target embedded -t quantrouter:0.1.0-embedded .       + llama.cpp and the gemma3:270m ladder
 # The default target is the last stage, so a plain build never pulls in llama.cpp or a compiler.
@@ -52,7 +52,7 @@ ENV QUANTROUTER_CACHE_DIR=/opt/quantrouter/cache
 COPY --from=embedded-builder ${VENV} ${VENV}
 # Owned by the runtime user: the ladder cache takes a lock file beside the models.
 COPY --from=embedded-builder --chown=10001:10001 /opt/quantrouter/cache /opt/quantrouter/cache
-# Numeric, so the kubelet can check runAsNonRoot (reference/conventions.md §4).
+# Numeric, so the kubelet can check runAsNonRoot (docs/conventions.md §4).
 USER 10001:10001
 CMD ["serve", "--embedded"]
 

@@ -3,7 +3,7 @@
 Runs only where NVML finds a GPU (the lent device machine); elsewhere it says so and leaves the last
 results file alone. It drives the router's own `NvmlSource`/`MemoryProbe` with nvidia-ml-py, then
 feeds the live free-memory figure into the real policy for the Llama-3.1-8B ladder (sizes from
-reference/quant.md §1) and, when PyTorch is present, takes GPU memory away to show QUALITY stepping
+docs/quantization.md §1) and, when PyTorch is present, takes GPU memory away to show QUALITY stepping
 down the ladder and back up when the memory returns.
 """
 
@@ -22,10 +22,10 @@ from quantrouter.values import Preference
 
 RESULTS = Path(__file__).parent / "results" / "nvml.md"
 GiB = 1 << 30
-# Llama-3.1-8B: 32 layers, 8 KV heads, head_dim 128, 128k context (reference/ollama.md §3 worked example).
+# Llama-3.1-8B: 32 layers, 8 KV heads, head_dim 128, 128k context (docs/ollama.md §3 worked example).
 LLAMA_8B = Architecture("llama", 32, 8, 128, 131072)
 LADDER_GIB = {"F16": 14.97, "Q8_0": 7.96, "Q6_K": 6.14, "Q5_K_M": 5.33, "Q4_K_M": 4.58, "Q3_K_M": 3.74, "Q2_K": 2.96}
-# Ollama's per-GPU reserve on CUDA (reference/quant.md §3).
+# Ollama's per-GPU reserve on CUDA (docs/quantization.md §3).
 RESERVE = 457 << 20
 NUM_CTX = 8192
 # Free memory (GiB) a stand-in tenant (plain torch allocations) leaves, step by step, then all of it again.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import subprocess
 import urllib.request
@@ -18,11 +17,11 @@ FAMILY = "gemma3:270m"
 def router_settings(backend: EmbeddedServer, environ: Mapping[str, str] | None = None, **overrides: object
                     ) -> Settings:
     """Settings for a router in front of `backend`, with the backend's budget as its static capacity
-    (`environ`: `QUANTROUTER_*` variables, read as the process environment would be)."""
-    base = load_settings({"grpc_address": "127.0.0.1:0", "metrics_address": "127.0.0.1:0",
+    (`environ`: `QUANTROUTER_*` variables, read as the process environment would be; `overrides`: keys, as
+    flags would set them)."""
+    return load_settings({"grpc_address": "127.0.0.1:0", "metrics_address": "127.0.0.1:0",
                           "ollama_host": backend.url, "memory_capacity": backend.memory_budget_bytes,
-                          "memory_reserve": 0, "ps_refresh_interval": 0.2}, environ or {})
-    return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
+                          "memory_reserve": 0, "ps_refresh_interval": 0.2, **overrides}, environ or {})
 
 
 def scrape(running: RunningServer, host: str = "127.0.0.1") -> str:

@@ -1,6 +1,6 @@
 """Ollama's scheduler on one GPU, and the router in front of it, as a discrete-event simulation.
 
-What is simulated (reference/ollama.md §3 unless noted), with the `EngineSpec` dimensions in brackets:
+What is simulated (docs/ollama.md §3 unless noted), with the `EngineSpec` dimensions in brackets:
 - one runner per loaded variant serving up to [`OLLAMA_NUM_PARALLEL`] requests at once in one batch (each
   at 1/b^β of its solo speed, bench/sim/hardware.py), the rest queued; at most 3 runners per GPU
   (`defaultModelsPerGPU`), keep_alive 5 min;
@@ -47,12 +47,12 @@ from bench.sim.workload import Request, meets_floor
 from quantrouter.throughput import Observation, ThroughputSnapshot, ThroughputTable, bandwidth_for
 from quantrouter.units import NS
 
-# Ollama defaults (reference/ollama.md §3): keep_alive 5 min, 3 models per GPU.
+# Ollama defaults (docs/ollama.md §3): keep_alive 5 min, 3 models per GPU.
 KEEP_ALIVE_S = 300.0
 MAX_LOADED_MODELS = 3
 # The router's EWMA weight (quantrouter.config default ewma_alpha).
 EWMA_ALPHA = 0.3
-# One num_ctx per variant so Ollama never reloads over a context change (reference/ollama.md §3, "Router rule").
+# One num_ctx per variant so Ollama never reloads over a context change (docs/ollama.md §3, "Router rule").
 NUM_CTX = 8192
 
 

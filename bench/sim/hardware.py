@@ -1,7 +1,7 @@
 """GPUs, model ladders and the *true* speed model the simulated Ollama runs at.
 
 The router never reads these truths: it sees Ollama's per-request figures, as in production. Facts come
-from ../shared/reference/quant.md (cited per constant); "computed" marks arithmetic on cited numbers.
+from docs/quantization.md (cited per constant); "computed" marks arithmetic on cited numbers.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from quantrouter.quant import QuantType, parse_quantization
 GIB = 1 << 30
 GB = 1_000_000_000
 
-# Batch size of Ollama's compute-graph estimate (reference/quant.md §3: num_batch 512).
+# Batch size of Ollama's compute-graph estimate (docs/quantization.md §3: num_batch 512).
 GRAPH_BATCH = 512
-# Per-GPU minimum Ollama keeps free on CUDA, 457 MiB (`ml/device.go` MinimumMemory, reference/quant.md §3).
+# Per-GPU minimum Ollama keeps free on CUDA, 457 MiB (`ml/device.go` MinimumMemory, docs/quantization.md §3).
 OLLAMA_MINIMUM_MEMORY = 457 << 20
 # Layers spilled to the CPU stream from DDR: the router's own default for "no GPU" (throughput.DEFAULT_BANDWIDTH).
 CPU_BANDWIDTH = 50e9
@@ -41,7 +41,7 @@ class GpuSpec:
     load_fixed_s: float
 
 
-# H100 SXM: 80 GB, 3.35 TB/s (reference/quant.md §6). η and c fitted to the H100 PCIe rows of §2 (LLaMA-2 7B
+# H100 SXM: 80 GB, 3.35 TB/s (docs/quantization.md §6). η and c fitted to the H100 PCIe rows of §2 (LLaMA-2 7B
 # q4_0 133.77 and f16 83.32 tok/s give 0.47 ms/GB + 5.7 ms, computed); CUDA graphs (#6766, +14 %) trim c.
 H100 = GpuSpec("H100 SXM 80GB", "NVIDIA H100 80GB HBM3", 80 * GB, 3.35e12, efficiency=0.70, overhead_s=0.0050,
                prompt_tps_8b=12000.0, load_bytes_per_s=3.0e9, load_fixed_s=1.5)
@@ -51,18 +51,18 @@ RTX_4090 = GpuSpec("RTX 4090 24GB", "NVIDIA GeForce RTX 4090", 24 * GB, 1.008e12
                    prompt_tps_8b=7139.0, load_bytes_per_s=2.0e9, load_fixed_s=1.0)
 
 # Below ~4 bpw the dequantisation cost eats the smaller read: on an RTX 4080, Q2_K decodes no faster than
-# Q4_K_S and Q3_K_S slower than Q4_K_M (reference/quant.md §1c, §2 (iii)). Expressed as a loss of efficiency.
+# Q4_K_S and Q3_K_S slower than Q4_K_M (docs/quantization.md §1c, §2 (iii)). Expressed as a loss of efficiency.
 DEQUANT_EFFICIENCY = {"Q2_K": 0.55, "Q3_K_M": 0.75}
 
 
-# Bytes per KV element by OLLAMA_KV_CACHE_TYPE (reference/quant.md §3: f16 2 B, q8_0 34/32 B).
+# Bytes per KV element by OLLAMA_KV_CACHE_TYPE (docs/quantization.md §3: f16 2 B, q8_0 34/32 B).
 KV_ELEMENT_BYTES = {"f16": 2.0, "q8_0": 1.0625}
 # Batched decode (OLLAMA_NUM_PARALLEL > 1): with b sequences in one batch each decodes at 1/b^β of its solo
 # speed, so the runner's total rises as b^(1−β). β = 0.35 is an assumption (decode stays bandwidth bound: the
 # weights are read once per step for the whole batch, the KV cache and sampling per sequence).
 BATCH_SLOWDOWN_EXPONENT = 0.35
 # The "efficiency" speed curve: achieved bandwidth grows with the bytes read per token, as the measured rows of
-# reference/quant.md §2 show (small/quantized models reach 25–75 % of peak, F16 80–91 %): η(W) = η·(W/W_ref)^γ,
+# docs/quantization.md §2 show (small/quantized models reach 25–75 % of peak, F16 80–91 %): η(W) = η·(W/W_ref)^γ,
 # capped at η, with W_ref = the family's F16 file; γ = 0.3 is fitted by eye to those rows (computed).
 EFFICIENCY_EXPONENT = 0.3
 
@@ -73,7 +73,7 @@ class EngineSpec:
 
     `load_fraction`: the scheduler's fit threshold (80 % in `server/sched.go`; 95 % models a patched or newer
     scheduler). `kv_cache`: OLLAMA_KV_CACHE_TYPE, which changes what a runner holds but not what Ollama
-    predicts (the prediction always assumes f16, reference/ollama.md §3). `curve`: "bandwidth" is
+    predicts (the prediction always assumes f16, docs/ollama.md §3). `curve`: "bandwidth" is
     t = W/(η·BW) + c; "efficiency" lets η grow with W (see EFFICIENCY_EXPONENT). `load_jitter`: lognormal σ
     of load times (page cache, disk contention).
     """
@@ -128,7 +128,7 @@ class FamilySpec:
         return self.architecture.kv_cache_bytes(1)
 
     def graph_bytes(self, num_ctx: int) -> int:
-        """Ollama's llama compute-graph estimate, full offload (reference/quant.md §3)."""
+        """Ollama's llama compute-graph estimate, full offload (docs/quantization.md §3)."""
         b, e, h, v = GRAPH_BATCH, self.embedding_length, self.head_count, self.vocab_size
         return max(4 * b * (1 + 4 * e + num_ctx * (1 + h)), 4 * b * (e + v))
 
@@ -139,7 +139,7 @@ def _ladder(family: str, sizes: dict[str, int]) -> tuple[VariantSpec, ...]:
 
 
 # Llama-3.1-8B: 8.03e9 parameters, 32 layers, 8 KV heads, head_dim 128, 32 heads, embedding 4096, vocab 128256
-# (reference/quant.md §1d, §3; ollama.md §1 /api/show). Sizes: GiB column of the perplexity README (§1b).
+# (docs/quantization.md §1d, §3; docs/ollama.md §1 /api/show). Sizes: GiB column of the perplexity README (§1b).
 LLAMA_8B = FamilySpec(
     "llama3.1:8b-instruct", 8_030_000_000, Architecture("llama", 32, 8, 128, 131072), 32, 4096, 128256,
     _ladder("llama3.1:8b-instruct", {name: int(gib * GIB) for name, gib in {
@@ -148,7 +148,7 @@ LLAMA_8B = FamilySpec(
 )
 
 # Llama-3.1-70B: 70.6e9 parameters, 80 layers, 8 KV heads, head_dim 128, 64 heads, embedding 8192 (its
-# config.json, not in reference/). Sizes = parameters × the file bpw of reference/quant.md §1d (computed).
+# config.json, not in docs/). Sizes = parameters × the file bpw of docs/quantization.md §1d (computed).
 LLAMA_70B_PARAMETERS = 70_600_000_000
 LLAMA_70B = FamilySpec(
     "llama3.1:70b-instruct", LLAMA_70B_PARAMETERS, Architecture("llama", 80, 8, 128, 131072), 64, 8192, 128256,
@@ -163,7 +163,7 @@ LLAMA_70B = FamilySpec(
 def ollama_predicted_bytes(family: FamilySpec, variant: VariantSpec, num_ctx: int,
                            engine: EngineSpec = DEFAULT_ENGINE) -> int:
     """What Ollama's scheduler predicts before a load: weights + f16 KV for num_ctx × OLLAMA_NUM_PARALLEL
-    (`PredictServerVRAM`, reference/ollama.md §3), whatever the KV cache type."""
+    (`PredictServerVRAM`, docs/ollama.md §3), whatever the KV cache type."""
     return variant.size_bytes + family.architecture.kv_cache_bytes(num_ctx * engine.num_parallel)
 
 
@@ -176,7 +176,7 @@ def resident_bytes(family: FamilySpec, variant: VariantSpec, num_ctx: int, engin
 
 def seconds_per_token(gpu: GpuSpec, family: FamilySpec, variant: VariantSpec, context_tokens: float,
                       gpu_fraction: float = 1.0, engine: EngineSpec = DEFAULT_ENGINE) -> float:
-    """True decode time per token alone on the GPU: bytes read / (η·BW) + c (reference/quant.md §2).
+    """True decode time per token alone on the GPU: bytes read / (η·BW) + c (docs/quantization.md §2).
 
     Bytes read = weights + the KV cache up to the current position; layers not offloaded stream from DDR.
     """

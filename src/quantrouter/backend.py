@@ -17,12 +17,13 @@ import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal, Protocol, cast
 
 import httpx
 import ollama
 
 from quantrouter.catalog import Architecture
+from quantrouter.config import BackendSettings
 from quantrouter.errors import (
     BackendBusy,
     BackendError,
@@ -33,12 +34,15 @@ from quantrouter.errors import (
     BackendUnavailable,
 )
 
-__all__ = ["Final", "ListedModel", "OllamaBackend", "ResidentModel", "ShownModel", "Text", "translated"]
+__all__ = ["Backend", "Final", "ListedModel", "OllamaBackend", "ResidentModel", "ShownModel", "Text", "ollama_client",
+           "translated"]
 
 # A piece of relayed text stops growing here even if more is buffered (one gRPC message stays small).
 MAX_PIECE_BYTES = 64 * 1024
 # Ollama answers 503 when its queue is full (server/sched.go ErrMaxQueue); clients should back off.
 BUSY_RETRY_AFTER_S = 1.0
+# A request body goes out in one piece; this only bounds a stalled socket.
+WRITE_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,9 +95,30 @@ class Text:
     chunks: int
 
 
+class Backend(Protocol):
+    """What the router and its inventory ask of a backend; `OllamaBackend` is the one in production.
+
+    Errors leave as the quantrouter.errors tree (`BackendError` and below), never as a library's own.
+    """
+
+    async def list_models(self) -> list[ListedModel]: ...
+
+    async def show(self, tag: str) -> ShownModel: ...
+
+    async def ps(self) -> list[ResidentModel]: ...
+
+    def generate(self, tag: str, prompt: str, system: str, options: Mapping[str, Any],
+                 format: str = "") -> AsyncGenerator[Text | Final, None]:
+        """Text as the backend produces it, then one `Final`."""
+        ...
+
+    def chat(self, tag: str, messages: Sequence[Mapping[str, str]], options: Mapping[str, Any],
+             format: str = "") -> AsyncGenerator[Text | Final, None]: ...
+
+
 @contextmanager
 def translated(tag: str = "", started: bool = False) -> Iterator[None]:
-    """Map the client's exceptions to ours (reference/ollama.md §2: how each one surfaces)."""
+    """Map the client's exceptions to ours (docs/ollama.md §2: how each one surfaces)."""
     try:
         yield
     except ollama.ResponseError as error:
@@ -249,17 +274,25 @@ def _format(text: str) -> Literal["", "json"] | None:
     return "json" if text == "json" else None
 
 
+def ollama_client(settings: BackendSettings,
+                  kind: type[ollama.AsyncClient] = ollama.AsyncClient) -> ollama.AsyncClient:
+    """The one way an `ollama.AsyncClient` (or the router's subclass) is built: the configured host, with
+    explicit timeouts."""
+    timeout = httpx.Timeout(connect=settings.connect_timeout, read=settings.read_timeout, write=WRITE_TIMEOUT_S,
+                            pool=settings.connect_timeout)
+    # httpx's default pool (100 connections) would queue streams past 100 and time them out after `pool`
+    # seconds; the router's max_in_flight already bounds how many streams are open.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    return kind(host=settings.host, timeout=timeout, limits=limits)
+
+
 class OllamaBackend:
     """A small typed facade over `ollama.AsyncClient` with explicit timeouts."""
 
-    def __init__(self, host: str, connect_timeout: float, read_timeout: float, keep_alive: str) -> None:
-        timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=30.0, pool=connect_timeout)
-        self.host = host
-        # httpx's default pool (100 connections) would queue streams past 100 and time them out after `pool`
-        # seconds; the router's max_in_flight already bounds how many streams are open.
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-        self._client = _BatchingClient(host=host, timeout=timeout, limits=limits)
-        self._keep_alive = keep_alive
+    def __init__(self, settings: BackendSettings) -> None:
+        self.host = settings.host
+        self._client = ollama_client(settings, _BatchingClient)
+        self._keep_alive = settings.keep_alive
 
     async def close(self) -> None:
         await self._client.close()  # type: ignore[no-untyped-call]

@@ -19,9 +19,6 @@ class Breaker:
     def is_open(self, tag: str, now: float) -> bool:
         return self._open_until.get(tag, 0.0) > now
 
-    def open_tags(self, now: float) -> list[str]:
-        return [tag for tag, until in self._open_until.items() if until > now]
-
     def success(self, tag: str) -> None:
         self._failures.pop(tag, None)
         self._open_until.pop(tag, None)

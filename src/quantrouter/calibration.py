@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from quantrouter.catalog import VariantInfo
-from quantrouter.throughput import ThroughputTable
+from quantrouter.config import PolicySettings
+from quantrouter.throughput import ThroughputTable, bandwidth_for
 
 __all__ = [
     "CalibrationError",
@@ -32,6 +33,7 @@ __all__ = [
     "quality_of",
     "read_calibration",
     "read_calibration_file",
+    "starting_speeds",
     "write_calibration",
 ]
 
@@ -139,3 +141,11 @@ def quality_of(variant: VariantInfo, measured: Mapping[str, MeasuredQuality]) ->
     """The quality the router ranks `variant` by, and whether it was measured (else the quant's prior)."""
     figure = measured.get(variant.tag)
     return (figure.top1, True) if figure is not None else (variant.quant.quality, False)
+
+
+def starting_speeds(policy: PolicySettings, gpu_names: Iterable[str]) -> ThroughputTable:
+    """The speed table a router starts from: priors for these GPUs, then the calibration file's figures."""
+    table = ThroughputTable(policy.ewma_alpha, bandwidth_for(gpu_names, policy.gpu_bandwidth))
+    if policy.calibration_file is not None:
+        load_calibration(policy.calibration_file, table)
+    return table

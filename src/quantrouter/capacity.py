@@ -14,11 +14,11 @@ from collections.abc import AsyncIterator
 
 from google.protobuf import duration_pb2
 
-from quantrouter.catalog import VariantInfo
+from quantrouter.listing import variant_row
 from quantrouter.memory import MemorySnapshot
 from quantrouter.router import Router
-from quantrouter.throughput import SpeedEstimate
 from quantrouter.v1 import router_service_pb2 as pb
+from quantrouter.values import Variant
 
 __all__ = ["DEFAULT_INTERVAL_S", "SCHEMA_VERSION", "capacity_of", "duration_pb", "memory_status_pb", "variant_pb",
            "watch"]
@@ -42,12 +42,11 @@ def duration_pb(seconds: float) -> duration_pb2.Duration:
     return d
 
 
-def variant_pb(v: VariantInfo, speed: SpeedEstimate, quality: tuple[float, bool]) -> pb.Variant:
-    """`quality`: the figure the router ranks by and whether it was measured (else the quant's prior)."""
-    return pb.Variant(tag=v.tag, quantization=v.quant.name, size_bytes=v.size_bytes,
+def variant_pb(v: Variant) -> pb.Variant:
+    return pb.Variant(tag=v.tag, quantization=v.quantization, size_bytes=v.size_bytes,
                       parameter_count=v.parameter_count, resident=v.resident, vram_bytes=v.vram_bytes,
-                      tokens_per_second=speed.decode_tps, samples=speed.samples, quality=quality[0],
-                      tokens_per_second_measured=speed.measured, quality_measured=quality[1])
+                      tokens_per_second=v.tokens_per_second, samples=v.samples, quality=v.quality,
+                      tokens_per_second_measured=v.measured, quality_measured=v.quality_measured)
 
 
 def memory_status_pb(memory: MemorySnapshot) -> pb.MemoryStatus:
@@ -65,7 +64,7 @@ def capacity_of(router: Router) -> pb.NodeCapacity:
         for c in router.candidates(catalog, family):
             v, speed, arch = c.variant, c.speed, c.variant.architecture
             variants.append(pb.NodeVariant(
-                variant=variant_pb(v, speed, (c.quality, c.quality_measured)),
+                variant=variant_pb(variant_row(v, speed, (c.quality, c.quality_measured))),
                 family=family, prompt_tokens_per_second=speed.prompt_tps,
                 load_duration=duration_pb(speed.load_seconds),
                 architecture=pb.Architecture(name=arch.name, block_count=arch.block_count,

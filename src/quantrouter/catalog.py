@@ -1,7 +1,7 @@
 """Variants and families as Ollama reports them, grouped robustly.
 
 Ollama tags are free-form (`llama3.2:3b-instruct-q8_0`, `llama3.2:latest`, `mybot:v2`), so a tag is
-never parsed for its quantization: that comes from `details.quantization_level` (reference/ollama.md §4).
+never parsed for its quantization: that comes from `details.quantization_level` (docs/ollama.md §4).
 A family is the tag with its quantization suffix removed (`gemma3:270m-q8_0` → `gemma3:270m`); a tag
 without one (`llama3.2:latest`) joins the one family of the same repository, `details.family` and
 `parameter_size`, if there is exactly one. Aliases put custom models (made `FROM` a base with a
@@ -13,9 +13,9 @@ from __future__ import annotations
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
-from quantrouter.quant import QuantType
+from quantrouter.quant import QuantType, quality_key
 
 __all__ = [
     "Architecture",
@@ -106,20 +106,44 @@ class Resolution:
 
 @dataclass(frozen=True, slots=True)
 class CatalogSnapshot:
-    """Every known variant, grouped into families, plus the names that resolve to each family."""
+    """Every known variant, grouped into families, plus the names that resolve to each family.
+
+    Indexed once when built (a new snapshot follows every catalog change), so the request path looks
+    families and tags up instead of scanning and sorting the variants each time.
+    """
 
     variants: tuple[VariantInfo, ...] = ()
     names: Mapping[str, str] | None = None
+    _by_family: Mapping[str, tuple[VariantInfo, ...]] = field(init=False, repr=False, compare=False)
+    _best_first: Mapping[str, tuple[VariantInfo, ...]] = field(init=False, repr=False, compare=False)
+    _by_tag: Mapping[str, VariantInfo] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        grouped: dict[str, list[VariantInfo]] = defaultdict(list)
+        for v in self.variants:
+            grouped[v.family].append(v)
+        object.__setattr__(self, "_by_family", {name: tuple(grouped[name]) for name in sorted(grouped)})
+        object.__setattr__(self, "_best_first", {
+            name: tuple(sorted(members, key=lambda v: (quality_key(v.quant), v.tag)))
+            for name, members in self._by_family.items()})
+        object.__setattr__(self, "_by_tag", {v.tag: v for v in self.variants})
 
     @property
     def families(self) -> list[str]:
-        return sorted({v.family for v in self.variants})
+        return list(self._by_family)
+
+    def has_family(self, name: str) -> bool:
+        return name in self._by_family
 
     def family(self, name: str) -> tuple[VariantInfo, ...]:
-        return tuple(v for v in self.variants if v.family == name)
+        return self._by_family.get(name, ())
+
+    def best_first(self, name: str) -> tuple[VariantInfo, ...]:
+        """The family's variants, highest quality first (ties by tag): the order listings show."""
+        return self._best_first.get(name, ())
 
     def variant(self, tag: str) -> VariantInfo | None:
-        return next((v for v in self.variants if v.tag == tag), None)
+        return self._by_tag.get(tag)
 
     def resolve(self, model: str) -> Resolution | None:
         """An exact tag pins its variant; a family name, alias or bare repository names a family."""

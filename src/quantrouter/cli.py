@@ -1,7 +1,8 @@
 """The `quantrouter` command: serve, talk to a running router, try it all on the embedded backend.
 
 Settings come from flags, then `QUANTROUTER_*` variables, then `--config FILE` (TOML), then defaults
-(quantrouter.config). Client commands (`generate`, `route`, `variants`) reach a router at `--target`.
+(quantrouter.config). Client commands (`generate`, `route`, `variants`) reach a router at `--target`
+and load only the client; `serve` and `demo` import the server when they run.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from quantrouter.client import (
     VariantListing,
 )
 from quantrouter.config import ConfigError, Settings, load_settings
-from quantrouter.server import configure_logging, describe, serve_processes, start
+from quantrouter.logs import configure_logging
 from quantrouter.units import format_bytes
 from quantrouter.values import Completion, Decision
 
@@ -207,19 +208,23 @@ def _load(args: argparse.Namespace) -> Settings:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    if settings.nodes or settings.discover:
+    from quantrouter.server import serve_processes  # only serving loads the server (grpc.aio, prometheus, ollama)
+
+    if settings.fleet.nodes or settings.fleet.discover:
         from quantrouter.fleet.server import start_fleet
         return serve_processes(settings, start_fleet)
     return serve_processes(settings)
 
 
 def _epp(args: argparse.Namespace, settings: Settings) -> int:
-    if not (settings.nodes or settings.discover):
+    if not (settings.fleet.nodes or settings.fleet.discover):
         raise ConfigError("the picker routes across node routers: give --node NAME=HOST:PORT or --discover")
     try:
         from quantrouter.gateway.server import start_epp
     except ImportError as error:
         return _needs_extra("gateway", f"{error.name} is missing")
+    from quantrouter.server import serve_processes
+
     return serve_processes(settings, start_epp)
 
 
@@ -295,7 +300,7 @@ def format_listing(listing: VariantListing) -> str:
 def _variants(args: argparse.Namespace, settings: Settings) -> int:
     if args.backend:
         from quantrouter.tools.live import backend_listing, read_backend
-        listing = backend_listing(asyncio.run(read_backend(settings, args.backend)), settings, args.family)
+        listing = backend_listing(asyncio.run(read_backend(settings, args.backend)), settings.policy, args.family)
     else:
         with RouterClient(args.target, token=args.token) as client:
             listing = client.list_variants(args.family)
@@ -319,6 +324,8 @@ async def _demo_request(client: AsyncRouterClient, preference: PreferenceName) -
 
 
 async def _demo_async(args: argparse.Namespace, settings: Settings) -> int:
+    from quantrouter.server import describe, start
+
     running = await start(settings)
     try:
         print(f"quantrouter demo: {describe(running)}\n")
@@ -336,7 +343,7 @@ async def _demo_async(args: argparse.Namespace, settings: Settings) -> int:
         print("\n".join(_decision_lines(decision)))
         print(f"\nmetrics: curl -s http://127.0.0.1:{running.metrics_port}/metrics | grep quantrouter_")
         if args.keep_serving:
-            print(f"serving on {settings.grpc_address} (port {running.port}); Ctrl-C to stop")
+            print(f"serving on {settings.server.grpc_address} (port {running.port}); Ctrl-C to stop")
             await running.wait()
         return 0
     finally:
@@ -344,11 +351,12 @@ async def _demo_async(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
-    overrides: dict[str, Any] = {"embedded": True}
+    server = settings.server
     if not args.keep_serving:  # a one-shot demo takes free ports, so it runs beside anything
-        overrides["grpc_address"] = args.grpc_address or "127.0.0.1:0"
-        overrides["metrics_address"] = args.metrics_address or "127.0.0.1:0"
-    return asyncio.run(_demo_async(args, replace(settings, **overrides)))
+        server = replace(server, grpc_address=args.grpc_address or "127.0.0.1:0",
+                         metrics_address=args.metrics_address or "127.0.0.1:0")
+    demo = replace(settings, server=server, embedded=replace(settings.embedded, enabled=True))
+    return asyncio.run(_demo_async(args, demo))
 
 
 def _needs_extra(extra: str, reason: str) -> int:
@@ -364,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _load(args)
     except ConfigError as error:
         parser.error(str(error))
-    configure_logging(settings.log_level)
+    configure_logging(settings.server.log_level)
     try:
         result: Any = args.func(args, settings)
         return int(result)

@@ -23,7 +23,7 @@ from grpc_status import rpc_status
 
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
-from quantrouter.values import Assessment, Completion, Decision, Preference
+from quantrouter.values import Assessment, Completion, Decision, Preference, Variant
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -75,21 +75,6 @@ class Constraints:
     allowed_quantizations: tuple[str, ...] = ()
     min_tokens_per_second: float = 0.0
     max_time_to_first_token: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Variant:
-    tag: str
-    quantization: str
-    size_bytes: int
-    parameter_count: int
-    resident: bool
-    vram_bytes: int
-    tokens_per_second: float
-    measured: bool
-    samples: int
-    quality: float
-    quality_measured: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,9 @@
 """Settings, from one place: command-line flags, then `QUANTROUTER_*` environment, then a TOML file.
 
-Everything downstream takes a frozen `Settings` (or the values it needs) as arguments; nothing else
-reads the environment. `load_settings` takes the environment as a mapping so tests pass a dict.
+`Settings` is a set of small frozen groups (server, security, backend, catalog, memory, policy, limits,
+request defaults, embedded); each part of the router takes only its group as an argument, and nothing
+else reads the environment. Keys stay flat (`--num-ctx`, `QUANTROUTER_NUM_CTX`, `num_ctx = …` in TOML).
+`load_settings` takes the environment as a mapping so tests pass a dict.
 """
 
 from __future__ import annotations
@@ -18,12 +20,24 @@ from quantrouter.quant import KV_CACHE_TYPES, UnknownQuantizationError, parse_qu
 from quantrouter.units import GiB, MiB
 
 __all__ = [
+    "SETTING_KEYS",
+    "BackendSettings",
+    "CatalogSettings",
     "ConfigError",
+    "EmbeddedSettings",
+    "FleetSettings",
+    "LimitSettings",
+    "MemorySettings",
+    "PolicySettings",
+    "RequestDefaults",
+    "SecuritySettings",
+    "ServerSettings",
     "Settings",
     "default_cache_dir",
     "load_settings",
     "parse_bytes",
     "parse_duration",
+    "with_keys",
 ]
 
 
@@ -32,7 +46,7 @@ DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"
 # OpenTelemetry's Prometheus exporter port; it keeps clear of a Prometheus server's 9090.
 DEFAULT_METRICS_PORT = 9464
 DEFAULT_GRPC_PORT = 50051
-# Ollama's per-GPU minimum reserve on CUDA (`ml/device.go` MinimumMemory, reference/quant.md §3).
+# Ollama's per-GPU minimum reserve on CUDA (`ml/device.go` MinimumMemory, docs/quantization.md §3).
 OLLAMA_GPU_MINIMUM_MEMORY = 457 * MiB
 
 
@@ -40,43 +54,79 @@ class ConfigError(ValueError):
     """A setting that cannot be used; the message names the key and says what is expected."""
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """Every knob of the router and the embedded backend, with defaults that work on a laptop."""
+# Each part of the router takes only its group. A setting's key (the flag, the `QUANTROUTER_<KEY>`
+# variable and the TOML key) is its field name, or the name in `_KEYS` where the group's context makes
+# a shorter field name clear (`backend.host` is `ollama_host`).
 
-    # Where the router listens and where Ollama is.
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """Where the router listens, how long a shutdown lets streams finish, and how it logs."""
+
     grpc_address: str = f"0.0.0.0:{DEFAULT_GRPC_PORT}"
     metrics_address: str = f"0.0.0.0:{DEFAULT_METRICS_PORT}"
+    grace_period: float = 30.0
+    log_level: str = "info"
     # Router processes sharing the gRPC port (SO_REUSEPORT): one event loop relays on one core. Worker i
     # serves its metrics on the metrics port + i; limits and measured speeds are per process.
     workers: int = 1
     # "uvloop" (libuv, where installed) or "asyncio" (the standard loop).
     event_loop: str = "uvloop"
-    ollama_host: str = DEFAULT_OLLAMA_HOST
-    # Start the embedded llama.cpp backend in-process and route to it instead of Ollama.
-    embedded: bool = False
-    embedded_memory_budget: int = 2 * GiB
-    cache_dir: Path = field(default_factory=lambda: default_cache_dir({}))
-    # Memory: NVML when available, else this static capacity (0 = the embedded budget, or unknown).
-    memory_capacity: int = 0
-    memory_reserve: int = OLLAMA_GPU_MINIMUM_MEMORY
-    nvml_poll_interval: float = 0.25
-    # Catalog refresh: /api/tags and /api/show are slow-changing, /api/ps follows loads and unloads.
+
+
+@dataclass(frozen=True, slots=True)
+class SecuritySettings:
+    """The bearer tokens calls must carry (none: no authentication) and TLS for the gRPC port."""
+
+    auth_token: str = ""
+    auth_token_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSettings:
+    """Where Ollama is and how long to wait for it: everything the backend client is built from."""
+
+    host: str = DEFAULT_OLLAMA_HOST
+    connect_timeout: float = 5.0
+    read_timeout: float = 300.0
+    keep_alive: str = "5m"
+
+    def at(self, host: str | None) -> BackendSettings:
+        """The same client settings for another address (a tool's --backend), or these without one."""
+        return dataclasses.replace(self, host=host) if host else self
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogSettings:
+    """How often the catalog follows the backend, and the names that put custom models into a family.
+
+    `/api/tags` and `/api/show` change slowly; `/api/ps` follows loads and unloads. Aliases map
+    alias → family, for custom models built FROM a base with a Modelfile.
+    """
+
     tags_refresh_interval: float = 30.0
     ps_refresh_interval: float = 1.5
-    # Requests: one num_ctx per variant so Ollama never reloads a model over a context change.
-    num_ctx: int = 4096
-    num_predict_default: int = 256
-    keep_alive: str = "5m"
-    backend_connect_timeout: float = 5.0
-    backend_read_timeout: float = 300.0
-    # Routing.
+    aliases: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class MemorySettings:
+    """NVML when available, else `capacity` (0 = the embedded budget, or unknown); Ollama's per-GPU reserve."""
+
+    capacity: int = 0
+    reserve: int = OLLAMA_GPU_MINIMUM_MEMORY
+    nvml_poll_interval: float = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySettings:
+    """The routing policy's knobs and where its speed table starts from (priors, a calibration file)."""
+
     ewma_alpha: float = 0.3
-    # A quality floor for requests that set none (callers may still set a lower one). The policy
-    # simulator found Q4_K_M worth it on GPU ladders: below ~4 bpw decode is no faster
-    # (bench/results/simulation.md), so cheaper variants only cost quality.
-    default_min_quantization: str = ""
-    # Ollama loads beside other models only within 80 % of free memory (reference/ollama.md §3).
+    # Ollama loads beside other models only within 80 % of free memory (docs/ollama.md).
     load_fraction: float = 0.8
     # What the backend was started with, mirrored: the requests one runner serves at once (a further one
     # queues), and the KV cache element size, so that the memory estimate is what a runner will hold.
@@ -85,32 +135,55 @@ class Settings:
     balanced_quality_weight: float = 0.5
     upgrade_hysteresis: float = 0.15
     gpu_bandwidth: float = 0.0
-    # Limits.
+    calibration_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSettings:
+    """How much the router takes on at once, how large a request may be, and when a variant is benched."""
+
     max_in_flight: int = 256
     max_in_flight_per_family: int = 64
     max_prompt_bytes: int = 1 * MiB
     max_message_bytes: int = 8 * MiB
-    grace_period: float = 30.0
     breaker_failures: int = 3
     breaker_cooldown: float = 30.0
-    # Security.
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
-    auth_token_file: Path | None = None
-    auth_token: str = ""
-    # Model families: alias → family, for custom models built FROM a base with a Modelfile.
-    aliases: Mapping[str, str] = field(default_factory=dict)
-    calibration_file: Path | None = None
-    log_level: str = "info"
-    # Fleet: route across these node routers (name → host:port) instead of one backend, or across the
-    # endpoints of a headless Service (k8s://NAMESPACE/SERVICE[:PORT]).
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDefaults:
+    """What a request that sets nothing gets.
+
+    One num_ctx per variant so Ollama never reloads a model over a context change. The quality floor
+    applies to requests that set none (callers may still set a lower one): the policy simulator found
+    Q4_K_M worth it on GPU ladders, since below ~4 bpw decode is no faster (bench/results/simulation.md).
+    """
+
+    num_ctx: int = 4096
+    num_predict: int = 256
+    min_quantization: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddedSettings:
+    """The in-process llama.cpp backend: whether to start it, its memory budget, where its ladder is cached."""
+
+    enabled: bool = False
+    memory_budget: int = 2 * GiB
+    cache_dir: Path = field(default_factory=lambda: default_cache_dir({}))
+
+
+@dataclass(frozen=True, slots=True)
+class FleetSettings:
+    """A fleet router routes across node routers instead of one backend: named addresses (name →
+    host:port), or the endpoints of a headless Service (k8s://NAMESPACE/SERVICE[:PORT])."""
+
     nodes: Mapping[str, str] = field(default_factory=dict)
     discover: str = ""
-    node_report_interval: float = 1.0
-    node_stale_after: float = 5.0
+    report_interval: float = 1.0
+    stale_after: float = 5.0
     # The bearer token the fleet presents to node routers that require one (their auth_token).
-    node_auth_token: str = ""
+    auth_token: str = ""
     # Endpoint Picker (`quantrouter epp`): each node's model server (name → host:port) for Envoy to send
     # requests to; a node not listed is reached on its node router's host at `endpoint_port` (Ollama's).
     endpoints: Mapping[str, str] = field(default_factory=dict)
@@ -120,9 +193,56 @@ class Settings:
     fallbacks: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every knob of the router and the embedded backend, in groups, with defaults that work on a laptop."""
+
+    server: ServerSettings = field(default_factory=ServerSettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
+    backend: BackendSettings = field(default_factory=BackendSettings)
+    catalog: CatalogSettings = field(default_factory=CatalogSettings)
+    memory: MemorySettings = field(default_factory=MemorySettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    requests: RequestDefaults = field(default_factory=RequestDefaults)
+    embedded: EmbeddedSettings = field(default_factory=EmbeddedSettings)
+    fleet: FleetSettings = field(default_factory=FleetSettings)
+
+
+# Per group, the fields whose key is not their own name: field → key.
+_KEYS = {
+    "backend": {"host": "ollama_host", "connect_timeout": "backend_connect_timeout",
+                "read_timeout": "backend_read_timeout"},
+    "memory": {"capacity": "memory_capacity", "reserve": "memory_reserve"},
+    "requests": {"num_predict": "num_predict_default", "min_quantization": "default_min_quantization"},
+    "embedded": {"enabled": "embedded", "memory_budget": "embedded_memory_budget"},
+    "fleet": {"report_interval": "node_report_interval", "stale_after": "node_stale_after",
+              "auth_token": "node_auth_token"},
+}
+
+
+def _setting_keys() -> dict[str, tuple[str, str]]:
+    """key → (group, field), over every group of `Settings`."""
+    keys: dict[str, tuple[str, str]] = {}
+    for group in dataclasses.fields(Settings):
+        group_class = group.default_factory
+        assert isinstance(group_class, type)  # each group's default is its class
+        for item in dataclasses.fields(group_class):
+            key = _KEYS.get(group.name, {}).get(item.name, item.name)
+            assert key not in keys, f"two settings share the key {key}"
+            keys[key] = (group.name, item.name)
+    return keys
+
+
+# Every setting's key, in the order of the groups: what flags, `QUANTROUTER_*` variables and TOML use.
+SETTING_KEYS: dict[str, tuple[str, str]] = _setting_keys()
+
+
 # Settings that fall back to Ollama's own variable, so a router started with Ollama's environment agrees with it.
 _OLLAMA_MIRRORS = {"ollama_host": "OLLAMA_HOST", "ollama_num_parallel": "OLLAMA_NUM_PARALLEL",
                    "ollama_kv_cache_type": "OLLAMA_KV_CACHE_TYPE"}
+
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
@@ -206,7 +326,7 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
     toml_path: Path | None = None,
 ) -> Settings:
-    """Flags win over `QUANTROUTER_<NAME>` variables, which win over the TOML file, then defaults.
+    """Flags win over `QUANTROUTER_<KEY>` variables, which win over the TOML file, then defaults.
 
     `OLLAMA_HOST`, `OLLAMA_NUM_PARALLEL` and `OLLAMA_KV_CACHE_TYPE` are honoured below their `QUANTROUTER_OLLAMA_*`
     variables.
@@ -219,64 +339,77 @@ def load_settings(
             file_values = tomllib.loads(toml_path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as error:
             raise ConfigError(f"config file {toml_path}: {error}") from None
-    known = {f.name: f for f in dataclasses.fields(Settings)}
-    unknown = sorted(set(file_values) - set(known))
+    unknown = sorted(set(file_values) - set(SETTING_KEYS))
     if unknown:
         raise ConfigError(f"config file {toml_path}: unknown settings {', '.join(unknown)}")
 
-    defaults = Settings(cache_dir=default_cache_dir(environ))
-    values: dict[str, Any] = {}
-    for name in known:
-        default = getattr(defaults, name)
-        env_value = environ.get(f"QUANTROUTER_{name.upper()}")
-        if name in _OLLAMA_MIRRORS and env_value is None:
-            env_value = environ.get(_OLLAMA_MIRRORS[name])
-        for raw in (flags.get(name), env_value, file_values.get(name)):
-            if raw is not None:
-                values[name] = _convert(name, raw, default)
-                break
-    settings = dataclasses.replace(defaults, **values)
-    _validate(settings)
-    return settings
+    chosen: dict[str, Any] = {}
+    for key in SETTING_KEYS:
+        env_value = environ.get(f"QUANTROUTER_{key.upper()}")
+        if key in _OLLAMA_MIRRORS and env_value is None:
+            env_value = environ.get(_OLLAMA_MIRRORS[key])
+        raw = next((value for value in (flags.get(key), env_value, file_values.get(key)) if value is not None), None)
+        if raw is not None:
+            chosen[key] = raw
+    return with_keys(Settings(embedded=EmbeddedSettings(cache_dir=default_cache_dir(environ))), chosen)
+
+
+def with_keys(settings: Settings, changes: Mapping[str, Any]) -> Settings:
+    """`settings` with some keys set, each value cast and checked as a flag's would be."""
+    unknown = sorted(set(changes) - set(SETTING_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown settings {', '.join(unknown)}")
+    groups: dict[str, dict[str, Any]] = {}
+    for key, raw in changes.items():
+        group, name = SETTING_KEYS[key]
+        groups.setdefault(group, {})[name] = _convert(key, raw, getattr(getattr(settings, group), name))
+    result = dataclasses.replace(settings, **{group: dataclasses.replace(getattr(settings, group), **fields)
+                                              for group, fields in groups.items()})
+    _validate(result)
+    return result
 
 
 def _validate(settings: Settings) -> None:
-    if (settings.tls_cert is None) != (settings.tls_key is None):
+    security, limits, policy, requests = settings.security, settings.limits, settings.policy, settings.requests
+    if (security.tls_cert is None) != (security.tls_key is None):
         raise ConfigError("tls_cert and tls_key go together: set both or neither")
-    if settings.tls_client_ca is not None and settings.tls_cert is None:
+    if security.tls_client_ca is not None and security.tls_cert is None:
         raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
-    if settings.max_prompt_bytes >= settings.max_message_bytes:
-        raise ConfigError(f"setting max_prompt_bytes ({settings.max_prompt_bytes}) must be below max_message_bytes "
-                          f"({settings.max_message_bytes}), or a long prompt is refused without saying why")
-    if settings.event_loop not in ("uvloop", "asyncio"):
-        raise ConfigError(f"setting event_loop must be uvloop or asyncio, got {settings.event_loop!r}")
-    if settings.ollama_kv_cache_type.lower() not in KV_CACHE_TYPES:
-        raise ConfigError(f"setting ollama_kv_cache_type: {settings.ollama_kv_cache_type!r} is not one of Ollama's "
+    if limits.max_prompt_bytes >= limits.max_message_bytes:
+        raise ConfigError(f"setting max_prompt_bytes ({limits.max_prompt_bytes}) must be below max_message_bytes "
+                          f"({limits.max_message_bytes}), or a long prompt is refused without saying why")
+    if settings.server.event_loop not in ("uvloop", "asyncio"):
+        raise ConfigError(f"setting event_loop must be uvloop or asyncio, got {settings.server.event_loop!r}")
+    if policy.ollama_kv_cache_type.lower() not in KV_CACHE_TYPES:
+        raise ConfigError(f"setting ollama_kv_cache_type: {policy.ollama_kv_cache_type!r} is not one of Ollama's "
                           "KV cache types; write f16, q8_0 or q4_0 (as in OLLAMA_KV_CACHE_TYPE)")
-    for name in ("workers", "max_in_flight", "max_in_flight_per_family", "num_ctx", "num_predict_default",
-                 "ollama_num_parallel"):
-        if getattr(settings, name) <= 0:
-            raise ConfigError(f"setting {name} must be positive, got {getattr(settings, name)}")
-    if not 0 < settings.ewma_alpha <= 1:
-        raise ConfigError(f"setting ewma_alpha must be in (0, 1], got {settings.ewma_alpha}")
-    if not 0 <= settings.balanced_quality_weight <= 1:
+    for key, value in (("workers", settings.server.workers), ("max_in_flight", limits.max_in_flight),
+                       ("max_in_flight_per_family", limits.max_in_flight_per_family),
+                       ("num_ctx", requests.num_ctx), ("num_predict_default", requests.num_predict),
+                       ("ollama_num_parallel", policy.ollama_num_parallel)):
+        if value <= 0:
+            raise ConfigError(f"setting {key} must be positive, got {value}")
+    if not 0 < policy.ewma_alpha <= 1:
+        raise ConfigError(f"setting ewma_alpha must be in (0, 1], got {policy.ewma_alpha}")
+    if not 0 <= policy.balanced_quality_weight <= 1:
         raise ConfigError("setting balanced_quality_weight must be in [0, 1]")
-    if not 0 < settings.load_fraction <= 1:
-        raise ConfigError(f"setting load_fraction must be in (0, 1], got {settings.load_fraction}")
-    if settings.nodes and settings.discover:
+    if not 0 < policy.load_fraction <= 1:
+        raise ConfigError(f"setting load_fraction must be in (0, 1], got {policy.load_fraction}")
+    fleet = settings.fleet
+    if fleet.nodes and fleet.discover:
         raise ConfigError("nodes and discover are two ways to find the fleet's nodes: set one of them")
-    if settings.discover and not settings.discover.startswith("k8s://"):
-        raise ConfigError(f"setting discover: {settings.discover!r}: write k8s://NAMESPACE/SERVICE[:PORT]")
-    if (settings.nodes or settings.discover) and settings.embedded:
+    if fleet.discover and not fleet.discover.startswith("k8s://"):
+        raise ConfigError(f"setting discover: {fleet.discover!r}: write k8s://NAMESPACE/SERVICE[:PORT]")
+    if (fleet.nodes or fleet.discover) and settings.embedded.enabled:
         raise ConfigError("a fleet router (nodes, discover) has no backend of its own: drop --embedded")
-    if not 0 < settings.node_report_interval < settings.node_stale_after:
-        raise ConfigError(f"setting node_stale_after ({settings.node_stale_after} s) must exceed "
-                          f"node_report_interval ({settings.node_report_interval} s), which must be positive")
-    if settings.fallbacks < 0 or not 0 < settings.endpoint_port < 65536:
-        raise ConfigError(f"setting fallbacks ({settings.fallbacks}) must be ≥ 0 and endpoint_port "
-                          f"({settings.endpoint_port}) a TCP port")
-    if settings.default_min_quantization:
+    if not 0 < fleet.report_interval < fleet.stale_after:
+        raise ConfigError(f"setting node_stale_after ({fleet.stale_after} s) must exceed "
+                          f"node_report_interval ({fleet.report_interval} s), which must be positive")
+    if fleet.fallbacks < 0 or not 0 < fleet.endpoint_port < 65536:
+        raise ConfigError(f"setting fallbacks ({fleet.fallbacks}) must be ≥ 0 and endpoint_port "
+                          f"({fleet.endpoint_port}) a TCP port")
+    if requests.min_quantization:
         try:
-            parse_quantization(settings.default_min_quantization)
+            parse_quantization(requests.min_quantization)
         except UnknownQuantizationError as error:
             raise ConfigError(f"setting default_min_quantization: {error}") from None

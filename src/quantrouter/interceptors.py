@@ -32,9 +32,6 @@ __all__ = ["AuthInterceptor", "MetricsInterceptor", "StatusInterceptor", "Undeco
 # Calls that stay open without a token: Kubernetes probes and reflection-based tools.
 AUTH_EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 
-Around = Callable[[grpc.aio.ServicerContext, str], Any]
-
-
 def _split(method: str) -> tuple[str, str]:
     service, _, name = method.lstrip("/").partition("/")
     return service, name

@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
 
-from quantrouter.backend import OllamaBackend, ShownModel
+from quantrouter.backend import Backend, ShownModel
 from quantrouter.catalog import CatalogSnapshot, VariantInfo, build_catalog
+from quantrouter.config import CatalogSettings
 from quantrouter.errors import BackendError
 from quantrouter.quant import UnknownQuantizationError, parse_quantization
 
@@ -22,9 +22,10 @@ log = logging.getLogger(__name__)
 
 
 class Inventory:
-    def __init__(self, backend: OllamaBackend, aliases: Mapping[str, str]) -> None:
+    def __init__(self, backend: Backend, settings: CatalogSettings) -> None:
         self._backend = backend
-        self._aliases = dict(aliases)
+        self._settings = settings
+        self._aliases = dict(settings.aliases)
         self._shown: dict[tuple[str, int], ShownModel] = {}
         self._listed = CatalogSnapshot()
         self._resident: dict[str, tuple[int, int]] = {}
@@ -79,7 +80,8 @@ class Inventory:
         self.backend_up = True
         return True
 
-    async def run(self, tags_interval: float, ps_interval: float) -> None:
+    async def run(self) -> None:
+        tags_interval, ps_interval = self._settings.tags_refresh_interval, self._settings.ps_refresh_interval
         loop = asyncio.get_running_loop()
         next_tags = loop.time() + tags_interval
         while True:

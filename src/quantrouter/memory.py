@@ -2,7 +2,7 @@
 
 `NvmlSource` takes the pynvml module (or anything with its functions) as an argument, so tests can
 hand it a stand-in with NVML's real shapes. `MemoryProbe` samples in the background at a bounded
-rate (NVML calls hold the driver's lock: reference/quant.md §5) and never on the request path. When
+rate (NVML calls hold the driver's lock: docs/quantization.md §5) and never on the request path. When
 NVML is absent it says why and uses the static source; when NVML fails at runtime it degrades to the
 static source, says so, and tries NVML again on the next sample.
 """

@@ -1,7 +1,7 @@
 """Every Prometheus metric the router exports, defined once in `Metrics(registry)`.
 
 Names follow Prometheus's naming guide (`quantrouter_` prefix, base units, `_total` counters) and the
-field's label names (reference/anchors.md §4): `model_name` is the requested family,
+field's label names (docs/conventions.md §3): `model_name` is the requested family,
 `target_model_name` the variant served. Label values come only from the discovered catalog and from
 closed sets (preferences, reasons, gRPC codes); a name the catalog does not know is recorded as `other`.
 gRPC server metrics reuse go-grpc-prometheus's names so existing dashboards read them.
@@ -20,7 +20,7 @@ __all__ = ["OTHER", "Metrics", "VariantState"]
 
 OTHER = "other"
 
-# OpenTelemetry GenAI semantic conventions' recommended buckets (reference/conventions.md §3).
+# OpenTelemetry GenAI semantic conventions' recommended buckets (docs/conventions.md §3).
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 TOKENS_PER_SECOND_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 2000)
@@ -98,6 +98,50 @@ class Metrics:
         self.grpc_msg_sent = Counter(
             "grpc_server_msg_sent", "Stream messages sent by the server.",
             ["grpc_type", "grpc_service", "grpc_method"], registry=registry)
+
+    # What the router reports as it works (router.Recorder); the label order lives here, beside the metrics.
+
+    def decision_timed(self, seconds: float) -> None:
+        self.decision_duration.observe(seconds)
+
+    def decided(self, family: str, tag: str, quantization: str, preference: str, reason: str) -> None:
+        self.decisions.labels(family, tag, quantization, preference, reason).inc()
+
+    def substituted(self, family: str, tag: str, kind: str) -> None:
+        self.substitutions.labels(family, tag, kind).inc()
+
+    def refused(self, family: str, preference: str, code: str) -> None:
+        """A request shed before its stream existed: no variant, no duration."""
+        self.requests.labels(family, OTHER, OTHER, preference, code).inc()
+
+    def stream_opened(self, family: str) -> None:
+        self.in_flight.labels(family).inc()
+
+    def stream_closed(self, family: str, tag: str, quantization: str, preference: str, code: str,
+                      seconds: float) -> None:
+        self.in_flight.labels(family).dec()
+        self.requests.labels(family, tag, quantization, preference, code).inc()
+        self.request_duration.labels(family, tag, preference).observe(seconds)
+
+    def first_token(self, family: str, tag: str, preference: str, seconds: float) -> None:
+        self.time_to_first_token.labels(family, tag, preference).observe(seconds)
+
+    def fell_back(self, family: str, tag: str, reason: str) -> None:
+        self.fallbacks.labels(family, tag, reason).inc()
+
+    def breaker_tripped(self, family: str, tag: str) -> None:
+        self.breaker_trips.labels(family, tag).inc()
+
+    def generated(self, family: str, tag: str, quantization: str, prompt_tokens: int, generated_tokens: int,
+                  tokens_per_second: float, load_seconds: float | None) -> None:
+        """One finished generation; `load_seconds` only when it paid a cold load."""
+        labels = (family, tag, quantization)
+        self.prompt_tokens.labels(*labels).inc(prompt_tokens)
+        self.generated_tokens.labels(*labels).inc(generated_tokens)
+        if tokens_per_second:
+            self.delivered_tokens_per_second.labels(*labels).observe(tokens_per_second)
+        if load_seconds:
+            self.load_duration.labels(*labels).observe(load_seconds)
 
     def watch_memory(self, read: Callable[[], Iterable[tuple[str, str, int, int]]]) -> None:
         """Export GPU memory at scrape time from `read()` → (gpu, source, free, total) rows."""

@@ -7,7 +7,7 @@ estimates and the time left before the deadline. The model (design §5):
   told Ollama's OLLAMA_KV_CACHE_TYPE: what the runner will hold), one slot's worth; a variant fits when it
   is resident, or when need ≤ `load_fraction` × (free − reserve + what idle variants of the same family
   would give back on eviction): Ollama loads a model beside others only within 80 % of free memory and
-  otherwise waits for busy runners to finish (reference/ollama.md §3), which a routed request would spend
+  otherwise waits for busy runners to finish (docs/ollama.md §3), which a routed request would spend
   in a queue;
 - queue = the GPU's backlog as this request would meet it: runners of one GPU time-slice it, so each
   in-flight request delays this one by min(its remaining seconds, this one's own service time), and on a
@@ -31,7 +31,7 @@ deadline, or whose decode rate under that sharing falls below `min_tokens_per_se
 ranks after the rest (when all are, the
 fastest is tried). A variant below `SPEED_FLOOR_BPW` yields to any feasible variant at or above the
 floor that is (or, unmeasured, is believed) at least as fast: below ~4.5 bits/weight dequantisation
-eats the smaller read (reference/quant.md §2 (iii)), so it serves when memory or an explicit constraint
+eats the smaller read (docs/quantization.md §2 (iii)), so it serves when memory or an explicit constraint
 leaves nothing else. When memory pressure rejects the variant the preference would have taken, the
 decision says `downgraded`. To keep Ollama from loading and unloading in a thrash, a non-resident
 variant replaces a resident sibling only when it fits with a margin (`upgrade_hysteresis`) to spare.
@@ -69,7 +69,7 @@ DEADLINE_REJECTION = "expected"
 # When the architecture is unknown (no /api/show yet), assume the KV cache adds this share of the weights.
 UNKNOWN_KV_SHARE = 0.1
 # Ollama's scheduler loads beside other models only when the prediction ≤ 80 % of free memory
-# (`server/sched.go` "Use 80% of free memory as threshold", reference/ollama.md §3).
+# (`server/sched.go` "Use 80% of free memory as threshold", docs/ollama.md §3).
 OLLAMA_LOAD_FRACTION = 0.8
 
 

@@ -1,6 +1,6 @@
 """Quantization types: their names, sizes and quality priors, and parsing Ollama's strings.
 
-Sources (see ../shared/reference/quant.md):
+Sources (see docs/quantization.md):
 - file-level bits/weight: llama.cpp `tools/quantize/README.md` (Llama-3.1-8B), else the size column of
   `tools/quantize/quantize.cpp` QUANT_OPTIONS divided by Llama-3-8B's 8.03e9 parameters;
 - quality: top-token agreement with FP16 ("same top p") from llama.cpp `tools/perplexity/README.md`

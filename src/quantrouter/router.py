@@ -4,6 +4,9 @@
 `Router.stream` yields the decision, then text, then a `Completion`; if the chosen variant fails
 before its first token it yields a second, `fallback` decision and tries the next candidate once.
 Its `finally` releases the in-flight slot and records metrics even when the caller cancels.
+
+The router is typed against two seams: a `Backend` (backend.py; `OllamaBackend` in production) and a
+`Recorder` (below; `metrics.Metrics` records for Prometheus), so it can be tested on its own.
 """
 
 from __future__ import annotations
@@ -14,14 +17,15 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
-from quantrouter.backend import Final, OllamaBackend
+from quantrouter.backend import Backend, Final
 from quantrouter.breaker import Breaker
 from quantrouter.calibration import MeasuredQuality, quality_of
 from quantrouter.catalog import CatalogSnapshot, VariantInfo
+from quantrouter.config import LimitSettings
 from quantrouter.errors import (
     BackendBusy,
     BackendError,
@@ -38,13 +42,13 @@ from quantrouter.errors import (
 )
 from quantrouter.inventory import Inventory
 from quantrouter.memory import NVML, MemoryProbe
-from quantrouter.metrics import OTHER, Metrics, VariantState
+from quantrouter.metrics import OTHER, VariantState
 from quantrouter.policy import CandidateInput, MemoryView, PolicyConfig, RoutingRequest, decide, remaining_seconds
 from quantrouter.throughput import Observation, ThroughputTable
 from quantrouter.units import NS
 from quantrouter.values import Completion, Decision, FailureKind
 
-__all__ = ["Completion", "Job", "Limits", "Router", "failure_of"]
+__all__ = ["Completion", "Job", "Recorder", "Router", "failure_of"]
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +73,6 @@ class Job:
     chat: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Limits:
-    max_in_flight: int
-    max_in_flight_per_family: int
-    reserve_bytes: int
-    policy: PolicyConfig
-
-
 @dataclass(slots=True, eq=False)
 class _Work:
     """One in-flight stream as the policy's backlog counts it: the decision's service estimate and the share
@@ -90,6 +86,32 @@ class _Work:
 
     def done(self) -> float:
         return min(self.streamed / self.num_predict, 1.0) if self.num_predict > 0 else 0.0
+
+
+class Recorder(Protocol):
+    """What the router reports as it works; family names arrive already bounded (`family_label`)."""
+
+    def decision_timed(self, seconds: float) -> None: ...
+
+    def decided(self, family: str, tag: str, quantization: str, preference: str, reason: str) -> None: ...
+
+    def substituted(self, family: str, tag: str, kind: str) -> None: ...
+
+    def refused(self, family: str, preference: str, code: str) -> None: ...
+
+    def stream_opened(self, family: str) -> None: ...
+
+    def stream_closed(self, family: str, tag: str, quantization: str, preference: str, code: str,
+                      seconds: float) -> None: ...
+
+    def first_token(self, family: str, tag: str, preference: str, seconds: float) -> None: ...
+
+    def fell_back(self, family: str, tag: str, reason: str) -> None: ...
+
+    def breaker_tripped(self, family: str, tag: str) -> None: ...
+
+    def generated(self, family: str, tag: str, quantization: str, prompt_tokens: int, generated_tokens: int,
+                  tokens_per_second: float, load_seconds: float | None) -> None: ...
 
 
 def _variant_labels(variant: VariantInfo | None) -> tuple[str, str]:
@@ -111,17 +133,20 @@ def failure_of(decision: Decision) -> QuantrouterError:
 
 
 class Router:
-    def __init__(self, backend: OllamaBackend, inventory: Inventory, probe: MemoryProbe, throughput: ThroughputTable,
-                 breaker: Breaker, metrics: Metrics, limits: Limits,
+    def __init__(self, backend: Backend, inventory: Inventory, probe: MemoryProbe, throughput: ThroughputTable,
+                 metrics: Recorder, limits: LimitSettings, policy: PolicyConfig, reserve_bytes: int,
                  clock: Callable[[], float] = time.monotonic,
                  measured_quality: Mapping[str, MeasuredQuality] | None = None) -> None:
+        """`reserve_bytes` is what the backend keeps back on each GPU NVML reports (none on a static capacity)."""
         self.backend = backend
         self.inventory = inventory
         self.probe = probe
         self.throughput = throughput
-        self.breaker = breaker
+        self.breaker = Breaker(limits.breaker_failures, limits.breaker_cooldown)
         self.metrics = metrics
         self.limits = limits
+        self.policy = policy
+        self.reserve_bytes = reserve_bytes
         self._clock = clock
         self.measured_quality = dict(measured_quality or {})
         self._in_flight_tags: Counter[str] = Counter()
@@ -146,7 +171,7 @@ class Router:
 
     def family_label(self, family: str) -> str:
         """A metric label value: known families only (bounded cardinality)."""
-        return family if family in self.inventory.snapshot.families else OTHER
+        return family if self.inventory.snapshot.has_family(family) else OTHER
 
     def quality_of(self, variant: VariantInfo) -> tuple[float, bool]:
         """Measured quality where the calibration file has it, else the quant type's prior; and which."""
@@ -167,14 +192,14 @@ class Router:
     def memory_view(self) -> MemoryView:
         """Free memory, and the backlog of this router's own in-flight streams (one GPU's worth of work)."""
         snapshot = self.probe.latest
-        reserve = self.limits.reserve_bytes * len(snapshot.gpus) if snapshot.source == NVML else 0
+        reserve = self.reserve_bytes * len(snapshot.gpus) if snapshot.source == NVML else 0
         return MemoryView(snapshot.free_bytes, reserve, snapshot.source, self._backlog())
 
     def decide(self, request: RoutingRequest) -> Decision:
         started = time.perf_counter()
         decision = decide(request, self.candidates(self.inventory.snapshot, request.family), self.memory_view(),
-                          self.limits.policy)
-        self.metrics.decision_duration.observe(time.perf_counter() - started)
+                          self.policy)
+        self.metrics.decision_timed(time.perf_counter() - started)
         return decision
 
     def resolve(self, model: str) -> tuple[str, str | None]:
@@ -200,21 +225,20 @@ class Router:
         chosen = decision.chosen
         variant = self.inventory.snapshot.variant(chosen.tag) if chosen else None
         family = self.family_label(decision.family)
-        self.metrics.decisions.labels(family, *_variant_labels(variant), decision.preference.value,
-                                      decision.reason_code).inc()
+        self.metrics.decided(family, *_variant_labels(variant), decision.preference.value, decision.reason_code)
         if chosen is not None and decision.downgraded:
-            self.metrics.substitutions.labels(family, chosen.tag, "downgrade").inc()
+            self.metrics.substituted(family, chosen.tag, "downgrade")
 
     async def stream(self, request: RoutingRequest, job: Job) -> AsyncIterator[Decision | str | Completion]:
         family = self.family_label(request.family)
         try:
             self._admit(request.family)
         except Overloaded as error:  # shed before a stream exists, but still a request refused
-            self.metrics.requests.labels(family, OTHER, OTHER, request.preference.value, error.code.name).inc()
+            self.metrics.refused(family, request.preference.value, error.code.name)
             raise
         started = self._clock()
         self._in_flight_families[request.family] += 1
-        self.metrics.in_flight.labels(family).inc()
+        self.metrics.stream_opened(family)
         code = grpc.StatusCode.OK
         variant: VariantInfo | None = None
         first_token: float | None = None
@@ -234,9 +258,8 @@ class Router:
                             item = replace(item, time_to_first_token=(first_token or self._clock()) - started)
                         elif first_token is None:
                             first_token = self._clock()
-                            self.metrics.time_to_first_token.labels(family, variant.tag,
-                                                                    request.preference.value).observe(
-                                first_token - started)
+                            self.metrics.first_token(family, variant.tag, request.preference.value,
+                                                     first_token - started)
                         yield item
                     return
                 except _FALLBACK_ERRORS as error:
@@ -248,10 +271,10 @@ class Router:
                         raise  # nothing else to try (a pinned tag): the backend's error says more than "none fit"
                     fallback_used = True
                     log.warning("variant %s failed before its first token, falling back: %s", variant.tag, error)
-                    self.metrics.fallbacks.labels(family, variant.tag, error.reason).inc()
+                    self.metrics.fell_back(family, variant.tag, error.reason)
                     request, decision = retry, alternative
                     self.record_decision(decision)
-                    self.metrics.substitutions.labels(family, alternative.chosen.tag, "fallback").inc()
+                    self.metrics.substituted(family, alternative.chosen.tag, "fallback")
         except QuantrouterError as error:
             code = error.code
             raise
@@ -260,10 +283,8 @@ class Router:
             raise
         finally:
             self._in_flight_families[request.family] -= 1
-            self.metrics.in_flight.labels(family).dec()
-            tag, quantization = _variant_labels(variant)
-            self.metrics.requests.labels(family, tag, quantization, request.preference.value, code.name).inc()
-            self.metrics.request_duration.labels(family, tag, request.preference.value).observe(self._clock() - started)
+            self.metrics.stream_closed(family, *_variant_labels(variant), request.preference.value, code.name,
+                                       self._clock() - started)
 
     def _chosen_variant(self, decision: Decision) -> VariantInfo:
         if decision.chosen is None:
@@ -295,7 +316,7 @@ class Router:
             failed = False
         except BackendError as error:
             if not isinstance(error, _NOT_THE_VARIANTS_FAULT) and self.breaker.failure(tag, self._clock()):
-                self.metrics.breaker_trips.labels(self.family_label(variant.family), tag).inc()
+                self.metrics.breaker_tripped(self.family_label(variant.family), tag)
             raise
         finally:
             self._in_flight_tags[tag] -= 1
@@ -309,15 +330,11 @@ class Router:
         self.throughput.observe(variant.tag, Observation(final.eval_count, final.eval_duration,
                                                          final.prompt_eval_count, final.prompt_eval_duration,
                                                          final.load_duration, cold, busy_runners))
-        labels = (self.family_label(variant.family), variant.tag, variant.quant.name)
         tps = final.eval_count * NS / final.eval_duration if final.eval_duration else 0.0
         prompt_tps = final.prompt_eval_count * NS / final.prompt_eval_duration if final.prompt_eval_duration else 0.0
-        self.metrics.prompt_tokens.labels(*labels).inc(final.prompt_eval_count)
-        self.metrics.generated_tokens.labels(*labels).inc(final.eval_count)
-        if tps:
-            self.metrics.delivered_tokens_per_second.labels(*labels).observe(tps)
-        if cold and final.load_duration:
-            self.metrics.load_duration.labels(*labels).observe(final.load_duration / NS)
+        self.metrics.generated(self.family_label(variant.family), variant.tag, variant.quant.name,
+                               final.prompt_eval_count, final.eval_count, tps,
+                               final.load_duration / NS if cold else None)
         return Completion(variant.tag, final.prompt_eval_count, final.eval_count, tps, prompt_tps, 0.0,
                           final.load_duration / NS, final.total_duration / NS, final.done_reason)
 

@@ -20,7 +20,7 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import grpc
@@ -30,24 +30,23 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from quantrouter.backend import OllamaBackend
 from quantrouter.background import service_in_thread
-from quantrouter.breaker import Breaker
-from quantrouter.calibration import load_calibration, measured_qualities
-from quantrouter.config import ConfigError, Settings
+from quantrouter.calibration import measured_qualities, starting_speeds
+from quantrouter.config import ConfigError, EmbeddedSettings, PolicySettings, SecuritySettings, Settings
 from quantrouter.interceptors import AuthInterceptor, MetricsInterceptor, StatusInterceptor
 from quantrouter.inventory import Inventory
+from quantrouter.logs import configure_logging
 from quantrouter.memory import MemoryProbe, StaticSource, load_pynvml
 from quantrouter.metrics import Metrics
 from quantrouter.policy import PolicyConfig
 from quantrouter.quant import KV_CACHE_TYPES
-from quantrouter.router import Limits, Router
-from quantrouter.service import SERVICE_NAME, RouterService, status_of
-from quantrouter.throughput import ThroughputTable, bandwidth_for
+from quantrouter.router import Router
+from quantrouter.service import SERVICE_NAME, RequestReader, RouterService, status_of
 from quantrouter.tls import server_credentials
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
 
-__all__ = ["Listening", "RunningServer", "Stoppable", "configure_logging", "describe", "listen", "run_in_thread",
-           "serve", "serve_processes", "start"]
+__all__ = ["Listening", "RunningServer", "Stoppable", "describe", "listen", "policy_config", "run_in_thread", "serve",
+           "serve_processes", "start"]
 
 log = logging.getLogger(__name__)
 
@@ -108,18 +107,18 @@ class RunningServer:
         await self.server.wait_for_termination()
 
 
-def _read_tokens(settings: Settings) -> frozenset[str]:
+def _read_tokens(settings: SecuritySettings) -> frozenset[str]:
     tokens = {settings.auth_token} if settings.auth_token else set()
     if settings.auth_token_file is not None:
         tokens |= {line.strip() for line in settings.auth_token_file.read_text().splitlines() if line.strip()}
     return frozenset(tokens)
 
 
-def _bind(server: grpc.aio.Server, settings: Settings) -> int:
+def _bind(server: grpc.aio.Server, address: str, settings: SecuritySettings) -> int:
     if settings.tls_cert is None or settings.tls_key is None:
-        return int(server.add_insecure_port(settings.grpc_address))
+        return int(server.add_insecure_port(address))
     credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-    return int(server.add_secure_port(settings.grpc_address, credentials))
+    return int(server.add_secure_port(address, credentials))
 
 
 def _split_address(address: str) -> tuple[str, int]:
@@ -127,7 +126,7 @@ def _split_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-async def _start_embedded(settings: Settings, stack: AsyncExitStack) -> tuple[str, int]:
+async def _start_embedded(settings: EmbeddedSettings, stack: AsyncExitStack) -> tuple[str, int]:
     """Start the embedded llama.cpp backend in this loop; its budget becomes the static capacity."""
     try:
         from quantrouter.embedded import EmbeddedConfig, EmbeddedServer, prepare_ladder
@@ -137,8 +136,15 @@ async def _start_embedded(settings: Settings, stack: AsyncExitStack) -> tuple[st
 
     await asyncio.to_thread(prepare_ladder, settings.cache_dir, progress=False)
     embedded = await stack.enter_async_context(EmbeddedServer(EmbeddedConfig(
-        memory_budget_bytes=settings.embedded_memory_budget, cache_dir=settings.cache_dir)))
+        memory_budget_bytes=settings.memory_budget, cache_dir=settings.cache_dir)))
     return embedded.url, embedded.memory_budget_bytes
+
+
+def policy_config(settings: PolicySettings) -> PolicyConfig:
+    """The policy's knobs from their settings (a node router and a fleet router decide alike)."""
+    return PolicyConfig(settings.balanced_quality_weight, settings.upgrade_hysteresis, settings.load_fraction,
+                        runner_parallel=settings.ollama_num_parallel,
+                        kv_bytes_per_element=KV_CACHE_TYPES[settings.ollama_kv_cache_type.lower()])
 
 
 def _every(interval: float, action: Callable[[], Awaitable[None]]) -> Callable[[], Coroutine[Any, Any, None]]:
@@ -163,21 +169,21 @@ def listen(settings: Settings, metrics: Metrics, add_servicer: Callable[[grpc.ai
            stack: AsyncExitStack) -> Listening:
     """The parts a node router and a fleet router share: interceptors, health, reflection, ports."""
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics)]
-    tokens = _read_tokens(settings)
+    tokens = _read_tokens(settings.security)
     if tokens:
         interceptors.append(AuthInterceptor(tokens, status_of))
     interceptors.append(StatusInterceptor(status_of))
     server = grpc.aio.server(interceptors=interceptors, options=[
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.limits.max_message_bytes),
+        ("grpc.max_send_message_length", settings.limits.max_message_bytes),
     ])
     add_servicer(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    port = _bind(server, settings)
-    metrics_host, metrics_port = _split_address(settings.metrics_address)
+    port = _bind(server, settings.server.grpc_address, settings.security)
+    metrics_host, metrics_port = _split_address(settings.server.metrics_address)
     http_server, http_thread = start_http_server(metrics_port, metrics_host, registry=metrics.registry)
     stack.callback(http_server.server_close)  # last: shutdown() stops serving but leaves the socket open
     stack.callback(http_thread.join, 5)
@@ -191,38 +197,31 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None,
     registry = registry if registry is not None else CollectorRegistry()
     stack = AsyncExitStack()
     try:
-        host, capacity, reserve = settings.ollama_host, settings.memory_capacity, settings.memory_reserve
-        if settings.embedded:
-            host, budget = await _start_embedded(settings, stack)
+        backend_settings, capacity, reserve = settings.backend, settings.memory.capacity, settings.memory.reserve
+        if settings.embedded.enabled:
+            host, budget = await _start_embedded(settings.embedded, stack)
+            backend_settings = replace(backend_settings, host=host)
             capacity, reserve = capacity or budget, 0
-        backend = OllamaBackend(host, settings.backend_connect_timeout, settings.backend_read_timeout,
-                                settings.keep_alive)
+        backend = OllamaBackend(backend_settings)
         stack.push_async_callback(backend.close)
-        inventory = Inventory(backend, settings.aliases)
+        inventory = Inventory(backend, settings.catalog)
         static = (StaticSource(capacity, inventory.resident_vram) if capacity else
                   StaticSource(UNCONSTRAINED_CAPACITY, inventory.resident_vram,
                                "no memory_capacity set: memory does not limit routing"))
-        probe = MemoryProbe.create(static, settings.nvml_poll_interval, nvml_loader or load_pynvml)
+        probe = MemoryProbe.create(static, settings.memory.nvml_poll_interval, nvml_loader or load_pynvml)
         stack.callback(probe.close)
         metrics = Metrics(registry)
         metrics.watch_memory(lambda: [(g.uuid, probe.latest.source, g.free_bytes, g.total_bytes)
                                       for g in probe.latest.gpus])
-        throughput = ThroughputTable(settings.ewma_alpha, bandwidth_for((g.name for g in probe.latest.gpus),
-                                                                        settings.gpu_bandwidth))
-        if settings.calibration_file is not None:
-            load_calibration(settings.calibration_file, throughput)
-        router = Router(backend, inventory, probe, throughput,
-                        Breaker(settings.breaker_failures, settings.breaker_cooldown), metrics,
-                        Limits(settings.max_in_flight, settings.max_in_flight_per_family, reserve,
-                               PolicyConfig(settings.balanced_quality_weight, settings.upgrade_hysteresis,
-                                            settings.load_fraction, runner_parallel=settings.ollama_num_parallel,
-                                            kv_bytes_per_element=KV_CACHE_TYPES[
-                                                settings.ollama_kv_cache_type.lower()])),
-                        measured_quality=measured_qualities(settings.calibration_file))
+        throughput = starting_speeds(settings.policy, (g.name for g in probe.latest.gpus))
+        router = Router(backend, inventory, probe, throughput, metrics, settings.limits,
+                        policy_config(settings.policy), reserve,
+                        measured_quality=measured_qualities(settings.policy.calibration_file))
         metrics.watch_variants(router.variant_states, lambda: inventory.backend_up)
 
         running: RunningServer | None = None
-        servicer = RouterService(router, settings, lambda: running is not None and running.draining)
+        servicer = RouterService(router, RequestReader(settings.requests, settings.limits, router.resolve),
+                                 lambda: running is not None and running.draining)
         listening = listen(settings, metrics, lambda server: pb_grpc.add_RouterServiceServicer_to_server(
             servicer, server), stack)
         server, health_servicer, port = listening.server, listening.health, listening.port
@@ -238,14 +237,14 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None,
         await watch()
         await server.start()
         running = RunningServer(server, port, listening.metrics_port, router, health_servicer, registry,
-                                settings.grace_period, host, stack)
+                                settings.server.grace_period, backend_settings.host, stack)
         running._tasks = [
-            asyncio.create_task(inventory.run(settings.tags_refresh_interval, settings.ps_refresh_interval)),
+            asyncio.create_task(inventory.run()),
             asyncio.create_task(probe.run()),
             asyncio.create_task(_every(WATCH_INTERVAL_S, watch)()),
         ]
         log.info("quantrouter serving on port %d (metrics on %d), backend %s, memory source %s",
-                 port, running.metrics_port, host, probe.latest.source)
+                 port, running.metrics_port, backend_settings.host, probe.latest.source)
         return running
     except BaseException:
         await stack.aclose()
@@ -267,7 +266,7 @@ async def serve(settings: Settings, starter: Callable[[Settings], Awaitable[Stop
 
     def on_signal() -> None:
         if not stop_requested.is_set():
-            log.info("shutting down: draining streams for up to %.0f s", settings.grace_period)
+            log.info("shutting down: draining streams for up to %.0f s", settings.server.grace_period)
             stop_requested.set()
         elif not running.cut_short.is_set():
             log.info("second signal: cancelling what remains")
@@ -285,12 +284,6 @@ async def serve(settings: Settings, starter: Callable[[Settings], Awaitable[Stop
     return 0
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if level != "debug":  # one line per backend call would bury everything else
-        logging.getLogger("httpx").setLevel(logging.WARNING)
-
-
 def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
     """uvloop (libuv) where installed and asked for, else asyncio's own loop."""
     if name == "uvloop":
@@ -304,7 +297,7 @@ Starter = Callable[[Settings], Awaitable[Stoppable]]
 
 
 def _serve_on_new_loop(settings: Settings, starter: Starter | None) -> int:
-    with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
+    with asyncio.Runner(loop_factory=_loop_factory(settings.server.event_loop)) as runner:
         return runner.run(serve(settings, starter))
 
 
@@ -312,7 +305,7 @@ def _worker(settings: Settings, starter: Starter | None) -> None:
     """One of `serve_processes`' workers: its own process group, so a terminal's Ctrl-C reaches only the
     parent, which passes each signal on once."""
     os.setpgrp()
-    configure_logging(settings.log_level)
+    configure_logging(settings.server.log_level)
     raise SystemExit(_serve_on_new_loop(settings, starter))
 
 
@@ -330,22 +323,24 @@ def serve_processes(settings: Settings, starter: Starter | None = None) -> int:
     """Serve on this process, or with `workers` > 1 on that many, all bound to one gRPC port: grpc sets
     SO_REUSEPORT on Linux (its `grpc.so_reuseport` default), so the kernel spreads connections over them.
     Worker i serves metrics on the metrics port + i. Returns the worst exit status."""
-    if settings.workers == 1:
+    server = settings.server
+    if server.workers == 1:
         return _serve_on_new_loop(settings, starter)
-    if settings.embedded:
+    if settings.embedded.enabled:
         raise ConfigError("--workers runs several router processes; with --embedded each would start its own "
                           "backend. Run `quantrouter embedded serve` and point --ollama-host at it")
-    host, port = _split_address(settings.grpc_address)
+    host, port = _split_address(server.grpc_address)
     with contextlib.ExitStack() as stack:
         if port == 0:
             port = stack.enter_context(_reserved_port(host)).getsockname()[1]
         grpc_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        metrics_host, metrics_port = _split_address(settings.metrics_address)
+        metrics_host, metrics_port = _split_address(server.metrics_address)
         context = multiprocessing.get_context("spawn")  # grpc's core does not survive fork
         workers = [context.Process(target=_worker, name=f"quantrouter-worker-{i}", args=(dataclasses.replace(
-            settings, grpc_address=grpc_address, workers=1,
-            metrics_address=f"{metrics_host}:{metrics_port + i if metrics_port else 0}"), starter))
-            for i in range(settings.workers)]
+            settings, server=dataclasses.replace(
+                server, grpc_address=grpc_address, workers=1,
+                metrics_address=f"{metrics_host}:{metrics_port + i if metrics_port else 0}")), starter))
+            for i in range(server.workers)]
         for worker in workers:
             worker.start()
 

@@ -14,13 +14,13 @@ from typing import Any
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from quantrouter.capacity import DEFAULT_INTERVAL_S, duration_pb, memory_status_pb, variant_pb, watch
-from quantrouter.config import Settings
+from quantrouter.config import LimitSettings, RequestDefaults
 from quantrouter.errors import DOMAIN, FieldViolation, InvalidRequest, QuantrouterError, ShuttingDown
+from quantrouter.listing import variant_rows
 from quantrouter.policy import RoutingRequest
-from quantrouter.quant import UnknownQuantizationError, parse_quantization, quality_key
+from quantrouter.quant import UnknownQuantizationError, parse_quantization
 from quantrouter.router import Job, Router, failure_of
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
@@ -84,11 +84,12 @@ class RequestReader:
     """Validation and conversion of requests, protobuf → ours; `resolve` names the family and pinned tag
     (a node router asks its catalog, a fleet router its nodes' catalogs)."""
 
-    def __init__(self, settings: Settings, resolve: Callable[[str], tuple[str, str | None]]) -> None:
-        self._settings = settings
+    def __init__(self, defaults: RequestDefaults, limits: LimitSettings,
+                 resolve: Callable[[str], tuple[str, str | None]]) -> None:
+        self._defaults = defaults
+        self._max_prompt_bytes = limits.max_prompt_bytes
         self._resolve = resolve
-        self._default_floor = (parse_quantization(settings.default_min_quantization)
-                               if settings.default_min_quantization else None)
+        self._default_floor = parse_quantization(defaults.min_quantization) if defaults.min_quantization else None
 
     def _routing_request(self, model: str, preference: int, constraints: pb.Constraints,
                          options: pb.GenerationOptions, prompt_chars: int, time_remaining: float | None,
@@ -125,8 +126,8 @@ class RequestReader:
             preference=_PREFERENCES[preference],
             pinned_tag=pinned,
             prompt_tokens=prompt_chars // CHARS_PER_TOKEN + 1,
-            num_predict=num_predict if num_predict > 0 else self._settings.num_predict_default,
-            num_ctx=options.num_ctx if options.HasField("num_ctx") else self._settings.num_ctx,
+            num_predict=num_predict if num_predict > 0 else self._defaults.num_predict,
+            num_ctx=options.num_ctx if options.HasField("num_ctx") else self._defaults.num_ctx,
             min_quantization=floor,
             allowed_quantizations=frozenset(allowed),
             min_tokens_per_second=min_tps,
@@ -165,7 +166,7 @@ class RequestReader:
         return result
 
     def _check_size(self, size: int, field: str, violations: list[FieldViolation]) -> None:
-        limit = self._settings.max_prompt_bytes
+        limit = self._max_prompt_bytes
         _check(violations, size <= limit, field, f"{size} bytes is over the {limit}-byte limit")
 
     def generate(self, request: pb.GenerateRequest, time_remaining: float | None) -> tuple[RoutingRequest, Job]:
@@ -202,9 +203,9 @@ class RequestReader:
 
 
 class RouterService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
-    def __init__(self, router: Router, settings: Settings, shutting_down: Callable[[], bool]) -> None:
+    def __init__(self, router: Router, reader: RequestReader, shutting_down: Callable[[], bool]) -> None:
         self._router = router
-        self._reader = RequestReader(settings, router.resolve)
+        self._reader = reader
         self._shutting_down = shutting_down
 
     # RPCs.
@@ -236,12 +237,9 @@ class RouterService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
         if request.model:
             family, _ = router.resolve(request.model)
             families = [family]
-        speeds = router.throughput.snapshot()
-        result = []
-        for family in families:
-            variants = sorted(catalog.family(family), key=lambda v: (quality_key(v.quant), v.tag))
-            result.append(pb.Family(name=family, variants=[variant_pb(v, speed, router.quality_of(v))
-                                                           for v, speed in speeds.estimates(variants)]))
+        result = [pb.Family(name=family, variants=[variant_pb(v) for v in rows])
+                  for family, rows in variant_rows(catalog, router.throughput.snapshot(), families,
+                                                   router.quality_of).items()]
         return pb.ListVariantsResponse(families=result, memory=memory_status_pb(router.probe.latest))
 
     async def WatchCapacity(self, request: pb.WatchCapacityRequest, context: grpc.aio.ServicerContext
@@ -292,6 +290,3 @@ def completion_pb(c: Completion) -> pb.Completion:
                          load_duration=duration_pb(c.load_seconds), total_duration=duration_pb(c.total_seconds),
                          done_reason=c.done_reason)
 
-
-def abort_status(error: QuantrouterError) -> grpc.Status:
-    return rpc_status.to_status(status_of(error))

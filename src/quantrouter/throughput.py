@@ -2,9 +2,9 @@
 
 Before a variant's first sample the estimate is a prior. Decode is memory-bandwidth bound, so a
 measured sibling scales by size (tok/s ∝ 1/bytes); with no sibling measured, the bandwidth model
-`tok/s = 1 / (W / (η·BW) + c)` of reference/quant.md §2 and §6 gives a first guess. Neither extrapolates
+`tok/s = 1 / (W / (η·BW) + c)` of docs/quantization.md §2 and §6 gives a first guess. Neither extrapolates
 a gain below `SPEED_FLOOR_BPW`: there dequantisation eats the smaller read (Q2_K and Q3_K_S decode slower
-than Q4_0 on an RTX 3090, reference/quant.md §2), so a file below the floor counts as the size it would
+than Q4_0 on an RTX 3090, docs/quantization.md §2), so a file below the floor counts as the size it would
 have at the floor. Prompt processing is compute bound and roughly flat across quant types, so a sibling's
 figure carries over unscaled.
 
@@ -32,7 +32,7 @@ __all__ = [
     "decode_bytes",
 ]
 
-# Bandwidth model constants (reference/quant.md §6): η = achieved fraction of peak bandwidth,
+# Bandwidth model constants (docs/quantization.md §6): η = achieved fraction of peak bandwidth,
 # c = fixed per-token overhead (kernel launches, sampling).
 BANDWIDTH_EFFICIENCY = 0.8
 PER_TOKEN_OVERHEAD_S = 0.004
@@ -46,7 +46,7 @@ LOAD_FIXED_S = 0.2
 # Bits per weight below which a smaller file decodes no faster (the Q4_K block is 4.5 bpw, quant.md §1d).
 SPEED_FLOOR_BPW = 4.5
 
-# Peak memory bandwidth, bytes/s, by a substring of the NVML device name (reference/quant.md §6).
+# Peak memory bandwidth, bytes/s, by a substring of the NVML device name (docs/quantization.md §6).
 GPU_BANDWIDTH: tuple[tuple[str, float], ...] = (
     ("H200", 4.8e12),
     ("H100 NVL", 3.9e12),

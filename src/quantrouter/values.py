@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-__all__ = ["Assessment", "Completion", "Decision", "FailureKind", "Preference"]
+__all__ = ["Assessment", "Completion", "Decision", "FailureKind", "Preference", "Variant"]
 
 
 class Preference(enum.Enum):
@@ -97,3 +97,20 @@ class Completion:
     load_seconds: float
     total_seconds: float
     done_reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """One row of a variant listing: what the backend holds and the speed the policy would use for it."""
+
+    tag: str
+    quantization: str
+    size_bytes: int
+    parameter_count: int
+    resident: bool
+    vram_bytes: int
+    tokens_per_second: float
+    measured: bool
+    samples: int
+    quality: float
+    quality_measured: bool = False  # measured by `calibrate --quality`, else the quant type's prior

@@ -1,4 +1,4 @@
-"""The Grafana dashboard follows grafana/dashboard-linter's rules (reference/conventions.md §5) and every
+"""The Grafana dashboard follows grafana/dashboard-linter's rules (docs/conventions.md §5) and every
 query reads metrics that `quantrouter.metrics.Metrics` exports."""
 
 from __future__ import annotations

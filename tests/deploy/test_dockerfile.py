@@ -1,4 +1,4 @@
-"""The Dockerfile lints clean and keeps the image rules of reference/conventions.md §6. There is no
+"""The Dockerfile lints clean and keeps the image rules of docs/conventions.md §6. There is no
 container engine on CI machines, so its structure is checked stage by stage instead of by a build."""
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def test_the_fleet_discovers_the_node_pods_through_a_headless_service(rendered: 
     objects = rendered[1]
     fleet = configmap(objects, "quantrouter-fleet-config")
     settings = load_settings(environ=fleet)
-    target = parse_target(settings.discover)
+    target = parse_target(settings.fleet.discover)
     nodes = named(objects, "StatefulSet", "ollama")
     service = named(objects, "Service", target.service)
     assert target.namespace == service["metadata"]["namespace"] == nodes["metadata"]["namespace"]
@@ -60,8 +60,8 @@ def test_the_fleet_discovers_the_node_pods_through_a_headless_service(rendered: 
     assert [p["name"] for p in service["spec"]["ports"]] == [GRPC_PORT_NAME]
     # The node routers are plain `serve` with their Ollama beside them; the fleet has no backend of its own.
     node_settings = load_settings(environ=configmap(objects, "quantrouter-config"))
-    assert not node_settings.nodes and not node_settings.discover and node_settings.memory_capacity > 0
-    assert settings.node_report_interval < settings.node_stale_after
+    assert not node_settings.fleet.nodes and not node_settings.fleet.discover and node_settings.memory.capacity > 0
+    assert settings.fleet.report_interval < settings.fleet.stale_after
     [ollama] = nodes["spec"]["template"]["spec"]["initContainers"]
     assert ollama["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert [t["metadata"]["name"] for t in nodes["spec"]["volumeClaimTemplates"]] == ["ollama-models"]
@@ -98,7 +98,7 @@ def test_clients_reach_every_fleet_replica_and_disruptions_keep_one(rendered: tu
     monitor = named(objects, "PodMonitor", "quantrouter")
     assert selects(monitor["spec"]["selector"]["matchLabels"], deployment)
     assert selects(monitor["spec"]["selector"]["matchLabels"], named(objects, "StatefulSet", "ollama"))
-    grace = load_settings(environ=configmap(objects, "quantrouter-fleet-config")).grace_period
+    grace = load_settings(environ=configmap(objects, "quantrouter-fleet-config")).server.grace_period
     router = deployment["spec"]["template"]["spec"]["containers"][0]
     assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > \
         router["lifecycle"]["preStop"]["sleep"]["seconds"] + grace

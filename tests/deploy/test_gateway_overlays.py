@@ -92,9 +92,9 @@ def test_pool_picker_and_route_point_at_each_other(gateway: tuple[Path, Objects]
     assert container["args"] == ["epp"]
     assert {"name": service_port["targetPort"], "containerPort": 9002} in container["ports"]
     settings = load_settings(environ=configmap(objects, "quantrouter-epp-config"))
-    assert settings.endpoint_port == port["number"] and settings.fallbacks > 0
-    assert settings.grpc_address.endswith(":9002")
-    target = parse_target(settings.discover)
+    assert settings.fleet.endpoint_port == port["number"] and settings.fleet.fallbacks > 0
+    assert settings.server.grpc_address.endswith(":9002")
+    target = parse_target(settings.fleet.discover)
     assert selects(named(objects, "Service", target.service)["spec"]["selector"], nodes)
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
         assert container[probe]["grpc"]["service"] in HEALTH_SERVICES

@@ -1,5 +1,5 @@
 """Every overlay renders with `kubectl kustomize`, validates against the Kubernetes schemas in strict
-mode, and has the shape reference/conventions.md §4 asks for. CRDs (PodMonitor, PrometheusRule) have
+mode, and has the shape docs/conventions.md §4 asks for. CRDs (PodMonitor, PrometheusRule) have
 no bundled schema, so their fields are checked here."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from quantrouter.config import Settings, load_settings, parse_duration
+from quantrouter.config import SETTING_KEYS, load_settings, parse_duration
 
 # The oldest Kubernetes the manifests need: resource.k8s.io/v1 (DRA) and the preStop sleep action are
 # GA in 1.34, native sidecars since 1.33.
@@ -61,11 +61,12 @@ def test_overlay_validates_strictly(overlay: str, rendered: Any, tool: Any) -> N
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_config_is_settings_the_router_accepts(overlay: str, rendered: Any) -> None:
     data = config(rendered[overlay][1])
-    fields = {f"QUANTROUTER_{name.upper()}" for name in Settings.__dataclass_fields__}
+    fields = {f"QUANTROUTER_{name.upper()}" for name in SETTING_KEYS}
     assert set(data) <= fields, f"unknown settings: {sorted(set(data) - fields)}"
     settings = load_settings(environ=data)
-    assert settings.grpc_address.endswith(f":{GRPC_PORT}") and not settings.grpc_address.startswith("127.")
-    assert settings.metrics_address.endswith(f":{METRICS_PORT}")
+    server = settings.server
+    assert server.grpc_address.endswith(f":{GRPC_PORT}") and not server.grpc_address.startswith("127.")
+    assert server.metrics_address.endswith(f":{METRICS_PORT}")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -140,9 +141,9 @@ def test_default_gives_the_gpu_to_an_ollama_sidecar_and_a_static_capacity(render
     assert gpu_limits(objects) == ["ollama"]
     env = {e["name"]: e["value"] for e in ollama["env"]}
     settings = load_settings(environ=config(objects))
-    assert settings.ollama_host == f"http://{env['OLLAMA_HOST']}"
+    assert settings.backend.host == f"http://{env['OLLAMA_HOST']}"
     assert env["OLLAMA_HOST"].startswith("127.0.0.1:")
-    assert settings.memory_capacity > 0
+    assert settings.memory.capacity > 0
     claim = next(v for v in pod_spec(objects)["volumes"] if v["name"] == "ollama-data")
     assert claim["persistentVolumeClaim"]["claimName"] == one(objects, "PersistentVolumeClaim")["metadata"]["name"]
     assert next(m for m in ollama["volumeMounts"] if m["name"] == "ollama-data")["mountPath"] in env["OLLAMA_MODELS"]
@@ -162,7 +163,7 @@ def test_dra_shares_one_claim_between_both_containers(rendered: Any) -> None:
         assert container["resources"]["claims"] == [{"name": claim["name"]}], container["name"]
     assert gpu_limits(objects) == []
     # No static capacity: the router reads free memory from NVML through the shared device.
-    assert load_settings(environ=config(objects)).memory_capacity == 0
+    assert load_settings(environ=config(objects)).memory.capacity == 0
 
 
 def test_cpu_runs_the_embedded_backend_without_gpu_or_ollama(rendered: Any) -> None:
@@ -172,8 +173,8 @@ def test_cpu_runs_the_embedded_backend_without_gpu_or_ollama(rendered: Any) -> N
     assert "ollama" not in {c["name"] for c in spec.get("initContainers", []) + spec["containers"]}
     assert not [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
     settings = load_settings(environ=config(objects))
-    assert settings.embedded is True
+    assert settings.embedded.enabled is True
     assert router(objects)["image"].endswith("-embedded")
     volumes = {v["name"]: v for v in spec["volumes"]}
-    cache = next(m for m in router(objects)["volumeMounts"] if m["mountPath"] == str(settings.cache_dir))
+    cache = next(m for m in router(objects)["volumeMounts"] if m["mountPath"] == str(settings.embedded.cache_dir))
     assert "emptyDir" in volumes[cache["name"]]

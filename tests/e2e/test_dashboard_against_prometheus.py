@@ -41,7 +41,7 @@ PREFERENCES = (router_service_pb2.PREFERENCE_QUALITY, router_service_pb2.PREFERE
 REQUESTS_PER_PREFERENCE = 2
 ROUNDS = 2
 NUM_PREDICT = 8
-# Below F16's 517 MiB plus KV cache (reference/measured-here.md): QUALITY requests are downgraded, so the
+# Below F16's 517 MiB plus KV cache (docs/conventions.md §7): QUALITY requests are downgraded, so the
 # substitutions panel has data too.
 MEMORY_BUDGET = "512MiB"
 SCRAPE_INTERVAL_S = 1

@@ -1,5 +1,5 @@
 """The Ollama API of the embedded backend, driven by the official `ollama` client, checked field by field
-against the documented examples (reference/ollama.md §1–2): real HTTP, real llama.cpp tokens."""
+against the documented examples (docs/ollama.md §1–2): real HTTP, real llama.cpp tokens."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Residency, keep_alive, eviction, queueing and disconnects of the embedded backend, seen through
-`/api/ps` with the official `ollama` client, as Ollama's scheduler behaves (reference/ollama.md §3)."""
+`/api/ps` with the official `ollama` client, as Ollama's scheduler behaves (docs/ollama.md §3)."""
 
 from __future__ import annotations
 

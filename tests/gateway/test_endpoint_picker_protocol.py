@@ -42,7 +42,7 @@ async def _answers(gateway: Gateway, subset: list[str] | None) -> list[ext.Proce
         for message in _request(subset):
             yield message
 
-    async with grpc.aio.insecure_channel(gateway.settings.grpc_address) as channel:
+    async with grpc.aio.insecure_channel(gateway.settings.server.grpc_address) as channel:
         call = ext_grpc.ExternalProcessorStub(channel).Process(messages())
         answers = []
         async for answer in call:
@@ -61,7 +61,7 @@ def _destination(answer: ext.ProcessingResponse) -> tuple[str, str]:
 
 
 async def test_the_subset_hint_limits_the_choice_and_an_empty_one_is_503(gateway: Gateway) -> None:
-    endpoints = gateway.settings.endpoints
+    endpoints = gateway.settings.fleet.endpoints
     free_choice = await _answers(gateway, None)
     header, metadata = _destination(free_choice[0])
     assert header == metadata and header in endpoints.values()
@@ -76,7 +76,7 @@ async def test_the_subset_hint_limits_the_choice_and_an_empty_one_is_503(gateway
 
 
 async def test_health_answers_for_the_names_gateways_probe(gateway: Gateway) -> None:
-    async with grpc.aio.insecure_channel(gateway.settings.grpc_address) as channel:
+    async with grpc.aio.insecure_channel(gateway.settings.server.grpc_address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         for name in HEALTH_SERVICES:
             answer = await stub.Check(health_pb2.HealthCheckRequest(service=name))

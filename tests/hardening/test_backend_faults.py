@@ -24,7 +24,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from quantrouter.config import Settings, load_settings
+from quantrouter.config import Settings, load_settings, with_keys
 from quantrouter.embedded import EmbeddedConfig, EmbeddedServer, run_embedded_in_thread
 from quantrouter.server import RunningServer, run_in_thread
 from quantrouter.service import SERVICE_NAME
@@ -61,9 +61,8 @@ Q3 = f"{FAMILY}-q3_K_M"
 
 
 def settings_for(url: str, **overrides: Any) -> Settings:
-    base = load_settings({"grpc_address": "127.0.0.1:0", "metrics_address": "127.0.0.1:0", "ollama_host": url,
-                          "memory_capacity": 4 * GiB, "memory_reserve": 0, "ps_refresh_interval": 0.2}, {})
-    return dataclasses.replace(base, **overrides)
+    return load_settings({"grpc_address": "127.0.0.1:0", "metrics_address": "127.0.0.1:0", "ollama_host": url,
+                          "memory_capacity": 4 * GiB, "memory_reserve": 0, "ps_refresh_interval": 0.2, **overrides}, {})
 
 
 def health(target: str, service: str) -> Any:
@@ -147,9 +146,9 @@ def test_frozen_backend_hits_the_read_timeout_and_the_client_deadline(cache_dir:
     cooldown = 2.0
     settings = settings_for("", backend_read_timeout=read_timeout, breaker_failures=1, breaker_cooldown=cooldown)
     with backend_process(cache_dir) as backend, \
-            run_in_thread(dataclasses.replace(settings, ollama_host=backend.url), CollectorRegistry()) as running, \
+            run_in_thread(with_keys(settings, {"ollama_host": backend.url}), CollectorRegistry()) as running, \
             grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-        load(backend.url, Q4, settings.num_ctx)  # a cold load may take longer than this short read timeout
+        load(backend.url, Q4, settings.requests.num_ctx)  # a cold load may take longer than this short read timeout
         stub = pb_grpc.RouterServiceStub(channel)
         collect(stub, generate_request(Q4))
         backend.signal(signal.SIGSTOP)
@@ -225,7 +224,7 @@ def test_backend_busy_is_resource_exhausted_with_retry_info(busy_backend: Embedd
         try:
             assert next(holder).HasField("decision")
             assert next(holder).HasField("chunk")  # q4_0 is generating
-            for _ in range(Settings().breaker_failures + 1):
+            for _ in range(Settings().limits.breaker_failures + 1):
                 started = time.monotonic()
                 with pytest.raises(grpc.RpcError) as raised:
                     list(stub.Generate(generate_request(Q4), timeout=TIMEOUT_S))
@@ -377,7 +376,7 @@ class _Memory:
 
 class FlakyNvml:
     """A stand-in for the `pynvml` module (no GPU here): one 24 GiB GPU, with NVML's function names,
-    return shapes and error classes (reference/quant.md §5). `lost` makes every device call raise
+    return shapes and error classes (docs/quantization.md §5). `lost` makes every device call raise
     `NVMLError_GpuIsLost`, as a GPU that fell off the bus does; clearing it brings the GPU back.
     """
 

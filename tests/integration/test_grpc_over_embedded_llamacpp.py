@@ -100,7 +100,7 @@ def test_measured_speed_feeds_back_into_later_decisions(target: str) -> None:
         after = next(c for c in client.route(FAMILY, prompt=PROMPT).candidates if c.tag == tag)
     assert after.measured
     # The EWMA takes each sample with weight alpha; the first sample replaces the prior outright.
-    alpha = Settings().ewma_alpha
+    alpha = Settings().policy.ewma_alpha
     expected = (alpha * completion.tokens_per_second + (1 - alpha) * before.tokens_per_second if before.measured
                 else completion.tokens_per_second)
     assert after.tokens_per_second == pytest.approx(expected, rel=1e-6)

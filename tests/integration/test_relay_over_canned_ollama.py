@@ -25,6 +25,7 @@ import pytest
 from bench.fixtures.canned_ollama import CANNED_TEXT, FAMILY, VARIANTS, serve
 
 from quantrouter.backend import Final, OllamaBackend, Text
+from quantrouter.config import BackendSettings
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
 
@@ -51,7 +52,7 @@ async def canned() -> AsyncIterator[str]:
 
 @pytest.fixture
 async def backend(canned: str) -> AsyncIterator[OllamaBackend]:
-    client = OllamaBackend(canned, connect_timeout=5.0, read_timeout=30.0, keep_alive="5m")
+    client = OllamaBackend(BackendSettings(canned, connect_timeout=5.0, read_timeout=30.0, keep_alive="5m"))
     try:
         yield client
     finally:

@@ -1,4 +1,4 @@
-"""recommend's arithmetic against hand-computed values (reference/quant.md §1d and §3)."""
+"""recommend's arithmetic against hand-computed values (docs/quantization.md §1d and §3)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from quantrouter.tools.recommend import (
     estimated_kv_bytes,
     nominal_bits,
     offline_candidates,
-    recommend,
+    recommend_variant,
     rule_of_thumb_bytes,
     variant_candidates,
 )
@@ -57,7 +57,7 @@ def test_rule_of_thumb_is_gb_per_billion_times_1_2(quant: str, bits: int, rule: 
 
 
 def test_llama_31_8b_on_8_gib_at_8k_context_takes_q6_k() -> None:
-    r = recommend(offline_candidates(PARAMS_8B, 8192, LLAMA_31_8B), 8 * GiB, OLLAMA_RESERVE, 8192)
+    r = recommend_variant(offline_candidates(PARAMS_8B, 8192, LLAMA_31_8B), 8 * GiB, OLLAMA_RESERVE, 8192)
     assert r.chosen is not None and r.chosen.candidate.label == "Q6_K"
     q4 = next(e for e in r.estimates if e.candidate.label == "Q4_K_M")
     assert q4.total_bytes == 4_912_754_000 + GiB
@@ -78,7 +78,7 @@ def test_llama_31_8b_on_8_gib_at_8k_context_takes_q6_k() -> None:
 def test_where_the_rule_of_thumb_says_otherwise(vram: int, context: int, chosen: str | None, rule_choice: str,
                                                 overruled: set[str]) -> None:
     arch = LLAMA_31_8B if context != 8192 else None
-    r = recommend(offline_candidates(PARAMS_8B, context, arch), vram, OLLAMA_RESERVE, context)
+    r = recommend_variant(offline_candidates(PARAMS_8B, context, arch), vram, OLLAMA_RESERVE, context)
     assert (r.chosen.candidate.label if r.chosen else None) == chosen
     assert r.rule_choice is not None and r.rule_choice.candidate.label == rule_choice
     assert {e.candidate.label for e in r.estimates if e.rule_fits and not e.fits} == overruled

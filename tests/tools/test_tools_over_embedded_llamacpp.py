@@ -23,8 +23,8 @@ from quantrouter.tools import (
     ToolError,
     build_embedded_ladder,
     build_ladder,
-    calibrate,
-    compare,
+    calibrate_family,
+    compare_variants,
     plot_comparison,
     read_catalog,
     target_tag,
@@ -45,7 +45,7 @@ def settings(embedded_backend: EmbeddedServer) -> Settings:
 
 
 def test_compare_runs_each_variant_and_the_reference(settings: Settings, tmp_path: Path) -> None:
-    result = asyncio.run(compare(settings, FAMILY, PROMPT, ["q4_K_M", "q2_K"], num_predict=TOKENS))
+    result = asyncio.run(compare_variants(settings, FAMILY, PROMPT, ["q4_K_M", "q2_K"], num_predict=TOKENS))
     assert result.reference == "gemma3:270m-f16"
     assert [r.variant.quant.name for r in result.results] == ["F16", "Q4_K_M", "Q2_K"]
     reference = result.results[0]
@@ -73,7 +73,7 @@ def test_compare_runs_each_variant_and_the_reference(settings: Settings, tmp_pat
 def test_calibration_file_seeds_a_router(settings: Settings, embedded_backend: EmbeddedServer,
                                          tmp_path: Path) -> None:
     path = tmp_path / "calibration.json"
-    result = asyncio.run(calibrate(settings, FAMILY, path, ["q8_0"], prompts=CALIBRATION_PROMPTS[:2],
+    result = asyncio.run(calibrate_family(settings, FAMILY, path, ["q8_0"], prompts=CALIBRATION_PROMPTS[:2],
                                    num_predict=TOKENS))
     written = read_calibration(path)
     assert set(written) == {"gemma3:270m-f16", "gemma3:270m-q8_0"} == set(result.variants)
@@ -93,12 +93,12 @@ def test_calibration_file_seeds_a_router(settings: Settings, embedded_backend: E
 
 def test_unknown_family_names_what_the_backend_holds(settings: Settings) -> None:
     with pytest.raises(ToolError, match=r"unknown family 'llama3\.1:8b'.*gemma3:270m"):
-        asyncio.run(compare(settings, "llama3.1:8b", PROMPT))
+        asyncio.run(compare_variants(settings, "llama3.1:8b", PROMPT))
 
 
 def test_a_quant_level_the_family_lacks_is_named(settings: Settings) -> None:
     with pytest.raises(ToolError, match="gemma3:270m has no Q4_K_S variant"):
-        asyncio.run(compare(settings, FAMILY, PROMPT, ["q4_K_S"]))
+        asyncio.run(compare_variants(settings, FAMILY, PROMPT, ["q4_K_S"]))
 
 
 def test_ladder_refuses_a_quantized_source_through_show(settings: Settings) -> None:
@@ -163,7 +163,7 @@ def test_quality_from_llama_cpp_logits_is_written_with_its_provenance(settings: 
         steps.append(f"total {total}")
         return steps.append
 
-    asyncio.run(calibrate(settings, FAMILY, path, ["q2_K"], prompts=CALIBRATION_PROMPTS[:1], num_predict=TOKENS,
+    asyncio.run(calibrate_family(settings, FAMILY, path, ["q2_K"], prompts=CALIBRATION_PROMPTS[:1], num_predict=TOKENS,
                           quality=_one_entry_text(), gguf_files=files, progress=progress))
     written = read_calibration_file(path)
     assert steps == ["total 2", "gemma3:270m-f16", "gemma3:270m-q2_K"]
@@ -182,8 +182,8 @@ def test_quality_without_logits_or_logprobs_is_a_clear_error_and_keeps_the_file(
     path = tmp_path / "calibration.json"
     path.write_text("previous calibration\n")
     with pytest.raises(ToolError, match=r"returned no logprobs.*calibrate --quality --embedded"):
-        asyncio.run(calibrate(settings, FAMILY, path, ["q2_K"], prompts=CALIBRATION_PROMPTS[:1], num_predict=TOKENS,
-                              quality=_one_entry_text()))
+        asyncio.run(calibrate_family(settings, FAMILY, path, ["q2_K"], prompts=CALIBRATION_PROMPTS[:1],
+                                     num_predict=TOKENS, quality=_one_entry_text()))
     assert path.read_text() == "previous calibration\n"
 
 

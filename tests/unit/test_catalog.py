@@ -8,7 +8,7 @@ from quantrouter.catalog import Architecture, CatalogSnapshot, Resolution, Varia
 from quantrouter.quant import parse_quantization
 
 GIB = 1 << 30
-# Llama-3.1-8B: 32 layers, 8 KV heads, head_dim 128 → 128 KiB of f16 KV per token (reference/quant.md §3).
+# Llama-3.1-8B: 32 layers, 8 KV heads, head_dim 128 → 128 KiB of f16 KV per token (docs/quantization.md §3).
 LLAMA_8B = Architecture("llama", block_count=32, head_count_kv=8, head_dim=128, context_length=131072)
 
 
@@ -128,7 +128,7 @@ def test_with_residency_marks_resident_variants_with_their_vram() -> None:
 
 @pytest.mark.parametrize(
     ("num_ctx", "bytes_per_element", "mib"),
-    # reference/quant.md §3 table: 2048 → 256 MiB, 8192 → 1024 MiB (f16), 8192 q8_0-like 1 B → 512 MiB.
+    # docs/quantization.md §3 table: 2048 → 256 MiB, 8192 → 1024 MiB (f16), 8192 q8_0-like 1 B → 512 MiB.
     [(2048, 2.0, 256), (8192, 2.0, 1024), (131072, 2.0, 16384), (8192, 1.0, 512),
      (1 << 20, 2.0, 16384)],  # clamped to the 131072-token training context
 )

@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from quantrouter.config import ConfigError, default_cache_dir, load_settings, parse_bytes, parse_duration
+from quantrouter.config import (
+    BackendSettings,
+    ConfigError,
+    Settings,
+    default_cache_dir,
+    load_settings,
+    parse_bytes,
+    parse_duration,
+    with_keys,
+)
 from quantrouter.units import GiB, MiB
 
 
@@ -28,23 +37,23 @@ def test_flags_win_over_environment_which_wins_over_the_file(tmp_path: Path) -> 
                     'aliases = {"bot" = "gemma3:270m"}\n')
     settings = load_settings({"num_ctx": 8192}, {"QUANTROUTER_NUM_CTX": "1024", "QUANTROUTER_MAX_IN_FLIGHT": "20"},
                              toml)
-    assert settings.num_ctx == 8192
-    assert settings.max_in_flight == 20
-    assert settings.memory_capacity == 24 * GiB
-    assert settings.aliases == {"bot": "gemma3:270m"}
+    assert settings.requests.num_ctx == 8192
+    assert settings.limits.max_in_flight == 20
+    assert settings.memory.capacity == 24 * GiB
+    assert settings.catalog.aliases == {"bot": "gemma3:270m"}
 
 
 def test_ollama_host_follows_ollamas_own_variable_below_ours() -> None:
-    assert load_settings({}, {"OLLAMA_HOST": "http://gpu:11434"}).ollama_host == "http://gpu:11434"
+    assert load_settings({}, {"OLLAMA_HOST": "http://gpu:11434"}).backend.host == "http://gpu:11434"
     both = {"OLLAMA_HOST": "http://gpu:11434", "QUANTROUTER_OLLAMA_HOST": "http://other:11434"}
-    assert load_settings({}, both).ollama_host == "http://other:11434"
+    assert load_settings({}, both).backend.host == "http://other:11434"
 
 
 def test_ollamas_parallel_and_kv_cache_type_are_mirrored_below_ours() -> None:
     settings = load_settings({}, {"OLLAMA_NUM_PARALLEL": "4", "OLLAMA_KV_CACHE_TYPE": "q8_0"})
-    assert (settings.ollama_num_parallel, settings.ollama_kv_cache_type) == (4, "q8_0")
+    assert (settings.policy.ollama_num_parallel, settings.policy.ollama_kv_cache_type) == (4, "q8_0")
     ours = load_settings({}, {"OLLAMA_NUM_PARALLEL": "4", "QUANTROUTER_OLLAMA_NUM_PARALLEL": "2"})
-    assert (ours.ollama_num_parallel, ours.ollama_kv_cache_type) == (2, "")
+    assert (ours.policy.ollama_num_parallel, ours.policy.ollama_kv_cache_type) == (2, "")
 
 
 def test_cache_dir_follows_xdg() -> None:
@@ -74,3 +83,20 @@ def test_unknown_keys_in_the_file_are_refused(tmp_path: Path) -> None:
     toml.write_text("num_cxt = 2048\n")
     with pytest.raises(ConfigError, match="unknown settings num_cxt"):
         load_settings({}, {}, toml)
+
+
+def test_keys_land_in_their_group() -> None:
+    settings = load_settings({"backend_read_timeout": "5s"}, {"QUANTROUTER_OLLAMA_HOST": "http://gpu:11434",
+                                                               "QUANTROUTER_NUM_PREDICT_DEFAULT": "64"})
+    assert settings.backend == BackendSettings(host="http://gpu:11434", read_timeout=5.0)
+    assert settings.requests.num_predict == 64
+    assert settings.limits == Settings().limits
+
+
+def test_changing_keys_casts_and_checks_them_as_flags() -> None:
+    settings = with_keys(Settings(), {"memory_capacity": "8GiB", "embedded": "yes"})
+    assert (settings.memory.capacity, settings.embedded.enabled) == (8 * GiB, True)
+    with pytest.raises(ConfigError, match="unknown settings num_cxt"):
+        with_keys(settings, {"num_cxt": 1})
+    with pytest.raises(ConfigError, match="max_prompt_bytes"):
+        with_keys(settings, {"max_prompt_bytes": "16MiB"})

@@ -16,7 +16,7 @@ from quantrouter.values import FailureKind, Preference
 GIB = 1 << 30
 FAMILY = "llama3.1:8b-instruct"
 LLAMA_8B = Architecture("llama", block_count=32, head_count_kv=8, head_dim=128, context_length=131072)
-# File sizes in GiB, llama.cpp perplexity README for LLaMA 3 8B (reference/quant.md §1b).
+# File sizes in GiB, llama.cpp perplexity README for LLaMA 3 8B (docs/quantization.md §1b).
 LADDER_GIB = {"F16": 14.97, "Q8_0": 7.96, "Q4_K_M": 4.58}
 # Decode tok/s roughly ∝ bandwidth / size: an H100 SXM (3.35 TB/s) and an RTX 4090 (1.0 TB/s).
 H100_TPS = {"F16": 160.0, "Q8_0": 280.0, "Q4_K_M": 420.0}

@@ -12,7 +12,7 @@ def test_nodes_come_from_repeated_flags_or_one_variable() -> None:
     args = build_parser().parse_args(["serve", "--node", "a=10.0.0.1:50051", "--node", "b=10.0.0.2:50051"])
     from_flags = load_settings({"nodes": args.nodes}, {})
     from_env = load_settings({}, {"QUANTROUTER_NODES": "a=10.0.0.1:50051,b=10.0.0.2:50051"})
-    assert from_flags.nodes == from_env.nodes == {"a": "10.0.0.1:50051", "b": "10.0.0.2:50051"}
+    assert from_flags.fleet.nodes == from_env.fleet.nodes == {"a": "10.0.0.1:50051", "b": "10.0.0.2:50051"}
 
 
 @pytest.mark.parametrize(("flags", "message"), [

@@ -12,6 +12,7 @@ import socket
 import pytest
 
 from quantrouter.backend import OllamaBackend
+from quantrouter.config import BackendSettings, CatalogSettings
 from quantrouter.inventory import Inventory
 
 REFRESH_S = 30.0
@@ -24,11 +25,11 @@ def closed_port() -> int:
 
 
 async def test_cancelling_the_loop_as_it_is_poked_stops_it() -> None:
-    backend = OllamaBackend(f"http://127.0.0.1:{closed_port()}", connect_timeout=1.0, read_timeout=1.0,
-                            keep_alive="5m")
-    inventory = Inventory(backend, {})
+    backend = OllamaBackend(BackendSettings(f"http://127.0.0.1:{closed_port()}", connect_timeout=1.0,
+                                            read_timeout=1.0))
+    inventory = Inventory(backend, CatalogSettings(tags_refresh_interval=REFRESH_S, ps_refresh_interval=REFRESH_S))
     try:
-        task = asyncio.create_task(inventory.run(REFRESH_S, REFRESH_S))
+        task = asyncio.create_task(inventory.run())
         await asyncio.sleep(0)  # the loop is now waiting for a poke or its interval
         inventory.poke()
         task.cancel()

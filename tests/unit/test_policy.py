@@ -17,16 +17,16 @@ from quantrouter.values import Decision, FailureKind, Preference
 GIB = 1 << 30
 FAMILY = "llama3.1:8b-instruct"
 # Llama-3.1-8B: 32 layers, 8 KV heads, head_dim 128; at num_ctx 4096 the f16 KV cache is 512 MiB
-# (reference/quant.md §3), so need(v) = size(v) + 0.5 GiB.
+# (docs/quantization.md §3), so need(v) = size(v) + 0.5 GiB.
 LLAMA_8B = Architecture("llama", block_count=32, head_count_kv=8, head_dim=128, context_length=131072)
 KV_4096 = GIB // 2
-# File sizes in GiB, llama.cpp perplexity README for LLaMA 3 8B (reference/quant.md §1b).
+# File sizes in GiB, llama.cpp perplexity README for LLaMA 3 8B (docs/quantization.md §1b).
 LADDER_GIB = {"F16": 14.97, "Q8_0": 7.96, "Q6_K": 6.14, "Q5_K_M": 5.33, "Q4_K_M": 4.58, "Q2_K": 2.96}
-# Ollama's per-GPU minimum reserve on CUDA, 457 MiB (reference/quant.md §3).
+# Ollama's per-GPU minimum reserve on CUDA, 457 MiB (docs/quantization.md §3).
 RESERVE = 457 << 20
-H100_SXM_BANDWIDTH = 3.35e12  # reference/quant.md §6
+H100_SXM_BANDWIDTH = 3.35e12  # docs/quantization.md §6
 # Measured decode tok/s of a setup where Q2_K's dequantisation makes it slower than Q4_K_M
-# (reference/quant.md §2 (iii): below ~3 bpw tg can drop).
+# (docs/quantization.md §2 (iii): below ~3 bpw tg can drop).
 MEASURED_TPS = {"F16": 55.0, "Q8_0": 95.0, "Q6_K": 110.0, "Q5_K_M": 118.0, "Q4_K_M": 130.0, "Q2_K": 100.0}
 PROMPT_TPS = 5000.0
 LOAD_SECONDS = 5.0
@@ -214,7 +214,7 @@ def test_memory_rejection_names_the_need_and_the_free_memory() -> None:
 @pytest.mark.parametrize(
     ("load_fraction", "expected"),
     # Q8_0 needs 8.46 GiB; 10 GiB free − reserve = 9.55 GiB. Within 80 % (7.64) it does not fit: Ollama would
-    # make the request wait for busy runners (reference/ollama.md §3). At 100 % it would.
+    # make the request wait for busy runners (docs/ollama.md §3). At 100 % it would.
     [(0.8, "Q6_K"), (1.0, "Q8_0")],
 )
 def test_fit_follows_ollamas_load_threshold(load_fraction: float, expected: str) -> None:

@@ -12,7 +12,7 @@ from quantrouter.quant import (
     quality_order,
 )
 
-# Llama-3.1-8B has 8.03e9 parameters; Q4_K_M at 4.8944 bpw is 4.91 GB (reference/quant.md §1d).
+# Llama-3.1-8B has 8.03e9 parameters; Q4_K_M at 4.8944 bpw is 4.91 GB (docs/quantization.md §1d).
 LLAMA_3_1_8B_PARAMS = 8_030_000_000
 
 
@@ -46,7 +46,7 @@ def test_parse_quantization_rejects_unknown_names(text: str) -> None:
 
 @pytest.mark.parametrize(
     ("file_type", "name"),
-    # LlamaFileType numbers (reference/quant.md §4); Q8_0 is file type 7 though its tensor type is 8.
+    # LlamaFileType numbers (docs/quantization.md §4); Q8_0 is file type 7 though its tensor type is 8.
     [(0, "F32"), (1, "F16"), (2, "Q4_0"), (7, "Q8_0"), (10, "Q2_K"), (15, "Q4_K_M"), (18, "Q6_K"), (32, "BF16")],
 )
 def test_by_file_type_uses_the_gguf_numbering(file_type: int, name: str) -> None:
@@ -60,7 +60,7 @@ def test_by_file_type_rejects_removed_and_unknown_numbers(file_type: int) -> Non
 
 
 def test_quality_follows_the_kld_scoreboard_order() -> None:
-    """reference/quant.md §1b: mean KLD rises strictly along this chain for LLaMA 3 8B."""
+    """docs/quantization.md §1b: mean KLD rises strictly along this chain for LLaMA 3 8B."""
     chain = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K"]
     qualities = [parse_quantization(name).quality for name in chain]
     assert qualities == sorted(qualities, reverse=True)
@@ -69,7 +69,7 @@ def test_quality_follows_the_kld_scoreboard_order() -> None:
 
 @pytest.mark.parametrize(
     ("name", "top_token_agreement"),
-    # "Same top p" against FP16 (reference/quant.md §1b).
+    # "Same top p" against FP16 (docs/quantization.md §1b).
     [("Q2_K", 0.71138), ("Q4_K_M", 0.91901), ("Q6_K", 0.96031), ("Q8_0", 0.97674)],
 )
 def test_quality_prior_is_the_measured_top_token_agreement(name: str, top_token_agreement: float) -> None:
@@ -78,7 +78,7 @@ def test_quality_prior_is_the_measured_top_token_agreement(name: str, top_token_
 
 @pytest.mark.parametrize(
     ("name", "gigabytes"),
-    # 8.03e9 × file bpw / 8 (reference/quant.md §1d, computed): Q4_K_M 4.91, Q8_0 8.53, F16 16.06.
+    # 8.03e9 × file bpw / 8 (docs/quantization.md §1d, computed): Q4_K_M 4.91, Q8_0 8.53, F16 16.06.
     [("Q4_K_M", 4.913), ("Q8_0", 8.533), ("F16", 16.061)],
 )
 def test_weights_bytes_from_bits_per_weight(name: str, gigabytes: float) -> None:

@@ -21,8 +21,8 @@ from quantrouter.throughput import (
 )
 
 ALPHA = 0.3
-H100_SXM_BANDWIDTH = 3.35e12  # reference/quant.md §6
-# Llama-3.1-8B weight bytes (reference/quant.md §6): Q4_K_M 4.92 GB, Q8_0 8.54 GB, F16 16.06 GB.
+H100_SXM_BANDWIDTH = 3.35e12  # docs/quantization.md §6
+# Llama-3.1-8B weight bytes (docs/quantization.md §6): Q4_K_M 4.92 GB, Q8_0 8.54 GB, F16 16.06 GB.
 Q4, Q8, F16 = 4_920_000_000, 8_540_000_000, 16_060_000_000
 SIZES = {"q4": Q4, "q8": Q8, "f16": F16}
 SECOND_NS = 1_000_000_000

@@ -1,7 +1,7 @@
 """An Ollama-compatible server over llama.cpp, serving a quantization ladder of Gemma 3 270M.
 
 quantrouter talks to it exactly as it talks to Ollama, so tests and laptops without a GPU or an
-Ollama install still run real generation over the real protocol (design.md §8).
+Ollama install still run real generation over the real protocol (docs/design.md §8).
 """
 
 from quantrouter.embedded.errors import (

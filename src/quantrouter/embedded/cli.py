@@ -65,7 +65,7 @@ def add_embedded_commands(subparsers: Any) -> None:
 
 
 def _prepare(args: argparse.Namespace, settings: Settings) -> int:
-    cache_dir = args.cache_dir or settings.cache_dir
+    cache_dir = args.cache_dir or settings.embedded.cache_dir
     entries = prepare_ladder(cache_dir, progress=not args.quiet, verify=args.verify)
     if not args.quiet:
         for entry in entries:
@@ -75,21 +75,21 @@ def _prepare(args: argparse.Namespace, settings: Settings) -> int:
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     try:
-        budget = parse_bytes(args.memory_budget) if args.memory_budget else settings.embedded_memory_budget
+        budget = parse_bytes(args.memory_budget) if args.memory_budget else settings.embedded.memory_budget
     except ConfigError as error:
         print(f"quantrouter embedded serve: --memory-budget: {error}")
         return EXIT_USAGE
     config = EmbeddedConfig(
-        cache_dir=args.cache_dir or settings.cache_dir,
+        cache_dir=args.cache_dir or settings.embedded.cache_dir,
         host=args.host,
         port=args.port,
         memory_budget_bytes=budget,
         model_dirs=tuple(args.model_dir),
         max_queue=args.max_queue,
         n_threads=args.threads,
-        default_keep_alive=settings.keep_alive,
+        default_keep_alive=settings.backend.keep_alive,
     )
-    logging.basicConfig(level=settings.log_level.upper())
+    logging.basicConfig(level=settings.server.log_level.upper())
     asyncio.run(_serve_until_signalled(config))
     return EXIT_OK
 

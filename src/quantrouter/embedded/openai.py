@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from quantrouter.embedded import wire
+import quantrouter.embedded.wire as wire
 from quantrouter.embedded.engine import DONE_LENGTH, GenerationResult
 from quantrouter.embedded.errors import BadRequestError, EmbeddedError
 from quantrouter.embedded.exchange import Exchange

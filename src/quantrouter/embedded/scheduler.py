@@ -1,6 +1,6 @@
 """Which models are resident, within a memory budget that stands in for VRAM, as Ollama schedules them.
 
-Mirrors ollama/ollama `server/sched.go` (reference/ollama.md §3):
+Mirrors ollama/ollama `server/sched.go` (docs/ollama.md §3):
 - a load first reserves an estimate (file size, f16 KV cache for its `num_ctx`, compute graph), then,
   once llama.cpp has loaded it, is charged what llama.cpp reports it allocated, as Ollama's newer
   servers charge the backend's own memory layout; later loads of the same model and `num_ctx` reserve

@@ -1,7 +1,7 @@
 """The Ollama-compatible HTTP server (aiohttp) over the scheduler and the llama.cpp engine.
 
 Routes and their shapes follow ollama/ollama `server/routes.go` and `docs/api.md`
-(reference/ollama.md §1). llama.cpp work runs in worker threads; the event loop only moves bytes.
+(docs/ollama.md §1). llama.cpp work runs in worker threads; the event loop only moves bytes.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from typing import Any
 
 from aiohttp import web
 
+import quantrouter.embedded.engine as engine
+import quantrouter.embedded.openai as openai
+import quantrouter.embedded.wire as wire
 from quantrouter.background import service_in_thread
-from quantrouter.embedded import engine, openai, wire
 from quantrouter.embedded.errors import BadRequestError, EmbeddedError, ModelNotFoundError
 from quantrouter.embedded.exchange import Exchange
 from quantrouter.embedded.ladder import prepare_ladder
@@ -33,7 +35,7 @@ from quantrouter.units import GiB
 __all__ = ["EmbeddedConfig", "EmbeddedServer", "run_embedded_in_thread"]
 
 _log = logging.getLogger(__name__)
-# The Ollama release whose API this server mirrors (reference/ollama.md, newest release).
+# The Ollama release whose API this server mirrors (docs/ollama.md, newest release).
 OLLAMA_API_VERSION = "0.32.15"
 # `GET /` body, verbatim from `server/routes.go`; clients use it as the liveness probe.
 ROOT_TEXT = "Ollama is running"

@@ -1,4 +1,4 @@
-"""Ollama's JSON shapes: parsing request bodies and options, building responses (reference/ollama.md §1).
+"""Ollama's JSON shapes: parsing request bodies and options, building responses (docs/ollama.md §1).
 
 Field names, types and omissions follow ollama/ollama `api/types.go`; durations are nanoseconds.
 """

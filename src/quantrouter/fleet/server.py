@@ -25,9 +25,8 @@ from quantrouter.fleet.nodes import NodeSet, NodeSettings
 from quantrouter.fleet.router import FleetRouter
 from quantrouter.fleet.service import FleetService
 from quantrouter.metrics import Metrics
-from quantrouter.policy import PolicyConfig
-from quantrouter.server import DRAIN_POLL_S, WATCH_INTERVAL_S, listen
-from quantrouter.service import SERVICE_NAME
+from quantrouter.server import DRAIN_POLL_S, WATCH_INTERVAL_S, listen, policy_config
+from quantrouter.service import SERVICE_NAME, RequestReader
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
 
 __all__ = ["FleetServer", "fleet_in_thread", "start_fleet"]
@@ -81,7 +80,7 @@ def _no_more(router: FleetRouter, registry: CollectorRegistry, server: grpc.aio.
 
 async def start_fleet(settings: Settings, registry: CollectorRegistry | None = None,
                       add_servicers: AddServicers = _no_more) -> FleetServer:
-    """Build and start a fleet router over `settings.nodes` (or what `settings.discover` finds)."""
+    """Build and start a fleet router over `settings.fleet.nodes` (or what `settings.fleet.discover` finds)."""
     registry = registry if registry is not None else CollectorRegistry()
     stack = AsyncExitStack()
     try:
@@ -90,19 +89,20 @@ async def start_fleet(settings: Settings, registry: CollectorRegistry | None = N
         def rejected(node: str, reason: str) -> None:
             fleet_metrics.rejected_reports.labels(node, reason).inc()
 
-        nodes = NodeSet(NodeSettings(settings.node_report_interval, settings.node_stale_after, (
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
+        fleet = settings.fleet
+        nodes = NodeSet(NodeSettings(fleet.report_interval, fleet.stale_after, (
+            ("grpc.max_receive_message_length", settings.limits.max_message_bytes),
             # A node that comes back is found within seconds, not after gRPC's default back-off of up to 2 min.
             ("grpc.initial_reconnect_backoff_ms", NODE_RECONNECT_BACKOFF_MS),
             ("grpc.max_reconnect_backoff_ms", NODE_MAX_RECONNECT_BACKOFF_MS)),
-            (("authorization", f"Bearer {settings.node_auth_token}"),) if settings.node_auth_token else ()),
+            (("authorization", f"Bearer {fleet.auth_token}"),) if fleet.auth_token else ()),
             rejected)
         stack.push_async_callback(nodes.close)
         fleet_metrics = FleetMetrics(registry, nodes)
-        router = FleetRouter(nodes, fleet_metrics, PolicyConfig(settings.balanced_quality_weight,
-                                                                settings.upgrade_hysteresis, settings.load_fraction))
+        router = FleetRouter(nodes, fleet_metrics, policy_config(settings.policy))
         running: FleetServer | None = None
-        servicer = FleetService(router, settings, lambda: running is not None and running.draining)
+        servicer = FleetService(router, RequestReader(settings.requests, settings.limits, router.resolve),
+                                lambda: running is not None and running.draining)
 
         def add(server: grpc.aio.Server) -> None:
             pb_grpc.add_RouterServiceServicer_to_server(servicer, server)
@@ -110,12 +110,12 @@ async def start_fleet(settings: Settings, registry: CollectorRegistry | None = N
 
         listening = listen(settings, metrics, add, stack)
         tasks: list[asyncio.Task[None]] = []
-        if settings.discover:
+        if fleet.discover:
             from quantrouter.fleet.discovery import follow_service
             tasks.append(asyncio.create_task(follow_service(
-                settings.discover, nodes.update, lambda error: fleet_metrics.discovery_errors.labels(error).inc())))
+                fleet.discover, nodes.update, lambda error: fleet_metrics.discovery_errors.labels(error).inc())))
         else:
-            nodes.update(settings.nodes)
+            nodes.update(fleet.nodes)
         await listening.health.set("", health_pb2.HealthCheckResponse.SERVING)
 
         # The fleet holds no variants of its own; its backends are the nodes, up while one is live.
@@ -131,9 +131,9 @@ async def start_fleet(settings: Settings, registry: CollectorRegistry | None = N
         tasks.append(asyncio.create_task(watch()))
         await listening.server.start()
         running = FleetServer(listening.server, listening.port, listening.metrics_port, router, listening.health,
-                              registry, settings.grace_period, stack, tasks)
+                              registry, settings.server.grace_period, stack, tasks)
         log.info("quantrouter fleet router serving on port %d (metrics on %d) over %s", listening.port,
-                 listening.metrics_port, settings.discover or ", ".join(f"{k}={v}" for k, v in settings.nodes.items()))
+                 listening.metrics_port, fleet.discover or ", ".join(f"{k}={v}" for k, v in fleet.nodes.items()))
         return running
     except BaseException:
         await stack.aclose()

@@ -16,9 +16,9 @@ from typing import Any
 import grpc
 
 from quantrouter.capacity import memory_status_pb, variant_pb
-from quantrouter.config import Settings
 from quantrouter.errors import ShuttingDown
 from quantrouter.fleet.router import FleetRouter
+from quantrouter.listing import variant_row
 from quantrouter.memory import GpuMemory, MemorySnapshot
 from quantrouter.policy import CandidateInput, RoutingRequest
 from quantrouter.quant import quality_key
@@ -34,9 +34,9 @@ FLEET_SOURCE = "fleet"
 
 
 class FleetService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
-    def __init__(self, router: FleetRouter, settings: Settings, shutting_down: Callable[[], bool]) -> None:
+    def __init__(self, router: FleetRouter, reader: RequestReader, shutting_down: Callable[[], bool]) -> None:
         self._router = router
-        self._reader = RequestReader(settings, router.resolve)
+        self._reader = reader
         self._shutting_down = shutting_down
 
     async def _relay(self, routing: RoutingRequest, request: Any, method: str,
@@ -89,7 +89,7 @@ class FleetService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
                     best[c.variant.tag] = c
         families: dict[str, list[pb.Variant]] = {}
         for c in sorted(best.values(), key=lambda c: (quality_key(c.variant.quant), c.variant.tag)):
-            listed = variant_pb(c.variant, c.speed, (c.quality, c.quality_measured))
+            listed = variant_pb(variant_row(c.variant, c.speed, (c.quality, c.quality_measured)))
             listed.resident = c.variant.tag in resident
             families.setdefault(c.variant.family, []).append(listed)
         gpus = tuple(GpuMemory(f"{name}/{g.uuid}", f"{name}/{g.name}", g.free_bytes, g.total_bytes)

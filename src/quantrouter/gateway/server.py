@@ -32,20 +32,21 @@ HEALTH_SERVICES = ("liveness", "readiness", EXT_PROC_SERVICE)
 
 def _endpoint_of(settings: Settings, router: FleetRouter, node: str) -> str:
     """The node's model server: as configured, else its node router's host at `endpoint_port`."""
-    if node in settings.endpoints:
-        return settings.endpoints[node]
+    if node in settings.fleet.endpoints:
+        return settings.fleet.endpoints[node]
     known = router.nodes.nodes.get(node)
     host = known.address.rsplit(":", 1)[0] if known else node
-    return f"{host}:{settings.endpoint_port}"
+    return f"{host}:{settings.fleet.endpoint_port}"
 
 
 async def start_epp(settings: Settings, registry: CollectorRegistry | None = None) -> FleetServer:
-    """Build and start the Endpoint Picker over `settings.nodes` (or what `settings.discover` finds)."""
+    """Build and start the Endpoint Picker over `settings.fleet.nodes` (or what `settings.fleet.discover` finds)."""
 
     def add(router: FleetRouter, registry: CollectorRegistry, server: grpc.aio.Server) -> None:
-        picker = Picker(router, RequestReader(settings, router.resolve),
-                        lambda node: _endpoint_of(settings, router, node), settings.max_in_flight, settings.fallbacks)
-        servicer = EndpointPicker(picker, GatewayMetrics(registry), settings.max_message_bytes)
+        picker = Picker(router, RequestReader(settings.requests, settings.limits, router.resolve),
+                        lambda node: _endpoint_of(settings, router, node), settings.limits.max_in_flight,
+                        settings.fleet.fallbacks)
+        servicer = EndpointPicker(picker, GatewayMetrics(registry), settings.limits.max_message_bytes)
         ext_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
 
     running = await start_fleet(settings, registry, add)

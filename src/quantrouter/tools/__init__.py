@@ -5,8 +5,8 @@ Each is a Python function and a `quantrouter` subcommand (`tools.cli.add_tool_co
 memory probe and calibration format.
 """
 
-from quantrouter.tools.calibrate import CALIBRATION_PROMPTS, Calibration, calibrate, calibration_of
-from quantrouter.tools.compare import Comparison, VariantResult, compare, compare_runs, plot_comparison
+from quantrouter.tools.calibrate import CALIBRATION_PROMPTS, Calibration, calibrate_family, calibration_of
+from quantrouter.tools.compare import Comparison, VariantResult, compare_runs, compare_variants, plot_comparison
 from quantrouter.tools.errors import ToolError
 from quantrouter.tools.ladder import (
     OLLAMA_QUANTIZE_TARGETS,
@@ -24,7 +24,7 @@ from quantrouter.tools.recommend import (
     Estimate,
     Recommendation,
     offline_candidates,
-    recommend,
+    recommend_variant,
     rule_of_thumb_bytes,
     variant_candidates,
 )
@@ -47,18 +47,18 @@ __all__ = [
     "backend_listing",
     "build_embedded_ladder",
     "build_ladder",
-    "calibrate",
+    "calibrate_family",
     "calibration_of",
     "check_source",
-    "compare",
     "compare_runs",
+    "compare_variants",
     "family_variants",
     "greedy_agreement",
     "offline_candidates",
     "plot_comparison",
     "read_backend",
     "read_catalog",
-    "recommend",
+    "recommend_variant",
     "rule_of_thumb_bytes",
     "run_greedy",
     "target_tag",

@@ -20,19 +20,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from quantrouter.backend import ollama_client
 from quantrouter.calibration import CalibrationFile, MeasuredQuality, VariantCalibration, write_calibration
 from quantrouter.catalog import VariantInfo
 from quantrouter.config import Settings
 from quantrouter.tools.errors import ToolError
 from quantrouter.tools.live import family_variants, read_catalog, select_quants
-from quantrouter.tools.measure import (
-    DEFAULT_SEED,
-    Run,
-    client_for,
-    greedy_agreement,
-    measure_variants,
-    run_greedy,
-)
+from quantrouter.tools.measure import DEFAULT_SEED, Run, greedy_agreement, measure_variants, run_greedy
 from quantrouter.tools.quality import (
     OLLAMA_TOP_K,
     EvaluationText,
@@ -41,7 +35,7 @@ from quantrouter.tools.quality import (
     summarise,
 )
 
-__all__ = ["CALIBRATION_PROMPTS", "Calibration", "calibrate", "calibration_of", "format_calibration"]
+__all__ = ["CALIBRATION_PROMPTS", "Calibration", "calibrate_family", "calibration_of", "format_calibration"]
 
 # Ollama returns at most 20 alternatives per position (`top_logprobs`); the more, the closer the KL.
 OLLAMA_MAX_TOP_LOGPROBS = 20
@@ -64,6 +58,8 @@ DEFAULT_NUM_PREDICT = 32
 
 @dataclass(frozen=True, slots=True)
 class Calibration:
+    """What `calibrate` measured for a family and wrote to `path`, for the router to start from."""
+
     family: str
     reference: str
     variants: dict[str, VariantCalibration]
@@ -95,7 +91,7 @@ def calibration_of(per_prompt: Sequence[Sequence[tuple[VariantInfo, Run]]],
             for tag, runs in by_tag.items()}
 
 
-async def calibrate(settings: Settings, family: str, path: Path, quants: Sequence[str] = (), *,
+async def calibrate_family(settings: Settings, family: str, path: Path, quants: Sequence[str] = (), *,
                     prompts: Sequence[str] = CALIBRATION_PROMPTS, num_predict: int = DEFAULT_NUM_PREDICT,
                     seed: int = DEFAULT_SEED, host: str | None = None, quality: EvaluationText | None = None,
                     gguf_files: Mapping[str, Path] | None = None,
@@ -119,7 +115,7 @@ async def calibrate(settings: Settings, family: str, path: Path, quants: Sequenc
             qualities = await asyncio.to_thread(score_gguf_files, files, reference.tag, text, _threads(), report)
         else:
             qualities = await _quality_from_logprobs(settings, chosen, text, host, report)
-    per_prompt = await measure_variants(settings, chosen, prompts, num_predict, seed, True, host)
+    per_prompt = await measure_variants(settings.backend.at(host), chosen, prompts, num_predict, seed, True)
     measured = {tag: replace(c, quality=qualities.get(tag)) for tag, c in calibration_of(per_prompt,
                                                                                           reference.tag).items()}
     provenance = dict(text.provenance) if text is not None else None
@@ -141,11 +137,11 @@ def _file_for(files: Mapping[str, Path], tag: str) -> Path:
 async def _quality_from_logprobs(settings: Settings, chosen: Sequence[VariantInfo], text: EvaluationText,
                                  host: str | None, progress: Progress) -> dict[str, MeasuredQuality]:
     """Each variant's greedy top-k logprobs on each evaluation prompt, compared with the reference's."""
-    client = client_for(settings, host)
+    client = ollama_client(settings.backend.at(host))
     try:
         probe = await run_greedy(client, chosen[0], text.entries[0][0], 1, top_logprobs=OLLAMA_MAX_TOP_LOGPROBS)
         if not any(step.top_logprobs for step in probe.steps):
-            raise ToolError(f"the backend at {host or settings.ollama_host} returned no logprobs, so quality "
+            raise ToolError(f"the backend at {host or settings.backend.host} returned no logprobs, so quality "
                             "cannot be measured there: use `calibrate --quality --embedded` (llama.cpp's logits "
                             "from the GGUF files) or an Ollama that returns logprobs (0.12 or later)")
         runs: dict[str, list[Run]] = {}

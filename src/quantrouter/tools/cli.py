@@ -23,10 +23,10 @@ from quantrouter.catalog import Architecture
 from quantrouter.client import RouterClient
 from quantrouter.config import ConfigError, Settings, parse_bytes
 from quantrouter.errors import QuantrouterError
-from quantrouter.tools.calibrate import CALIBRATION_PROMPTS, calibrate, format_calibration
+from quantrouter.tools.calibrate import CALIBRATION_PROMPTS, calibrate_family, format_calibration
 from quantrouter.tools.calibrate import DEFAULT_NUM_PREDICT as CALIBRATION_NUM_PREDICT
 from quantrouter.tools.compare import DEFAULT_NUM_PREDICT as COMPARE_NUM_PREDICT
-from quantrouter.tools.compare import compare, format_comparison, plot_comparison
+from quantrouter.tools.compare import compare_variants, format_comparison, plot_comparison
 from quantrouter.tools.errors import ToolError
 from quantrouter.tools.ladder import OLLAMA_QUANTIZE_TARGETS, build_embedded_ladder, build_ladder, format_ladder
 from quantrouter.tools.live import family_variants, read_backend
@@ -35,7 +35,7 @@ from quantrouter.tools.quality import evaluation_text
 from quantrouter.tools.recommend import (
     Recommendation,
     offline_candidates,
-    recommend,
+    recommend_variant,
     variant_candidates,
 )
 from quantrouter.units import format_bytes
@@ -218,12 +218,12 @@ def _memory_from_router(target: str, family: str) -> tuple[int, int]:
 
 
 def _recommend(args: argparse.Namespace, settings: Settings) -> int:
-    reserve = settings.memory_reserve
+    reserve = settings.memory.reserve
     if args.params is not None:
         if args.vram is None:
             raise ToolError("offline mode needs --vram with --params (e.g. --vram 8GiB --params 7B)")
         candidates = offline_candidates(args.params, args.context, _architecture(args))
-        result = recommend(candidates, args.vram, reserve, args.context)
+        result = recommend_variant(candidates, args.vram, reserve, args.context)
     elif args.family:
         view = asyncio.run(read_backend(settings, capacity_bytes=args.vram or 0))
         family, variants = family_variants(view.catalog, args.family)
@@ -235,7 +235,7 @@ def _recommend(args: argparse.Namespace, settings: Settings) -> int:
         # The family's own resident variants give their memory back when the router swaps one for another.
         reclaimable = sum(v.vram_bytes for v in variants if v.resident)
         budget = min(total, free + reclaimable)
-        result = recommend(variant_candidates(variants, args.context), budget, reserve, args.context)
+        result = recommend_variant(variant_candidates(variants, args.context), budget, reserve, args.context)
     else:
         raise ToolError("give a FAMILY (live) or --vram and --params (offline); see --help")
     _print(result, format_recommendation(result), args.json)
@@ -243,8 +243,8 @@ def _recommend(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _compare(args: argparse.Namespace, settings: Settings) -> int:
-    result = asyncio.run(compare(settings, args.family, args.prompt, args.quants, num_predict=args.num_predict,
-                                 seed=args.seed, unload=not args.no_unload))
+    result = asyncio.run(compare_variants(settings, args.family, args.prompt, args.quants, num_predict=args.num_predict,
+                                          seed=args.seed, unload=not args.no_unload))
     _print(result, format_comparison(result), args.json)
     if args.plot is not None:
         plot_comparison(result, args.plot)
@@ -257,18 +257,19 @@ def _calibrate(args: argparse.Namespace, settings: Settings) -> int:
     progress = None if args.quiet else functools.partial(_quality_bar, bars)
     text = evaluation_text() if args.quality else None
     try:
-        if settings.embedded:
+        if settings.embedded.enabled:
             from quantrouter.embedded import EmbeddedConfig, run_embedded_in_thread
 
-            config = EmbeddedConfig(cache_dir=settings.cache_dir, memory_budget_bytes=settings.embedded_memory_budget)
+            config = EmbeddedConfig(cache_dir=settings.embedded.cache_dir,
+                                    memory_budget_bytes=settings.embedded.memory_budget)
             with run_embedded_in_thread(config) as backend:
                 files = {entry.name: entry.path for entry in backend.registry}
-                result = asyncio.run(calibrate(settings, args.family, args.output, args.quants,
-                                               num_predict=args.num_predict, host=backend.url, quality=text,
-                                               gguf_files=files, progress=progress))
+                result = asyncio.run(calibrate_family(settings, args.family, args.output, args.quants,
+                                                      num_predict=args.num_predict, host=backend.url, quality=text,
+                                                      gguf_files=files, progress=progress))
         else:
-            result = asyncio.run(calibrate(settings, args.family, args.output, args.quants,
-                                           num_predict=args.num_predict, quality=text, progress=progress))
+            result = asyncio.run(calibrate_family(settings, args.family, args.output, args.quants,
+                                                  num_predict=args.num_predict, quality=text, progress=progress))
     finally:
         for bar in bars:
             bar.close()
@@ -292,8 +293,8 @@ def _quality_bar(bars: list[Any], steps: int) -> Callable[[str], None]:
 
 
 def _ladder(args: argparse.Namespace, settings: Settings) -> int:
-    if settings.embedded:
-        result = build_embedded_ladder(settings.cache_dir, progress=not args.quiet)
+    if settings.embedded.enabled:
+        result = build_embedded_ladder(settings.embedded.cache_dir, progress=not args.quiet)
     elif not args.source:
         raise ToolError("give the SOURCE_TAG to quantize (an F16/BF16/F32 tag), or --embedded")
     else:

@@ -17,7 +17,7 @@ from quantrouter.tools.errors import ToolError
 from quantrouter.tools.live import family_variants, read_catalog, select_quants
 from quantrouter.tools.measure import DEFAULT_SEED, Run, greedy_agreement, measure_variants, top_k_agreement
 
-__all__ = ["Comparison", "VariantResult", "compare", "compare_runs", "format_comparison", "plot_comparison"]
+__all__ = ["Comparison", "VariantResult", "compare_runs", "compare_variants", "format_comparison", "plot_comparison"]
 
 DEFAULT_NUM_PREDICT = 48
 ANSWER_PREVIEW = 48
@@ -25,6 +25,8 @@ ANSWER_PREVIEW = 48
 
 @dataclass(frozen=True, slots=True)
 class VariantResult:
+    """One variant's run, and how far its greedy tokens and top-k sets agree with the reference's."""
+
     variant: VariantInfo
     run: Run
     agreement: float
@@ -33,6 +35,8 @@ class VariantResult:
 
 @dataclass(frozen=True, slots=True)
 class Comparison:
+    """Every variant's answer to one prompt beside the highest-precision variant's (the reference)."""
+
     family: str
     prompt: str
     reference: str
@@ -48,7 +52,7 @@ def compare_runs(runs: Sequence[tuple[VariantInfo, Run]], reference_tag: str) ->
                                top_k_agreement(reference.steps, run.steps)) for v, run in runs)
 
 
-async def compare(settings: Settings, family: str, prompt: str, quants: Sequence[str] = (), *,
+async def compare_variants(settings: Settings, family: str, prompt: str, quants: Sequence[str] = (), *,
                   num_predict: int = DEFAULT_NUM_PREDICT, seed: int = DEFAULT_SEED, unload: bool = True,
                   host: str | None = None) -> Comparison:
     """Run `prompt` on the chosen variants of `family` (all by default) plus its highest-precision one."""
@@ -57,7 +61,7 @@ async def compare(settings: Settings, family: str, prompt: str, quants: Sequence
     name, variants = family_variants(await read_catalog(settings, host), family)
     reference = variants[0]
     chosen = (reference, *(v for v in select_quants(name, variants, quants) if v != reference))
-    [runs] = await measure_variants(settings, chosen, [prompt], num_predict, seed, unload, host)
+    [runs] = await measure_variants(settings.backend.at(host), chosen, [prompt], num_predict, seed, unload)
     return Comparison(name, prompt, reference.tag, compare_runs(runs, reference.tag))
 
 

@@ -1,7 +1,7 @@
 """`ladder`: create the variants a backend can quantize to itself, named so the catalog groups them.
 
 Ollama's `create` with `quantize` makes only Q8_0, Q4_K_M and Q4_K_S, and only from F16, BF16 or F32
-weights (reference/ollama.md §4, `server/create.go`); the source is checked through `/api/show` first,
+weights (docs/ollama.md §4, `server/create.go`); the source is checked through `/api/show` first,
 so a wrong source fails with what to do instead of after a download. Targets are named
 `<family>-<quant>` (`llama3.2:3b-instruct-fp16` → `llama3.2:3b-instruct-q8_0`), the spelling
 `catalog.family_name_of` strips, so the new variants join the source's family.
@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quantrouter.backend import translated
+from quantrouter.backend import ollama_client, translated
 from quantrouter.catalog import family_name_of
 from quantrouter.config import Settings
 from quantrouter.errors import BackendModelMissing
 from quantrouter.quant import QuantType, UnknownQuantizationError, by_file_type, parse_quantization
 from quantrouter.tools.errors import ToolError
-from quantrouter.tools.measure import client_for
 from quantrouter.units import format_bytes
 
 __all__ = [
@@ -39,7 +38,7 @@ __all__ = [
     "target_tag",
 ]
 
-# `fs/ggml/type.go` ParseFileType and `server/create.go` (reference/ollama.md §4).
+# `fs/ggml/type.go` ParseFileType and `server/create.go` (docs/ollama.md §4).
 OLLAMA_QUANTIZE_TARGETS: tuple[QuantType, ...] = tuple(parse_quantization(n) for n in ("Q8_0", "Q4_K_M", "Q4_K_S"))
 QUANTIZABLE_SOURCES = frozenset({"F16", "BF16", "F32"})
 CREATED, EXISTS, BUILT = "created", "already there", "built"
@@ -119,7 +118,8 @@ async def build_ladder(settings: Settings, source: str, quants: Sequence[str] = 
                        progress: bool = True, host: str | None = None) -> LadderResult:
     """Check `source`, then `create` each missing target with `quantize`, showing Ollama's progress."""
     targets = ladder_targets(quants)
-    client = client_for(settings, host)
+    backend = settings.backend.at(host)
+    client = ollama_client(backend)
     try:
         with translated(source):
             shown = await client.show(source)
@@ -132,7 +132,7 @@ async def build_ladder(settings: Settings, source: str, quants: Sequence[str] = 
             if tag in held and not force:
                 rungs.append(Rung(tag, quant.name, held[tag], EXISTS))
                 continue
-            await _create(client, source, tag, quant, progress, host or settings.ollama_host)
+            await _create(client, source, tag, quant, progress, backend.host)
             with translated(tag):
                 size = next((int(m.size or 0) for m in (await client.list()).models if m.model == tag), 0)
             rungs.append(Rung(tag, quant.name, size, CREATED))

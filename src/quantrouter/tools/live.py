@@ -12,17 +12,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from quantrouter.backend import OllamaBackend
-from quantrouter.calibration import load_calibration, measured_qualities, quality_of
+from quantrouter.calibration import measured_qualities, quality_of, starting_speeds
 from quantrouter.catalog import CatalogSnapshot, VariantInfo
-from quantrouter.client import Variant, VariantListing
-from quantrouter.config import Settings
+from quantrouter.client import VariantListing
+from quantrouter.config import PolicySettings, Settings
 from quantrouter.inventory import Inventory
+from quantrouter.listing import variant_rows
 from quantrouter.memory import MemoryProbe, MemorySnapshot, StaticSource
-from quantrouter.quant import UnknownQuantizationError, parse_quantization, quality_key
-from quantrouter.throughput import ThroughputTable, bandwidth_for
+from quantrouter.quant import UnknownQuantizationError, parse_quantization
 from quantrouter.tools.errors import ToolError
 
-__all__ = ["BackendView", "backend_for", "backend_listing", "family_variants", "read_backend", "read_catalog",
+__all__ = ["BackendView", "backend_listing", "family_variants", "read_backend", "read_catalog",
            "select_quants"]
 
 
@@ -34,17 +34,11 @@ class BackendView:
     memory: MemorySnapshot
 
 
-def backend_for(settings: Settings, host: str | None = None) -> OllamaBackend:
-    """The router's backend client, on the router's timeouts."""
-    return OllamaBackend(host or settings.ollama_host, settings.backend_connect_timeout,
-                         settings.backend_read_timeout, settings.keep_alive)
-
-
 async def read_catalog(settings: Settings, host: str | None = None) -> CatalogSnapshot:
     """The backend's variants grouped into families, with residency, as the router's inventory builds them."""
-    backend = backend_for(settings, host)
+    backend = OllamaBackend(settings.backend.at(host))
     try:
-        inventory = Inventory(backend, settings.aliases)
+        inventory = Inventory(backend, settings.catalog)
         await inventory.refresh_tags()
         await inventory.refresh_ps()
     finally:
@@ -53,11 +47,11 @@ async def read_catalog(settings: Settings, host: str | None = None) -> CatalogSn
 
 
 async def read_backend(settings: Settings, host: str | None = None, capacity_bytes: int = 0) -> BackendView:
-    """Catalog and memory now; `capacity_bytes` (else `settings.memory_capacity`) stands in when NVML is absent."""
+    """Catalog and memory now; `capacity_bytes` (else the configured capacity) stands in when NVML is absent."""
     catalog = await read_catalog(settings, host)
     resident = sum(v.vram_bytes for v in catalog.variants if v.resident)
-    probe = MemoryProbe.create(StaticSource(capacity_bytes or settings.memory_capacity, lambda: resident),
-                               settings.nvml_poll_interval)
+    probe = MemoryProbe.create(StaticSource(capacity_bytes or settings.memory.capacity, lambda: resident),
+                               settings.memory.nvml_poll_interval)
     try:
         memory = probe.sample()
     finally:
@@ -71,8 +65,7 @@ def family_variants(catalog: CatalogSnapshot, name: str) -> tuple[str, tuple[Var
     if resolution is None:
         known = ", ".join(catalog.families) or "none"
         raise ToolError(f"unknown family {name!r}; the backend holds: {known}")
-    variants = catalog.family(resolution.family)
-    return resolution.family, tuple(sorted(variants, key=lambda v: (quality_key(v.quant), v.tag)))
+    return resolution.family, catalog.best_first(resolution.family)
 
 
 def select_quants(family: str, variants: Sequence[VariantInfo], quants: Sequence[str]) -> tuple[VariantInfo, ...]:
@@ -92,24 +85,13 @@ def select_quants(family: str, variants: Sequence[VariantInfo], quants: Sequence
     return tuple(dict.fromkeys(chosen))
 
 
-def backend_listing(view: BackendView, settings: Settings, family: str = "") -> VariantListing:
+def backend_listing(view: BackendView, settings: PolicySettings, family: str = "") -> VariantListing:
     """The router's `ListVariants` answer, built without a router: priors, or the calibration file's figures."""
     catalog = view.catalog
     families = [family_variants(catalog, family)[0]] if family else catalog.families
-    speeds = ThroughputTable(settings.ewma_alpha, bandwidth_for((g.name for g in view.memory.gpus),
-                                                                settings.gpu_bandwidth))
-    if settings.calibration_file is not None:
-        load_calibration(settings.calibration_file, speeds)
-    table = speeds.snapshot()
+    table = starting_speeds(settings, (g.name for g in view.memory.gpus)).snapshot()
     measured = measured_qualities(settings.calibration_file)
-    listed: dict[str, tuple[Variant, ...]] = {}
-    for name in families:
-        variants = family_variants(catalog, name)[1]  # best quality first, as the router's ListVariants
-        rows = []
-        for v, speed in table.estimates(variants):
-            rows.append(Variant(v.tag, v.quant.name, v.size_bytes, v.parameter_count, v.resident, v.vram_bytes,
-                                speed.decode_tps, speed.measured, speed.samples, *quality_of(v, measured)))
-        listed[name] = tuple(rows)
     memory = view.memory
-    return VariantListing(listed, memory.source, memory.free_bytes, memory.total_bytes, memory.detail,
+    rows = variant_rows(catalog, table, families, lambda v: quality_of(v, measured))
+    return VariantListing(rows, memory.source, memory.free_bytes, memory.total_bytes, memory.detail,
                           tuple(g.name for g in memory.gpus))

@@ -20,19 +20,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import ollama
 
-from quantrouter.backend import translated
+from quantrouter.backend import ollama_client, translated
 from quantrouter.catalog import VariantInfo
-from quantrouter.config import Settings
+from quantrouter.config import BackendSettings
 from quantrouter.units import NS
 
 __all__ = [
     "DEFAULT_SEED",
     "Run",
     "Step",
-    "client_for",
     "greedy_agreement",
     "measure_variants",
     "run_greedy",
@@ -76,24 +74,16 @@ class Run:
         return tuple(s.token for s in self.steps)
 
 
-def client_for(settings: Settings, host: str | None = None) -> ollama.AsyncClient:
-    """An ollama client on the router's timeouts."""
-    timeout = httpx.Timeout(connect=settings.backend_connect_timeout, read=settings.backend_read_timeout,
-                            write=30.0, pool=settings.backend_connect_timeout)
-    return ollama.AsyncClient(host=host or settings.ollama_host, timeout=timeout)
-
-
 async def unload_model(client: ollama.AsyncClient, tag: str) -> None:
-    """An empty prompt with keep_alive 0 unloads the model (reference/ollama.md §1), so the next load is cold."""
+    """An empty prompt with keep_alive 0 unloads the model (docs/ollama.md §1), so the next load is cold."""
     with translated(tag):
         await client.generate(model=tag, prompt="", keep_alive=0)
 
 
-async def measure_variants(settings: Settings, variants: Sequence[VariantInfo], prompts: Sequence[str],
-                           num_predict: int, seed: int, unload: bool,
-                           host: str | None = None) -> list[list[tuple[VariantInfo, Run]]]:
+async def measure_variants(backend: BackendSettings, variants: Sequence[VariantInfo], prompts: Sequence[str],
+                           num_predict: int, seed: int, unload: bool) -> list[list[tuple[VariantInfo, Run]]]:
     """Per prompt, one greedy run of every variant; each variant unloaded before its first prompt."""
-    client = client_for(settings, host)
+    client = ollama_client(backend)
     per_prompt: list[list[tuple[VariantInfo, Run]]] = [[] for _ in prompts]
     try:
         for v in variants:

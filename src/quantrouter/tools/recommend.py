@@ -1,6 +1,6 @@
 """Which quantization fits a memory budget, and why: pure arithmetic, no I/O.
 
-A variant needs its weights plus the KV cache for the context (reference/quant.md §1d and §3):
+A variant needs its weights plus the KV cache for the context (docs/quantization.md §1d and §3):
 
 - weights = parameters × file bits/weight ÷ 8 (the `QuantType` table), or the real file size when the
   backend holds the variant;
@@ -32,7 +32,7 @@ __all__ = [
     "estimated_kv_bytes",
     "nominal_bits",
     "offline_candidates",
-    "recommend",
+    "recommend_variant",
     "rule_of_thumb_bytes",
     "variant_candidates",
 ]
@@ -74,6 +74,8 @@ class Estimate:
 
 @dataclass(frozen=True, slots=True)
 class Recommendation:
+    """Every candidate's estimate against the budget, the pick, and what the rule of thumb would pick."""
+
     budget_bytes: int
     reserve_bytes: int
     context: int
@@ -127,7 +129,8 @@ def variant_candidates(variants: Iterable[VariantInfo], context: int) -> list[Ca
     return result
 
 
-def recommend(candidates: Sequence[Candidate], budget_bytes: int, reserve_bytes: int, context: int) -> Recommendation:
+def recommend_variant(candidates: Sequence[Candidate], budget_bytes: int, reserve_bytes: int,
+                      context: int) -> Recommendation:
     """Assess every candidate against `budget_bytes − reserve_bytes` and pick the best that fits."""
     available = budget_bytes - reserve_bytes
     estimates = []

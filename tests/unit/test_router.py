@@ -1,0 +1,298 @@
+"""The router on its own, without gRPC: fallback, breaker, admission and error translation.
+
+The backend is a real local HTTP server speaking Ollama's protocol with canned NDJSON
+(bench/fixtures/canned_ollama.py), reached through the real `ollama` client. Faults are injected on
+purpose, per tag, by a middleware in front of that server: an HTTP error status with Ollama's
+`{"error": …}` body, or an error line in the middle of a stream, as Ollama sends them. Metrics are
+read back from a fresh registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+import pytest
+from aiohttp import web
+from bench.fixtures.canned_ollama import FAMILY, VARIANTS, CannedOllama
+from prometheus_client import CollectorRegistry
+
+from quantrouter.backend import OllamaBackend
+from quantrouter.config import BackendSettings, CatalogSettings, LimitSettings
+from quantrouter.errors import (
+    BackendBusy,
+    BackendFailed,
+    BackendModelMissing,
+    BackendRejected,
+    BackendUnavailable,
+    Overloaded,
+    QuantrouterError,
+)
+from quantrouter.inventory import Inventory
+from quantrouter.memory import MemoryProbe, StaticSource
+from quantrouter.metrics import OTHER, Metrics
+from quantrouter.policy import PolicyConfig, RoutingRequest
+from quantrouter.router import Job, Router
+from quantrouter.throughput import ThroughputTable
+from quantrouter.values import Completion, Decision, Preference
+
+Q8, Q5, Q4 = (v.tag for v in VARIANTS)
+# Memory does not decide anything here: every canned variant is resident and fits.
+CAPACITY = 1 << 50
+BANDWIDTH = 1e12
+TOKENS = 4
+# Between the last text and the error line of a mid-stream fault: long enough for the relay to pass the
+# text on (text and error in one read are all "before the first token", and rightly fall back).
+MID_STREAM_PAUSE_S = 0.3
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """An injected failure: answer `status`, or (status 0) stream `chunks` tokens and then an error line."""
+
+    status: int = 0
+    chunks: int = 0
+    message: str = "injected fault"
+
+
+@dataclass
+class Canned:
+    url: str
+    faults: dict[str, Fault] = field(default_factory=dict)
+    calls: list[str] = field(default_factory=list)
+    runner: web.AppRunner | None = None
+
+
+async def _fail(request: web.Request, model: str, fault: Fault) -> web.StreamResponse:
+    if fault.status:
+        return web.json_response({"error": fault.message}, status=fault.status)
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    for _ in range(fault.chunks):
+        await response.write(json.dumps({"model": model, "response": "tok", "done": False}).encode() + b"\n")
+    if fault.chunks:
+        await asyncio.sleep(MID_STREAM_PAUSE_S)  # the text reaches the caller before the model fails
+    await response.write(json.dumps({"error": fault.message}).encode() + b"\n")
+    await response.write_eof()
+    return response
+
+
+@pytest.fixture
+async def canned() -> AsyncIterator[Canned]:
+    state = Canned("")
+
+    @web.middleware
+    async def inject(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in ("/api/generate", "/api/chat"):
+            model = (await request.json()).get("model", "")
+            state.calls.append(model)
+            if model in state.faults:
+                return await _fail(request, model, state.faults[model])
+        return await handler(request)
+
+    app = CannedOllama().app()
+    app.middlewares.append(inject)
+    state.runner = web.AppRunner(app, access_log=None)
+    await state.runner.setup()
+    await web.TCPSite(state.runner, "127.0.0.1", 0).start()
+    state.url = f"http://127.0.0.1:{state.runner.addresses[0][1]}"
+    yield state
+    await state.runner.cleanup()
+
+
+@pytest.fixture
+async def make_router(canned: Canned) -> AsyncIterator[Callable[..., Awaitable[Router]]]:
+    backends: list[OllamaBackend] = []
+
+    async def make(**limits: int) -> Router:
+        backend = OllamaBackend(BackendSettings(canned.url, connect_timeout=2.0, read_timeout=10.0))
+        backends.append(backend)
+        inventory = Inventory(backend, CatalogSettings())
+        assert await inventory.refresh()
+        probe = MemoryProbe(StaticSource(CAPACITY, inventory.resident_vram), None, 1.0)
+        return Router(backend, inventory, probe, ThroughputTable(0.3, BANDWIDTH), Metrics(CollectorRegistry()),
+                      LimitSettings(**limits), PolicyConfig(), reserve_bytes=0)
+
+    yield make
+    for backend in backends:
+        await backend.close()
+
+
+def _request(preference: Preference = Preference.QUALITY) -> RoutingRequest:
+    return RoutingRequest(FAMILY, preference, num_predict=TOKENS)
+
+
+JOB = Job(prompt="Why is the sky blue?", options={"num_predict": TOKENS})
+
+
+async def _events(router: Router, request: RoutingRequest | None = None) -> list[Decision | str | Completion]:
+    return [event async for event in router.stream(request or _request(), JOB)]
+
+
+def _sample(router: Router, name: str, **labels: str) -> float:
+    assert isinstance(router.metrics, Metrics)
+    return router.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def test_a_stream_is_its_decision_then_text_then_the_measured_completion(
+        make_router: Callable[..., Awaitable[Router]]) -> None:
+    router = await make_router()
+    events = await _events(router)
+    decision, *texts, completion = events
+    assert isinstance(decision, Decision) and decision.chosen is not None and decision.chosen.tag == Q8
+    assert texts and all(isinstance(t, str) for t in texts)
+    assert isinstance(completion, Completion)
+    assert (completion.variant, completion.generated_tokens) == (Q8, TOKENS)
+    assert completion.tokens_per_second > 0
+    assert router.throughput.snapshot().estimate(Q8, VARIANTS[0].size_bytes, {}).measured
+    assert _sample(router, "quantrouter_requests_total", model_name=FAMILY, target_model_name=Q8,
+                   quantization="Q8_0", preference="quality", code="OK") == 1
+    assert _sample(router, "quantrouter_generated_tokens_total", model_name=FAMILY, target_model_name=Q8,
+                   quantization="Q8_0") == TOKENS
+    assert router.in_flight == 0
+
+
+@pytest.mark.parametrize(("status", "reason"), [(404, "VARIANT_MISSING"), (500, "BACKEND_FAILED"),
+                                                (503, "BACKEND_BUSY")])
+async def test_a_variant_failing_before_its_first_token_falls_back_once(
+        canned: Canned, make_router: Callable[..., Awaitable[Router]], status: int, reason: str) -> None:
+    canned.faults[Q8] = Fault(status)
+    router = await make_router()
+    events = await _events(router)
+    decisions = [e for e in events if isinstance(e, Decision)]
+    assert [d.chosen.tag for d in decisions if d.chosen] == [Q8, Q5]
+    assert [d.fallback for d in decisions] == [False, True]
+    assert isinstance(events[-1], Completion) and events[-1].variant == Q5
+    assert canned.calls == [Q8, Q5]
+    assert _sample(router, "quantrouter_fallbacks_total", model_name=FAMILY, target_model_name=Q8,
+                   reason=reason) == 1
+    assert _sample(router, "quantrouter_route_substitutions_total", model_name=FAMILY, target_model_name=Q5,
+                   kind="fallback") == 1
+
+
+async def test_when_the_fallback_fails_too_its_error_ends_the_stream(
+        canned: Canned, make_router: Callable[..., Awaitable[Router]]) -> None:
+    canned.faults[Q8] = Fault(500)
+    canned.faults[Q5] = Fault(404)
+    router = await make_router()
+    with pytest.raises(BackendModelMissing):
+        await _events(router)
+    assert canned.calls == [Q8, Q5]  # one fallback, never a second
+    assert _sample(router, "quantrouter_requests_total", model_name=FAMILY, target_model_name=Q5,
+                   quantization="Q5_K_M", preference="quality", code="NOT_FOUND") == 1
+    assert router.in_flight == 0
+
+
+async def test_an_error_after_the_first_token_ends_the_stream_without_fallback(
+        canned: Canned, make_router: Callable[..., Awaitable[Router]]) -> None:
+    canned.faults[Q8] = Fault(chunks=2, message="CUDA error: out of memory")
+    router = await make_router()
+    received: list[Decision | str | Completion] = []
+    with pytest.raises(BackendFailed, match="mid-stream: CUDA error") as caught:
+        async for event in router.stream(_request(), JOB):
+            received.append(event)
+    assert caught.value.started
+    assert isinstance(received[0], Decision) and len(received) >= 2
+    assert "".join(str(e) for e in received[1:]) == "toktok"
+    assert canned.calls == [Q8]
+    assert _sample(router, "quantrouter_requests_total", model_name=FAMILY, target_model_name=Q8,
+                   quantization="Q8_0", preference="quality", code="UNAVAILABLE") == 1
+
+
+async def test_repeated_failures_open_the_variants_breaker(
+        canned: Canned, make_router: Callable[..., Awaitable[Router]]) -> None:
+    canned.faults[Q8] = Fault(500)
+    router = await make_router(breaker_failures=2)
+    for _ in range(2):
+        assert isinstance((await _events(router))[-1], Completion)  # served by the fallback each time
+    assert _sample(router, "quantrouter_breaker_trips_total", model_name=FAMILY, target_model_name=Q8) == 1
+    decision = router.decide(_request())
+    assert decision.chosen is not None and decision.chosen.tag == Q5
+    [q8] = [a for a in decision.candidates if a.tag == Q8]
+    assert not q8.feasible and "cool-down" in q8.rejection
+    canned.calls.clear()
+    await _events(router)
+    assert canned.calls == [Q5]  # the open breaker keeps requests off the failing variant
+
+
+@pytest.mark.parametrize("status", [400, 503])
+async def test_errors_that_are_not_the_variants_fault_never_open_its_breaker(
+        canned: Canned, make_router: Callable[..., Awaitable[Router]], status: int) -> None:
+    canned.faults = {v.tag: Fault(status) for v in VARIANTS}
+    router = await make_router(breaker_failures=1)
+    for _ in range(3):
+        with pytest.raises(BackendRejected if status == 400 else BackendBusy):
+            await _events(router)
+    assert not any(router.breaker.is_open(v.tag, 0.0) for v in VARIANTS)
+    assert _sample(router, "quantrouter_breaker_trips_total", model_name=FAMILY, target_model_name=Q8) == 0
+
+
+@pytest.mark.parametrize(("status", "error", "code"), [
+    (400, BackendRejected, "INVALID_ARGUMENT"),
+    (404, BackendModelMissing, "NOT_FOUND"),
+    (500, BackendFailed, "UNAVAILABLE"),
+    (503, BackendBusy, "RESOURCE_EXHAUSTED"),
+])
+async def test_backend_statuses_become_the_routers_errors(
+        canned: Canned, make_router: Callable[..., Awaitable[Router]], status: int,
+        error: type[QuantrouterError], code: str) -> None:
+    canned.faults = {v.tag: Fault(status, message=f"status {status}") for v in VARIANTS}
+    router = await make_router()
+    with pytest.raises(error, match=f"status {status}") as caught:
+        await _events(router)
+    assert caught.value.code.name == code
+    if status == 503:
+        assert caught.value.retry_after is not None
+
+
+async def test_an_unreachable_backend_is_unavailable_and_never_the_variants_fault(
+        canned: Canned, make_router: Callable[..., Awaitable[Router]]) -> None:
+    router = await make_router(breaker_failures=1)
+    assert canned.runner is not None
+    await canned.runner.cleanup()  # the backend goes away after the catalog was read
+    with pytest.raises(BackendUnavailable):
+        await _events(router)
+    assert not router.breaker.is_open(Q8, 0.0)
+    assert router.inventory.snapshot.variant(Q8) is not None  # the last catalog is kept
+
+
+async def test_admission_sheds_beyond_the_in_flight_limits(make_router: Callable[..., Awaitable[Router]]) -> None:
+    for limits in ({"max_in_flight": 1}, {"max_in_flight_per_family": 1}):
+        router = await make_router(**limits)
+        first = router.stream(_request(), JOB)
+        assert isinstance(await anext(first), Decision)  # one stream open, waiting at its decision
+        with pytest.raises(Overloaded, match="limit of 1 streams") as caught:
+            await _events(router, _request(Preference.LATENCY))
+        assert caught.value.retry_after is not None
+        assert _sample(router, "quantrouter_requests_total", model_name=FAMILY, target_model_name=OTHER,
+                       quantization=OTHER, preference="latency", code="RESOURCE_EXHAUSTED") == 1
+        assert router.in_flight == 1
+        await first.aclose()
+        assert router.in_flight == 0
+        assert isinstance((await _events(router))[-1], Completion)  # the slot is free again
+
+
+async def test_a_cancelled_stream_releases_its_slot_and_counts_as_cancelled(
+        make_router: Callable[..., Awaitable[Router]]) -> None:
+    router = await make_router()
+    started = asyncio.Event()
+
+    async def consume() -> None:
+        async with aclosing(router.stream(_request(), JOB)) as stream:  # as the servicer's relay holds it
+            async for _ in stream:
+                started.set()
+                await asyncio.sleep(60)
+
+    task = asyncio.create_task(consume())
+    await started.wait()
+    assert router.in_flight == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert router.in_flight == 0
+    assert _sample(router, "quantrouter_requests_total", model_name=FAMILY, target_model_name=Q8,
+                   quantization="Q8_0", preference="quality", code="CANCELLED") == 1
