@@ -194,10 +194,10 @@ class Scheduler:
                 await self._unload(runner)
 
     async def close(self) -> None:
-        """Unload everything and wait for the worker threads that free models."""
+        """Unload everything, each model once the request holding it is done (its thread may still be
+        decoding), and wait for the worker threads that free models."""
         for runner in list(self._runners.values()):
-            if runner.loaded:
-                await self._unload(runner)
+            await self.unload(runner.entry)
         while self._background:
             await asyncio.gather(*self._background)
 

@@ -305,8 +305,7 @@ class EmbeddedServer:
             return None
         finally:
             cancel.set()
-            with contextlib.suppress(Exception):
-                await asyncio.shield(worker)  # the model stays ours until its thread lets go
+            await _outlast(worker)
 
     def entry(self, name: str) -> ModelEntry:
         """The served model of this name, or 404."""
@@ -314,6 +313,20 @@ class EmbeddedServer:
         if entry is None:
             raise ModelNotFoundError(name)
         return entry
+
+
+async def _outlast(worker: asyncio.Future[Any]) -> None:
+    """Wait until the decoding thread lets go of the model, however often this task is cancelled meanwhile
+    (a server stopping cancels its handlers, maybe twice): freeing a model under llama.cpp's decode loop is
+    a segfault. The thread stops at its next token, as `cancel` is set; a cancellation is re-raised after."""
+    cancelled = False
+    while not worker.done():
+        try:
+            await asyncio.wait({worker})  # neither raises the worker's error nor cancels it
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 def _load(entry: ModelEntry, num_ctx: int, *, n_threads: int) -> tuple[Any, int]:

@@ -1,0 +1,41 @@
+"""Stopping `quantrouter embedded serve` while llama.cpp is decoding, as `kubectl delete pod` or Ctrl-C would.
+
+The server drains for a while, then cancels the stream; the model may only be freed once its decoding
+thread has let go of it (freeing it earlier crashed the process with SIGSEGV inside libggml-cpu).
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import httpx
+import ollama
+
+from quantrouter.embedded import LadderEntry
+from tests.hardening.helpers import LONG_PROMPT, backend_process
+from tests.support import FAMILY
+
+EXIT_TIMEOUT_S = 60.0
+CHUNKS_BEFORE_STOP = 3
+
+
+def test_sigterm_mid_decode_exits_cleanly_and_ends_the_stream(cache_dir: Path, ladder: list[LadderEntry]) -> None:
+    with backend_process(cache_dir) as backend, ollama.Client(host=backend.url) as client:
+        stream = client.generate(model=f"{FAMILY}-q4_K_M", prompt=LONG_PROMPT, stream=True,
+                                 options={"num_predict": 2000})
+        received = 0
+        finished = False
+        try:
+            for chunk in stream:
+                received += 1
+                finished = bool(chunk.done)
+                if received == CHUNKS_BEFORE_STOP:
+                    backend.signal(signal.SIGTERM)
+        except (ollama.ResponseError, httpx.HTTPError):
+            pass  # the server cut the stream short: what a stopping server may do
+        assert backend.process is not None
+        code = backend.process.wait(EXIT_TIMEOUT_S)
+    assert received >= CHUNKS_BEFORE_STOP
+    assert not finished, "2000 tokens cannot all come within the drain: the stop did not reach the stream"
+    assert code == 0, f"the server exited with {code} (-11 is the segfault of freeing a model mid-decode)"
