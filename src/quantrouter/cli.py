@@ -84,6 +84,14 @@ def _fleet_flags(parser: argparse.ArgumentParser) -> None:
                             "its EndpointSlices (needs the k8s extra)")
     group.add_argument("--node-stale-after", dest="node_stale_after",
                        help="fleet mode: leave a node out when its last report is older than this (default 5s)")
+    group.add_argument("--node-tls-ca", dest="node_tls_ca",
+                       help="fleet mode: reach the node routers over TLS, trusting this PEM CA bundle")
+    group.add_argument("--node-tls-server-name", dest="node_tls_server_name",
+                       help="fleet mode: the name the node routers' certificates carry (when nodes are dialled by "
+                            "IP, as discovery does)")
+    group.add_argument("--node-tls-cert", dest="node_tls_cert",
+                       help="fleet mode: PEM certificate to present to node routers that require one (mutual TLS)")
+    group.add_argument("--node-tls-key", dest="node_tls_key", help="PEM private key that goes with --node-tls-cert")
 
 
 def _client_flags(parser: argparse.ArgumentParser) -> None:

@@ -184,6 +184,13 @@ class FleetSettings:
     stale_after: float = 5.0
     # The bearer token the fleet presents to node routers that require one (their auth_token).
     auth_token: str = ""
+    # TLS to node routers that serve it (their tls_cert): the CA bundle that signed their certificates; the
+    # name those certificates carry, when nodes are dialled by pod IP and the certificates name a Service;
+    # and this router's own certificate and key, for nodes that require one (their tls_client_ca).
+    node_tls_ca: Path | None = None
+    node_tls_server_name: str = ""
+    node_tls_cert: Path | None = None
+    node_tls_key: Path | None = None
     # Endpoint Picker (`quantrouter epp`): each node's model server (name → host:port) for Envoy to send
     # requests to; a node not listed is reached on its node router's host at `endpoint_port` (Ollama's).
     endpoints: Mapping[str, str] = field(default_factory=dict)
@@ -303,7 +310,7 @@ def _convert(name: str, value: Any, default: Any) -> Any:
                 return {key.strip(): target.strip() for key, target in pairs}
             return dict(value)
         if name in {"tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "calibration_file",
-                    "cache_dir"}:
+                    "cache_dir", "node_tls_ca", "node_tls_cert", "node_tls_key"}:
             return Path(value) if value not in (None, "") else None
         if isinstance(default, bool):
             if isinstance(value, bool):
@@ -405,6 +412,11 @@ def _validate(settings: Settings) -> None:
     if not 0 < fleet.report_interval < fleet.stale_after:
         raise ConfigError(f"setting node_stale_after ({fleet.stale_after} s) must exceed "
                           f"node_report_interval ({fleet.report_interval} s), which must be positive")
+    if (fleet.node_tls_cert is None) != (fleet.node_tls_key is None):
+        raise ConfigError("node_tls_cert and node_tls_key go together: set both or neither")
+    if fleet.node_tls_ca is None and (fleet.node_tls_cert is not None or fleet.node_tls_server_name):
+        raise ConfigError("node_tls_cert and node_tls_server_name are for TLS to the nodes: set node_tls_ca too "
+                          "(the CA that signed the node routers' certificates)")
     if fleet.fallbacks < 0 or not 0 < fleet.endpoint_port < 65536:
         raise ConfigError(f"setting fallbacks ({fleet.fallbacks}) must be ≥ 0 and endpoint_port "
                           f"({fleet.endpoint_port}) a TCP port")

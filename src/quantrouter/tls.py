@@ -13,7 +13,9 @@ from pathlib import Path
 
 import grpc
 
-__all__ = ["ReloadingCertificates", "server_credentials"]
+from quantrouter.config import ConfigError
+
+__all__ = ["ReloadingCertificates", "channel_credentials", "server_credentials"]
 
 log = logging.getLogger(__name__)
 
@@ -51,3 +53,13 @@ def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.Se
     certificates = ReloadingCertificates(cert, key, client_ca)
     return grpc.dynamic_ssl_server_credentials(certificates.configuration(), certificates.fetch,
                                                require_client_authentication=client_ca is not None)
+
+
+def channel_credentials(ca: Path, cert: Path | None = None, key: Path | None = None) -> grpc.ChannelCredentials:
+    """TLS for calls out (the fleet to its nodes): trust `ca`, and present `cert` when the peer asks for one.
+    Read once; a rotated client certificate takes a restart (peers keep serving open connections)."""
+    try:
+        return grpc.ssl_channel_credentials(ca.read_bytes(), key.read_bytes() if key else None,
+                                            cert.read_bytes() if cert else None)
+    except OSError as error:
+        raise ConfigError(f"cannot read a TLS file for the node connections: {error}") from None

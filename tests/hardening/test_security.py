@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import logging
 import shutil
-import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -24,6 +22,7 @@ from quantrouter.server import RunningServer, run_in_thread
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
 from tests.hardening.helpers import generate_request, rich
+from tests.pki import Pki, make_ca, make_leaf, make_pki
 from tests.support import FAMILY, router_settings, scrape
 
 TIMEOUT_S = 30.0
@@ -33,46 +32,9 @@ TOKENS = ("first-token-8c41", "second-token-27be")
 CANARY = "zebra-canary-4471 tell me about the secret plans"
 
 
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    stranger_cert: Path  # signed by another CA
-    stranger_key: Path
-
-
-def _openssl(*args: str) -> None:
-    openssl = shutil.which("openssl")
-    assert openssl, "the openssl CLI is needed to make test certificates"
-    subprocess.run([openssl, *args], check=True, capture_output=True, timeout=TIMEOUT_S)
-
-
-def _ca(directory: Path, name: str) -> tuple[Path, Path]:
-    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
-             "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(cert))
-    return cert, key
-
-
-def _leaf(directory: Path, name: str, ca: tuple[Path, Path], extension: str) -> tuple[Path, Path]:
-    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
-             "-subj", f"/CN={name}", "-CA", str(ca[0]), "-CAkey", str(ca[1]), "-addext", extension,
-             "-keyout", str(key), "-out", str(cert))
-    return cert, key
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    directory = tmp_path_factory.mktemp("pki")
-    ca, other_ca = _ca(directory, "test-ca"), _ca(directory, "other-ca")
-    server = _leaf(directory, "router", ca, "subjectAltName=IP:127.0.0.1,DNS:localhost")
-    client = _leaf(directory, "client", ca, "extendedKeyUsage=clientAuth")
-    stranger = _leaf(directory, "stranger", other_ca, "extendedKeyUsage=clientAuth")
-    return Pki(ca[0], *server, *client, *stranger)
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def route_ok(channel: grpc.Channel) -> bool:
@@ -131,8 +93,8 @@ def test_certificates_reload_when_their_files_change(embedded_backend: EmbeddedS
         with grpc.secure_channel(target, credentials(pki)) as channel:
             assert route_ok(channel)
         # Rotate to a certificate from a new CA, as a renewed Secret would be mounted.
-        new_ca = _ca(tmp_path, "rotated-ca")
-        new_cert, new_key = _leaf(tmp_path, "rotated", new_ca, "subjectAltName=IP:127.0.0.1,DNS:localhost")
+        new_ca = make_ca(tmp_path, "rotated-ca")
+        new_cert, new_key = make_leaf(tmp_path, "rotated", new_ca, "subjectAltName=IP:127.0.0.1,DNS:localhost")
         shutil.copyfile(new_key, key)
         shutil.copyfile(new_cert, cert)
         with grpc.secure_channel(target, grpc.ssl_channel_credentials(new_ca[0].read_bytes())) as channel:
@@ -151,8 +113,8 @@ def test_half_written_rotation_keeps_the_previous_certificates(embedded_backend:
     shutil.copyfile(pki.server_key, key)
     with run_in_thread(router_settings(embedded_backend, tls_cert=cert, tls_key=key), CollectorRegistry()) as running:
         target = f"127.0.0.1:{running.port}"
-        new_ca = _ca(tmp_path, "rotated-ca")
-        new_cert, new_key = _leaf(tmp_path, "rotated", new_ca, "subjectAltName=IP:127.0.0.1,DNS:localhost")
+        new_ca = make_ca(tmp_path, "rotated-ca")
+        new_cert, new_key = make_leaf(tmp_path, "rotated", new_ca, "subjectAltName=IP:127.0.0.1,DNS:localhost")
         shutil.copyfile(new_key, key)
         whole = new_cert.read_bytes()
         cert.write_bytes(whole[:len(whole) // 2])

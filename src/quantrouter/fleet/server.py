@@ -27,6 +27,7 @@ from quantrouter.fleet.service import FleetService
 from quantrouter.metrics import Metrics
 from quantrouter.server import DRAIN_POLL_S, WATCH_INTERVAL_S, listen, policy_config
 from quantrouter.service import SERVICE_NAME, RequestReader
+from quantrouter.tls import channel_credentials
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
 
 __all__ = ["FleetServer", "fleet_in_thread", "start_fleet"]
@@ -70,6 +71,22 @@ class FleetServer:
         log.info("fleet router closed")
 
 
+def node_settings(settings: Settings) -> NodeSettings:
+    """How the fleet reaches its nodes: report cadence, channel options, bearer token and TLS."""
+    fleet = settings.fleet
+    options: tuple[tuple[str, int | str], ...] = (
+        ("grpc.max_receive_message_length", settings.limits.max_message_bytes),
+        # A node that comes back is found within seconds, not after gRPC's default back-off of up to 2 min.
+        ("grpc.initial_reconnect_backoff_ms", NODE_RECONNECT_BACKOFF_MS),
+        ("grpc.max_reconnect_backoff_ms", NODE_MAX_RECONNECT_BACKOFF_MS))
+    if fleet.node_tls_server_name:
+        options += (("grpc.ssl_target_name_override", fleet.node_tls_server_name),)
+    credentials = (channel_credentials(fleet.node_tls_ca, fleet.node_tls_cert, fleet.node_tls_key)
+                   if fleet.node_tls_ca is not None else None)
+    metadata = (("authorization", f"Bearer {fleet.auth_token}"),) if fleet.auth_token else ()
+    return NodeSettings(fleet.report_interval, fleet.stale_after, options, metadata, credentials)
+
+
 # More services on the fleet router's gRPC server, given its router and registry (the Endpoint Picker's).
 AddServicers = Callable[[FleetRouter, CollectorRegistry, grpc.aio.Server], None]
 
@@ -90,13 +107,7 @@ async def start_fleet(settings: Settings, registry: CollectorRegistry | None = N
             fleet_metrics.rejected_reports.labels(node, reason).inc()
 
         fleet = settings.fleet
-        nodes = NodeSet(NodeSettings(fleet.report_interval, fleet.stale_after, (
-            ("grpc.max_receive_message_length", settings.limits.max_message_bytes),
-            # A node that comes back is found within seconds, not after gRPC's default back-off of up to 2 min.
-            ("grpc.initial_reconnect_backoff_ms", NODE_RECONNECT_BACKOFF_MS),
-            ("grpc.max_reconnect_backoff_ms", NODE_MAX_RECONNECT_BACKOFF_MS)),
-            (("authorization", f"Bearer {fleet.auth_token}"),) if fleet.auth_token else ()),
-            rejected)
+        nodes = NodeSet(node_settings(settings), rejected)
         stack.push_async_callback(nodes.close)
         fleet_metrics = FleetMetrics(registry, nodes)
         router = FleetRouter(nodes, fleet_metrics, policy_config(settings.policy))
