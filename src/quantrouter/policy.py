@@ -48,7 +48,7 @@ from quantrouter.catalog import VariantInfo
 from quantrouter.quant import KV_CACHE_TYPES, QuantType
 from quantrouter.throughput import SPEED_FLOOR_BPW, SpeedEstimate
 from quantrouter.units import format_bytes
-from quantrouter.values import Assessment, Decision, FailureKind, Preference
+from quantrouter.values import Assessment, Decision, FailureKind, Preference, quick_constructor
 
 __all__ = [
     "CandidateInput",
@@ -71,6 +71,9 @@ UNKNOWN_KV_SHARE = 0.1
 # Ollama's scheduler loads beside other models only when the prediction ≤ 80 % of free memory
 # (`server/sched.go` "Use 80% of free memory as threshold", docs/ollama.md §3).
 OLLAMA_LOAD_FRACTION = 0.8
+# Every decision builds an `Assessment` per candidate and a `Decision`: built without the frozen `__init__`'s cost.
+_new_assessment = quick_constructor(Assessment)
+_new_decision = quick_constructor(Decision)
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,10 +265,10 @@ class _Row:
         self.at_risk = late or tps / sharing < frame.min_tps
 
     def assessment(self) -> Assessment:
-        return Assessment(self.tag, self.quantization, self.need, self.resident, self.tps, self.measured, self.ttft,
-                          self.expected, self.quality, self.score, self.rejection, self.memory_only,
-                          queue_seconds=self.queue, churn_seconds=self.churn, at_risk=self.at_risk,
-                          quality_measured=self.quality_measured)
+        return _new_assessment(self.tag, self.quantization, self.need, self.resident, self.tps, self.measured,
+                               self.ttft, self.expected, self.quality, self.score, self.rejection, self.memory_only,
+                               queue_seconds=self.queue, churn_seconds=self.churn, at_risk=self.at_risk,
+                               quality_measured=self.quality_measured)
 
     @classmethod
     def of(cls, a: Assessment) -> _Row:
@@ -414,10 +417,10 @@ def decide(
 def _decision(request: RoutingRequest, memory: MemoryView, chosen: Assessment | None, reason: str, *,
               candidates: tuple[Assessment, ...] = (), downgraded: bool = False, failure: FailureKind | None = None,
               best_expected_seconds: float = 0.0) -> Decision:
-    return Decision(request.family, request.preference, chosen, reason, candidates, downgraded,
-                    pinned=request.pinned_tag is not None, fallback=bool(request.excluded), failure=failure,
-                    memory_source=memory.source, free_bytes=memory.free_bytes,
-                    best_expected_seconds=best_expected_seconds)
+    return _new_decision(request.family, request.preference, chosen, reason, candidates, downgraded,
+                         pinned=request.pinned_tag is not None, fallback=bool(request.excluded), failure=failure,
+                         memory_source=memory.source, free_bytes=memory.free_bytes,
+                         best_expected_seconds=best_expected_seconds)
 
 
 def _explain(request: RoutingRequest, chosen: Assessment, blocked: Assessment | None) -> str:

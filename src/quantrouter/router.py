@@ -44,9 +44,9 @@ from quantrouter.inventory import Inventory
 from quantrouter.memory import NVML, MemoryProbe
 from quantrouter.metrics import OTHER, VariantState
 from quantrouter.policy import CandidateInput, MemoryView, PolicyConfig, RoutingRequest, decide, remaining_seconds
-from quantrouter.throughput import Observation, ThroughputTable
+from quantrouter.throughput import Observation, ThroughputSnapshot, ThroughputTable
 from quantrouter.units import NS
-from quantrouter.values import Completion, Decision, FailureKind
+from quantrouter.values import Completion, Decision, FailureKind, quick_constructor
 
 __all__ = ["Completion", "Job", "Recorder", "Router", "failure_of"]
 
@@ -59,6 +59,8 @@ _FALLBACK_ERRORS = (BackendModelMissing, BackendFailed, BackendBusy)
 _NOT_THE_VARIANTS_FAULT = (BackendUnavailable, BackendBusy, BackendRejected)
 # The router's back-off hint when it sheds load itself.
 OVERLOADED_RETRY_AFTER_S = 0.5
+# Built for every variant of a family on each request (without the frozen `__init__`'s per-field cost).
+_new_candidate = quick_constructor(CandidateInput)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +154,9 @@ class Router:
         self._in_flight_tags: Counter[str] = Counter()
         self._in_flight_families: Counter[str] = Counter()
         self._work: set[_Work] = set()
+        self._tables: dict[str, tuple[CandidateInput, ...]] = {}
+        self._tables_catalog: CatalogSnapshot | None = None
+        self._tables_speeds: ThroughputSnapshot | None = None
 
     @property
     def in_flight(self) -> int:
@@ -178,16 +183,35 @@ class Router:
         return quality_of(variant, self.measured_quality)
 
     def candidates(self, catalog: CatalogSnapshot, family: str) -> list[CandidateInput]:
+        """The family's candidates: its table (`_family_table`), with what is busy or cooling down right now."""
         now = self._clock()
         queued: dict[str, float] = {}
         for work in self._work:
             queued[work.tag] = queued.get(work.tag, 0.0) + work.service_seconds * (1.0 - work.done())
         rows = []
-        for v, speed in self.throughput.snapshot().estimates(catalog.family(family)):
-            quality, measured = self.quality_of(v)
-            rows.append(CandidateInput(v, speed, quality, self._in_flight_tags[v.tag], self.breaker.is_open(v.tag, now),
-                                       queued.get(v.tag, 0.0), quality_measured=measured))
+        for c in self._family_table(catalog, family):
+            tag = c.variant.tag
+            in_flight, broken = self._in_flight_tags.get(tag, 0), self.breaker.is_open(tag, now)
+            if in_flight or broken or tag in queued:
+                c = _new_candidate(c.variant, c.speed, c.quality, in_flight, broken, queued.get(tag, 0.0),
+                                   quality_measured=c.quality_measured)
+            rows.append(c)
         return rows
+
+    def _family_table(self, catalog: CatalogSnapshot, family: str) -> tuple[CandidateInput, ...]:
+        """Each variant of the family with its speed and quality, idle: built once per catalog and speed snapshot
+        (a new one follows each catalog change and each completed request), not on every request."""
+        speeds = self.throughput.snapshot()
+        if catalog is not self._tables_catalog or speeds is not self._tables_speeds:
+            self._tables, self._tables_catalog, self._tables_speeds = {}, catalog, speeds
+        table = self._tables.get(family)
+        if table is None:
+            rows = []
+            for v, speed in speeds.estimates(catalog.family(family)):
+                quality, measured = self.quality_of(v)
+                rows.append(_new_candidate(v, speed, quality, quality_measured=measured))
+            table = self._tables[family] = tuple(rows)
+        return table
 
     def memory_view(self) -> MemoryView:
         """Free memory, and the backlog of this router's own in-flight streams (one GPU's worth of work)."""

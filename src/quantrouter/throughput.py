@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from quantrouter.catalog import VariantInfo
 from quantrouter.units import NS
+from quantrouter.values import quick_constructor
 
 __all__ = [
     "GPU_BANDWIDTH",
@@ -103,12 +104,20 @@ class SpeedEstimate:
     measured: bool = False
 
 
+_new_estimate = quick_constructor(SpeedEstimate)
+
+
 @dataclass(frozen=True, slots=True)
 class _Ewma:
     decode_tps: float | None = None
     prompt_tps: float | None = None
     load_seconds: float | None = None
     samples: int = 0
+
+
+_UNSEEN = _Ewma()
+# A measured sibling whose figures seed another variant's priors: its EWMAs and its `decode_bytes`.
+_Reference = tuple[_Ewma, int]
 
 
 def _blend(old: float | None, new: float | None, alpha: float) -> float | None:
@@ -126,40 +135,57 @@ class ThroughputSnapshot:
 
     def estimate(self, tag: str, size_bytes: int, siblings: Mapping[str, int]) -> SpeedEstimate:
         """The estimate for `tag`; `siblings` maps sibling tags to theirs. Sizes are `decode_bytes`."""
-        own = self.stats.get(tag, _Ewma())
-        reference = self._best_sibling(tag, siblings)
+        return self._estimate(tag, size_bytes, _most_sampled(t for t in self._measured(siblings) if t[0] != tag))
+
+    def estimates(self, variants: Sequence[VariantInfo]) -> list[tuple[VariantInfo, SpeedEstimate]]:
+        """Each variant of one family with its estimate, the others serving as siblings for the priors.
+
+        The best-sampled sibling is found once for the family (and the runner-up for that sibling itself),
+        not once per variant: per variant it made the router's per-request work quadratic in the family size.
+        """
+        sizes = {v.tag: decode_bytes(v.size_bytes, v.quant.bits_per_weight) for v in variants}
+        measured = self._measured(sizes)
+        best = _most_sampled(measured)
+        runner_up = _most_sampled(t for t in measured if t is not best) if best is not None else None
+        return [(v, self._estimate(v.tag, sizes[v.tag], runner_up if best is not None and best[0] == v.tag else best))
+                for v in variants]
+
+    def _estimate(self, tag: str, size_bytes: int, sibling: tuple[str, _Ewma, int] | None) -> SpeedEstimate:
+        own = self.stats.get(tag, _UNSEEN)
+        reference = None if sibling is None else sibling[1:]
         decode = own.decode_tps or self._decode_prior(size_bytes, reference)
         prompt = own.prompt_tps or self._prompt_prior(decode, reference)
         load = own.load_seconds if own.load_seconds is not None else self._load_prior(size_bytes, reference)
-        return SpeedEstimate(decode, prompt, load, own.samples, own.decode_tps is not None)
+        return _new_estimate(decode, prompt, load, own.samples, own.decode_tps is not None)
 
-    def estimates(self, variants: Sequence[VariantInfo]) -> list[tuple[VariantInfo, SpeedEstimate]]:
-        """Each variant of one family with its estimate, the others serving as siblings for the priors."""
-        sizes = {v.tag: decode_bytes(v.size_bytes, v.quant.bits_per_weight) for v in variants}
-        return [(v, self.estimate(v.tag, sizes[v.tag], sizes)) for v in variants]
+    def _measured(self, siblings: Mapping[str, int]) -> list[tuple[str, _Ewma, int]]:
+        """The siblings with a measured decode rate, in `siblings`' order, with their figures and sizes."""
+        stats = self.stats
+        return [(t, stats[t], size) for t, size in siblings.items()
+                if size > 0 and t in stats and stats[t].decode_tps is not None]
 
-    def _best_sibling(self, tag: str, siblings: Mapping[str, int]) -> tuple[_Ewma, int] | None:
-        measured = [(self.stats[t], size) for t, size in siblings.items()
-                    if t != tag and t in self.stats and self.stats[t].decode_tps is not None and size > 0]
-        return max(measured, key=lambda pair: pair[0].samples, default=None)
-
-    def _decode_prior(self, size_bytes: int, reference: tuple[_Ewma, int] | None) -> float:
+    def _decode_prior(self, size_bytes: int, reference: _Reference | None) -> float:
         if reference is not None and reference[0].decode_tps is not None and size_bytes > 0:
             return reference[0].decode_tps * reference[1] / size_bytes
         seconds = size_bytes / (BANDWIDTH_EFFICIENCY * self.bandwidth) + PER_TOKEN_OVERHEAD_S
         return 1.0 / seconds
 
     @staticmethod
-    def _prompt_prior(decode_tps: float, reference: tuple[_Ewma, int] | None) -> float:
+    def _prompt_prior(decode_tps: float, reference: _Reference | None) -> float:
         if reference is not None and reference[0].prompt_tps is not None:
             return reference[0].prompt_tps
         return decode_tps * PROMPT_SPEEDUP_PRIOR
 
     @staticmethod
-    def _load_prior(size_bytes: int, reference: tuple[_Ewma, int] | None) -> float:
+    def _load_prior(size_bytes: int, reference: _Reference | None) -> float:
         if reference is not None and reference[0].load_seconds is not None and reference[1] > 0:
             return reference[0].load_seconds * size_bytes / reference[1]
         return LOAD_FIXED_S + size_bytes / LOAD_BYTES_PER_SECOND
+
+
+def _most_sampled(measured: Iterable[tuple[str, _Ewma, int]]) -> tuple[str, _Ewma, int] | None:
+    """The sibling with the most samples, the first of equals (the priors follow the best-measured one)."""
+    return max(measured, key=lambda sibling: sibling[1].samples, default=None)
 
 
 class ThroughputTable:
@@ -169,6 +195,7 @@ class ThroughputTable:
         self._alpha = alpha
         self._stats: dict[str, _Ewma] = {}
         self.bandwidth = bandwidth
+        self._snapshot: ThroughputSnapshot | None = None
 
     def observe(self, tag: str, observation: Observation) -> None:
         o = observation
@@ -180,6 +207,7 @@ class ThroughputTable:
         old = self._stats.get(tag, _Ewma())
         if o.busy_runners > 1 and old.decode_tps is not None:
             decode = None
+        self._snapshot = None
         self._stats[tag] = _Ewma(
             _blend(old.decode_tps, decode, self._alpha),
             _blend(old.prompt_tps, prompt, self._alpha),
@@ -189,7 +217,12 @@ class ThroughputTable:
 
     def seed(self, tag: str, decode_tps: float, prompt_tps: float, load_seconds: float, samples: int) -> None:
         """Start a variant from calibrated figures (`quantrouter calibrate`) instead of a prior."""
+        self._snapshot = None
         self._stats[tag] = _Ewma(decode_tps, prompt_tps, load_seconds, samples)
 
     def snapshot(self) -> ThroughputSnapshot:
-        return ThroughputSnapshot(dict(self._stats), self.bandwidth)
+        """The table as it stands; the same snapshot until the next observation (one per request otherwise)."""
+        snapshot = self._snapshot
+        if snapshot is None or snapshot.bandwidth != self.bandwidth:
+            snapshot = self._snapshot = ThroughputSnapshot(dict(self._stats), self.bandwidth)
+        return snapshot

@@ -201,3 +201,31 @@ def test_a_sample_taken_while_other_runners_shared_the_gpu_only_starts_a_variant
     estimate = table.snapshot().estimate("q4", Q4, SIZES)
     assert estimate.decode_tps == pytest.approx(0.3 * 120.0 + 0.7 * 50.0), "the shared sample did not move it"
     assert estimate.samples == 2
+
+
+def test_the_best_measured_sibling_seeds_the_priors_and_itself_follows_the_runner_up() -> None:
+    """Priors come from the sibling with the most samples; that sibling's own missing figures from the next one."""
+    table = ThroughputTable(ALPHA, H100_SXM_BANDWIDTH)
+    for _ in range(3):
+        table.observe("q8", _decode(90.0))  # decode only: its prompt rate must come from a sibling
+    table.observe("q4", Observation(100, SECOND_NS, prompt_eval_count=4000, prompt_eval_duration_ns=SECOND_NS))
+    variants = [VariantInfo(tag, "f", parse_quantization(quant), SIZES[tag])
+                for tag, quant in (("f16", "F16"), ("q8", "Q8_0"), ("q4", "Q4_K_M"))]
+    estimates = {v.tag: e for v, e in table.snapshot().estimates(variants)}
+    assert estimates["f16"].decode_tps == pytest.approx(90.0 * Q8 / F16), "scaled from q8, the most samples"
+    assert estimates["f16"].prompt_tps == pytest.approx(90.0 * Q8 / F16 * PROMPT_SPEEDUP_PRIOR), "q8 has no prompt rate"
+    assert estimates["q8"].prompt_tps == pytest.approx(4000.0), "q8 itself follows the runner-up, q4"
+    assert estimates == {v.tag: table.snapshot().estimate(v.tag, v.size_bytes, SIZES) for v in variants}
+
+
+def test_a_snapshot_is_kept_until_the_next_observation_and_never_changes() -> None:
+    table = ThroughputTable(ALPHA, H100_SXM_BANDWIDTH)
+    before = table.snapshot()
+    assert table.snapshot() is before, "no observation since: the same snapshot, not a copy per request"
+    table.observe("q4", _decode(120.0))
+    after = table.snapshot()
+    assert after is not before
+    assert after.estimate("q4", Q4, SIZES).measured
+    assert not before.estimate("q4", Q4, SIZES).measured, "a snapshot already handed out does not move"
+    table.seed("q8", 80.0, 2000.0, 3.0, samples=5)
+    assert table.snapshot().estimate("q8", Q8, SIZES).decode_tps == 80.0
