@@ -6,7 +6,8 @@ since the last request and once right after a new observation (each completed re
 per-family table is rebuilt: the router's worst case). Each is timed over many calls after a warm-up. On a
 shared 2-core machine other processes preempt the timed calls, so the thread's CPU time
 (`time.thread_time_ns`) is reported beside the wall time: it is the cost of the decision itself, and issue
-13's targets are judged on its p99. Writes bench/results/decision.md with a reading generated from the run.
+13's targets are judged on its p99. Writes bench/results/decision.md with a reading generated from the run, and
+the reading into README.md between its `decision` markers.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from quantrouter.throughput import Observation, ThroughputTable
 from quantrouter.values import Preference
 
 RESULTS = Path(__file__).parent / "results" / "decision.md"
+README = Path(__file__).parent.parent / "README.md"
+README_START, README_END = "<!-- decision:start -->", "<!-- decision:end -->"
 SIZES = (4, 8, 32, 64)
 # Issue 13's p99 targets in µs (64 candidates: 8 nodes × 8 variants, for the fleet); none set for 4.
 TARGET_P99_US = {8: 100.0, 32: 300.0, 64: 1000.0}
@@ -167,17 +170,18 @@ def _verdict(t: Timing) -> str:
     return f"{t.target:.0f} | {'met' if t.met else '**not met**'} ({t.decide.cpu_p99 / t.target:.2f}×)"
 
 
-def reading(timings: list[Timing]) -> str:
+def reading(timings: list[Timing], load: float) -> str:
     """The prose, every figure from `timings`."""
     judged = [t for t in timings if t.target is not None]
     unmet = [t for t in judged if not t.met]
     largest = timings[-1]
-    verdicts = "; ".join(f"{t.variants} candidates {t.decide.cpu_p99:.0f} µs against {t.target:.0f} µs "
-                         f"({'met' if t.met else 'not met'})" for t in judged)
-    return (f"decide() CPU p99: {verdicts}. "
-            + ("Every target holds. " if not unmet else
-               f"{len(unmet)} of {len(judged)} targets do not hold on this run. ")
-            + f"At {largest.variants} candidates the router's own per-request work and decide() together take "
+    verdicts = "; ".join(f"{t.variants} candidates {t.decide.cpu_p50:.0f} / {t.decide.cpu_p99:.0f} µs against "
+                         f"{t.target:.0f} µs ({'met' if t.met else 'not met'})" for t in judged)
+    held = ("every target holds" if not unmet else
+            f"{len(unmet)} of {len(judged)} targets {'does' if len(unmet) == 1 else 'do'} not hold")
+    return (f"decide() CPU time p50 / p99 against issue 13's p99 bounds: {verdicts}; {held} in this run (load "
+            f"average {load:.1f} at its start: other work on the machine lengthens the tail). "
+            f"At {largest.variants} candidates the router's own per-request work and decide() together take "
             f"{largest.router_cached.cpu_p50:.0f} µs CPU at p50 ({largest.router_cached.cpu_p99:.0f} µs p99) with the "
             f"speed snapshot unchanged since the last request, and {largest.router_observed.cpu_p50:.0f} µs "
             f"({largest.router_observed.cpu_p99:.0f} µs p99) right after a new observation, when the family's "
@@ -185,9 +189,19 @@ def reading(timings: list[Timing]) -> str:
             "alone at p50.")
 
 
+def update_readme(text: str) -> None:
+    """Put this run's reading in the README, between its decision markers."""
+    head, start, rest = README.read_text().partition(README_START)
+    _, end, tail = rest.partition(README_END)
+    if not start or not end:
+        raise SystemExit(f"README.md has no {README_START} … {README_END} block to update")
+    README.write_text(f"{head}{start}\n  {text} (Run of {datetime.date.today().isoformat()}.)\n  {end}{tail}")
+
+
 def main() -> None:
     load = os.getloadavg()[0]
     timings = [measure(n) for n in SIZES]
+    text = reading(timings, load)
     rows = "\n".join(f"| {t.variants} | {t.decide.cells()} | {_verdict(t)} | {t.router_cached.cells()} "
                      f"| {t.router_observed.cells()} |" for t in timings)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -203,12 +217,13 @@ def main() -> None:
         f"{len(BACKLOG)} requests in flight (the GPU backlog). *target* is issue 13's p99 bound, judged on the "
         "CPU p99 (the ratio to the bound in brackets; wall p99 on this shared machine includes preemption by "
         "other processes).\n\n"
-        f"**Reading (generated from this run's figures).** {reading(timings)}\n\n"
+        f"**Reading (generated from this run's figures).** {text}\n\n"
         "| candidates | decide CPU p50 / p99 µs | decide wall p50 / p99 µs | target p99 µs | verdict (CPU p99) "
         "| router, speeds cached: CPU p50 / p99 µs | wall p50 / p99 µs "
         "| router, after an observation: CPU p50 / p99 µs | wall p50 / p99 µs |\n"
         + "|---" * 9 + "|\n"
         f"{rows}\n")
+    update_readme(text)
     print(RESULTS.read_text())
 
 
