@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -171,18 +172,21 @@ async def run_scenario(scenario: Scenario, backend: Service, proxies: Mapping[st
 
 
 @dataclass(frozen=True, slots=True)
-class Resident:
-    """Each proxy's resident memory (MiB) when idle, after its first backend's start, and at its peak."""
+class Outcome:
+    """What a run leaves besides its rows: each proxy's resident memory (MiB) when idle and at its peak, and
+    each arm's failed requests by kind."""
 
     idle: dict[str, float]
     peak: dict[str, float]
+    failures: dict[str, Counter[str]]
 
 
 async def measure(chosen: Sequence[Scenario], repetitions: int, executable: str, logs: Path
-                  ) -> tuple[list[dict[str, object]], Resident]:
+                  ) -> tuple[list[dict[str, object]], Outcome]:
     rows: list[dict[str, object]] = []
     idle: dict[str, list[float]] = {name: [] for name in PROXIES}
     peak: dict[str, list[float]] = {name: [] for name in PROXIES}
+    failures: dict[str, Counter[str]] = {name: Counter() for name in ARMS}
     for backend_name in (PACED, CANNED):
         mine = [s for s in chosen if s.backend == backend_name]
         if not mine:
@@ -196,19 +200,26 @@ async def measure(chosen: Sequence[Scenario], repetitions: int, executable: str,
                 print(f"{scenario.name} ...", file=sys.stderr, flush=True)
                 for index, arms in enumerate(await run_scenario(scenario, backend, proxies, repetitions)):
                     rows += figures(scenario, index, arms)
+                    for name, arm in arms.items():
+                        failures[name] += arm.failures
             for name, service in proxies.items():
                 peak[name].append(memory_mib(service.pid, "VmHWM"))
-    return rows, Resident({n: max(v) for n, v in idle.items()}, {n: max(v) for n, v in peak.items()})
+    return rows, Outcome({n: max(v) for n, v in idle.items()}, {n: max(v) for n, v in peak.items()}, failures)
 
 
-def _ratio(rows: Sequence[Mapping[str, object]], scenario: Scenario, key: str) -> str:
-    """LiteLLM's median over quantrouter's, for one figure."""
-    ours, theirs = spread(rows, scenario, ROUTER, key).median, spread(rows, scenario, LITELLM, key).median
-    return f"{theirs / ours:.1f}×" if ours > 0 else "—"
+def _ratio(rows: Sequence[Mapping[str, object]], scenario: Scenario, key: str, over: str, under: str) -> str:
+    """One arm's median over another's, for one figure."""
+    top, bottom = spread(rows, scenario, over, key).median, spread(rows, scenario, under, key).median
+    return f"{top / bottom:.1f}×" if bottom > 0 else "—"
 
 
-def reading(rows: Sequence[Mapping[str, object]], resident: Resident, scenarios: Sequence[Scenario]) -> str:
-    """The prose, every figure from `rows`."""
+def _failed(failures: Counter[str]) -> str:
+    total = sum(failures.values())
+    return f"{total} ({', '.join(f'{n} {kind}' for kind, n in failures.most_common())})" if total else "0"
+
+
+def reading(rows: Sequence[Mapping[str, object]], outcome: Outcome, scenarios: Sequence[Scenario]) -> str:
+    """The prose, every figure from `rows` and `outcome`."""
     def of(scenario: Scenario, arm: str, key: str, digits: int) -> str:
         return spread(rows, scenario, arm, key).text(digits)
 
@@ -217,12 +228,13 @@ def reading(rows: Sequence[Mapping[str, object]], resident: Resident, scenarios:
         parts.append(
             f"With one stream at a GPU-like {PACED_TOKENS_PER_S:.0f} tok/s, quantrouter adds "
             f"{of(TTFT_ONE, ROUTER, 'added_ttft_p50_ms', 2)} ms to time to first token at p50 and LiteLLM "
-            f"{of(TTFT_ONE, LITELLM, 'added_ttft_p50_ms', 2)} ms ({_ratio(rows, TTFT_ONE, 'added_ttft_p50_ms')} "
-            "of quantrouter's)")
+            f"{of(TTFT_ONE, LITELLM, 'added_ttft_p50_ms', 2)} ms "
+            f"({_ratio(rows, TTFT_ONE, 'added_ttft_p50_ms', LITELLM, ROUTER)} of quantrouter's)")
     if TTFT_MANY in scenarios:
         parts.append(
             f"with {TTFT_MANY.streams} paced streams the added p99 is {of(TTFT_MANY, ROUTER, 'added_ttft_p99_ms', 2)} "
-            f"ms through quantrouter and {of(TTFT_MANY, LITELLM, 'added_ttft_p99_ms', 2)} ms through LiteLLM")
+            f"ms through quantrouter and {of(TTFT_MANY, LITELLM, 'added_ttft_p99_ms', 2)} ms through LiteLLM "
+            f"({_ratio(rows, TTFT_MANY, 'added_ttft_p99_ms', LITELLM, ROUTER)})")
     if RELAY_MANY in scenarios:
         parts.append(
             f"unpaced over {RELAY_MANY.streams} streams one quantrouter process relays "
@@ -230,13 +242,13 @@ def reading(rows: Sequence[Mapping[str, object]], resident: Resident, scenarios:
             f"direct) at {of(RELAY_MANY, ROUTER, 'router_cpu_s_per_1k', 3)} CPU-seconds per 1,000 tokens, one LiteLLM "
             f"process {of(RELAY_MANY, LITELLM, 'tokens_per_s', 0)} tok/s "
             f"({of(RELAY_MANY, LITELLM, 'relay_vs_direct', 3)}×) at "
-            f"{of(RELAY_MANY, LITELLM, 'router_cpu_s_per_1k', 3)}")
-    failed = {arm: sum(int(str(r["failed"])) for r in rows if r["arm"] == arm) for arm in ARMS}
+            f"{of(RELAY_MANY, LITELLM, 'router_cpu_s_per_1k', 3)}: quantrouter relays "
+            f"{_ratio(rows, RELAY_MANY, 'tokens_per_s', ROUTER, LITELLM)} LiteLLM's rate")
     return ("; ".join(parts) + ". "
-            f"Idle, quantrouter holds {resident.idle[ROUTER]:.1f} MiB resident and LiteLLM "
-            f"{resident.idle[LITELLM]:.1f} MiB (peaks {resident.peak[ROUTER]:.1f} and "
-            f"{resident.peak[LITELLM]:.1f} MiB). "
-            f"Failed requests: {', '.join(f'{arm} {n}' for arm, n in failed.items())}. Medians over repetitions with "
+            f"Idle, quantrouter holds {outcome.idle[ROUTER]:.1f} MiB resident and LiteLLM "
+            f"{outcome.idle[LITELLM]:.1f} MiB (peaks {outcome.peak[ROUTER]:.1f} and "
+            f"{outcome.peak[LITELLM]:.1f} MiB). Failed requests: "
+            f"{'; '.join(f'{arm} {_failed(outcome.failures[arm])}' for arm in ARMS)}. Medians over repetitions with "
             "[min – max]; clients, proxies and backend share the machine's cores, so compare the arms within this "
             "run, not runs with each other.")
 
@@ -246,7 +258,7 @@ SUMMARY = (("added_ttft_p50_ms", "added TTFT p50 ms", 2), ("added_ttft_p99_ms", 
            ("router_cpu_s_per_1k", "proxy CPU s / 1k tok", 3))
 
 
-def write_results(rows: list[dict[str, object]], resident: Resident, scenarios: Sequence[Scenario], version: str,
+def write_results(rows: list[dict[str, object]], outcome: Outcome, scenarios: Sequence[Scenario], version: str,
                   started: datetime, elapsed_s: float, repetitions: int, load_before: tuple[float, float, float]
                   ) -> str:
     RESULTS.mkdir(exist_ok=True)
@@ -254,14 +266,14 @@ def write_results(rows: list[dict[str, object]], resident: Resident, scenarios: 
         writer = csv.DictWriter(out, fieldnames=DETAIL)
         writer.writeheader()
         writer.writerows(rows)
-    text = reading(rows, resident, scenarios)
+    text = reading(rows, outcome, scenarios)
     summary = [[s.name, TITLES[arm], *(spread(rows, s, arm, key).text(digits) for key, _, digits in SUMMARY)]
                for s in scenarios for arm in PROXIES]
     lines = [
         "# A peer: quantrouter and LiteLLM's proxy in front of the same backend", "",
         f"Run {started:%Y-%m-%d %H:%M %Z} on {describe()}, LiteLLM {version}; {elapsed_s:.0f} s in all; load average "
         f"before the run {', '.join(f'{x:.2f}' for x in load_before)}. Regenerate with `python -m bench.peer "
-        "--litellm PATH` (bench/peer.py explains the method).", "",
+        "[--litellm PATH]` (bench/peer.py explains the method).", "",
         f"**Reading (generated from this run's figures).** {text}", "",
         "## Summary", "",
         f"Median over {repetitions} repetitions [min – max]. Each arm gets ≥ 200 requests a repetition, the arms in "
@@ -270,7 +282,8 @@ def write_results(rows: list[dict[str, object]], resident: Resident, scenarios: 
         "its gRPC `Generate`, LiteLLM through its OpenAI-compatible `/v1/chat/completions` (server-sent events) "
         "with an `ollama/` model. TTFT is from the call to the first text; added TTFT is the proxy's quantile "
         "minus direct's in the same repetition. Tok/s counts the tokens the backend reported over the rounds' "
-        "wall time. Proxy CPU is utime + stime of the proxy's process. "
+        "wall time. Proxy CPU is utime + stime of the proxy's process (the csv's `router_cpu_s_per_1k`, named as "
+        "in bench/overhead.py: LiteLLM's process on its rows, the idle router's on direct's). "
         f"`{PACED}`: the fixture at {PACED_TOKENS_PER_S:.0f} tok/s a stream; `{CANNED}`: as fast as it can write.", "",
         *_table(("scenario", "proxy", *(title for _, title, _ in SUMMARY)), summary), "",
         "## Every repetition", "", *_table(DETAIL, [[row[key] for key in DETAIL] for row in rows]), "",
@@ -304,8 +317,8 @@ def main() -> None:
     chosen = [replace(s, per_stream=max(1, s.per_stream // 10)) for s in SCENARIOS] if args.quick else SCENARIOS
     repetitions = 1 if args.quick else REPETITIONS
     with tempfile.TemporaryDirectory(prefix="quantrouter-peer-") as logs:
-        rows, resident = asyncio.run(measure(chosen, repetitions, executable, Path(logs)))
-    write_results(rows, resident, SCENARIOS, litellm_version(executable), started, time.monotonic() - clock,
+        rows, outcome = asyncio.run(measure(chosen, repetitions, executable, Path(logs)))
+    write_results(rows, outcome, SCENARIOS, litellm_version(executable), started, time.monotonic() - clock,
                   repetitions, load_before)
     print((RESULTS / "peer.md").read_text())
 
