@@ -80,6 +80,10 @@ LITELLM_MODEL = "canned"
 # No network at start (its cost map ships with the package), no per-request logging on the hot path.
 LITELLM_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR", "LITELLM_MODE": "PRODUCTION"}
 LITELLM_READY = r"Uvicorn running on (http://\S+)"
+# Uvicorn, which serves LiteLLM's proxy, closes a connection idle for 5 s (its --timeout-keep-alive default);
+# between an arm's rounds the client's pooled connections idle longer, and one reused as the server closes it
+# fails (ServerDisconnectedError). The client lets go first.
+CLIENT_KEEPALIVE_S = 2.0
 # Where the README installs the `peer` extra: a virtualenv of its own beside the project's.
 PEER_VENV_LITELLM = Path(__file__).parent.parent / ".venv-peer" / "bin" / LITELLM
 INSTALL_HINT = ("Install the `peer` extra in its own virtualenv: python3 -m venv .venv-peer && "
@@ -149,7 +153,8 @@ async def peer_arms(backend: Service, router: Service, litellm: Service, scenari
                     ) -> AsyncIterator[dict[str, Callable[[], Awaitable[Sample]]]]:
     async with (arms_for(backend, router, scenario) as requests,
                 aiohttp.ClientSession(litellm.address, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
-                                      connector=aiohttp.TCPConnector(limit=0)) as session):
+                                      connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=CLIENT_KEEPALIVE_S)
+                                      ) as session):
         yield {**requests, LITELLM: lambda: litellm_request(session, scenario)}
 
 
