@@ -156,6 +156,22 @@ async def test_a_stream_is_its_decision_then_text_then_the_measured_completion(
     assert router.in_flight == 0
 
 
+async def test_the_candidate_table_is_kept_until_a_completion_or_a_catalog_change(
+        make_router: Callable[..., Awaitable[Router]]) -> None:
+    """A family's candidates are built once per catalog and speed snapshot, and what a completed request measured
+    or a new catalog says shows in the very next request's candidates."""
+    router = await make_router()
+    catalog = router.inventory.snapshot
+    first = router.candidates(catalog, FAMILY)
+    assert all(a is b for a, b in zip(first, router.candidates(catalog, FAMILY), strict=True)), "built once"
+    assert all(c.variant.resident and not c.speed.measured for c in first)
+    await _events(router)  # QUALITY: a completion on Q8
+    measured = {c.variant.tag: c.speed.measured for c in router.candidates(catalog, FAMILY)}
+    assert measured == {Q8: True, Q5: False, Q4: False}
+    evicted = catalog.with_residency({})
+    assert not any(c.variant.resident for c in router.candidates(evicted, FAMILY))
+
+
 @pytest.mark.parametrize(("status", "reason"), [(404, "VARIANT_MISSING"), (500, "BACKEND_FAILED"),
                                                 (503, "BACKEND_BUSY")])
 async def test_a_variant_failing_before_its_first_token_falls_back_once(
