@@ -86,7 +86,7 @@ def measure(client: ollama.Client, entry: LadderEntry, runs: int, tokens: int, t
         decode.append((result.eval_count or 0) / (result.eval_duration or 1) * NS_PER_S)
         prompt.append((result.prompt_eval_count or 0) / (result.prompt_eval_duration or 1) * NS_PER_S)
         loads.append((result.load_duration or 0) * MS_PER_NS)
-        answer = result.response
+        answer = result.response or ""
     client.generate(model=tag, prompt="", keep_alive=0)
     return Row(tag, entry.size / MiB, loads[0], decode, prompt, answer, measure_bare(entry.path, runs, tokens, threads))
 
