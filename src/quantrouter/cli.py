@@ -43,6 +43,8 @@ DEMO_TOKENS = 96
 # Ollama's own default (-1) generates until the model stops, which a base model may never do: a first
 # `generate` on gemma3:270m ran 4,089 tokens for two minutes. A few paragraphs, unless asked for more.
 DEFAULT_NUM_PREDICT = 256
+# Commands that run a router: their parser leaves out the extras' commands (build_parser).
+SERVING_COMMANDS = ("serve", "epp")
 
 
 def _settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -118,7 +120,9 @@ def _routing_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, help="deadline in seconds")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extras: bool = True) -> argparse.ArgumentParser:
+    """The whole CLI; without `extras`, no `embedded` or tool commands, whose imports (aiohttp, numpy, gguf,
+    llama.cpp's helpers) would stay resident in every router process that never uses them."""
     parser = argparse.ArgumentParser(
         prog="quantrouter",
         description="A quantization-aware gRPC router in front of Ollama: for each request it picks the "
@@ -196,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     _client_flags(variants)
     variants.set_defaults(func=_variants)
 
+    if not extras:
+        return parser
     try:
         from quantrouter.embedded.cli import add_embedded_commands
     except ImportError as error:  # the production image has no llama.cpp: say how to get it
@@ -374,8 +380,9 @@ def _needs_extra(extra: str, reason: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(extras=not arguments or arguments[0] not in SERVING_COMMANDS)
+    args = parser.parse_args(arguments)
     try:
         settings = _load(args)
     except ConfigError as error:

@@ -1,4 +1,5 @@
-"""`quantrouter generate`, `route` and `variants` are client commands: they do not load the server.
+"""`quantrouter generate`, `route` and `variants` are client commands: they do not load the server; `serve`
+does not load the extras.
 
 Each runs in a fresh interpreter against a port nobody listens on, so the command really parses its
 arguments, dials and fails (UNAVAILABLE), and the modules it loaded on the way are what it costs.
@@ -43,3 +44,31 @@ def test_client_commands_do_not_import_the_server(command: tuple[str, ...]) -> N
     assert result.returncode == 1, result.stderr
     assert "UNAVAILABLE" in result.stderr
     assert result.stdout.split() == []
+
+
+# What only the extras' commands need (embedded llama.cpp, tools, Kubernetes discovery, plots): never resident in
+# a router process, where each would cost memory for nothing.
+EXTRAS = ("aiohttp", "numpy", "gguf", "llama_cpp", "matplotlib", "tqdm", "lightkube", "quantrouter.embedded",
+          "quantrouter.tools")
+
+SERVE_PROBE = (
+    "import logging, os, sys\n"
+    "from quantrouter.cli import main\n"
+    "class Probe(logging.Handler):\n"
+    "    def emit(self, record):\n"
+    "        if record.getMessage().startswith('quantrouter serving on port'):\n"
+    f"            print('serving', *(m for m in {EXTRAS!r} if m in sys.modules), flush=True)\n"
+    "            os._exit(0)\n"
+    "logging.getLogger('quantrouter.server').addHandler(Probe())\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def test_serve_does_not_import_the_extras() -> None:
+    """A real router (its backend unreachable: it starts anyway, NOT_SERVING), asked once it serves; the probe
+    then ends the process at once (it is a probe, not a shutdown test)."""
+    result = subprocess.run([sys.executable, "-c", SERVE_PROBE, "serve", "--grpc-address", "127.0.0.1:0",
+                             "--metrics-address", "127.0.0.1:0", "--ollama-host", f"127.0.0.1:{_closed_port()}",
+                             "--memory-capacity", "8GiB"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["serving"]
