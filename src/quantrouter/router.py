@@ -11,10 +11,12 @@ The router is typed against two seams: a `Backend` (backend.py; `OllamaBackend` 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -132,6 +134,30 @@ def failure_of(decision: Decision) -> QuantrouterError:
     if decision.failure is FailureKind.EMPTY:
         return ModelNotFound(decision.reason, metadata=metadata)
     return ConstraintsUnsatisfiable(decision.reason, metadata=metadata)
+
+
+async def _sent_while(decision: Decision, relay: AsyncGenerator[str | Completion, None]
+                      ) -> AsyncGenerator[Decision | str | Completion, None]:
+    """`decision`, then `relay`'s items; the backend request starts while the decision is being sent.
+
+    Sending a message waits on gRPC's completion queue (a thread hop), and the request to the backend waits
+    on the network: overlapped, the first token is not held behind the decision. Only the first item is asked
+    for early, and if the caller stops here that read is cancelled and the relay closed before this returns,
+    so nothing runs on for a client that is gone.
+    """
+    first = asyncio.ensure_future(anext(relay, None))
+    try:
+        yield decision
+        item = await first
+        while item is not None:
+            yield item
+            item = await anext(relay, None)
+    finally:
+        if not first.done():
+            first.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await first
+        await relay.aclose()
 
 
 class Router:
@@ -272,19 +298,20 @@ class Router:
             fallback_used = False
             while True:
                 variant = self._chosen_variant(decision)
-                yield decision
                 chosen = decision.chosen
                 assert chosen is not None
                 work = _Work(variant.tag, chosen.expected_seconds - chosen.queue_seconds, request.num_predict)
+                relay = _sent_while(decision, self._forward(variant, job, work, cold=not variant.resident))
                 try:
-                    async for item in self._forward(variant, job, work, cold=not variant.resident):
-                        if isinstance(item, Completion):
-                            item = replace(item, time_to_first_token=(first_token or self._clock()) - started)
-                        elif first_token is None:
-                            first_token = self._clock()
-                            self.metrics.first_token(family, variant.tag, request.preference.value,
-                                                     first_token - started)
-                        yield item
+                    async with aclosing(relay):  # closed here, not whenever it is collected, if the caller leaves
+                        async for item in relay:
+                            if isinstance(item, Completion):
+                                item = replace(item, time_to_first_token=(first_token or self._clock()) - started)
+                            elif isinstance(item, str) and first_token is None:
+                                first_token = self._clock()
+                                self.metrics.first_token(family, variant.tag, request.preference.value,
+                                                         first_token - started)
+                            yield item
                     return
                 except _FALLBACK_ERRORS as error:
                     if error.started or fallback_used:
@@ -319,7 +346,7 @@ class Router:
         return variant
 
     async def _forward(self, variant: VariantInfo, job: Job, work: _Work,
-                       cold: bool) -> AsyncIterator[str | Completion]:
+                       cold: bool) -> AsyncGenerator[str | Completion, None]:
         """Relay one variant's stream. Residency changes only when a stream loads a model (and may evict
         others) or fails, so only those ask the inventory for an early `/api/ps`: one per request would put
         a backend call and a catalog rebuild behind every warm stream."""

@@ -312,3 +312,20 @@ async def test_a_cancelled_stream_releases_its_slot_and_counts_as_cancelled(
     assert router.in_flight == 0
     assert _sample(router, "quantrouter_requests_total", model_name=FAMILY, target_model_name=Q8,
                    quantization="Q8_0", preference="quality", code="CANCELLED") == 1
+
+
+async def test_the_backend_request_starts_while_the_decision_is_out_and_ends_with_the_stream(
+        canned: Canned, make_router: Callable[..., Awaitable[Router]]) -> None:
+    """The first token is not held behind sending the decision; a caller gone at the decision leaves nothing."""
+    router = await make_router()
+    stream = router.stream(_request(), JOB)
+    assert isinstance(await anext(stream), Decision)  # the caller holds the decision and asks for nothing more
+    async with asyncio.timeout(10):
+        while not canned.calls:
+            await asyncio.sleep(0.01)
+    assert canned.calls == [Q8]
+    assert router.in_flight_variants == {Q8: 1}
+    await stream.aclose()
+    assert router.in_flight == 0 and router.in_flight_variants == {} and router.backlog_seconds() == 0
+    assert _sample(router, "quantrouter_requests_total", model_name=FAMILY, target_model_name=Q8,
+                   quantization="Q8_0", preference="quality", code="CANCELLED") == 1
