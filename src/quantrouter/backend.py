@@ -1,24 +1,23 @@
 """Ollama over the official `ollama.AsyncClient`: catalog calls, streamed generation, error translation.
 
-This is where `ollama` and `httpx` errors become ours: `translated` turns them into the
+This is where `ollama`, `httpx` and `aiohttp` errors become ours: `translated` turns them into the
 quantrouter.errors tree in one place (the quantization tools reuse it for `create` and `logprobs`).
-Streamed responses are read by `_BatchingClient`: the `ollama` client builds every request, and each
-read off the socket becomes one batch of plain dicts, so the text of the chunks that arrived together
-leaves as one piece (one gRPC message, not one per token) and no pydantic model is built per chunk.
-Nothing is read before the consumer asks for the next piece, so a cancelled gRPC call closes the HTTP
-response (in a `finally`) and Ollama stops generating.
+Streamed responses are read by `_BatchingClient`: the `ollama` client builds every request, aiohttp carries
+the streamed ones, and each read off the socket becomes one batch of plain dicts, so the text of the chunks
+that arrived together leaves as one piece (one gRPC message, not one per token) and no pydantic model is
+built per chunk. Nothing is read before the consumer asks for the next piece, so a cancelled gRPC call
+closes the HTTP response (in a `finally`) and Ollama stops generating.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import aclosing, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
+from json import JSONDecodeError, loads
 from typing import Any, Literal, Protocol, cast
 
+import aiohttp
 import httpx
 import ollama
 
@@ -37,8 +36,8 @@ from quantrouter.errors import (
 __all__ = ["Backend", "Final", "ListedModel", "OllamaBackend", "ResidentModel", "ShownModel", "Text", "ollama_client",
            "translated"]
 
-# A piece of relayed text stops growing here even if more is buffered (one gRPC message stays small).
-MAX_PIECE_BYTES = 64 * 1024
+# An idle streaming connection closes after this long (aiohttp's pool checks about this often, too).
+STREAM_KEEPALIVE_S = 5.0
 # Ollama answers 503 when its queue is full (server/sched.go ErrMaxQueue); clients should back off.
 BUSY_RETRY_AFTER_S = 1.0
 # A request body goes out in one piece; this only bounds a stalled socket.
@@ -123,12 +122,12 @@ def translated(tag: str = "", started: bool = False) -> Iterator[None]:
         yield
     except ollama.ResponseError as error:
         raise _from_response(error, tag, started) from None
-    except (ConnectionError, httpx.ConnectError) as error:
+    except (ConnectionError, httpx.ConnectError, aiohttp.ClientConnectorError) as error:
         raise _mark(BackendUnavailable(f"the backend is unreachable: {error}"), started) from None
-    except httpx.TimeoutException as error:
+    except (httpx.TimeoutException, aiohttp.ServerTimeoutError) as error:
         raise _mark(BackendTimeout(f"the backend did not answer in time ({type(error).__name__})"),
                     started) from None
-    except (httpx.TransportError, json.JSONDecodeError) as error:
+    except (httpx.TransportError, aiohttp.ClientError, JSONDecodeError) as error:
         raise _mark(BackendFailed(f"the backend connection broke: {type(error).__name__}: {error}"),
                     started) from None
 
@@ -198,75 +197,62 @@ def _chat_text(part: Mapping[str, Any]) -> str:
 _Batches = AsyncIterator[list[dict[str, Any]]]
 
 
-async def _next_or_none(chunks: AsyncIterator[bytes]) -> bytes | None:
-    return await anext(chunks, None)
-
-
-async def _arrived(chunks: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
-    """The bytes of `chunks` (httpx's body: one item per HTTP chunk), joined while each next one is there at once.
-
-    httpx hands out each HTTP chunk alone even when one socket read brought many. After a chunk, the next
-    one is asked for in a task that gets one turn of the loop: done by then, it was already buffered and
-    joins the piece; otherwise the piece goes out, and that read, which waits on the network, is where the
-    next piece starts. So the bytes are never more than one read ahead of the consumer, and when the consumer
-    closes this generator the waiting read is cancelled (closing the response) before it returns.
-    """
-    waiting: asyncio.Task[bytes | None] | None = None
-    try:
-        while True:
-            data = await (waiting if waiting is not None else _next_or_none(chunks))
-            waiting = None
-            if data is None:
-                return
-            while len(data) < MAX_PIECE_BYTES:
-                following = asyncio.ensure_future(_next_or_none(chunks))
-                await asyncio.sleep(0)  # one turn: a buffered chunk completes in it, a network read does not
-                if not following.done():
-                    waiting = following
-                    break
-                more = following.result()
-                if more is None:
-                    yield data
-                    return
-                data += more
-            yield data
-    finally:
-        if waiting is not None:  # the consumer stopped: what the read brings, or how it failed, no longer matters
-            waiting.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await waiting
-
-
 class _BatchingClient(ollama.AsyncClient):
-    """`ollama.AsyncClient` whose streamed calls yield lists of parsed NDJSON chunks, one list per piece.
+    """`ollama.AsyncClient` whose streamed calls go over aiohttp and yield lists of parsed NDJSON chunks.
 
-    The client's own streaming parses each line into a pydantic model and yields it alone; here what has
-    arrived together (`_arrived`) is split into lines and parsed with `json`. Non-streamed calls are the
-    client's own.
+    The client builds every request (its body, its headers); non-streamed calls are its own, over httpx. A
+    streamed one is sent with aiohttp instead: its C HTTP parser and pool cost about a quarter of httpx's CPU
+    per request and per chunk (measured: bench/results/overhead.md). Each read hands over everything that has
+    arrived (`iter_any`), which is split into lines and parsed with `json`, so the chunks that came together
+    leave as one batch and no pydantic model is built per chunk. Nothing is read before the consumer asks, so
+    a consumer that stops closes the response, and with it the connection: Ollama stops generating.
     """
+
+    def __init__(self, host: str, timeout: httpx.Timeout, **kwargs: Any) -> None:
+        super().__init__(host=host, timeout=timeout, **kwargs)
+        self._base_url = str(self._client.base_url).rstrip("/")
+        self._headers = dict(self._client.headers)
+        self._stream_timeout = aiohttp.ClientTimeout(sock_connect=timeout.connect, sock_read=timeout.read)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _streams(self) -> aiohttp.ClientSession:
+        """Made at the first stream, inside the running loop (aiohttp binds a session to it)."""
+        if self._session is None:
+            # No limit: the router's max_in_flight bounds the streams. No proxy or netrc from the environment:
+            # aiohttp looks each up per request in a worker thread, two executor hops before every stream.
+            self._session = aiohttp.ClientSession(
+                timeout=self._stream_timeout, trust_env=False,
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=STREAM_KEEPALIVE_S))
+        return self._session
+
+    async def close(self) -> None:
+        await super().close()  # type: ignore[no-untyped-call]
+        if self._session is not None:
+            await self._session.close()
 
     async def _request(self, cls: Any, *args: Any, stream: bool = False, **kwargs: Any) -> Any:
         if not stream:
             return await super()._request(cls, *args, stream=False, **kwargs)
         return self._batches(*args, **kwargs)
 
-    async def _batches(self, *args: Any, **kwargs: Any) -> _Batches:
-        async with self._client.stream(*args, **kwargs) as response:
-            if response.is_error:
-                await response.aread()
-                raise ollama.ResponseError(response.text, response.status_code)
+    async def _batches(self, method: str, path: str, *, json: Any) -> _Batches:
+        """The client streams only `generate` and `chat` (and `pull`, `push`, `create`, unused by the router),
+        each a method, a path and a JSON body."""
+        async with self._streams().request(method, self._base_url + path, json=json,
+                                           headers=self._headers) as response:
+            if response.status >= 400:
+                raise ollama.ResponseError(await response.text(), response.status)
             pending = b""
-            async with aclosing(_arrived(response.aiter_bytes())) as pieces:
-                async for data in pieces:
-                    *lines, pending = (pending + data).split(b"\n")
-                    parts = [json.loads(line) for line in lines if line.strip()]
-                    for part in parts:
-                        if error := part.get("error"):
-                            raise ollama.ResponseError(error)
-                    if parts:
-                        yield parts
+            async for data in response.content.iter_any():
+                *lines, pending = (pending + data).split(b"\n")
+                parts = [loads(line) for line in lines if line.strip()]
+                for part in parts:
+                    if error := part.get("error"):
+                        raise ollama.ResponseError(error)
+                if parts:
+                    yield parts
             if pending.strip():
-                raise json.JSONDecodeError("the stream ended inside a line", pending.decode(errors="replace"), 0)
+                raise JSONDecodeError("the stream ended inside a line", pending.decode(errors="replace"), 0)
 
 
 def _format(text: str) -> Literal["", "json"] | None:

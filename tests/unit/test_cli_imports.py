@@ -48,7 +48,7 @@ def test_client_commands_do_not_import_the_server(command: tuple[str, ...]) -> N
 
 # What only the extras' commands need (embedded llama.cpp, tools, Kubernetes discovery, plots): never resident in
 # a router process, where each would cost memory for nothing.
-EXTRAS = ("aiohttp", "numpy", "gguf", "llama_cpp", "matplotlib", "tqdm", "lightkube", "quantrouter.embedded",
+EXTRAS = ("numpy", "gguf", "llama_cpp", "matplotlib", "tqdm", "lightkube", "quantrouter.embedded",
           "quantrouter.tools")
 
 SERVE_PROBE = (

