@@ -1,8 +1,9 @@
 """Load: hundreds of concurrent Generate streams through the router to the embedded llama.cpp backend,
 and a burst of 1,000 at once to the canned Ollama fixture.
 
-Run: `python -m bench load` (or `python bench/load.py`). The router runs as its own process
-(`quantrouter serve`), so its CPU time, memory and sockets are read from /proc/<pid> alone.
+Run: `python -m bench load` (or `python -m bench.load`; `python -m bench.load --burst` runs the burst alone).
+The router runs as its own process (`quantrouter serve`), so its CPU time, memory and sockets are read from
+/proc/<pid> alone.
 
 The burst (bench/results/load-1000.md) starts 1,000 streams at once, with no retries, against a router
 capped at 512 in flight in front of the canned fixture at 50 tok/s a stream: each must complete or be
@@ -35,6 +36,7 @@ import grpc
 
 from bench.fixtures.canned_ollama import FAMILY as CANNED_FAMILY
 from bench.machine import describe
+from quantrouter.backend import STREAM_KEEPALIVE_S
 from quantrouter.client import error_details
 from quantrouter.config import default_cache_dir
 from quantrouter.embedded import EmbeddedConfig, prepare_ladder, run_embedded_in_thread
@@ -187,8 +189,9 @@ BURST_CAPS = {"QUANTROUTER_MAX_IN_FLIGHT": "512", "QUANTROUTER_MAX_IN_FLIGHT_PER
               "QUANTROUTER_MEMORY_CAPACITY": "80GiB"}
 BURST_TOKENS = 32
 BURST_TOKENS_PER_S = 4.0  # 8 s a stream: the burst outlasts its own start, so the cap is reached
-# httpx closes a pooled connection idle this long at the pool's next use (its keepalive_expiry default).
-POOL_EXPIRY_S = 5.0
+# The router's streaming pool closes a connection idle for STREAM_KEEPALIVE_S at its next sweep, which comes
+# about that often: twice that, and the backend's sockets are closed.
+POOL_EXPIRY_S = 2 * STREAM_KEEPALIVE_S
 SETTLE_S = 1.0
 
 
@@ -241,7 +244,7 @@ async def one_request(stub: pb_grpc.RouterServiceStub) -> None:
 
 
 async def run_burst(target: str, pid: int) -> tuple[BurstTally, float, Footprint, Footprint, Footprint]:
-    """Warm up, take the baseline, burst, then let the pool's idle connections expire and measure again.
+    """Warm up, let the pool's idle connections expire, take the baseline; burst, one more request, and again.
 
     The streams come from many clients, a connection each (as from many services), each warmed before the
     baseline: hundreds of streams at once on one grpc aio channel end CANCELLED in the client before the
@@ -249,18 +252,16 @@ async def run_burst(target: str, pid: int) -> tuple[BurstTally, float, Footprint
     async with contextlib.AsyncExitStack() as stack:
         stubs = [pb_grpc.RouterServiceStub(await stack.enter_async_context(grpc.aio.insecure_channel(
             target, options=[("grpc.use_local_subchannel_pool", 1)]))) for _ in range(BURST_CLIENTS)]
-        for stub in stubs:
-            await one_request(stub)
-        await asyncio.sleep(SETTLE_S)
+        await asyncio.gather(*(one_request(stub) for stub in stubs))  # at once: one by one takes 8 s each
+        await asyncio.sleep(POOL_EXPIRY_S + SETTLE_S)  # the warm-ups' backend connections close, as after the burst
         before = footprint(pid)
         tally = BurstTally()
         started = time.perf_counter()
         await asyncio.gather(*(burst_stream(stubs[i % BURST_CLIENTS], tally) for i in range(BURST)))
         wall = time.perf_counter() - started
         peak = Footprint(float(memory_peak_mib(pid)), footprint(pid).sockets)
+        await one_request(stubs[0])  # the router still serves after the burst
         await asyncio.sleep(POOL_EXPIRY_S + SETTLE_S)
-        await one_request(stubs[0])  # the pool drops its expired connections when it is next used
-        await asyncio.sleep(SETTLE_S)
         return tally, wall, before, peak, footprint(pid)
 
 
@@ -287,8 +288,9 @@ def burst_report(tally: BurstTally, wall: float, before: Footprint, peak: Footpr
         "Ollama fixture at "
         f"{BURST_TOKENS_PER_S:.0f} tok/s a stream; the router (its own process) caps in-flight streams at "
         f"{BURST_CAPS['QUANTROUTER_MAX_IN_FLIGHT']}. Memory and sockets are the router process's (/proc), before the "
-        f"burst (after one warm-up request) and after it ({POOL_EXPIRY_S + SETTLE_S:.0f} s on, and one more "
-        "request, so that the backend pool closes its expired idle connections).",
+        "burst (after a warm-up request on each client) and after it (after one more request), each time "
+        f"{POOL_EXPIRY_S + SETTLE_S:.0f} s on, by when the router's backend pool has closed its idle connections: "
+        "the clients' connections stay open throughout.",
         f"- Verdict: {verdict} (every stream completed or was refused with RetryInfo, no other error, sockets "
         f"back to the baseline, resident memory within {RSS_TOLERANCE_MIB:.0f} MiB of it).", "",
         "| figure | value |", "|---|---|",
@@ -331,6 +333,8 @@ def burst() -> None:
 
 def main() -> None:
     burst()
+    if "--burst" in sys.argv[1:]:
+        return
     cache_dir = default_cache_dir(os.environ)
     prepare_ladder(cache_dir, progress=False)
     load_before = os.getloadavg()

@@ -45,6 +45,7 @@ from datetime import datetime
 from pathlib import Path
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.fixtures.canned_ollama import FAMILY as CANNED_FAMILY
 from bench.fixtures.canned_ollama import VARIANTS as CANNED_VARIANTS
@@ -156,6 +157,7 @@ class Service:
     name: str
     pid: int
     address: str
+    metrics: str = ""  # a router's metrics port
 
 
 def cpu_seconds(pid: int) -> float:
@@ -184,7 +186,7 @@ def spawned(name: str, argv: Sequence[str], env: Mapping[str, str], ready: str, 
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{name} did not start (exit {process.poll()}):\n{log.read_text()[-2000:]}")
             time.sleep(POLL_S)
-        yield Service(name, process.pid, match.group(1))
+        yield Service(name, process.pid, match.group(1), match.group(2) if match.re.groups > 1 else "")
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -203,7 +205,8 @@ def canned_backend(backend: str, logs: Path) -> contextlib.AbstractContextManage
 def router_for(backend: Service, logs: Path) -> contextlib.AbstractContextManager[Service]:
     argv = [sys.executable, "-m", "quantrouter.cli", "serve", "--grpc-address", "127.0.0.1:0",
             "--metrics-address", "127.0.0.1:0", "--ollama-host", backend.address, "--memory-capacity", CANNED_CAPACITY]
-    return spawned(f"router-{backend.name}", argv, ROUTER_ENV, r"quantrouter serving on port (\d+)", logs)
+    return spawned(f"router-{backend.name}", argv, ROUTER_ENV,
+                   r"quantrouter serving on port (\d+) \(metrics on (\d+)\)", logs)
 
 
 # The arms: each request's time to its first text and the tokens the backend counted.
@@ -293,6 +296,8 @@ def figures(scenario: Scenario, repetition: int, arms: dict[str, Arm]) -> list[d
             "ttft_p50_ms": round(arm.ttft_ms(0.50), 3), "ttft_p99_ms": round(arm.ttft_ms(0.99), 3),
             "tokens_per_s": round(arm.tokens_per_s, 1),
             "router_cpu_s_per_1k": round(1000 * arm.router_cpu_s / arm.tokens, 4) if arm.tokens else float("nan"),
+            "router_cpu_ms_per_request": round(1000 * arm.router_cpu_s / len(arm.samples), 3) if arm.samples
+            else float("nan"),
             "added_ttft_p50_ms": "", "added_ttft_p99_ms": "", "relay_vs_direct": ""}
         if name != DIRECT:
             row |= {"added_ttft_p50_ms": round(arm.ttft_ms(0.50) - direct.ttft_ms(0.50), 3),
@@ -321,9 +326,11 @@ def spread(rows: Sequence[Mapping[str, object]], scenario: Scenario, arm: str, k
 
 SUMMARY = (("added_ttft_p50_ms", "added TTFT p50 ms", 2), ("added_ttft_p99_ms", "added TTFT p99 ms", 2),
            ("tokens_per_s", "router tok/s", 0), ("relay_vs_direct", "tok/s vs direct", 3),
-           ("router_cpu_s_per_1k", "router CPU s / 1k tok", 3))
+           ("router_cpu_s_per_1k", "router CPU s / 1k tok", 3),
+           ("router_cpu_ms_per_request", "router CPU ms / request", 2))
 DETAIL = ("scenario", "repetition", "arm", "requests", "failed", "tokens", "wall_s", "ttft_p50_ms", "ttft_p99_ms",
-          "tokens_per_s", "router_cpu_s_per_1k", "added_ttft_p50_ms", "added_ttft_p99_ms", "relay_vs_direct")
+          "tokens_per_s", "router_cpu_s_per_1k", "router_cpu_ms_per_request", "added_ttft_p50_ms", "added_ttft_p99_ms",
+          "relay_vs_direct")
 
 
 def _table(header: Sequence[str], body: Sequence[Sequence[object]]) -> list[str]:
@@ -336,6 +343,77 @@ class Memory:
     idle_mib: float
     after_mib: float
     peak_mib: float
+
+
+# Where the first token's time goes: the router's own histograms, read before and after the 1-stream rounds.
+ROUTER_TTFT = "quantrouter_time_to_first_token_seconds"
+DECISION = "quantrouter_decision_duration_seconds"
+TIMED = tuple(f"{name}_{part}" for name in (ROUTER_TTFT, DECISION) for part in ("sum", "count"))
+
+
+async def histogram_totals(router: Service) -> Counter[str]:
+    """`_sum` and `_count` of the router's time-to-first-token and decision histograms, every label set added."""
+    async with (aiohttp.ClientSession() as session,
+                session.get(f"http://127.0.0.1:{router.metrics}/metrics") as response):
+        text = await response.text()
+    totals: Counter[str] = Counter()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in TIMED:
+                totals[sample.name] += sample.value
+    return totals
+
+
+@dataclass(frozen=True, slots=True)
+class Timeline:
+    """Means (ms) over the router arm's requests in the 1-stream paced scenario, and the direct arm's TTFT."""
+
+    client_ttft_ms: float  # at the client, through the router
+    router_ttft_ms: float  # inside the router, from its stream's start to the first text it hands to gRPC
+    decide_ms: float
+    direct_ttft_ms: float  # the backend's own, to a direct client
+    router_cpu_ms: float  # all the router's CPU per request, before and after the first token
+
+    def stages(self) -> list[tuple[str, float]]:
+        backend_hop = self.router_ttft_ms - self.decide_ms - self.direct_ttft_ms
+        return [
+            ("gRPC in and out: receive, interceptors, validation, the first text's message, the client's decode",
+             self.client_ttft_ms - self.router_ttft_ms),
+            ("decide() (the policy, with its inputs)", self.decide_ms),
+            ("the backend hop: the HTTP request and the first NDJSON chunk's parse, beyond the backend's own time",
+             backend_hop),
+            ("the backend's own time to first token (the direct arm)", self.direct_ttft_ms)]
+
+
+def timeline_of(results: Sequence[dict[str, Arm]], before: Counter[str], after: Counter[str]) -> Timeline:
+    def mean_ms(name: str) -> float:
+        count = after[f"{name}_count"] - before[f"{name}_count"]
+        return 1000 * (after[f"{name}_sum"] - before[f"{name}_sum"]) / count if count else float("nan")
+
+    def arm_mean_ms(arm: str) -> float:
+        return 1000 * statistics.fmean(sample.ttft_s for arms in results for sample in arms[arm].samples)
+
+    routed = [arms[ROUTER] for arms in results]
+    cpu_ms = 1000 * sum(a.router_cpu_s for a in routed) / sum(len(a.samples) for a in routed)
+    return Timeline(arm_mean_ms(ROUTER), mean_ms(ROUTER_TTFT), mean_ms(DECISION), arm_mean_ms(DIRECT), cpu_ms)
+
+
+def timeline_section(timeline: Timeline) -> list[str]:
+    stages = timeline.stages()
+    added = timeline.client_ttft_ms - timeline.direct_ttft_ms
+    biggest, biggest_ms = max(stages[:-1], key=lambda stage: stage[1])
+    return [
+        f"## Where the first token's time goes ({TTFT_ONE.name})", "",
+        f"Means over every repetition's router requests (ms): the client's time to first text through the router, "
+        f"the router's own `{ROUTER_TTFT}` (from its stream's start to the first text it hands to gRPC) and "
+        f"`{DECISION}`, read from its /metrics before and after these rounds, and the direct arm's time to first "
+        f"text. **Reading (generated).** Of the {added:.2f} ms the router adds on average, the largest part is "
+        f"{biggest.split(':')[0]} ({biggest_ms:.2f} ms); the router spends {timeline.router_cpu_ms:.2f} ms of CPU "
+        "per request in all (first token and the rest), on a machine whose two cores the client, the router and "
+        "the backend share.", "",
+        *_table(("stage", "mean ms"), [[name, f"{ms:.3f}"] for name, ms in stages]
+                + [["at the client, through the router (sum of the above)", f"{timeline.client_ttft_ms:.3f}"]]),
+        ""]
 
 
 def targets_table(rows: Sequence[Mapping[str, object]], memory: Memory) -> list[str]:
@@ -371,8 +449,8 @@ def reading(rows: Sequence[Mapping[str, object]], memory: Memory) -> str:
         "compare the arms within this run, not runs with each other.")
 
 
-def write_results(rows: list[dict[str, object]], memory: Memory, started: datetime, elapsed_s: float,
-                  repetitions: int, load_before: tuple[float, float, float]) -> str:
+def write_results(rows: list[dict[str, object]], memory: Memory, timeline: Timeline | None, started: datetime,
+                  elapsed_s: float, repetitions: int, load_before: tuple[float, float, float]) -> str:
     RESULTS.mkdir(exist_ok=True)
     with (RESULTS / "overhead.csv").open("w", newline="") as out:
         writer = csv.DictWriter(out, fieldnames=DETAIL)
@@ -397,6 +475,7 @@ def write_results(rows: list[dict[str, object]], memory: Memory, started: dateti
         f"`{PACED}`: the canned fixture (bench/fixtures/canned_ollama.py) at {PACED_TOKENS_PER_S:.0f} tok/s a stream; "
         f"`{CANNED}`: the same fixture as fast as it can write.", "",
         *_table(("scenario", *(title for _, title, _ in SUMMARY)), summary), "",
+        *(timeline_section(timeline) if timeline else []),
         "## Every repetition", "", *_table(DETAIL, [[row[key] for key in DETAIL] for row in rows]), "",
     ]
     (RESULTS / "overhead.md").write_text("\n".join(lines))
@@ -413,19 +492,25 @@ def update_readme(text: str, started: datetime) -> None:
     README.write_text(readme[:start] + block + readme[end:])
 
 
-async def measure(chosen: Sequence[Scenario], repetitions: int, logs: Path) -> tuple[list[dict[str, object]], Memory]:
+async def measure(chosen: Sequence[Scenario], repetitions: int, logs: Path
+                  ) -> tuple[list[dict[str, object]], Memory, Timeline | None]:
     rows: list[dict[str, object]] = []
     idle, after, peak = [], [], []
+    timeline = None
     for backend_name in (PACED, CANNED):
         with canned_backend(backend_name, logs) as backend, router_for(backend, logs) as router:
             idle.append(memory_mib(router.pid, "VmRSS"))
             for scenario in (s for s in chosen if s.backend == backend_name):
                 print(f"{scenario.name} ...", file=sys.stderr, flush=True)
-                for index, arms in enumerate(await run_scenario(scenario, backend, router, repetitions)):
+                timed = await histogram_totals(router)
+                results = await run_scenario(scenario, backend, router, repetitions)
+                if scenario.name == TTFT_ONE.name:
+                    timeline = timeline_of(results, timed, await histogram_totals(router))
+                for index, arms in enumerate(results):
                     rows += figures(scenario, index, arms)
             after.append(memory_mib(router.pid, "VmRSS"))
             peak.append(memory_mib(router.pid, "VmHWM"))
-    return rows, Memory(max(idle), max(after), max(peak))
+    return rows, Memory(max(idle), max(after), max(peak)), timeline
 
 
 # Profile.
@@ -518,8 +603,8 @@ def main() -> None:
             return
         chosen = [replace(s, per_stream=max(1, s.per_stream // 10)) for s in SCENARIOS] if args.quick else SCENARIOS
         repetitions = 1 if args.quick else REPETITIONS
-        rows, memory = asyncio.run(measure(chosen, repetitions, Path(logs)))
-    text = write_results(rows, memory, started, time.monotonic() - clock, repetitions, load_before)
+        rows, memory, timeline = asyncio.run(measure(chosen, repetitions, Path(logs)))
+    text = write_results(rows, memory, timeline, started, time.monotonic() - clock, repetitions, load_before)
     if not args.quick:
         update_readme(text, started)
     print((RESULTS / "overhead.md").read_text())
