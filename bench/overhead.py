@@ -47,6 +47,7 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+import quantrouter
 from bench.fixtures.canned_ollama import FAMILY as CANNED_FAMILY
 from bench.fixtures.canned_ollama import VARIANTS as CANNED_VARIANTS
 from bench.machine import describe
@@ -541,6 +542,14 @@ def _leaf(frame: str) -> str:
     return re.sub(r"^0x[0-9a-f]+ ", "", frame)
 
 
+def profiled_code() -> str:
+    """Which router code ran: the commit of the checkout `quantrouter` came from, else its directory."""
+    package = Path(quantrouter.__file__).resolve().parent
+    commit = subprocess.run(["git", "-C", str(package), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True)
+    return f"commit {commit.stdout.strip()}" if commit.returncode == 0 else f"the code in {package}"
+
+
 def write_profile(folded: Path, name: str, started: datetime) -> None:
     """Area shares and the top leaves from py-spy's folded stacks (`frame;frame;… count`, root first)."""
     areas: Counter[str] = Counter()
@@ -555,7 +564,8 @@ def write_profile(folded: Path, name: str, started: datetime) -> None:
     busy = sum(areas.values()) - areas[WAITING]
     lines = [
         f"# Router profile ({name}): py-spy on `quantrouter serve` under {RELAY_MANY.streams} unpaced streams", "",
-        f"Run {started:%Y-%m-%d %H:%M %Z} on {describe()}. `python -m bench.overhead --profile {name}` attaches "
+        f"Run {started:%Y-%m-%d %H:%M %Z} on {describe()}, profiling the router at {profiled_code()}. "
+        f"`python -m bench.overhead --profile {name}` attaches "
         f"py-spy (`record --native`, {PROFILE_RATE} samples/s, every thread) to the router while it relays "
         f"{PROFILE_ROUNDS} rounds of `{RELAY_MANY.name}` (router arm only). A sample counts towards the innermost "
         "frame from a known package; samples blocked in epoll, poll or a lock are waiting, not work.", "",
