@@ -519,7 +519,9 @@ async def measure(chosen: Sequence[Scenario], repetitions: int, logs: Path
 HTTP = "httpx / httpcore / h11 / anyio (the ollama client's transport)"
 GRPC_CORE = "grpc core (Cython and C: per-message send and receive)"
 # Where a sample's time goes: the innermost frame whose location names one of these.
+AIOHTTP = "aiohttp / yarl / multidict (the streamed backend calls)"
 AREAS = (("grpc/_cython", GRPC_CORE), ("grpc/", "grpc aio (Python)"), ("ollama/", "ollama client"),
+         ("aiohttp/", AIOHTTP), ("yarl/", AIOHTTP), ("multidict/", AIOHTTP),
          ("pydantic", "pydantic (the ollama client's models)"), ("httpx/", HTTP), ("httpcore/", HTTP),
          ("h11/", HTTP), ("anyio/", HTTP), ("json/", "json (NDJSON parsing)"), ("_message", "protobuf"),
          ("google/protobuf", "protobuf"), ("prometheus_client/", "prometheus_client"),
@@ -550,7 +552,7 @@ def profiled_code() -> str:
     return f"commit {commit.stdout.strip()}" if commit.returncode == 0 else f"the code in {package}"
 
 
-def write_profile(folded: Path, name: str, started: datetime) -> None:
+def write_profile(folded: Path, arm: Arm, name: str, started: datetime) -> None:
     """Area shares and the top leaves from py-spy's folded stacks (`frame;frame;… count`, root first)."""
     areas: Counter[str] = Counter()
     leaves: Counter[tuple[str, str]] = Counter()
@@ -568,7 +570,10 @@ def write_profile(folded: Path, name: str, started: datetime) -> None:
         f"`python -m bench.overhead --profile {name}` attaches "
         f"py-spy (`record --native`, {PROFILE_RATE} samples/s, every thread) to the router while it relays "
         f"{PROFILE_ROUNDS} rounds of `{RELAY_MANY.name}` (router arm only). A sample counts towards the innermost "
-        "frame from a known package; samples blocked in epoll, poll or a lock are waiting, not work.", "",
+        "frame from a known package; samples blocked in epoll, poll or a lock are waiting, not work. Meanwhile "
+        f"the router relayed {arm.tokens:,} tokens of {len(arm.samples)} requests at {arm.tokens_per_s:,.0f} tok/s "
+        f"and spent {1000 * arm.router_cpu_s / arm.tokens:.3f} CPU-seconds per 1,000 tokens (py-spy's sampling "
+        "included).", "",
         f"## Share of the router's busy samples by area ({busy} busy of {sum(areas.values())})", "",
         *_table(("area", "samples", "share of busy"),
                 [[area, n, f"{n / busy:.0%}" if area != WAITING else "—"] for area, n in areas.most_common()]), "",
@@ -580,7 +585,7 @@ def write_profile(folded: Path, name: str, started: datetime) -> None:
     (RESULTS / f"overhead-profile-{name}.md").write_text("\n".join(lines))
 
 
-async def profile(logs: Path) -> Path:
+async def profile(logs: Path) -> tuple[Path, Arm]:
     """py-spy (the `bench` extra) attached to a router relaying the unpaced 16-stream rounds."""
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if spy is None:
@@ -589,14 +594,15 @@ async def profile(logs: Path) -> Path:
     with canned_backend(CANNED, logs) as backend, router_for(backend, logs) as router:
         recorder = subprocess.Popen([spy, "record", "--pid", str(router.pid), "--native", "--rate", str(PROFILE_RATE),
                                      "--format", "raw", "--output", str(folded)], stdout=subprocess.DEVNULL)
+        arm = Arm()
         try:
             async with arms_for(backend, router, RELAY_MANY) as requests:
                 for _ in range(PROFILE_ROUNDS):
-                    await run_round(requests[ROUTER], RELAY_MANY, Arm(), router.pid)
+                    await run_round(requests[ROUTER], RELAY_MANY, arm, router.pid)
         finally:
             recorder.send_signal(signal.SIGINT)  # py-spy writes its output when interrupted
             recorder.wait(STOP_TIMEOUT_S)
-    return folded
+    return folded, arm
 
 
 def main() -> None:
@@ -608,7 +614,7 @@ def main() -> None:
     started, clock, load_before = datetime.now().astimezone(), time.monotonic(), os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="quantrouter-overhead-") as logs:
         if args.profile:
-            write_profile(asyncio.run(profile(Path(logs))), args.profile, started)
+            write_profile(*asyncio.run(profile(Path(logs))), args.profile, started)
             print((RESULTS / f"overhead-profile-{args.profile}.md").read_text())
             return
         chosen = [replace(s, per_stream=max(1, s.per_stream // 10)) for s in SCENARIOS] if args.quick else SCENARIOS
