@@ -269,7 +269,8 @@ def ollama_client(settings: BackendSettings,
     # httpx's default pool (100 connections) would queue streams past 100 and time them out after `pool`
     # seconds; the router's max_in_flight already bounds how many streams are open.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    return kind(host=settings.host, timeout=timeout, limits=limits)
+    # Certificates only for https: loading the CA bundle costs every process ~0.7 MiB for plain http.
+    return kind(host=settings.host, timeout=timeout, limits=limits, verify=settings.host.startswith("https://"))
 
 
 class OllamaBackend:
