@@ -147,6 +147,7 @@ async def _sent_while(decision: Decision, relay: AsyncGenerator[str | Completion
     """
     first = asyncio.ensure_future(anext(relay, None))
     try:
+        await asyncio.sleep(0)  # one turn: the request is written before the decision's message is built
         yield decision
         item = await first
         while item is not None:
