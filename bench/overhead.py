@@ -428,6 +428,30 @@ def targets_table(rows: Sequence[Mapping[str, object]], memory: Memory) -> list[
     return _table(("target (issue 13)", "median [min – max] over repetitions", "verdict"), body)
 
 
+def budget_reading(rows: Sequence[Mapping[str, object]]) -> str:
+    """Why each unmet target is out of reach here, from the run's own CPU figures (empty when all are met)."""
+    def median(scenario: Scenario, key: str, arm: str = ROUTER) -> float:
+        return spread(rows, scenario, arm, key).median
+
+    why = {
+        TARGETS[0]: f"the router spends {median(TTFT_ONE, 'router_cpu_ms_per_request'):.2f} ms of CPU on each "
+                    f"{TTFT_ONE.num_predict}-token request ({median(TTFT_ONE, 'router_cpu_s_per_1k'):.3f} CPU-s per "
+                    "1,000 tokens; the timeline below splits the first token's time), against a 1 ms budget",
+        TARGETS[1]: f"{TTFT_MANY.streams} streams at {PACED_TOKENS_PER_S:.0f} tok/s are "
+                    f"{TTFT_MANY.streams * PACED_TOKENS_PER_S:,.0f} messages a second; at "
+                    f"{median(TTFT_MANY, 'router_cpu_s_per_1k'):.3f} CPU-s per 1,000 tokens the router alone needs "
+                    f"{TTFT_MANY.streams * PACED_TOKENS_PER_S * median(TTFT_MANY, 'router_cpu_s_per_1k') / 1000:.2f} "
+                    "of a core, on two cores it shares with the client and the backend, so tokens queue for a CPU",
+        TARGETS[3]: f"the backend itself delivers {median(RELAY_MANY, 'tokens_per_s', DIRECT):,.0f} tok/s to a direct "
+                    f"client on these cores, the ceiling of any relay here; at "
+                    f"{median(RELAY_MANY, 'router_cpu_s_per_1k'):.3f} CPU-s per 1,000 tokens one core of its own "
+                    f"would let the router relay {1000 / median(RELAY_MANY, 'router_cpu_s_per_1k'):,.0f} tok/s",
+    }
+    unmet = [f"{target.text}: {text}" for target, text in why.items()
+             if not target.met(median(target.scenario, target.figure))]
+    return "; ".join(unmet) + "." if unmet else ""
+
+
 def reading(rows: Sequence[Mapping[str, object]], memory: Memory) -> str:
     """The prose, every figure taken from `rows`."""
     def of(scenario: Scenario, key: str, digits: int, arm: str = ROUTER) -> str:
@@ -467,6 +491,8 @@ def write_results(rows: list[dict[str, object]], memory: Memory, timeline: Timel
         "(bench/overhead.py explains the method).", "",
         f"**Reading (generated from this run's figures).** {text}", "",
         "## Targets", "", *targets_table(rows, memory), "",
+        *([f"**Why, where a target is not met (generated from this run's CPU figures).** {why}", ""]
+          if (why := budget_reading(rows)) else []),
         "## Summary", "",
         f"Median over {repetitions} repetitions [min – max]. A repetition runs one round an arm and one more in "
         "reverse order (direct, router, router, direct); each arm gets ≥ 200 requests a repetition. TTFT is from "
