@@ -17,6 +17,10 @@ and summarised as the median over repetitions with the min–max range.
 `--profile NAME` instead samples the router with py-spy under the unpaced 16-stream scenario and writes
 bench/results/overhead-profile-NAME.md (each area's share of the router's busy samples and a top-N table).
 
+`--baseline DIR` adds a third arm, a router run from the quantrouter package in DIR (say, `git archive main
+src` unpacked, with the generated protobuf modules), alternating with the others in the same rounds, and a
+section comparing the two routers.
+
 Run: `python -m bench.overhead [--quick]`. Writes bench/results/overhead.md and overhead.csv, and the
 overhead figures in README.md between its `overhead` markers; every sentence of the reading is built from
 this run's figures.
@@ -58,7 +62,7 @@ RESULTS = Path(__file__).parent / "results"
 README = Path(__file__).parent.parent / "README.md"
 README_START, README_END = "<!-- overhead:start -->", "<!-- overhead:end -->"
 PROMPT = "Why is the sky blue?"
-DIRECT, ROUTER = "direct", "router"
+DIRECT, ROUTER, BASELINE = "direct", "router", "baseline"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
@@ -203,10 +207,12 @@ def canned_backend(backend: str, logs: Path) -> contextlib.AbstractContextManage
                              "--tokens-per-second", str(rate)], {}, r"(http://\S+)", logs)
 
 
-def router_for(backend: Service, logs: Path) -> contextlib.AbstractContextManager[Service]:
+def router_for(backend: Service, logs: Path, source: Path | None = None) -> contextlib.AbstractContextManager[Service]:
+    """A router in front of `backend`: this checkout's, or the quantrouter package under `source` (a baseline)."""
     argv = [sys.executable, "-m", "quantrouter.cli", "serve", "--grpc-address", "127.0.0.1:0",
             "--metrics-address", "127.0.0.1:0", "--ollama-host", backend.address, "--memory-capacity", CANNED_CAPACITY]
-    return spawned(f"router-{backend.name}", argv, ROUTER_ENV,
+    env = {**ROUTER_ENV, "PYTHONPATH": str(source)} if source else ROUTER_ENV
+    return spawned(f"{BASELINE if source else ROUTER}-{backend.name}", argv, env,
                    r"quantrouter serving on port (\d+) \(metrics on (\d+)\)", logs)
 
 
@@ -267,19 +273,25 @@ async def arms_for(backend: Service, router: Service, scenario: Scenario
         yield {DIRECT: lambda: direct_request(direct, scenario), ROUTER: lambda: router_request(routed, scenario)}
 
 
-async def run_scenario(scenario: Scenario, backend: Service, router: Service, repetitions: int
-                       ) -> list[dict[str, Arm]]:
-    """Warm each arm once, then per repetition one round an arm and one more in reverse order."""
+async def run_scenario(scenario: Scenario, backend: Service, router: Service, repetitions: int,
+                       baseline: Service | None = None) -> list[dict[str, Arm]]:
+    """Warm each arm once, then per repetition one round an arm and one more in reverse order. With a
+    `baseline` router, its arm runs too (its CPU is its own; direct's is the idle router's)."""
     results = []
-    async with arms_for(backend, router, scenario) as requests:
+    async with arms_for(backend, router, scenario) as requests, contextlib.AsyncExitStack() as stack:
+        pids = {DIRECT: router.pid, ROUTER: router.pid}
+        if baseline is not None:
+            requests = {**requests, BASELINE: (await stack.enter_async_context(
+                arms_for(backend, baseline, scenario)))[ROUTER]}
+            pids[BASELINE] = baseline.pid
         warmup = replace(scenario, per_stream=1)
-        for request in requests.values():
-            await run_round(request, warmup, Arm(), router.pid)
+        for name, request in requests.items():
+            await run_round(request, warmup, Arm(), pids[name])
         order = list(requests)
         for _ in range(repetitions):
             arms = {name: Arm() for name in order}
             for name in [*order, *reversed(order)]:
-                await run_round(requests[name], scenario, arms[name], router.pid)
+                await run_round(requests[name], scenario, arms[name], pids[name])
             results.append(arms)
     return results
 
@@ -417,6 +429,29 @@ def timeline_section(timeline: Timeline) -> list[str]:
         ""]
 
 
+def baseline_section(rows: Sequence[Mapping[str, object]], source: Path, router_idle_mib: float,
+                     baseline_idle_mib: float) -> list[str]:
+    """This router against the baseline router in the same run, scenario by scenario."""
+    keys = (("added_ttft_p50_ms", 2), ("added_ttft_p99_ms", 2), ("tokens_per_s", 0), ("router_cpu_ms_per_request", 2))
+    body = [[scenario.name, arm, *(spread(rows, scenario, arm, key).text(digits) for key, digits in keys)]
+            for scenario in SCENARIOS for arm in (BASELINE, ROUTER)]
+
+    def pair(scenario: Scenario, key: str, digits: int) -> str:
+        return (f"{spread(rows, scenario, ROUTER, key).median:,.{digits}f} against "
+                f"{spread(rows, scenario, BASELINE, key).median:,.{digits}f}")
+
+    return [
+        f"## Against a baseline router in the same run (`--baseline {source}`)", "",
+        f"**Reading (generated).** In the same rounds as the direct arm, this router adds "
+        f"{pair(TTFT_ONE, 'added_ttft_p50_ms', 2)} ms at p50 with one paced stream and "
+        f"{pair(TTFT_MANY, 'added_ttft_p99_ms', 2)} ms at p99 with {TTFT_MANY.streams}; it relays "
+        f"{pair(RELAY_MANY, 'tokens_per_s', 0)} tok/s over {RELAY_MANY.streams} unpaced streams at "
+        f"{pair(RELAY_MANY, 'router_cpu_ms_per_request', 2)} ms of CPU a request, and holds "
+        f"{router_idle_mib:.1f} against {baseline_idle_mib:.1f} MiB when idle (medians over repetitions).", "",
+        *_table(("scenario", "arm", "added TTFT p50 ms", "added TTFT p99 ms", "tok/s", "router CPU ms / request"),
+                body), ""]
+
+
 def targets_table(rows: Sequence[Mapping[str, object]], memory: Memory) -> list[str]:
     body: list[list[object]] = []
     for target in TARGETS:
@@ -474,8 +509,17 @@ def reading(rows: Sequence[Mapping[str, object]], memory: Memory) -> str:
         "compare the arms within this run, not runs with each other.")
 
 
+@dataclass(frozen=True, slots=True)
+class Baseline:
+    """The baseline router of a run: where its code came from and its idle RSS (MiB)."""
+
+    source: Path
+    idle_mib: float
+
+
 def write_results(rows: list[dict[str, object]], memory: Memory, timeline: Timeline | None, started: datetime,
-                  elapsed_s: float, repetitions: int, load_before: tuple[float, float, float]) -> str:
+                  elapsed_s: float, repetitions: int, load_before: tuple[float, float, float],
+                  baseline: Baseline | None = None) -> str:
     RESULTS.mkdir(exist_ok=True)
     with (RESULTS / "overhead.csv").open("w", newline="") as out:
         writer = csv.DictWriter(out, fieldnames=DETAIL)
@@ -503,6 +547,7 @@ def write_results(rows: list[dict[str, object]], memory: Memory, timeline: Timel
         f"`{CANNED}`: the same fixture as fast as it can write.", "",
         *_table(("scenario", *(title for _, title, _ in SUMMARY)), summary), "",
         *(timeline_section(timeline) if timeline else []),
+        *(baseline_section(rows, baseline.source, memory.idle_mib, baseline.idle_mib) if baseline else []),
         "## Every repetition", "", *_table(DETAIL, [[row[key] for key in DETAIL] for row in rows]), "",
     ]
     (RESULTS / "overhead.md").write_text("\n".join(lines))
@@ -519,25 +564,29 @@ def update_readme(text: str, started: datetime) -> None:
     README.write_text(readme[:start] + block + readme[end:])
 
 
-async def measure(chosen: Sequence[Scenario], repetitions: int, logs: Path
-                  ) -> tuple[list[dict[str, object]], Memory, Timeline | None]:
+async def measure(chosen: Sequence[Scenario], repetitions: int, logs: Path, baseline: Path | None = None
+                  ) -> tuple[list[dict[str, object]], Memory, Timeline | None, float | None]:
+    """Rows, the router's memory, the first-token timeline, and the baseline router's idle RSS (MiB) if any."""
     rows: list[dict[str, object]] = []
-    idle, after, peak = [], [], []
+    idle, after, peak, baseline_idle = [], [], [], []
     timeline = None
     for backend_name in (PACED, CANNED):
-        with canned_backend(backend_name, logs) as backend, router_for(backend, logs) as router:
+        with (canned_backend(backend_name, logs) as backend, router_for(backend, logs) as router,
+              router_for(backend, logs, baseline) if baseline else contextlib.nullcontext() as base):
             idle.append(memory_mib(router.pid, "VmRSS"))
+            if base is not None:
+                baseline_idle.append(memory_mib(base.pid, "VmRSS"))
             for scenario in (s for s in chosen if s.backend == backend_name):
                 print(f"{scenario.name} ...", file=sys.stderr, flush=True)
                 timed = await histogram_totals(router)
-                results = await run_scenario(scenario, backend, router, repetitions)
+                results = await run_scenario(scenario, backend, router, repetitions, base)
                 if scenario.name == TTFT_ONE.name:
                     timeline = timeline_of(results, timed, await histogram_totals(router))
                 for index, arms in enumerate(results):
                     rows += figures(scenario, index, arms)
             after.append(memory_mib(router.pid, "VmRSS"))
             peak.append(memory_mib(router.pid, "VmHWM"))
-    return rows, Memory(max(idle), max(after), max(peak)), timeline
+    return rows, Memory(max(idle), max(after), max(peak)), timeline, max(baseline_idle, default=None)
 
 
 # Profile.
@@ -636,6 +685,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one repetition, a tenth of the requests (a smoke run)")
     parser.add_argument("--profile", metavar="NAME",
                         help="profile the router under 16 unpaced streams; writes overhead-profile-NAME.md")
+    parser.add_argument("--baseline", metavar="DIR", type=Path,
+                        help="also run a router from the quantrouter package in DIR (e.g. an export of main's src/) "
+                             "as a third arm, and compare the two in the same rounds")
     args = parser.parse_args(sys.argv[1:] if __name__ == "__main__" else [])
     started, clock, load_before = datetime.now().astimezone(), time.monotonic(), os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="quantrouter-overhead-") as logs:
@@ -645,8 +697,10 @@ def main() -> None:
             return
         chosen = [replace(s, per_stream=max(1, s.per_stream // 10)) for s in SCENARIOS] if args.quick else SCENARIOS
         repetitions = 1 if args.quick else REPETITIONS
-        rows, memory, timeline = asyncio.run(measure(chosen, repetitions, Path(logs)))
-    text = write_results(rows, memory, timeline, started, time.monotonic() - clock, repetitions, load_before)
+        rows, memory, timeline, baseline_idle = asyncio.run(measure(chosen, repetitions, Path(logs), args.baseline))
+    baseline = Baseline(args.baseline, baseline_idle) if args.baseline and baseline_idle is not None else None
+    text = write_results(rows, memory, timeline, started, time.monotonic() - clock, repetitions, load_before,
+                         baseline)
     if not args.quick:
         update_readme(text, started)
     print((RESULTS / "overhead.md").read_text())
