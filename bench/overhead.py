@@ -364,15 +364,15 @@ DECISION = "quantrouter_decision_duration_seconds"
 TIMED = tuple(f"{name}_{part}" for name in (ROUTER_TTFT, DECISION) for part in ("sum", "count"))
 
 
-async def histogram_totals(router: Service) -> Counter[str]:
+async def histogram_totals(router: Service) -> dict[str, float]:
     """`_sum` and `_count` of the router's time-to-first-token and decision histograms, every label set added."""
     async with (aiohttp.ClientSession() as session,
                 session.get(f"http://127.0.0.1:{router.metrics}/metrics") as response):
         text = await response.text()
-    totals: Counter[str] = Counter()
+    totals = dict.fromkeys(TIMED, 0.0)
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in TIMED:
+            if sample.name in totals:
                 totals[sample.name] += sample.value
     return totals
 
@@ -398,7 +398,8 @@ class Timeline:
             ("the backend's own time to first token (the direct arm)", self.direct_ttft_ms)]
 
 
-def timeline_of(results: Sequence[dict[str, Arm]], before: Counter[str], after: Counter[str]) -> Timeline:
+def timeline_of(results: Sequence[dict[str, Arm]], before: Mapping[str, float], after: Mapping[str, float]
+                ) -> Timeline:
     def mean_ms(name: str) -> float:
         count = after[f"{name}_count"] - before[f"{name}_count"]
         return 1000 * (after[f"{name}_sum"] - before[f"{name}_sum"]) / count if count else float("nan")
