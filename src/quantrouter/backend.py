@@ -218,8 +218,9 @@ class _BatchingClient(ollama.AsyncClient):
     def _streams(self) -> aiohttp.ClientSession:
         """Made at the first stream, inside the running loop (aiohttp binds a session to it)."""
         if self._session is None:
-            # No limit: the router's max_in_flight bounds the streams. No proxy or netrc from the environment:
-            # aiohttp looks each up per request in a worker thread, two executor hops before every stream.
+            # No limit: the router's max_in_flight bounds the streams. No proxy or netrc from the environment
+            # (aiohttp looks each up per request in a worker thread, two executor hops before every stream),
+            # and none for the client's own calls either (`ollama_client`), so that all reach the same host.
             self._session = aiohttp.ClientSession(
                 timeout=self._stream_timeout, trust_env=False,
                 connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=STREAM_KEEPALIVE_S))
@@ -269,8 +270,10 @@ def ollama_client(settings: BackendSettings,
     # httpx's default pool (100 connections) would queue streams past 100 and time them out after `pool`
     # seconds; the router's max_in_flight already bounds how many streams are open.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    # Certificates only for https: loading the CA bundle costs every process ~0.7 MiB for plain http.
-    return kind(host=settings.host, timeout=timeout, limits=limits, verify=settings.host.startswith("https://"))
+    # Certificates only for https: loading the CA bundle costs every process ~0.7 MiB for plain http. No proxy
+    # from the environment, as for the streamed calls (`_BatchingClient`): every call goes straight to the host.
+    return kind(host=settings.host, timeout=timeout, limits=limits, verify=settings.host.startswith("https://"),
+                trust_env=False)
 
 
 class OllamaBackend:

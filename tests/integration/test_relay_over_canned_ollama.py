@@ -178,3 +178,20 @@ def test_workers_refuse_the_embedded_backend() -> None:
     assert result.returncode == 2
     assert "--workers" in result.stderr and "quantrouter embedded serve" in result.stderr
 
+
+
+async def test_every_backend_call_goes_straight_to_the_host_whatever_the_proxy_variables_say(
+        canned: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A proxy from the environment that nothing answers: catalog calls and streams alike never try it."""
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # discard: a connection there is refused
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    backend = OllamaBackend(BackendSettings(canned, connect_timeout=5.0, read_timeout=30.0, keep_alive="5m"))
+    try:
+        listed = await backend.list_models()
+        items = [item async for item in backend.generate(TAG, "Hello", "", {"num_predict": 4})]
+    finally:
+        await backend.close()
+    assert TAG in {model.tag for model in listed}
+    assert "".join(item.text for item in items if isinstance(item, Text)) == expected_text(4)
