@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from pathlib import Path
 import httpx
 
 from bench.fixtures.canned_ollama import FAMILY, VARIANTS
-from bench.machine import describe
+from bench.machine import describe, free_port
 from bench.overhead import Service, spawned
 from quantrouter.gateway.envoy import envoy_config
 
@@ -73,12 +72,6 @@ class Arm:
         if not ordered:
             return float("nan")
         return 1000 * ordered[min(len(ordered) - 1, int(quantile * len(ordered)))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def host_port(url: str) -> tuple[str, int]:

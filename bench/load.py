@@ -16,6 +16,7 @@ this process. Pass: zero other errors and every stream complete.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -35,7 +36,7 @@ from pathlib import Path
 import grpc
 
 from bench.fixtures.canned_ollama import FAMILY as CANNED_FAMILY
-from bench.machine import describe
+from bench.machine import cpu_seconds, describe
 from quantrouter.backend import STREAM_KEEPALIVE_S
 from quantrouter.client import error_details
 from quantrouter.config import default_cache_dir
@@ -59,7 +60,6 @@ BACKEND_QUEUE = 8  # the embedded backend's per-model queue (Ollama's OLLAMA_MAX
 ROUTER_CAPS = {"QUANTROUTER_MAX_IN_FLIGHT": "128", "QUANTROUTER_MAX_IN_FLIGHT_PER_FAMILY": "64"}
 PREFERENCES = (pb.PREFERENCE_LATENCY, pb.PREFERENCE_BALANCED, pb.PREFERENCE_QUALITY)
 PROMPTS = ("The capital of France is", "Water boils at", "The largest planet is", "Bread is made from")
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _SERVING_ON = re.compile(r"quantrouter serving on port (\d+)")
 
 
@@ -71,12 +71,6 @@ class Tally:
     errors: Counter[str] = field(default_factory=Counter)
     variants: Counter[str] = field(default_factory=Counter)
     fallbacks: int = 0
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (fields 14 and 15 of /proc/<pid>/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 async def one_stream(stub: pb_grpc.RouterServiceStub, index: int, tally: Tally) -> None:
@@ -357,8 +351,11 @@ def burst() -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--burst", action="store_true", help="run the 1,000-stream burst alone (load-1000.md)")
+    args = parser.parse_args()
     burst()
-    if "--burst" in sys.argv[1:]:
+    if args.burst:
         return
     cache_dir = default_cache_dir(os.environ)
     prepare_ladder(cache_dir, progress=False)

@@ -54,7 +54,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import quantrouter
 from bench.fixtures.canned_ollama import FAMILY as CANNED_FAMILY
 from bench.fixtures.canned_ollama import VARIANTS as CANNED_VARIANTS
-from bench.machine import describe
+from bench.machine import cpu_seconds, describe, memory_mib
 from quantrouter.client import AsyncRouterClient, Options
 from quantrouter.values import Completion
 
@@ -63,7 +63,6 @@ README = Path(__file__).parent.parent / "README.md"
 README_START, README_END = "<!-- overhead:start -->", "<!-- overhead:end -->"
 PROMPT = "Why is the sky blue?"
 DIRECT, ROUTER, BASELINE = "direct", "router", "baseline"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 POLL_S = 0.05
@@ -163,20 +162,6 @@ class Service:
     pid: int
     address: str
     metrics: str = ""  # a router's metrics port
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, all threads (proc(5): fields 14 and 15, counted after the `comm` field)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def memory_mib(pid: int, name: str) -> float:
-    """VmRSS (resident now) or VmHWM (its peak so far) of a process, from /proc/<pid>/status (proc(5))."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{name}:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return float("nan")
 
 
 @contextlib.contextmanager

@@ -26,7 +26,6 @@ import csv
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.machine import describe
+from bench.machine import describe, free_port, memory_mib
 from bench.overhead import (
     CANNED,
     CANNED_TAG,
@@ -61,7 +60,6 @@ from bench.overhead import (
     arms_for,
     canned_backend,
     figures,
-    memory_mib,
     router_for,
     run_round,
     spawned,
@@ -90,13 +88,6 @@ INSTALL_HINT = ("Install the `peer` extra in its own virtualenv: python3 -m venv
                 ".venv-peer/bin/pip install -e '.[peer]' (README, Benchmarks), or pass --litellm PATH.")
 SSE_DATA = b"data: "
 SSE_DONE = b"[DONE]"
-
-
-def free_port() -> int:
-    """A port free right now on loopback (LiteLLM takes a port number, not 0)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def litellm_version(executable: str) -> str:
