@@ -26,6 +26,10 @@ def discover() -> list[str]:
 
 
 def main(argv: list[str]) -> int:
+    if {"-h", "--help"} & set(argv):
+        print(f"usage: python -m bench [NAME ...]\n\nRuns every benchmark, or the NAMEs: {' '.join(discover())}.\n"
+              "Each writes its results under bench/results/; `python -m bench.NAME --help` explains one.")
+        return 0
     selected = argv or discover()
     failed = []
     for name in selected:

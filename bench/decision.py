@@ -12,6 +12,7 @@ the reading into README.md between its `decision` markers.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import statistics
@@ -199,6 +200,7 @@ def update_readme(text: str) -> None:
 
 
 def main() -> None:
+    argparse.ArgumentParser(prog="python -m bench.decision", description=__doc__.split("\n\n")[0]).parse_args()
     load = os.getloadavg()[0]
     timings = [measure(n) for n in SIZES]
     text = reading(timings, load)

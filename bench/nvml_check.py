@@ -9,6 +9,7 @@ down the ladder and back up when the memory returns.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import time
 from pathlib import Path
@@ -48,6 +49,7 @@ def _route(probe: MemoryProbe, table: ThroughputTable, preference: Preference) -
 
 
 def main() -> None:
+    argparse.ArgumentParser(prog="python -m bench.nvml_check", description=__doc__.split("\n\n")[0]).parse_args()
     try:
         nvml = load_pynvml()
         source = NvmlSource(nvml)
