@@ -10,18 +10,19 @@ node in trouble. Like service.py, this is a wire edge: it builds protobuf from t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 from google.protobuf import duration_pb2
 
 from quantrouter.listing import variant_row
 from quantrouter.memory import MemorySnapshot
+from quantrouter.policy import CandidateInput
 from quantrouter.router import Router
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.values import Variant
 
-__all__ = ["DEFAULT_INTERVAL_S", "SCHEMA_VERSION", "capacity_of", "duration_pb", "memory_status_pb", "variant_pb",
-           "watch"]
+__all__ = ["DEFAULT_INTERVAL_S", "SCHEMA_VERSION", "capacity_of", "changed", "duration_pb", "memory_status_pb",
+           "node_capacity", "variant_pb", "watch"]
 
 # Bump when a field changes meaning; readers refuse versions they do not know.
 SCHEMA_VERSION = 1
@@ -59,9 +60,20 @@ def memory_status_pb(memory: MemorySnapshot) -> pb.MemoryStatus:
 def capacity_of(router: Router) -> pb.NodeCapacity:
     """The node's state now, with `sequence` left at 0 for the stream to fill in."""
     catalog = router.inventory.snapshot
+    return node_capacity(router.probe.latest, router.memory_view().reserve_bytes,
+                         {family: router.candidates(catalog, family) for family in catalog.families},
+                         dict(catalog.names or {}), router.in_flight, router.backlog_seconds(),
+                         router.inventory.backend_up, router.limits.max_in_flight)
+
+
+def node_capacity(memory: MemorySnapshot, reserve_bytes: int, families: Mapping[str, Sequence[CandidateInput]],
+                  names: Mapping[str, str], in_flight: int, backlog_seconds: float, backend_up: bool,
+                  max_in_flight: int) -> pb.NodeCapacity:
+    """A report from plain values: the candidates as the node's policy would price them, per family (the
+    fleet simulator reports its simulated nodes through this too)."""
     variants = []
-    for family in catalog.families:
-        for c in router.candidates(catalog, family):
+    for family, candidates in families.items():
+        for c in candidates:
             v, speed, arch = c.variant, c.speed, c.variant.architecture
             variants.append(pb.NodeVariant(
                 variant=variant_pb(variant_row(v, speed, (c.quality, c.quality_measured))),
@@ -74,11 +86,9 @@ def capacity_of(router: Router) -> pb.NodeCapacity:
                                              vocab_size=arch.vocab_size) if arch else None,
                 in_flight=c.in_flight, breaker_open=c.breaker_open))
     return pb.NodeCapacity(
-        schema_version=SCHEMA_VERSION, memory=memory_status_pb(router.probe.latest),
-        reserve_bytes=router.memory_view().reserve_bytes,
-        variants=variants, names=dict(catalog.names or {}), in_flight=router.in_flight,
-        backlog_seconds=router.backlog_seconds(), backend_up=router.inventory.backend_up,
-        max_in_flight=router.limits.max_in_flight)
+        schema_version=SCHEMA_VERSION, memory=memory_status_pb(memory), reserve_bytes=reserve_bytes,
+        variants=variants, names=dict(names), in_flight=in_flight, backlog_seconds=backlog_seconds,
+        backend_up=backend_up, max_in_flight=max_in_flight)
 
 
 def _steady(report: pb.NodeCapacity) -> pb.NodeCapacity:
@@ -90,7 +100,9 @@ def _steady(report: pb.NodeCapacity) -> pb.NodeCapacity:
     return copy
 
 
-def _changed(old: pb.NodeCapacity, new: pb.NodeCapacity) -> bool:
+def changed(old: pb.NodeCapacity, new: pb.NodeCapacity) -> bool:
+    """Whether `new` is worth sending after `old`: anything but the sequence changed, or the backlog moved
+    by `BACKLOG_STEP_S` or more."""
     if abs(old.backlog_seconds - new.backlog_seconds) >= BACKLOG_STEP_S:
         return True
     return bool(_steady(old) != _steady(new))
@@ -105,7 +117,7 @@ async def watch(router: Router, interval: float) -> AsyncIterator[pb.NodeCapacit
     sent_at = 0.0
     while True:
         report = capacity_of(router)
-        if last is None or _changed(last, report) or loop.time() - sent_at >= interval:
+        if last is None or changed(last, report) or loop.time() - sent_at >= interval:
             sequence += 1
             last = report
             sent_at = loop.time()
