@@ -30,7 +30,7 @@ from quantrouter.config import FleetSettings, LimitSettings
 from quantrouter.fleet.choice import choose
 from quantrouter.fleet.state import NodeState, read_report
 from quantrouter.memory import GpuMemory, MemorySnapshot
-from quantrouter.policy import CandidateInput, MemoryView, PolicyConfig, RoutingRequest, decide
+from quantrouter.policy import CandidateInput, MemoryView, PolicyConfig, RoutingRequest, decide, remaining_seconds
 from quantrouter.quant import parse_quantization
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.values import Preference
@@ -162,17 +162,22 @@ class FleetOracle:
 
 def node_candidates(view: RouterView) -> list[CandidateInput]:
     """The node's variants as its router prices them (`Router.candidates`): speeds from its own throughput
-    table, the quant prior as quality (no simulated family is calibrated), its streams per variant."""
+    table, the quant prior as quality (no simulated family is calibrated), its streams and their remaining
+    seconds per variant."""
     family = view.family
     infos = [VariantInfo(v.tag, family.name, v.quant, v.size_bytes, family.parameter_count, family.architecture,
                          v.tag in view.resident, view.resident.get(v.tag, 0)) for v in family.variants]
-    return [CandidateInput(info, speed, info.quant.quality, view.in_flight.get(info.tag, 0))
+    queued: dict[str, float] = {}
+    for tag, service, done in view.backlog:
+        queued[tag] = queued.get(tag, 0.0) + service * (1.0 - done)
+    return [CandidateInput(info, speed, info.quant.quality, view.in_flight.get(info.tag, 0),
+                           queued_seconds=queued.get(info.tag, 0.0))
             for info, speed in view.speeds.estimates(infos)]
 
 
-def backlog_of(view: RouterView) -> float:
-    """Expected seconds still ahead of the node's streams, as its router sums them (`Router.backlog_seconds`)."""
-    return sum(service * max(1.0 - done, 0.0) for _, service, done in view.backlog)
+def backlog_of(view: RouterView) -> tuple[float, ...]:
+    """Each stream's expected remaining seconds, as the node's router keeps them (`Router.memory_view`)."""
+    return remaining_seconds([(service, done) for _, service, done in view.backlog])
 
 
 def report_of(view: RouterView, node: str) -> pb.NodeCapacity:
@@ -250,7 +255,7 @@ class FleetSimulation:
         view = node.sim.view()
         key = _steady_key(view)
         due = node.sent is None or tick - node.sent_at >= REPORT_INTERVAL_S
-        if not due and key == node.sent_key and abs(backlog_of(view) - node.sent.backlog_seconds) < BACKLOG_STEP_S:
+        if not due and key == node.sent_key and abs(sum(backlog_of(view)) - node.sent.backlog_seconds) < BACKLOG_STEP_S:
             return
         report = report_of(view, node.spec.name)
         if due or node.sent is None or changed(node.sent, report):

@@ -60,17 +60,18 @@ def memory_status_pb(memory: MemorySnapshot) -> pb.MemoryStatus:
 def capacity_of(router: Router) -> pb.NodeCapacity:
     """The node's state now, with `sequence` left at 0 for the stream to fill in."""
     catalog = router.inventory.snapshot
-    return node_capacity(router.probe.latest, router.memory_view().reserve_bytes,
+    view = router.memory_view()
+    return node_capacity(router.probe.latest, view.reserve_bytes,
                          {family: router.candidates(catalog, family) for family in catalog.families},
-                         dict(catalog.names or {}), router.in_flight, router.backlog_seconds(),
+                         dict(catalog.names or {}), router.in_flight, view.backlog,
                          router.inventory.backend_up, router.limits.max_in_flight)
 
 
 def node_capacity(memory: MemorySnapshot, reserve_bytes: int, families: Mapping[str, Sequence[CandidateInput]],
-                  names: Mapping[str, str], in_flight: int, backlog_seconds: float, backend_up: bool,
+                  names: Mapping[str, str], in_flight: int, backlog: Sequence[float], backend_up: bool,
                   max_in_flight: int) -> pb.NodeCapacity:
-    """A report from plain values: the candidates as the node's policy would price them, per family (the
-    fleet simulator reports its simulated nodes through this too)."""
+    """A report from plain values: the candidates and the backlog (each stream's remaining seconds) as the
+    node's policy prices a request with them (the fleet simulator reports its simulated nodes through this too)."""
     variants = []
     for family, candidates in families.items():
         for c in candidates:
@@ -84,11 +85,11 @@ def node_capacity(memory: MemorySnapshot, reserve_bytes: int, families: Mapping[
                                              context_length=arch.context_length,
                                              embedding_length=arch.embedding_length, head_count=arch.head_count,
                                              vocab_size=arch.vocab_size) if arch else None,
-                in_flight=c.in_flight, breaker_open=c.breaker_open))
+                in_flight=c.in_flight, breaker_open=c.breaker_open, queued_seconds=c.queued_seconds))
     return pb.NodeCapacity(
         schema_version=SCHEMA_VERSION, memory=memory_status_pb(memory), reserve_bytes=reserve_bytes,
-        variants=variants, names=dict(names), in_flight=in_flight, backlog_seconds=backlog_seconds,
-        backend_up=backend_up, max_in_flight=max_in_flight)
+        variants=variants, names=dict(names), in_flight=in_flight, backlog_seconds=sum(backlog),
+        stream_backlog_seconds=sorted(backlog), backend_up=backend_up, max_in_flight=max_in_flight)
 
 
 def _steady(report: pb.NodeCapacity) -> pb.NodeCapacity:
@@ -97,6 +98,9 @@ def _steady(report: pb.NodeCapacity) -> pb.NodeCapacity:
     copy.CopyFrom(report)
     copy.sequence = 0
     copy.backlog_seconds = 0.0
+    del copy.stream_backlog_seconds[:]
+    for variant in copy.variants:
+        variant.queued_seconds = 0.0
     return copy
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from quantrouter.catalog import Architecture, VariantInfo
 from quantrouter.fleet.choice import choose
@@ -24,17 +24,22 @@ RTX4090_TPS = {"F16": 55.0, "Q8_0": 100.0, "Q4_K_M": 160.0}
 CONFIG = PolicyConfig()
 
 
-def node(free_gib: float, tps: dict[str, float], resident: Sequence[str] = (), backlog: float = 0.0,
+def node(free_gib: float, tps: dict[str, float], resident: Sequence[str] = (), streams: Mapping[str, float] = {},
          in_flight: int = 0, max_in_flight: int = 0) -> NodeState:
+    """A node as its report reads; `streams` puts one stream with that many seconds still ahead on a variant
+    (by quantization), which also makes it resident."""
+    resident = {*resident, *streams}
     candidates = tuple(
         CandidateInput(VariantInfo(f"{FAMILY}-{q.lower()}", FAMILY, parse_quantization(q), int(gib * GIB),
                                    architecture=LLAMA_8B, resident=q in resident,
                                    vram_bytes=int(gib * GIB) if q in resident else 0),
-                       SpeedEstimate(tps[q], 5000.0, 4.0, 10, True), parse_quantization(q).quality)
+                       SpeedEstimate(tps[q], 5000.0, 4.0, 10, True), parse_quantization(q).quality,
+                       int(q in streams), queued_seconds=streams.get(q, 0.0))
         for q, gib in LADDER_GIB.items())
     free = int(free_gib * GIB)
+    backlog = tuple(sorted(streams.values()))
     return NodeState(MemorySnapshot("nvml", (GpuMemory("GPU-0", "gpu", free, free),)), 0, candidates,
-                     {FAMILY: FAMILY}, in_flight, max_in_flight, backlog)
+                     {FAMILY: FAMILY}, in_flight + len(streams), max_in_flight, sum(backlog), backlog=backlog)
 
 
 def request(preference: Preference, **fields: object) -> RoutingRequest:
@@ -53,19 +58,29 @@ def test_each_node_is_decided_as_its_own_router_would_and_the_decision_names_the
     assert "needs" in rejected.rejection  # 15 GiB + KV is more than 80 % of 18 GiB free
 
 
-def test_backlog_moves_a_request_to_an_idle_node_and_a_full_node_offers_nothing() -> None:
+def test_a_nodes_streams_are_priced_as_its_own_router_prices_them_and_a_full_node_offers_nothing() -> None:
     idle = choose(request(Preference.LATENCY), {"a": node(78, H100_TPS), "b": node(78, H100_TPS)}, CONFIG)
     assert idle.node == "a"  # a tie: the first name
-    queued = choose(request(Preference.LATENCY), {"a": node(78, H100_TPS, backlog=3.0), "b": node(78, H100_TPS)},
-                    CONFIG)
-    assert queued.node == "b"
+    busy = node(78, H100_TPS, streams={"Q4_K_M": 3.0})
+    queued = choose(request(Preference.LATENCY), {"a": busy, "b": node(78, H100_TPS, resident=["Q4_K_M"])}, CONFIG)
+    alone = decide(request(Preference.LATENCY), busy.family(FAMILY), busy.memory_view, CONFIG)
+    assert queued.node == "b" and alone.chosen is not None
+    own = next(c for c in queued.candidates if c.node == "a" and c.tag == alone.chosen.tag)
+    assert own.queue_seconds == alone.chosen.queue_seconds > 0  # node a's own numbers, queue included
     full = choose(request(Preference.LATENCY), {"a": node(78, H100_TPS, in_flight=4, max_in_flight=4),
-                                                "b": node(78, H100_TPS, backlog=30.0)}, CONFIG)
+                                                "b": node(78, H100_TPS, streams={"Q4_K_M": 30.0})}, CONFIG)
     assert full.node == "b"
-    # A slower, idle 4090 still beats an H100 with half a minute of work ahead of it.
-    busy_h100 = choose(request(Preference.LATENCY), {"h100": node(78, H100_TPS, backlog=30.0),
-                                                      "rtx4090": node(18, RTX4090_TPS)}, CONFIG)
-    assert busy_h100.node == "rtx4090" and "ranked first of 2 nodes" in busy_h100.reason
+    # A slower, idle 4090 still beats an H100 whose Q4_K_M runner has half a minute of work ahead of it...
+    behind = choose(request(Preference.LATENCY), {"h100": node(78, H100_TPS, streams={"Q4_K_M": 30.0}),
+                                                  "rtx4090": node(18, RTX4090_TPS, resident=["Q4_K_M"])}, CONFIG)
+    assert behind.node == "rtx4090" and "ranked first of 2 nodes" in behind.reason
+    # ...but not one whose long stream runs on another runner: the new one time-slices beside it (the node
+    # router's own model), finishing later by at most its own service time, not after the long stream.
+    beside = choose(request(Preference.LATENCY), {"h100": node(78, H100_TPS, resident=["Q4_K_M"],
+                                                                streams={"F16": 30.0}),
+                                                  "rtx4090": node(18, RTX4090_TPS, resident=["Q4_K_M"])}, CONFIG)
+    assert beside.node == "h100" and beside.chosen is not None and beside.chosen.queue_seconds > 0
+    assert "s of queue on node h100" in beside.reason
 
 
 def test_excluded_pairs_fall_back_to_the_next_pair_and_nothing_left_says_why_per_node() -> None:

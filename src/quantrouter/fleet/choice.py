@@ -1,11 +1,15 @@
 """The fleet's decision: a pure function over (node, variant) candidates, built on `policy.decide`.
 
-Each live node is decided on its own with its own memory, residency, speeds and per-variant load,
-exactly as its node router would decide (so every change to the policy carries over). The nodes'
-chosen assessments are then ranked by the same preference, after one fleet-level adjustment: a node
-already busy adds its backlog (the expected seconds still ahead of its streams, as it reports them)
-to the time to first token and the expected time, as a queue in front of the new request would.
-A node at its in-flight limit offers nothing. No I/O, no clock, no logging.
+Each live node is decided on its own with its own memory, residency, speeds, per-variant load and
+backlog (each stream's expected remaining seconds, as it reports them), exactly as its node router
+would decide (so every change to the policy carries over, the queue, time-slicing and at-risk terms
+included). The nodes' chosen assessments are then ranked by the same preference and the policy's own
+ranking. A node at its in-flight limit offers nothing. No I/O, no clock, no logging.
+
+An earlier version added each node's summed backlog to its pick's times after a decision made with no
+backlog: blind to time-slicing and to the deadline risk behind a queue, it sent QUALITY requests to
+F16 through a burst (bench/results/fleet.md: the multi-node simulation's mixed-burst scenario, 0.89×
+round-robin's goodput on 4 seeds with it, 0.98× with the nodes' own backlog).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ __all__ = ["NodeVerdict", "choose"]
 
 @dataclass(frozen=True, slots=True)
 class NodeVerdict:
-    """One node's own decision, and its chosen assessment as the fleet ranks it (backlog included)."""
+    """One node's own decision, and its chosen assessment if it offers one."""
 
     node: str
     decision: Decision
@@ -42,12 +46,7 @@ def _verdict(node: str, state: NodeState, request: RoutingRequest, excluded: fro
     if state.max_in_flight and state.in_flight >= state.max_in_flight:
         limit = f"at its limit of {state.max_in_flight} streams"
         return NodeVerdict(node, replace(decision, chosen=None, reason=limit, failure=FailureKind.CONSTRAINTS), None)
-    chosen = decision.chosen
-    if chosen is None:
-        return NodeVerdict(node, decision, None)
-    backlog = state.backlog_seconds
-    return NodeVerdict(node, decision, replace(chosen, time_to_first_token=chosen.time_to_first_token + backlog,
-                                               expected_seconds=chosen.expected_seconds + backlog))
+    return NodeVerdict(node, decision, decision.chosen)
 
 
 def _failure(verdicts: list[NodeVerdict]) -> FailureKind:
@@ -72,10 +71,9 @@ def choose(request: RoutingRequest, nodes: Mapping[str, NodeState], config: Poli
                         failure=_failure(verdicts))
     best = rank(offers, request.preference, config, request.time_remaining)[0]  # the policy's own ranking
     verdict = next(v for v in verdicts if v.node == best.node)
-    backlog = nodes[best.node].backlog_seconds
     reason = verdict.decision.reason
-    if backlog:
-        reason += f"; {backlog:.1f} s of work queued on node {best.node}"
+    if best.queue_seconds:
+        reason += f"; {best.queue_seconds:.1f} s of queue on node {best.node}"
     if len(offers) > 1:
         reason += f"; node {best.node} ranked first of {len(offers)} nodes"
     candidates = tuple(best if a.node == best.node and a.tag == best.tag else a for a in listed)
