@@ -102,17 +102,23 @@ class RoundRobin:
 @dataclass(frozen=True, slots=True)
 class LeastLoaded:
     """The node with the fewest open requests (a load balancer's least-request rule, on its own exact counts;
-    ties in turn), with one fixed variant per preference: the default quantization for all unless `mapping`
-    says otherwise (the hindsight search varies it)."""
+    ties in turn), with the default quantization for every request unless `mapping` says otherwise: per
+    preference, a variant and whether only the nodes with the most GPU memory take it (the hindsight search
+    varies both)."""
 
-    mapping: tuple[tuple[Preference, str], ...] = ()
+    mapping: tuple[tuple[Preference, str, bool], ...] = ()
     name: str = "least-loaded + always-q4_K_M"
     reads_reports: bool = False
 
     def route(self, request: Request, view: FleetView) -> Routed:
+        tag, largest_only = next(((t, only) for p, t, only in self.mapping if p is request.preference),
+                                 (_default_tag(view.family), False))
         names = sorted(view.open_streams)
+        if largest_only:
+            most = max(view.truth[n].gpu.capacity_bytes for n in names)
+            names = [n for n in names if view.truth[n].gpu.capacity_bytes == most]
         node = min(names, key=lambda n: (view.open_streams[n], (names.index(n) - request.id) % len(names)))
-        return Routed(node, dict(self.mapping).get(request.preference, _default_tag(view.family)), "least loaded")
+        return Routed(node, tag, "least loaded")
 
 
 def routing_request(request: Request, family: FamilySpec, num_ctx: int) -> RoutingRequest:
@@ -254,11 +260,13 @@ class FleetSimulation:
         node.sim.run_until(tick)
         view = node.sim.view()
         key = _steady_key(view)
-        due = node.sent is None or tick - node.sent_at >= REPORT_INTERVAL_S
-        if not due and key == node.sent_key and abs(sum(backlog_of(view)) - node.sent.backlog_seconds) < BACKLOG_STEP_S:
+        sent = node.sent
+        due = sent is None or tick - node.sent_at >= REPORT_INTERVAL_S
+        if sent is not None and not due and key == node.sent_key \
+                and abs(sum(backlog_of(view)) - sent.backlog_seconds) < BACKLOG_STEP_S:
             return
         report = report_of(view, node.spec.name)
-        if due or node.sent is None or changed(node.sent, report):
+        if sent is None or due or changed(sent, report):
             node.sent, node.sent_key, node.sent_at, node.state = report, key, tick, read_report(report)
             self._reports += 1
 
