@@ -22,7 +22,7 @@ from typing import Protocol
 
 from bench.sim.engine import NUM_CTX, Choice, Outcome, RequestResult, RouterView, RunResult, Simulation
 from bench.sim.hardware import DEFAULT_ENGINE, OLLAMA_MINIMUM_MEMORY, EngineSpec, FamilySpec, GpuSpec
-from bench.sim.policies import DEFAULT_QUANT, slo_value
+from bench.sim.policies import DEFAULT_QUANT, QuantRouter, slo_value
 from bench.sim.workload import Request, meets_floor
 from quantrouter.capacity import BACKLOG_STEP_S, CHANGE_POLL_S, changed, node_capacity
 from quantrouter.catalog import VariantInfo
@@ -63,7 +63,7 @@ class Routed:
 class FleetView:
     """What a dispatcher may read at an arrival. `reports` is what the nodes last reported (quantrouter-fleet's
     only input); `open_streams` the requests each node holds, which a load balancer counts itself; `truth` the
-    nodes themselves, for the oracle only."""
+    nodes themselves: the oracle's truth, and what a node's own router sees of its node (`Simulation.view`)."""
 
     now: float
     family: FamilySpec
@@ -119,6 +119,22 @@ class LeastLoaded:
             names = [n for n in names if view.truth[n].gpu.capacity_bytes == most]
         node = min(names, key=lambda n: (view.open_streams[n], (names.index(n) - request.id) % len(names)))
         return Routed(node, tag, "least loaded")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRoutersBehindLeastLoaded:
+    """A plain least-request balancer in front of the node routers: the node by `LeastLoaded`'s rule, the
+    variant by that node's own router as it decides on the request's arrival (bench/sim/policies.py's
+    quantrouter on the node's own view). What the fleet tier's joint choice is measured against."""
+
+    name: str = "least-loaded + node routers"
+    reads_reports: bool = False
+
+    def route(self, request: Request, view: FleetView) -> Routed:
+        node = LeastLoaded().route(request, view).node
+        assert node is not None
+        choice = QuantRouter().choose(request, view.truth[node].view())
+        return Routed(node if choice.tag else None, choice.tag, choice.reason)
 
 
 def routing_request(request: Request, family: FamilySpec, num_ctx: int) -> RoutingRequest:

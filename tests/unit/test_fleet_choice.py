@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import pytest
+
 from quantrouter.catalog import Architecture, VariantInfo
-from quantrouter.fleet.choice import choose
+from quantrouter.fleet.choice import choose, delay_to_others
 from quantrouter.fleet.state import NodeState
 from quantrouter.memory import GpuMemory, MemorySnapshot
 from quantrouter.policy import CandidateInput, PolicyConfig, RoutingRequest, decide
@@ -70,17 +72,10 @@ def test_a_nodes_streams_are_priced_as_its_own_router_prices_them_and_a_full_nod
     full = choose(request(Preference.LATENCY), {"a": node(78, H100_TPS, in_flight=4, max_in_flight=4),
                                                 "b": node(78, H100_TPS, streams={"Q4_K_M": 30.0})}, CONFIG)
     assert full.node == "b"
-    # A slower, idle 4090 still beats an H100 whose Q4_K_M runner has half a minute of work ahead of it...
+    # A slower, idle 4090 still beats an H100 whose Q4_K_M runner has half a minute of work ahead of it.
     behind = choose(request(Preference.LATENCY), {"h100": node(78, H100_TPS, streams={"Q4_K_M": 30.0}),
                                                   "rtx4090": node(18, RTX4090_TPS, resident=["Q4_K_M"])}, CONFIG)
     assert behind.node == "rtx4090" and "ranked first of 2 nodes" in behind.reason
-    # ...but not one whose long stream runs on another runner: the new one time-slices beside it (the node
-    # router's own model), finishing later by at most its own service time, not after the long stream.
-    beside = choose(request(Preference.LATENCY), {"h100": node(78, H100_TPS, resident=["Q4_K_M"],
-                                                                streams={"F16": 30.0}),
-                                                  "rtx4090": node(18, RTX4090_TPS, resident=["Q4_K_M"])}, CONFIG)
-    assert beside.node == "h100" and beside.chosen is not None and beside.chosen.queue_seconds > 0
-    assert "s of queue on node h100" in beside.reason
 
 
 def test_excluded_pairs_fall_back_to_the_next_pair_and_nothing_left_says_why_per_node() -> None:
@@ -101,3 +96,27 @@ def test_failure_kinds_follow_what_stood_in_the_way_on_every_node() -> None:
     unknown = choose(RoutingRequest("other:1b"), tiny, CONFIG)
     assert unknown.failure is FailureKind.EMPTY
     assert choose(request(Preference.QUALITY), {}, CONFIG).reason.endswith("(no live node)")
+
+
+def test_what_a_pick_costs_the_nodes_other_streams_is_ranked_as_churn() -> None:
+    """Node b runs a 30 s stream on F16: a LATENCY request on its idle Q4_K_M runner time-slices beside it, so
+    it finishes about one decode later than alone and delays that stream by as much. Node a's Q4_K_M runner
+    has 0.9 s left of a stream: the request queues behind it and delays nobody. By its own numbers b is
+    quicker; with what it costs the F16 stream, a is ranked first."""
+    beside = node(78, H100_TPS, resident=["Q4_K_M"], streams={"F16": 30.0})
+    behind = node(78, H100_TPS, streams={"Q4_K_M": 0.9})
+    q4 = f"{FAMILY}-q4_k_m"
+    picks = {name: decide(request(Preference.LATENCY), state.family(FAMILY), state.memory_view, CONFIG).chosen
+             for name, state in (("b", beside), ("a", behind))}
+    assert all(pick is not None and pick.tag == q4 for pick in picks.values())
+    own_b, own_a = picks["b"], picks["a"]
+    assert own_b is not None and own_a is not None and own_b.expected_seconds < own_a.expected_seconds
+    decode = own_b.expected_seconds - own_b.time_to_first_token
+    assert delay_to_others(beside, own_b) == pytest.approx(decode) and delay_to_others(behind, own_a) == 0.0
+    chosen = choose(request(Preference.LATENCY), {"a": behind, "b": beside}, CONFIG)
+    assert chosen.node == "a" and chosen.chosen is not None and chosen.chosen.churn_seconds == 0.0
+    alone = choose(request(Preference.LATENCY), {"b": beside}, CONFIG)
+    assert alone.chosen is not None and alone.chosen.churn_seconds == pytest.approx(decode)
+    assert alone.chosen.expected_seconds == own_b.expected_seconds  # the node's own numbers are kept
+    assert "delays the node's other streams by" in alone.reason
+    assert next(c for c in alone.candidates if c.tag == q4) == alone.chosen  # the ranked pick is the one listed

@@ -13,6 +13,7 @@ from bench.sim.fleet import (
     FleetOracle,
     FleetSimulation,
     LeastLoaded,
+    NodeRoutersBehindLeastLoaded,
     NodeSpec,
     QuantrouterFleet,
     RoundRobin,
@@ -30,7 +31,8 @@ from quantrouter.values import Preference
 DURATION = 90.0
 QUIET = TenantProfile(int(GB), 3 * int(GB), (30.0, 60.0))
 SHARED = TenantProfile(60 * int(GB), 76 * int(GB), (10.0, 30.0))
-DISPATCHERS: tuple[Dispatcher, ...] = (QuantrouterFleet(), RoundRobin(), LeastLoaded(), FleetOracle())
+DISPATCHERS: tuple[Dispatcher, ...] = (QuantrouterFleet(), RoundRobin(), LeastLoaded(), NodeRoutersBehindLeastLoaded(),
+                                       FleetOracle())
 
 
 def fleet_trace(seed: int, rate: float = 1.0) -> tuple[tuple[Request, ...], tuple[NodeSpec, ...]]:

@@ -4,12 +4,16 @@ Each live node is decided on its own with its own memory, residency, speeds, per
 backlog (each stream's expected remaining seconds, as it reports them), exactly as its node router
 would decide (so every change to the policy carries over, the queue, time-slicing and at-risk terms
 included). The nodes' chosen assessments are then ranked by the same preference and the policy's own
-ranking. A node at its in-flight limit offers nothing. No I/O, no clock, no logging.
+ranking, after one fleet-level charge: a node router cannot choose where a request goes, the fleet can,
+so each pick's churn also carries what its decode costs the node's other streams. Runners of one GPU
+time-slice it, so each stream on another runner finishes later by about min(its remaining seconds, this
+decode); streams of the same runner run before it and lose nothing. Like churn, that is ranked on and
+never counted against the deadline. A node at its in-flight limit offers nothing. No I/O, no clock,
+no logging.
 
-An earlier version added each node's summed backlog to its pick's times after a decision made with no
-backlog: blind to time-slicing and to the deadline risk behind a queue, it sent QUALITY requests to
-F16 through a burst (bench/results/fleet.md: the multi-node simulation's mixed-burst scenario, 0.89×
-round-robin's goodput on 4 seeds with it, 0.98× with the nodes' own backlog).
+An earlier version added each node's summed backlog to its pick's times after a decision made without
+it: blind to time-slicing and to the deadline risk behind a queue, it sent QUALITY requests to F16
+through a burst (bench/results/fleet.md's simulation, the mixed-burst scenario).
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ from quantrouter.fleet.state import NodeState
 from quantrouter.policy import PolicyConfig, RoutingRequest, decide, rank
 from quantrouter.values import Assessment, Decision, FailureKind
 
-__all__ = ["NodeVerdict", "choose"]
+__all__ = ["NodeVerdict", "choose", "delay_to_others"]
 
 
 @dataclass(frozen=True, slots=True)
 class NodeVerdict:
-    """One node's own decision, and its chosen assessment if it offers one."""
+    """One node's own decision, and its chosen assessment as the fleet ranks it (`delay_to_others` added to
+    its churn), if it offers one."""
 
     node: str
     decision: Decision
@@ -46,7 +51,23 @@ def _verdict(node: str, state: NodeState, request: RoutingRequest, excluded: fro
     if state.max_in_flight and state.in_flight >= state.max_in_flight:
         limit = f"at its limit of {state.max_in_flight} streams"
         return NodeVerdict(node, replace(decision, chosen=None, reason=limit, failure=FailureKind.CONSTRAINTS), None)
-    return NodeVerdict(node, decision, decision.chosen)
+    chosen = decision.chosen
+    if chosen is None:
+        return NodeVerdict(node, decision, None)
+    return NodeVerdict(node, decision, replace(chosen, churn_seconds=chosen.churn_seconds
+                                               + delay_to_others(state, chosen)))
+
+
+def delay_to_others(state: NodeState, chosen: Assessment) -> float:
+    """Seconds `chosen`'s decode adds, in all, to the node's streams on other runners: each stream is delayed
+    by min(its remaining seconds, this decode); the variant's own streams (at most its queued seconds, each
+    at most this decode) run before it and are left out."""
+    decode = chosen.expected_seconds - chosen.time_to_first_token
+    if decode <= 0 or not state.backlog:
+        return 0.0
+    own = next((c for c in state.candidates if c.variant.tag == chosen.tag), None)
+    behind = min(own.queued_seconds, own.in_flight * decode) if own else 0.0
+    return max(sum(min(remaining, decode) for remaining in state.backlog) - behind, 0.0)
 
 
 def _failure(verdicts: list[NodeVerdict]) -> FailureKind:
@@ -74,6 +95,9 @@ def choose(request: RoutingRequest, nodes: Mapping[str, NodeState], config: Poli
     reason = verdict.decision.reason
     if best.queue_seconds:
         reason += f"; {best.queue_seconds:.1f} s of queue on node {best.node}"
+    others = best.churn_seconds - (verdict.decision.chosen.churn_seconds if verdict.decision.chosen else 0.0)
+    if others > 0:
+        reason += f"; delays the node's other streams by {others:.1f} s in all (ranked as churn)"
     if len(offers) > 1:
         reason += f"; node {best.node} ranked first of {len(offers)} nodes"
     candidates = tuple(best if a.node == best.node and a.tag == best.tag else a for a in listed)
