@@ -259,12 +259,14 @@ def simulate(seeds: int, workers: int, names: Sequence[str] | None = None) -> st
         "(`capacity.node_capacity`, on `capacity.changed` or every report interval, polled every 0.25 s), the "
         "fleet reads the reports back (`fleet.state.read_report`) and `fleet.choice.choose` picks the (node, "
         "variant) from them alone, stale as they are; the node serves it pinned. Baselines: round-robin and "
-        "least-loaded (fewest open requests, counted by the balancer itself) with always-Q4_K_M. Oracles: "
-        f"`{ORACLE}` (the (node, variant) that best meets this request's SLO given every node's true state now) "
-        f"and `{HINDSIGHT}` (least-loaded with the best fixed variant per preference for the trace, by replaying "
-        "it); neither is an upper bound. Goodput counts only requests that met their SLO (deadline, min tok/s), "
-        "weighted by the variant's quality (the quant prior); a ratio is of goodputs summed over seeds, with a 95 % "
-        "bootstrap interval over seeds.", "",
+        "least-loaded (fewest open requests, counted by the balancer itself) with always-Q4_K_M, and "
+        f"`{NODE_ROUTERS}` (least-loaded in front of node routers that choose the variant themselves on arrival). "
+        f"Oracles: `{ORACLE}` (the (node, variant) that best meets this request's SLO given every node's true "
+        f"state now) and `{HINDSIGHT}` (least-loaded with the best fixed variant per preference, sent to every "
+        "node or to the largest ones only, for this very trace, by replaying it); neither is an upper bound. "
+        "Goodput counts only requests that met their SLO (deadline, min tok/s), weighted by the variant's quality "
+        "(the quant prior); a ratio is of goodputs summed over seeds, with a 95 % bootstrap interval over seeds.",
+        "",
         "### Reading", "", reading(cells), "",
         "### Acceptance (issue 14)", "", acceptance_table(cells), "",
         "### Goodput and where each policy sent its requests", "", spread_table(cells), "",
