@@ -10,7 +10,8 @@ every `CHANGE_POLL_S` and at least every report interval), the fleet reads each 
 `fleet.state.read_report`, and `fleet.choice.choose` picks the pair from those reports only: stale by up to
 a poll period, and blind to the requests it routed since. Reports are evaluated at the poll tick before each
 arrival, not at every tick: a report sent at a tick in between would only have been older than the one
-taken. The baselines see only their own bookkeeping; the oracle alone reads the truth.
+taken. The balancers see only their own bookkeeping (and, behind one, each node router its own node, as
+it does in production); the oracle alone reads the truth.
 """
 
 from __future__ import annotations
