@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from bench.fixtures.canned_ollama import FAMILY
+from bench.fixtures.canned_ollama import FAMILY, VARIANTS
 from bench.machine import describe
 from bench.overhead import ROUTER_ENV, Service, spawned
 from bench.simulate_fleet import DEFAULT_SEEDS, simulate
@@ -113,6 +113,17 @@ async def first_token(client: AsyncRouterClient, model: str, preference: Prefere
     return decision, first - started
 
 
+async def warm(routers: dict[str, Service]) -> None:
+    """One request per variant straight to each node router, so that every node reports measured speeds: a node
+    with a static capacity and no samples has only the no-GPU prior (a few tok/s), which a fleet would never
+    try while its measured peers look ten times faster (a node in production measures itself on its first
+    requests; its GPU's name gives a realistic prior before that)."""
+    for router in routers.values():
+        async with AsyncRouterClient(f"127.0.0.1:{router.address}") as client:
+            for variant in VARIANTS:
+                await first_token(client, variant.tag, "quality", HOP_TOKENS)
+
+
 async def spread(target: str, p: Plan) -> tuple[Counter[tuple[str, str, str]], int]:
     counts: Counter[tuple[str, str, str]] = Counter()
     failed = 0
@@ -185,7 +196,8 @@ def report(p: Plan, counts: Counter[tuple[str, str, str]], failed: int, through:
         "processes share this machine's cores.", "",
         f"Nodes: node routers with static capacities {', '.join(f'{n} = {c}' for n, c in NODES.items())}, "
         f"each in front of the canned Ollama fixture at {TOKENS_PER_SECOND:.0f} tok/s a stream "
-        "(Llama 3.1 8B: Q8_0, Q5_K_M, Q4_K_M, all resident, as on a warm Ollama).", "",
+        "(Llama 3.1 8B: Q8_0, Q5_K_M, Q4_K_M, all resident, as on a warm Ollama); each node served one request "
+        "per variant first, so that every node's speeds are measured.", "",
         f"### Requests per node and variant ({SPREAD_TOKENS} tokens each, preferences in turn)", "",
         "| node | variant | preference | requests |", "|---|---|---|---|",
         *[f"| {node} | {tag} | {pref} | {n} |" for (node, tag, pref), n in sorted(counts.items())], "",
@@ -228,7 +240,8 @@ def real_run(quick: bool) -> str:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as logs, fleet(Path(logs)) as (fleet_router, routers):
         target = f"127.0.0.1:{fleet_router.address}"
-        time.sleep(1.0)  # the fleet's first reports from every node
+        asyncio.run(warm(routers))
+        time.sleep(1.0)  # the fleet's reports of every node's measured speeds
         counts, failed = asyncio.run(spread(target, p))
         through, direct = asyncio.run(hop(target, routers, p))
     return report(p, counts, failed, through, direct, time.perf_counter() - started)
