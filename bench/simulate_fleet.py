@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from bench.machine import describe
 from bench.sim.fleet import (
+    DISPATCHERS,
     Dispatcher,
     FleetOracle,
     FleetResult,
@@ -126,8 +127,7 @@ def run_unit(unit: tuple[int, int]) -> dict[str, tuple[RunFigures, NodeCounts]]:
     scenario = SCENARIOS[unit[0]]
     requests, nodes = scenario.trace(unit[1])
     out = {}
-    for dispatcher in (QuantrouterFleet(), RoundRobin(), LeastLoaded(), NodeRoutersBehindLeastLoaded(),
-                       FleetOracle()):
+    for dispatcher in DISPATCHERS:
         result = _run(requests, nodes, dispatcher)
         out[dispatcher.name] = (figures_of(result.merged), _counts(result))
     best = hindsight_best(requests, nodes)

@@ -183,6 +183,11 @@ class FleetOracle:
         return pick
 
 
+# Every dispatcher the multi-node simulation compares, quantrouter-fleet first (the hindsight oracle is a search).
+DISPATCHERS: tuple[Dispatcher, ...] = (QuantrouterFleet(), RoundRobin(), LeastLoaded(), NodeRoutersBehindLeastLoaded(),
+                                       FleetOracle())
+
+
 def node_candidates(view: RouterView) -> list[CandidateInput]:
     """The node's variants as its router prices them (`Router.candidates`): speeds from its own throughput
     table, the quant prior as quality (no simulated family is calibrated), its streams and their remaining

@@ -9,11 +9,10 @@ from dataclasses import replace
 import pytest
 from bench.sim.engine import Outcome, Simulation
 from bench.sim.fleet import (
+    DISPATCHERS,
     Dispatcher,
     FleetOracle,
     FleetSimulation,
-    LeastLoaded,
-    NodeRoutersBehindLeastLoaded,
     NodeSpec,
     QuantrouterFleet,
     RoundRobin,
@@ -31,8 +30,6 @@ from quantrouter.values import Preference
 DURATION = 90.0
 QUIET = TenantProfile(int(GB), 3 * int(GB), (30.0, 60.0))
 SHARED = TenantProfile(60 * int(GB), 76 * int(GB), (10.0, 30.0))
-DISPATCHERS: tuple[Dispatcher, ...] = (QuantrouterFleet(), RoundRobin(), LeastLoaded(), NodeRoutersBehindLeastLoaded(),
-                                       FleetOracle())
 
 
 def fleet_trace(seed: int, rate: float = 1.0) -> tuple[tuple[Request, ...], tuple[NodeSpec, ...]]:
