@@ -175,7 +175,7 @@ def quantile_ms(seconds: list[float], q: float) -> float:
 
 
 def report(p: Plan, counts: Counter[tuple[str, str, str]], failed: int, through: list[float], direct: list[float],
-           seconds: float) -> str:
+           seconds: float, load: float) -> str:
     added_p50 = quantile_ms(through, 0.5) - quantile_ms(direct, 0.5)
     added_p99 = quantile_ms(through, 0.99) - quantile_ms(direct, 0.99)
     paired = [1000 * (a - b) for a, b in zip(through, direct, strict=True)]
@@ -193,7 +193,7 @@ def report(p: Plan, counts: Counter[tuple[str, str, str]], failed: int, through:
         f"(median paired difference {statistics.median(paired):.2f} ms, p10–p90 of the differences "
         f"{quantile(paired, 0.1):.2f} to {quantile(paired, 0.9):.2f} ms); "
         f"ratio of p50s {quantile_ms(through, 0.5) / quantile_ms(direct, 0.5):.3f}. Client, seven router and backend "
-        "processes share this machine's cores.", "",
+        f"processes share this machine's cores (load average {load:.1f} when the run started).", "",
         f"Nodes: node routers with static capacities {', '.join(f'{n} = {c}' for n, c in NODES.items())}, "
         f"each in front of the canned Ollama fixture at {TOKENS_PER_SECOND:.0f} tok/s a stream "
         "(Llama 3.1 8B: Q8_0, Q5_K_M, Q4_K_M, all resident, as on a warm Ollama); each node served one request "
@@ -237,14 +237,14 @@ def compose(parts: dict[str, str]) -> str:
 
 def real_run(quick: bool) -> str:
     p = plan(quick)
-    started = time.perf_counter()
+    started, load = time.perf_counter(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as logs, fleet(Path(logs)) as (fleet_router, routers):
         target = f"127.0.0.1:{fleet_router.address}"
         asyncio.run(warm(routers))
         time.sleep(1.0)  # the fleet's reports of every node's measured speeds
         counts, failed = asyncio.run(spread(target, p))
         through, direct = asyncio.run(hop(target, routers, p))
-    return report(p, counts, failed, through, direct, time.perf_counter() - started)
+    return report(p, counts, failed, through, direct, time.perf_counter() - started, load)
 
 
 def main(argv: list[str] | None = None) -> None:
