@@ -105,8 +105,8 @@ def _steady(report: pb.NodeCapacity) -> pb.NodeCapacity:
 
 
 def changed(old: pb.NodeCapacity, new: pb.NodeCapacity) -> bool:
-    """Whether `new` is worth sending after `old`: anything but the sequence changed, or the backlog moved
-    by `BACKLOG_STEP_S` or more."""
+    """Whether `new` is worth sending after `old`: anything but the sequence and the backlog figures changed,
+    or the summed backlog moved by `BACKLOG_STEP_S` or more."""
     if abs(old.backlog_seconds - new.backlog_seconds) >= BACKLOG_STEP_S:
         return True
     return bool(_steady(old) != _steady(new))
