@@ -194,6 +194,10 @@ class Router:
         """Streams each variant is serving right now (only the busy ones): the policy's queue signal."""
         return {tag: count for tag, count in self._in_flight_tags.items() if count}
 
+    def backlog_seconds(self) -> float:
+        """Expected seconds of work still ahead of the streams in progress (the backlog the policy sees, summed)."""
+        return sum(self._backlog())
+
     def _backlog(self) -> tuple[float, ...]:
         return remaining_seconds([(w.service_seconds, w.done()) for w in self._work])
 
