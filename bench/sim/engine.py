@@ -218,8 +218,7 @@ class Simulation:
         self._memory: list[MemorySample] = []
         self._audits: list[dict[str, float]] = []
         for r in requests:
-            self._push(r.arrival, "arrival", r)
-            self._push(r.arrival + r.deadline_s, "deadline", r)
+            self.submit(r)
         for t, want in tenant:
             self._push(t, "tenant", want)
 
@@ -300,6 +299,11 @@ class Simulation:
         self.now = t
 
     def run(self) -> RunResult:
+        self.run_until(math.inf)
+        return self.result()
+
+    def run_until(self, limit: float) -> None:
+        """Play every event up to `limit` and stop there (a fleet steps its nodes together this way)."""
         while True:
             rates = self._rates()
             if not self._events and not rates:
@@ -307,6 +311,9 @@ class Simulation:
             next_event = self._events[0][0] if self._events else math.inf
             soonest = min(rates, key=lambda jr: jr[0].work_left / jr[1], default=None)
             phase_end = self.now + soonest[0].work_left / soonest[1] if soonest else math.inf
+            if min(phase_end, next_event) > limit:
+                self._advance(max(limit, self.now), rates)
+                return
             if soonest is not None and phase_end <= next_event:
                 self._advance(phase_end, rates)
                 soonest[0].work_left = 0.0
@@ -316,6 +323,17 @@ class Simulation:
                 self._advance(t, rates)
                 self._handle(kind, payload)
             self._sample_memory()
+
+    def submit(self, request: Request) -> None:
+        """Add a request while the simulation runs (a fleet routes it here on its arrival)."""
+        self._push(request.arrival, "arrival", request)
+        self._push(request.arrival + request.deadline_s, "deadline", request)
+
+    def view(self) -> RouterView:
+        """The node as its router sees it now (what a node reports to a fleet)."""
+        return self._view()
+
+    def result(self) -> RunResult:
         return RunResult(tuple(sorted(self._results, key=lambda r: r.request.id)), self._loads,
                          self._evicting_loads, self._partial_loads, tuple(self._memory), self.gpu.capacity_bytes,
                          tuple(self._audits))

@@ -152,13 +152,14 @@ def _policy_figures(runs: Sequence[RunFigures], duration: float) -> PolicyFigure
     )
 
 
-def cell_of(scenario: str, engine: str, duration: float, runs: Sequence[dict[str, RunFigures]]) -> Cell:
+def cell_of(scenario: str, engine: str, duration: float, runs: Sequence[dict[str, RunFigures]],
+            ours_name: str = OURS, reference: str = REFERENCE) -> Cell:
     names = list(runs[0])
     policies = {name: _policy_figures([run[name] for run in runs], duration) for name in names}
-    ours = policies[OURS].per_seed
+    ours = policies[ours_name].per_seed
     oracles = [max(run[n].goodput for n in names if n.startswith(ORACLE_PREFIX)) for run in runs]
     key = f"{scenario}/{engine}"
-    return Cell(scenario, engine, len(runs), policies, bootstrap_ratio(ours, policies[REFERENCE].per_seed, key),
+    return Cell(scenario, engine, len(runs), policies, bootstrap_ratio(ours, policies[reference].per_seed, key),
                 bootstrap_ratio(ours, oracles, key + "/oracle"))
 
 

@@ -10,18 +10,19 @@ node in trouble. Like service.py, this is a wire edge: it builds protobuf from t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 from google.protobuf import duration_pb2
 
 from quantrouter.listing import variant_row
 from quantrouter.memory import MemorySnapshot
+from quantrouter.policy import CandidateInput
 from quantrouter.router import Router
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.values import Variant
 
-__all__ = ["DEFAULT_INTERVAL_S", "SCHEMA_VERSION", "capacity_of", "duration_pb", "memory_status_pb", "variant_pb",
-           "watch"]
+__all__ = ["DEFAULT_INTERVAL_S", "SCHEMA_VERSION", "capacity_of", "changed", "duration_pb", "memory_status_pb",
+           "node_capacity", "variant_pb", "watch"]
 
 # Bump when a field changes meaning; readers refuse versions they do not know.
 SCHEMA_VERSION = 1
@@ -59,9 +60,21 @@ def memory_status_pb(memory: MemorySnapshot) -> pb.MemoryStatus:
 def capacity_of(router: Router) -> pb.NodeCapacity:
     """The node's state now, with `sequence` left at 0 for the stream to fill in."""
     catalog = router.inventory.snapshot
+    view = router.memory_view()
+    return node_capacity(router.probe.latest, view.reserve_bytes,
+                         {family: router.candidates(catalog, family) for family in catalog.families},
+                         dict(catalog.names or {}), router.in_flight, view.backlog,
+                         router.inventory.backend_up, router.limits.max_in_flight)
+
+
+def node_capacity(memory: MemorySnapshot, reserve_bytes: int, families: Mapping[str, Sequence[CandidateInput]],
+                  names: Mapping[str, str], in_flight: int, backlog: Sequence[float], backend_up: bool,
+                  max_in_flight: int) -> pb.NodeCapacity:
+    """A report from plain values: the candidates and the backlog (each stream's remaining seconds) as the
+    node's policy prices a request with them (the fleet simulator reports its simulated nodes through this too)."""
     variants = []
-    for family in catalog.families:
-        for c in router.candidates(catalog, family):
+    for family, candidates in families.items():
+        for c in candidates:
             v, speed, arch = c.variant, c.speed, c.variant.architecture
             variants.append(pb.NodeVariant(
                 variant=variant_pb(variant_row(v, speed, (c.quality, c.quality_measured))),
@@ -72,13 +85,11 @@ def capacity_of(router: Router) -> pb.NodeCapacity:
                                              context_length=arch.context_length,
                                              embedding_length=arch.embedding_length, head_count=arch.head_count,
                                              vocab_size=arch.vocab_size) if arch else None,
-                in_flight=c.in_flight, breaker_open=c.breaker_open))
+                in_flight=c.in_flight, breaker_open=c.breaker_open, queued_seconds=c.queued_seconds))
     return pb.NodeCapacity(
-        schema_version=SCHEMA_VERSION, memory=memory_status_pb(router.probe.latest),
-        reserve_bytes=router.memory_view().reserve_bytes,
-        variants=variants, names=dict(catalog.names or {}), in_flight=router.in_flight,
-        backlog_seconds=router.backlog_seconds(), backend_up=router.inventory.backend_up,
-        max_in_flight=router.limits.max_in_flight)
+        schema_version=SCHEMA_VERSION, memory=memory_status_pb(memory), reserve_bytes=reserve_bytes,
+        variants=variants, names=dict(names), in_flight=in_flight, backlog_seconds=sum(backlog),
+        stream_backlog_seconds=sorted(backlog), backend_up=backend_up, max_in_flight=max_in_flight)
 
 
 def _steady(report: pb.NodeCapacity) -> pb.NodeCapacity:
@@ -87,10 +98,15 @@ def _steady(report: pb.NodeCapacity) -> pb.NodeCapacity:
     copy.CopyFrom(report)
     copy.sequence = 0
     copy.backlog_seconds = 0.0
+    del copy.stream_backlog_seconds[:]
+    for variant in copy.variants:
+        variant.queued_seconds = 0.0
     return copy
 
 
-def _changed(old: pb.NodeCapacity, new: pb.NodeCapacity) -> bool:
+def changed(old: pb.NodeCapacity, new: pb.NodeCapacity) -> bool:
+    """Whether `new` is worth sending after `old`: anything but the sequence and the backlog figures changed,
+    or the summed backlog moved by `BACKLOG_STEP_S` or more."""
     if abs(old.backlog_seconds - new.backlog_seconds) >= BACKLOG_STEP_S:
         return True
     return bool(_steady(old) != _steady(new))
@@ -105,7 +121,7 @@ async def watch(router: Router, interval: float) -> AsyncIterator[pb.NodeCapacit
     sent_at = 0.0
     while True:
         report = capacity_of(router)
-        if last is None or _changed(last, report) or loop.time() - sent_at >= interval:
+        if last is None or changed(last, report) or loop.time() - sent_at >= interval:
             sequence += 1
             last = report
             sent_at = loop.time()

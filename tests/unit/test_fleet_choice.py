@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+
+import pytest
 
 from quantrouter.catalog import Architecture, VariantInfo
-from quantrouter.fleet.choice import choose
+from quantrouter.fleet.choice import choose, delay_to_others
 from quantrouter.fleet.state import NodeState
 from quantrouter.memory import GpuMemory, MemorySnapshot
 from quantrouter.policy import CandidateInput, PolicyConfig, RoutingRequest, decide
@@ -24,17 +26,22 @@ RTX4090_TPS = {"F16": 55.0, "Q8_0": 100.0, "Q4_K_M": 160.0}
 CONFIG = PolicyConfig()
 
 
-def node(free_gib: float, tps: dict[str, float], resident: Sequence[str] = (), backlog: float = 0.0,
+def node(free_gib: float, tps: dict[str, float], resident: Sequence[str] = (), streams: Mapping[str, float] = {},
          in_flight: int = 0, max_in_flight: int = 0) -> NodeState:
+    """A node as its report reads; `streams` puts one stream with that many seconds still ahead on a variant
+    (by quantization), which also makes it resident."""
+    resident = {*resident, *streams}
     candidates = tuple(
         CandidateInput(VariantInfo(f"{FAMILY}-{q.lower()}", FAMILY, parse_quantization(q), int(gib * GIB),
                                    architecture=LLAMA_8B, resident=q in resident,
                                    vram_bytes=int(gib * GIB) if q in resident else 0),
-                       SpeedEstimate(tps[q], 5000.0, 4.0, 10, True), parse_quantization(q).quality)
+                       SpeedEstimate(tps[q], 5000.0, 4.0, 10, True), parse_quantization(q).quality,
+                       int(q in streams), queued_seconds=streams.get(q, 0.0))
         for q, gib in LADDER_GIB.items())
     free = int(free_gib * GIB)
+    backlog = tuple(sorted(streams.values()))
     return NodeState(MemorySnapshot("nvml", (GpuMemory("GPU-0", "gpu", free, free),)), 0, candidates,
-                     {FAMILY: FAMILY}, in_flight, max_in_flight, backlog)
+                     {FAMILY: FAMILY}, in_flight + len(streams), max_in_flight, sum(backlog), backlog=backlog)
 
 
 def request(preference: Preference, **fields: object) -> RoutingRequest:
@@ -53,19 +60,22 @@ def test_each_node_is_decided_as_its_own_router_would_and_the_decision_names_the
     assert "needs" in rejected.rejection  # 15 GiB + KV is more than 80 % of 18 GiB free
 
 
-def test_backlog_moves_a_request_to_an_idle_node_and_a_full_node_offers_nothing() -> None:
+def test_a_nodes_streams_are_priced_as_its_own_router_prices_them_and_a_full_node_offers_nothing() -> None:
     idle = choose(request(Preference.LATENCY), {"a": node(78, H100_TPS), "b": node(78, H100_TPS)}, CONFIG)
     assert idle.node == "a"  # a tie: the first name
-    queued = choose(request(Preference.LATENCY), {"a": node(78, H100_TPS, backlog=3.0), "b": node(78, H100_TPS)},
-                    CONFIG)
-    assert queued.node == "b"
+    busy = node(78, H100_TPS, streams={"Q4_K_M": 3.0})
+    queued = choose(request(Preference.LATENCY), {"a": busy, "b": node(78, H100_TPS, resident=["Q4_K_M"])}, CONFIG)
+    alone = decide(request(Preference.LATENCY), busy.family(FAMILY), busy.memory_view, CONFIG)
+    assert queued.node == "b" and alone.chosen is not None
+    own = next(c for c in queued.candidates if c.node == "a" and c.tag == alone.chosen.tag)
+    assert own.queue_seconds == alone.chosen.queue_seconds > 0  # node a's own numbers, queue included
     full = choose(request(Preference.LATENCY), {"a": node(78, H100_TPS, in_flight=4, max_in_flight=4),
-                                                "b": node(78, H100_TPS, backlog=30.0)}, CONFIG)
+                                                "b": node(78, H100_TPS, streams={"Q4_K_M": 30.0})}, CONFIG)
     assert full.node == "b"
-    # A slower, idle 4090 still beats an H100 with half a minute of work ahead of it.
-    busy_h100 = choose(request(Preference.LATENCY), {"h100": node(78, H100_TPS, backlog=30.0),
-                                                      "rtx4090": node(18, RTX4090_TPS)}, CONFIG)
-    assert busy_h100.node == "rtx4090" and "ranked first of 2 nodes" in busy_h100.reason
+    # A slower, idle 4090 still beats an H100 whose Q4_K_M runner has half a minute of work ahead of it.
+    behind = choose(request(Preference.LATENCY), {"h100": node(78, H100_TPS, streams={"Q4_K_M": 30.0}),
+                                                  "rtx4090": node(18, RTX4090_TPS, resident=["Q4_K_M"])}, CONFIG)
+    assert behind.node == "rtx4090" and "ranked first of 2 nodes" in behind.reason
 
 
 def test_excluded_pairs_fall_back_to_the_next_pair_and_nothing_left_says_why_per_node() -> None:
@@ -86,3 +96,27 @@ def test_failure_kinds_follow_what_stood_in_the_way_on_every_node() -> None:
     unknown = choose(RoutingRequest("other:1b"), tiny, CONFIG)
     assert unknown.failure is FailureKind.EMPTY
     assert choose(request(Preference.QUALITY), {}, CONFIG).reason.endswith("(no live node)")
+
+
+def test_what_a_pick_costs_the_nodes_other_streams_is_ranked_as_churn() -> None:
+    """Node b runs a 30 s stream on F16: a LATENCY request on its idle Q4_K_M runner time-slices beside it, so
+    it finishes about one decode later than alone and delays that stream by as much. Node a's Q4_K_M runner
+    has 0.9 s left of a stream: the request queues behind it and delays nobody. By its own numbers b is
+    quicker; with what it costs the F16 stream, a is ranked first."""
+    beside = node(78, H100_TPS, resident=["Q4_K_M"], streams={"F16": 30.0})
+    behind = node(78, H100_TPS, streams={"Q4_K_M": 0.9})
+    q4 = f"{FAMILY}-q4_k_m"
+    picks = {name: decide(request(Preference.LATENCY), state.family(FAMILY), state.memory_view, CONFIG).chosen
+             for name, state in (("b", beside), ("a", behind))}
+    assert all(pick is not None and pick.tag == q4 for pick in picks.values())
+    own_b, own_a = picks["b"], picks["a"]
+    assert own_b is not None and own_a is not None and own_b.expected_seconds < own_a.expected_seconds
+    decode = own_b.expected_seconds - own_b.time_to_first_token
+    assert delay_to_others(beside, own_b) == pytest.approx(decode) and delay_to_others(behind, own_a) == 0.0
+    chosen = choose(request(Preference.LATENCY), {"a": behind, "b": beside}, CONFIG)
+    assert chosen.node == "a" and chosen.chosen is not None and chosen.chosen.churn_seconds == 0.0
+    alone = choose(request(Preference.LATENCY), {"b": beside}, CONFIG)
+    assert alone.chosen is not None and alone.chosen.churn_seconds == pytest.approx(decode)
+    assert alone.chosen.expected_seconds == own_b.expected_seconds  # the node's own numbers are kept
+    assert "delays the node's other streams by" in alone.reason
+    assert next(c for c in alone.candidates if c.tag == q4) == alone.chosen  # the ranked pick is the one listed

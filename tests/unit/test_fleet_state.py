@@ -19,13 +19,14 @@ def report() -> pb.NodeCapacity:
         variant=pb.Variant(tag="gemma3:270m-q8_0", quantization="Q8_0", size_bytes=278 * MIB, resident=True,
                            vram_bytes=300 * MIB, tokens_per_second=80.0, samples=3, quality=0.99,
                            tokens_per_second_measured=True),
-        family="gemma3:270m", prompt_tokens_per_second=900.0, in_flight=1,
+        family="gemma3:270m", prompt_tokens_per_second=900.0, in_flight=1, queued_seconds=2.0,
         architecture=pb.Architecture(name="gemma3", block_count=18, head_count_kv=1, head_dim=256,
                                      context_length=32768))
     variant.load_duration.FromNanoseconds(400_000_000)
     return pb.NodeCapacity(
         schema_version=SCHEMA_VERSION, sequence=7, reserve_bytes=0, in_flight=1, max_in_flight=256,
-        backlog_seconds=2.5, backend_up=True, names={"gemma3:270m": "gemma3:270m", "gemma3": "gemma3:270m"},
+        backlog_seconds=2.5, stream_backlog_seconds=[2.0, 0.5], backend_up=True,
+        names={"gemma3:270m": "gemma3:270m", "gemma3": "gemma3:270m"},
         memory=pb.MemoryStatus(source="nvml", free_bytes=10 * MIB, total_bytes=24 * MIB, gpus=[
             pb.GpuMemory(uuid="GPU-1", name="NVIDIA GeForce RTX 4090", free_bytes=10 * MIB, total_bytes=24 * MIB)]),
         variants=[variant])
@@ -37,7 +38,8 @@ def test_a_real_shaped_report_becomes_the_policys_values() -> None:
     assert candidate.variant.quant.name == "Q8_0" and candidate.variant.resident
     assert candidate.variant.architecture is not None and candidate.variant.architecture.block_count == 18
     assert candidate.speed.load_seconds == pytest.approx(0.4) and candidate.speed.measured
-    assert candidate.in_flight == 1 and state.backlog_seconds == 2.5
+    assert candidate.in_flight == 1 and candidate.queued_seconds == 2.0 and state.backlog_seconds == 2.5
+    assert state.backlog == state.memory_view.backlog == (0.5, 2.0)  # ascending, as the policy reads it
     assert state.memory_view.free_bytes == 10 * MIB and state.gpu_names == ("NVIDIA GeForce RTX 4090",)
     assert state.catalog.resolve("gemma3") is not None
 
@@ -60,6 +62,8 @@ def _set(path: str, value: object) -> Callable[[pb.NodeCapacity], None]:
     (_set("reserve_bytes", -5), "bad_memory"),
     (_set("in_flight", -1), "bad_load"),
     (_set("backlog_seconds", math.nan), "bad_load"),
+    (lambda message: message.stream_backlog_seconds.append(-1.0), "bad_load"),
+    (_set("variants.0.queued_seconds", math.inf), "bad_load"),
     (_set("variants.0.variant.tokens_per_second", 0.0), "bad_speed"),
     (_set("variants.0.variant.tokens_per_second", math.inf), "bad_speed"),
     (_set("variants.0.prompt_tokens_per_second", -3.0), "bad_speed"),

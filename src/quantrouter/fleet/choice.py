@@ -1,37 +1,58 @@
 """The fleet's decision: a pure function over (node, variant) candidates, built on `policy.decide`.
 
-Each live node is decided on its own with its own memory, residency, speeds and per-variant load,
-exactly as its node router would decide (so every change to the policy carries over). The nodes'
-chosen assessments are then ranked by the same preference, after one fleet-level adjustment: a node
-already busy adds its backlog (the expected seconds still ahead of its streams, as it reports them)
-to the time to first token and the expected time, as a queue in front of the new request would.
-A node at its in-flight limit offers nothing. No I/O, no clock, no logging.
+Each live node is decided on its own with its own memory, residency, speeds, per-variant load and
+backlog (each stream's expected remaining seconds, as it reports them), exactly as its node router
+would decide (so every change to the policy carries over, the queue, time-slicing and at-risk terms
+included). The nodes' chosen assessments are then ranked by the same preference and the policy's own
+ranking, after one fleet-level charge: a node router cannot choose where a request goes, the fleet can,
+so each pick's churn also carries what its decode costs the node's other streams. Runners of one GPU
+time-slice it, so each stream on another runner finishes later by about min(its remaining seconds, this
+decode); streams of the same runner run before it and lose nothing. Like churn, that is ranked on and
+never counted against the deadline. A node at its in-flight limit offers nothing. No I/O, no clock,
+no logging.
+
+An earlier version added each node's summed backlog to its pick's times after a decision made without
+it: blind to time-slicing and to the deadline risk behind a queue, it sent QUALITY requests to F16
+through a burst (bench/results/fleet.md's simulation, the mixed-burst scenario).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
 
 from quantrouter.fleet.state import NodeState
 from quantrouter.policy import PolicyConfig, RoutingRequest, decide, rank
-from quantrouter.values import Assessment, Decision, FailureKind
+from quantrouter.values import Assessment, Decision, FailureKind, quick_constructor
 
-__all__ = ["NodeVerdict", "choose"]
+__all__ = ["NodeVerdict", "choose", "delay_to_others"]
 
 
 @dataclass(frozen=True, slots=True)
 class NodeVerdict:
-    """One node's own decision, and its chosen assessment as the fleet ranks it (backlog included)."""
+    """One node's own decision, and its chosen assessment as the fleet ranks it (`delay_to_others` added to
+    its churn), if it offers one."""
 
     node: str
     decision: Decision
     ranked: Assessment | None
 
 
+_FIELDS = tuple(f.name for f in fields(Assessment))
+_new_assessment: Callable[..., Assessment] = quick_constructor(Assessment)
+
+
+def _amended(a: Assessment, **values: object) -> Assessment:
+    """`dataclasses.replace(a, **values)` at a fraction of its cost: a choice over a few nodes makes dozens, and
+    they were half of its time."""
+    return _new_assessment(**{name: values[name] if name in values else getattr(a, name) for name in _FIELDS})
+
+
 def _with_node(node: str, decision: Decision) -> Decision:
-    candidates = tuple(replace(a, node=node) for a in decision.candidates)
-    chosen = replace(decision.chosen, node=node) if decision.chosen else None
+    candidates = tuple(_amended(a, node=node) for a in decision.candidates)
+    chosen = decision.chosen
+    if chosen is not None:  # decide's pick is one of its candidates: name the same object
+        chosen = next(c for c, a in zip(candidates, decision.candidates, strict=True) if a is chosen)
     return replace(decision, candidates=candidates, chosen=chosen, node=node)
 
 
@@ -45,9 +66,20 @@ def _verdict(node: str, state: NodeState, request: RoutingRequest, excluded: fro
     chosen = decision.chosen
     if chosen is None:
         return NodeVerdict(node, decision, None)
-    backlog = state.backlog_seconds
-    return NodeVerdict(node, decision, replace(chosen, time_to_first_token=chosen.time_to_first_token + backlog,
-                                               expected_seconds=chosen.expected_seconds + backlog))
+    return NodeVerdict(node, decision, _amended(chosen, churn_seconds=chosen.churn_seconds
+                                                + delay_to_others(state, chosen)))
+
+
+def delay_to_others(state: NodeState, chosen: Assessment) -> float:
+    """Seconds `chosen`'s decode adds, in all, to the node's streams on other runners: each stream is delayed
+    by min(its remaining seconds, this decode); the variant's own streams (at most its queued seconds, each
+    at most this decode) run before it and are left out."""
+    decode = chosen.expected_seconds - chosen.time_to_first_token
+    if decode <= 0 or not state.backlog:
+        return 0.0
+    own = next((c for c in state.candidates if c.variant.tag == chosen.tag), None)
+    behind = min(own.queued_seconds, own.in_flight * decode) if own else 0.0
+    return max(sum(min(remaining, decode) for remaining in state.backlog) - behind, 0.0)
 
 
 def _failure(verdicts: list[NodeVerdict]) -> FailureKind:
@@ -72,10 +104,12 @@ def choose(request: RoutingRequest, nodes: Mapping[str, NodeState], config: Poli
                         failure=_failure(verdicts))
     best = rank(offers, request.preference, config, request.time_remaining)[0]  # the policy's own ranking
     verdict = next(v for v in verdicts if v.node == best.node)
-    backlog = nodes[best.node].backlog_seconds
     reason = verdict.decision.reason
-    if backlog:
-        reason += f"; {backlog:.1f} s of work queued on node {best.node}"
+    if best.queue_seconds:
+        reason += f"; {best.queue_seconds:.1f} s of queue on node {best.node}"
+    others = best.churn_seconds - (verdict.decision.chosen.churn_seconds if verdict.decision.chosen else 0.0)
+    if others > 0:
+        reason += f"; delays the node's other streams by {others:.1f} s in all (ranked as churn)"
     if len(offers) > 1:
         reason += f"; node {best.node} ranked first of {len(offers)} nodes"
     candidates = tuple(best if a.node == best.node and a.tag == best.tag else a for a in listed)

@@ -45,6 +45,7 @@ class NodeState:
     backlog_seconds: float = 0.0
     backend_up: bool = True
     sequence: int = 0
+    backlog: tuple[float, ...] = ()  # each stream's expected remaining seconds, ascending
 
     @property
     def catalog(self) -> CatalogSnapshot:
@@ -52,7 +53,7 @@ class NodeState:
 
     @property
     def memory_view(self) -> MemoryView:
-        return MemoryView(self.memory.free_bytes, self.reserve_bytes, self.memory.source)
+        return MemoryView(self.memory.free_bytes, self.reserve_bytes, self.memory.source, self.backlog)
 
     def family(self, family: str) -> tuple[CandidateInput, ...]:
         return tuple(c for c in self.candidates if c.variant.family == family)
@@ -71,6 +72,10 @@ def _positive(value: float) -> bool:
     return math.isfinite(value) and value > 0
 
 
+def _seconds(value: float) -> bool:
+    return math.isfinite(value) and value >= 0
+
+
 def _candidate(item: pb.NodeVariant) -> CandidateInput:
     v = item.variant
     _require(bool(v.tag) and bool(item.family), "bad_variant", "a variant without a tag or a family")
@@ -87,6 +92,7 @@ def _candidate(item: pb.NodeVariant) -> CandidateInput:
              f"load {load} s, {v.samples} samples")
     _require(0 <= v.quality <= 1 and item.in_flight >= 0, "bad_variant",
              f"{v.tag}: quality {v.quality}, {item.in_flight} in flight")
+    _require(_seconds(item.queued_seconds), "bad_load", f"{v.tag}: {item.queued_seconds} s queued")
     arch = None
     if item.HasField("architecture"):
         a = item.architecture
@@ -97,7 +103,7 @@ def _candidate(item: pb.NodeVariant) -> CandidateInput:
     info = VariantInfo(v.tag, item.family, quant, v.size_bytes, v.parameter_count, arch, v.resident, v.vram_bytes)
     speed = SpeedEstimate(v.tokens_per_second, item.prompt_tokens_per_second, load, v.samples,
                           v.tokens_per_second_measured)
-    return CandidateInput(info, speed, v.quality, item.in_flight, item.breaker_open,
+    return CandidateInput(info, speed, v.quality, item.in_flight, item.breaker_open, item.queued_seconds,
                           quality_measured=v.quality_measured)
 
 
@@ -112,11 +118,13 @@ def read_report(report: pb.NodeCapacity) -> NodeState:
                                                          for g in gpus) + f", reserve {report.reserve_bytes}")
     _require(bool(gpus) and sum(g.free_bytes for g in gpus) == m.free_bytes, "bad_memory",
              f"free memory {m.free_bytes} does not add up over {len(gpus)} devices")
-    _require(report.in_flight >= 0 and report.max_in_flight >= 0 and math.isfinite(report.backlog_seconds)
-             and report.backlog_seconds >= 0, "bad_load",
-             f"{report.in_flight} in flight of {report.max_in_flight}, backlog {report.backlog_seconds} s")
+    backlog = tuple(sorted(report.stream_backlog_seconds))
+    _require(report.in_flight >= 0 and report.max_in_flight >= 0 and _seconds(report.backlog_seconds)
+             and all(_seconds(b) for b in backlog), "bad_load",
+             f"{report.in_flight} in flight of {report.max_in_flight}, backlog {report.backlog_seconds} s "
+             f"over streams {list(backlog)}")
     candidates = tuple(_candidate(item) for item in report.variants)
     _require(len({c.variant.tag for c in candidates}) == len(candidates), "bad_variant", "a tag listed twice")
     return NodeState(MemorySnapshot(m.source, gpus, m.detail), report.reserve_bytes, candidates, dict(report.names),
                      report.in_flight, report.max_in_flight, report.backlog_seconds, report.backend_up,
-                     report.sequence)
+                     report.sequence, backlog)
