@@ -27,6 +27,8 @@ router may fall back to another variant, after it the stream ends with the error
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import grpc
@@ -53,6 +55,7 @@ __all__ = [
     "QuantrouterError",
     "ShuttingDown",
     "Unauthenticated",
+    "reporting_status",
 ]
 
 # The ErrorInfo domain: globally unique, stable (AIP-193).
@@ -178,3 +181,20 @@ class BackendRejected(BackendError):
 
 class BackendFailed(BackendError):
     reason = "BACKEND_FAILED"
+
+
+@contextmanager
+def reporting_status(report: Callable[[grpc.StatusCode], None]) -> Iterator[None]:
+    """Run the block, then `report` the status the call ends with, as the stream metrics count it: OK, the code
+    of the QuantrouterError it raised, or CANCELLED for anything else (the caller left mid-stream)."""
+    code = grpc.StatusCode.OK
+    try:
+        yield
+    except QuantrouterError as error:
+        code = error.code
+        raise
+    except BaseException:
+        code = grpc.StatusCode.CANCELLED
+        raise
+    finally:
+        report(code)

@@ -41,6 +41,7 @@ from quantrouter.errors import (
     NoVariantFits,
     Overloaded,
     QuantrouterError,
+    reporting_status,
 )
 from quantrouter.inventory import Inventory
 from quantrouter.memory import NVML, MemoryProbe
@@ -290,10 +291,15 @@ class Router:
         started = self._clock()
         self._in_flight_families[request.family] += 1
         self.metrics.stream_opened(family)
-        code = grpc.StatusCode.OK
         variant: VariantInfo | None = None
         first_token: float | None = None
-        try:
+
+        def closed(code: grpc.StatusCode) -> None:
+            self._in_flight_families[request.family] -= 1
+            self.metrics.stream_closed(family, *_variant_labels(variant), request.preference.value, code.name,
+                                       self._clock() - started)
+
+        with reporting_status(closed):
             decision = self.decide(request)
             self.record_decision(decision)
             fallback_used = False
@@ -327,16 +333,6 @@ class Router:
                     request, decision = retry, alternative
                     self.record_decision(decision)
                     self.metrics.substituted(family, alternative.chosen.tag, "fallback")
-        except QuantrouterError as error:
-            code = error.code
-            raise
-        except BaseException:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        finally:
-            self._in_flight_families[request.family] -= 1
-            self.metrics.stream_closed(family, *_variant_labels(variant), request.preference.value, code.name,
-                                       self._clock() - started)
 
     def _chosen_variant(self, decision: Decision) -> VariantInfo:
         if decision.chosen is None:

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 
 from quantrouter.client import error_details
-from quantrouter.errors import ModelNotFound, NodeAnswered, NodeFailed, NoLiveNode, QuantrouterError
+from quantrouter.errors import ModelNotFound, NodeAnswered, NodeFailed, NoLiveNode, reporting_status
 from quantrouter.fleet.choice import choose
 from quantrouter.fleet.metrics import FleetMetrics
 from quantrouter.fleet.nodes import NodeSet
@@ -96,8 +96,13 @@ class FleetRouter:
         """The fleet's decision, then the node's text chunks and completion, as protobuf events."""
         started = self._clock()
         self.in_flight += 1
-        code, node, tag = grpc.StatusCode.OK, OTHER, OTHER
-        try:
+        node, tag = OTHER, OTHER
+
+        def closed(code: grpc.StatusCode) -> None:
+            self.in_flight -= 1
+            self.metrics.requests.labels(node, request.family, tag, code.name).inc()
+
+        with reporting_status(closed):
             excluded: frozenset[tuple[str, str]] = frozenset()
             attempts = 0
             decision = self.decide(request)
@@ -135,15 +140,6 @@ class FleetRouter:
                                 node, tag, error.code().name, alternative.chosen.tag, alternative.node)
                     self.metrics.fallbacks.labels(node, tag, error.code().name).inc()
                     decision = alternative
-        except QuantrouterError as error:
-            code = error.code
-            raise
-        except BaseException:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        finally:
-            self.in_flight -= 1
-            self.metrics.requests.labels(node, request.family, tag, code.name).inc()
 
     def _failed(self, node: str, tag: str, family: str, code: grpc.StatusCode) -> frozenset[tuple[str, str]]:
         """The pairs to leave out after `tag` failed on `node`: the pair, or all of the node's family."""
