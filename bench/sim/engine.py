@@ -54,6 +54,7 @@ MAX_LOADED_MODELS = 3
 EWMA_ALPHA = 0.3
 # One num_ctx per variant so Ollama never reloads over a context change (docs/ollama.md §3, "Router rule").
 NUM_CTX = 8192
+ARRIVAL_WINDOW_S = 60.0
 
 
 class Outcome(enum.Enum):
@@ -99,6 +100,8 @@ class RouterView:
     num_ctx: int
     truth: Truth
     backlog: tuple[tuple[str, float, float], ...] = ()  # (tag, service estimate, share streamed) per request
+    arrivals: tuple[tuple[float, float], ...] = ()  # (time, service estimate) of recently routed requests
+    slos: tuple[tuple[float, float], ...] = ()  # (seconds to its deadline, min tok/s) per request, as `backlog`
 
 
 class Policy(Protocol):
@@ -213,6 +216,7 @@ class Simulation:
         self._tenant_want = 0
         self._table = ThroughputTable(EWMA_ALPHA, bandwidth_for([gpu.nvml_name]))
         self._in_flight: Counter[str] = Counter()
+        self._arrivals: deque[tuple[float, float]] = deque()
         self._results: list[RequestResult] = []
         self._loads = self._evicting_loads = self._partial_loads = 0
         self._memory: list[MemorySample] = []
@@ -366,14 +370,20 @@ class Simulation:
     def _view(self) -> RouterView:
         resident = {t: r.gpu_bytes for t, r in self._runners.items() if r.ready(self.now)}
         backlog = tuple((j.variant.tag, j.service_estimate, j.tokens_done()) for j in self._jobs.values())
+        slos = tuple((j.request.arrival + j.request.deadline_s - self.now, j.request.min_tokens_per_second)
+                     for j in self._jobs.values())
         return RouterView(self.now, self.family, self.gpu.nvml_name, self.gpu.capacity_bytes, self.free_bytes(),
-                          resident, dict(self._in_flight), self._table.snapshot(), self.num_ctx, self, backlog)
+                          resident, dict(self._in_flight), self._table.snapshot(), self.num_ctx, self, backlog,
+                          tuple(self._arrivals), slos)
 
     def _arrive(self, request: Request) -> None:
         view = self._view()
         choice = self.policy.choose(request, view)
         if self._audit and self._value is not None:
             self._audits.append(self._audit_values(request, view, choice))
+        while self._arrivals and self._arrivals[0][0] < self.now - ARRIVAL_WINDOW_S:
+            self._arrivals.popleft()
+        self._arrivals.append((self.now, choice.service_seconds))
         if choice.tag is None:
             self._results.append(RequestResult(request, Outcome.REJECTED, choice.reason))
             return

@@ -19,7 +19,7 @@ from bench.sim.hardware import (
 )
 from bench.sim.workload import Request, meets_floor
 from quantrouter.catalog import VariantInfo
-from quantrouter.policy import CandidateInput, MemoryView, PolicyConfig, RoutingRequest, decide, remaining_seconds
+from quantrouter.policy import CandidateInput, InFlight, MemoryView, PolicyConfig, RoutingRequest, decide, remaining_seconds
 from quantrouter.quant import KV_CACHE_TYPES, QuantType, parse_quantization, quality_order
 from quantrouter.values import Preference
 
@@ -54,7 +54,13 @@ class QuantRouter:
                                  min_tokens_per_second=request.min_tokens_per_second,
                                  time_remaining=request.deadline_s)
         backlog = remaining_seconds([(service, done) for _, service, done in view.backlog])
-        memory = MemoryView(view.free_bytes, OLLAMA_MINIMUM_MEMORY, "nvml", backlog)
+        import os
+        window = float(os.environ.get("RHO_W", "30"))
+        load = sum(s for t, s in view.arrivals if t >= view.now - window) / window
+        tps = {info.tag: speed.decode_tps for info, speed in speeds}
+        in_flight = tuple(InFlight(service * (1.0 - done), service, tps[tag], left, floor_tps)
+                          for (tag, service, done), (left, floor_tps) in zip(view.backlog, view.slos, strict=True))
+        memory = MemoryView(view.free_bytes, OLLAMA_MINIMUM_MEMORY, "nvml", backlog, load, in_flight)
         decision = decide(routing, candidates, memory, self.config)
         chosen = decision.chosen
         if chosen is None:

@@ -106,6 +106,17 @@ class CandidateInput:
 
 
 @dataclass(frozen=True, slots=True)
+class InFlight:
+    """One in-flight request as a new runner's time-slicing would touch it."""
+
+    remaining_seconds: float
+    service_seconds: float
+    tokens_per_second: float
+    time_left: float | None = None
+    min_tokens_per_second: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class MemoryView:
     """The GPU as the router sees it: free memory and the backlog of its own in-flight requests.
 
@@ -117,6 +128,8 @@ class MemoryView:
     reserve_bytes: int = 0
     source: str = "static"
     backlog: tuple[float, ...] = ()
+    offered_load: float = 0.0
+    in_flight: tuple[InFlight, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +198,34 @@ class _Backlog:
         return self._prefix[i] + service * (len(self._sorted) - i)
 
 
+class _Guard:
+    """How many in-flight requests a new busy runner would push past their SLO, in O(log n) per candidate.
+
+    Runners time-slice the GPU, so a new one delays each in-flight request by about min(its own service, the
+    request's remaining seconds). A request that meets its deadline and rate now, with slack t, misses when
+    that delay exceeds t."""
+
+    __slots__ = ("_slacks",)
+
+    def __init__(self, in_flight: tuple[InFlight, ...], busy_runners: int) -> None:
+        k = max(busy_runners, 1)
+        slacks = []
+        for j in in_flight:
+            r = j.remaining_seconds
+            eligible = []
+            if j.time_left is not None:
+                eligible.append(j.time_left - r * k)
+            if j.min_tokens_per_second > 0:
+                eligible.append(j.service_seconds * (j.tokens_per_second / j.min_tokens_per_second - k))
+            tight = [t for t in eligible if 0 <= t < r]
+            if tight:
+                slacks.append(min(tight))
+        self._slacks = sorted(slacks)
+
+    def harmed(self, service: float) -> int:
+        return bisect_left(self._slacks, service)
+
+
 class _Frame:
     """What every candidate of one decision shares, worked out once: the request's numbers, the memory
     thresholds, the backlog, and the context bytes per architecture (KV cache + compute graph).
@@ -195,11 +236,13 @@ class _Frame:
     """
 
     __slots__ = ("_kv", "available", "backlog", "busy_runners", "config", "deadline", "decode_tokens",
-                 "family_resident", "min_tps", "prompt_tokens", "request", "upgrade_usable", "usable", "vetted")
+                 "family_resident", "guard", "min_tps", "prompt_tokens", "request", "stretch", "upgrade_usable", "usable", "vetted")
 
     def __init__(self, request: RoutingRequest, available: int, family_resident: bool, backlog: _Backlog,
                  busy_runners: int, config: PolicyConfig) -> None:
         self.request, self.config, self.backlog, self.busy_runners = request, config, backlog, busy_runners
+        self.stretch = 1.0
+        self.guard = _Guard((), 1)
         self.prompt_tokens, self.decode_tokens = request.prompt_tokens, request.num_predict
         self.deadline, self.min_tps = request.time_remaining, request.min_tokens_per_second
         self.available, self.family_resident = available, family_resident
@@ -223,7 +266,7 @@ class _Frame:
 class _Row:
     """A candidate's numbers while the decision is made (mutable, so each `Assessment` is built once)."""
 
-    __slots__ = ("at_risk", "below_floor", "churn", "expected", "measured", "memory_only", "need", "quality",
+    __slots__ = ("at_risk", "below_floor", "churn", "expected", "harms", "tier", "measured", "memory_only", "need", "quality",
                  "quality_measured", "quantization", "queue", "rejection", "resident", "score", "tag", "tps", "ttft")
 
     def __init__(self, c: CandidateInput, frame: _Frame) -> None:
@@ -256,13 +299,15 @@ class _Row:
                 memory_only = True
         self.rejection, self.memory_only = rejection, memory_only
         self.queue, self.churn, self.score = queue, 0.0, 0.0
-        self.ttft = ttft = queue + load + prefill
-        self.expected = expected = ttft + decode
+        stretch = frame.stretch
+        self.ttft = ttft = queue + load + prefill * stretch
+        self.expected = expected = ttft + decode * stretch
         # Its decode rate while other runners time-slice the GPU (its own runner's queue delays, never slows it).
         sharing = 1 + frame.busy_runners - (in_flight > 0)
         deadline = frame.deadline
         late = deadline is not None and max(expected, ttft + decode * sharing) > deadline
         self.at_risk = late or tps / sharing < frame.min_tps
+        self.harms = frame.guard.harmed(service) if in_flight == 0 and frame.busy_runners else 0
 
     def assessment(self) -> Assessment:
         return _new_assessment(self.tag, self.quantization, self.need, self.resident, self.tps, self.measured,
@@ -280,6 +325,7 @@ class _Row:
         row.quality, row.score, row.rejection, row.memory_only = a.quality, a.score, a.rejection, a.memory_only
         row.queue, row.churn, row.at_risk, row.below_floor = a.queue_seconds, a.churn_seconds, a.at_risk, False
         row.quality_measured = a.quality_measured
+        row.harms = 0
         return row
 
 
@@ -313,9 +359,12 @@ def _score(rows: Sequence[_Row], preference: Preference, config: PolicyConfig,
     """Set each row's score (higher is better) and return the ranking key (best first); candidates at risk
     of missing the deadline or the speed floor behind the GPU's backlog score `AT_RISK_PENALTY` lower, so
     they rank after the rest."""
-    safe = [row for row in rows if not row.at_risk]
-    if not safe:  # nothing is expected to make it: the fastest has the best chance
-        safe, preference = list(rows), Preference.LATENCY
+    for row in rows:
+        row.tier = row.at_risk + (row.harms > 0)
+    low = min((row.tier for row in rows), default=0)
+    safe = [row for row in rows if row.tier == low]
+    if low:  # nothing is expected to make it: the fastest has the best chance
+        preference = Preference.LATENCY
     top_q = max(row.quality for row in safe)
     floor_q = top_q - config.quality_tolerance
     best_q = top_q or 1.0
@@ -336,7 +385,7 @@ def _score(rows: Sequence[_Row], preference: Preference, config: PolicyConfig,
             value = speed
         else:
             value = weight * quality / best_q + (1 - weight) * speed
-        row.score = value - AT_RISK_PENALTY if row.at_risk else value
+        row.score = value - AT_RISK_PENALTY * row.tier
     # Primary: score. Secondary: the other objective, so ties resolve as the docstring says.
     if preference is Preference.LATENCY:
         return lambda row: (-round(row.score / TIE_TOLERANCE), -row.quality, row.tag)
@@ -380,6 +429,12 @@ def decide(
     family_resident = any(c.variant.resident for c in pool)
     busy_runners = sum(1 for c in pool if c.in_flight > 0)
     frame = _Frame(request, available, family_resident, _Backlog(memory.backlog), busy_runners, config)
+    import os
+    if os.environ.get("GUARD"):
+        frame.guard = _Guard(memory.in_flight, busy_runners)
+    cap = float(os.environ.get("RHO_CAP", "0"))
+    if cap:
+        frame.stretch = 1.0 / (1.0 - min(memory.offered_load, cap))
     rows = [_Row(c, frame) for c in pool]
     if request.pinned_tag is None:
         _charge_churn(rows, pool, free, config)
