@@ -14,8 +14,9 @@ What is simulated (docs/ollama.md §3 unless noted), with the `EngineSpec` dimen
 - other tenants take memory as it frees up, never more than is there;
 - each request's deadline cancels it wherever it is, as a gRPC deadline cancels the Ollama request.
 
-The router sees what production sees: NVML free memory, `/api/ps` residency, its own in-flight counts and a
-`ThroughputTable` fed with Ollama's per-request figures. Truth reaches only policies that ask `view.truth`.
+The router sees what production sees: NVML free memory, `/api/ps` residency, its own in-flight requests (with
+their deadlines and rate floors, which callers sent it), its recent routings and a `ThroughputTable` fed with
+Ollama's per-request figures. Truth reaches only policies that ask `view.truth`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from bench.sim.hardware import (
     seconds_per_token,
 )
 from bench.sim.workload import Request, meets_floor
+from quantrouter.policy import LOAD_WINDOW_S
 from quantrouter.throughput import Observation, ThroughputSnapshot, ThroughputTable, bandwidth_for
 from quantrouter.units import NS
 
@@ -54,7 +56,6 @@ MAX_LOADED_MODELS = 3
 EWMA_ALPHA = 0.3
 # One num_ctx per variant so Ollama never reloads over a context change (docs/ollama.md §3, "Router rule").
 NUM_CTX = 8192
-ARRIVAL_WINDOW_S = 60.0
 
 
 class Outcome(enum.Enum):
@@ -100,8 +101,8 @@ class RouterView:
     num_ctx: int
     truth: Truth
     backlog: tuple[tuple[str, float, float], ...] = ()  # (tag, service estimate, share streamed) per request
-    arrivals: tuple[tuple[float, float], ...] = ()  # (time, service estimate) of recently routed requests
     slos: tuple[tuple[float, float], ...] = ()  # (seconds to its deadline, min tok/s) per request, as `backlog`
+    arrivals: tuple[tuple[float, float], ...] = ()  # (time, service estimate) of the last LOAD_WINDOW_S's routings
 
 
 class Policy(Protocol):
@@ -374,14 +375,14 @@ class Simulation:
                      for j in self._jobs.values())
         return RouterView(self.now, self.family, self.gpu.nvml_name, self.gpu.capacity_bytes, self.free_bytes(),
                           resident, dict(self._in_flight), self._table.snapshot(), self.num_ctx, self, backlog,
-                          tuple(self._arrivals), slos)
+                          slos, tuple(self._arrivals))
 
     def _arrive(self, request: Request) -> None:
         view = self._view()
         choice = self.policy.choose(request, view)
         if self._audit and self._value is not None:
             self._audits.append(self._audit_values(request, view, choice))
-        while self._arrivals and self._arrivals[0][0] < self.now - ARRIVAL_WINDOW_S:
+        while self._arrivals and self._arrivals[0][0] < self.now - LOAD_WINDOW_S:
             self._arrivals.popleft()
         self._arrivals.append((self.now, choice.service_seconds))
         if choice.tag is None:

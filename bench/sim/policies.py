@@ -19,7 +19,16 @@ from bench.sim.hardware import (
 )
 from bench.sim.workload import Request, meets_floor
 from quantrouter.catalog import VariantInfo
-from quantrouter.policy import CandidateInput, InFlight, MemoryView, PolicyConfig, RoutingRequest, decide, remaining_seconds
+from quantrouter.policy import (
+    CandidateInput,
+    InFlight,
+    MemoryView,
+    PolicyConfig,
+    RoutingRequest,
+    decide,
+    offered_load,
+    remaining_seconds,
+)
 from quantrouter.quant import KV_CACHE_TYPES, QuantType, parse_quantization, quality_order
 from quantrouter.values import Preference
 
@@ -31,7 +40,8 @@ DEFAULT_QUANT = "Q4_K_M"  # Ollama's library default tag for most families
 @dataclass(frozen=True, slots=True)
 class QuantRouter:
     """quantrouter's `decide`, fed as the service feeds it: estimates from the throughput table, the backlog
-    from its own in-flight requests (their estimates and the share of tokens streamed). `min_quantization` is a
+    from its own in-flight requests (their estimates, the share of tokens streamed and their SLOs), and the
+    offered load from its recent routings. `min_quantization` is a
     floor on every request, on top of the request's own."""
 
     name: str = "quantrouter"
@@ -54,13 +64,11 @@ class QuantRouter:
                                  min_tokens_per_second=request.min_tokens_per_second,
                                  time_remaining=request.deadline_s)
         backlog = remaining_seconds([(service, done) for _, service, done in view.backlog])
-        import os
-        window = float(os.environ.get("RHO_W", "30"))
-        load = sum(s for t, s in view.arrivals if t >= view.now - window) / window
         tps = {info.tag: speed.decode_tps for info, speed in speeds}
-        in_flight = tuple(InFlight(service * (1.0 - done), service, tps[tag], left, floor_tps)
+        in_flight = tuple(InFlight(service, done, tps[tag], left, floor_tps)
                           for (tag, service, done), (left, floor_tps) in zip(view.backlog, view.slos, strict=True))
-        memory = MemoryView(view.free_bytes, OLLAMA_MINIMUM_MEMORY, "nvml", backlog, load, in_flight)
+        memory = MemoryView(view.free_bytes, OLLAMA_MINIMUM_MEMORY, "nvml", backlog, in_flight,
+                            offered_load(view.arrivals, view.now))
         decision = decide(routing, candidates, memory, self.config)
         chosen = decision.chosen
         if chosen is None:

@@ -260,7 +260,8 @@ def _decision_lines(decision: Decision) -> list[str]:
                      f"{c.tokens_per_second:7.1f} tok/s{'' if c.measured else '*'} q={c.quality:.3f} "
                      f"{'measured' if c.quality_measured else 'prior':<8} "
                      f"T={c.expected_seconds:6.2f}s queue={c.queue_seconds:.2f}s churn={c.churn_seconds:.2f}s"
-                     f"{' at-risk' if c.at_risk else ''} {c.rejection}")
+                     f"{' at-risk' if c.at_risk else ''}{f' endangers={c.endangers}' if c.endangers else ''}"
+                     f"{f' held back: {c.held_back}' if c.held_back else ''} {c.rejection}")
     return lines
 
 

@@ -125,7 +125,7 @@ def _decision_of(message: pb.RouteDecision) -> Decision:
         c.variant, c.quantization, c.memory_bytes, c.resident, c.tokens_per_second, c.tokens_per_second_measured,
         _seconds(c.time_to_first_token), _seconds(c.expected_duration), c.quality, c.score, c.rejection, node=c.node,
         queue_seconds=_seconds(c.queue_duration), churn_seconds=_seconds(c.churn_duration), at_risk=c.at_risk,
-        quality_measured=c.quality_measured)
+        quality_measured=c.quality_measured, endangers=c.endangers, held_back=c.held_back)
         for c in message.candidates)
     chosen = next((c for c in candidates if c.tag == message.variant and c.node == message.node), None)
     return Decision(message.model, _PREFERENCE_OF_PB[message.preference], chosen, message.reason, candidates,

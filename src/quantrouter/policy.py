@@ -29,7 +29,13 @@ alone rules every variant out the decision fails with `FailureKind.DEADLINE`. Th
 candidate whose T, or whose decode stretched by the other busy runners time-slicing the GPU, passes the
 deadline, or whose decode rate under that sharing falls below `min_tokens_per_second`, is `at_risk` and
 ranks after the rest (when all are, the
-fastest is tried). A variant below `SPEED_FLOOR_BPW` yields to any feasible variant at or above the
+fastest is tried). Three more marks hold a candidate back behind the others (`held_back`, said in words;
+`endangers` counts): its new runner would push in-flight requests past their deadline or rate floor
+(runners time-slice the GPU, so a new one delays each by about min(its service, theirs left), `_Guard`);
+its load only fits by evicting idle siblings, whose memory other tenants may take before it loads; or the
+GPU is overloaded (`offered_load`, the service seconds routed per second over the last `LOAD_WINDOW_S`, at
+or above `overload_threshold`) and it is slower than the quickest warm variant, whose one runner then
+serves the queue in order instead of several time-slicing runners that all miss. A variant below `SPEED_FLOOR_BPW` yields to any feasible variant at or above the
 floor that is (or, unmeasured, is believed) at least as fast: below ~4.5 bits/weight dequantisation
 eats the smaller read (docs/quantization.md §2 (iii)), so it serves when memory or an explicit constraint
 leaves nothing else. When memory pressure rejects the variant the preference would have taken, the
@@ -51,11 +57,14 @@ from quantrouter.units import format_bytes
 from quantrouter.values import Assessment, Decision, FailureKind, Preference, quick_constructor
 
 __all__ = [
+    "LOAD_WINDOW_S",
     "CandidateInput",
+    "InFlight",
     "MemoryView",
     "PolicyConfig",
     "RoutingRequest",
     "decide",
+    "offered_load",
     "rank",
     "remaining_seconds",
 ]
@@ -74,6 +83,11 @@ OLLAMA_LOAD_FRACTION = 0.8
 # Every decision builds an `Assessment` per candidate and a `Decision`: built without the frozen `__init__`'s cost.
 _new_assessment = quick_constructor(Assessment)
 _new_decision = quick_constructor(Decision)
+# The window over which the router sums the service seconds it routed (`offered_load`): long enough to see a
+# burst as a rate (30 s at 0.25 req/s holds ~7 arrivals), short enough to let go within a minute of its end.
+LOAD_WINDOW_S = 30.0
+# Under overload, candidates within this share of the quickest warm variant's service count as as quick.
+OVERLOAD_SPEED_SLACK = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,11 +121,12 @@ class CandidateInput:
 
 @dataclass(frozen=True, slots=True)
 class InFlight:
-    """One in-flight request as a new runner's time-slicing would touch it."""
+    """One in-flight request as a new runner's time-slicing would touch it: its decision's service estimate
+    (alone on the GPU), the share of its tokens streamed, its variant's decode rate, and its SLO."""
 
-    remaining_seconds: float
     service_seconds: float
-    tokens_per_second: float
+    done: float = 0.0
+    tokens_per_second: float = 0.0
     time_left: float | None = None
     min_tokens_per_second: float = 0.0
 
@@ -121,15 +136,16 @@ class MemoryView:
     """The GPU as the router sees it: free memory and the backlog of its own in-flight requests.
 
     `backlog` holds each in-flight request's expected remaining seconds, sorted ascending
-    (`remaining_seconds` builds it).
+    (`remaining_seconds` builds it); `in_flight` the same requests with their SLOs; `offered_load` the service
+    seconds routed per second lately (`offered_load()` builds it).
     """
 
     free_bytes: int
     reserve_bytes: int = 0
     source: str = "static"
     backlog: tuple[float, ...] = ()
-    offered_load: float = 0.0
     in_flight: tuple[InFlight, ...] = ()
+    offered_load: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +159,8 @@ class PolicyConfig:
     `balanced_deadline_share`: for BALANCED requests with a deadline, an expected time within this share of
     the time left counts as fast enough, so quality decides among such candidates.
     `kv_bytes_per_element`: the backend's KV cache element size (OLLAMA_KV_CACHE_TYPE, `quant.KV_CACHE_TYPES`).
+    `overload_threshold`: the offered load (busy GPU seconds asked per second) from which the GPU counts as
+    overloaded; 1.0 is where work arrives faster than one GPU serves it alone.
     """
 
     balanced_quality_weight: float = 0.5
@@ -152,6 +170,7 @@ class PolicyConfig:
     runner_parallel: int = 1
     balanced_deadline_share: float = 0.5
     kv_bytes_per_element: float = KV_CACHE_TYPES["f16"]
+    overload_threshold: float = 1.0
 
 
 def remaining_seconds(expected_and_done: Sequence[tuple[float, float]]) -> tuple[float, ...]:
@@ -159,6 +178,12 @@ def remaining_seconds(expected_and_done: Sequence[tuple[float, float]]) -> tuple
     tokens still to come (the tokens streamed so far tell; wall time does not, as queued and time-sliced
     requests make no progress while it passes)."""
     return tuple(sorted(expected * max(1.0 - done, 0.0) for expected, done in expected_and_done))
+
+
+def offered_load(arrivals: Sequence[tuple[float, float]], now: float, window: float = LOAD_WINDOW_S) -> float:
+    """`MemoryView.offered_load`: the service seconds of the requests routed within `window` before `now`
+    ((time, service estimate) pairs), per second."""
+    return sum(service for t, service in arrivals if now - window <= t <= now) / window
 
 
 def _constraint_rejection(c: CandidateInput, request: RoutingRequest, speed: SpeedEstimate,
@@ -201,28 +226,30 @@ class _Backlog:
 class _Guard:
     """How many in-flight requests a new busy runner would push past their SLO, in O(log n) per candidate.
 
-    Runners time-slice the GPU, so a new one delays each in-flight request by about min(its own service, the
-    request's remaining seconds). A request that meets its deadline and rate now, with slack t, misses when
-    that delay exceeds t."""
+    With k runners busy, request j expects to finish in k × its remaining seconds r; a new runner delays it by
+    about min(s, r), s the newcomer's service. Its slack t is the time left to its deadline beyond that, or the
+    decode time its rate floor allows beyond k × its service; a request with 0 ≤ t < r is endangered by any
+    s > t (one with t < 0 misses already, one with t ≥ r cannot be pushed past).
+    """
 
     __slots__ = ("_slacks",)
 
-    def __init__(self, in_flight: tuple[InFlight, ...], busy_runners: int) -> None:
+    def __init__(self, in_flight: Sequence[InFlight], busy_runners: int) -> None:
         k = max(busy_runners, 1)
         slacks = []
         for j in in_flight:
-            r = j.remaining_seconds
-            eligible = []
-            if j.time_left is not None:
-                eligible.append(j.time_left - r * k)
-            if j.min_tokens_per_second > 0:
-                eligible.append(j.service_seconds * (j.tokens_per_second / j.min_tokens_per_second - k))
-            tight = [t for t in eligible if 0 <= t < r]
-            if tight:
-                slacks.append(min(tight))
+            left = j.service_seconds * max(1.0 - j.done, 0.0)
+            tight = left
+            if j.time_left is not None and 0 <= (t := j.time_left - left * k) < tight:
+                tight = t
+            if j.min_tokens_per_second > 0 and 0 <= (
+                    t := j.service_seconds * (j.tokens_per_second / j.min_tokens_per_second - k)) < tight:
+                tight = t
+            if tight < left:
+                slacks.append(tight)
         self._slacks = sorted(slacks)
 
-    def harmed(self, service: float) -> int:
+    def endangered(self, service: float) -> int:
         return bisect_left(self._slacks, service)
 
 
@@ -236,13 +263,12 @@ class _Frame:
     """
 
     __slots__ = ("_kv", "available", "backlog", "busy_runners", "config", "deadline", "decode_tokens",
-                 "family_resident", "guard", "min_tps", "prompt_tokens", "request", "stretch", "upgrade_usable", "usable", "vetted")
+                 "family_resident", "guard", "min_tps", "prompt_tokens", "request", "upgrade_usable", "usable", "vetted")
 
     def __init__(self, request: RoutingRequest, available: int, family_resident: bool, backlog: _Backlog,
-                 busy_runners: int, config: PolicyConfig) -> None:
+                 busy_runners: int, guard: _Guard, config: PolicyConfig) -> None:
         self.request, self.config, self.backlog, self.busy_runners = request, config, backlog, busy_runners
-        self.stretch = 1.0
-        self.guard = _Guard((), 1)
+        self.guard = guard
         self.prompt_tokens, self.decode_tokens = request.prompt_tokens, request.num_predict
         self.deadline, self.min_tps = request.time_remaining, request.min_tokens_per_second
         self.available, self.family_resident = available, family_resident
@@ -266,8 +292,9 @@ class _Frame:
 class _Row:
     """A candidate's numbers while the decision is made (mutable, so each `Assessment` is built once)."""
 
-    __slots__ = ("at_risk", "below_floor", "churn", "expected", "harms", "tier", "measured", "memory_only", "need", "quality",
-                 "quality_measured", "quantization", "queue", "rejection", "resident", "score", "tag", "tps", "ttft")
+    __slots__ = ("at_risk", "below_floor", "churn", "endangers", "expected", "held_back", "measured", "memory_only",
+                 "need", "quality", "quality_measured", "quantization", "queue", "rejection", "resident", "score",
+                 "service", "tag", "tier", "tps", "ttft")
 
     def __init__(self, c: CandidateInput, frame: _Frame) -> None:
         v, speed, config = c.variant, c.speed, frame.config
@@ -280,7 +307,7 @@ class _Row:
         load = 0.0 if resident else speed.load_seconds
         prefill = frame.prompt_tokens / speed.prompt_tps
         decode = frame.decode_tokens / tps
-        service = prefill + decode
+        self.service = service = prefill + decode
         queue = frame.backlog.delay(service)
         in_flight = c.in_flight
         if in_flight >= config.runner_parallel:
@@ -299,21 +326,25 @@ class _Row:
                 memory_only = True
         self.rejection, self.memory_only = rejection, memory_only
         self.queue, self.churn, self.score = queue, 0.0, 0.0
-        stretch = frame.stretch
-        self.ttft = ttft = queue + load + prefill * stretch
-        self.expected = expected = ttft + decode * stretch
+        self.ttft = ttft = queue + load + prefill
+        self.expected = expected = ttft + decode
         # Its decode rate while other runners time-slice the GPU (its own runner's queue delays, never slows it).
         sharing = 1 + frame.busy_runners - (in_flight > 0)
         deadline = frame.deadline
         late = deadline is not None and max(expected, ttft + decode * sharing) > deadline
         self.at_risk = late or tps / sharing < frame.min_tps
-        self.harms = frame.guard.harmed(service) if in_flight == 0 and frame.busy_runners else 0
+        # Only a runner that is idle now adds one more to time-slice the GPU.
+        self.endangers = frame.guard.endangered(service) if in_flight == 0 and frame.busy_runners else 0
+        self.held_back = (f"its new runner would push {self.endangers} in-flight request(s) past their SLO"
+                          if self.endangers else "")
+        self.tier = 0
 
     def assessment(self) -> Assessment:
         return _new_assessment(self.tag, self.quantization, self.need, self.resident, self.tps, self.measured,
                                self.ttft, self.expected, self.quality, self.score, self.rejection, self.memory_only,
                                queue_seconds=self.queue, churn_seconds=self.churn, at_risk=self.at_risk,
-                               quality_measured=self.quality_measured)
+                               quality_measured=self.quality_measured, endangers=self.endangers,
+                               held_back=self.held_back)
 
     @classmethod
     def of(cls, a: Assessment) -> _Row:
@@ -325,7 +356,7 @@ class _Row:
         row.quality, row.score, row.rejection, row.memory_only = a.quality, a.score, a.rejection, a.memory_only
         row.queue, row.churn, row.at_risk, row.below_floor = a.queue_seconds, a.churn_seconds, a.at_risk, False
         row.quality_measured = a.quality_measured
-        row.harms = 0
+        row.endangers, row.held_back, row.service, row.tier = a.endangers, a.held_back, 0.0, 0
         return row
 
 
@@ -338,6 +369,25 @@ def _charge_churn(rows: Sequence[_Row], pool: Sequence[CandidateInput], free: in
     for row in rows:
         if not row.rejection and not row.resident and row.need > usable:
             row.churn = reload
+
+
+def _hold_back(rows: Sequence[_Row], load: float, config: PolicyConfig) -> None:
+    """Mark what should serve only when nothing else safe can: loads that evict idle siblings (other tenants may
+    take the memory they free before the load is done), and under overload anything slower than the quickest
+    warm variant."""
+    feasible = [row for row in rows if not row.rejection]
+    quickest = 0.0
+    if load >= config.overload_threshold and feasible:
+        warm = [row for row in feasible if row.resident] or feasible
+        quickest = min(row.service for row in warm) * (1 + OVERLOAD_SPEED_SLACK)
+    for row in feasible:
+        reasons = [row.held_back] if row.held_back else []
+        if row.churn:
+            reasons.append("its load evicts idle siblings, whose memory other tenants may take first")
+        if quickest and row.service > quickest:
+            reasons.append(f"offered load {load:.2f} ≥ {config.overload_threshold:g}: slower than the quickest "
+                           "warm variant")
+        row.held_back = "; ".join(reasons)
 
 
 def _hold_back_sub_floor(rows: Sequence[_Row]) -> None:
@@ -356,14 +406,14 @@ def _hold_back_sub_floor(rows: Sequence[_Row]) -> None:
 
 def _score(rows: Sequence[_Row], preference: Preference, config: PolicyConfig,
            time_remaining: float | None) -> Callable[[_Row], tuple[float | str, ...]]:
-    """Set each row's score (higher is better) and return the ranking key (best first); candidates at risk
-    of missing the deadline or the speed floor behind the GPU's backlog score `AT_RISK_PENALTY` lower, so
-    they rank after the rest."""
+    """Set each row's score (higher is better) and return the ranking key (best first); a candidate at risk
+    of missing the deadline or the speed floor behind the GPU's backlog, and one held back, each score
+    `AT_RISK_PENALTY` lower, so they rank after the rest."""
     for row in rows:
-        row.tier = row.at_risk + (row.harms > 0)
-    low = min((row.tier for row in rows), default=0)
+        row.tier = row.at_risk + bool(row.held_back)
+    low = min(row.tier for row in rows)
     safe = [row for row in rows if row.tier == low]
-    if low:  # nothing is expected to make it: the fastest has the best chance
+    if low:  # nothing is expected to make it cleanly: the fastest has the best chance
         preference = Preference.LATENCY
     top_q = max(row.quality for row in safe)
     floor_q = top_q - config.quality_tolerance
@@ -428,17 +478,13 @@ def decide(
     available = free + reclaimable
     family_resident = any(c.variant.resident for c in pool)
     busy_runners = sum(1 for c in pool if c.in_flight > 0)
-    frame = _Frame(request, available, family_resident, _Backlog(memory.backlog), busy_runners, config)
-    import os
-    if os.environ.get("GUARD"):
-        frame.guard = _Guard(memory.in_flight, busy_runners)
-    cap = float(os.environ.get("RHO_CAP", "0"))
-    if cap:
-        frame.stretch = 1.0 / (1.0 - min(memory.offered_load, cap))
+    guard = _Guard(memory.in_flight, busy_runners)
+    frame = _Frame(request, available, family_resident, _Backlog(memory.backlog), busy_runners, guard, config)
     rows = [_Row(c, frame) for c in pool]
     if request.pinned_tag is None:
         _charge_churn(rows, pool, free, config)
         _hold_back_sub_floor(rows)
+        _hold_back(rows, memory.offered_load, config)
 
     # Would the preference have picked something that memory alone ruled out? Ranked first, so that the
     # feasible ranking's scores are the ones listed.

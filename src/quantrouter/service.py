@@ -280,7 +280,8 @@ def _candidate_pb(a: Assessment) -> pb.Candidate:
                         expected_duration=duration_pb(a.expected_seconds), quality=a.quality, score=a.score,
                         feasible=a.feasible, rejection=a.rejection, node=a.node,
                         queue_duration=duration_pb(a.queue_seconds), churn_duration=duration_pb(a.churn_seconds),
-                        at_risk=a.at_risk, quality_measured=a.quality_measured)
+                        at_risk=a.at_risk, quality_measured=a.quality_measured, endangers=a.endangers,
+                        held_back=a.held_back)
 
 
 def completion_pb(c: Completion) -> pb.Completion:

@@ -54,6 +54,8 @@ class Assessment:
     churn_seconds: float = 0.0  # reload time its load would cost evicted siblings' next users (ranked on)
     at_risk: bool = False  # the backlog puts its expected time past the deadline, or its rate below the floor
     quality_measured: bool = False
+    endangers: int = 0  # in-flight requests its new runner would push past their deadline or rate floor
+    held_back: str = ""  # why it ranks after candidates that are not (empty when it does not)
 
     @property
     def feasible(self) -> bool:
