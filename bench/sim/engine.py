@@ -378,12 +378,12 @@ class Simulation:
                           slos, tuple(self._arrivals))
 
     def _arrive(self, request: Request) -> None:
+        while self._arrivals and self._arrivals[0][0] < self.now - LOAD_WINDOW_S:
+            self._arrivals.popleft()
         view = self._view()
         choice = self.policy.choose(request, view)
         if self._audit and self._value is not None:
             self._audits.append(self._audit_values(request, view, choice))
-        while self._arrivals and self._arrivals[0][0] < self.now - LOAD_WINDOW_S:
-            self._arrivals.popleft()
         self._arrivals.append((self.now, choice.service_seconds))
         if choice.tag is None:
             self._results.append(RequestResult(request, Outcome.REJECTED, choice.reason))

@@ -28,18 +28,18 @@ Constraints and the deadline reject first, judged on the variant alone (no backl
 alone rules every variant out the decision fails with `FailureKind.DEADLINE`. The backlog only steers: a
 candidate whose T, or whose decode stretched by the other busy runners time-slicing the GPU, passes the
 deadline, or whose decode rate under that sharing falls below `min_tokens_per_second`, is `at_risk` and
-ranks after the rest (when all are, the
-fastest is tried). Three more marks hold a candidate back behind the others (`held_back`, said in words;
-`endangers` counts): its new runner would push in-flight requests past their deadline or rate floor
-(runners time-slice the GPU, so a new one delays each by about min(its service, theirs left), `_Guard`);
-its load only fits by evicting idle siblings, whose memory other tenants may take before it loads; or the
-GPU is overloaded (`offered_load`, the service seconds routed per second over the last `LOAD_WINDOW_S`, at
-or above `overload_threshold`) and it is slower than the quickest warm variant, whose one runner then
-serves the queue in order instead of several time-slicing runners that all miss. A variant below `SPEED_FLOOR_BPW` yields to any feasible variant at or above the
-floor that is (or, unmeasured, is believed) at least as fast: below ~4.5 bits/weight dequantisation
-eats the smaller read (docs/quantization.md §2 (iii)), so it serves when memory or an explicit constraint
-leaves nothing else. When memory pressure rejects the variant the preference would have taken, the
-decision says `downgraded`. To keep Ollama from loading and unloading in a thrash, a non-resident
+ranks after the rest (when all are, the fastest is tried). Three more marks hold a candidate back behind
+the others (`held_back`, said in words; `endangers` counts): its new runner would push in-flight requests
+past their deadline or rate floor (runners time-slice the GPU, so a new one delays each by about min(its
+service, theirs left), `_Guard`); its load only fits by evicting idle siblings, whose memory other tenants
+may take before it loads; or the GPU is overloaded (`offered_load`, the service seconds routed per second
+over the last `LOAD_WINDOW_S`, at or above `overload_threshold`) and it is slower than the quickest warm
+variant, whose one runner then serves the queue in order instead of several time-slicing runners that all
+miss. A variant below `SPEED_FLOOR_BPW` yields to any feasible variant at or above the floor that is (or,
+unmeasured, is believed) at least as fast: below ~4.5 bits/weight dequantisation eats the smaller read
+(docs/quantization.md §2 (iii)), so it serves when memory or an explicit constraint leaves nothing else.
+When memory pressure rejects the variant the preference would have taken, the decision says `downgraded`.
+To keep Ollama from loading and unloading in a thrash, a non-resident
 variant replaces a resident sibling only when it fits with a margin (`upgrade_hysteresis`) to spare.
 """
 
@@ -263,7 +263,8 @@ class _Frame:
     """
 
     __slots__ = ("_kv", "available", "backlog", "busy_runners", "config", "deadline", "decode_tokens",
-                 "family_resident", "guard", "min_tps", "prompt_tokens", "request", "upgrade_usable", "usable", "vetted")
+                 "family_resident", "guard", "min_tps", "prompt_tokens", "request", "upgrade_usable", "usable",
+                 "vetted")
 
     def __init__(self, request: RoutingRequest, available: int, family_resident: bool, backlog: _Backlog,
                  busy_runners: int, guard: _Guard, config: PolicyConfig) -> None:

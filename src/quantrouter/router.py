@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
@@ -46,7 +46,17 @@ from quantrouter.errors import (
 from quantrouter.inventory import Inventory
 from quantrouter.memory import NVML, MemoryProbe
 from quantrouter.metrics import OTHER, VariantState
-from quantrouter.policy import CandidateInput, MemoryView, PolicyConfig, RoutingRequest, decide, remaining_seconds
+from quantrouter.policy import (
+    LOAD_WINDOW_S,
+    CandidateInput,
+    InFlight,
+    MemoryView,
+    PolicyConfig,
+    RoutingRequest,
+    decide,
+    offered_load,
+    remaining_seconds,
+)
 from quantrouter.throughput import Observation, ThroughputSnapshot, ThroughputTable
 from quantrouter.units import NS
 from quantrouter.values import Completion, Decision, FailureKind, quick_constructor
@@ -81,16 +91,24 @@ class Job:
 @dataclass(slots=True, eq=False)
 class _Work:
     """One in-flight stream as the policy's backlog counts it: the decision's service estimate and the share
-    of the requested tokens streamed so far (mutable: the relay counts chunks; identity equality, so a set
-    holds each stream once)."""
+    of the requested tokens streamed so far, with the caller's SLO that a new runner must not break: its
+    deadline (on the router's clock) and rate floor, and the chosen variant's rate (mutable: the relay counts
+    chunks; identity equality, so a set holds each stream once)."""
 
     tag: str
     service_seconds: float
     num_predict: int
     streamed: int = 0
+    tokens_per_second: float = 0.0
+    deadline: float | None = None
+    min_tokens_per_second: float = 0.0
 
     def done(self) -> float:
         return min(self.streamed / self.num_predict, 1.0) if self.num_predict > 0 else 0.0
+
+    def in_flight(self, now: float) -> InFlight:
+        return InFlight(self.service_seconds, self.done(), self.tokens_per_second,
+                        None if self.deadline is None else self.deadline - now, self.min_tokens_per_second)
 
 
 class Recorder(Protocol):
@@ -185,6 +203,7 @@ class Router:
         self._tables: dict[str, tuple[CandidateInput, ...]] = {}
         self._tables_catalog: CatalogSnapshot | None = None
         self._tables_speeds: ThroughputSnapshot | None = None
+        self._routed: deque[tuple[float, float]] = deque()  # (time, service estimate) of recent routings
 
     @property
     def in_flight(self) -> int:
@@ -242,16 +261,23 @@ class Router:
         return table
 
     def memory_view(self) -> MemoryView:
-        """Free memory, and the backlog of this router's own in-flight streams (one GPU's worth of work)."""
+        """Free memory, the backlog of this router's own in-flight streams (one GPU's worth of work) with their
+        SLOs, and the load its recent routings offered."""
         snapshot = self.probe.latest
         reserve = self.reserve_bytes * len(snapshot.gpus) if snapshot.source == NVML else 0
-        return MemoryView(snapshot.free_bytes, reserve, snapshot.source, self._backlog())
+        now = self._clock()
+        while self._routed and self._routed[0][0] < now - LOAD_WINDOW_S:
+            self._routed.popleft()
+        return MemoryView(snapshot.free_bytes, reserve, snapshot.source, self._backlog(),
+                          tuple(w.in_flight(now) for w in self._work), offered_load(self._routed, now))
 
     def decide(self, request: RoutingRequest) -> Decision:
         started = time.perf_counter()
         decision = decide(request, self.candidates(self.inventory.snapshot, request.family), self.memory_view(),
                           self.policy)
         self.metrics.decision_timed(time.perf_counter() - started)
+        chosen = decision.chosen
+        self._routed.append((self._clock(), chosen.expected_seconds - chosen.queue_seconds if chosen else 0.0))
         return decision
 
     def resolve(self, model: str) -> tuple[str, str | None]:
@@ -307,7 +333,10 @@ class Router:
                 variant = self._chosen_variant(decision)
                 chosen = decision.chosen
                 assert chosen is not None
-                work = _Work(variant.tag, chosen.expected_seconds - chosen.queue_seconds, request.num_predict)
+                deadline = None if request.time_remaining is None else started + request.time_remaining
+                work = _Work(variant.tag, chosen.expected_seconds - chosen.queue_seconds, request.num_predict,
+                             tokens_per_second=chosen.tokens_per_second, deadline=deadline,
+                             min_tokens_per_second=request.min_tokens_per_second)
                 relay = _sent_while(decision, self._forward(variant, job, work, cold=not variant.resident))
                 try:
                     async with aclosing(relay):  # closed here, not whenever it is collected, if the caller leaves

@@ -9,7 +9,17 @@ from typing import Any
 import pytest
 
 from quantrouter.catalog import Architecture, VariantInfo
-from quantrouter.policy import CandidateInput, MemoryView, PolicyConfig, RoutingRequest, decide, remaining_seconds
+from quantrouter.policy import (
+    LOAD_WINDOW_S,
+    CandidateInput,
+    InFlight,
+    MemoryView,
+    PolicyConfig,
+    RoutingRequest,
+    decide,
+    offered_load,
+    remaining_seconds,
+)
 from quantrouter.quant import KV_CACHE_TYPES, parse_quantization
 from quantrouter.throughput import ThroughputTable
 from quantrouter.values import Decision, FailureKind, Preference
@@ -263,16 +273,19 @@ def test_pinned_tag_still_obeys_constraints() -> None:
 
 
 @pytest.mark.parametrize(
-    ("busy", "expected", "downgraded"),
+    ("busy", "expected", "upgrade_feasible"),
     # Q4_K_M resident, 4 GiB free: with it reclaimable, 80 % of 4 − 0.45 + 5.08 GiB = 6.91 GiB; Q8_0's 8.46 does
-    # not fit; Q5_K_M's 5.83 fits within 6.91 / 1.15 = 6.01: upgrade. Busy, Q4_K_M cannot be given back: stay.
-    [((), "Q5_K_M", True), (("Q4_K_M",), "Q4_K_M", True)],
+    # not fit; Q5_K_M's 5.83 fits within 6.91 / 1.15 = 6.01, by evicting Q4_K_M (so it is held back, and Q4_K_M
+    # serves). Busy, Q4_K_M cannot be given back: Q5_K_M does not fit at all.
+    [((), "Q4_K_M", True), (("Q4_K_M",), "Q4_K_M", False)],
 )
 def test_only_idle_resident_siblings_count_as_reclaimable(busy: tuple[str, ...], expected: str,
-                                                           downgraded: bool) -> None:
+                                                           upgrade_feasible: bool) -> None:
     candidates = ladder(("Q8_0", "Q5_K_M", "Q4_K_M"), resident=("Q4_K_M",), tps=MEASURED_TPS, busy=busy)
     decision = decide(request(Q), candidates, free(4.0))
-    assert (chosen(decision), decision.downgraded) == (expected, downgraded)
+    q5 = next(a for a in decision.candidates if a.quantization == "Q5_K_M")
+    assert (chosen(decision), q5.feasible) == (expected, upgrade_feasible)
+    assert decision.downgraded
 
 
 @pytest.mark.parametrize(
@@ -282,7 +295,8 @@ def test_only_idle_resident_siblings_count_as_reclaimable(busy: tuple[str, ...],
         # fits from 10.58 GiB available (free 5.94); with the 15 % margin it replaces Q4_K_M from 12.16 (free 7.53).
         (6.5, ("Q4_K_M",), "Q4_K_M", True),  # available 11.13: fits, but inside the margin
         (7.4, ("Q4_K_M",), "Q4_K_M", True),  # available 12.03: still inside
-        (7.7, ("Q4_K_M",), "Q8_0", False),  # available 12.33: beyond the margin
+        # Available 12.33: beyond the margin, feasible, but only by evicting Q4_K_M, so held back behind it.
+        (7.7, ("Q4_K_M",), "Q4_K_M", False),
         # With nothing of the family resident there is nothing to thrash against: no margin.
         (11.0, (), "Q4_K_M", True),  # 80 % of 10.55 = 8.44 GiB < 8.46 needed
         (11.1, (), "Q8_0", False),
@@ -309,7 +323,15 @@ def test_no_thrash_when_free_memory_hovers_at_the_boundary() -> None:
         return chosen_quants
 
     assert set(picks(PolicyConfig())) == {"Q4_K_M"}
-    assert "Q8_0" in picks(PolicyConfig(upgrade_hysteresis=0.0)), "without the margin the boundary is crossed"
+
+    def q8_feasible(config: PolicyConfig) -> list[bool]:
+        return [next(a.feasible for a in decide(request(Q), ladder(("Q8_0", "Q4_K_M"), resident=("Q4_K_M",),
+                                                                      tps=MEASURED_TPS), free(free_gib),
+                                                  config).candidates if a.quantization == "Q8_0")
+                for free_gib in hovering]
+
+    assert not any(q8_feasible(PolicyConfig()))
+    assert any(q8_feasible(PolicyConfig(upgrade_hysteresis=0.0))), "without the margin the boundary is crossed"
 
 
 def test_a_resident_variant_stays_chosen_when_free_memory_drops() -> None:
@@ -456,3 +478,65 @@ def test_a_deadline_is_judged_with_the_decode_stretched_by_busy_runners() -> Non
     decision = decide(request(Q, prompt_tokens=0, time_remaining=8.0), candidates, free(40.0))
     assert [a.quantization for a in decision.candidates if a.at_risk] == ["F16"]
     assert chosen(decision) == "Q4_K_M"
+
+
+@pytest.mark.parametrize(
+    ("in_flight", "expected", "endangers"),
+    [
+        # Q4_K_M serves a request with 2 s left of service and 2.5 s to its deadline: a second runner would
+        # delay it by min(F16's 4.65 s, 2 s) > its 0.5 s of slack, so QUALITY joins Q4_K_M's queue instead.
+        (InFlight(2.0, 0.0, 130.0, time_left=2.5), "Q4_K_M", 1),
+        # Its rate floor: 100 tok/s of 130 leaves 2 × (1.3 − 1) = 0.6 s of stretch, short of 2 s: endangered.
+        (InFlight(2.0, 0.0, 130.0, min_tokens_per_second=100.0), "Q4_K_M", 1),
+        (InFlight(2.0, 0.0, 130.0, time_left=30.0), "F16", 0),  # room to spare: F16 may slice the GPU with it
+        (InFlight(2.0, 0.0, 130.0, time_left=1.0), "F16", 0),  # late whatever happens: nothing to protect
+        (InFlight(2.0, 0.0, 130.0, min_tokens_per_second=60.0), "F16", 0),  # 130 / 2 still clears 60 tok/s
+    ],
+)
+def test_a_new_runner_that_would_push_an_in_flight_request_past_its_slo_is_held_back(
+        in_flight: InFlight, expected: str, endangers: int) -> None:
+    quants = ("F16", "Q8_0", "Q4_K_M")
+    candidates = ladder(quants, resident=quants, tps=MEASURED_TPS, busy=("Q4_K_M",))
+    view = replace(free(40.0), backlog=(2.0,), in_flight=(in_flight,))
+    decision = decide(request(Q, prompt_tokens=0), candidates, view)
+    assert chosen(decision) == expected
+    by_quant = {a.quantization: a for a in decision.candidates}
+    assert by_quant["F16"].endangers == by_quant["Q8_0"].endangers == endangers
+    assert by_quant["Q4_K_M"].endangers == 0, "joining the busy runner adds no runner to time-slice with"
+    assert bool(by_quant["F16"].held_back) == bool(endangers)
+
+
+def test_offered_load_is_the_service_routed_per_second_over_the_window() -> None:
+    arrivals = [(0.0, 10.0), (50.0, 6.0), (70.0, 9.0)]
+    assert offered_load(arrivals, now=75.0) == pytest.approx((6.0 + 9.0) / LOAD_WINDOW_S)
+    assert offered_load([], now=75.0) == 0.0
+
+
+@pytest.mark.parametrize(("load", "resident", "expected"), [
+    (0.5, ("F16", "Q6_K", "Q4_K_M"), "F16"),  # work arrives slower than the GPU serves it: quality as usual
+    # Overloaded: one runner serving the queue in order beats several time-slicing runners that all miss;
+    # Q6_K (110 tok/s) is more than 5 % slower than the quickest warm variant, Q4_K_M (130).
+    (1.5, ("F16", "Q6_K", "Q4_K_M"), "Q4_K_M"),
+    (1.5, ("F16",), "F16"),  # only F16 is warm: overload forces no cold load of a quicker sibling
+])
+def test_an_overloaded_gpu_takes_the_quickest_warm_variant(load: float, resident: tuple[str, ...],
+                                                            expected: str) -> None:
+    quants = ("F16", "Q6_K", "Q4_K_M")
+    decision = decide(request(Q, prompt_tokens=0), ladder(quants, resident=resident, tps=MEASURED_TPS),
+                      replace(free(40.0), offered_load=load))
+    assert chosen(decision) == expected
+    held = {a.quantization for a in decision.candidates if a.held_back}
+    assert held == ({"F16", "Q6_K"} if expected == "Q4_K_M" else set())
+
+
+def test_an_upgrade_that_only_fits_by_evicting_an_idle_sibling_is_held_back() -> None:
+    """Q4_K_M resident and idle, 9 GiB free: Q8_0 (8.46 GiB) fits only by evicting it, and other tenants may
+    take what the eviction frees before Q8_0 is loaded; Q6_K (6.64 GiB) fits beside it."""
+    candidates = ladder(("Q8_0", "Q6_K", "Q4_K_M"), resident=("Q4_K_M",), tps=MEASURED_TPS)
+    decision = decide(request(Q), candidates, free(9.0))
+    by_quant = {a.quantization: a for a in decision.candidates}
+    assert by_quant["Q8_0"].feasible and by_quant["Q8_0"].churn_seconds > 0
+    assert "evicts idle siblings" in by_quant["Q8_0"].held_back
+    assert chosen(decision) == "Q6_K"
+    roomy = decide(request(Q), candidates, free(11.5))  # 80 % of 11.05 GiB: Q8_0 fits beside Q4_K_M
+    assert chosen(roomy) == "Q8_0" and not any(a.held_back for a in roomy.candidates)

@@ -13,7 +13,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 from aiohttp import web
@@ -34,7 +34,7 @@ from quantrouter.errors import (
 from quantrouter.inventory import Inventory
 from quantrouter.memory import MemoryProbe, StaticSource
 from quantrouter.metrics import OTHER, Metrics
-from quantrouter.policy import PolicyConfig, RoutingRequest
+from quantrouter.policy import LOAD_WINDOW_S, PolicyConfig, RoutingRequest
 from quantrouter.router import Job, Router
 from quantrouter.throughput import ThroughputTable
 from quantrouter.values import Completion, Decision, Preference
@@ -329,3 +329,24 @@ async def test_the_backend_request_starts_while_the_decision_is_out_and_ends_wit
     assert router.in_flight == 0 and router.in_flight_variants == {} and router.backlog_seconds() == 0
     assert _sample(router, "quantrouter_requests_total", model_name=FAMILY, target_model_name=Q8,
                    quantization="Q8_0", preference="quality", code="CANCELLED") == 1
+
+
+async def test_the_policy_sees_each_stream_in_flight_with_its_slo_and_the_load_routed_lately(
+        make_router: Callable[..., Awaitable[Router]]) -> None:
+    """What a new runner must not break (deadline, rate floor) and the recent offered load reach the policy."""
+    router = await make_router()
+    request = replace(_request(), time_remaining=20.0, min_tokens_per_second=5.0)
+    async with aclosing(router.stream(request, JOB)) as stream:
+        decision = await anext(stream)
+        assert isinstance(decision, Decision) and decision.chosen is not None
+        assert isinstance(await anext(stream), str)  # the first text: the stream is in flight
+        view = router.memory_view()
+        (work,) = view.in_flight
+        service = decision.chosen.expected_seconds - decision.chosen.queue_seconds
+        assert work.service_seconds == pytest.approx(service)
+        assert work.tokens_per_second == decision.chosen.tokens_per_second
+        assert work.min_tokens_per_second == 5.0
+        assert work.time_left is not None and 0 < work.time_left <= 20.0
+        assert view.offered_load == pytest.approx(service / LOAD_WINDOW_S)
+        assert [event async for event in stream]
+    assert router.memory_view().in_flight == ()

@@ -8,7 +8,7 @@ import random
 from dataclasses import replace
 
 import pytest
-from bench.sim.engine import Outcome, Policy, Prediction, RouterView, RunResult, Simulation
+from bench.sim.engine import Choice, Outcome, Policy, Prediction, RouterView, RunResult, Simulation
 from bench.sim.hardware import (
     DEFAULT_ENGINE,
     GB,
@@ -210,3 +210,22 @@ def test_burst_phase_raises_the_arrival_rate() -> None:
 
 def test_policy_names_are_unique() -> None:
     assert len({p.name for p in ALL}) == len(ALL)
+
+
+def test_the_router_sees_its_in_flight_requests_slos_and_its_recent_routings() -> None:
+    """What the caller sent (deadline, rate floor) and what the router routed lately, never the engine's state."""
+    views: list[RouterView] = []
+
+    class Recording:
+        name = "recording"
+
+        def choose(self, request: Request, view: RouterView) -> Choice:
+            views.append(view)
+            return Choice(LLAMA_8B.variants[0].tag, "recorded", service_seconds=float(request.id + 1))
+
+    requests = [Request(i, t, Preference.LATENCY, 100, 2000, 60.0, 30.0, 1.0) for i, t in enumerate((0.0, 1.0, 40.0))]
+    Simulation(H100, LLAMA_8B, requests, [(0.0, 0)], Recording()).run()
+    assert views[0].slos == () and views[0].arrivals == ()
+    assert views[1].slos == ((59.0, 30.0),) and views[1].arrivals == ((0.0, 1.0),)
+    assert views[2].arrivals == (), "routings older than the window are forgotten"
+    assert views[2].slos == ((21.0, 30.0),), "the first has finished; the second waited behind it"
