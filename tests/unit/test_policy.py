@@ -454,9 +454,13 @@ def test_balanced_takes_quality_when_the_deadline_leaves_room(time_remaining: fl
     """All resident, 256 tokens: F16 4.65 s, Q6_K 2.33 s, Q4_K_M 1.97 s. Within half the time left, faster is
     not better, so quality decides among those; beyond it the usual balance applies."""
     quants = ("F16", "Q6_K", "Q4_K_M")
-    decision = decide(request(B, prompt_tokens=0, time_remaining=time_remaining),
-                      ladder(quants, resident=quants, tps=MEASURED_TPS), free(40.0))
+    candidates = ladder(quants, resident=quants, tps=MEASURED_TPS)
+    decision = decide(request(B, prompt_tokens=0, time_remaining=time_remaining), candidates, free(40.0),
+                      PolicyConfig(balanced_deadline_share=0.5))
     assert chosen(decision) == expected
+    by_default = decide(request(B, prompt_tokens=0, time_remaining=time_remaining), candidates, free(40.0))
+    assert chosen(by_default) == "Q4_K_M", "off by default: the usual balance"
+
 
 
 def test_a_speed_floor_is_judged_at_the_rate_other_runners_leave() -> None:
