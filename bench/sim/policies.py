@@ -68,7 +68,7 @@ class QuantRouter:
         in_flight = tuple(InFlight(service, done, tps[tag], left, floor_tps)
                           for (tag, service, done), (left, floor_tps) in zip(view.backlog, view.slos, strict=True))
         memory = MemoryView(view.free_bytes, OLLAMA_MINIMUM_MEMORY, "nvml", backlog, in_flight,
-                            offered_load(view.arrivals, view.now))
+                            offered_load(view.arrivals, view.now), shared=True)
         decision = decide(routing, candidates, memory, self.config)
         chosen = decision.chosen
         if chosen is None:

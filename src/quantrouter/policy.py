@@ -31,11 +31,12 @@ deadline, or whose decode rate under that sharing falls below `min_tokens_per_se
 ranks after the rest (when all are, the fastest is tried). Three more marks hold a candidate back behind
 the others (`held_back`, said in words; `endangers` counts): its new runner would push in-flight requests
 past their deadline or rate floor (runners time-slice the GPU, so a new one delays each by about min(its
-service, theirs left), `_Guard`); its load only fits by evicting idle siblings, whose memory other tenants
-may take before it loads; or the GPU is overloaded (`offered_load`, the service seconds routed per second
-over the last `LOAD_WINDOW_S`, at or above `overload_threshold`) and it is slower than the quickest warm
-variant, whose one runner then serves the queue in order instead of several time-slicing runners that all
-miss. A variant below `SPEED_FLOOR_BPW` yields to any feasible variant at or above the floor that is (or,
+service, theirs left), `_Guard`); on a shared GPU (`MemoryView.shared`) its load only fits by evicting
+idle siblings, whose memory other tenants may take before it loads; or the GPU is overloaded
+(`offered_load`, the service seconds routed per second over the last `LOAD_WINDOW_S`, at or above
+`overload_threshold`) and it is slower than the quickest warm variant, whose one runner then serves the
+queue in order instead of several time-slicing runners that all miss.
+A variant below `SPEED_FLOOR_BPW` yields to any feasible variant at or above the floor that is (or,
 unmeasured, is believed) at least as fast: below ~4.5 bits/weight dequantisation eats the smaller read
 (docs/quantization.md §2 (iii)), so it serves when memory or an explicit constraint leaves nothing else.
 When memory pressure rejects the variant the preference would have taken, the decision says `downgraded`.
@@ -137,7 +138,8 @@ class MemoryView:
 
     `backlog` holds each in-flight request's expected remaining seconds, sorted ascending
     (`remaining_seconds` builds it); `in_flight` the same requests with their SLOs; `offered_load` the service
-    seconds routed per second lately (`offered_load()` builds it).
+    seconds routed per second lately (`offered_load()` builds it); `shared` whether other processes can take
+    memory that an eviction frees (NVML's view of a GPU others use, not a static capacity of the router's own).
     """
 
     free_bytes: int
@@ -146,6 +148,7 @@ class MemoryView:
     backlog: tuple[float, ...] = ()
     in_flight: tuple[InFlight, ...] = ()
     offered_load: float = 0.0
+    shared: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,10 +379,10 @@ def _charge_churn(rows: Sequence[_Row], pool: Sequence[CandidateInput], free: in
             row.churn = reload
 
 
-def _hold_back(rows: Sequence[_Row], load: float, config: PolicyConfig) -> None:
-    """Mark what should serve only when nothing else safe can: loads that evict idle siblings (other tenants may
-    take the memory they free before the load is done), and under overload anything slower than the quickest
-    warm variant."""
+def _hold_back(rows: Sequence[_Row], load: float, shared: bool, config: PolicyConfig) -> None:
+    """Mark what should serve only when nothing else safe can: on a shared GPU, loads that evict idle siblings
+    (other tenants may take the memory they free before the load is done), and under overload anything slower
+    than the quickest warm variant."""
     feasible = [row for row in rows if not row.rejection]
     quickest = 0.0
     if load >= config.overload_threshold and feasible:
@@ -387,7 +390,7 @@ def _hold_back(rows: Sequence[_Row], load: float, config: PolicyConfig) -> None:
         quickest = min(row.service for row in warm) * (1 + OVERLOAD_SPEED_SLACK)
     for row in feasible:
         reasons = [row.held_back] if row.held_back else []
-        if row.churn:
+        if row.churn and shared:
             reasons.append("its load evicts idle siblings, whose memory other tenants may take first")
         if quickest and row.service > quickest:
             reasons.append(f"offered load {load:.2f} ≥ {config.overload_threshold:g}: slower than the quickest "
@@ -489,7 +492,7 @@ def decide(
     if request.pinned_tag is None:
         _charge_churn(rows, pool, free, config)
         _hold_back_sub_floor(rows)
-        _hold_back(rows, memory.offered_load, config)
+        _hold_back(rows, memory.offered_load, memory.shared, config)
 
     # BALANCED's deadline share only while the GPU is quiet: under load the extra runner costs later callers.
     share_time = request.time_remaining if memory.offered_load <= config.quiet_load else None

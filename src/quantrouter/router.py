@@ -269,7 +269,8 @@ class Router:
         while self._routed and self._routed[0][0] < now - LOAD_WINDOW_S:
             self._routed.popleft()
         return MemoryView(snapshot.free_bytes, reserve, snapshot.source, self._backlog(),
-                          tuple(w.in_flight(now) for w in self._work), offered_load(self._routed, now))
+                          tuple(w.in_flight(now) for w in self._work), offered_load(self._routed, now),
+                          shared=snapshot.source == NVML)
 
     def decide(self, request: RoutingRequest) -> Decision:
         started = time.perf_counter()

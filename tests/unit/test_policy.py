@@ -69,7 +69,8 @@ def ladder(quants: Sequence[str] = tuple(LADDER_GIB), resident: Sequence[str] = 
 
 
 def free(gib: float) -> MemoryView:
-    return MemoryView(int(gib * GIB), RESERVE, "nvml")
+    """NVML's view of a GPU other processes share."""
+    return MemoryView(int(gib * GIB), RESERVE, "nvml", shared=True)
 
 
 def request(preference: Preference = Preference.BALANCED, **fields: Any) -> RoutingRequest:
@@ -544,3 +545,5 @@ def test_an_upgrade_that_only_fits_by_evicting_an_idle_sibling_is_held_back() ->
     assert chosen(decision) == "Q6_K"
     roomy = decide(request(Q), candidates, free(11.5))  # 80 % of 11.05 GiB: Q8_0 fits beside Q4_K_M
     assert chosen(roomy) == "Q8_0" and not any(a.held_back for a in roomy.candidates)
+    own = decide(request(Q), candidates, replace(free(9.0), shared=False))
+    assert chosen(own) == "Q8_0", "memory no one else can take (a static capacity): the eviction is only churn"
