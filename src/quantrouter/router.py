@@ -277,8 +277,6 @@ class Router:
         decision = decide(request, self.candidates(self.inventory.snapshot, request.family), self.memory_view(),
                           self.policy)
         self.metrics.decision_timed(time.perf_counter() - started)
-        chosen = decision.chosen
-        self._routed.append((self._clock(), chosen.expected_seconds - chosen.queue_seconds if chosen else 0.0))
         return decision
 
     def resolve(self, model: str) -> tuple[str, str | None]:
@@ -338,6 +336,7 @@ class Router:
                 work = _Work(variant.tag, chosen.expected_seconds - chosen.queue_seconds, request.num_predict,
                              tokens_per_second=chosen.tokens_per_second, deadline=deadline,
                              min_tokens_per_second=request.min_tokens_per_second)
+                self._routed.append((self._clock(), work.service_seconds))  # served work, not a dry-run Route
                 relay = _sent_while(decision, self._forward(variant, job, work, cold=not variant.resident))
                 try:
                     async with aclosing(relay):  # closed here, not whenever it is collected, if the caller leaves
