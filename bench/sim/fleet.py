@@ -23,7 +23,7 @@ from typing import Protocol
 
 from bench.sim.engine import NUM_CTX, Choice, Outcome, RequestResult, RouterView, RunResult, Simulation
 from bench.sim.hardware import DEFAULT_ENGINE, OLLAMA_MINIMUM_MEMORY, EngineSpec, FamilySpec, GpuSpec
-from bench.sim.policies import DEFAULT_QUANT, QuantRouter, slo_value
+from bench.sim.policies import DEFAULT_QUANT, QuantRouter, slo_value, streams_of
 from bench.sim.workload import Request, meets_floor
 from quantrouter.capacity import BACKLOG_STEP_S, CHANGE_POLL_S, changed, node_capacity
 from quantrouter.catalog import VariantInfo
@@ -31,7 +31,15 @@ from quantrouter.config import FleetSettings, LimitSettings
 from quantrouter.fleet.choice import choose
 from quantrouter.fleet.state import NodeState, read_report
 from quantrouter.memory import GpuMemory, MemorySnapshot
-from quantrouter.policy import CandidateInput, MemoryView, PolicyConfig, RoutingRequest, decide, remaining_seconds
+from quantrouter.policy import (
+    CandidateInput,
+    MemoryView,
+    PolicyConfig,
+    RoutingRequest,
+    decide,
+    offered_load,
+    remaining_seconds,
+)
 from quantrouter.quant import parse_quantization
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.values import Preference
@@ -211,8 +219,11 @@ def backlog_of(view: RouterView) -> tuple[float, ...]:
 def report_of(view: RouterView, node: str) -> pb.NodeCapacity:
     """The node router's `WatchCapacity` report of `view`, built by the production code."""
     memory = MemorySnapshot("nvml", (GpuMemory(node, view.gpu_name, view.free_bytes, view.capacity_bytes),))
-    return node_capacity(memory, OLLAMA_MINIMUM_MEMORY, {view.family.name: node_candidates(view)}, {},
-                         sum(view.in_flight.values()), backlog_of(view), True, MAX_IN_FLIGHT)
+    candidates = node_candidates(view)
+    streams = streams_of(view, {c.variant.tag: c.speed.decode_tps for c in candidates})
+    return node_capacity(memory, OLLAMA_MINIMUM_MEMORY, {view.family.name: candidates}, {},
+                         sum(view.in_flight.values()), backlog_of(view), True, MAX_IN_FLIGHT, streams,
+                         offered_load(view.arrivals, view.now))
 
 
 def _steady_key(view: RouterView) -> tuple[object, ...]:

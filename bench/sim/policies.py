@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from bench.sim.engine import NUM_CTX, Choice, Policy, Prediction, RouterView, RunResult, Simulation
@@ -37,6 +37,12 @@ STATIC_RULE_HEADROOM = 1.2
 DEFAULT_QUANT = "Q4_K_M"  # Ollama's library default tag for most families
 
 
+def streams_of(view: RouterView, tokens_per_second: Mapping[str, float]) -> tuple[InFlight, ...]:
+    """Each in-flight request with its SLO and its variant's decode rate, as the router keeps them."""
+    return tuple(InFlight(service, done, tokens_per_second[tag], left, floor)
+                 for (tag, service, done), (left, floor) in zip(view.backlog, view.slos, strict=True))
+
+
 @dataclass(frozen=True, slots=True)
 class QuantRouter:
     """quantrouter's `decide`, fed as the service feeds it: estimates from the throughput table, the backlog
@@ -64,9 +70,7 @@ class QuantRouter:
                                  min_tokens_per_second=request.min_tokens_per_second,
                                  time_remaining=request.deadline_s)
         backlog = remaining_seconds([(service, done) for _, service, done in view.backlog])
-        tps = {info.tag: speed.decode_tps for info, speed in speeds}
-        in_flight = tuple(InFlight(service, done, tps[tag], left, floor_tps)
-                          for (tag, service, done), (left, floor_tps) in zip(view.backlog, view.slos, strict=True))
+        in_flight = streams_of(view, {info.tag: speed.decode_tps for info, speed in speeds})
         memory = MemoryView(view.free_bytes, OLLAMA_MINIMUM_MEMORY, "nvml", backlog, in_flight,
                             offered_load(view.arrivals, view.now), shared=True)
         decision = decide(routing, candidates, memory, self.config)

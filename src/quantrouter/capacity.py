@@ -16,7 +16,7 @@ from google.protobuf import duration_pb2
 
 from quantrouter.listing import variant_row
 from quantrouter.memory import MemorySnapshot
-from quantrouter.policy import CandidateInput
+from quantrouter.policy import CandidateInput, InFlight
 from quantrouter.router import Router
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.values import Variant
@@ -64,14 +64,15 @@ def capacity_of(router: Router) -> pb.NodeCapacity:
     return node_capacity(router.probe.latest, view.reserve_bytes,
                          {family: router.candidates(catalog, family) for family in catalog.families},
                          dict(catalog.names or {}), router.in_flight, view.backlog,
-                         router.inventory.backend_up, router.limits.max_in_flight)
+                         router.inventory.backend_up, router.limits.max_in_flight, view.in_flight, view.offered_load)
 
 
 def node_capacity(memory: MemorySnapshot, reserve_bytes: int, families: Mapping[str, Sequence[CandidateInput]],
                   names: Mapping[str, str], in_flight: int, backlog: Sequence[float], backend_up: bool,
-                  max_in_flight: int) -> pb.NodeCapacity:
-    """A report from plain values: the candidates and the backlog (each stream's remaining seconds) as the
-    node's policy prices a request with them (the fleet simulator reports its simulated nodes through this too)."""
+                  max_in_flight: int, streams: Sequence[InFlight] = (), offered_load: float = 0.0) -> pb.NodeCapacity:
+    """A report from plain values: the candidates, the backlog (each stream's remaining seconds), the streams'
+    SLOs and the offered load, as the node's policy prices a request with them (the fleet simulator reports its
+    simulated nodes through this too)."""
     variants = []
     for family, candidates in families.items():
         for c in candidates:
@@ -89,16 +90,22 @@ def node_capacity(memory: MemorySnapshot, reserve_bytes: int, families: Mapping[
     return pb.NodeCapacity(
         schema_version=SCHEMA_VERSION, memory=memory_status_pb(memory), reserve_bytes=reserve_bytes,
         variants=variants, names=dict(names), in_flight=in_flight, backlog_seconds=sum(backlog),
-        stream_backlog_seconds=sorted(backlog), backend_up=backend_up, max_in_flight=max_in_flight)
+        stream_backlog_seconds=sorted(backlog), backend_up=backend_up, max_in_flight=max_in_flight,
+        streams=[pb.StreamInFlight(service_seconds=f.service_seconds, done=f.done,
+                                   tokens_per_second=f.tokens_per_second, time_left_seconds=f.time_left,
+                                   min_tokens_per_second=f.min_tokens_per_second) for f in streams],
+        offered_load=offered_load)
 
 
 def _steady(report: pb.NodeCapacity) -> pb.NodeCapacity:
-    """The report without the fields that change on every read (sequence, backlog)."""
+    """The report without the fields that change on every read (sequence, backlog, streams, offered load)."""
     copy = pb.NodeCapacity()
     copy.CopyFrom(report)
     copy.sequence = 0
     copy.backlog_seconds = 0.0
+    copy.offered_load = 0.0
     del copy.stream_backlog_seconds[:]
+    del copy.streams[:]
     for variant in copy.variants:
         variant.queued_seconds = 0.0
     return copy

@@ -20,11 +20,11 @@ from bench.sim.fleet import (
     routing_request,
 )
 from bench.sim.hardware import GB, H100, LLAMA_8B, OLLAMA_MINIMUM_MEMORY, RTX_4090
-from bench.sim.policies import QuantRouter, goodput
+from bench.sim.policies import QuantRouter, goodput, streams_of
 from bench.sim.workload import Phase, Request, TenantProfile, generate_requests, generate_tenant, interactive_mix
 
 from quantrouter.fleet.state import read_report
-from quantrouter.policy import PolicyConfig, decide
+from quantrouter.policy import PolicyConfig, decide, offered_load
 from quantrouter.values import Preference
 
 DURATION = 90.0
@@ -80,6 +80,13 @@ def test_a_node_report_read_back_prices_a_request_exactly_as_the_node_router_doe
     assert view.backlog and view.resident  # a node with work to price around
     state = read_report(report_of(view, "h100"))
     assert state.backlog and state.memory_view.reserve_bytes == OLLAMA_MINIMUM_MEMORY
+    # The streams' SLOs and the offered load travel too: the node's guard and overload rule price with them.
+    speeds = {c.variant.tag: c.speed.decode_tps for c in state.family(LLAMA_8B.name)}
+    assert any(f.time_left is not None for f in state.streams)
+    assert state.memory_view.in_flight == streams_of(view, speeds)
+    assert state.memory_view.offered_load > 0
+    assert state.memory_view.offered_load == pytest.approx(offered_load(view.arrivals, view.now))
+    assert state.memory_view.shared
     for preference in Preference:
         request = replace(last, preference=preference)
         own = QuantRouter().choose(request, view)

@@ -9,6 +9,7 @@ import pytest
 
 from quantrouter.capacity import SCHEMA_VERSION
 from quantrouter.fleet.state import ReportRejected, read_report
+from quantrouter.policy import InFlight
 from quantrouter.v1 import router_service_pb2 as pb
 
 MIB = 1 << 20
@@ -25,7 +26,10 @@ def report() -> pb.NodeCapacity:
     variant.load_duration.FromNanoseconds(400_000_000)
     return pb.NodeCapacity(
         schema_version=SCHEMA_VERSION, sequence=7, reserve_bytes=0, in_flight=1, max_in_flight=256,
-        backlog_seconds=2.5, stream_backlog_seconds=[2.0, 0.5], backend_up=True,
+        backlog_seconds=2.5, stream_backlog_seconds=[2.0, 0.5], backend_up=True, offered_load=0.4,
+        streams=[pb.StreamInFlight(service_seconds=4.0, done=0.5, tokens_per_second=80.0, time_left_seconds=3.0,
+                                   min_tokens_per_second=10.0),
+                 pb.StreamInFlight(service_seconds=1.0, done=0.5, tokens_per_second=80.0)],
         names={"gemma3:270m": "gemma3:270m", "gemma3": "gemma3:270m"},
         memory=pb.MemoryStatus(source="nvml", free_bytes=10 * MIB, total_bytes=24 * MIB, gpus=[
             pb.GpuMemory(uuid="GPU-1", name="NVIDIA GeForce RTX 4090", free_bytes=10 * MIB, total_bytes=24 * MIB)]),
@@ -42,6 +46,10 @@ def test_a_real_shaped_report_becomes_the_policys_values() -> None:
     assert state.backlog == state.memory_view.backlog == (0.5, 2.0)  # ascending, as the policy reads it
     assert state.memory_view.free_bytes == 10 * MIB and state.gpu_names == ("NVIDIA GeForce RTX 4090",)
     assert state.catalog.resolve("gemma3") is not None
+    # The streams' SLOs and the offered load, for the node's in-flight guard and overload rule.
+    view = state.memory_view
+    assert view.in_flight == (InFlight(4.0, 0.5, 80.0, 3.0, 10.0), InFlight(1.0, 0.5, 80.0, None, 0.0))
+    assert view.offered_load == pytest.approx(0.4) and view.shared
 
 
 def _set(path: str, value: object) -> Callable[[pb.NodeCapacity], None]:
@@ -63,6 +71,10 @@ def _set(path: str, value: object) -> Callable[[pb.NodeCapacity], None]:
     (_set("in_flight", -1), "bad_load"),
     (_set("backlog_seconds", math.nan), "bad_load"),
     (lambda message: message.stream_backlog_seconds.append(-1.0), "bad_load"),
+    (_set("offered_load", -0.5), "bad_load"),
+    (lambda message: message.streams.add(service_seconds=2.0, done=1.5, tokens_per_second=50.0), "bad_load"),
+    (lambda message: message.streams.add(service_seconds=2.0, tokens_per_second=50.0, time_left_seconds=math.nan),
+     "bad_load"),
     (_set("variants.0.queued_seconds", math.inf), "bad_load"),
     (_set("variants.0.variant.tokens_per_second", 0.0), "bad_speed"),
     (_set("variants.0.variant.tokens_per_second", math.inf), "bad_speed"),

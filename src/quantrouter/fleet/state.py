@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 from quantrouter.capacity import SCHEMA_VERSION
 from quantrouter.catalog import Architecture, CatalogSnapshot, VariantInfo
-from quantrouter.memory import GpuMemory, MemorySnapshot
-from quantrouter.policy import CandidateInput, MemoryView
+from quantrouter.memory import NVML, GpuMemory, MemorySnapshot
+from quantrouter.policy import CandidateInput, InFlight, MemoryView
 from quantrouter.quant import UnknownQuantizationError, parse_quantization
 from quantrouter.throughput import SpeedEstimate
 from quantrouter.v1 import router_service_pb2 as pb
@@ -46,6 +46,8 @@ class NodeState:
     backend_up: bool = True
     sequence: int = 0
     backlog: tuple[float, ...] = ()  # each stream's expected remaining seconds, ascending
+    streams: tuple[InFlight, ...] = ()  # the same streams with their SLOs
+    offered_load: float = 0.0
 
     @property
     def catalog(self) -> CatalogSnapshot:
@@ -53,7 +55,8 @@ class NodeState:
 
     @property
     def memory_view(self) -> MemoryView:
-        return MemoryView(self.memory.free_bytes, self.reserve_bytes, self.memory.source, self.backlog)
+        return MemoryView(self.memory.free_bytes, self.reserve_bytes, self.memory.source, self.backlog,
+                          self.streams, self.offered_load, shared=self.memory.source == NVML)
 
     def family(self, family: str) -> tuple[CandidateInput, ...]:
         return tuple(c for c in self.candidates if c.variant.family == family)
@@ -123,8 +126,19 @@ def read_report(report: pb.NodeCapacity) -> NodeState:
              and all(_seconds(b) for b in backlog), "bad_load",
              f"{report.in_flight} in flight of {report.max_in_flight}, backlog {report.backlog_seconds} s "
              f"over streams {list(backlog)}")
+    streams = tuple(_stream(item) for item in report.streams)
+    _require(_seconds(report.offered_load), "bad_load", f"offered load {report.offered_load}")
     candidates = tuple(_candidate(item) for item in report.variants)
     _require(len({c.variant.tag for c in candidates}) == len(candidates), "bad_variant", "a tag listed twice")
     return NodeState(MemorySnapshot(m.source, gpus, m.detail), report.reserve_bytes, candidates, dict(report.names),
                      report.in_flight, report.max_in_flight, report.backlog_seconds, report.backend_up,
-                     report.sequence, backlog)
+                     report.sequence, backlog, streams, report.offered_load)
+
+
+def _stream(item: pb.StreamInFlight) -> InFlight:
+    time_left = item.time_left_seconds if item.HasField("time_left_seconds") else None
+    _require(_seconds(item.service_seconds) and 0 <= item.done <= 1 and _seconds(item.tokens_per_second)
+             and _seconds(item.min_tokens_per_second) and (time_left is None or math.isfinite(time_left)),
+             "bad_load", f"a stream of {item.service_seconds} s, {item.done} done, {item.tokens_per_second} tok/s, "
+             f"{time_left} s left, floor {item.min_tokens_per_second} tok/s")
+    return InFlight(item.service_seconds, item.done, item.tokens_per_second, time_left, item.min_tokens_per_second)
