@@ -24,6 +24,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from bench.machine import describe
+from bench.readme import replace_block
 from bench.sim.hardware import H100, LLAMA_8B, OLLAMA_MINIMUM_MEMORY
 from quantrouter.backend import OllamaBackend
 from quantrouter.catalog import CatalogSnapshot, VariantInfo
@@ -38,8 +39,6 @@ from quantrouter.throughput import Observation, ThroughputTable
 from quantrouter.values import Preference
 
 RESULTS = Path(__file__).parent / "results" / "decision.md"
-README = Path(__file__).parent.parent / "README.md"
-README_START, README_END = "<!-- decision:start -->", "<!-- decision:end -->"
 SIZES = (4, 8, 32, 64)
 # Issue 13's p99 targets in µs (64 candidates: 8 nodes × 8 variants, for the fleet); none set for 4.
 TARGET_P99_US = {8: 100.0, 32: 300.0, 64: 1000.0}
@@ -190,15 +189,6 @@ def reading(timings: list[Timing], load: float) -> str:
             "alone at p50.")
 
 
-def update_readme(text: str) -> None:
-    """Put this run's reading in the README, between its decision markers."""
-    head, start, rest = README.read_text().partition(README_START)
-    _, end, tail = rest.partition(README_END)
-    if not start or not end:
-        raise SystemExit(f"README.md has no {README_START} … {README_END} block to update")
-    README.write_text(f"{head}{start}\n  {text} (Run of {datetime.date.today().isoformat()}.)\n  {end}{tail}")
-
-
 def main() -> None:
     argparse.ArgumentParser(prog="python -m bench.decision", description=__doc__.split("\n\n")[0]).parse_args()
     load = os.getloadavg()[0]
@@ -225,7 +215,7 @@ def main() -> None:
         "| router, after an observation: CPU p50 / p99 µs | wall p50 / p99 µs |\n"
         + "|---" * 9 + "|\n"
         f"{rows}\n")
-    update_readme(text)
+    replace_block("decision", f"{text} (Run of {datetime.date.today().isoformat()}.)")
     print(RESULTS.read_text())
 
 

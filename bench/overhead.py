@@ -55,12 +55,11 @@ import quantrouter
 from bench.fixtures.canned_ollama import FAMILY as CANNED_FAMILY
 from bench.fixtures.canned_ollama import VARIANTS as CANNED_VARIANTS
 from bench.machine import cpu_seconds, describe, memory_mib
+from bench.readme import replace_block
 from quantrouter.client import AsyncRouterClient, Options
 from quantrouter.values import Completion
 
 RESULTS = Path(__file__).parent / "results"
-README = Path(__file__).parent.parent / "README.md"
-README_START, README_END = "<!-- overhead:start -->", "<!-- overhead:end -->"
 PROMPT = "Why is the sky blue?"
 DIRECT, ROUTER, BASELINE = "direct", "router", "baseline"
 START_TIMEOUT_S = 120.0
@@ -540,16 +539,6 @@ def write_results(rows: list[dict[str, object]], memory: Memory, timeline: Timel
     return text
 
 
-def update_readme(text: str, started: datetime) -> None:
-    """Replace the README's overhead figures with this run's (between its markers)."""
-    readme = README.read_text()
-    start, end = readme.find(README_START), readme.find(README_END)
-    if start < 0 or end < start:
-        raise SystemExit(f"README.md has no {README_START} … {README_END} block to update")
-    block = f"{README_START}\n  {text} (Run of {started:%Y-%m-%d}.)\n  "
-    README.write_text(readme[:start] + block + readme[end:])
-
-
 async def measure(chosen: Sequence[Scenario], repetitions: int, logs: Path, baseline: Path | None = None
                   ) -> tuple[list[dict[str, object]], Memory, Timeline | None, float | None]:
     """Rows, the router's memory, the first-token timeline, and the baseline router's idle RSS (MiB) if any."""
@@ -688,7 +677,7 @@ def main() -> None:
     text = write_results(rows, memory, timeline, started, time.monotonic() - clock, repetitions, load_before,
                          baseline)
     if not args.quick:
-        update_readme(text, started)
+        replace_block("overhead", f"{text} (Run of {started:%Y-%m-%d}.)")
     print((RESULTS / "overhead.md").read_text())
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench.machine import describe
+from bench.readme import replace_block
 from bench.sim.engine import NUM_CTX, Policy, RunResult, Simulation
 from bench.sim.hardware import (
     DEFAULT_ENGINE,
@@ -46,6 +47,7 @@ from bench.sim.report import (
     markdown_preferences,
     plot_scenario,
     reading,
+    summary,
     write_csv,
 )
 from bench.sim.workload import (
@@ -208,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             + "\n\n".join(f"### {SCENARIOS[s].name}: {SCENARIOS[s].title}\n\n"
                           f"![{SCENARIOS[s].name}](simulation-{SCENARIOS[s].name}.png)" for s in scenarios) + "\n")
     (args.out / "simulation.md").write_text(text)
+    if (args.out, args.seeds, len(scenarios), len(engines)) == (RESULTS, DEFAULT_SEEDS, len(SCENARIOS), len(ENGINES)):
+        replace_block("simulation", f"{summary(cells, DEFAULT_ENGINE.name)} (Run of {datetime.date.today()}.)")
     print(f"wrote {args.out}/simulation.md in {elapsed:.0f} s")
 
 

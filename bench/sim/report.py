@@ -180,6 +180,25 @@ def _verdicts(cell: Cell) -> list[tuple[str, bool, str]]:
     return out
 
 
+def summary(cells: Sequence[Cell], engine: str) -> str:
+    """The run in a few sentences for the README: checks held, each scenario's ratio on `engine`, where it
+    loses, and how each preference class fares against the reference's SLO."""
+    verdicts = [(what, held) for c in cells for what, held, _ in _verdicts(c)]
+    ratios = "; ".join(f"{c.scenario} {c.vs_reference}" for c in cells if c.engine == engine)
+    lost = [f"{c.scenario}/{c.engine} {c.vs_reference.mean:.3f}" for c in cells if c.vs_reference.mean < TARGET_RATIO]
+    classes = []
+    for p in Preference:
+        gaps = sorted(c.policies[OURS].classes[p.value].slo_met - c.policies[REFERENCE].classes[p.value].slo_met
+                      for c in cells)
+        within = sum(gap >= -SLO_SLACK for gap in gaps)
+        classes.append(f"{p.value} in {within} of {len(gaps)} cells (median {_percentile(gaps, 0.5) * 100:+.1f} pt)")
+    return (f"{sum(held for _, held in verdicts)} of {len(verdicts)} acceptance checks hold over {len(cells)} "
+            f"scenario × engine cells. quantrouter's goodput ÷ {REFERENCE}'s on the {engine} engine, mean [95 % "
+            f"interval]: {ratios}. Below {TARGET_RATIO:.2f}× in {len(lost)} of {len(cells)} cells"
+            f"{': ' + ', '.join(lost) if lost else ''}. SLO met within a point of {REFERENCE}'s: "
+            f"{'; '.join(classes)}.")
+
+
 def markdown_cells(cells: Sequence[Cell]) -> str:
     rows = [f"| scenario | engine | vs {REFERENCE} (mean [95 % CI]) | vs best oracle | quantrouter SLO met "
             f"| {REFERENCE} SLO met | quantrouter picks | targets missed |", "|---|---|---|---|---|---|---|---|"]
