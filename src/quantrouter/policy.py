@@ -348,11 +348,11 @@ class _Row:
         self.tier = 0
 
     def assessment(self) -> Assessment:
+        # Positional, in `Assessment`'s field order (keywords cost a dict per call; node is the fleet's to set).
         return _new_assessment(self.tag, self.quantization, self.need, self.resident, self.tps, self.measured,
                                self.ttft, self.expected, self.quality, self.score, self.rejection, self.memory_only,
-                               queue_seconds=self.queue, churn_seconds=self.churn, at_risk=self.at_risk,
-                               quality_measured=self.quality_measured, endangers=self.endangers,
-                               held_back=self.held_back)
+                               "", self.queue, self.churn, self.at_risk, self.quality_measured, self.endangers,
+                               self.held_back)
 
     @classmethod
     def of(cls, a: Assessment) -> _Row:
@@ -388,6 +388,9 @@ def _hold_back(rows: Sequence[_Row], load: float, shared: bool, config: PolicyCo
     if load >= config.overload_threshold and feasible:
         warm = [row for row in feasible if row.resident] or feasible
         quickest = min(row.service for row in warm) * (1 + OVERLOAD_SPEED_SLACK)
+    evicting = shared and any(row.churn for row in feasible)
+    if not quickest and not evicting:  # nothing to add to what the in-flight guard said
+        return
     for row in feasible:
         reasons = [row.held_back] if row.held_back else []
         if row.churn and shared:
