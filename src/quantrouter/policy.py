@@ -74,8 +74,6 @@ __all__ = [
 TIE_TOLERANCE = 1e-6
 # Scores live in [0, 1]: a candidate at risk drops below every candidate that is not.
 AT_RISK_PENALTY = 1.0
-# How a deadline rejection starts, so that a decision can tell "the deadline alone" from other constraints.
-DEADLINE_REJECTION = "expected"
 # When the architecture is unknown (no /api/show yet), assume the KV cache adds this share of the weights.
 UNKNOWN_KV_SHARE = 0.1
 # Ollama's scheduler loads beside other models only when the prediction ≤ 80 % of free memory
@@ -193,8 +191,7 @@ def offered_load(arrivals: Sequence[tuple[float, float]], now: float, window: fl
     return sum(service for t, service in arrivals if now - window <= t <= now) / window
 
 
-def _constraint_rejection(c: CandidateInput, request: RoutingRequest, speed: SpeedEstimate,
-                          ttft: float, expected: float) -> str:
+def _constraint_rejection(c: CandidateInput, request: RoutingRequest, speed: SpeedEstimate, ttft: float) -> str:
     quant = c.variant.quant
     floor = request.min_quantization
     if request.excluded and c.variant.tag in request.excluded:
@@ -210,9 +207,6 @@ def _constraint_rejection(c: CandidateInput, request: RoutingRequest, speed: Spe
     if request.max_time_to_first_token is not None and ttft > request.max_time_to_first_token:
         return f"time to first token {ttft:.2f} s exceeds max_time_to_first_token " \
                f"{request.max_time_to_first_token:.2f} s"
-    if request.time_remaining is not None and expected > request.time_remaining:
-        return (f"{DEADLINE_REJECTION} {expected:.2f} s exceeds the {request.time_remaining:.2f} s left "
-                "before the deadline")
     return ""
 
 
@@ -300,7 +294,8 @@ class _Frame:
 class _Row:
     """A candidate's numbers while the decision is made (mutable, so each `Assessment` is built once)."""
 
-    __slots__ = ("at_risk", "below_floor", "churn", "endangers", "expected", "held_back", "measured", "memory_only",
+    __slots__ = ("at_risk", "below_floor", "churn", "deadline_only", "endangers", "expected", "held_back", "measured",
+                 "memory_only",
                  "need", "quality", "quality_measured", "quantization", "queue", "rejection", "resident", "score",
                  "service", "tag", "tier", "tps", "ttft")
 
@@ -321,7 +316,12 @@ class _Row:
         if in_flight >= config.runner_parallel:
             queue += max(c.queued_seconds - in_flight * service, 0.0)
         # Constraints judge the variant on its own (alone on the GPU); the backlog only steers (`at_risk`).
-        rejection = _constraint_rejection(c, frame.request, speed, load + prefill, load + service)
+        rejection = _constraint_rejection(c, frame.request, speed, load + prefill)
+        deadline = frame.deadline
+        # The deadline is the last constraint judged: a variant it alone rules out counts for FailureKind.DEADLINE.
+        self.deadline_only = not rejection and deadline is not None and load + service > deadline
+        if self.deadline_only:
+            rejection = f"expected {load + service:.2f} s exceeds the {deadline:.2f} s left before the deadline"
         memory_only = False
         if not rejection and not resident and frame.vetted:
             if need > frame.usable:
@@ -338,7 +338,6 @@ class _Row:
         self.expected = expected = ttft + decode
         # Its decode rate while other runners time-slice the GPU (its own runner's queue delays, never slows it).
         sharing = 1 + frame.busy_runners - (in_flight > 0)
-        deadline = frame.deadline
         late = deadline is not None and max(expected, ttft + decode * sharing) > deadline
         self.at_risk = late or tps / sharing < frame.min_tps
         # Only a runner that is idle now adds one more to time-slice the GPU.
@@ -363,7 +362,7 @@ class _Row:
             a.expected_seconds
         row.quality, row.score, row.rejection, row.memory_only = a.quality, a.score, a.rejection, a.memory_only
         row.queue, row.churn, row.at_risk, row.below_floor = a.queue_seconds, a.churn_seconds, a.at_risk, False
-        row.quality_measured = a.quality_measured
+        row.quality_measured, row.deadline_only = a.quality_measured, False
         row.endangers, row.held_back, row.service, row.tier = a.endangers, a.held_back, 0.0, 0
         return row
 
@@ -514,7 +513,7 @@ def decide(
     if best is None:
         if all(row.memory_only for row in rows):
             failure = FailureKind.MEMORY
-        elif all(row.rejection.startswith(DEADLINE_REJECTION) for row in rows):
+        elif all(row.deadline_only for row in rows):
             failure = FailureKind.DEADLINE
         else:
             failure = FailureKind.CONSTRAINTS

@@ -54,7 +54,6 @@ from quantrouter.policy import (
     PolicyConfig,
     RoutingRequest,
     decide,
-    offered_load,
     remaining_seconds,
 )
 from quantrouter.throughput import Observation, ThroughputSnapshot, ThroughputTable
@@ -204,6 +203,7 @@ class Router:
         self._tables_catalog: CatalogSnapshot | None = None
         self._tables_speeds: ThroughputSnapshot | None = None
         self._routed: deque[tuple[float, float]] = deque()  # (time, service estimate) of recent routings
+        self._routed_seconds = 0.0  # their sum, kept as they come and go (not summed on every decision)
 
     @property
     def in_flight(self) -> int:
@@ -267,9 +267,11 @@ class Router:
         reserve = self.reserve_bytes * len(snapshot.gpus) if snapshot.source == NVML else 0
         now = self._clock()
         while self._routed and self._routed[0][0] < now - LOAD_WINDOW_S:
-            self._routed.popleft()
+            self._routed_seconds -= self._routed.popleft()[1]
+        if not self._routed:
+            self._routed_seconds = 0.0  # no rounding residue from the running sum
         return MemoryView(snapshot.free_bytes, reserve, snapshot.source, self._backlog(),
-                          tuple(w.in_flight(now) for w in self._work), offered_load(self._routed, now),
+                          tuple(w.in_flight(now) for w in self._work), self._routed_seconds / LOAD_WINDOW_S,
                           shared=snapshot.source == NVML)
 
     def decide(self, request: RoutingRequest) -> Decision:
@@ -337,6 +339,7 @@ class Router:
                              tokens_per_second=chosen.tokens_per_second, deadline=deadline,
                              min_tokens_per_second=request.min_tokens_per_second)
                 self._routed.append((self._clock(), work.service_seconds))  # served work, not a dry-run Route
+                self._routed_seconds += work.service_seconds
                 relay = _sent_while(decision, self._forward(variant, job, work, cold=not variant.resident))
                 try:
                     async with aclosing(relay):  # closed here, not whenever it is collected, if the caller leaves
@@ -418,8 +421,7 @@ class Router:
     def variant_states(self) -> list[VariantState]:
         """Every variant in the latest catalog with its speed and breaker state (read at scrape time)."""
         catalog = self.inventory.snapshot
-        speeds = self.throughput.snapshot()
         now = self._clock()
-        return [VariantState(family, v.tag, v.quant.name, v.resident, v.vram_bytes, speed.decode_tps,
-                             self.breaker.is_open(v.tag, now))
-                for family in catalog.families for v, speed in speeds.estimates(catalog.family(family))]
+        return [VariantState(family, c.variant.tag, c.variant.quant.name, c.variant.resident, c.variant.vram_bytes,
+                             c.speed.decode_tps, self.breaker.is_open(c.variant.tag, now))
+                for family in catalog.families for c in self._family_table(catalog, family)]

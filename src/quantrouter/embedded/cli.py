@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import signal
 from pathlib import Path
 from typing import Any
@@ -89,7 +88,6 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         n_threads=args.threads,
         default_keep_alive=settings.backend.keep_alive,
     )
-    logging.basicConfig(level=settings.server.log_level.upper())
     asyncio.run(_serve_until_signalled(config))
     return EXIT_OK
 

@@ -60,7 +60,7 @@ def _verdict(node: str, state: NodeState, request: RoutingRequest, excluded: fro
              config: PolicyConfig) -> NodeVerdict:
     own = replace(request, excluded=request.excluded | {tag for name, tag in excluded if name == node})
     decision = _with_node(node, decide(own, state.family(request.family), state.memory_view, config))
-    if state.max_in_flight and state.in_flight >= state.max_in_flight:
+    if state.at_limit:
         limit = f"at its limit of {state.max_in_flight} streams"
         return NodeVerdict(node, replace(decision, chosen=None, reason=limit, failure=FailureKind.CONSTRAINTS), None)
     chosen = decision.chosen

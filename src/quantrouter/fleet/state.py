@@ -50,6 +50,11 @@ class NodeState:
     offered_load: float = 0.0
 
     @property
+    def at_limit(self) -> bool:
+        """At its in-flight limit: the node router sheds new streams."""
+        return bool(self.max_in_flight) and self.in_flight >= self.max_in_flight
+
+    @property
     def catalog(self) -> CatalogSnapshot:
         return CatalogSnapshot(tuple(c.variant for c in self.candidates), self.names)
 

@@ -101,7 +101,7 @@ class Picker:
                 routing, _ = self._reader.generate(call.request, None)
             decision = choose(routing, states, self._router.policy)
             if decision.chosen is None:
-                if all(_at_limit(s) for s in states.values()):
+                if all(s.at_limit for s in states.values()):
                     raise HttpRefusal(HTTPStatus.TOO_MANY_REQUESTS, "shed",
                                       f"every node is at its stream limit ({decision.reason}); retry shortly",
                                       SHED_RETRY_AFTER_S)
@@ -131,6 +131,3 @@ class Picker:
         self.release(picked)
         self.outstanding[served] += 1
 
-
-def _at_limit(state: NodeState) -> bool:
-    return bool(state.max_in_flight) and state.in_flight >= state.max_in_flight
