@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from quantrouter.fleet.server import FleetServer
 from quantrouter.gateway.envoy import envoy_config
 from quantrouter.gateway.server import epp_in_thread
 from tests.fleet.conftest import NUM_CTX, REPORT_INTERVAL_S, STALE_AFTER_S, Node, nodes, wait_for
+from tests.hardening.helpers import free_port
 
 __all__ = ["nodes"]  # the fleet tests' fixture, used here too
 
@@ -38,11 +38,6 @@ PICKER_MAX_IN_FLIGHT = 2
 ENVOY_START_TIMEOUT_S = 60.0
 ENVOY = Path(sys.executable).with_name("envoy")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Doorway:

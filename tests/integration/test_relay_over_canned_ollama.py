@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from quantrouter.backend import Final, OllamaBackend, Text
 from quantrouter.config import BackendSettings
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
+from tests.hardening.helpers import free_port
 
 TAG = VARIANTS[-1].tag
 TOKENS = 64
@@ -99,11 +99,6 @@ async def test_consecutive_streams_reuse_one_connection(canned: str, backend: Ol
         assert isinstance(items[-1], Final)
     assert connections_to(int(canned.rsplit(":", 1)[1])) == 1
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def metrics_total(port: int, name: str) -> float:

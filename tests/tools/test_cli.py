@@ -29,6 +29,7 @@ def test_help_explains(command: str, phrases: list[str], capsys: pytest.CaptureF
 
 
 def test_generate_and_route_send_a_bounded_length_unless_told() -> None:
+    assert DEFAULT_NUM_PREDICT == 256  # what --help and the README promise
     parser = build_parser()
     for command in ("generate", "route"):
         assert parser.parse_args([command, FAMILY, *(["a prompt"] if command == "generate" else [])]).num_predict \

@@ -7,11 +7,12 @@ arguments, dials and fails (UNAVAILABLE), and the modules it loaded on the way a
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 
 import pytest
+
+from tests.hardening.helpers import free_port
 
 # What only serving needs: the server's assembly, the router, the metrics library.
 SERVER_SIDE = ("quantrouter.server", "quantrouter.router", "quantrouter.service", "prometheus_client")
@@ -25,11 +26,6 @@ PROBE = (
 )
 
 
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
 
 @pytest.mark.parametrize("command", [
     ("generate", "gemma3:270m", "Why is the sky blue?"),
@@ -37,7 +33,7 @@ def _closed_port() -> int:
     ("variants",),
 ])
 def test_client_commands_do_not_import_the_server(command: tuple[str, ...]) -> None:
-    target = f"127.0.0.1:{_closed_port()}"
+    target = f"127.0.0.1:{free_port()}"
     result = subprocess.run([sys.executable, "-c", PROBE, *command, "--target", target, *(
         ("--timeout", "5") if command[0] != "variants" else ())],
         capture_output=True, text=True, timeout=60)
@@ -68,7 +64,7 @@ def test_serve_does_not_import_the_extras() -> None:
     """A real router (its backend unreachable: it starts anyway, NOT_SERVING), asked once it serves; the probe
     then ends the process at once (it is a probe, not a shutdown test)."""
     result = subprocess.run([sys.executable, "-c", SERVE_PROBE, "serve", "--grpc-address", "127.0.0.1:0",
-                             "--metrics-address", "127.0.0.1:0", "--ollama-host", f"127.0.0.1:{_closed_port()}",
+                             "--metrics-address", "127.0.0.1:0", "--ollama-host", f"127.0.0.1:{free_port()}",
                              "--memory-capacity", "8GiB"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["serving"]
