@@ -41,6 +41,7 @@ from bench.fixtures.canned_ollama import FAMILY, VARIANTS
 from bench.machine import describe
 from bench.overhead import ROUTER_ENV, Service, spawned
 from bench.simulate_fleet import DEFAULT_SEEDS, simulate
+from bench.stats import percentile
 from quantrouter.client import AsyncRouterClient, Options, PreferenceName
 from quantrouter.values import Decision
 
@@ -165,13 +166,8 @@ async def hop(target: str, routers: dict[str, Service], p: Plan) -> tuple[list[f
     return through, direct
 
 
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def quantile_ms(seconds: list[float], q: float) -> float:
-    return 1000 * quantile(seconds, q)
+    return 1000 * percentile(seconds, q)
 
 
 def report(p: Plan, counts: Counter[tuple[str, str, str]], failed: int, through: list[float], direct: list[float],
@@ -191,7 +187,7 @@ def report(p: Plan, counts: Counter[tuple[str, str, str]], failed: int, through:
         f"{'holds' if added_p50 <= TARGET_HOP_MS else 'missed'}) and {added_p99:.2f} ms at p99 over "
         f"{len(through)} pairs "
         f"(median paired difference {statistics.median(paired):.2f} ms, p10–p90 of the differences "
-        f"{quantile(paired, 0.1):.2f} to {quantile(paired, 0.9):.2f} ms); "
+        f"{percentile(paired, 0.1):.2f} to {percentile(paired, 0.9):.2f} ms); "
         f"ratio of p50s {quantile_ms(through, 0.5) / quantile_ms(direct, 0.5):.3f}. Client, seven router and backend "
         f"processes share this machine's cores (load average {load:.1f} when the run started).", "",
         f"Nodes: node routers with static capacities {', '.join(f'{n} = {c}' for n, c in NODES.items())}, "

@@ -35,6 +35,7 @@ import httpx
 from bench.fixtures.canned_ollama import FAMILY, VARIANTS
 from bench.machine import describe, free_port
 from bench.overhead import Service, spawned
+from bench.stats import percentile
 from quantrouter.gateway.envoy import envoy_config
 
 RESULTS = Path(__file__).parent / "results"
@@ -68,10 +69,7 @@ class Arm:
     failures: Counter[str] = field(default_factory=Counter)
 
     def ms(self, quantile: float) -> float:
-        ordered = sorted(self.ttfts)
-        if not ordered:
-            return float("nan")
-        return 1000 * ordered[min(len(ordered) - 1, int(quantile * len(ordered)))]
+        return 1000 * percentile(self.ttfts, quantile)
 
 
 def host_port(url: str) -> tuple[str, int]:

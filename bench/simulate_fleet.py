@@ -45,7 +45,6 @@ from bench.sim.report import (
     markdown_preferences,
 )
 from bench.sim.workload import Phase, Request, TenantProfile, generate_requests, generate_tenant, interactive_mix
-from quantrouter.throughput import SPEED_FLOOR_BPW
 from quantrouter.values import Preference
 
 DEFAULT_SEEDS = 20
@@ -105,9 +104,9 @@ def _run(requests: Sequence[Request], nodes: Sequence[NodeSpec], dispatcher: Dis
 def hindsight_best(requests: Sequence[Request], nodes: Sequence[NodeSpec]) -> FleetResult:
     """The best least-loaded fleet with one fixed variant per preference, sent to every node or only to the
     nodes with the most GPU memory, for this very trace, found by replaying it: coordinate descent from
-    always-Q4_K_M on every node, one pass over every preference × variant at or above the speed floor (below
-    it a variant decodes no faster, bench/sim/hardware.py DEQUANT_EFFICIENCY) × node pool."""
-    tags = [v.tag for v in FAMILY.variants if v.quant.bits_per_weight >= SPEED_FLOOR_BPW]
+    always-Q4_K_M on every node, one pass over every preference × variant × node pool (every variant, the
+    sub-4.5-bit ones too: the router's speed floor is not the judge's to assume)."""
+    tags = [v.tag for v in FAMILY.variants]
     pools = (False, True) if len({spec.gpu.capacity_bytes for spec in nodes}) > 1 else (False,)
     default = next(v.tag for v in FAMILY.variants if v.quant.name == DEFAULT_QUANT)
     mapping = dict.fromkeys(Preference, (default, False))

@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt
 
 from bench.sim.engine import Outcome, RunResult
 from bench.sim.hardware import DEFAULT_ENGINE
+from bench.stats import percentile
 from quantrouter.values import Preference
 
 GB = 1e9
@@ -109,13 +110,6 @@ class Cell:
     vs_oracle: Interval
 
 
-def _percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def bootstrap_ratio(ours: Sequence[float], theirs: Sequence[float], seed: str) -> Interval:
     """Σ ours / Σ theirs over the seeds (the ratio of mean goodputs), with a 95 % percentile-bootstrap interval
     from resampling seeds. A ratio of sums, not a mean of per-trace ratios, so that a trace where the reference
@@ -134,7 +128,7 @@ def _class_figures(records: Sequence[Record]) -> ClassFigures:
     done = [r for r in records if r.completed]
     return ClassFigures(sum(r.slo_met for r in records) / max(len(records), 1),
                         statistics.fmean(r.quality for r in done) if done else 0.0,
-                        _percentile([r.latency for r in done], 0.95))
+                        percentile([r.latency for r in done], 0.95))
 
 
 def _policy_figures(runs: Sequence[RunFigures], duration: float) -> PolicyFigures:
@@ -146,7 +140,7 @@ def _policy_figures(runs: Sequence[RunFigures], duration: float) -> PolicyFigure
         sum(run.goodput for run in runs) / (duration * len(runs)), tuple(run.goodput for run in runs),
         sum(r.slo_met for r in records) / max(len(records), 1), sum(not r.slo_met for r in records),
         sum(run.loads for run in runs), sum(run.evicting_loads for run in runs), sum(run.partial_loads for run in runs),
-        _percentile([r.latency for r in done], 0.50), _percentile([r.latency for r in done], 0.95),
+        percentile([r.latency for r in done], 0.50), percentile([r.latency for r in done], 0.95),
         statistics.fmean(r.quality for r in done) if done else 0.0,
         " ".join(f"{q}:{n / total:.0%}" for q, n in picks.most_common(3)),
         {p.value: _class_figures([r for r in records if r.preference == p.value]) for p in Preference},
@@ -191,7 +185,7 @@ def summary(cells: Sequence[Cell], engine: str) -> str:
         gaps = sorted(c.policies[OURS].classes[p.value].slo_met - c.policies[REFERENCE].classes[p.value].slo_met
                       for c in cells)
         within = sum(gap >= -SLO_SLACK for gap in gaps)
-        classes.append(f"{p.value} in {within} of {len(gaps)} cells (median {_percentile(gaps, 0.5) * 100:+.1f} pt)")
+        classes.append(f"{p.value} in {within} of {len(gaps)} cells (median {percentile(gaps, 0.5) * 100:+.1f} pt)")
     return (f"{sum(held for _, held in verdicts)} of {len(verdicts)} acceptance checks hold over {len(cells)} "
             f"scenario × engine cells. quantrouter's goodput ÷ {REFERENCE}'s on the {engine} engine, mean [95 % "
             f"interval]: {ratios}. Below {TARGET_RATIO:.2f}× in {len(lost)} of {len(cells)} cells"
