@@ -101,11 +101,13 @@ def http_ok(url: str) -> bool:
 class BackendProcess:
     """`quantrouter embedded serve` in a child process, on a fixed loopback port."""
 
-    def __init__(self, cache_dir: Path, port: int, *, max_queue: int = 8, memory_budget: str = "4GiB") -> None:
+    def __init__(self, cache_dir: Path, port: int, *, max_queue: int = 8, memory_budget: str = "4GiB",
+                 drain_seconds: float = 5.0) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self._args = [sys.executable, "-m", "quantrouter.cli", "embedded", "serve", "--port", str(port),
-                      "--cache-dir", str(cache_dir), "--max-queue", str(max_queue), "--memory-budget", memory_budget]
+                      "--cache-dir", str(cache_dir), "--max-queue", str(max_queue), "--memory-budget", memory_budget,
+                      "--drain-seconds", str(drain_seconds)]
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:

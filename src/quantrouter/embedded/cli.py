@@ -12,6 +12,7 @@ from typing import Any
 from quantrouter.config import ConfigError, Settings, parse_bytes
 from quantrouter.embedded.ladder import prepare_ladder
 from quantrouter.embedded.server import (
+    DEFAULT_DRAIN_S,
     DEFAULT_MAX_QUEUE,
     DEFAULT_THREADS,
     EmbeddedConfig,
@@ -60,6 +61,9 @@ def add_embedded_commands(subparsers: Any) -> None:
                        help=f"requests that may wait per model before 503 (default {DEFAULT_MAX_QUEUE})")
     serve.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                        help=f"llama.cpp threads per model (default {DEFAULT_THREADS})")
+    serve.add_argument("--drain-seconds", type=float, default=DEFAULT_DRAIN_S,
+                       help="on SIGTERM or Ctrl-C, how long requests in flight may finish before they are "
+                            f"cut (default {DEFAULT_DRAIN_S:g})")
     serve.set_defaults(func=_serve)
 
 
@@ -87,6 +91,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         max_queue=args.max_queue,
         n_threads=args.threads,
         default_keep_alive=settings.backend.keep_alive,
+        drain_seconds=args.drain_seconds,
     )
     asyncio.run(_serve_until_signalled(config))
     return EXIT_OK

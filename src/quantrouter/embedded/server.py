@@ -43,7 +43,7 @@ DEFAULT_MAX_QUEUE = 8
 DEFAULT_THREADS = 2
 DEFAULT_NUM_CTX = 2048
 DEFAULT_KEEP_ALIVE = "5m"
-SHUTDOWN_TIMEOUT_S = 5.0
+DEFAULT_DRAIN_S = 5.0
 THREAD_START_TIMEOUT_S = 600.0
 DONE_LOAD = "load"
 DONE_UNLOAD = "unload"
@@ -64,6 +64,7 @@ class EmbeddedConfig:
     n_threads: int = DEFAULT_THREADS
     default_num_ctx: int = DEFAULT_NUM_CTX
     default_keep_alive: str = DEFAULT_KEEP_ALIVE
+    drain_seconds: float = DEFAULT_DRAIN_S
 
 
 class EmbeddedServer:
@@ -125,7 +126,7 @@ class EmbeddedServer:
             web.delete("/api/delete", self._delete),
             *openai.routes(self),
         ])
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.config.drain_seconds)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.port)
         await site.start()
