@@ -7,8 +7,9 @@ a dispatcher sends each arrival to one (node, variant), which that node then ser
 quantrouter-fleet is the production path: every node reports its state as the node router's
 `WatchCapacity` would (`quantrouter.capacity.node_capacity`, sent when `capacity.changed` says so, polled
 every `CHANGE_POLL_S` and at least every report interval), the fleet reads each report back through
-`fleet.state.read_report`, and `fleet.choice.choose` picks the pair from those reports only: stale by up to
-a poll period, and blind to the requests it routed since. Reports are evaluated at the poll tick before each
+`fleet.state.read_report`, and `fleet.choice.choose` picks the pair from those reports, stale by up to a
+poll period, plus what the fleet router itself sent each node since its last report (`fleet.state.with_routed`,
+as `FleetRouter` books its own forwarded streams). Reports are evaluated at the poll tick before each
 arrival, not at every tick: a report sent at a tick in between would only have been older than the one
 taken. The balancers see only their own bookkeeping (and, behind one, each node router its own node, as
 it does in production); the oracle alone reads the truth.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from bench.sim.engine import NUM_CTX, Choice, Outcome, RequestResult, RouterView, RunResult, Simulation
@@ -29,7 +30,8 @@ from quantrouter.capacity import BACKLOG_STEP_S, CHANGE_POLL_S, changed, node_ca
 from quantrouter.catalog import VariantInfo
 from quantrouter.config import FleetSettings, LimitSettings
 from quantrouter.fleet.choice import choose
-from quantrouter.fleet.state import NodeState, read_report
+from quantrouter.fleet.state import NodeState, read_report, with_routed
+from quantrouter.fleet.state import Routed as Sent
 from quantrouter.memory import GpuMemory, MemorySnapshot
 from quantrouter.policy import (
     CandidateInput,
@@ -61,11 +63,13 @@ class NodeSpec:
 
 @dataclass(frozen=True, slots=True)
 class Routed:
-    """A dispatcher's pick: the node and the variant, or neither with the reason."""
+    """A dispatcher's pick: the node and the variant, or neither with the reason; `sent`, the stream as the
+    fleet router books it until the node's next report (quantrouter-fleet only)."""
 
     node: str | None
     tag: str | None
     reason: str
+    sent: Sent | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,9 +168,12 @@ class QuantrouterFleet:
 
     def route(self, request: Request, view: FleetView) -> Routed:
         decision = choose(routing_request(request, view.family, view.num_ctx), view.reports, self.config)
-        if decision.chosen is None:
+        chosen = decision.chosen
+        if chosen is None:
             return Routed(None, None, decision.reason_code)
-        return Routed(decision.node, decision.chosen.tag, decision.reason_code)
+        sent = Sent(chosen.tag, chosen.expected_seconds - chosen.queue_seconds, chosen.tokens_per_second,
+                    request.deadline_s, request.min_tokens_per_second)
+        return Routed(decision.node, chosen.tag, decision.reason_code, sent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +262,7 @@ class _Node:
     sent_at: float = -math.inf
     state: NodeState | None = None
     polled_at: float = -math.inf
+    sent_since: list[tuple[float, Sent]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,7 +309,15 @@ class FleetSimulation:
         report = report_of(view, node.spec.name)
         if sent is None or due or changed(sent, report):
             node.sent, node.sent_key, node.sent_at, node.state = report, key, tick, read_report(report)
+            node.sent_since = [(at, sent) for at, sent in node.sent_since if at > tick]
             self._reports += 1
+
+    @staticmethod
+    def _reported(node: _Node, t: float) -> NodeState:
+        """The node's last report with what the fleet sent it since (each stream's time left as of `t`)."""
+        assert node.state is not None
+        return with_routed(node.state, [replace(sent, time_left=sent.time_left - (t - at))
+                                        if sent.time_left is not None else sent for at, sent in node.sent_since])
 
     def _service_seconds(self, node: _Node, request: Request, tag: str) -> float:
         """The node router's own estimate for the pinned request (its `decide` for that tag, less the queue)."""
@@ -323,7 +339,7 @@ class FleetSimulation:
             for node in self._nodes.values():
                 node.sim.run_until(t)
             view = FleetView(t, self.family, self.num_ctx,
-                             {n: node.state for n, node in self._nodes.items() if node.state is not None},
+                             {n: self._reported(node, t) for n, node in self._nodes.items() if node.state is not None},
                              {n: sum(node.sim.view().in_flight.values()) for n, node in self._nodes.items()},
                              {n: node.sim for n, node in self._nodes.items()})
             routed = self.dispatcher.route(request, view)
@@ -331,6 +347,8 @@ class FleetSimulation:
                 refused.append(RequestResult(request, Outcome.REJECTED, routed.reason))
                 continue
             node = self._nodes[routed.node]
+            if routed.sent is not None:
+                node.sent_since.append((t, routed.sent))
             node.assigned.choices[request.id] = Choice(routed.tag, routed.reason,
                                                        self._service_seconds(node, request, routed.tag))
             node.sim.submit(request)

@@ -11,6 +11,13 @@ decode); streams of the same runner run before it and lose nothing. Like churn, 
 never counted against the deadline. A node at its in-flight limit offers nothing. No I/O, no clock,
 no logging.
 
+Every feasible (node, variant) pair is ranked, not only each node's own pick: a node router must serve
+whatever arrives, so under load its policy buys speed with quality (BALANCED's deadline share holds only
+while its GPU is quiet); the fleet can send the next caller elsewhere, and it prices what a pair costs
+the node's other streams itself. Ranking only the nodes' picks left the fleet's BALANCED mix at Q4_K_M on
+the busy node (bench/results/fleet.md's simulation, 4090+h100: 1.044× round-robin, the hindsight oracle
+1.061×). Each pair keeps its node's own numbers and marks (at risk, held back, rejected).
+
 An earlier version added each node's summed backlog to its pick's times after a decision made without
 it: blind to time-slicing and to the deadline risk behind a queue, it sent QUALITY requests to F16
 through a burst (bench/results/fleet.md's simulation, the mixed-burst scenario).
@@ -30,12 +37,12 @@ __all__ = ["NodeVerdict", "choose", "delay_to_others"]
 
 @dataclass(frozen=True, slots=True)
 class NodeVerdict:
-    """One node's own decision, and its chosen assessment as the fleet ranks it (`delay_to_others` added to
-    its churn), if it offers one."""
+    """One node's own decision, and its feasible pairs as the fleet ranks them (`delay_to_others` added to
+    each one's churn): none when the node is at its limit or has nothing that can serve."""
 
     node: str
     decision: Decision
-    ranked: Assessment | None
+    offers: tuple[Assessment, ...]
 
 
 _FIELDS = tuple(f.name for f in fields(Assessment))
@@ -62,12 +69,11 @@ def _verdict(node: str, state: NodeState, request: RoutingRequest, excluded: fro
     decision = _with_node(node, decide(own, state.family(request.family), state.memory_view, config))
     if state.at_limit:
         limit = f"at its limit of {state.max_in_flight} streams"
-        return NodeVerdict(node, replace(decision, chosen=None, reason=limit, failure=FailureKind.CONSTRAINTS), None)
-    chosen = decision.chosen
-    if chosen is None:
-        return NodeVerdict(node, decision, None)
-    return NodeVerdict(node, decision, _amended(chosen, churn_seconds=chosen.churn_seconds
-                                                + delay_to_others(state, chosen)))
+        return NodeVerdict(node, replace(decision, chosen=None, reason=limit, failure=FailureKind.CONSTRAINTS), ())
+    if decision.chosen is None:
+        return NodeVerdict(node, decision, ())
+    return NodeVerdict(node, decision, tuple(_amended(a, churn_seconds=a.churn_seconds + delay_to_others(state, a))
+                                             for a in decision.candidates if a.feasible))
 
 
 def delay_to_others(state: NodeState, chosen: Assessment) -> float:
@@ -95,7 +101,7 @@ def choose(request: RoutingRequest, nodes: Mapping[str, NodeState], config: Poli
            excluded: frozenset[tuple[str, str]] = frozenset()) -> Decision:
     """The (node, variant) for `request` among the live `nodes`; `excluded` holds pairs that failed already."""
     verdicts = [_verdict(name, nodes[name], request, excluded, config) for name in sorted(nodes)]
-    offers = [v.ranked for v in verdicts if v.ranked is not None]
+    offers = [a for v in verdicts for a in v.offers]
     listed = tuple(a for v in verdicts for a in v.decision.candidates)
     if not offers:
         why = "; ".join(f"node {v.node}: {v.decision.reason}" for v in verdicts) or "no live node"
@@ -104,13 +110,18 @@ def choose(request: RoutingRequest, nodes: Mapping[str, NodeState], config: Poli
                         failure=_failure(verdicts))
     best = rank(offers, request.preference, config, request.time_remaining)[0]  # the policy's own ranking
     verdict = next(v for v in verdicts if v.node == best.node)
+    own = verdict.decision.chosen
     reason = verdict.decision.reason
+    if own is not None and own.tag != best.tag:
+        reason = (f"{request.preference.value}: {best.tag} (quality {best.quality:.3f}, expected "
+                  f"{best.expected_seconds:.2f} s) over the node's own pick {own.tag} (expected "
+                  f"{own.expected_seconds:.2f} s): the fleet can send the next caller elsewhere")
     if best.queue_seconds:
         reason += f"; {best.queue_seconds:.1f} s of queue on node {best.node}"
-    others = best.churn_seconds - (verdict.decision.chosen.churn_seconds if verdict.decision.chosen else 0.0)
+    others = best.churn_seconds - next(a.churn_seconds for a in verdict.decision.candidates if a.tag == best.tag)
     if others > 0:
         reason += f"; delays the node's other streams by {others:.1f} s in all (ranked as churn)"
-    if len(offers) > 1:
-        reason += f"; node {best.node} ranked first of {len(offers)} nodes"
+    if (nodes_offering := sum(bool(v.offers) for v in verdicts)) > 1:
+        reason += f"; node {best.node} ranked first of {nodes_offering} nodes"
     candidates = tuple(best if a.node == best.node and a.tag == best.tag else a for a in listed)
     return replace(verdict.decision, chosen=best, reason=reason, candidates=candidates, fallback=bool(excluded))

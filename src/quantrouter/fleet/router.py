@@ -8,6 +8,10 @@ now" (UNAVAILABLE, RESOURCE_EXHAUSTED, NOT_FOUND, FAILED_PRECONDITION, INTERNAL,
 the next pair, at most `MAX_ATTEMPTS` in all (UNAVAILABLE and RESOURCE_EXHAUSTED speak for the whole
 node, so the next pair is on another node); any other error is the caller's and is passed on as the
 node gave it. After the first token a failing node ends the stream with UNAVAILABLE.
+
+A node's report is up to a report interval old; the streams this router sent a node after its last report
+was received are added to that report before each decision (`fleet.state.with_routed`), so that the
+arrivals of a burst do not all queue on the runner the last report showed idle.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -25,7 +30,7 @@ from quantrouter.errors import ModelNotFound, NodeAnswered, NodeFailed, NoLiveNo
 from quantrouter.fleet.choice import choose
 from quantrouter.fleet.metrics import FleetMetrics
 from quantrouter.fleet.nodes import NodeSet
-from quantrouter.fleet.state import NodeState
+from quantrouter.fleet.state import NodeState, Routed, with_routed
 from quantrouter.metrics import OTHER
 from quantrouter.policy import PolicyConfig, RoutingRequest
 from quantrouter.router import failure_of
@@ -63,6 +68,8 @@ class FleetRouter:
         self.policy = policy
         self._clock = clock
         self.in_flight = 0
+        # Per node, the streams forwarded to it that its reports may not show yet: (sent at, the stream).
+        self._sent: dict[str, list[tuple[float, Routed]]] = {}
 
     def live(self) -> dict[str, NodeState]:
         """The live nodes, or UNAVAILABLE naming every node and why it is out."""
@@ -85,7 +92,16 @@ class FleetRouter:
                             f"{', '.join(known) or 'none yet'}", metadata={"model": model[:64]})
 
     def decide(self, request: RoutingRequest, excluded: frozenset[tuple[str, str]] = frozenset()) -> Decision:
-        return choose(request, self.live(), self.policy, excluded)
+        return choose(request, {name: self._with_sent(name, state) for name, state in self.live().items()},
+                      self.policy, excluded)
+
+    def _with_sent(self, name: str, state: NodeState) -> NodeState:
+        """`state` with the streams sent to the node after its last report arrived (their time left as of now)."""
+        target, now = self.nodes.nodes.get(name), self._clock()
+        received = target.received_at if target is not None else now
+        since = [(at, r) for at, r in self._sent.get(name, ()) if at > received]
+        return with_routed(state, [replace(r, time_left=r.time_left - (now - at)) if r.time_left is not None else r
+                                   for at, r in since])
 
     def _record(self, decision: Decision) -> None:
         chosen = decision.chosen
@@ -113,6 +129,10 @@ class FleetRouter:
                 node, tag = decision.node, decision.chosen.tag
                 yield decision
                 relayed = False
+                sent = (self._clock(), Routed(tag, decision.chosen.expected_seconds - decision.chosen.queue_seconds,
+                                              decision.chosen.tokens_per_second, request.time_remaining,
+                                              request.min_tokens_per_second))
+                self._sent.setdefault(node, []).append(sent)
                 try:
                     async with aclosing(self._forward(node, tag, open_call)) as forwarded:
                         async for message in forwarded:
@@ -130,6 +150,7 @@ class FleetRouter:
                     if error.code() not in _FALLBACK_CODES or attempts >= MAX_ATTEMPTS:
                         raise _relayed(node, error) from None
                     excluded |= self._failed(node, tag, request.family, error.code())
+                    self._forget(node, sent)  # before the next decision, which should not count it
                     try:
                         alternative = self.decide(request, excluded)
                     except NoLiveNode:
@@ -140,6 +161,14 @@ class FleetRouter:
                                 node, tag, error.code().name, alternative.chosen.tag, alternative.node)
                     self.metrics.fallbacks.labels(node, tag, error.code().name).inc()
                     decision = alternative
+                finally:
+                    self._forget(node, sent)
+
+    def _forget(self, node: str, sent: tuple[float, Routed]) -> None:
+        """The stream ended or moved on: the node's reports no longer need it added."""
+        streams = self._sent.get(node, [])
+        if sent in streams:
+            streams.remove(sent)
 
     def _failed(self, node: str, tag: str, family: str, code: grpc.StatusCode) -> frozenset[tuple[str, str]]:
         """The pairs to leave out after `tag` failed on `node`: the pair, or all of the node's family."""

@@ -10,18 +10,18 @@ marked unhealthy, never half-trusted.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from quantrouter.capacity import SCHEMA_VERSION
 from quantrouter.catalog import Architecture, CatalogSnapshot, VariantInfo
 from quantrouter.memory import NVML, GpuMemory, MemorySnapshot
-from quantrouter.policy import CandidateInput, InFlight, MemoryView
+from quantrouter.policy import LOAD_WINDOW_S, CandidateInput, InFlight, MemoryView
 from quantrouter.quant import UnknownQuantizationError, parse_quantization
 from quantrouter.throughput import SpeedEstimate
 from quantrouter.v1 import router_service_pb2 as pb
 
-__all__ = ["NodeState", "ReportRejected", "read_report"]
+__all__ = ["NodeState", "ReportRejected", "Routed", "read_report", "with_routed"]
 
 
 class ReportRejected(ValueError):
@@ -147,3 +147,39 @@ def _stream(item: pb.StreamInFlight) -> InFlight:
              "bad_load", f"a stream of {item.service_seconds} s, {item.done} done, {item.tokens_per_second} tok/s, "
              f"{time_left} s left, floor {item.min_tokens_per_second} tok/s")
     return InFlight(item.service_seconds, item.done, item.tokens_per_second, time_left, item.min_tokens_per_second)
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """A stream this fleet router sent to a node after the node's last report was built: the variant, the
+    service seconds the fleet expected (alone on the GPU, queue left out), its decode rate, and the SLO it
+    carries (seconds left to its deadline now, its rate floor)."""
+
+    tag: str
+    service_seconds: float
+    tokens_per_second: float
+    time_left: float | None = None
+    min_tokens_per_second: float = 0.0
+
+
+def with_routed(state: NodeState, routed: Sequence[Routed]) -> NodeState:
+    """`state` with the streams this router sent since the report: a report is up to a poll period old, and a
+    router blind to its own last picks sends a burst's arrivals to the same runner's queue one after another.
+    Each stream counts as its node router will count it: in flight on its variant, queued behind the ones
+    there, in the backlog and the offered load."""
+    if not routed:
+        return state
+    extra: dict[str, tuple[int, float]] = {}
+    for r in routed:
+        n, seconds = extra.get(r.tag, (0, 0.0))
+        extra[r.tag] = (n + 1, seconds + r.service_seconds)
+    candidates = tuple(replace(c, in_flight=c.in_flight + extra[c.variant.tag][0],
+                               queued_seconds=c.queued_seconds + extra[c.variant.tag][1])
+                       if c.variant.tag in extra else c for c in state.candidates)
+    streams = tuple(InFlight(r.service_seconds, 0.0, r.tokens_per_second, r.time_left, r.min_tokens_per_second)
+                    for r in routed)
+    added = sum(r.service_seconds for r in routed)
+    return replace(state, candidates=candidates, in_flight=state.in_flight + len(routed),
+                   backlog_seconds=state.backlog_seconds + added,
+                   backlog=tuple(sorted((*state.backlog, *(r.service_seconds for r in routed)))),
+                   streams=(*state.streams, *streams), offered_load=state.offered_load + added / LOAD_WINDOW_S)
