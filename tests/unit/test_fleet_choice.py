@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import pytest
 
@@ -120,3 +121,23 @@ def test_what_a_pick_costs_the_nodes_other_streams_is_ranked_as_churn() -> None:
     assert alone.chosen.expected_seconds == own_b.expected_seconds  # the node's own numbers are kept
     assert "delays the node's other streams by" in alone.reason
     assert next(c for c in alone.candidates if c.tag == q4) == alone.chosen  # the ranked pick is the one listed
+
+
+def test_every_feasible_pair_is_ranked_not_only_each_nodes_own_pick() -> None:
+    """A busy H100 (offered load above `quiet_load`): its own router, which must serve whatever comes next, takes
+    BALANCED's quicker Q4_K_M; the fleet, which can send the next caller elsewhere, ranks the node's every pair
+    with the deadline's share and takes the better quality that still finishes well within it."""
+    busy = replace(node(78, H100_TPS, resident=list(LADDER_GIB)), offered_load=0.8)
+    balanced = request(Preference.BALANCED, time_remaining=30.0)
+    own = decide(balanced, busy.family(FAMILY), busy.memory_view, CONFIG).chosen
+    chosen = choose(balanced, {"h100": busy}, CONFIG)
+    assert own is not None and own.quantization == "Q4_K_M"
+    assert chosen.chosen is not None and chosen.chosen.quantization == "F16" and chosen.node == "h100"
+    listed = next(c for c in chosen.candidates if c.tag == chosen.chosen.tag)
+    assert listed == chosen.chosen and listed.expected_seconds < 15.0  # the node's own numbers, within the share
+    assert f"over the node's own pick {own.tag}" in chosen.reason
+    # A pair that is not a node's own pick still carries what it costs the node's other streams.
+    shared = replace(node(78, H100_TPS, resident=["Q4_K_M", "Q8_0"], streams={"F16": 30.0}), offered_load=0.8)
+    beside = choose(request(Preference.BALANCED, time_remaining=30.0), {"h100": shared}, CONFIG)
+    assert beside.chosen is not None and beside.chosen.tag != f"{FAMILY}-f16"
+    assert 0 < beside.chosen.churn_seconds == pytest.approx(delay_to_others(shared, beside.chosen))

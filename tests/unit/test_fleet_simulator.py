@@ -111,3 +111,15 @@ def test_the_truth_can_disagree_with_the_fleets_choice() -> None:
     assert ours.merged.results[0].outcome is Outcome.DEADLINE and goodput(ours.merged) == 0
     assert oracle.nodes["rtx4090"].results and goodput(oracle.merged) > 0
     assert robin.nodes["h100"].results and goodput(robin.merged) > goodput(ours.merged)
+
+
+def test_the_fleet_counts_what_it_sent_since_a_nodes_last_report() -> None:
+    """Two LATENCY requests 50 ms apart, within one poll period, on two idle H100s: both read the same reports,
+    but the second is priced with the first booked on its node (as `FleetRouter` books its own forwarded
+    streams), so it goes to the other node instead of queueing behind the first."""
+    nodes = tuple(NodeSpec(name, H100, ((0.0, 2 * int(GB)),)) for name in ("h100-a", "h100-b"))
+    requests = [Request(i, 5.0 + 0.05 * i, Preference.LATENCY, 300, 150, 4.0, 0.0, 1.0) for i in range(2)]
+    result = FleetSimulation(nodes, LLAMA_8B, requests, QuantrouterFleet()).run()
+    assert result.reports == len(nodes)  # one report each: the second request saw no newer one
+    assert {name: [r.request.id for r in run.results] for name, run in result.nodes.items()} == {
+        "h100-a": [0], "h100-b": [1]}

@@ -8,8 +8,8 @@ from collections.abc import Callable
 import pytest
 
 from quantrouter.capacity import SCHEMA_VERSION
-from quantrouter.fleet.state import ReportRejected, read_report
-from quantrouter.policy import InFlight
+from quantrouter.fleet.state import ReportRejected, Routed, read_report, with_routed
+from quantrouter.policy import LOAD_WINDOW_S, InFlight
 from quantrouter.v1 import router_service_pb2 as pb
 
 MIB = 1 << 20
@@ -98,3 +98,21 @@ def test_a_tag_listed_twice_is_refused() -> None:
     message.variants.append(message.variants[0])
     with pytest.raises(ReportRejected, match="twice"):
         read_report(message)
+
+
+def test_streams_sent_since_the_report_are_counted_as_the_node_router_will_count_them() -> None:
+    """Two streams the fleet sent to the Q8_0 runner after the report: in flight and queued on that variant, in
+    the backlog, the stream list (with their SLOs, nothing streamed yet) and the offered load."""
+    state = read_report(report())
+    tag = "gemma3:270m-q8_0"
+    sent = with_routed(state, [Routed(tag, 1.5, 80.0, 6.0, 20.0), Routed(tag, 0.25, 80.0)])
+    (q8,) = sent.family("gemma3:270m")
+    assert (q8.in_flight, q8.queued_seconds) == (3, pytest.approx(3.75))
+    assert sent.in_flight == 3 and sent.backlog_seconds == pytest.approx(4.25)
+    assert sent.backlog == (0.25, 0.5, 1.5, 2.0) and sent.memory_view.backlog == sent.backlog
+    assert sent.streams[2:] == (InFlight(1.5, 0.0, 80.0, 6.0, 20.0), InFlight(0.25, 0.0, 80.0, None, 0.0))
+    assert sent.offered_load == pytest.approx(0.4 + 1.75 / LOAD_WINDOW_S)
+    assert sent.memory == state.memory and sent.sequence == state.sequence
+    assert with_routed(state, []) is state
+    full = with_routed(read_report(report()), [Routed(tag, 1.0, 80.0)] * 255)
+    assert full.at_limit  # the node router's in-flight limit counts what the fleet sent it too
