@@ -228,7 +228,18 @@ def reading(cells: Sequence[FleetCell]) -> str:
     if short:
         lines.append("Where the target is missed, the better oracle's headroom over round-robin is "
                      + ", ".join(f"{c.scenario.name} {c.headroom.mean:.3f}×" for c in short) + ".")
+        lines.extend(_gap_to_hindsight(c) for c in short)
     return " ".join(lines)
+
+
+def _gap_to_hindsight(c: FleetCell) -> str:
+    """Where a missed scenario's goodput goes against the hindsight oracle, per class: SLO met and mean quality."""
+    ours, oracle = c.cell.policies[OURS], c.cell.policies[HINDSIGHT]
+    return (f"{c.scenario.name} against {HINDSIGHT} ({ours.goodput / oracle.goodput:.3f}× its goodput), per class "
+            "SLO met and mean quality: " + "; ".join(
+                f"{p.value} {ours.classes[p.value].slo_met:.1%} vs {oracle.classes[p.value].slo_met:.1%}, "
+                f"{ours.classes[p.value].mean_quality:.3f} vs {oracle.classes[p.value].mean_quality:.3f}"
+                for p in Preference) + ".")
 
 
 def simulate(seeds: int, workers: int, names: Sequence[str] | None = None) -> str:
