@@ -3,9 +3,9 @@
 Each live node is decided on its own with its own memory, residency, speeds, per-variant load and
 backlog (each stream's expected remaining seconds, as it reports them), exactly as its node router
 would decide (so every change to the policy carries over, the queue, time-slicing and at-risk terms
-included). The nodes' chosen assessments are then ranked by the same preference and the policy's own
-ranking, after one fleet-level charge: a node router cannot choose where a request goes, the fleet can,
-so each pick's churn also carries what its decode costs the node's other streams. Runners of one GPU
+included). The feasible pairs of those decisions are then ranked by the same preference and the policy's
+own ranking, after one fleet-level charge: a node router cannot choose where a request goes, the fleet
+can, so each pair's churn also carries what its decode costs the node's other streams. Runners of one GPU
 time-slice it, so each stream on another runner finishes later by about min(its remaining seconds, this
 decode); streams of the same runner run before it and lose nothing. Like churn, that is ranked on and
 never counted against the deadline. A node at its in-flight limit offers nothing. No I/O, no clock,
@@ -124,4 +124,5 @@ def choose(request: RoutingRequest, nodes: Mapping[str, NodeState], config: Poli
     if (nodes_offering := sum(bool(v.offers) for v in verdicts)) > 1:
         reason += f"; node {best.node} ranked first of {nodes_offering} nodes"
     candidates = tuple(best if a.node == best.node and a.tag == best.tag else a for a in listed)
-    return replace(verdict.decision, chosen=best, reason=reason, candidates=candidates, fallback=bool(excluded))
+    return replace(verdict.decision, chosen=best, reason=reason, candidates=candidates, fallback=bool(excluded),
+                   downgraded=verdict.decision.downgraded and own is not None and own.tag == best.tag)
