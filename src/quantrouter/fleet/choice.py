@@ -72,8 +72,13 @@ def _verdict(node: str, state: NodeState, request: RoutingRequest, excluded: fro
         return NodeVerdict(node, replace(decision, chosen=None, reason=limit, failure=FailureKind.CONSTRAINTS), ())
     if decision.chosen is None:
         return NodeVerdict(node, decision, ())
-    return NodeVerdict(node, decision, tuple(_amended(a, churn_seconds=a.churn_seconds + delay_to_others(state, a))
-                                             for a in decision.candidates if a.feasible))
+    return NodeVerdict(node, decision, tuple(_charged(state, a) for a in decision.candidates if a.feasible))
+
+
+def _charged(state: NodeState, a: Assessment) -> Assessment:
+    """`a` with `delay_to_others` added to its churn (itself when that is nothing: most pairs of a quiet node)."""
+    delay = delay_to_others(state, a)
+    return _amended(a, churn_seconds=a.churn_seconds + delay) if delay else a
 
 
 def delay_to_others(state: NodeState, chosen: Assessment) -> float:
