@@ -6,6 +6,7 @@ Every sentence of the reading is generated from the figures it states, so it can
 from __future__ import annotations
 
 import csv
+import math
 import random
 import statistics
 from collections import Counter
@@ -158,19 +159,27 @@ def cell_of(scenario: str, engine: str, duration: float, runs: Sequence[dict[str
                 bootstrap_ratio(ours, oracles, key + "/oracle"))
 
 
+def short_of(value: float, digits: int = 3) -> str:
+    """`value` rounded down at `digits` decimals: a figure listed as missing a ≥ bar never reads as meeting it
+    (0.9996 below 1.00× prints 0.999, not 1.000; a gap of −1.04 pt prints −1.1, not −1.0)."""
+    scale = 10 ** digits
+    return f"{math.floor(value * scale + 1e-9) / scale:.{digits}f}"
+
+
 def _verdicts(cell: Cell) -> list[tuple[str, bool, str]]:
     """(what was checked, whether it held, the figure) for issue 10's targets on one cell."""
     ratio, oracle = cell.vs_reference, cell.vs_oracle
-    out = [(f"mean ≥ {TARGET_RATIO:.2f}× {REFERENCE}", ratio.mean >= TARGET_RATIO, f"{ratio.mean:.3f}"),
-           (f"95 % interval low ≥ {TARGET_LOW:.2f}", ratio.low >= TARGET_LOW, f"{ratio.low:.3f}"),
-           (f"≥ {TARGET_ORACLE:.2f}× the best oracle", oracle.mean >= TARGET_ORACLE, f"{oracle.mean:.3f}")]
+    out = [(f"mean ≥ {TARGET_RATIO:.2f}× {REFERENCE}", ratio.mean >= TARGET_RATIO, short_of(ratio.mean)),
+           (f"95 % interval low ≥ {TARGET_LOW:.2f}", ratio.low >= TARGET_LOW, short_of(ratio.low)),
+           (f"≥ {TARGET_ORACLE:.2f}× the best oracle", oracle.mean >= TARGET_ORACLE, short_of(oracle.mean))]
     special = TARGET_SPECIAL.get(cell.scenario)
     if special is not None:
-        out.append((f"{cell.scenario} ≥ {special:.2f}×", ratio.mean >= special, f"{ratio.mean:.3f}"))
+        out.append((f"{cell.scenario} ≥ {special:.2f}×", ratio.mean >= special, short_of(ratio.mean)))
     ours, ref = cell.policies[OURS].classes, cell.policies[REFERENCE].classes
     for p in Preference:
         gap = ours[p.value].slo_met - ref[p.value].slo_met
-        out.append((f"{p.value} SLO met ≥ {REFERENCE}'s − 1 pt", gap >= -SLO_SLACK, f"{gap * 100:+.1f} pt"))
+        out.append((f"{p.value} SLO met ≥ {REFERENCE}'s − 1 pt", gap >= -SLO_SLACK,
+                    f"{'+' if gap >= 0 else ''}{short_of(gap * 100, 1)} pt"))
     return out
 
 
@@ -179,7 +188,8 @@ def summary(cells: Sequence[Cell], engine: str) -> str:
     loses, and how each preference class fares against the reference's SLO."""
     verdicts = [(what, held) for c in cells for what, held, _ in _verdicts(c)]
     ratios = "; ".join(f"{c.scenario} {c.vs_reference}" for c in cells if c.engine == engine)
-    lost = [f"{c.scenario}/{c.engine} {c.vs_reference.mean:.3f}" for c in cells if c.vs_reference.mean < TARGET_RATIO]
+    lost = [f"{c.scenario}/{c.engine} {short_of(c.vs_reference.mean)}" for c in cells
+            if c.vs_reference.mean < TARGET_RATIO]
     classes = []
     for p in Preference:
         gaps = sorted(c.policies[OURS].classes[p.value].slo_met - c.policies[REFERENCE].classes[p.value].slo_met
@@ -250,8 +260,8 @@ def _special_misses(cells: Sequence[Cell]) -> list[str]:
         base = next((d for d in cells if d.scenario == c.scenario and d.engine == DEFAULT_ENGINE.name), None)
         if target is None or c.vs_reference.mean >= target or base is None or base is c:
             continue
-        lines.append(f"{c.scenario} / {c.engine} misses its {target:g}× target ({c.vs_reference.mean:.3f}): there "
-                     f"{REFERENCE} itself meets {c.policies[REFERENCE].slo_met:.1%} of SLOs, against "
+        lines.append(f"{c.scenario} / {c.engine} misses its {target:g}× target ({short_of(c.vs_reference.mean)}): "
+                     f"there {REFERENCE} itself meets {c.policies[REFERENCE].slo_met:.1%} of SLOs, against "
                      f"{base.policies[REFERENCE].slo_met:.1%} on the default engine, which leaves less to win.")
     return lines
 
@@ -275,8 +285,8 @@ def reading(cells: Sequence[Cell]) -> str:
         f"{max(c.vs_oracle.mean for c in cells):.3f}× (lowest: {oracle.scenario} / {oracle.engine}).",
     ]
     if behind:
-        lines.append("Cells it loses outright: " + ", ".join(f"{c.scenario} / {c.engine} ({c.vs_reference.mean:.3f})"
-                                                             for c in behind) + ".")
+        lines.append("Cells it loses outright: " + ", ".join(
+            f"{c.scenario} / {c.engine} ({short_of(c.vs_reference.mean)})" for c in behind) + ".")
     no_room = [c for c in cells if _oracle_headroom(c) < TARGET_RATIO + 0.01]
     if no_room:
         lines.append(f"In {len(no_room)} cells the better oracle that ran gets no more than 1 % above {REFERENCE} "

@@ -35,6 +35,7 @@ from bench.sim.policies import (
     hindsight_best,
     slo_value,
 )
+from bench.sim.report import short_of
 from bench.sim.workload import Phase, Request, TenantProfile, generate_requests, generate_tenant, interactive_mix
 
 from quantrouter.throughput import ThroughputTable
@@ -229,3 +230,14 @@ def test_the_router_sees_its_in_flight_requests_slos_and_its_recent_routings() -
     assert views[1].slos == ((59.0, 30.0),) and views[1].arrivals == ((0.0, 1.0),)
     assert views[2].arrivals == (), "routings older than the window are forgotten"
     assert views[2].slos == ((21.0, 30.0),), "the first has finished; the second waited behind it"
+
+
+@pytest.mark.parametrize(("value", "digits", "shown"), [
+    (0.9996, 3, "0.999"),  # below 1.00×: never "1.000"
+    (0.981, 3, "0.981"),  # exact in decimal: kept, not pushed down by binary rounding
+    (1.2496, 3, "1.249"),  # below the 1.25× target: never "1.250"
+    (-1.04, 1, "-1.1"),  # a gap just past −1 pt: never "-1.0"
+    (1.0004, 3, "1.000"),  # at or above a bar it stays there
+])
+def test_a_figure_listed_as_missing_a_bar_never_reads_as_meeting_it(value: float, digits: int, shown: str) -> None:
+    assert short_of(value, digits) == shown
