@@ -24,25 +24,25 @@ higher quality); BALANCED maximises w·q/q_max + (1−w)·C_min/C with C = T + c
 `balanced_quality_weight`, where with a deadline, while the GPU is quiet (`offered_load` ≤ `quiet_load`),
 a C within `balanced_deadline_share` of the time left counts as fast enough (so quality decides among those).
 
-Constraints and the deadline reject first, judged on the variant alone (no backlog): when the deadline
-alone rules every variant out the decision fails with `FailureKind.DEADLINE`. The backlog only steers: a
-candidate whose T, or whose decode stretched by the other busy runners time-slicing the GPU, passes the
-deadline, or whose decode rate under that sharing falls below `min_tokens_per_second`, is `at_risk` and
-ranks after the rest (when all are, the fastest is tried). Three more marks hold a candidate back behind
-the others (`held_back`, said in words; `endangers` counts): its new runner would push in-flight requests
-past their deadline or rate floor (runners time-slice the GPU, so a new one delays each by about min(its
-service, theirs left), `_Guard`); on a shared GPU (`MemoryView.shared`) its load only fits by evicting
-idle siblings, whose memory other tenants may take before it loads; or the GPU is overloaded
-(`offered_load`, the service seconds routed per second over the last `LOAD_WINDOW_S`, at or above
-`overload_threshold`) and it is slower than the quickest warm variant, whose one runner then serves the
-queue in order instead of several time-slicing runners that all miss.
-A variant below `SPEED_FLOOR_BPW` yields to any feasible variant at or above the floor that is (or,
-unmeasured, is believed) at least as fast: below ~4.5 bits/weight dequantisation eats the smaller read
-(docs/quantization.md §2 (iii)), so it serves when memory or an explicit constraint leaves nothing else.
-When memory pressure rejects the variant the preference would have taken, the decision says `downgraded`.
-To keep Ollama from loading and unloading in a thrash, a non-resident
-variant replaces a resident sibling only when it fits with a margin (`upgrade_hysteresis`) to spare.
-"""
+Constraints and the deadline reject first, judged on the variant alone (no backlog): when the deadline alone
+rules every variant out the decision fails with `FailureKind.DEADLINE`. On a prior (no decode rate measured yet)
+the deadline rejects only what it misses by more than `PRIOR_DEADLINE_SLACK`×: nearer, the candidate is tried
+(`at_risk`), since a guessed speed or load time must not refuse what the engine can serve. The backlog only
+steers: a candidate whose T, or whose decode stretched by the other busy runners time-slicing the GPU, passes
+the deadline, or whose decode rate under that sharing falls below `min_tokens_per_second`, is `at_risk` and
+ranks after the rest (when all are, the fastest is tried). Three more marks hold a candidate back behind the
+others (`held_back`, said in words; `endangers` counts): its new runner would push in-flight requests past their
+deadline or rate floor (runners time-slice the GPU, so a new one delays each by about min(its service, theirs
+left), `_Guard`); on a shared GPU (`MemoryView.shared`) its load only fits by evicting idle siblings, whose
+memory other tenants may take before it loads; or the GPU is overloaded (`offered_load`, the service seconds
+routed per second over the last `LOAD_WINDOW_S`, at or above `overload_threshold`) and it is slower than the
+quickest warm variant, whose one runner then serves the queue in order instead of several time-slicing runners
+that all miss. A variant below `SPEED_FLOOR_BPW` yields to any feasible variant at or above the floor that is
+(or, unmeasured, is believed) at least as fast: below ~4.5 bits/weight dequantisation eats the smaller read
+(docs/quantization.md §2 (iii)), so it serves when memory or an explicit constraint leaves nothing else. When
+memory pressure rejects the variant the preference would have taken, the decision says `downgraded`. To keep
+Ollama from loading and unloading in a thrash, a non-resident variant replaces a resident sibling only when it
+fits with a margin (`upgrade_hysteresis`) to spare. """
 
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ from quantrouter.values import Assessment, Decision, FailureKind, Preference, qu
 
 __all__ = [
     "LOAD_WINDOW_S",
+    "PRIOR_DEADLINE_SLACK",
     "CandidateInput",
     "InFlight",
     "MemoryView",
@@ -85,6 +86,10 @@ _new_decision = quick_constructor(Decision)
 # The window over which the router sums the service seconds it routed (`offered_load`): long enough to see a
 # burst as a rate (30 s at 0.25 req/s holds ~7 arrivals), short enough to let go within a minute of its end.
 LOAD_WINDOW_S = 30.0
+# A prior can be off by a good share (the bandwidth model's efficiency and the load prior's disk speed are
+# guesses: the simulated 70B H100 loads in 15.7 s where the prior says 21 s): on a prior the deadline refuses only
+# what it misses by more than this factor. Nearer, the candidate stays feasible (marked `at_risk`) and is tried.
+PRIOR_DEADLINE_SLACK = 2.0
 # Under overload, candidates within this share of the quickest warm variant's service count as as quick.
 OVERLOAD_SPEED_SLACK = 0.05
 
@@ -319,7 +324,8 @@ class _Row:
         rejection = _constraint_rejection(c, frame.request, speed, load + prefill)
         deadline = frame.deadline
         # The deadline is the last constraint judged: a variant it alone rules out counts for FailureKind.DEADLINE.
-        self.deadline_only = not rejection and deadline is not None and load + service > deadline
+        self.deadline_only = (not rejection and deadline is not None
+                              and load + service > (deadline if speed.measured else deadline * PRIOR_DEADLINE_SLACK))
         if self.deadline_only:
             rejection = f"expected {load + service:.2f} s exceeds the {deadline:.2f} s left before the deadline"
         memory_only = False

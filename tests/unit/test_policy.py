@@ -11,6 +11,7 @@ import pytest
 from quantrouter.catalog import Architecture, VariantInfo
 from quantrouter.policy import (
     LOAD_WINDOW_S,
+    PRIOR_DEADLINE_SLACK,
     CandidateInput,
     InFlight,
     MemoryView,
@@ -362,6 +363,22 @@ def test_a_deadline_alone_reports_the_best_expected_time() -> None:
     assert decision.failure is FailureKind.DEADLINE
     # Q4_K_M resident: 500 / 5000 + 256 / 130 = 2.07 s, the smallest of all.
     assert decision.best_expected_seconds == pytest.approx(0.1 + 256 / 130)
+
+
+@pytest.mark.parametrize(("measured", "share", "refused"), [
+    (True, 1.2, True),  # measured: past the deadline is a refusal
+    (False, 1.2, False),  # on a prior, within the slack: tried, at risk
+    (False, PRIOR_DEADLINE_SLACK * 1.2, True),  # on a prior, past the slack: a refusal
+])
+def test_a_prior_refuses_on_the_deadline_only_past_its_slack(measured: bool, share: float, refused: bool) -> None:
+    """Q4_K_M alone and resident, its expected time `share` × the time left."""
+    candidates = ladder(("Q4_K_M",), resident=("Q4_K_M",), tps=MEASURED_TPS if measured else None)
+    alone = decide(request(Q), candidates, free(40.0)).chosen
+    assert alone is not None and alone.measured is measured
+    decision = decide(request(Q, time_remaining=alone.expected_seconds / share), candidates, free(40.0))
+    assert (decision.failure is FailureKind.DEADLINE) is refused
+    if not refused:
+        assert decision.chosen is not None and decision.chosen.at_risk
 
 
 @pytest.mark.parametrize(
