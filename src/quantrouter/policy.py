@@ -42,7 +42,8 @@ that all miss. A variant below `SPEED_FLOOR_BPW` yields to any feasible variant 
 (docs/quantization.md §2 (iii)), so it serves when memory or an explicit constraint leaves nothing else. When
 memory pressure rejects the variant the preference would have taken, the decision says `downgraded`. To keep
 Ollama from loading and unloading in a thrash, a non-resident variant replaces a resident sibling only when it
-fits with a margin (`upgrade_hysteresis`) to spare. """
+fits with a margin (`upgrade_hysteresis`) to spare.
+"""
 
 from __future__ import annotations
 
