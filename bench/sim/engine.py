@@ -164,6 +164,8 @@ class _Job:
     acquired: float = math.nan
     phase_start: float = 0.0
     prefill_wall: float = 0.0
+    peak_runners: int = 1  # what the router notes at each dispatch (quantrouter.router `_note_sharing`)
+    peak_batch: int = 1
 
     def tokens_done(self) -> float:
         """The share of its tokens the router has seen stream back."""
@@ -393,12 +395,21 @@ class Simulation:
                    choice.service_seconds)
         self._jobs[request.id] = job
         self._in_flight[v.tag] += 1
+        self._note_sharing()
         runner = self._runners.get(v.tag)
         if runner is not None:
             self._assign(job, runner)
         else:
             self._pending.append(job)
             self._schedule()
+
+    def _note_sharing(self) -> None:
+        """As the router does at each dispatch: every in-flight request notes the most runners busy and the
+        biggest batch on its variant (its speed sample then says whether it ran alone)."""
+        busy = sum(1 for count in self._in_flight.values() if count)
+        for job in self._jobs.values():
+            job.peak_runners = max(job.peak_runners, busy)
+            job.peak_batch = max(job.peak_batch, min(self._in_flight[job.variant.tag], self.engine.num_parallel))
 
     def _audit_values(self, request: Request, view: RouterView, choice: Choice) -> dict[str, float]:
         assert self._value is not None
@@ -415,10 +426,9 @@ class Simulation:
         self._in_flight[job.variant.tag] -= 1
         del self._jobs[request.id]
         load_wait = job.acquired - request.arrival
-        busy_runners = sum(1 for count in self._in_flight.values() if count) + 1  # as the router counts them
         self._table.observe(job.variant.tag, Observation(
             request.output_tokens, int(decode_wall * NS), request.prompt_tokens, int(job.prefill_wall * NS),
-            int(load_wait * NS), job.cold, busy_runners))
+            int(load_wait * NS), job.cold, job.peak_runners, job.peak_batch))
         self._results.append(RequestResult(
             request, Outcome.COMPLETED, "completed", job.variant.tag, self.family.quality(job.variant.tag), latency,
             job.phase_start - request.arrival, request.output_tokens / decode_wall, job.cold,

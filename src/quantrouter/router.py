@@ -101,6 +101,8 @@ class _Work:
     tokens_per_second: float = 0.0
     deadline: float | None = None
     min_tokens_per_second: float = 0.0
+    peak_runners: int = 1  # the most runners busy, its own included, while it streamed (`Observation`)
+    peak_batch: int = 1  # the most requests on its variant at once (up to the runner's OLLAMA_NUM_PARALLEL)
 
     def done(self) -> float:
         return min(self.streamed / self.num_predict, 1.0) if self.num_predict > 0 else 0.0
@@ -382,6 +384,7 @@ class Router:
         tag = variant.tag
         self._in_flight_tags[tag] += 1
         self._work.add(work)
+        self._note_sharing()
         failed = True
         try:
             stream = (self.backend.chat(tag, job.messages, job.options, job.format) if job.chat
@@ -389,7 +392,7 @@ class Router:
             async with aclosing(stream):
                 async for item in stream:
                     if isinstance(item, Final):
-                        yield self._finish(variant, item, cold)
+                        yield self._finish(variant, item, cold, work)
                     else:
                         work.streamed += item.chunks  # a chunk is about a token
                         yield item.text
@@ -404,12 +407,21 @@ class Router:
             if cold or failed:
                 self.inventory.poke()
 
-    def _finish(self, variant: VariantInfo, final: Final, cold: bool) -> Completion:
+    def _note_sharing(self) -> None:
+        """A stream started: every in-flight stream notes the most runners and the biggest batch it shared, so
+        that its speed sample says whether it ran alone (`Observation`); one pass per stream started."""
+        busy = sum(1 for count in self._in_flight_tags.values() if count)
+        parallel = self.policy.runner_parallel
+        for w in self._work:
+            w.peak_runners = max(w.peak_runners, busy)
+            w.peak_batch = max(w.peak_batch, min(self._in_flight_tags[w.tag], parallel))
+
+    def _finish(self, variant: VariantInfo, final: Final, cold: bool, work: _Work) -> Completion:
         self.breaker.success(variant.tag)
-        busy_runners = sum(1 for count in self._in_flight_tags.values() if count)
         self.throughput.observe(variant.tag, Observation(final.eval_count, final.eval_duration,
                                                          final.prompt_eval_count, final.prompt_eval_duration,
-                                                         final.load_duration, cold, busy_runners))
+                                                         final.load_duration, cold, work.peak_runners,
+                                                         work.peak_batch))
         tps = final.eval_count * NS / final.eval_duration if final.eval_duration else 0.0
         prompt_tps = final.prompt_eval_count * NS / final.prompt_eval_duration if final.prompt_eval_duration else 0.0
         self.metrics.generated(self.family_label(variant.family), variant.tag, variant.quant.name,

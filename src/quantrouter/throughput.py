@@ -8,8 +8,11 @@ than Q4_0 on an RTX 3090, docs/quantization.md §2), so a file below the floor c
 have at the floor. Prompt processing is compute bound and roughly flat across quant types, so a sibling's
 figure carries over unscaled.
 
-A decode rate measured while other runners shared the GPU says little about the variant (runners
-time-slice one GPU), so such a sample only starts a variant that has none; it never moves an estimate.
+A decode rate measured while other runners shared the GPU, or while its runner decoded a batch of several
+requests, says little about the variant alone (runners time-slice one GPU; a batch shares a runner), so such a
+sample never moves an estimate. It only starts a variant that has none, scaled up by the runners and the batch
+it shared (each slows a request by at most that factor): an estimate too high corrects itself as the variant
+serves, whereas one too low could keep it below a caller's rate floor, never to be sampled again.
 """
 
 from __future__ import annotations
@@ -90,7 +93,8 @@ class Observation:
     prompt_eval_duration_ns: int = 0
     load_duration_ns: int = 0
     cold: bool = False
-    busy_runners: int = 1  # runners (this one included) serving requests on the GPU when it finished
+    busy_runners: int = 1  # the most runners (this one included) serving requests on the GPU during its life
+    batch: int = 1  # the most requests (this one included) its runner served at once during its life
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,8 +209,8 @@ class ThroughputTable:
                   if o.prompt_eval_count > 0 and o.prompt_eval_duration_ns > 0 else None)
         load = o.load_duration_ns / NS if o.cold and o.load_duration_ns > 0 else None
         old = self._stats.get(tag, _Ewma())
-        if o.busy_runners > 1 and old.decode_tps is not None:
-            decode = None
+        if decode is not None and (o.busy_runners > 1 or o.batch > 1):
+            decode = None if old.decode_tps is not None else decode * o.busy_runners * o.batch
         self._snapshot = None
         self._stats[tag] = _Ewma(
             _blend(old.decode_tps, decode, self._alpha),
