@@ -36,7 +36,7 @@ from quantrouter.memory import MemoryProbe, StaticSource
 from quantrouter.metrics import OTHER, Metrics
 from quantrouter.policy import LOAD_WINDOW_S, PolicyConfig, RoutingRequest
 from quantrouter.router import Job, Router
-from quantrouter.throughput import ThroughputTable
+from quantrouter.throughput import Observation, ThroughputTable
 from quantrouter.values import Completion, Decision, Preference
 
 Q8, Q5, Q4 = (v.tag for v in VARIANTS)
@@ -350,3 +350,30 @@ async def test_the_policy_sees_each_stream_in_flight_with_its_slo_and_the_load_r
         assert view.offered_load == pytest.approx(service / LOAD_WINDOW_S)
         assert [event async for event in stream]
     assert router.memory_view().in_flight == ()
+
+
+class _RecordingTable(ThroughputTable):
+    """The real table, which also keeps each observation it is fed (to read what the router noted)."""
+
+    def __init__(self) -> None:
+        super().__init__(0.3, BANDWIDTH)
+        self.seen: list[tuple[str, Observation]] = []
+
+    def observe(self, tag: str, observation: Observation) -> None:
+        self.seen.append((tag, observation))
+        super().observe(tag, observation)
+
+
+async def test_a_speed_sample_says_how_many_runners_it_shared_the_gpu_with_over_its_life(
+        make_router: Callable[..., Awaitable[Router]]) -> None:
+    """Q8_0 streams while Q4_K_M starts and finishes beside it: both samples say 2 runners, although Q8_0 ends
+    alone; a later stream alone says 1 (the table then keeps shared samples from moving its estimates)."""
+    router = await make_router()
+    router.throughput = table = _RecordingTable()
+    async with aclosing(router.stream(replace(_request(), pinned_tag=Q8), JOB)) as first:
+        assert isinstance(await anext(first), Decision)
+        assert isinstance(await anext(first), str)  # Q8_0 is streaming
+        assert [event async for event in router.stream(replace(_request(), pinned_tag=Q4), JOB)]
+        assert [event async for event in first]
+    assert [event async for event in router.stream(replace(_request(), pinned_tag=Q5), JOB)]
+    assert [(tag, o.busy_runners, o.batch) for tag, o in table.seen] == [(Q4, 2, 1), (Q8, 2, 1), (Q5, 1, 1)]
