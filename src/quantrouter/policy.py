@@ -11,7 +11,8 @@ estimates and the time left before the deadline. The model (design §5):
   in a queue;
 - queue = the GPU's backlog as this request would meet it: runners of one GPU time-slice it, so each
   in-flight request delays this one by min(its remaining seconds, this one's own service time), and on a
-  runner that already serves `runner_parallel` requests this one also waits its turn;
+  runner that already serves `runner_parallel` requests this one also waits its turn; a variant not loaded
+  waits, when Ollama already holds `max_loaded` busy models, until the first of them drains;
 - ttft = queue + cold-load time (when not resident) + prompt tokens / prompt tok/s;
 - expected time T = ttft + num_predict / decode tok/s;
 - churn = when loading a variant must evict an idle resident sibling (it does not fit beside it), the
@@ -171,6 +172,9 @@ class PolicyConfig:
     `kv_bytes_per_element`: the backend's KV cache element size (OLLAMA_KV_CACHE_TYPE, `quant.KV_CACHE_TYPES`).
     `overload_threshold`: the offered load (busy GPU seconds asked per second) from which the GPU counts as
     overloaded; 1.0 is where work arrives faster than one GPU serves it alone.
+    `max_loaded`: the models Ollama holds at once (OLLAMA_MAX_LOADED_MODELS, default 3 per GPU, docs/ollama.md);
+    with that many loaded and all busy, a new variant's load waits for one to drain, which its queue counts.
+    Only this family's variants are counted (the decision sees no other family).
     """
 
     balanced_quality_weight: float = 0.5
@@ -182,6 +186,7 @@ class PolicyConfig:
     quiet_load: float = 0.35
     kv_bytes_per_element: float = KV_CACHE_TYPES["f16"]
     overload_threshold: float = 1.0
+    max_loaded: int = 3
 
 
 def remaining_seconds(expected_and_done: Sequence[tuple[float, float]]) -> tuple[float, ...]:
@@ -270,13 +275,13 @@ class _Frame:
     """
 
     __slots__ = ("_kv", "available", "backlog", "busy_runners", "config", "deadline", "decode_tokens",
-                 "family_resident", "guard", "min_tps", "prompt_tokens", "request", "upgrade_usable", "usable",
-                 "vetted")
+                 "family_resident", "guard", "load_wait", "min_tps", "prompt_tokens", "request", "upgrade_usable",
+                 "usable", "vetted")
 
     def __init__(self, request: RoutingRequest, available: int, family_resident: bool, backlog: _Backlog,
-                 busy_runners: int, guard: _Guard, config: PolicyConfig) -> None:
+                 busy_runners: int, guard: _Guard, load_wait: float, config: PolicyConfig) -> None:
         self.request, self.config, self.backlog, self.busy_runners = request, config, backlog, busy_runners
-        self.guard = guard
+        self.guard, self.load_wait = guard, load_wait
         self.prompt_tokens, self.decode_tokens = request.prompt_tokens, request.num_predict
         self.deadline, self.min_tps = request.time_remaining, request.min_tokens_per_second
         self.available, self.family_resident = available, family_resident
@@ -318,6 +323,8 @@ class _Row:
         decode = frame.decode_tokens / tps
         self.service = service = prefill + decode
         queue = frame.backlog.delay(service)
+        if not resident and not c.in_flight:
+            queue += frame.load_wait
         in_flight = c.in_flight
         if in_flight >= config.runner_parallel:
             queue += max(c.queued_seconds - in_flight * service, 0.0)
@@ -372,6 +379,15 @@ class _Row:
         row.quality_measured, row.deadline_only = a.quality_measured, False
         row.endangers, row.held_back, row.service, row.tier = a.endangers, a.held_back, 0.0, 0
         return row
+
+
+def _load_wait(pool: Sequence[CandidateInput], busy_runners: int, config: PolicyConfig) -> float:
+    """How long a new runner waits for a slot when Ollama already holds `max_loaded` models, all busy: it loads
+    only once one of them drains (the shortest backlog, time-sliced by the busy runners)."""
+    loaded = [c for c in pool if c.variant.resident or c.in_flight]
+    if len(loaded) < config.max_loaded or not all(c.in_flight for c in loaded):
+        return 0.0
+    return min(c.queued_seconds for c in loaded) * busy_runners
 
 
 def _charge_churn(rows: Sequence[_Row], pool: Sequence[CandidateInput], free: int, config: PolicyConfig) -> None:
@@ -496,7 +512,8 @@ def decide(
     family_resident = any(c.variant.resident for c in pool)
     busy_runners = sum(1 for c in pool if c.in_flight > 0)
     guard = _Guard(memory.in_flight, busy_runners)
-    frame = _Frame(request, available, family_resident, _Backlog(memory.backlog), busy_runners, guard, config)
+    frame = _Frame(request, available, family_resident, _Backlog(memory.backlog), busy_runners, guard,
+                   _load_wait(pool, busy_runners, config), config)
     rows = [_Row(c, frame) for c in pool]
     if request.pinned_tag is None:
         _charge_churn(rows, pool, free, config)

@@ -262,6 +262,25 @@ def test_a_runner_queues_beyond_ollamas_num_parallel(parallel: int, waits: bool)
     assert q4.queue_seconds == pytest.approx(10.0 - service if waits else 0.0)
 
 
+@pytest.mark.parametrize(("busy", "max_loaded", "wait"), [
+    (("F16", "Q8_0", "Q4_K_M"), 3, 3 * 10.0),  # three models held, all busy: the first drains in 10 s × 3 runners
+    (("F16", "Q8_0"), 3, 0.0),  # Q4_K_M idle: Ollama evicts it and loads at once
+    (("F16", "Q8_0", "Q4_K_M"), 4, 0.0),  # a slot is free
+])
+def test_a_new_variant_waits_for_a_slot_when_ollama_holds_its_most_models_all_busy(
+        busy: tuple[str, ...], max_loaded: int, wait: float) -> None:
+    """F16, Q8_0 and Q4_K_M resident with 10, 20 and 30 s of work each where busy; Q5_K_M is not loaded."""
+    left = {"F16": 10.0, "Q8_0": 20.0, "Q4_K_M": 30.0}
+    pool = [replace(c, queued_seconds=left[c.variant.quant.name]) if c.in_flight else c
+            for c in ladder(("F16", "Q8_0", "Q5_K_M", "Q4_K_M"), resident=("F16", "Q8_0", "Q4_K_M"),
+                            tps=MEASURED_TPS, busy=busy)]
+    config = PolicyConfig(max_loaded=max_loaded)
+    alone = decide(request(L), pool, free(40.0), replace(config, max_loaded=99))
+    decision = decide(request(L), pool, free(40.0), config)
+    q5, q5_alone = (next(a for a in d.candidates if a.quantization == "Q5_K_M") for d in (decision, alone))
+    assert q5.queue_seconds == pytest.approx(q5_alone.queue_seconds + wait)
+
+
 def test_a_pinned_tag_is_served_even_when_memory_looks_short() -> None:
     decision = decide(request(L, pinned_tag=tag("F16")), ladder(tps=MEASURED_TPS), free(6.0))
     assert (chosen(decision), decision.pinned, decision.reason_code) == ("F16", True, "pinned")
