@@ -281,6 +281,22 @@ def test_a_new_variant_waits_for_a_slot_when_ollama_holds_its_most_models_all_bu
     assert q5.queue_seconds == pytest.approx(q5_alone.queue_seconds + wait)
 
 
+@pytest.mark.parametrize(("busy", "max_loaded", "churn"), [
+    (("F16", "Q8_0"), 3, LOAD_SECONDS),  # Q4_K_M idle among three held: the load evicts it, its users reload
+    (("F16", "Q8_0"), 4, 0.0),  # a slot is free: nothing evicted
+    ((), 4, 0.0),
+])
+def test_a_load_that_takes_an_idle_siblings_place_among_ollamas_models_is_charged_and_held_back(
+        busy: tuple[str, ...], max_loaded: int, churn: float) -> None:
+    """F16, Q8_0 and Q4_K_M resident on a GPU no one else uses (memory is plenty); Q5_K_M is not loaded."""
+    pool = ladder(("F16", "Q8_0", "Q5_K_M", "Q4_K_M"), resident=("F16", "Q8_0", "Q4_K_M"), tps=MEASURED_TPS,
+                  busy=busy)
+    decision = decide(request(Q), pool, replace(free(60.0), shared=False), PolicyConfig(max_loaded=max_loaded))
+    q5 = next(a for a in decision.candidates if a.quantization == "Q5_K_M")
+    assert q5.churn_seconds == pytest.approx(churn)
+    assert ("takes an idle sibling's place" in q5.held_back) is bool(churn)
+
+
 def test_a_pinned_tag_is_served_even_when_memory_looks_short() -> None:
     decision = decide(request(L, pinned_tag=tag("F16")), ladder(tps=MEASURED_TPS), free(6.0))
     assert (chosen(decision), decision.pinned, decision.reason_code) == ("F16", True, "pinned")
