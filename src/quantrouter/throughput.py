@@ -10,9 +10,12 @@ figure carries over unscaled.
 
 A decode rate measured while other runners shared the GPU, or while its runner decoded a batch of several
 requests, says little about the variant alone (runners time-slice one GPU; a batch shares a runner), so such a
-sample never moves an estimate. It only starts a variant that has none, scaled up by the runners and the batch
-it shared (each slows a request by at most that factor): an estimate too high corrects itself as the variant
-serves, whereas one too low could keep it below a caller's rate floor, never to be sampled again.
+sample never moves an estimate. Sharing slows a request by at most the runners and the batch it shared, so the
+sample times that factor bounds the variant's solo rate from above: a prior faster than the bound falls to it
+(still a prior). Started from the shared rate itself, a first sample taken three ways time-sliced had kept
+Q4_K_M at 44 tok/s (141 true) in the simulator, below the latency callers' 60 tok/s floor, never to be sampled
+again; started from the bound instead, variants that never ran alone (a burst) kept an estimate above their
+speed, and the simulated burst lost goodput.
 """
 
 from __future__ import annotations
@@ -117,6 +120,7 @@ class _Ewma:
     prompt_tps: float | None = None
     load_seconds: float | None = None
     samples: int = 0
+    ceiling: float | None = None  # the lowest bound on its solo decode rate that shared samples set
 
 
 _UNSEEN = _Ewma()
@@ -158,6 +162,8 @@ class ThroughputSnapshot:
         own = self.stats.get(tag, _UNSEEN)
         reference = None if sibling is None else sibling[1:]
         decode = own.decode_tps or self._decode_prior(size_bytes, reference)
+        if own.decode_tps is None and own.ceiling is not None and own.ceiling < decode:
+            decode = own.ceiling  # a prior that shared samples prove too fast
         prompt = own.prompt_tps or self._prompt_prior(decode, reference)
         load = own.load_seconds if own.load_seconds is not None else self._load_prior(size_bytes, reference)
         return _new_estimate(decode, prompt, load, own.samples, own.decode_tps is not None)
@@ -208,21 +214,24 @@ class ThroughputTable:
         prompt = (o.prompt_eval_count * NS / o.prompt_eval_duration_ns
                   if o.prompt_eval_count > 0 and o.prompt_eval_duration_ns > 0 else None)
         load = o.load_duration_ns / NS if o.cold and o.load_duration_ns > 0 else None
-        old = self._stats.get(tag, _Ewma())
+        old = self._stats.get(tag, _UNSEEN)
+        ceiling = old.ceiling
         if decode is not None and (o.busy_runners > 1 or o.batch > 1):
-            decode = None if old.decode_tps is not None else decode * o.busy_runners * o.batch
+            bound = decode * o.busy_runners * o.batch
+            ceiling, decode = bound if ceiling is None else min(ceiling, bound), None
         self._snapshot = None
         self._stats[tag] = _Ewma(
             _blend(old.decode_tps, decode, self._alpha),
             _blend(old.prompt_tps, prompt, self._alpha),
             _blend(old.load_seconds, load, self._alpha),
             old.samples + (decode is not None),
+            ceiling,
         )
 
     def seed(self, tag: str, decode_tps: float, prompt_tps: float, load_seconds: float, samples: int) -> None:
         """Start a variant from calibrated figures (`quantrouter calibrate`) instead of a prior."""
         self._snapshot = None
-        self._stats[tag] = _Ewma(decode_tps, prompt_tps, load_seconds, samples)
+        self._stats[tag] = _Ewma(decode_tps, prompt_tps, load_seconds, samples, self._stats.get(tag, _UNSEEN).ceiling)
 
     def snapshot(self) -> ThroughputSnapshot:
         """The table as it stands; the same snapshot until the next observation (one per request otherwise)."""
