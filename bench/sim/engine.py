@@ -165,7 +165,6 @@ class _Job:
     phase_start: float = 0.0
     prefill_wall: float = 0.0
     peak_runners: int = 1  # what the router notes at each dispatch (quantrouter.router `_note_sharing`)
-    peak_batch: int = 1
 
     def tokens_done(self) -> float:
         """The share of its tokens the router has seen stream back."""
@@ -404,12 +403,11 @@ class Simulation:
             self._schedule()
 
     def _note_sharing(self) -> None:
-        """As the router does at each dispatch: every in-flight request notes the most runners busy and the
-        biggest batch on its variant (its speed sample then says whether it ran alone)."""
+        """As the router does at each dispatch: every in-flight request notes the most runners busy (its speed
+        sample then says whether it ran alone)."""
         busy = sum(1 for count in self._in_flight.values() if count)
         for job in self._jobs.values():
             job.peak_runners = max(job.peak_runners, busy)
-            job.peak_batch = max(job.peak_batch, min(self._in_flight[job.variant.tag], self.engine.num_parallel))
 
     def _audit_values(self, request: Request, view: RouterView, choice: Choice) -> dict[str, float]:
         assert self._value is not None
@@ -428,7 +426,7 @@ class Simulation:
         load_wait = job.acquired - request.arrival
         self._table.observe(job.variant.tag, Observation(
             request.output_tokens, int(decode_wall * NS), request.prompt_tokens, int(job.prefill_wall * NS),
-            int(load_wait * NS), job.cold, job.peak_runners, job.peak_batch))
+            int(load_wait * NS), job.cold, job.peak_runners))
         self._results.append(RequestResult(
             request, Outcome.COMPLETED, "completed", job.variant.tag, self.family.quality(job.variant.tag), latency,
             job.phase_start - request.arrival, request.output_tokens / decode_wall, job.cold,

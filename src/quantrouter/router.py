@@ -102,7 +102,6 @@ class _Work:
     deadline: float | None = None
     min_tokens_per_second: float = 0.0
     peak_runners: int = 1  # the most runners busy, its own included, while it streamed (`Observation`)
-    peak_batch: int = 1  # the most requests on its variant at once (up to the runner's OLLAMA_NUM_PARALLEL)
 
     def done(self) -> float:
         return min(self.streamed / self.num_predict, 1.0) if self.num_predict > 0 else 0.0
@@ -408,20 +407,17 @@ class Router:
                 self.inventory.poke()
 
     def _note_sharing(self) -> None:
-        """A stream started: every in-flight stream notes the most runners and the biggest batch it shared, so
-        that its speed sample says whether it ran alone (`Observation`); one pass per stream started."""
+        """A stream started: every in-flight stream notes the most runners it shared the GPU with, so that its
+        speed sample says whether it ran alone (`Observation`); one pass per stream started."""
         busy = sum(1 for count in self._in_flight_tags.values() if count)
-        parallel = self.policy.runner_parallel
         for w in self._work:
             w.peak_runners = max(w.peak_runners, busy)
-            w.peak_batch = max(w.peak_batch, min(self._in_flight_tags[w.tag], parallel))
 
     def _finish(self, variant: VariantInfo, final: Final, cold: bool, work: _Work) -> Completion:
         self.breaker.success(variant.tag)
         self.throughput.observe(variant.tag, Observation(final.eval_count, final.eval_duration,
                                                          final.prompt_eval_count, final.prompt_eval_duration,
-                                                         final.load_duration, cold, work.peak_runners,
-                                                         work.peak_batch))
+                                                         final.load_duration, cold, work.peak_runners))
         tps = final.eval_count * NS / final.eval_duration if final.eval_duration else 0.0
         prompt_tps = final.prompt_eval_count * NS / final.prompt_eval_duration if final.prompt_eval_duration else 0.0
         self.metrics.generated(self.family_label(variant.family), variant.tag, variant.quant.name,

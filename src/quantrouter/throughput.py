@@ -8,14 +8,14 @@ than Q4_0 on an RTX 3090, docs/quantization.md §2), so a file below the floor c
 have at the floor. Prompt processing is compute bound and roughly flat across quant types, so a sibling's
 figure carries over unscaled.
 
-A decode rate measured while other runners shared the GPU, or while its runner decoded a batch of several
-requests, says little about the variant alone (runners time-slice one GPU; a batch shares a runner), so such a
-sample never moves an estimate. Sharing slows a request by at most the runners and the batch it shared, so the
-sample times that factor bounds the variant's solo rate from above: a prior faster than the bound falls to it
-(still a prior). Started from the shared rate itself, a first sample taken three ways time-sliced had kept
-Q4_K_M at 44 tok/s (141 true) in the simulator, below the latency callers' 60 tok/s floor, never to be sampled
-again; started from the bound instead, variants that never ran alone (a burst) kept an estimate above their
-speed, and the simulated burst lost goodput.
+A decode rate measured while other runners shared the GPU says little about the variant (runners time-slice one
+GPU), so such a sample never moves an estimate. Sharing slows a request by at most the number of runners it
+shared with, so the sample times that number bounds the variant's rate from above: a prior faster than the bound
+falls to it (still a prior). A batch on the variant's own runner (OLLAMA_NUM_PARALLEL > 1) is what its requests
+meet under load, and counts as the variant's rate. Started from the shared rate itself, a first sample taken
+three ways time-sliced had kept Q4_K_M at 44 tok/s (141 true) in the simulator, below the latency callers' 60
+tok/s floor, never to be sampled again; started from the bound instead, variants that never ran alone (a burst)
+kept an estimate above their speed, and the simulated burst lost goodput.
 """
 
 from __future__ import annotations
@@ -97,7 +97,6 @@ class Observation:
     load_duration_ns: int = 0
     cold: bool = False
     busy_runners: int = 1  # the most runners (this one included) serving requests on the GPU during its life
-    batch: int = 1  # the most requests (this one included) its runner served at once during its life
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,8 +215,8 @@ class ThroughputTable:
         load = o.load_duration_ns / NS if o.cold and o.load_duration_ns > 0 else None
         old = self._stats.get(tag, _UNSEEN)
         ceiling = old.ceiling
-        if decode is not None and (o.busy_runners > 1 or o.batch > 1):
-            bound = decode * o.busy_runners * o.batch
+        if decode is not None and o.busy_runners > 1:
+            bound = decode * o.busy_runners
             ceiling, decode = bound if ceiling is None else min(ceiling, bound), None
         self._snapshot = None
         self._stats[tag] = _Ewma(

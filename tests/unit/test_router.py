@@ -376,4 +376,4 @@ async def test_a_speed_sample_says_how_many_runners_it_shared_the_gpu_with_over_
         assert [event async for event in router.stream(replace(_request(), pinned_tag=Q4), JOB)]
         assert [event async for event in first]
     assert [event async for event in router.stream(replace(_request(), pinned_tag=Q5), JOB)]
-    assert [(tag, o.busy_runners, o.batch) for tag, o in table.seen] == [(Q4, 2, 1), (Q8, 2, 1), (Q5, 1, 1)]
+    assert [(tag, o.busy_runners) for tag, o in table.seen] == [(Q4, 2), (Q8, 2), (Q5, 1)]
