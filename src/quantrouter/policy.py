@@ -385,15 +385,6 @@ class _Row:
         return row
 
 
-def _load_wait(pool: Sequence[CandidateInput], busy_runners: int, config: PolicyConfig) -> float:
-    """How long a new runner waits for a slot when Ollama already holds `max_loaded` models, all busy: it loads
-    only once one of them drains (the shortest backlog, time-sliced by the busy runners)."""
-    loaded = [c for c in pool if c.variant.resident or c.in_flight]
-    if len(loaded) < config.max_loaded or not all(c.in_flight for c in loaded):
-        return 0.0
-    return min(c.queued_seconds for c in loaded) * busy_runners
-
-
 def _charge_churn(rows: Sequence[_Row], pool: Sequence[CandidateInput], free: int, config: PolicyConfig) -> None:
     """A load that only fits by evicting idle resident siblings costs their next users a reload; so does one
     that finds Ollama holding `max_loaded` models already (it evicts an idle one: the quickest to reload is
@@ -525,10 +516,20 @@ def decide(
     free = memory.free_bytes - memory.reserve_bytes
     available = free + reclaimable
     family_resident = any(c.variant.resident for c in pool)
-    busy_runners = sum(1 for c in pool if c.in_flight > 0)
+    # With Ollama holding `max_loaded` models, all busy, a new runner loads only once one of them drains (the
+    # shortest backlog, time-sliced by the busy runners); one pass over the pool.
+    busy_runners = idle_loaded = 0
+    drain = 0.0
+    for c in pool:
+        if c.in_flight:
+            drain = c.queued_seconds if not busy_runners or c.queued_seconds < drain else drain
+            busy_runners += 1
+        elif c.variant.resident:
+            idle_loaded += 1
+    load_wait = drain * busy_runners if busy_runners >= config.max_loaded and not idle_loaded else 0.0
     guard = _Guard(memory.in_flight, busy_runners)
-    frame = _Frame(request, available, family_resident, _Backlog(memory.backlog), busy_runners, guard,
-                   _load_wait(pool, busy_runners, config), config)
+    frame = _Frame(request, available, family_resident, _Backlog(memory.backlog), busy_runners, guard, load_wait,
+                   config)
     rows = [_Row(c, frame) for c in pool]
     if request.pinned_tag is None:
         _charge_churn(rows, pool, free, config)
