@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import functools
 import hmac
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -32,42 +33,37 @@ __all__ = ["AuthInterceptor", "MetricsInterceptor", "StatusInterceptor", "Undeco
 # Calls that stay open without a token: Kubernetes probes and reflection-based tools.
 AUTH_EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 
+
+@functools.cache
 def _split(method: str) -> tuple[str, str]:
+    """Service and method names; methods are the service's few (an unknown one never reaches an interceptor)."""
     service, _, name = method.lstrip("/").partition("/")
     return service, name
 
 
-async def _responses(behaviour: Callable[..., Any], request: Any,
-                     context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-    """A server-streaming handler's messages: an async generator's, or none from one that writes with
-    `context.write` and returns (grpc_health's `Watch` is such a coroutine)."""
+async def _awaited(result: Awaitable[Any]) -> AsyncIterator[Any]:
+    await result
+    return
+    yield  # pragma: no cover - makes this an async generator with no messages
+
+
+def _responses(behaviour: Callable[..., Any], request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    """A server-streaming handler's messages: an async generator's own (no generator around it, so a message
+    passes one frame less per interceptor), or none from one that writes with `context.write` and returns
+    (grpc_health's `Watch` is such a coroutine)."""
     result = behaviour(request, context)
-    if inspect.isawaitable(result):
-        await result
-        return
-    async for response in result:
-        yield response
+    return _awaited(result) if inspect.isawaitable(result) else cast(AsyncIterator[Any], result)
 
 
-def _wrapped(handler: grpc.RpcMethodHandler, method: str,
-             unary: Callable[[Callable[..., Awaitable[Any]], Any, grpc.aio.ServicerContext, str], Awaitable[Any]],
-             stream: Callable[[Callable[..., AsyncIterator[Any]], Any, grpc.aio.ServicerContext, str],
-                              AsyncIterator[Any]]) -> grpc.RpcMethodHandler:
+def _wrapped(handler: grpc.RpcMethodHandler, method: str, unary: Callable[..., Awaitable[Any]],
+             stream: Callable[..., AsyncIterator[Any]]) -> grpc.RpcMethodHandler:
+    """The handler with `unary` or `stream` around its behaviour. A stream is given to grpc as a partial of the
+    interceptor's own async generator: grpc treats it as one (it looks through partials), and every message
+    of every stream passes one generator frame less than through a wrapper generator."""
     if handler.unary_unary is not None:
-        behaviour = handler.unary_unary
-
-        async def unary_call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            return await unary(behaviour, request, context, method)
-
-        return handler._replace(unary_unary=unary_call)
+        return handler._replace(unary_unary=functools.partial(unary, handler.unary_unary, method=method))
     if handler.unary_stream is not None:
-        stream_behaviour = handler.unary_stream
-
-        async def stream_call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async for response in stream(stream_behaviour, request, context, method):
-                yield response
-
-        return handler._replace(unary_stream=stream_call)
+        return handler._replace(unary_stream=functools.partial(stream, handler.unary_stream, method=method))
     return handler
 
 
@@ -165,17 +161,18 @@ class MetricsInterceptor(_Around):
     def _finish(self, kind: str, method: str, started: float, context: grpc.aio.ServicerContext,
                 error: BaseException | None) -> None:
         service, name = _split(method)
-        self._metrics.grpc_handled.labels(kind, service, name, _code_of(context, error).name).inc()
-        self._metrics.grpc_handling_seconds.labels(kind, service, name).observe(time.perf_counter() - started)
+        metrics = self._metrics
+        metrics.grpc_handled_of(kind, service, name, _code_of(context, error).name).inc()
+        metrics.grpc_handling_seconds_of(kind, service, name).observe(time.perf_counter() - started)
 
     async def _unary(self, behaviour: Callable[..., Awaitable[Any]], request: Any,
                      context: grpc.aio.ServicerContext, method: str) -> Any:
         service, name = _split(method)
-        self._metrics.grpc_started.labels("unary", service, name).inc()
+        self._metrics.grpc_started_of("unary", service, name).inc()
         started, error = time.perf_counter(), None
         try:
             response = await behaviour(request, context)
-            self._metrics.grpc_msg_sent.labels("unary", service, name).inc()
+            self._metrics.grpc_msg_sent_of("unary", service, name).inc()
             return response
         except BaseException as raised:
             error = raised
@@ -186,8 +183,8 @@ class MetricsInterceptor(_Around):
     async def _stream(self, behaviour: Callable[..., AsyncIterator[Any]], request: Any,
                       context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[Any]:
         service, name = _split(method)
-        self._metrics.grpc_started.labels("server_stream", service, name).inc()
-        sent = self._metrics.grpc_msg_sent.labels("server_stream", service, name)
+        self._metrics.grpc_started_of("server_stream", service, name).inc()
+        sent = self._metrics.grpc_msg_sent_of("server_stream", service, name)
         started, error = time.perf_counter(), None
         try:
             async for response in _responses(behaviour, request, context):

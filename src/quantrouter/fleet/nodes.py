@@ -80,6 +80,10 @@ class NodeSet:
     def nodes(self) -> dict[str, Node]:
         return dict(self._nodes)
 
+    def get(self, name: str) -> Node | None:
+        """One node, without copying the set (the request path asks once per attempt)."""
+        return self._nodes.get(name)
+
     def update(self, addresses: Mapping[str, str]) -> None:
         """Watch exactly these nodes (name → host:port): new ones are subscribed, gone ones dropped."""
         for name in list(self._nodes):

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -97,7 +96,7 @@ class FleetRouter:
 
     def _with_sent(self, name: str, state: NodeState) -> NodeState:
         """`state` with the streams sent to the node after its last report arrived (their time left as of now)."""
-        target, now = self.nodes.nodes.get(name), self._clock()
+        target, now = self.nodes.get(name), self._clock()
         received = target.received_at if target is not None else now
         since = [(at, r) for at, r in self._sent.get(name, ()) if at > received]
         return with_routed(state, [replace(r, time_left=r.time_left - (now - at)) if r.time_left is not None else r
@@ -127,20 +126,23 @@ class FleetRouter:
                 if decision.chosen is None:
                     raise failure_of(decision)
                 node, tag = decision.node, decision.chosen.tag
-                yield decision
                 relayed = False
+                call = self._open(node, tag, open_call)  # before the decision is sent, so that the two overlap
                 sent = (self._clock(), Routed(tag, decision.chosen.expected_seconds - decision.chosen.queue_seconds,
                                               decision.chosen.tokens_per_second, request.time_remaining,
                                               request.min_tokens_per_second))
                 self._sent.setdefault(node, []).append(sent)
                 try:
-                    async with aclosing(self._forward(node, tag, open_call)) as forwarded:
-                        async for message in forwarded:
-                            if not relayed and message.WhichOneof("event") == "chunk":
-                                relayed = True
-                                self.metrics.time_to_first_token.labels(node, request.family, tag).observe(
-                                    self._clock() - started)
-                            yield message
+                    yield decision
+                    async for message in call:
+                        event = message.WhichOneof("event")
+                        if event == "decision":  # the node's own, pinned: the fleet's was sent instead
+                            continue
+                        if not relayed and event == "chunk":
+                            relayed = True
+                            self.metrics.time_to_first_token.labels(node, request.family, tag).observe(
+                                self._clock() - started)
+                        yield message
                     return
                 except grpc.aio.AioRpcError as error:
                     if relayed:
@@ -162,6 +164,7 @@ class FleetRouter:
                     self.metrics.fallbacks.labels(node, tag, error.code().name).inc()
                     decision = alternative
                 finally:
+                    call.cancel()
                     self._forget(node, sent)
 
     def _forget(self, node: str, sent: tuple[float, Routed]) -> None:
@@ -172,20 +175,16 @@ class FleetRouter:
 
     def _failed(self, node: str, tag: str, family: str, code: grpc.StatusCode) -> frozenset[tuple[str, str]]:
         """The pairs to leave out after `tag` failed on `node`: the pair, or all of the node's family."""
-        target = self.nodes.nodes.get(node)
+        target = self.nodes.get(node)
         if code not in _NODE_WIDE_CODES or target is None or target.state is None:
             return frozenset({(node, tag)})
         return frozenset({(node, tag)} | {(node, c.variant.tag) for c in target.state.family(family)})
 
-    async def _forward(self, node: str, tag: str, open_call: OpenCall) -> AsyncGenerator[Any, None]:
-        """The node's stream for `tag` without its own decision; the call is cancelled if we stop early."""
-        target = self.nodes.nodes.get(node)
+    def _open(self, node: str, tag: str, open_call: OpenCall) -> Any:
+        """The node's call for `tag`, started on the loop's next turn: the node decides and asks its backend
+        while the fleet's decision is being sent (a send waits on gRPC's completion queue), instead of after.
+        The caller cancels it when it stops, however it stops."""
+        target = self.nodes.get(node)
         if target is None:
             raise NoLiveNode(f"node {node} left the fleet")
-        call = open_call(target.stub, tag)
-        try:
-            async for message in call:
-                if message.WhichOneof("event") != "decision":
-                    yield message
-        finally:
-            call.cancel()
+        return open_call(target.stub, tag)
