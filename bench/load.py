@@ -32,6 +32,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import IO
 
 import grpc
 
@@ -61,6 +62,9 @@ ROUTER_CAPS = {"QUANTROUTER_MAX_IN_FLIGHT": "128", "QUANTROUTER_MAX_IN_FLIGHT_PE
 PREFERENCES = (pb.PREFERENCE_LATENCY, pb.PREFERENCE_BALANCED, pb.PREFERENCE_QUALITY)
 PROMPTS = ("The capital of France is", "Water boils at", "The largest planet is", "Bread is made from")
 _SERVING_ON = re.compile(r"quantrouter serving on port (\d+)")
+# The router's line after it gave freed memory back (quantrouter.allocator).
+_TRIMMED = re.compile(
+    r"returned freed memory: resident ([\d.]+) → ([\d.]+) MiB(?: \(malloc has ([\d.]+) MiB in use\))?")
 
 
 @dataclass
@@ -103,7 +107,16 @@ async def one_stream(stub: pb_grpc.RouterServiceStub, index: int, tally: Tally) 
     tally.errors["gave up after too many refusals"] += 1
 
 
-def start_router(backend_url: str, settings: Mapping[str, str]) -> tuple[subprocess.Popen[str], int]:
+def _drain(stream: IO[str], trims: list[str]) -> None:
+    """Read the router's log to its end (so it never blocks on a full pipe), keeping its trim lines."""
+    for line in stream:
+        if match := _TRIMMED.search(line):
+            trims.append(match.group(0))
+
+
+def start_router(backend_url: str, settings: Mapping[str, str],
+                 trims: list[str] | None = None) -> tuple[subprocess.Popen[str], int]:
+    """The router as its own process; its log lines saying it returned freed memory go to `trims`."""
     env = {**os.environ, **settings, "QUANTROUTER_MEMORY_RESERVE": "0", "QUANTROUTER_LOG_LEVEL": "info"}
     process = subprocess.Popen([sys.executable, "-m", "quantrouter.cli", "serve", "--grpc-address", "127.0.0.1:0",
                                 "--metrics-address", "127.0.0.1:0", "--ollama-host", backend_url],
@@ -115,8 +128,8 @@ def start_router(backend_url: str, settings: Mapping[str, str]) -> tuple[subproc
         if not line:
             break
         if match := _SERVING_ON.search(line):
-            # Keep reading, so the router never blocks writing its log into a full pipe.
-            threading.Thread(target=process.stderr.read, name="router-log", daemon=True).start()
+            threading.Thread(target=_drain, args=(process.stderr, [] if trims is None else trims), name="router-log",
+                             daemon=True).start()
             return process, int(match.group(1))
     process.kill()
     raise RuntimeError("the router did not start")
@@ -245,20 +258,21 @@ class Burst:
     wall_s: float
     peak: Footprint
     after: Footprint
+    trims: tuple[str, ...]  # the router's log lines from giving freed memory back after it
 
 
-async def one_burst(stubs: list[pb_grpc.RouterServiceStub], pid: int) -> Burst:
-    tally = BurstTally()
+async def one_burst(stubs: list[pb_grpc.RouterServiceStub], pid: int, trims: list[str]) -> Burst:
+    tally, trimmed = BurstTally(), len(trims)
     started = time.perf_counter()
     await asyncio.gather(*(burst_stream(stubs[i % BURST_CLIENTS], tally) for i in range(BURST)))
     wall = time.perf_counter() - started
     peak = Footprint(float(memory_peak_mib(pid)), footprint(pid).sockets)
     await one_request(stubs[0])  # the router still serves after the burst
     await asyncio.sleep(POOL_EXPIRY_S + SETTLE_S)
-    return Burst(tally, wall, peak, footprint(pid))
+    return Burst(tally, wall, peak, footprint(pid), tuple(trims[trimmed:]))
 
 
-async def run_burst(target: str, pid: int) -> tuple[Footprint, Burst, Burst]:
+async def run_burst(target: str, pid: int, trims: list[str]) -> tuple[Footprint, Burst, Burst]:
     """Warm up, let the pool's idle connections expire, take the baseline; then two bursts, each followed by
     one more request and the pool's idle time. The second tells memory the allocator keeps after a burst (the
     same again) from a leak (more again).
@@ -272,7 +286,7 @@ async def run_burst(target: str, pid: int) -> tuple[Footprint, Burst, Burst]:
         await asyncio.gather(*(one_request(stub) for stub in stubs))  # at once: one by one takes 8 s each
         await asyncio.sleep(POOL_EXPIRY_S + SETTLE_S)  # the warm-ups' backend connections close, as after the burst
         before = footprint(pid)
-        return before, await one_burst(stubs, pid), await one_burst(stubs, pid)
+        return before, await one_burst(stubs, pid, trims), await one_burst(stubs, pid, trims)
 
 
 def memory_peak_mib(pid: int) -> float:
@@ -321,8 +335,29 @@ def burst_report(before: Footprint, first: Burst, second: Burst) -> str:
         f"{first.after.rss_mib} | — / {second.peak.rss_mib} / {second.after.rss_mib} |",
         f"| router open sockets: before / at the burst's end / after | {before.sockets} / {first.peak.sockets} / "
         f"{first.after.sockets} | — / {second.peak.sockets} / {second.after.sockets} |",
+        f"| the router's log after the burst (quantrouter.allocator) | {_trims(first)} | {_trims(second)} |",
     ]
+    if not rss_back:
+        lines += ["", f"**Why resident memory stays up (generated from this run).** {_memory_reading(before, first)}"]
     return "\n".join(lines) + "\n"
+
+
+def _trims(burst: Burst) -> str:
+    return "; ".join(burst.trims) or "no trim"
+
+
+def _memory_reading(before: Footprint, first: Burst) -> str:
+    """What the router's trim after the first burst returned, and what stayed, from its own log line."""
+    match = _TRIMMED.search(first.trims[-1]) if first.trims else None
+    if match is None:
+        return ("The router logged no trim after the first burst (no glibc, or it was not idle for a second), so "
+                "freed memory stayed with the allocator.")
+    trimmed_from, trimmed_to, in_use = float(match[1]), float(match[2]), match[3]
+    malloc = f" with {float(in_use):.1f} MiB of malloc's heap in use" if in_use else ""
+    return (f"Once idle after the first burst the router gave {trimmed_from - trimmed_to:.1f} MiB of freed memory "
+            f"back (malloc_trim: resident {trimmed_from:.1f} → {trimmed_to:.1f} MiB){malloc}; "
+            f"{first.after.rss_mib - before.rss_mib:.1f} MiB stay above the baseline: free space malloc cannot "
+            "return (pages that also hold a live allocation) or memory held outside malloc's heap.")
 
 
 @contextlib.contextmanager
@@ -339,9 +374,10 @@ def canned_backend() -> Iterator[str]:
 
 def burst() -> None:
     with canned_backend() as url:
-        router, port = start_router(url, BURST_CAPS)
+        trims: list[str] = []
+        router, port = start_router(url, BURST_CAPS, trims)
         try:
-            before, first, second = asyncio.run(run_burst(f"127.0.0.1:{port}", router.pid))
+            before, first, second = asyncio.run(run_burst(f"127.0.0.1:{port}", router.pid, trims))
         finally:
             router.send_signal(signal.SIGTERM)
             router.wait(STOP_TIMEOUT_S)

@@ -205,6 +205,7 @@ class Router:
         self._tables_speeds: ThroughputSnapshot | None = None
         self._routed: deque[tuple[float, float]] = deque()  # (time, service estimate) of recent routings
         self._routed_seconds = 0.0  # their sum, kept as they come and go (not summed on every decision)
+        self.opened = 0  # streams admitted since the start (the allocator trims after enough of them)
 
     @property
     def in_flight(self) -> int:
@@ -318,6 +319,7 @@ class Router:
             raise
         started = self._clock()
         self._in_flight_families[request.family] += 1
+        self.opened += 1
         self.metrics.stream_opened(family)
         variant: VariantInfo | None = None
         first_token: float | None = None

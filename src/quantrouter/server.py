@@ -28,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from quantrouter.allocator import trim_after_bursts
 from quantrouter.backend import OllamaBackend
 from quantrouter.background import service_in_thread
 from quantrouter.calibration import measured_qualities, starting_speeds
@@ -242,6 +243,7 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None,
             asyncio.create_task(inventory.run()),
             asyncio.create_task(probe.run()),
             asyncio.create_task(_every(WATCH_INTERVAL_S, watch)()),
+            asyncio.create_task(trim_after_bursts(lambda: router.in_flight, lambda: router.opened)),
         ]
         log.info("quantrouter serving on port %d (metrics on %d), backend %s, memory source %s",
                  port, running.metrics_port, backend_settings.host, probe.latest.source)
