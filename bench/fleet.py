@@ -38,7 +38,7 @@ from datetime import datetime
 from pathlib import Path
 
 from bench.fixtures.canned_ollama import FAMILY, VARIANTS
-from bench.machine import describe
+from bench.machine import cpu_seconds, describe
 from bench.overhead import ROUTER_ENV, Service, spawned
 from bench.simulate_fleet import DEFAULT_SEEDS, simulate
 from bench.stats import percentile
@@ -146,32 +146,48 @@ async def spread(target: str, p: Plan) -> tuple[Counter[tuple[str, str, str]], i
     return counts, failed
 
 
-async def hop(target: str, routers: dict[str, Service], p: Plan) -> tuple[list[float], list[float]]:
+@dataclass(frozen=True, slots=True)
+class Hop:
+    """The hop's paired TTFTs (seconds) and the fleet router's CPU seconds over them (its own process)."""
+
+    through: list[float]
+    direct: list[float]
+    fleet_cpu_s: float
+
+
+async def hop(fleet_router: Service, routers: dict[str, Service], p: Plan) -> Hop:
     through, direct = [], []
+    target = f"127.0.0.1:{fleet_router.address}"
     clients = {name: AsyncRouterClient(f"127.0.0.1:{r.address}") for name, r in routers.items()}
     try:
         async with AsyncRouterClient(target) as fleet_client:
             for name in clients:  # warm every connection
                 await first_token(clients[name], FAMILY, "quality", HOP_TOKENS)
+            cpu_before = 0.0
             for index in range(p.hop_pairs + 1):
+                if index == 1:
+                    cpu_before = cpu_seconds(fleet_router.pid)
                 decision, fleet_ttft = await first_token(fleet_client, FAMILY, "quality", HOP_TOKENS)
                 assert decision.chosen is not None
                 _, direct_ttft = await first_token(clients[decision.node], decision.chosen.tag, "quality", HOP_TOKENS)
                 if index:  # the first pair warms the fleet's own connections
                     through.append(fleet_ttft)
                     direct.append(direct_ttft)
+        fleet_cpu = cpu_seconds(fleet_router.pid) - cpu_before
     finally:
         for client in clients.values():
             await client.close()
-    return through, direct
+    return Hop(through, direct, fleet_cpu)
 
 
 def quantile_ms(seconds: list[float], q: float) -> float:
     return 1000 * percentile(seconds, q)
 
 
-def report(p: Plan, counts: Counter[tuple[str, str, str]], failed: int, through: list[float], direct: list[float],
-           seconds: float, load: float) -> str:
+def report(p: Plan, counts: Counter[tuple[str, str, str]], failed: int, measured: Hop, seconds: float,
+           load: float) -> str:
+    through, direct = measured.through, measured.direct
+    fleet_cpu_ms = 1000 * measured.fleet_cpu_s / len(through)
     added_p50 = quantile_ms(through, 0.5) - quantile_ms(direct, 0.5)
     added_p99 = quantile_ms(through, 0.99) - quantile_ms(direct, 0.99)
     paired = [1000 * (a - b) for a, b in zip(through, direct, strict=True)]
@@ -189,7 +205,12 @@ def report(p: Plan, counts: Counter[tuple[str, str, str]], failed: int, through:
         f"(median paired difference {statistics.median(paired):.2f} ms, p10–p90 of the differences "
         f"{percentile(paired, 0.1):.2f} to {percentile(paired, 0.9):.2f} ms); "
         f"ratio of p50s {quantile_ms(through, 0.5) / quantile_ms(direct, 0.5):.3f}. Client, seven router and backend "
-        f"processes share this machine's cores (load average {load:.1f} when the run started).", "",
+        f"processes share this machine's cores (load average {load:.1f} when the run started). "
+        f"Over these pairs the fleet router spent {fleet_cpu_ms:.2f} ms of CPU a request (its own process: the "
+        "decision over every node's variants, the call in from the client and the call out to the node, every "
+        "message relayed, and its node subscriptions' reports)"
+        + (f", against the {TARGET_HOP_MS:g} ms the whole hop may add: on a machine whose cores every process shares, "
+           "that CPU is time the first token waits for." if added_p50 > TARGET_HOP_MS else "."), "",
         f"Nodes: node routers with static capacities {', '.join(f'{n} = {c}' for n, c in NODES.items())}, "
         f"each in front of the canned Ollama fixture at {TOKENS_PER_SECOND:.0f} tok/s a stream "
         "(Llama 3.1 8B: Q8_0, Q5_K_M, Q4_K_M, all resident, as on a warm Ollama); each node served one request "
@@ -239,8 +260,8 @@ def real_run(quick: bool) -> str:
         asyncio.run(warm(routers))
         time.sleep(1.0)  # the fleet's reports of every node's measured speeds
         counts, failed = asyncio.run(spread(target, p))
-        through, direct = asyncio.run(hop(target, routers, p))
-    return report(p, counts, failed, through, direct, time.perf_counter() - started, load)
+        measured = asyncio.run(hop(fleet_router, routers, p))
+    return report(p, counts, failed, measured, time.perf_counter() - started, load)
 
 
 def main(argv: list[str] | None = None) -> None:

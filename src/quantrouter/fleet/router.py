@@ -30,7 +30,7 @@ from quantrouter.fleet.choice import choose
 from quantrouter.fleet.metrics import FleetMetrics
 from quantrouter.fleet.nodes import NodeSet
 from quantrouter.fleet.state import NodeState, Routed, with_routed
-from quantrouter.metrics import OTHER
+from quantrouter.metrics import OTHER, children
 from quantrouter.policy import PolicyConfig, RoutingRequest
 from quantrouter.router import failure_of
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
@@ -69,6 +69,10 @@ class FleetRouter:
         self.in_flight = 0
         # Per node, the streams forwarded to it that its reports may not show yet: (sent at, the stream).
         self._sent: dict[str, list[tuple[float, Routed]]] = {}
+        # Each request's series, looked up without `labels()`'s checks and lock (metrics.children).
+        self._decided = children(metrics.decisions)
+        self._finished = children(metrics.requests)
+        self._first_token = children(metrics.time_to_first_token)
 
     def live(self) -> dict[str, NodeState]:
         """The live nodes, or UNAVAILABLE naming every node and why it is out."""
@@ -104,8 +108,8 @@ class FleetRouter:
 
     def _record(self, decision: Decision) -> None:
         chosen = decision.chosen
-        self.metrics.decisions.labels(decision.node or OTHER, decision.family, chosen.tag if chosen else OTHER,
-                                      decision.preference.value, decision.reason_code).inc()
+        self._decided(decision.node or OTHER, decision.family, chosen.tag if chosen else OTHER,
+                      decision.preference.value, decision.reason_code).inc()
 
     async def stream(self, request: RoutingRequest, open_call: OpenCall) -> AsyncIterator[Decision | Any]:
         """The fleet's decision, then the node's text chunks and completion, as protobuf events."""
@@ -115,7 +119,7 @@ class FleetRouter:
 
         def closed(code: grpc.StatusCode) -> None:
             self.in_flight -= 1
-            self.metrics.requests.labels(node, request.family, tag, code.name).inc()
+            self._finished(node, request.family, tag, code.name).inc()
 
         with reporting_status(closed):
             excluded: frozenset[tuple[str, str]] = frozenset()
@@ -140,7 +144,7 @@ class FleetRouter:
                             continue
                         if not relayed and event == "chunk":
                             relayed = True
-                            self.metrics.time_to_first_token.labels(node, request.family, tag).observe(
+                            self._first_token(node, request.family, tag).observe(
                                 self._clock() - started)
                         yield message
                     return
