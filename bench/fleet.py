@@ -55,6 +55,8 @@ HOP_TOKENS = 4
 REQUEST_TIMEOUT_S = 60.0
 # Issue 14's acceptance: the fleet hop adds at most this much to the p50 time to first token.
 TARGET_HOP_MS = 2.0
+# The fleet router's idle CPU (its node reports) is read over this long before the hop pairs.
+IDLE_S = 2.0
 # Reports every 200 ms, so a node's new streams show in the fleet's next choices.
 FLEET_ENV = {**ROUTER_ENV, "QUANTROUTER_NODE_REPORT_INTERVAL": "0.2s", "QUANTROUTER_NODE_STALE_AFTER": "3s"}
 
@@ -148,11 +150,14 @@ async def spread(target: str, p: Plan) -> tuple[Counter[tuple[str, str, str]], i
 
 @dataclass(frozen=True, slots=True)
 class Hop:
-    """The hop's paired TTFTs (seconds) and the fleet router's CPU seconds over them (its own process)."""
+    """The hop's paired TTFTs (seconds), the fleet router's CPU seconds over them and their wall time, and its
+    CPU seconds a second while idle (its node subscriptions' reports)."""
 
     through: list[float]
     direct: list[float]
     fleet_cpu_s: float
+    wall_s: float
+    idle_cpu_per_s: float
 
 
 async def hop(fleet_router: Service, routers: dict[str, Service], p: Plan) -> Hop:
@@ -163,21 +168,24 @@ async def hop(fleet_router: Service, routers: dict[str, Service], p: Plan) -> Ho
         async with AsyncRouterClient(target) as fleet_client:
             for name in clients:  # warm every connection
                 await first_token(clients[name], FAMILY, "quality", HOP_TOKENS)
-            cpu_before = 0.0
+            idle_started, idle_cpu = time.perf_counter(), cpu_seconds(fleet_router.pid)
+            await asyncio.sleep(IDLE_S)
+            idle_cpu_per_s = (cpu_seconds(fleet_router.pid) - idle_cpu) / (time.perf_counter() - idle_started)
+            cpu_before, started = 0.0, 0.0
             for index in range(p.hop_pairs + 1):
                 if index == 1:
-                    cpu_before = cpu_seconds(fleet_router.pid)
+                    cpu_before, started = cpu_seconds(fleet_router.pid), time.perf_counter()
                 decision, fleet_ttft = await first_token(fleet_client, FAMILY, "quality", HOP_TOKENS)
                 assert decision.chosen is not None
                 _, direct_ttft = await first_token(clients[decision.node], decision.chosen.tag, "quality", HOP_TOKENS)
                 if index:  # the first pair warms the fleet's own connections
                     through.append(fleet_ttft)
                     direct.append(direct_ttft)
-        fleet_cpu = cpu_seconds(fleet_router.pid) - cpu_before
+        fleet_cpu, wall = cpu_seconds(fleet_router.pid) - cpu_before, time.perf_counter() - started
     finally:
         for client in clients.values():
             await client.close()
-    return Hop(through, direct, fleet_cpu)
+    return Hop(through, direct, fleet_cpu, wall, idle_cpu_per_s)
 
 
 def quantile_ms(seconds: list[float], q: float) -> float:
@@ -188,6 +196,7 @@ def report(p: Plan, counts: Counter[tuple[str, str, str]], failed: int, measured
            load: float) -> str:
     through, direct = measured.through, measured.direct
     fleet_cpu_ms = 1000 * measured.fleet_cpu_s / len(through)
+    reports_ms = 1000 * measured.idle_cpu_per_s * measured.wall_s / len(through)
     added_p50 = quantile_ms(through, 0.5) - quantile_ms(direct, 0.5)
     added_p99 = quantile_ms(through, 0.99) - quantile_ms(direct, 0.99)
     paired = [1000 * (a - b) for a, b in zip(through, direct, strict=True)]
@@ -206,9 +215,11 @@ def report(p: Plan, counts: Counter[tuple[str, str, str]], failed: int, measured
         f"{percentile(paired, 0.1):.2f} to {percentile(paired, 0.9):.2f} ms); "
         f"ratio of p50s {quantile_ms(through, 0.5) / quantile_ms(direct, 0.5):.3f}. Client, seven router and backend "
         f"processes share this machine's cores (load average {load:.1f} when the run started). "
-        f"Over these pairs the fleet router spent {fleet_cpu_ms:.2f} ms of CPU a request (its own process: the "
-        "decision over every node's variants, the call in from the client and the call out to the node, every "
-        "message relayed, and its node subscriptions' reports)"
+        f"Over these pairs the fleet router spent {fleet_cpu_ms:.2f} ms of CPU a request (its own process), of "
+        f"which its node subscriptions' reports took about {reports_ms:.2f} ms (its CPU rate when idle, "
+        f"{1000 * measured.idle_cpu_per_s:.1f} ms a second, over the pairs' wall time) and the request itself "
+        f"{fleet_cpu_ms - reports_ms:.2f} ms (the decision over every node's variants, the call in from the client "
+        "and the call out to the node, every message relayed)"
         + (f", against the {TARGET_HOP_MS:g} ms the whole hop may add: on a machine whose cores every process shares, "
            "that CPU is time the first token waits for." if added_p50 > TARGET_HOP_MS else "."), "",
         f"Nodes: node routers with static capacities {', '.join(f'{n} = {c}' for n, c in NODES.items())}, "
