@@ -481,24 +481,19 @@ def _score(rows: Sequence[_Row], preference: Preference, config: PolicyConfig,
     return lambda row: (-round(row.score / TIE_TOLERANCE), row.expected + row.churn, -row.quality, row.tag)
 
 
-def _rank(rows: Sequence[_Row], preference: Preference, config: PolicyConfig,
-          time_remaining: float | None) -> list[_Row]:
-    """Best first, each with its score set."""
-    return sorted(rows, key=_score(rows, preference, config, time_remaining)) if rows else []
-
-
 def _best(rows: Sequence[_Row], preference: Preference, config: PolicyConfig,
           time_remaining: float | None) -> _Row | None:
-    """What `_rank` would put first (without sorting the rest), each row's score set."""
+    """The row that ranks first by `_score`'s key (the earliest of equals), each row's score set."""
     return min(rows, key=_score(rows, preference, config, time_remaining)) if rows else None
 
 
-def rank(assessments: Sequence[Assessment], preference: Preference, config: PolicyConfig,
-         time_remaining: float | None = None) -> list[Assessment]:
-    """Finished assessments best first by the policy's own ranking, each with its score set."""
+def ranked_first(assessments: Sequence[Assessment], preference: Preference, config: PolicyConfig,
+                 time_remaining: float | None = None) -> Assessment | None:
+    """The finished assessment the policy's own ranking puts first, with its score set (the fleet ranks its
+    nodes' offers: only the first is used, so the rest are neither sorted nor copied)."""
     rows = [_Row.of(a) for a in assessments]
-    source = {id(row): a for row, a in zip(rows, assessments, strict=True)}
-    return [replace(source[id(row)], score=row.score) for row in _rank(rows, preference, config, time_remaining)]
+    best = _best(rows, preference, config, time_remaining)
+    return None if best is None else replace(assessments[rows.index(best)], score=best.score)
 
 
 def decide(

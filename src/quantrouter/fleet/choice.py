@@ -26,13 +26,17 @@ through a burst (bench/results/fleet.md's simulation, the mixed-burst scenario).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
+from operator import attrgetter
+from typing import Any, Generic, TypeVar
 
 from quantrouter.fleet.state import NodeState
-from quantrouter.policy import PolicyConfig, RoutingRequest, decide, rank
+from quantrouter.policy import PolicyConfig, RoutingRequest, decide, ranked_first
 from quantrouter.values import Assessment, Decision, FailureKind, quick_constructor
 
 __all__ = ["NodeVerdict", "choose", "delay_to_others"]
+
+_V = TypeVar("_V")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,31 +49,45 @@ class NodeVerdict:
     offers: tuple[Assessment, ...]
 
 
-_FIELDS = tuple(f.name for f in fields(Assessment))
-_new_assessment: Callable[..., Assessment] = quick_constructor(Assessment)
+class _Amend(Generic[_V]):
+    """`dataclasses.replace` for one frozen slots dataclass at a fraction of its cost: its fields read in one
+    C call, the changed ones put in place, the value built positionally (`quick_constructor`). A choice over a
+    few nodes made dozens of replaces, and they were half of its time."""
+
+    def __init__(self, cls: type[_V]) -> None:
+        names = tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
+        self._get = attrgetter(*names)
+        self._position = {name: i for i, name in enumerate(names)}
+        self._new: Callable[..., _V] = quick_constructor(cls)
+
+    def __call__(self, value: _V, **changes: Any) -> _V:
+        row = list(self._get(value))
+        for name, change in changes.items():
+            row[self._position[name]] = change
+        return self._new(*row)
 
 
-def _amended(a: Assessment, **values: object) -> Assessment:
-    """`dataclasses.replace(a, **values)` at a fraction of its cost: a choice over a few nodes makes dozens, and
-    they were half of its time."""
-    return _new_assessment(**{name: values[name] if name in values else getattr(a, name) for name in _FIELDS})
+_assessment = _Amend(Assessment)
+_decision = _Amend(Decision)
+_request = _Amend(RoutingRequest)
 
 
 def _with_node(node: str, decision: Decision) -> Decision:
-    candidates = tuple(_amended(a, node=node) for a in decision.candidates)
+    candidates = tuple(_assessment(a, node=node) for a in decision.candidates)
     chosen = decision.chosen
     if chosen is not None:  # decide's pick is one of its candidates: name the same object
         chosen = next(c for c, a in zip(candidates, decision.candidates, strict=True) if a is chosen)
-    return replace(decision, candidates=candidates, chosen=chosen, node=node)
+    return _decision(decision, candidates=candidates, chosen=chosen, node=node)
 
 
 def _verdict(node: str, state: NodeState, request: RoutingRequest, excluded: frozenset[tuple[str, str]],
              config: PolicyConfig) -> NodeVerdict:
-    own = replace(request, excluded=request.excluded | {tag for name, tag in excluded if name == node})
+    failed = {tag for name, tag in excluded if name == node}
+    own = _request(request, excluded=request.excluded | failed) if failed else request
     decision = _with_node(node, decide(own, state.family(request.family), state.memory_view, config))
     if state.at_limit:
         limit = f"at its limit of {state.max_in_flight} streams"
-        return NodeVerdict(node, replace(decision, chosen=None, reason=limit, failure=FailureKind.CONSTRAINTS), ())
+        return NodeVerdict(node, _decision(decision, chosen=None, reason=limit, failure=FailureKind.CONSTRAINTS), ())
     if decision.chosen is None:
         return NodeVerdict(node, decision, ())
     return NodeVerdict(node, decision, tuple(_charged(state, a) for a in decision.candidates if a.feasible))
@@ -78,7 +96,7 @@ def _verdict(node: str, state: NodeState, request: RoutingRequest, excluded: fro
 def _charged(state: NodeState, a: Assessment) -> Assessment:
     """`a` with `delay_to_others` added to its churn (itself when that is nothing: most pairs of a quiet node)."""
     delay = delay_to_others(state, a)
-    return _amended(a, churn_seconds=a.churn_seconds + delay) if delay else a
+    return _assessment(a, churn_seconds=a.churn_seconds + delay) if delay else a
 
 
 def delay_to_others(state: NodeState, chosen: Assessment) -> float:
@@ -113,7 +131,8 @@ def choose(request: RoutingRequest, nodes: Mapping[str, NodeState], config: Poli
         return Decision(request.family, request.preference, None, f"no node can serve {request.family} ({why})",
                         listed, pinned=request.pinned_tag is not None, fallback=bool(excluded),
                         failure=_failure(verdicts))
-    best = rank(offers, request.preference, config, request.time_remaining)[0]  # the policy's own ranking
+    best = ranked_first(offers, request.preference, config, request.time_remaining)  # the policy's own ranking
+    assert best is not None  # offers is not empty
     verdict = next(v for v in verdicts if v.node == best.node)
     own = verdict.decision.chosen
     reason = verdict.decision.reason
@@ -129,5 +148,5 @@ def choose(request: RoutingRequest, nodes: Mapping[str, NodeState], config: Poli
     if (nodes_offering := sum(bool(v.offers) for v in verdicts)) > 1:
         reason += f"; node {best.node} ranked first of {nodes_offering} nodes"
     candidates = tuple(best if a.node == best.node and a.tag == best.tag else a for a in listed)
-    return replace(verdict.decision, chosen=best, reason=reason, candidates=candidates, fallback=bool(excluded),
+    return _decision(verdict.decision, chosen=best, reason=reason, candidates=candidates, fallback=bool(excluded),
                    downgraded=verdict.decision.downgraded and own is not None and own.tag == best.tag)
