@@ -19,8 +19,10 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import ModuleType
+from typing import TypeVar
 
 from bench.machine import describe
 from bench.sim.fleet import FleetSimulation, FleetView, NodeSpec, QuantrouterFleet, Routed, report_of, routing_request
@@ -33,6 +35,7 @@ from quantrouter.policy import PolicyConfig, RoutingRequest
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.values import Decision
 
+_T = TypeVar("_T")
 QUIET = TenantProfile(1 * int(GB), 3 * int(GB), (60.0, 180.0))
 SHARED = TenantProfile(40 * int(GB), 76 * int(GB), (30.0, 90.0))
 # Node sets: a 4090 beside two H100s (bench.fleet's mixed-burst nodes), and eight mixed GPUs, two of them shared.
@@ -90,7 +93,7 @@ def summary(samples: Sequence[float]) -> str:
             f"(n={len(samples)}, IQR {percentile(samples, 0.25):.1f}–{percentile(samples, 0.75):.1f})")
 
 
-def over(inputs: Sequence[object], call: Callable[[object], object]) -> Callable[[], object]:
+def over(inputs: Sequence[_T], call: Callable[[_T], object]) -> Callable[[], object]:
     """A call that takes the next recorded input each time, round the list."""
     position = iter(range(1 << 62))
     return lambda: call(inputs[next(position) % len(inputs)])
@@ -108,6 +111,22 @@ def load(directory: Path, name: str) -> ModuleType:
 def key(decision: Decision) -> tuple[object, ...]:
     chosen = decision.chosen
     return (decision.node, chosen, decision.reason, decision.candidates, decision.failure, decision.downgraded)
+
+
+def _pick(choose: Callable[..., Decision], config: PolicyConfig, pick: tuple[RoutingRequest, dict[str, NodeState]]
+          ) -> Decision:
+    return choose(pick[0], pick[1], config)
+
+
+def _resent(report: pb.NodeCapacity) -> pb.NodeCapacity:
+    again = pb.NodeCapacity()
+    again.CopyFrom(report)
+    again.sequence += 1
+    return again
+
+
+def _same(pair: tuple[pb.NodeCapacity, pb.NodeCapacity]) -> bool:
+    return state.same_report(*pair)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,10 +147,13 @@ def main(argv: list[str] | None = None) -> None:
         for arm, (choice_module, state_module) in arms.items():
             choose = choice_module.choose
             decisions[arm] = [key(choose(r, s, config)) for r, s in picks]
-            pick = cpu_us(over(picks, lambda p: choose(p[0], p[1], config)), args.rounds)  # type: ignore[index]
+            pick = cpu_us(over(picks, partial(_pick, choose, config)), args.rounds)
             read = cpu_us(over(recorder.reports, state_module.read_report), args.rounds)
             print(f"  {arm:10s} choose       {summary(pick)}")
             print(f"  {arm:10s} read_report  {summary(read)}")
+        twins = [(report, _resent(report)) for report in recorder.reports]
+        unchanged = cpu_us(over(twins, _same), args.rounds)
+        print(f"  {'this tree':10s} same_report  {summary(unchanged)}  (a report again, sequence number aside)")
         if args.baseline:
             same = sum(a == b for a, b in zip(decisions["baseline"], decisions["this tree"], strict=True))
             print(f"  same decision (node, chosen assessment, reason, candidates) as the baseline: {same}/{len(picks)}")

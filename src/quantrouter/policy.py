@@ -69,7 +69,7 @@ __all__ = [
     "RoutingRequest",
     "decide",
     "offered_load",
-    "rank",
+    "ranked_first",
     "remaining_seconds",
 ]
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 
 from quantrouter.capacity import SCHEMA_VERSION
-from quantrouter.fleet.state import ReportRejected, Routed, read_report, with_routed
+from quantrouter.fleet.state import ReportRejected, Routed, read_report, same_report, with_routed
 from quantrouter.policy import LOAD_WINDOW_S, InFlight
 from quantrouter.v1 import router_service_pb2 as pb
 
@@ -116,3 +116,26 @@ def test_streams_sent_since_the_report_are_counted_as_the_node_router_will_count
     assert with_routed(state, []) is state
     full = with_routed(read_report(report()), [Routed(tag, 1.0, 80.0)] * 255)
     assert full.at_limit  # the node router's in-flight limit counts what the fleet sent it too
+
+
+def test_a_report_that_differs_only_in_its_sequence_number_is_the_same_report() -> None:
+    """What lets the fleet skip reading a quiet node's periodic report again; any other figure makes it new, and
+    neither report is changed by the comparison."""
+    last, again = report(), report()
+    again.sequence = 8
+    assert same_report(last, again) and again.sequence == 8 and last.sequence == 7
+    again.variants[0].queued_seconds = 2.5
+    assert not same_report(last, again)
+    moved = report()
+    moved.memory.gpus[0].free_bytes -= 1
+    assert not same_report(last, moved)
+
+
+def test_a_states_per_report_values_match_its_figures() -> None:
+    """`memory_view`, `family` and `candidate` are built once with the state: the same as computing them anew."""
+    state = read_report(report())
+    view = state.memory_view
+    assert (view.free_bytes, view.source, view.backlog, view.in_flight, view.offered_load, view.shared) == (
+        10 * MIB, "nvml", (0.5, 2.0), state.streams, 0.4, True)
+    assert state.family("gemma3:270m") == state.candidates and state.family("other") == ()
+    assert state.candidate("gemma3:270m-q8_0") is state.candidates[0] and state.candidate("missing") is None

@@ -106,7 +106,7 @@ def delay_to_others(state: NodeState, chosen: Assessment) -> float:
     decode = chosen.expected_seconds - chosen.time_to_first_token
     if decode <= 0 or not state.backlog:
         return 0.0
-    own = next((c for c in state.candidates if c.variant.tag == chosen.tag), None)
+    own = state.candidate(chosen.tag)
     behind = min(own.queued_seconds, own.in_flight * decode) if own else 0.0
     return max(sum(min(remaining, decode) for remaining in state.backlog) - behind, 0.0)
 

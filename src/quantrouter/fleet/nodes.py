@@ -16,12 +16,12 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 from google.protobuf import duration_pb2
 
-from quantrouter.fleet.state import NodeState, ReportRejected, read_report
+from quantrouter.fleet.state import NodeState, ReportRejected, read_report, same_report
 from quantrouter.units import format_bytes
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
@@ -57,6 +57,7 @@ class Node:
     channel: grpc.aio.Channel
     stub: pb_grpc.RouterServiceStub
     state: NodeState | None = None
+    report: pb.NodeCapacity | None = field(default=None, repr=False)  # the one `state` was read from
     received_at: float = -math.inf
     problem: str = "no report yet"
     rejected: bool = False
@@ -153,6 +154,11 @@ class NodeSet:
             await asyncio.sleep(RECONNECT_S)
 
     def _accept(self, node: Node, report: pb.NodeCapacity) -> None:
+        if node.state is not None and node.report is not None and not node.rejected \
+                and same_report(node.report, report):  # a quiet node's periodic report: nothing to read again
+            node.state, node.report = replace(node.state, sequence=report.sequence), report
+            node.received_at, node.problem = self._clock(), ""
+            return
         try:
             state = read_report(report)
         except ReportRejected as error:
@@ -164,7 +170,7 @@ class NodeSet:
         if node.rejected or node.state is None:
             log.info("node %s reports: %d variants, %s free (%s)", node.name, len(state.candidates),
                      format_bytes(state.memory.free_bytes), state.memory.source)
-        node.state, node.received_at, node.problem, node.rejected = state, self._clock(), "", False
+        node.state, node.report, node.received_at, node.problem, node.rejected = state, report, self._clock(), "", False
 
     async def close(self) -> None:
         for node in self._nodes.values():

@@ -21,7 +21,7 @@ from quantrouter.quant import UnknownQuantizationError, parse_quantization
 from quantrouter.throughput import SpeedEstimate
 from quantrouter.v1 import router_service_pb2 as pb
 
-__all__ = ["NodeState", "ReportRejected", "Routed", "read_report", "with_routed"]
+__all__ = ["NodeState", "ReportRejected", "Routed", "read_report", "same_report", "with_routed"]
 
 
 class ReportRejected(ValueError):
@@ -48,6 +48,20 @@ class NodeState:
     backlog: tuple[float, ...] = ()  # each stream's expected remaining seconds, ascending
     streams: tuple[InFlight, ...] = ()  # the same streams with their SLOs
     offered_load: float = 0.0
+    # Built once with the state (a report, or `with_routed`), not on every pick that reads them.
+    memory_view: MemoryView = field(init=False, repr=False, compare=False)
+    _families: Mapping[str, tuple[CandidateInput, ...]] = field(init=False, repr=False, compare=False)
+    _by_tag: Mapping[str, CandidateInput] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        families: dict[str, list[CandidateInput]] = {}
+        for c in self.candidates:
+            families.setdefault(c.variant.family, []).append(c)
+        object.__setattr__(self, "memory_view", MemoryView(
+            self.memory.free_bytes, self.reserve_bytes, self.memory.source, self.backlog, self.streams,
+            self.offered_load, shared=self.memory.source == NVML))
+        object.__setattr__(self, "_families", {name: tuple(group) for name, group in families.items()})
+        object.__setattr__(self, "_by_tag", {c.variant.tag: c for c in self.candidates})
 
     @property
     def at_limit(self) -> bool:
@@ -58,22 +72,15 @@ class NodeState:
     def catalog(self) -> CatalogSnapshot:
         return CatalogSnapshot(tuple(c.variant for c in self.candidates), self.names)
 
-    @property
-    def memory_view(self) -> MemoryView:
-        return MemoryView(self.memory.free_bytes, self.reserve_bytes, self.memory.source, self.backlog,
-                          self.streams, self.offered_load, shared=self.memory.source == NVML)
-
     def family(self, family: str) -> tuple[CandidateInput, ...]:
-        return tuple(c for c in self.candidates if c.variant.family == family)
+        return self._families.get(family, ())
+
+    def candidate(self, tag: str) -> CandidateInput | None:
+        return self._by_tag.get(tag)
 
     @property
     def gpu_names(self) -> tuple[str, ...]:
         return tuple(g.name for g in self.memory.gpus)
-
-
-def _require(ok: bool, reason: str, message: str) -> None:
-    if not ok:
-        raise ReportRejected(reason, message)
 
 
 def _positive(value: float) -> bool:
@@ -84,28 +91,33 @@ def _seconds(value: float) -> bool:
     return math.isfinite(value) and value >= 0
 
 
+# Each check raises with its message built only when it fails: formatting every figure of every report
+# up front was most of the cost of reading one.
 def _candidate(item: pb.NodeVariant) -> CandidateInput:
     v = item.variant
-    _require(bool(v.tag) and bool(item.family), "bad_variant", "a variant without a tag or a family")
+    if not (v.tag and item.family):
+        raise ReportRejected("bad_variant", "a variant without a tag or a family")
     try:
         quant = parse_quantization(v.quantization)
     except UnknownQuantizationError as error:
         raise ReportRejected("bad_variant", f"{v.tag}: {error}") from None
-    _require(v.size_bytes > 0 and v.vram_bytes >= 0 and v.parameter_count >= 0, "bad_variant",
-             f"{v.tag}: size {v.size_bytes}, VRAM {v.vram_bytes}, parameters {v.parameter_count}")
+    if not (v.size_bytes > 0 and v.vram_bytes >= 0 and v.parameter_count >= 0):
+        raise ReportRejected("bad_variant",
+                             f"{v.tag}: size {v.size_bytes}, VRAM {v.vram_bytes}, parameters {v.parameter_count}")
     load = item.load_duration.ToNanoseconds() / 1e9
-    _require(_positive(v.tokens_per_second) and _positive(item.prompt_tokens_per_second)
-             and math.isfinite(load) and load >= 0 and v.samples >= 0, "bad_speed",
-             f"{v.tag}: {v.tokens_per_second} tok/s, prompt {item.prompt_tokens_per_second} tok/s, "
-             f"load {load} s, {v.samples} samples")
-    _require(0 <= v.quality <= 1 and item.in_flight >= 0, "bad_variant",
-             f"{v.tag}: quality {v.quality}, {item.in_flight} in flight")
-    _require(_seconds(item.queued_seconds), "bad_load", f"{v.tag}: {item.queued_seconds} s queued")
+    if not (_positive(v.tokens_per_second) and _positive(item.prompt_tokens_per_second)
+            and math.isfinite(load) and load >= 0 and v.samples >= 0):
+        raise ReportRejected("bad_speed", f"{v.tag}: {v.tokens_per_second} tok/s, prompt "
+                             f"{item.prompt_tokens_per_second} tok/s, load {load} s, {v.samples} samples")
+    if not (0 <= v.quality <= 1 and item.in_flight >= 0):
+        raise ReportRejected("bad_variant", f"{v.tag}: quality {v.quality}, {item.in_flight} in flight")
+    if not _seconds(item.queued_seconds):
+        raise ReportRejected("bad_load", f"{v.tag}: {item.queued_seconds} s queued")
     arch = None
     if item.HasField("architecture"):
         a = item.architecture
-        _require(min(a.block_count, a.head_count_kv, a.head_dim, a.context_length) >= 0, "bad_variant",
-                 f"{v.tag}: negative architecture figures")
+        if min(a.block_count, a.head_count_kv, a.head_dim, a.context_length) < 0:
+            raise ReportRejected("bad_variant", f"{v.tag}: negative architecture figures")
         arch = Architecture(a.name, a.block_count, a.head_count_kv, a.head_dim, a.context_length,
                             a.embedding_length, a.head_count, a.vocab_size)
     info = VariantInfo(v.tag, item.family, quant, v.size_bytes, v.parameter_count, arch, v.resident, v.vram_bytes)
@@ -117,35 +129,51 @@ def _candidate(item: pb.NodeVariant) -> CandidateInput:
 
 def read_report(report: pb.NodeCapacity) -> NodeState:
     """The report as plain values, or `ReportRejected` saying why it cannot be trusted."""
-    _require(report.schema_version == SCHEMA_VERSION, "schema_version",
-             f"schema version {report.schema_version}, this fleet router reads version {SCHEMA_VERSION}")
+    if report.schema_version != SCHEMA_VERSION:
+        raise ReportRejected("schema_version", f"schema version {report.schema_version}, this fleet router reads "
+                             f"version {SCHEMA_VERSION}")
     m = report.memory
     gpus = tuple(GpuMemory(g.uuid, g.name, g.free_bytes, g.total_bytes) for g in m.gpus)
-    _require(all(0 <= g.free_bytes <= g.total_bytes for g in gpus) and report.reserve_bytes >= 0, "bad_memory",
-             "memory figures out of range: " + ", ".join(f"{g.name or g.uuid} {g.free_bytes} free of {g.total_bytes}"
-                                                         for g in gpus) + f", reserve {report.reserve_bytes}")
-    _require(bool(gpus) and sum(g.free_bytes for g in gpus) == m.free_bytes, "bad_memory",
-             f"free memory {m.free_bytes} does not add up over {len(gpus)} devices")
+    if not (all(0 <= g.free_bytes <= g.total_bytes for g in gpus) and report.reserve_bytes >= 0):
+        raise ReportRejected("bad_memory", "memory figures out of range: " + ", ".join(
+            f"{g.name or g.uuid} {g.free_bytes} free of {g.total_bytes}" for g in gpus)
+            + f", reserve {report.reserve_bytes}")
+    if not (gpus and sum(g.free_bytes for g in gpus) == m.free_bytes):
+        raise ReportRejected("bad_memory", f"free memory {m.free_bytes} does not add up over {len(gpus)} devices")
     backlog = tuple(sorted(report.stream_backlog_seconds))
-    _require(report.in_flight >= 0 and report.max_in_flight >= 0 and _seconds(report.backlog_seconds)
-             and all(_seconds(b) for b in backlog), "bad_load",
-             f"{report.in_flight} in flight of {report.max_in_flight}, backlog {report.backlog_seconds} s "
-             f"over streams {list(backlog)}")
+    if not (report.in_flight >= 0 and report.max_in_flight >= 0 and _seconds(report.backlog_seconds)
+            and all(_seconds(b) for b in backlog)):
+        raise ReportRejected("bad_load", f"{report.in_flight} in flight of {report.max_in_flight}, backlog "
+                             f"{report.backlog_seconds} s over streams {list(backlog)}")
     streams = tuple(_stream(item) for item in report.streams)
-    _require(_seconds(report.offered_load), "bad_load", f"offered load {report.offered_load}")
+    if not _seconds(report.offered_load):
+        raise ReportRejected("bad_load", f"offered load {report.offered_load}")
     candidates = tuple(_candidate(item) for item in report.variants)
-    _require(len({c.variant.tag for c in candidates}) == len(candidates), "bad_variant", "a tag listed twice")
+    if len({c.variant.tag for c in candidates}) != len(candidates):
+        raise ReportRejected("bad_variant", "a tag listed twice")
     return NodeState(MemorySnapshot(m.source, gpus, m.detail), report.reserve_bytes, candidates, dict(report.names),
                      report.in_flight, report.max_in_flight, report.backlog_seconds, report.backend_up,
                      report.sequence, backlog, streams, report.offered_load)
 
 
+def same_report(last: pb.NodeCapacity, report: pb.NodeCapacity) -> bool:
+    """Whether `report` says nothing that `last` did not, its sequence number aside: a node reports at least every
+    interval, changed or not, and such a report need not be read again."""
+    sequence = report.sequence
+    report.sequence = last.sequence
+    try:
+        return bool(report == last)
+    finally:
+        report.sequence = sequence
+
+
 def _stream(item: pb.StreamInFlight) -> InFlight:
     time_left = item.time_left_seconds if item.HasField("time_left_seconds") else None
-    _require(_seconds(item.service_seconds) and 0 <= item.done <= 1 and _seconds(item.tokens_per_second)
-             and _seconds(item.min_tokens_per_second) and (time_left is None or math.isfinite(time_left)),
-             "bad_load", f"a stream of {item.service_seconds} s, {item.done} done, {item.tokens_per_second} tok/s, "
-             f"{time_left} s left, floor {item.min_tokens_per_second} tok/s")
+    if not (_seconds(item.service_seconds) and 0 <= item.done <= 1 and _seconds(item.tokens_per_second)
+            and _seconds(item.min_tokens_per_second) and (time_left is None or math.isfinite(time_left))):
+        raise ReportRejected("bad_load", f"a stream of {item.service_seconds} s, {item.done} done, "
+                             f"{item.tokens_per_second} tok/s, {time_left} s left, floor "
+                             f"{item.min_tokens_per_second} tok/s")
     return InFlight(item.service_seconds, item.done, item.tokens_per_second, time_left, item.min_tokens_per_second)
 
 
