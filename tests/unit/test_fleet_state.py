@@ -139,3 +139,18 @@ def test_a_states_per_report_values_match_its_figures() -> None:
         10 * MIB, "nvml", (0.5, 2.0), state.streams, 0.4, True)
     assert state.family("gemma3:270m") == state.candidates and state.family("other") == ()
     assert state.candidate("gemma3:270m-q8_0") is state.candidates[0] and state.candidate("missing") is None
+
+
+def test_variants_read_before_read_the_same_and_a_changed_or_rejected_one_is_read_anew() -> None:
+    """`read_report` keeps the variants it has read by their wire bytes: a repeated variant gives an equal value,
+    a changed figure is read again, and a rejected variant is never kept (it is refused every time)."""
+    first, again = read_report(report()), read_report(report())
+    assert again.candidates == first.candidates
+    busier = report()
+    busier.variants[0].queued_seconds = 5.0
+    assert read_report(busier).candidates[0].queued_seconds == 5.0
+    broken = report()
+    broken.variants[0].variant.tokens_per_second = -1.0
+    for _ in range(2):
+        with pytest.raises(ReportRejected, match="tok/s"):
+            read_report(broken)
