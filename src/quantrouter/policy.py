@@ -363,11 +363,11 @@ class _Row:
         self.tier = 0
         self.takes_slot = False
 
-    def assessment(self) -> Assessment:
-        # Positional, in `Assessment`'s field order (keywords cost a dict per call; node is the fleet's to set).
+    def assessment(self, node: str) -> Assessment:
+        # Positional, in `Assessment`'s field order (keywords cost a dict per call).
         return _new_assessment(self.tag, self.quantization, self.need, self.resident, self.tps, self.measured,
                                self.ttft, self.expected, self.quality, self.score, self.rejection, self.memory_only,
-                               "", self.queue, self.churn, self.at_risk, self.quality_measured, self.endangers,
+                               node, self.queue, self.churn, self.at_risk, self.quality_measured, self.endangers,
                                self.held_back)
 
     @classmethod
@@ -501,11 +501,14 @@ def decide(
     candidates: Sequence[CandidateInput],
     memory: MemoryView,
     config: PolicyConfig = PolicyConfig(),
+    node: str = "",
 ) -> Decision:
-    """Pick the variant for `request` among `candidates` (the family's variants)."""
+    """Pick the variant for `request` among `candidates` (the family's variants); `node` names the node they are
+    on in the decision and its candidates, when a fleet router decides (set here, not copied in afterwards)."""
     pool = [c for c in candidates if request.pinned_tag in (None, c.variant.tag)]
     if not pool:
-        return _decision(request, memory, None, f"no variants of {request.family}", failure=FailureKind.EMPTY)
+        return _decision(request, memory, None, f"no variants of {request.family}", node,
+                         failure=FailureKind.EMPTY)
 
     reclaimable = sum(c.variant.vram_bytes for c in pool if c.variant.resident and c.in_flight == 0)
     free = memory.free_bytes - memory.reserve_bytes
@@ -543,7 +546,7 @@ def decide(
         for row in rows:
             row.score = 0.0
     best = _best([row for row in rows if not row.rejection], request.preference, config, share_time)
-    listed = tuple(row.assessment() for row in rows)
+    listed = tuple(row.assessment(node) for row in rows)
 
     if best is None:
         if all(row.memory_only for row in rows):
@@ -553,22 +556,22 @@ def decide(
         else:
             failure = FailureKind.CONSTRAINTS
         why = "; ".join(f"{row.tag}: {row.rejection}" for row in rows)
-        return _decision(request, memory, None, f"no variant of {request.family} can serve this request ({why})",
+        return _decision(request, memory, None, f"no variant of {request.family} can serve this request ({why})", node,
                          candidates=listed, failure=failure, best_expected_seconds=min(row.expected for row in rows))
 
     chosen = listed[rows.index(best)]
     lost = listed[rows.index(blocked)] if blocked is not None else None
     reason = _explain(request, chosen, lost)
-    return _decision(request, memory, chosen, reason, candidates=listed, downgraded=lost is not None)
+    return _decision(request, memory, chosen, reason, node, candidates=listed, downgraded=lost is not None)
 
 
-def _decision(request: RoutingRequest, memory: MemoryView, chosen: Assessment | None, reason: str, *,
+def _decision(request: RoutingRequest, memory: MemoryView, chosen: Assessment | None, reason: str, node: str, *,
               candidates: tuple[Assessment, ...] = (), downgraded: bool = False, failure: FailureKind | None = None,
               best_expected_seconds: float = 0.0) -> Decision:
     return _new_decision(request.family, request.preference, chosen, reason, candidates, downgraded,
                          pinned=request.pinned_tag is not None, fallback=bool(request.excluded), failure=failure,
                          memory_source=memory.source, free_bytes=memory.free_bytes,
-                         best_expected_seconds=best_expected_seconds)
+                         node=node, best_expected_seconds=best_expected_seconds)
 
 
 def _explain(request: RoutingRequest, chosen: Assessment, blocked: Assessment | None) -> str:

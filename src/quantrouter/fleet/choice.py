@@ -72,19 +72,11 @@ _decision = _Amend(Decision)
 _request = _Amend(RoutingRequest)
 
 
-def _with_node(node: str, decision: Decision) -> Decision:
-    candidates = tuple(_assessment(a, node=node) for a in decision.candidates)
-    chosen = decision.chosen
-    if chosen is not None:  # decide's pick is one of its candidates: name the same object
-        chosen = next(c for c, a in zip(candidates, decision.candidates, strict=True) if a is chosen)
-    return _decision(decision, candidates=candidates, chosen=chosen, node=node)
-
-
 def _verdict(node: str, state: NodeState, request: RoutingRequest, excluded: frozenset[tuple[str, str]],
              config: PolicyConfig) -> NodeVerdict:
     failed = {tag for name, tag in excluded if name == node}
     own = _request(request, excluded=request.excluded | failed) if failed else request
-    decision = _with_node(node, decide(own, state.family(request.family), state.memory_view, config))
+    decision = decide(own, state.family(request.family), state.memory_view, config, node)
     if state.at_limit:
         limit = f"at its limit of {state.max_in_flight} streams"
         return NodeVerdict(node, _decision(decision, chosen=None, reason=limit, failure=FailureKind.CONSTRAINTS), ())
