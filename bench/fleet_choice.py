@@ -7,12 +7,13 @@ those recorded inputs (thread CPU time; `choose` over many calls after a warm-up
 report in the order they were sent, since the current tree keeps the variants it has read). `--baseline DIR`
 also times the `choice.py` and `state.py` found in DIR (an older tree's copies) on the very same inputs, in the
 same run, and checks that both choose the same (node, variant) with the same reason for every recorded request.
-Prints its figures; writes nothing.
+Prints its figures; `--write` also writes them to bench/results/fleet_choice.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib.util
 import random
 import statistics
@@ -37,6 +38,7 @@ from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.values import Decision
 
 _T = TypeVar("_T")
+RESULTS = Path(__file__).parent / "results" / "fleet_choice.md"
 QUIET = TenantProfile(1 * int(GB), 3 * int(GB), (60.0, 180.0))
 SHARED = TenantProfile(40 * int(GB), 76 * int(GB), (30.0, 90.0))
 # Node sets: a 4090 beside two H100s (bench.fleet's mixed-burst nodes), and eight mixed GPUs, two of them shared.
@@ -152,36 +154,54 @@ def _same(pair: tuple[pb.NodeCapacity, pb.NodeCapacity]) -> bool:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.fleet_choice", description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", type=Path, help="a directory holding older choice.py and state.py to compare")
+    parser.add_argument("--baseline-label", help="what the baseline is, for the results file (default: its path)")
     parser.add_argument("--rounds", type=int, default=3000, help="timed calls per figure")
+    parser.add_argument("--write", action="store_true", help=f"also write the figures to {RESULTS}")
     args = parser.parse_args(argv)
     arms: dict[str, tuple[ModuleType, ModuleType]] = {"this tree": (choice, state)}
     if args.baseline:
         arms = {"baseline": (load(args.baseline, "choice"), load(args.baseline, "state")), **arms}
     config = PolicyConfig(runner_parallel=DEFAULT_ENGINE.num_parallel)
-    print(describe())
+    lines = [f"Machine: {describe()}; {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC. Thread CPU time, µs.",
+             f"Baseline: {args.baseline_label or args.baseline or 'none'}.", ""]
+
+    def say(line: str) -> None:
+        print(line)
+        lines.append(line)
+
     for nodes in FLEETS:
         recorder = record(nodes, 0)
         picks = recorder.picks
-        print(f"\n{nodes} nodes: {len(picks)} recorded picks, {len(recorder.reports)} recorded reports")
+        say(f"{nodes} nodes: {len(picks)} recorded picks, {len(recorder.reports)} recorded reports")
         decisions: dict[str, list[tuple[object, ...]]] = {}
+        medians: dict[tuple[str, str], float] = {}
         for arm, (choice_module, state_module) in arms.items():
             choose = choice_module.choose
             decisions[arm] = [key(choose(r, s, config)) for r, s in picks]
             pick = cpu_us(over(picks, partial(_pick, choose, config)), args.rounds)
             read = each_once(recorder.reports, state_module)
-            print(f"  {arm:10s} choose       {summary(pick)}")
-            print(f"  {arm:10s} read_report  {summary(read)}")
+            medians[arm, "choose"], medians[arm, "read_report"] = statistics.median(pick), statistics.median(read)
+            say(f"  {arm:10s} choose       {summary(pick)}")
+            say(f"  {arm:10s} read_report  {summary(read)}")
         twins = [(report, _resent(report)) for report in recorder.reports]
         unchanged = cpu_us(over(twins, _same), args.rounds)
-        print(f"  {'this tree':10s} same_report  {summary(unchanged)}  (a report again, sequence number aside)")
+        say(f"  {'this tree':10s} same_report  {summary(unchanged)}  (a report again, sequence number aside)")
         if args.baseline:
+            for what in ("choose", "read_report"):
+                ratio = medians["this tree", what] / medians["baseline", what]
+                say(f"  {what} p50, this tree / baseline: {ratio:.2f}×")
             older = arms["baseline"][1].read_report
             states = [(_fields(older(r)), _fields(state.read_report(r))) for r in recorder.reports]
-            print(f"  same state read from each report as the baseline: {sum(a == b for a, b in states)}/{len(states)}")
+            say(f"  same state read from each report as the baseline: {sum(a == b for a, b in states)}/{len(states)}")
             same = sum(a == b for a, b in zip(decisions["baseline"], decisions["this tree"], strict=True))
-            print(f"  same decision (node, chosen assessment, reason, candidates) as the baseline: {same}/{len(picks)}")
+            say(f"  same decision (node, chosen assessment, reason, candidates) as the baseline: {same}/{len(picks)}")
             if same != len(picks) or any(a != b for a, b in states):
                 raise SystemExit("decisions differ from the baseline")
+        say("")
+    if args.write:
+        RESULTS.write_text(f"# Fleet choice and report reading\n\n{__doc__}\n```\n" + "\n".join(lines).rstrip()
+                           + "\n```\n")
+        print(f"wrote {RESULTS}")
 
 
 if __name__ == "__main__":
