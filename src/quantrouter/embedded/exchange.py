@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
@@ -43,3 +44,17 @@ class Exchange:
             self.response = web.StreamResponse(headers={"Content-Type": self.content_type})
             await self.response.prepare(self.request)
         await self.response.write(data)
+
+    def abandoned(self) -> web.StreamResponse:
+        """The answer to a client that left: whatever was started, else 204 (nobody reads it)."""
+        return self.response or web.Response(status=HTTPStatus.NO_CONTENT)
+
+    async def end(self, *last: dict[str, Any], trailer: bytes = b"") -> web.StreamResponse:
+        """Close a streamed answer: its last chunks, any trailing bytes (SSE's `[DONE]`), then the end of body."""
+        for chunk in last:
+            await self.send(chunk)
+        if trailer:
+            await self.write(trailer)
+        assert self.response is not None
+        await self.response.write_eof()
+        return self.response

@@ -118,17 +118,12 @@ class _Completion:
         exchange = Exchange(self.request, self.stream, time.perf_counter_ns(), content_type=SSE, frame=_sse)
         result, _ = await self.server.generate(exchange, entry, raw_prompt, messages, options, piece)
         if result is None:
-            return exchange.response or web.Response(status=HTTPStatus.NO_CONTENT)
+            return exchange.abandoned()
         answer = final(result, "" if self.stream else "".join(exchange.texts))
         if not self.stream:
             return web.json_response({**answer, "usage": _usage(result)})
-        await exchange.send(answer)
-        if self.include_usage:
-            await exchange.send({**self.envelope(".chunk", []), "usage": _usage(result)})
-        await exchange.write(SSE_DONE)
-        assert exchange.response is not None
-        await exchange.response.write_eof()
-        return exchange.response
+        usage = [{**self.envelope(".chunk", []), "usage": _usage(result)}] if self.include_usage else []
+        return await exchange.end(answer, *usage, trailer=SSE_DONE)
 
 
 async def _parse(request: web.Request) -> dict[str, Any]:

@@ -235,7 +235,7 @@ class EmbeddedServer:
 
         result, load_ns = await self.generate(exchange, entry, raw_prompt, messages, options, piece)
         if result is None:
-            return exchange.response or web.Response(status=HTTPStatus.NO_CONTENT)
+            return exchange.abandoned()
         final = {**base, "created_at": wire.now_rfc3339(),
                  **shape("" if exchange.stream else "".join(exchange.texts)),
                  "done": True, "done_reason": result.done_reason,
@@ -244,10 +244,7 @@ class EmbeddedServer:
                                       load_ns)}
         if not exchange.stream:
             return web.json_response(final)
-        await exchange.send(final)
-        assert exchange.response is not None
-        await exchange.response.write_eof()
-        return exchange.response
+        return await exchange.end(final)
 
     async def _load_or_unload(self, entry: ModelEntry, options: wire.RequestOptions, base: dict[str, Any],
                               shape: Callable[[str], dict[str, Any]]) -> web.Response:
