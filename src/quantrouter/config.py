@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, get_args, get_origin, get_type_hints
 
 from quantrouter.quant import KV_CACHE_TYPES, UnknownQuantizationError, parse_quantization
 from quantrouter.units import GiB, MiB
@@ -54,6 +54,40 @@ class ConfigError(ValueError):
     """A setting that cannot be used; the message names the key and says what is expected."""
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_BYTE_UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
+               "KI": 1 << 10, "MI": 1 << 20, "GI": 1 << 30, "TI": 1 << 40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'1GiB', '512MiB', '8GB', '1073741824' → bytes (binary units for Ki/Mi/Gi, decimal for K/M/G)."""
+    if isinstance(text, int):
+        return text
+    match = _BYTES.match(text)
+    if not match:
+        raise ConfigError(f"{text!r} is not a size; write e.g. 512MiB, 8GiB or a number of bytes")
+    unit = (match.group(2) or "").upper().removesuffix("B")
+    return int(float(match.group(1)) * _BYTE_UNITS[unit])
+
+
+def parse_duration(text: str | float) -> float:
+    """'250ms', '30s', '5m', '1.5' → seconds."""
+    if isinstance(text, int | float):
+        return float(text)
+    match = _DURATION.match(text)
+    if not match:
+        raise ConfigError(f"{text!r} is not a duration; write e.g. 250ms, 30s or 5m")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+# A field's type says how its flag, `QUANTROUTER_*` value or TOML value is read: a size ("512MiB") or a
+# duration ("250ms") by the parser it carries, a path, a NAME=VALUE mapping, or its plain type.
+ByteSize = Annotated[int, parse_bytes]
+Seconds = Annotated[float, parse_duration]
+
+
 # Each part of the router takes only its group. A setting's key (the flag, the `QUANTROUTER_<KEY>`
 # variable and the TOML key) is its field name, or the name in `_KEYS` where the group's context makes
 # a shorter field name clear (`backend.host` is `ollama_host`).
@@ -65,7 +99,7 @@ class ServerSettings:
 
     grpc_address: str = f"0.0.0.0:{DEFAULT_GRPC_PORT}"
     metrics_address: str = f"0.0.0.0:{DEFAULT_METRICS_PORT}"
-    grace_period: float = 30.0
+    grace_period: Seconds = 30.0
     log_level: str = "info"
     # Router processes sharing the gRPC port (SO_REUSEPORT): one event loop relays on one core. Worker i
     # serves its metrics on the metrics port + i; limits and measured speeds are per process.
@@ -90,8 +124,8 @@ class BackendSettings:
     """Where Ollama is and how long to wait for it: everything the backend client is built from."""
 
     host: str = DEFAULT_OLLAMA_HOST
-    connect_timeout: float = 5.0
-    read_timeout: float = 300.0
+    connect_timeout: Seconds = 5.0
+    read_timeout: Seconds = 300.0
     keep_alive: str = "5m"
 
     def at(self, host: str | None) -> BackendSettings:
@@ -107,8 +141,8 @@ class CatalogSettings:
     alias → family, for custom models built FROM a base with a Modelfile.
     """
 
-    tags_refresh_interval: float = 30.0
-    ps_refresh_interval: float = 1.5
+    tags_refresh_interval: Seconds = 30.0
+    ps_refresh_interval: Seconds = 1.5
     aliases: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -116,9 +150,9 @@ class CatalogSettings:
 class MemorySettings:
     """NVML when available, else `capacity` (0 = the embedded budget, or unknown); Ollama's per-GPU reserve."""
 
-    capacity: int = 0
-    reserve: int = OLLAMA_GPU_MINIMUM_MEMORY
-    nvml_poll_interval: float = 0.25
+    capacity: ByteSize = 0
+    reserve: ByteSize = OLLAMA_GPU_MINIMUM_MEMORY
+    nvml_poll_interval: Seconds = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,10 +178,10 @@ class LimitSettings:
 
     max_in_flight: int = 256
     max_in_flight_per_family: int = 64
-    max_prompt_bytes: int = 1 * MiB
-    max_message_bytes: int = 8 * MiB
+    max_prompt_bytes: ByteSize = 1 * MiB
+    max_message_bytes: ByteSize = 8 * MiB
     breaker_failures: int = 3
-    breaker_cooldown: float = 30.0
+    breaker_cooldown: Seconds = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +203,7 @@ class EmbeddedSettings:
     """The in-process llama.cpp backend: whether to start it, its memory budget, where its ladder is cached."""
 
     enabled: bool = False
-    memory_budget: int = 2 * GiB
+    memory_budget: ByteSize = 2 * GiB
     cache_dir: Path = field(default_factory=lambda: default_cache_dir({}))
 
 
@@ -180,8 +214,8 @@ class FleetSettings:
 
     nodes: Mapping[str, str] = field(default_factory=dict)
     discover: str = ""
-    report_interval: float = 1.0
-    stale_after: float = 5.0
+    report_interval: Seconds = 1.0
+    stale_after: Seconds = 5.0
     # The bearer token the fleet presents to node routers that require one (their auth_token).
     auth_token: str = ""
     # TLS to node routers that serve it (their tls_cert): the CA bundle that signed their certificates; the
@@ -250,34 +284,6 @@ _OLLAMA_MIRRORS = {"ollama_host": "OLLAMA_HOST", "ollama_num_parallel": "OLLAMA_
                    "ollama_kv_cache_type": "OLLAMA_KV_CACHE_TYPE"}
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-_BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_BYTE_UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
-               "KI": 1 << 10, "MI": 1 << 20, "GI": 1 << 30, "TI": 1 << 40}
-
-
-def parse_bytes(text: str | int) -> int:
-    """'1GiB', '512MiB', '8GB', '1073741824' → bytes (binary units for Ki/Mi/Gi, decimal for K/M/G)."""
-    if isinstance(text, int):
-        return text
-    match = _BYTES.match(text)
-    if not match:
-        raise ConfigError(f"{text!r} is not a size; write e.g. 512MiB, 8GiB or a number of bytes")
-    unit = (match.group(2) or "").upper().removesuffix("B")
-    return int(float(match.group(1)) * _BYTE_UNITS[unit])
-
-
-def parse_duration(text: str | float) -> float:
-    """'250ms', '30s', '5m', '1.5' → seconds."""
-    if isinstance(text, int | float):
-        return float(text)
-    match = _DURATION.match(text)
-    if not match:
-        raise ConfigError(f"{text!r} is not a duration; write e.g. 250ms, 30s or 5m")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-
-
 def default_cache_dir(environ: Mapping[str, str]) -> Path:
     """The XDG cache directory for built model ladders, overridable with QUANTROUTER_CACHE_DIR."""
     if environ.get("QUANTROUTER_CACHE_DIR"):
@@ -286,21 +292,24 @@ def default_cache_dir(environ: Mapping[str, str]) -> Path:
     return Path(base) / "quantrouter"
 
 
-_BYTE_FIELDS = {"embedded_memory_budget", "memory_capacity", "memory_reserve", "max_prompt_bytes",
-                "max_message_bytes"}
-_DURATION_FIELDS = {"nvml_poll_interval", "tags_refresh_interval", "ps_refresh_interval",
-                    "backend_connect_timeout", "backend_read_timeout", "grace_period", "breaker_cooldown",
-                    "node_report_interval", "node_stale_after"}
+def _field_types() -> dict[str, Any]:
+    """key → the type its field declares (with an `Annotated` parser where it has one)."""
+    hints = {group.name: get_type_hints(group.default_factory, include_extras=True)
+             for group in dataclasses.fields(Settings)}
+    return {key: hints[group][name] for key, (group, name) in SETTING_KEYS.items()}
+
+
+_FIELD_TYPES = _field_types()
 
 
 def _convert(name: str, value: Any, default: Any) -> Any:
-    """Cast a raw flag, environment or TOML value to the type of the field's default."""
+    """Cast a raw flag, environment or TOML value to the type its field declares."""
+    declared = _FIELD_TYPES[name]
     try:
-        if name in _BYTE_FIELDS:
-            return parse_bytes(value)
-        if name in _DURATION_FIELDS:
-            return parse_duration(value)
-        if name in ("aliases", "nodes", "endpoints"):
+        parse = next(iter(getattr(declared, "__metadata__", ())), None)
+        if parse is not None:
+            return parse(value)
+        if get_origin(declared) is Mapping:
             if isinstance(value, str):
                 value = [item for item in value.split(",") if item.strip()]
             if isinstance(value, list | tuple):
@@ -309,8 +318,7 @@ def _convert(name: str, value: Any, default: Any) -> Any:
                     raise ValueError(f"expected NAME=VALUE items, got {value!r}")
                 return {key.strip(): target.strip() for key, target in pairs}
             return dict(value)
-        if name in {"tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "calibration_file",
-                    "cache_dir", "node_tls_ca", "node_tls_cert", "node_tls_key"}:
+        if declared is Path or Path in get_args(declared):
             return Path(value) if value not in (None, "") else None
         if isinstance(default, bool):
             if isinstance(value, bool):
