@@ -43,6 +43,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from bench.machine import describe
+from bench.stats import percentile
 from quantrouter.calibration import VariantCalibration, read_calibration
 from quantrouter.client import AsyncRouterClient, Completion, Options, PreferenceName, VariantListing
 from quantrouter.config import Settings, default_cache_dir, load_settings, parse_bytes
@@ -231,7 +232,7 @@ def summarise(outcomes: Sequence[Outcome], spans: dict[int, float],
         mine = [o for o in outcomes if o.policy == policy]
         if not mine:
             continue
-        latencies = sorted(o.latency for o in mine if o.status == "OK") or [0.0]
+        latencies = [o.latency for o in mine if o.status == "OK"]
         met: dict[str, float] = {p: statistics.fmean(o.met for o in mine if o.preference == p)
                for p, _, _ in MIX if any(o.preference == p for o in mine)}
         per_seed = [goodput(policy, s) for s in seeds]
@@ -239,13 +240,9 @@ def summarise(outcomes: Sequence[Outcome], spans: dict[int, float],
         ratio = [g / b if b else 0.0 for g, b in zip(per_seed, base, strict=True)]
         loads = sum(counts[(s, policy)][0] for s in seeds)
         evictions = sum(counts[(s, policy)][1] for s in seeds)
-        summaries.append(Summary(policy, per_seed, ratio, met, statistics.median(latencies),
-                                 _percentile(latencies, 0.95), loads, evictions))
+        summaries.append(Summary(policy, per_seed, ratio, met, percentile(latencies, 0.5),
+                                 percentile(latencies, 0.95), loads, evictions))
     return summaries
-
-
-def _percentile(sorted_values: Sequence[float], q: float) -> float:
-    return sorted_values[min(len(sorted_values) - 1, round(q * (len(sorted_values) - 1)))]
 
 
 def format_report(summaries: Sequence[Summary], args: argparse.Namespace, seeds: Sequence[int], took: float,
