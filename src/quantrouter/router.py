@@ -211,15 +211,6 @@ class Router:
     def in_flight(self) -> int:
         return sum(self._in_flight_families.values())
 
-    @property
-    def in_flight_variants(self) -> dict[str, int]:
-        """Streams each variant is serving right now (only the busy ones): the policy's queue signal."""
-        return {tag: count for tag, count in self._in_flight_tags.items() if count}
-
-    def backlog_seconds(self) -> float:
-        """Expected seconds of work still ahead of the streams in progress (the backlog the policy sees, summed)."""
-        return sum(self._backlog())
-
     def _backlog(self) -> tuple[float, ...]:
         return remaining_seconds([(w.service_seconds, w.done()) for w in self._work])
 

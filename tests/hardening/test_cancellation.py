@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
+from quantrouter.capacity import capacity_of
 from quantrouter.embedded import EmbeddedConfig, EmbeddedServer, run_embedded_in_thread
 from quantrouter.server import RunningServer, run_in_thread
 from quantrouter.units import GiB
@@ -35,6 +37,7 @@ TASK_SLACK = 3
 # httpx keeps up to 20 idle keep-alive connections (its default Limits); both ends live in this process,
 # and how many a round leaves idle depends on its peak concurrency. A leak grows with the stream count.
 POOL_SOCKETS = 2 * 20
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -70,7 +73,7 @@ def test_client_cancel_stops_the_generation(stack: tuple[EmbeddedServer, Running
         call.cancel()
         assert call.code() == grpc.StatusCode.CANCELLED
         assert_backend_free_and_serving(backend, stub)
-    assert running.router.in_flight == 0 and not running.router.in_flight_variants
+    assert running.router.in_flight == 0 and variants_in_flight(running) == 0
 
 
 def test_expired_deadline_stops_the_generation(stack: tuple[EmbeddedServer, RunningServer]) -> None:
@@ -95,11 +98,21 @@ def open_descriptors() -> tuple[int, int]:
     return len(links), sum(link.startswith("socket:") for link in links)
 
 
-def router_tasks(running: RunningServer) -> int:
-    async def count() -> int:
-        return len(asyncio.all_tasks())
+def on_router_loop(running: RunningServer, read: Callable[[], T]) -> T:
+    """`read()` run on the router's own event loop, where its state changes."""
+    async def call() -> T:
+        return read()
 
-    return asyncio.run_coroutine_threadsafe(count(), running.loop).result(TIMEOUT_S)
+    return asyncio.run_coroutine_threadsafe(call(), running.loop).result(TIMEOUT_S)
+
+
+def router_tasks(running: RunningServer) -> int:
+    return on_router_loop(running, lambda: len(asyncio.all_tasks()))
+
+
+def variants_in_flight(running: RunningServer) -> int:
+    """The streams the router's capacity report (what WatchCapacity sends a fleet) counts on its variants."""
+    return on_router_loop(running, lambda: sum(v.in_flight for v in capacity_of(running.router).variants))
 
 
 async def test_a_thousand_cancelled_streams_leak_nothing(stack: tuple[EmbeddedServer, RunningServer]) -> None:
@@ -127,7 +140,7 @@ async def test_a_thousand_cancelled_streams_leak_nothing(stack: tuple[EmbeddedSe
 
             def settled() -> bool:
                 fds, sockets = open_descriptors()
-                state.update(in_flight=router.in_flight, variants=len(router.in_flight_variants),
+                state.update(in_flight=router.in_flight, variants=variants_in_flight(running),
                              busy=int(busy(backend)), gauge=int(total(running, "quantrouter_in_flight_requests")),
                              tasks=router_tasks(running), fds=fds, sockets=sockets)
                 return not (state["in_flight"] or state["variants"] or state["busy"] or state["gauge"])
