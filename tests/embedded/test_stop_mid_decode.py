@@ -18,15 +18,17 @@ from tests.support import FAMILY
 
 EXIT_TIMEOUT_S = 60.0
 CHUNKS_BEFORE_STOP = 3
-# Short enough that no CPU decodes the rest of a count to 500 (about a thousand tokens) within it: the 5 s
-# default let a fast CI machine finish the whole answer before the cut, and the test then proved nothing.
+# Greedy on q4_0, the long prompt runs to the context limit (2,027 tokens at num_ctx 2048) without an end
+# of turn, so only the stop can end it early; sampled at the default temperature it might stop on its own.
+GREEDY = {"num_predict": 2000, "temperature": 0, "seed": 1}
+# Short enough that no CPU decodes the rest of those 2,000 tokens within it: the 5 s default let a fast CI
+# machine finish the whole answer before the cut, and the test then proved nothing.
 DRAIN_S = 0.2
 
 
 def test_sigterm_mid_decode_exits_cleanly_and_ends_the_stream(cache_dir: Path, ladder: list[LadderEntry]) -> None:
     with backend_process(cache_dir, drain_seconds=DRAIN_S) as backend, ollama.Client(host=backend.url) as client:
-        stream = client.generate(model=f"{FAMILY}-q4_K_M", prompt=LONG_PROMPT, stream=True,
-                                 options={"num_predict": 2000})
+        stream = client.generate(model=f"{FAMILY}-q4_0", prompt=LONG_PROMPT, stream=True, options=GREEDY)
         received = 0
         finished = False
         try:

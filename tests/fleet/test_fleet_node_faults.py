@@ -16,18 +16,21 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
+from quantrouter.background import service_in_thread
 from quantrouter.client import Options, RouterClient, error_details
 from quantrouter.embedded import EmbeddedConfig, EmbeddedServer, run_embedded_in_thread
 from quantrouter.fleet.server import FleetServer, fleet_in_thread
-from quantrouter.server import run_in_thread
+from quantrouter.server import START_TIMEOUT_S, start
 from quantrouter.values import Completion, Decision
 from tests.fleet.conftest import BUDGETS, NUM_CTX, Node, fleet_settings, node_settings, wait_for
+from tests.hardening.helpers import LONG_PROMPT
 from tests.support import FAMILY
 
 PROMPT = "The capital of France is"
 TWO = Options(num_predict=2, temperature=0.0, seed=1, num_ctx=NUM_CTX)
-# Long enough that the node is still generating when it is killed, even on a fast machine.
-LONG = Options(num_predict=300, temperature=0.0, seed=1, num_ctx=NUM_CTX)
+# Greedy, LONG_PROMPT runs to the context limit without an end of turn: the node is still generating when it
+# is killed, whatever the machine's speed (a kill cancels its streams at once: no drain to outlast).
+LONG = Options(num_predict=2000, temperature=0.0, seed=1, num_ctx=NUM_CTX)
 CLEAN_ENDINGS = {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
 NAMES = ("east", "west")
 
@@ -47,7 +50,11 @@ class KillableNode:
         stack = contextlib.ExitStack()
         settings = node_settings(self.backend, grpc_address=f"127.0.0.1:{self.port}", ps_refresh_interval=60.0,
                                  tags_refresh_interval=60.0)
-        self.port = stack.enter_context(run_in_thread(settings, CollectorRegistry())).port
+        # Stopped with no grace: a node that dies does not drain its streams (a 1 s drain let a fast machine
+        # finish the answer first, and the stream then ended cleanly instead of failing over).
+        self.port = stack.enter_context(service_in_thread(lambda: start(settings, CollectorRegistry()),
+                                                          lambda running: running.stop(grace=0.0),
+                                                          name="killable-node", start_timeout=START_TIMEOUT_S)).port
         self._router = stack
 
     def kill(self) -> None:
@@ -85,7 +92,7 @@ def test_a_node_killed_mid_stream_ends_it_cleanly_and_is_used_again_once_back(
         killable: dict[str, KillableNode], fault_fleet: FleetServer) -> None:
     live = fault_fleet.router.nodes.live
     with RouterClient(f"127.0.0.1:{fault_fleet.port}") as client:
-        stream = client.generate(FAMILY, PROMPT, preference="quality", options=LONG)
+        stream = client.generate(FAMILY, LONG_PROMPT, preference="quality", options=LONG)
         decision = next(stream)
         assert isinstance(decision, Decision) and decision.node in killable, decision
         victim, other = decision.node, next(name for name in NAMES if name != decision.node)

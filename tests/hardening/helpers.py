@@ -31,7 +31,9 @@ T = TypeVar("T")
 BACKEND_START_TIMEOUT_S = 60.0
 POLL_INTERVAL_S = 0.05
 PROMPT = "The capital of France is"
-# A prompt that makes the model talk for a long time (it counts), for streams that must stay open.
+# A prompt for streams that must stay open: greedy (temperature 0, as `generate_request` asks), q4_0 answers
+# it up to the length limit without an end of turn (2,027 tokens at num_ctx 2048, measured), so a test that
+# holds such a stream ends it itself. Sampled at the default temperature it may end early.
 LONG_PROMPT = "Count from 1 to 500, one number per line, with no other text."
 
 

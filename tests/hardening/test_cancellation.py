@@ -29,6 +29,11 @@ from tests.support import FAMILY, router_settings
 TIMEOUT_S = 30.0
 # "At once": the generation stops within one token's time plus scheduling noise on a busy machine.
 PROMPTLY_S = 5.0
+# Above the policy's estimate for one token from a warm model, with room on a busy machine.
+DEADLINE_S = 5.0
+WARM_TOKENS = 16
+# What LONG_PROMPT's greedy answer lasts at least (it ran to the 2,027-token limit of num_ctx 2048).
+ANSWER_TOKENS = 2000
 CANCELLED_STREAMS = 1000
 CONCURRENCY = 16
 Q4 = f"{FAMILY}-q4_0"
@@ -78,10 +83,12 @@ def test_client_cancel_stops_the_generation(stack: tuple[EmbeddedServer, Running
 
 def test_expired_deadline_stops_the_generation(stack: tuple[EmbeddedServer, RunningServer]) -> None:
     backend, running = stack
-    deadline = 5.0  # above the policy's estimate for one token from a warm model, with room on a busy machine
     with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         stub = pb_grpc.RouterServiceStub(channel)
-        list(stub.Generate(generate_request(Q4, num_predict=2), timeout=TIMEOUT_S))  # loaded: no cold start
+        warm = list(stub.Generate(generate_request(Q4, num_predict=WARM_TOKENS), timeout=TIMEOUT_S))  # no cold start
+        # The open-ended answer runs past ANSWER_TOKENS (LONG_PROMPT, greedy); the deadline expires halfway
+        # through those at the speed just measured, on any machine, and is at most DEADLINE_S on a slow one.
+        deadline = min(DEADLINE_S, ANSWER_TOKENS / warm[-1].completion.tokens_per_second / 2)
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as raised:
             list(stub.Generate(generate_request(Q4, prompt=LONG_PROMPT, num_predict=None), timeout=deadline))
