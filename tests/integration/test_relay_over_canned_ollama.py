@@ -21,7 +21,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from bench.fixtures.canned_ollama import CANNED_TEXT, FAMILY, VARIANTS, serve
+from bench.fixtures.canned_ollama import CANNED_TEXT, FAMILY, VARIANTS, CannedOllama, serve
+from prometheus_client.parser import text_string_to_metric_families
 
 from quantrouter.backend import Final, OllamaBackend, Text
 from quantrouter.config import BackendSettings
@@ -35,6 +36,7 @@ WORKERS = 2
 CONNECTIONS = 16  # the kernel spreads connections over the workers: all on one has odds 2 ** -15
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
+POLL_S = 0.01
 
 
 def expected_text(tokens: int) -> str:
@@ -42,8 +44,13 @@ def expected_text(tokens: int) -> str:
 
 
 @pytest.fixture
-async def canned() -> AsyncIterator[str]:
-    runner, url = await serve()
+async def fixture() -> CannedOllama:
+    return CannedOllama()
+
+
+@pytest.fixture
+async def canned(fixture: CannedOllama) -> AsyncIterator[str]:
+    runner, url = await serve(canned=fixture)
     try:
         yield url
     finally:
@@ -59,8 +66,10 @@ async def backend(canned: str) -> AsyncIterator[OllamaBackend]:
         await client.close()
 
 
-async def test_chunks_that_arrived_together_are_relayed_as_one_piece(backend: OllamaBackend) -> None:
-    """The consumer pauses after the first piece; everything the fixture writes meanwhile comes as few pieces."""
+async def test_chunks_that_arrived_together_are_relayed_as_one_piece(fixture: CannedOllama,
+                                                                    backend: OllamaBackend) -> None:
+    """The consumer pauses after the first piece until the fixture has written every chunk (≈ 8 KiB, in the
+    relay's socket by then: loopback delivers as it is written); all of them then come as few pieces."""
     pieces: list[str] = []
     finals: list[Final] = []
     stream = backend.generate(TAG, "Why is the sky blue?", "", {"num_predict": TOKENS})
@@ -70,7 +79,9 @@ async def test_chunks_that_arrived_together_are_relayed_as_one_piece(backend: Ol
             continue
         pieces.append(item.text)
         if len(pieces) == 1:
-            await asyncio.sleep(0.5)  # the unpaced fixture writes all 64 chunks (≈ 8 KiB) by then
+            async with asyncio.timeout(STOP_TIMEOUT_S):
+                while not fixture.streams_written:
+                    await asyncio.sleep(POLL_S)
     assert "".join(pieces) == expected_text(TOKENS)
     assert 2 <= len(pieces) <= 4, pieces  # one token first, then the rest in a read or three, not 63 messages
     assert len(finals) == 1 and finals[0].eval_count == TOKENS and finals[0].done_reason == "length"
@@ -102,9 +113,10 @@ async def test_consecutive_streams_reuse_one_connection(canned: str, backend: Ol
 
 
 def metrics_total(port: int, name: str) -> float:
+    """The sum of a metric's series in a worker's `/metrics`, read with prometheus_client's own parser."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == name)
 
 
 def canned_process(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str]:
