@@ -15,11 +15,11 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from quantrouter.v1 import router_service_pb2, router_service_pb2_grpc
+from tests.hardening.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "quantrouter-dashboard.json"
@@ -51,13 +52,6 @@ RATE_INTERVAL = "1m"
 STARTUP_TIMEOUT_S = 180
 SETTLE_TIMEOUT_S = 30
 VARIABLE = re.compile(r"\$\{?(\w+)\}?")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def executable(name: str, hint: str) -> str:
@@ -206,27 +200,27 @@ def generate(stub: router_service_pb2_grpc.RouterServiceStub, preference: int) -
     assert events[0] == "decision" and events[-1] == "completion", events
 
 
+def wait_until_scraped(client: httpx.Client, counter: str, count: int) -> None:
+    """Until Prometheus holds a sample of `counter` (summed) at `count` or more: a scrape after that traffic."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while not query(client, f"sum({counter}) >= {count}"):
+        assert time.monotonic() < deadline, f"Prometheus never saw {count} in {counter}"
+        time.sleep(SCRAPE_INTERVAL_S / 4)
+
+
 @pytest.fixture(scope="module")
 def traffic(router: tuple[str, int], prometheus: httpx.Client) -> httpx.Client:
-    """Requests with every preference in rounds a few scrapes apart, so every counter has a rate."""
+    """Requests with every preference in rounds, each round scraped before the next, so every counter has two
+    samples apart and a rate. Returns once a scrape has seen all of it."""
     target, _ = router
+    per_round = len(PREFERENCES) * REQUESTS_PER_PREFERENCE
     with grpc.insecure_channel(target) as channel:
         stub = router_service_pb2_grpc.RouterServiceStub(channel)
-        for _ in range(ROUNDS):
+        for sent in range(per_round, (ROUNDS + 1) * per_round, per_round):
             for preference in PREFERENCES:
                 for _ in range(REQUESTS_PER_PREFERENCE):
                     generate(stub, preference)
-            time.sleep(3 * SCRAPE_INTERVAL_S)
-    sent = ROUNDS * len(PREFERENCES) * REQUESTS_PER_PREFERENCE
-
-    def scraped_all() -> bool:
-        result = query(prometheus, "sum(quantrouter_requests_total)")
-        return bool(result) and float(result[0]["value"][1]) >= sent
-
-    deadline = time.monotonic() + SETTLE_TIMEOUT_S
-    while not scraped_all():
-        assert time.monotonic() < deadline, f"Prometheus never saw the {sent} requests"
-        time.sleep(SCRAPE_INTERVAL_S)
+            wait_until_scraped(prometheus, "quantrouter_requests_total", sent)
     return prometheus
 
 
@@ -255,9 +249,18 @@ def test_alert_expression_parses(alert: str, expr: str, traffic: httpx.Client) -
 
 
 def test_prometheus_evaluates_every_rule_without_error(traffic: httpx.Client) -> None:
-    time.sleep(2 * SCRAPE_INTERVAL_S)  # at least one evaluation after the traffic
-    groups = traffic.get("/api/v1/rules").json()["data"]["groups"]
-    rules = {rule["name"]: rule for group in groups for rule in group["rules"]}
+    scraped = time.time()  # the traffic has been scraped by now; Prometheus runs on this machine's clock
+
+    def rules_evaluated_since() -> dict[str, Any]:
+        groups = traffic.get("/api/v1/rules").json()["data"]["groups"]
+        rules = {rule["name"]: rule for group in groups for rule in group["rules"]}
+        evaluated = [datetime.fromisoformat(rule["lastEvaluation"]).timestamp() for rule in rules.values()]
+        return rules if all(at > scraped for at in evaluated) else {}
+
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while not (rules := rules_evaluated_since()):
+        assert time.monotonic() < deadline, "Prometheus evaluated no rule after the traffic"
+        time.sleep(SCRAPE_INTERVAL_S / 4)
     assert set(rules) == {name for name, _ in alert_exprs()}
     for name, rule in rules.items():
         assert rule["health"] == "ok", f"{name}: {rule.get('lastError')}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,11 +18,11 @@ from quantrouter.fleet.server import FleetServer, fleet_in_thread
 from quantrouter.server import run_in_thread
 from quantrouter.units import GiB
 from tests.e2e.test_dashboard_against_prometheus import (
-    SCRAPE_INTERVAL_S,
     alert_exprs,
     panel_queries,
     prometheus_scraping,
     query,
+    wait_until_scraped,
 )
 from tests.fleet.conftest import fleet_settings, node_settings, wait_for
 from tests.support import FAMILY
@@ -55,11 +54,9 @@ def traffic(fleet_and_ports: tuple[FleetServer, list[int]],
     with prometheus_scraping([f"127.0.0.1:{port}" for port in ports],
                              tmp_path_factory.mktemp("prometheus-fleet")) as client:
         with RouterClient(f"127.0.0.1:{fleet.port}") as router:
-            for _ in range(REQUESTS):
+            for sent in range(1, REQUESTS + 1):  # each scraped before the next: every counter gets a rate
                 list(router.generate(FAMILY, "The capital of France is", preference="quality", options=QUALITY))
-                time.sleep(SCRAPE_INTERVAL_S)
-        wait_for(lambda: bool(query(client, f"sum(quantrouter_fleet_requests_total) >= {REQUESTS}")),
-                 what="the fleet's requests to be scraped")
+                wait_until_scraped(client, "quantrouter_fleet_requests_total", sent)
         yield client
 
 
