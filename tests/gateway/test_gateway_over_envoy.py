@@ -4,6 +4,7 @@ official `ollama` and `openai` clients, and httpx where a test reads headers or 
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -11,6 +12,8 @@ import ollama
 import openai
 import pytest
 
+from quantrouter.config import parse_duration
+from quantrouter.gateway.envoy import MESSAGE_TIMEOUT
 from quantrouter.gateway.inference import BODY_CHUNK_BYTES
 from tests.fleet.conftest import wait_for
 from tests.gateway.conftest import PICKER_MAX_IN_FLIGHT, Gateway
@@ -140,11 +143,17 @@ def test_a_killed_backend_is_skipped_through_the_fallback_list(fallback_gateway:
 
 
 def test_a_restarting_picker_does_not_wedge_envoy(gateway: Gateway) -> None:
-    """FailClose: while the picker is down Envoy answers at once with an error; once it is back, requests flow."""
+    """FailClose: while the picker is down Envoy answers at once with an error; once it is back, requests flow.
+
+    "At once" is judged against what a wedged Envoy would wait, the picker's message timeout it was configured
+    with: an answer in under half of it came from the failed connection, not from the timeout."""
     gateway.stop_picker()
     try:
+        started = time.monotonic()
         down = _generate(gateway, FAMILY)
+        took = time.monotonic() - started
     finally:
         gateway.start_picker()
     assert down.status_code >= 500
+    assert took < parse_duration(MESSAGE_TIMEOUT) / 2, f"the error took {took:.1f} s, as long as a timeout"
     assert _generate(gateway, FAMILY).status_code == 200
