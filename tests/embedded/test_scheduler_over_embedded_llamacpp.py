@@ -13,9 +13,11 @@ import pytest
 
 from quantrouter.embedded import EmbeddedConfig, EmbeddedServer, LadderEntry, run_embedded_in_thread
 from tests.embedded.conftest import QUEUE_LIMIT
+from tests.hardening.helpers import LONG_PROMPT
 
 # Without a working cancel this would run for about a minute: 6000 tokens at ~100 tok/s (far longer on
-# two cores shared with other suites, which is also why a load and two tokens get 30 s).
+# two cores shared with other suites, which is also why a load and two tokens get 30 s). Greedy, q4_0 answers
+# LONG_PROMPT without an end of turn, so the model stays busy until the client leaves.
 LONG = {"num_predict": 6000, "num_ctx": 8192, "temperature": 0}
 SHORT_SAME_CTX = {"num_predict": 2, "num_ctx": 8192}
 PS_FIELDS = {"model": str, "name": str, "digest": str, "expires_at": datetime, "size": int, "size_vram": int,
@@ -102,7 +104,7 @@ def test_a_load_that_can_never_fit_is_a_500(cache_dir: Path, ladder: list[Ladder
 async def test_full_queue_is_503_and_a_disconnect_frees_the_model(server: EmbeddedServer) -> None:
     model = "gemma3:270m-q4_0"
     async with ollama.AsyncClient(host=server.url) as running, ollama.AsyncClient(host=server.url) as other:
-        stream = await running.generate(model=model, prompt="Write a long story.", stream=True, options=LONG)
+        stream = await running.generate(model=model, prompt=LONG_PROMPT, stream=True, options=LONG)
         first = await anext(stream)  # the model is now busy generating up to 6000 tokens
         assert first.response
         queued = asyncio.ensure_future(other.generate(model=model, prompt="Hi", options=SHORT_SAME_CTX))

@@ -249,7 +249,8 @@ def test_busy_variant_falls_back_for_a_family_request(busy_backend: EmbeddedServ
     with run_in_thread(settings, CollectorRegistry()) as running, \
             grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel, \
             httpx.stream("POST", f"{busy_backend.url}/api/generate", timeout=TIMEOUT_S, json={
-                "model": Q4, "prompt": LONG_PROMPT, "options": {"num_predict": 2000}}) as holder:
+                "model": Q4, "prompt": LONG_PROMPT,
+                "options": {"num_predict": 2000, "temperature": 0, "seed": 1}}) as holder:  # greedy: no early end
         assert json.loads(next(holder.iter_lines()))["response"] is not None  # q4_0 is generating
         stub = pb_grpc.RouterServiceStub(channel)
         responses = collect(stub, generate_request(FAMILY, preference=pb.PREFERENCE_QUALITY, constraints=only))
