@@ -44,19 +44,21 @@ Q8, Q5, Q4 = (v.tag for v in VARIANTS)
 CAPACITY = 1 << 50
 BANDWIDTH = 1e12
 TOKENS = 4
-# Between the last text and the error line of a mid-stream fault: long enough for the relay to pass the
-# text on (text and error in one read are all "before the first token", and rightly fall back).
-MID_STREAM_PAUSE_S = 0.3
+# How long a mid-stream fault waits for the caller to have its text (it takes milliseconds).
+TEXT_DELIVERED_TIMEOUT_S = 30.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True, slots=True)
 class Fault:
-    """An injected failure: answer `status`, or (status 0) stream `chunks` tokens and then an error line."""
+    """An injected failure: answer `status`, or (status 0) stream `chunks` tokens and then an error line, once
+    the test sets `text_delivered` (text and error in one read are all "before the first token", and rightly
+    fall back; a fixed pause between them bet on how fast the relay passes the text on)."""
 
     status: int = 0
     chunks: int = 0
     message: str = "injected fault"
+    text_delivered: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
@@ -75,7 +77,7 @@ async def _fail(request: web.Request, model: str, fault: Fault) -> web.StreamRes
     for _ in range(fault.chunks):
         await response.write(json.dumps({"model": model, "response": "tok", "done": False}).encode() + b"\n")
     if fault.chunks:
-        await asyncio.sleep(MID_STREAM_PAUSE_S)  # the text reaches the caller before the model fails
+        await asyncio.wait_for(fault.text_delivered.wait(), TEXT_DELIVERED_TIMEOUT_S)
     await response.write(json.dumps({"error": fault.message}).encode() + b"\n")
     await response.write_eof()
     return response
@@ -210,12 +212,14 @@ async def test_when_the_fallback_fails_too_its_error_ends_the_stream(
 
 async def test_an_error_after_the_first_token_ends_the_stream_without_fallback(
         canned: Canned, make_router: Callable[..., Awaitable[Router]]) -> None:
-    canned.faults[Q8] = Fault(chunks=2, message="CUDA error: out of memory")
+    fault = canned.faults[Q8] = Fault(chunks=2, message="CUDA error: out of memory")
     router = await make_router()
     received: list[Decision | str | Completion] = []
     with pytest.raises(BackendFailed, match="mid-stream: CUDA error") as caught:
         async for event in router.stream(_request(), JOB):
             received.append(event)
+            if isinstance(event, str):
+                fault.text_delivered.set()  # the model fails only now, after its first text
     assert caught.value.started
     assert isinstance(received[0], Decision) and len(received) >= 2
     assert "".join(str(e) for e in received[1:]) == "toktok"
