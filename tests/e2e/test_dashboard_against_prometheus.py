@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -118,19 +118,9 @@ def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]
     try:
         with grpc.insecure_channel(target) as channel:
             health = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + STARTUP_TIMEOUT_S
-            while True:
-                if process.poll() is not None:
-                    pytest.fail(f"the router exited with {process.returncode}:\n{log.read_text()}")
-                try:
-                    answer = health.Check(health_pb2.HealthCheckRequest(service=READY_SERVICE), timeout=1)
-                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"{READY_SERVICE} not SERVING after {STARTUP_TIMEOUT_S} s:\n{log.read_text()}")
-                time.sleep(0.2)
+            request = health_pb2.HealthCheckRequest(service=READY_SERVICE)
+            settle(lambda: health.Check(request, timeout=1).status == health_pb2.HealthCheckResponse.SERVING,
+                   process, log, f"{READY_SERVICE} SERVING", STARTUP_TIMEOUT_S)
         yield target, metrics_port
     finally:
         stop(process)
@@ -169,19 +159,19 @@ def prometheus(router: tuple[str, int], tmp_path_factory: pytest.TempPathFactory
         yield client
 
 
-def settle(condition: Any, process: subprocess.Popen[bytes], log: Path, what: str) -> None:
-    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+def settle(condition: Callable[[], bool], process: subprocess.Popen[bytes], log: Path, what: str,
+           timeout: float = SETTLE_TIMEOUT_S) -> None:
+    """Until `condition` holds (a refused connection counts as not yet); fails with the log if `process` exits."""
+    deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
-            pytest.fail(f"Prometheus exited with {process.returncode}:\n{log.read_text()}")
-        try:
+            pytest.fail(f"{Path(str(process.args[0])).name} exited with {process.returncode}:\n{log.read_text()}")
+        with contextlib.suppress(httpx.TransportError, grpc.RpcError):
             if condition():
                 return
-        except httpx.TransportError:
-            pass
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}:\n{log.read_text()[-4000:]}")
-        time.sleep(0.5)
+            pytest.fail(f"timed out after {timeout} s waiting for {what}:\n{log.read_text()[-4000:]}")
+        time.sleep(0.2)
 
 
 def query(client: httpx.Client, expr: str) -> list[dict[str, Any]]:

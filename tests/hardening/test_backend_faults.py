@@ -33,6 +33,7 @@ from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
 from tests.hardening.helpers import (
     LONG_PROMPT,
+    Rich,
     backend_process,
     free_port,
     generate_request,
@@ -84,6 +85,16 @@ def assert_nothing_in_flight(running: RunningServer) -> None:
              FAST_S, "the in-flight count to return to zero")
 
 
+def refused_fast(stub: pb_grpc.RouterServiceStub, request: pb.GenerateRequest, timeout: float | None = TIMEOUT_S
+                 ) -> Rich:
+    """What the client sees of a call that must fail, and fail within FAST_S."""
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as raised:
+        list(stub.Generate(request, timeout=timeout))
+    assert time.monotonic() - started < FAST_S
+    return rich(raised.value)
+
+
 def collect(stub: pb_grpc.RouterServiceStub, request: pb.GenerateRequest) -> list[pb.GenerateResponse]:
     responses = list(stub.Generate(request, timeout=TIMEOUT_S))
     assert responses[-1].HasField("completion"), "the stream ended without a completion"
@@ -98,11 +109,7 @@ def test_backend_down_at_start_then_recovers_by_itself(cache_dir: Path) -> None:
         assert health(target, SERVICE_NAME) == health_pb2.HealthCheckResponse.NOT_SERVING  # not ready
         with grpc.insecure_channel(target) as channel:
             stub = pb_grpc.RouterServiceStub(channel)
-            started = time.monotonic()
-            with pytest.raises(grpc.RpcError) as raised:
-                list(stub.Generate(generate_request(FAMILY), timeout=TIMEOUT_S))
-            assert time.monotonic() - started < FAST_S
-            seen = rich(raised.value)
+            seen = refused_fast(stub, generate_request(FAMILY))
             assert (seen.code, seen.reason) == (grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE")
             assert "unreachable" in seen.message
             assert sample(running, "quantrouter_backend_up") == 0
@@ -194,11 +201,7 @@ def test_backend_unreachable_later_keeps_the_catalog(cache_dir: Path) -> None:
         # here and refused a 30 s deadline up front (FAILED_PRECONDITION); this row is about reaching Ollama.
         for request, deadline in ((generate_request(Q4), TIMEOUT_S), (generate_request(Q4), TIMEOUT_S),
                                   (generate_request(FAMILY), None)):
-            started = time.monotonic()
-            with pytest.raises(grpc.RpcError) as raised:
-                list(stub.Generate(request, timeout=deadline))
-            assert time.monotonic() - started < FAST_S
-            seen = rich(raised.value)
+            seen = refused_fast(stub, request, deadline)
             assert (seen.code, seen.reason) == (grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE")
         assert stub.Route(pb.RouteRequest(model=FAMILY)).decision.variant.startswith(FAMILY)
         listing = stub.ListVariants(pb.ListVariantsRequest(), timeout=TIMEOUT_S)
@@ -225,11 +228,7 @@ def test_backend_busy_is_resource_exhausted_with_retry_info(busy_backend: Embedd
             assert next(holder).HasField("decision")
             assert next(holder).HasField("chunk")  # q4_0 is generating
             for _ in range(Settings().limits.breaker_failures + 1):
-                started = time.monotonic()
-                with pytest.raises(grpc.RpcError) as raised:
-                    list(stub.Generate(generate_request(Q4), timeout=TIMEOUT_S))
-                assert time.monotonic() - started < FAST_S
-                seen = rich(raised.value)
+                seen = refused_fast(stub, generate_request(Q4))
                 assert (seen.code, seen.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "BACKEND_BUSY")
                 assert seen.retry_delay is not None and seen.retry_delay > 0
                 assert "busy" in seen.message
