@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from quantrouter.embedded import EmbeddedConfig, EmbeddedServer, LadderEntry, run_embedded_in_thread
+from quantrouter.units import MiB
 
-MiB = 1 << 20
 # Room for every rung at once (≈ 2.2 GiB of weights, and 36 MiB of KV cache plus a 514.5 MiB compute
 # buffer each at num_ctx 2048), so tests that are not about eviction never evict.
 ROOMY_BUDGET = 8192 * MiB

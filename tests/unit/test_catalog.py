@@ -6,8 +6,8 @@ import pytest
 
 from quantrouter.catalog import Architecture, CatalogSnapshot, Resolution, VariantInfo, build_catalog, family_name_of
 from quantrouter.quant import parse_quantization
+from quantrouter.units import GiB
 
-GIB = 1 << 30
 # Llama-3.1-8B: 32 layers, 8 KV heads, head_dim 128 → 128 KiB of f16 KV per token (docs/quantization.md §3).
 LLAMA_8B = Architecture("llama", block_count=32, head_count_kv=8, head_dim=128, context_length=131072)
 
@@ -34,7 +34,7 @@ def test_family_name_of_strips_only_a_quantization_suffix(tag: str, family: str 
 
 
 def _variant(tag: str, quant: str = "Q4_K_M") -> VariantInfo:
-    return VariantInfo(tag, "", parse_quantization(quant), 5 * GIB)
+    return VariantInfo(tag, "", parse_quantization(quant), 5 * GiB)
 
 
 def _catalog() -> CatalogSnapshot:
@@ -118,10 +118,10 @@ def test_an_alias_to_an_unknown_family_adds_no_name() -> None:
 
 
 def test_with_residency_marks_resident_variants_with_their_vram() -> None:
-    catalog = _catalog().with_residency({"mybot:q4_K_M": (6 * GIB, 8192)})
+    catalog = _catalog().with_residency({"mybot:q4_K_M": (6 * GiB, 8192)})
     by_tag = {v.tag: v for v in catalog.family("mybot")}
     assert (by_tag["mybot:q4_K_M"].resident, by_tag["mybot:q4_K_M"].vram_bytes,
-            by_tag["mybot:q4_K_M"].resident_context) == (True, 6 * GIB, 8192)
+            by_tag["mybot:q4_K_M"].resident_context) == (True, 6 * GiB, 8192)
     assert (by_tag["mybot:latest"].resident, by_tag["mybot:latest"].vram_bytes) == (False, 0)
     assert catalog.resolve("chat") == Resolution("llama3.2:3b-instruct"), "names survive the residency update"
 
@@ -138,4 +138,4 @@ def test_kv_cache_bytes_for_llama_3_1_8b(num_ctx: int, bytes_per_element: float,
 
 def test_kv_cache_without_a_known_training_context_is_not_clamped() -> None:
     arch = Architecture("llama", 32, 8, 128, context_length=0)
-    assert arch.kv_cache_bytes(262144) == 32 * GIB
+    assert arch.kv_cache_bytes(262144) == 32 * GiB

@@ -10,15 +10,14 @@ import pytest
 from quantrouter.capacity import SCHEMA_VERSION
 from quantrouter.fleet.state import ReportRejected, Routed, read_report, same_report, with_routed
 from quantrouter.policy import LOAD_WINDOW_S, InFlight
+from quantrouter.units import MiB
 from quantrouter.v1 import router_service_pb2 as pb
-
-MIB = 1 << 20
 
 
 def report() -> pb.NodeCapacity:
     variant = pb.NodeVariant(
-        variant=pb.Variant(tag="gemma3:270m-q8_0", quantization="Q8_0", size_bytes=278 * MIB, resident=True,
-                           vram_bytes=300 * MIB, tokens_per_second=80.0, samples=3, quality=0.99,
+        variant=pb.Variant(tag="gemma3:270m-q8_0", quantization="Q8_0", size_bytes=278 * MiB, resident=True,
+                           vram_bytes=300 * MiB, tokens_per_second=80.0, samples=3, quality=0.99,
                            tokens_per_second_measured=True),
         family="gemma3:270m", prompt_tokens_per_second=900.0, in_flight=1, queued_seconds=2.0,
         architecture=pb.Architecture(name="gemma3", block_count=18, head_count_kv=1, head_dim=256,
@@ -31,8 +30,8 @@ def report() -> pb.NodeCapacity:
                                    min_tokens_per_second=10.0),
                  pb.StreamInFlight(service_seconds=1.0, done=0.5, tokens_per_second=80.0)],
         names={"gemma3:270m": "gemma3:270m", "gemma3": "gemma3:270m"},
-        memory=pb.MemoryStatus(source="nvml", free_bytes=10 * MIB, total_bytes=24 * MIB, gpus=[
-            pb.GpuMemory(uuid="GPU-1", name="NVIDIA GeForce RTX 4090", free_bytes=10 * MIB, total_bytes=24 * MIB)]),
+        memory=pb.MemoryStatus(source="nvml", free_bytes=10 * MiB, total_bytes=24 * MiB, gpus=[
+            pb.GpuMemory(uuid="GPU-1", name="NVIDIA GeForce RTX 4090", free_bytes=10 * MiB, total_bytes=24 * MiB)]),
         variants=[variant])
 
 
@@ -44,7 +43,7 @@ def test_a_real_shaped_report_becomes_the_policys_values() -> None:
     assert candidate.speed.load_seconds == pytest.approx(0.4) and candidate.speed.measured
     assert candidate.in_flight == 1 and candidate.queued_seconds == 2.0 and state.backlog_seconds == 2.5
     assert state.backlog == state.memory_view.backlog == (0.5, 2.0)  # ascending, as the policy reads it
-    assert state.memory_view.free_bytes == 10 * MIB and state.gpu_names == ("NVIDIA GeForce RTX 4090",)
+    assert state.memory_view.free_bytes == 10 * MiB and state.gpu_names == ("NVIDIA GeForce RTX 4090",)
     assert state.catalog.resolve("gemma3") is not None
     # The streams' SLOs and the offered load, for the node's in-flight guard and overload rule.
     view = state.memory_view
@@ -65,8 +64,8 @@ def _set(path: str, value: object) -> Callable[[pb.NodeCapacity], None]:
 @pytest.mark.parametrize(("change", "reason"), [
     (_set("schema_version", SCHEMA_VERSION + 1), "schema_version"),
     (_set("memory.gpus.0.free_bytes", -1), "bad_memory"),
-    (_set("memory.gpus.0.free_bytes", 25 * MIB), "bad_memory"),
-    (_set("memory.free_bytes", 3 * MIB), "bad_memory"),
+    (_set("memory.gpus.0.free_bytes", 25 * MiB), "bad_memory"),
+    (_set("memory.free_bytes", 3 * MiB), "bad_memory"),
     (_set("reserve_bytes", -5), "bad_memory"),
     (_set("in_flight", -1), "bad_load"),
     (_set("backlog_seconds", math.nan), "bad_load"),
