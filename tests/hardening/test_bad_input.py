@@ -192,12 +192,19 @@ def test_stop_sequences_out_of_bounds(stub: pb_grpc.RouterServiceStub) -> None:
 
 
 def test_a_deadline_no_variant_can_meet_is_deadline_exceeded_predicted(stub: pb_grpc.RouterServiceStub) -> None:
-    """4,096 tokens in 3 s on a CPU backend: every variant's expected time is past the deadline, so the router
-    answers DEADLINE_EXCEEDED itself (ErrorInfo says predicted, with the best expected time) rather than
-    FAILED_PRECONDITION, and well before the caller's own timer would fire."""
+    """4,096 tokens within half the best expected time (3 s at most): every variant's expected time is past the
+    deadline, so the router answers DEADLINE_EXCEEDED itself (ErrorInfo says predicted, with the best expected
+    time) rather than FAILED_PRECONDITION, and well before the caller's own timer would fire.
+
+    The deadline follows the router's own prices (a dry-run Route), not a guess at this machine's speed: a
+    fixed 3 s would admit 4,096 tokens on a machine that decodes them faster."""
     request = generate_request(FAMILY, num_predict=4096)
+    # No deadline on the dry run: the router would price against it and refuse.
+    priced = stub.Route(pb.RouteRequest(model=FAMILY, prompt=request.prompt, options=request.options)).decision
+    fastest = min(c.expected_duration.ToTimedelta().total_seconds() for c in priced.candidates if c.feasible)
+    deadline = min(3.0, fastest / 2)
     with pytest.raises(grpc.RpcError) as raised:
-        list(stub.Generate(request, timeout=3.0))
+        list(stub.Generate(request, timeout=deadline))
     seen = rich(raised.value)
     assert (seen.code, seen.reason) == (grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_PREDICTED")
     status = rpc_status.from_call(raised.value)  # type: ignore[arg-type]
@@ -206,5 +213,5 @@ def test_a_deadline_no_variant_can_meet_is_deadline_exceeded_predicted(stub: pb_
     assert status.details[0].Unpack(info)
     assert info.metadata["predicted"] == "true"
     best = float(info.metadata["best_expected_seconds"])
-    assert best > 3.0, "the best candidate's expected time is past the deadline"
+    assert best > deadline, "the best candidate's expected time is past the deadline"
     assert f"{best:.2f} s exceeds" in seen.message  # the best candidate's own refusal names that time
