@@ -56,8 +56,17 @@ def test_quality_lands_where_the_larger_variant_fits_and_latency_may_go_elsewher
 
 def test_a_node_busy_with_long_generations_sheds_new_requests_to_the_others(
         fleet: FleetServer, fleet_target: str, nodes: dict[str, Node]) -> None:
-    """Medium and large both fit F16, QUALITY's pick: the busier of the two loses the tie on expected time."""
+    """Medium and large both fit F16, QUALITY's pick: the busier of the two loses the tie on expected time.
+
+    F16 is loaded on both first, so that it is a tie: left to earlier tests, one node could hold it resident
+    and the other need a cold load, which outweighs a queue (the shed then failed, depending on test order)."""
+    for name in ("medium", "large"):
+        with RouterClient(nodes[name].address) as direct:
+            list(direct.generate(f"{FAMILY}-f16", PROMPT, options=FEW))
     with RouterClient(fleet_target) as client:
+        wait_for(lambda: all(c.variant.resident for n in ("medium", "large")
+                             for c in fleet.router.nodes.live()[n].candidates if c.variant.tag == f"{FAMILY}-f16"),
+                 what="F16 resident on medium and large in their reports")
         idle = client.route(FAMILY, preference="quality", options=FEW)
         busy = idle.node
         assert idle.chosen is not None and busy in {"medium", "large"}
@@ -65,12 +74,13 @@ def test_a_node_busy_with_long_generations_sheds_new_requests_to_the_others(
         # leaving the `with` closes the channel, which cancels the generation.
         with RouterClient(nodes[busy].address) as direct:
             stream = direct.generate(idle.chosen.tag, PROMPT, options=LONG)
-            assert isinstance(next(stream), Decision)  # the stream is in flight on the node
-            # A report of this long generation, not one left over from a short request before it: what is left
-            # of a short one is at most its whole service time, as the idle route priced it. (A fixed 5 s assumed
-            # the long answer is priced above that, which a fast machine's measured speed does not bear out.)
-            short_service = idle.chosen.expected_seconds - idle.chosen.queue_seconds
-            wait_for(lambda: fleet.router.nodes.live()[busy].backlog_seconds > short_service,
+            started = next(stream)
+            assert isinstance(started, Decision) and started.chosen is not None  # in flight on the node
+            # A report of this long generation with half of it still ahead (the node priced all of it at
+            # `service`), not one left over from a short request before it. A fixed 5 s here assumed the long
+            # answer is priced above that, which a fast machine's measured speed does not bear out.
+            service = started.chosen.expected_seconds - started.chosen.queue_seconds
+            wait_for(lambda: fleet.router.nodes.live()[busy].backlog_seconds > service / 2,
                      what=f"{busy} to report its backlog")
             shed = client.route(FAMILY, preference="quality", options=FEW)
     # The generation is cancelled; wait for it to end so that it does not outlive the test.
