@@ -135,7 +135,7 @@ def test_a_states_per_report_values_match_its_figures() -> None:
     state = read_report(report())
     view = state.memory_view
     assert (view.free_bytes, view.source, view.backlog, view.in_flight, view.offered_load, view.shared) == (
-        10 * MIB, "nvml", (0.5, 2.0), state.streams, 0.4, True)
+        10 * MiB, "nvml", (0.5, 2.0), state.streams, 0.4, True)
     assert state.family("gemma3:270m") == state.candidates and state.family("other") == ()
     assert state.candidate("gemma3:270m-q8_0") is state.candidates[0] and state.candidate("missing") is None
 
