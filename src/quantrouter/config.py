@@ -166,6 +166,8 @@ class PolicySettings:
     # queues), and the KV cache element size, so that the memory estimate is what a runner will hold.
     ollama_num_parallel: int = 1
     ollama_kv_cache_type: str = ""
+    # Ollama's own default, 0, holds 3 models per GPU at once (docs/ollama.md); a set value is a global cap.
+    ollama_max_loaded_models: int = 0
     balanced_quality_weight: float = 0.5
     upgrade_hysteresis: float = 0.15
     gpu_bandwidth: float = 0.0
@@ -281,7 +283,8 @@ SETTING_KEYS: dict[str, tuple[str, str]] = _setting_keys()
 
 # Settings that fall back to Ollama's own variable, so a router started with Ollama's environment agrees with it.
 _OLLAMA_MIRRORS = {"ollama_host": "OLLAMA_HOST", "ollama_num_parallel": "OLLAMA_NUM_PARALLEL",
-                   "ollama_kv_cache_type": "OLLAMA_KV_CACHE_TYPE"}
+                   "ollama_kv_cache_type": "OLLAMA_KV_CACHE_TYPE",
+                   "ollama_max_loaded_models": "OLLAMA_MAX_LOADED_MODELS"}
 
 
 def default_cache_dir(environ: Mapping[str, str]) -> Path:
@@ -404,6 +407,9 @@ def _validate(settings: Settings) -> None:
                        ("ollama_num_parallel", policy.ollama_num_parallel)):
         if value <= 0:
             raise ConfigError(f"setting {key} must be positive, got {value}")
+    if policy.ollama_max_loaded_models < 0:
+        raise ConfigError(f"setting ollama_max_loaded_models must be 0 (Ollama's default, 3 per GPU) or a cap, "
+                          f"got {policy.ollama_max_loaded_models}")
     if not 0 < policy.ewma_alpha <= 1:
         raise ConfigError(f"setting ewma_alpha must be in (0, 1], got {policy.ewma_alpha}")
     if not 0 <= policy.balanced_quality_weight <= 1:

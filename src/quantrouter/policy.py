@@ -61,6 +61,7 @@ from quantrouter.values import Assessment, Decision, FailureKind, Preference, qu
 
 __all__ = [
     "LOAD_WINDOW_S",
+    "OLLAMA_MODELS_PER_GPU",
     "PRIOR_DEADLINE_SLACK",
     "CandidateInput",
     "InFlight",
@@ -92,6 +93,8 @@ LOAD_WINDOW_S = 30.0
 # guesses: the simulated 70B H100 loads in 15.7 s where the prior says 21 s): on a prior the deadline refuses only
 # what it misses by more than this factor. Nearer, the candidate stays feasible (marked `at_risk`) and is tried.
 PRIOR_DEADLINE_SLACK = 2.0
+# OLLAMA_MAX_LOADED_MODELS unset (0) lets Ollama hold 3 models per GPU at once (docs/ollama.md, scheduler).
+OLLAMA_MODELS_PER_GPU = 3
 # Under overload, candidates within this share of the quickest warm variant's service count as as quick.
 OVERLOAD_SPEED_SLACK = 0.05
 
@@ -188,7 +191,7 @@ class PolicyConfig:
     quiet_load: float = 0.35
     kv_bytes_per_element: float = KV_CACHE_TYPES["f16"]
     overload_threshold: float = 1.0
-    max_loaded: int = 3
+    max_loaded: int = OLLAMA_MODELS_PER_GPU
 
 
 def remaining_seconds(expected_and_done: Sequence[tuple[float, float]]) -> tuple[float, ...]:

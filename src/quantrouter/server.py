@@ -38,7 +38,7 @@ from quantrouter.inventory import Inventory
 from quantrouter.logs import configure_logging
 from quantrouter.memory import MemoryProbe, StaticSource, load_pynvml
 from quantrouter.metrics import Metrics
-from quantrouter.policy import PolicyConfig
+from quantrouter.policy import OLLAMA_MODELS_PER_GPU, PolicyConfig
 from quantrouter.quant import KV_CACHE_TYPES
 from quantrouter.router import Router
 from quantrouter.service import SERVICE_NAME, RequestReader, RouterService, status_of
@@ -145,7 +145,8 @@ def policy_config(settings: PolicySettings) -> PolicyConfig:
     """The policy's knobs from their settings (a node router and a fleet router decide alike)."""
     return PolicyConfig(settings.balanced_quality_weight, settings.upgrade_hysteresis, settings.load_fraction,
                         runner_parallel=settings.ollama_num_parallel,
-                        kv_bytes_per_element=KV_CACHE_TYPES[settings.ollama_kv_cache_type.lower()])
+                        kv_bytes_per_element=KV_CACHE_TYPES[settings.ollama_kv_cache_type.lower()],
+                        max_loaded=settings.ollama_max_loaded_models or OLLAMA_MODELS_PER_GPU)
 
 
 def _every(interval: float, action: Callable[[], Awaitable[None]]) -> Callable[[], Coroutine[Any, Any, None]]:

@@ -16,6 +16,7 @@ from quantrouter.config import (
     parse_duration,
     with_keys,
 )
+from quantrouter.server import policy_config
 from quantrouter.units import GiB, MiB
 
 
@@ -54,6 +55,14 @@ def test_ollamas_parallel_and_kv_cache_type_are_mirrored_below_ours() -> None:
     assert (settings.policy.ollama_num_parallel, settings.policy.ollama_kv_cache_type) == (4, "q8_0")
     ours = load_settings({}, {"OLLAMA_NUM_PARALLEL": "4", "QUANTROUTER_OLLAMA_NUM_PARALLEL": "2"})
     assert (ours.policy.ollama_num_parallel, ours.policy.ollama_kv_cache_type) == (2, "")
+
+
+def test_ollamas_model_cap_reaches_the_policy_and_unset_means_three_per_gpu() -> None:
+    assert policy_config(load_settings({}, {}).policy).max_loaded == 3
+    capped = load_settings({}, {"OLLAMA_MAX_LOADED_MODELS": "1"})
+    assert policy_config(capped.policy).max_loaded == 1
+    with pytest.raises(ConfigError, match="ollama_max_loaded_models must be 0"):
+        load_settings({}, {"OLLAMA_MAX_LOADED_MODELS": "-2"})
 
 
 def test_cache_dir_follows_xdg() -> None:
