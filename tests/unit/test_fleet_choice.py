@@ -42,7 +42,7 @@ def node(free_gib: float, tps: dict[str, float], resident: Sequence[str] = (), s
     free = int(free_gib * GIB)
     backlog = tuple(sorted(streams.values()))
     return NodeState(MemorySnapshot("nvml", (GpuMemory("GPU-0", "gpu", free, free),)), 0, candidates,
-                     {FAMILY: FAMILY}, in_flight + len(streams), max_in_flight, sum(backlog), backlog=backlog)
+                     {FAMILY: FAMILY}, in_flight + len(streams), max_in_flight, backlog=backlog)
 
 
 def request(preference: Preference, **fields: object) -> RoutingRequest:

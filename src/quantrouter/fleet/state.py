@@ -42,7 +42,6 @@ class NodeState:
     names: Mapping[str, str] = field(default_factory=dict)
     in_flight: int = 0
     max_in_flight: int = 0
-    backlog_seconds: float = 0.0
     backend_up: bool = True
     sequence: int = 0
     backlog: tuple[float, ...] = ()  # each stream's expected remaining seconds, ascending
@@ -62,6 +61,11 @@ class NodeState:
             self.offered_load, shared=self.memory.source == NVML))
         object.__setattr__(self, "_families", {name: tuple(group) for name, group in families.items()})
         object.__setattr__(self, "_by_tag", {c.variant.tag: c for c in self.candidates})
+
+    @property
+    def backlog_seconds(self) -> float:
+        """Expected seconds of decoding ahead of the streams in progress (their remaining seconds, summed)."""
+        return sum(self.backlog)
 
     @property
     def at_limit(self) -> bool:
@@ -170,8 +174,8 @@ def read_report(report: pb.NodeCapacity) -> NodeState:
     if len({c.variant.tag for c in candidates}) != len(candidates):
         raise ReportRejected("bad_variant", "a tag listed twice")
     return NodeState(MemorySnapshot(m.source, gpus, m.detail), report.reserve_bytes, candidates, dict(report.names),
-                     report.in_flight, report.max_in_flight, report.backlog_seconds, report.backend_up,
-                     report.sequence, backlog, streams, report.offered_load)
+                     report.in_flight, report.max_in_flight, report.backend_up, report.sequence, backlog, streams,
+                     report.offered_load)
 
 
 def same_report(last: pb.NodeCapacity, report: pb.NodeCapacity) -> bool:
@@ -226,6 +230,5 @@ def with_routed(state: NodeState, routed: Sequence[Routed]) -> NodeState:
                     for r in routed)
     added = sum(r.service_seconds for r in routed)
     return replace(state, candidates=candidates, in_flight=state.in_flight + len(routed),
-                   backlog_seconds=state.backlog_seconds + added,
                    backlog=tuple(sorted((*state.backlog, *(r.service_seconds for r in routed)))),
                    streams=(*state.streams, *streams), offered_load=state.offered_load + added / LOAD_WINDOW_S)
