@@ -9,9 +9,11 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, make_dataclass
-from typing import ParamSpec, TypeVar, cast
+from operator import attrgetter
+from typing import Any, ParamSpec, TypeVar, cast
 
-__all__ = ["Assessment", "Completion", "Decision", "FailureKind", "Preference", "Variant", "quick_constructor"]
+__all__ = ["Assessment", "Completion", "Decision", "FailureKind", "Preference", "Variant", "quick_constructor",
+           "quick_replacer"]
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -143,3 +145,21 @@ def quick_constructor(cls: Callable[_P, _T]) -> Callable[_P, _T]:
         (f.name, f.type, field(default=f.default, default_factory=f.default_factory)) for f in fields(cls)],
         namespace={"__post_init__": hand_over}, slots=True)
     return cast(Callable[_P, _T], twin)
+
+
+def quick_replacer(cls: type[_T]) -> Callable[..., _T]:
+    """`dataclasses.replace` for a frozen slots dataclass `cls` at a fraction of its cost: the fields read in one
+    C call, the changed ones put in place, the value built positionally (`quick_constructor`). A fleet choice over
+    a few nodes made dozens of replaces, and they were half of its time."""
+    names = tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
+    get = attrgetter(*names)
+    position = {name: i for i, name in enumerate(names)}
+    new: Callable[..., _T] = quick_constructor(cls)
+
+    def replaced(value: _T, **changes: Any) -> _T:
+        row = list(get(value))
+        for name, change in changes.items():
+            row[position[name]] = change
+        return new(*row)
+
+    return replaced

@@ -1,4 +1,5 @@
-"""The plain API values: `quick_constructor` builds the same frozen values as the dataclass itself."""
+"""The plain API values: `quick_constructor` and `quick_replacer` build the same frozen values as the dataclass
+itself and `dataclasses.replace`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pickle
 
 import pytest
 
-from quantrouter.values import Assessment, Decision, Preference, quick_constructor
+from quantrouter.values import Assessment, Decision, Preference, quick_constructor, quick_replacer
 
 
 def test_quick_constructor_builds_the_same_frozen_value() -> None:
@@ -33,3 +34,13 @@ def test_quick_constructor_fills_default_factories() -> None:
 def test_quick_constructor_takes_only_dataclass_types() -> None:
     with pytest.raises(TypeError):
         quick_constructor(len)
+
+
+def test_quick_replacer_matches_dataclasses_replace() -> None:
+    original = Assessment("t", "Q4_K_M", 5, True, 120.0, True, 0.2, 2.5, 0.92, queue_seconds=0.4)
+    quick = quick_replacer(Assessment)(original, churn_seconds=1.5, queue_seconds=0.0)
+    assert type(quick) is Assessment
+    assert quick == dataclasses.replace(original, churn_seconds=1.5, queue_seconds=0.0)
+    assert (quick.churn_seconds, quick.queue_seconds, original.churn_seconds) == (1.5, 0.0, 0.0)
+    with pytest.raises(KeyError):
+        quick_replacer(Assessment)(original, no_such_field=1)
