@@ -21,8 +21,9 @@ see the same machine. Each arm gets at least 200 requests a repetition, so a p99
 Figures are computed per repetition (the router's p50 minus direct's p50 in that repetition, and so on)
 and summarised as the median over repetitions with the min–max range.
 
-`--profile NAME` instead samples the router with py-spy under the unpaced 16-stream scenario and writes
-bench/results/overhead-profile-NAME.md (each area's share of the router's busy samples and a top-N table).
+`--profile NAME` instead samples the router with py-spy under the unpaced 16-stream scenario (with `--paced`,
+the 64 paced streams in steady state) and writes bench/results/overhead-profile-NAME.md (each area's share of
+the router's busy samples and a top-N table).
 
 `--baseline DIR` adds a third arm, a router run from the quantrouter package in DIR (say, `git archive main
 src` unpacked, with the generated protobuf modules), alternating with the others in the same rounds, and a
@@ -124,6 +125,8 @@ TTFT_BURST = Scenario(PACED, 64, 2, 16, label="starting at once")
 RELAY_ONE = Scenario(CANNED, 1, 100, 128)
 RELAY_MANY = Scenario(CANNED, 16, 7, 128)
 SCENARIOS = (TTFT_ONE, TTFT_MANY, TTFT_BURST, RELAY_ONE, RELAY_MANY)
+# What `--profile` runs under, and the flag that picks it.
+PROFILE_FLAGS = {RELAY_MANY: "", TTFT_MANY: " --paced"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +167,8 @@ class Arm:
     failures: Counter[str] = field(default_factory=Counter)
     wall_s: float = 0.0
     router_cpu_s: float = 0.0
+    # The router's, the backend's and this client's CPU together: what the arm cost the machine.
+    machine_cpu_s: float = 0.0
 
     @property
     def tokens(self) -> int:
@@ -264,7 +269,8 @@ async def router_request(client: AsyncRouterClient, scenario: Scenario) -> Sampl
     return Sample((first or time.perf_counter()) - started, tokens)
 
 
-async def run_round(request: Callable[[], Awaitable[Sample]], scenario: Scenario, arm: Arm, router_pid: int) -> None:
+async def run_round(request: Callable[[], Awaitable[Sample]], scenario: Scenario, arm: Arm, router_pid: int,
+                    backend_pid: int | None = None) -> None:
     async def stream(number: int) -> None:
         if scenario.staggered:
             await asyncio.sleep(scenario.request_s * number / scenario.streams)
@@ -276,10 +282,15 @@ async def run_round(request: Callable[[], Awaitable[Sample]], scenario: Scenario
                 continue
             arm.samples.append(sample if scenario.measured(index) else replace(sample, measured=False))
 
-    cpu_before, started = cpu_seconds(router_pid), time.perf_counter()
+    def others() -> float:
+        return (cpu_seconds(backend_pid) if backend_pid else 0.0) + time.process_time()
+
+    cpu_before, others_before, started = cpu_seconds(router_pid), others(), time.perf_counter()
     await asyncio.gather(*(stream(number) for number in range(scenario.streams)))
     arm.wall_s += time.perf_counter() - started
-    arm.router_cpu_s += cpu_seconds(router_pid) - cpu_before
+    router_cpu_s = cpu_seconds(router_pid) - cpu_before
+    arm.router_cpu_s += router_cpu_s
+    arm.machine_cpu_s += router_cpu_s + others() - others_before
 
 
 @contextlib.asynccontextmanager
@@ -310,7 +321,7 @@ async def run_scenario(scenario: Scenario, backend: Service, router: Service, re
         for _ in range(repetitions):
             arms = {name: Arm() for name in order}
             for name in [*order, *reversed(order)]:
-                await run_round(requests[name], scenario, arms[name], pids[name])
+                await run_round(requests[name], scenario, arms[name], pids[name], backend.pid)
             results.append(arms)
     return results
 
@@ -331,6 +342,8 @@ def figures(scenario: Scenario, repetition: int, arms: dict[str, Arm]) -> list[d
             "router_cpu_s_per_1k": round(1000 * arm.router_cpu_s / arm.tokens, 4) if arm.tokens else float("nan"),
             "router_cpu_ms_per_request": round(1000 * arm.router_cpu_s / len(arm.samples), 3) if arm.samples
             else float("nan"),
+            "machine_cpu_s_per_1k": round(1000 * arm.machine_cpu_s / arm.tokens, 4) if arm.tokens else float("nan"),
+            "cores_busy": round(arm.machine_cpu_s / arm.wall_s, 2) if arm.wall_s else float("nan"),
             "added_ttft_p50_ms": "", "added_ttft_p99_ms": "", "relay_vs_direct": ""}
         if name != DIRECT:
             row |= {"added_ttft_p50_ms": round(arm.ttft_ms(0.50) - direct.ttft_ms(0.50), 3),
@@ -360,10 +373,11 @@ def spread(rows: Sequence[Mapping[str, object]], scenario: Scenario, arm: str, k
 SUMMARY = (("added_ttft_p50_ms", "added TTFT p50 ms", 2), ("added_ttft_p99_ms", "added TTFT p99 ms", 2),
            ("tokens_per_s", "router tok/s", 0), ("relay_vs_direct", "tok/s vs direct", 3),
            ("router_cpu_s_per_1k", "router CPU s / 1k tok", 3),
-           ("router_cpu_ms_per_request", "router CPU ms / request", 2))
+           ("router_cpu_ms_per_request", "router CPU ms / request", 2),
+           ("cores_busy", "cores busy (router, backend, client)", 2))
 DETAIL = ("scenario", "repetition", "arm", "requests", "ttft_requests", "failed", "tokens", "wall_s", "ttft_p50_ms",
-          "ttft_p99_ms", "tokens_per_s", "router_cpu_s_per_1k", "router_cpu_ms_per_request", "added_ttft_p50_ms",
-          "added_ttft_p99_ms", "relay_vs_direct")
+          "ttft_p99_ms", "tokens_per_s", "router_cpu_s_per_1k", "router_cpu_ms_per_request", "machine_cpu_s_per_1k",
+          "cores_busy", "added_ttft_p50_ms", "added_ttft_p99_ms", "relay_vs_direct")
 
 
 def _table(header: Sequence[str], body: Sequence[Sequence[object]]) -> list[str]:
@@ -489,15 +503,28 @@ def budget_reading(rows: Sequence[Mapping[str, object]]) -> str:
     def median(scenario: Scenario, key: str, arm: str = ROUTER) -> float:
         return spread(rows, scenario, arm, key).median
 
+    # With the cores saturated in both arms, tok/s goes as the inverse of what a token costs the machine.
+    relay_bound = median(RELAY_MANY, 'machine_cpu_s_per_1k', DIRECT) / median(RELAY_MANY, 'machine_cpu_s_per_1k')
     why = {
         TARGETS[0]: f"the router spends {median(TTFT_ONE, 'router_cpu_ms_per_request'):.2f} ms of CPU on each "
                     f"{TTFT_ONE.num_predict}-token request ({median(TTFT_ONE, 'router_cpu_s_per_1k'):.3f} CPU-s per "
                     "1,000 tokens; the timeline below splits the first token's time), against a 1 ms budget",
-        TARGETS[1]: f"{TTFT_MANY.streams} streams at {PACED_TOKENS_PER_S:.0f} tok/s are "
+        TARGETS[1]: f"{TTFT_MANY.streams} streams of {TTFT_MANY.num_predict}-token requests at "
+                    f"{PACED_TOKENS_PER_S:.0f} tok/s ask the router for "
+                    f"{median(TTFT_MANY, 'requests') / median(TTFT_MANY, 'wall_s'):,.0f} requests and about "
                     f"{TTFT_MANY.streams * PACED_TOKENS_PER_S:,.0f} messages a second; at "
-                    f"{median(TTFT_MANY, 'router_cpu_s_per_1k'):.3f} CPU-s per 1,000 tokens the router alone needs "
-                    f"{TTFT_MANY.streams * PACED_TOKENS_PER_S * median(TTFT_MANY, 'router_cpu_s_per_1k') / 1000:.2f} "
-                    "of a core, on two cores it shares with the client and the backend, so tokens queue for a CPU",
+                    f"{median(TTFT_MANY, 'router_cpu_ms_per_request'):.2f} ms of CPU a request the router alone keeps "
+                    f"{median(TTFT_MANY, 'tokens_per_s') * median(TTFT_MANY, 'router_cpu_s_per_1k') / 1000:.2f} of a "
+                    f"core busy, and with the client and the backend the arm kept "
+                    f"{median(TTFT_MANY, 'cores_busy'):.2f} of the machine's {os.cpu_count()} cores busy "
+                    f"({median(TTFT_MANY, 'cores_busy', DIRECT):.2f} direct), so tokens queue for a CPU",
+        TARGETS[2]: f"the relay is bound by the machine's CPU: through the router the client, the router and the "
+                    f"backend kept {median(RELAY_MANY, 'cores_busy'):.2f} of {os.cpu_count()} cores busy "
+                    f"({median(RELAY_MANY, 'cores_busy', DIRECT):.2f} direct), and 1,000 tokens cost the machine "
+                    f"{median(RELAY_MANY, 'machine_cpu_s_per_1k'):.3f} CPU-s through the router "
+                    f"({median(RELAY_MANY, 'router_cpu_s_per_1k'):.3f} of them the router's) against "
+                    f"{median(RELAY_MANY, 'machine_cpu_s_per_1k', DIRECT):.3f} direct; on the same cores that allows "
+                    f"the router arm about {relay_bound:.2f}× of direct",
         TARGETS[3]: f"the backend itself delivers {median(RELAY_MANY, 'tokens_per_s', DIRECT):,.0f} tok/s to a direct "
                     f"client on these cores, the ceiling of any relay here; at "
                     f"{median(RELAY_MANY, 'router_cpu_s_per_1k'):.3f} CPU-s per 1,000 tokens one core of its own "
@@ -644,7 +671,7 @@ def profiled_code() -> str:
     return f"commit {commit.stdout.strip()}" if commit.returncode == 0 else f"the code in {package}"
 
 
-def write_profile(folded: Path, arm: Arm, name: str, started: datetime) -> None:
+def write_profile(folded: Path, arm: Arm, name: str, scenario: Scenario, started: datetime) -> None:
     """Area shares and the top leaves from py-spy's folded stacks (`frame;frame;… count`, root first)."""
     areas: Counter[str] = Counter()
     leaves: Counter[tuple[str, str]] = Counter()
@@ -657,11 +684,11 @@ def write_profile(folded: Path, arm: Arm, name: str, started: datetime) -> None:
             leaves[_leaf(frames[0]), area] += int(count)
     busy = sum(areas.values()) - areas[WAITING]
     lines = [
-        f"# Router profile ({name}): py-spy on `quantrouter serve` under {RELAY_MANY.streams} unpaced streams", "",
+        f"# Router profile ({name}): py-spy on `quantrouter serve` under `{scenario.name}`", "",
         f"Run {started:%Y-%m-%d %H:%M %Z} on {describe()}, profiling the router at {profiled_code()}. "
-        f"`python -m bench.overhead --profile {name}` attaches "
+        f"`python -m bench.overhead --profile {name}{PROFILE_FLAGS[scenario]}` attaches "
         f"py-spy (`record --native`, {PROFILE_RATE} samples/s, every thread) to the router while it relays "
-        f"{PROFILE_ROUNDS} rounds of `{RELAY_MANY.name}` (router arm only). A sample counts towards the innermost "
+        f"{PROFILE_ROUNDS} rounds of `{scenario.name}` (router arm only). A sample counts towards the innermost "
         "frame from a known package; samples blocked in epoll, poll or a lock are waiting, not work. Meanwhile "
         f"the router relayed {arm.tokens:,} tokens of {len(arm.samples)} requests at {arm.tokens_per_s:,.0f} tok/s "
         f"and spent {1000 * arm.router_cpu_s / arm.tokens:.3f} CPU-seconds per 1,000 tokens (py-spy's sampling "
@@ -677,20 +704,20 @@ def write_profile(folded: Path, arm: Arm, name: str, started: datetime) -> None:
     (RESULTS / f"overhead-profile-{name}.md").write_text("\n".join(lines))
 
 
-async def profile(logs: Path) -> tuple[Path, Arm]:
-    """py-spy (the `bench` extra) attached to a router relaying the unpaced 16-stream rounds."""
+async def profile(logs: Path, scenario: Scenario) -> tuple[Path, Arm]:
+    """py-spy (the `bench` extra) attached to a router relaying `scenario`'s rounds."""
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if spy is None:
         raise SystemExit("--profile needs py-spy: pip install 'quantrouter[bench]'")
     folded = logs / "router.folded"
-    with canned_backend(CANNED, logs) as backend, router_for(backend, logs) as router:
+    with canned_backend(scenario.backend, logs) as backend, router_for(backend, logs) as router:
         recorder = subprocess.Popen([spy, "record", "--pid", str(router.pid), "--native", "--rate", str(PROFILE_RATE),
                                      "--format", "raw", "--output", str(folded)], stdout=subprocess.DEVNULL)
         arm = Arm()
         try:
-            async with arms_for(backend, router, RELAY_MANY) as requests:
+            async with arms_for(backend, router, scenario) as requests:
                 for _ in range(PROFILE_ROUNDS):
-                    await run_round(requests[ROUTER], RELAY_MANY, arm, router.pid)
+                    await run_round(requests[ROUTER], scenario, arm, router.pid)
         finally:
             recorder.send_signal(signal.SIGINT)  # py-spy writes its output when interrupted
             recorder.wait(STOP_TIMEOUT_S)
@@ -702,6 +729,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one repetition, a tenth of the requests (a smoke run)")
     parser.add_argument("--profile", metavar="NAME",
                         help="profile the router under 16 unpaced streams; writes overhead-profile-NAME.md")
+    parser.add_argument("--paced", action="store_true",
+                        help="with --profile: under the 64 paced streams in steady state instead")
     parser.add_argument("--baseline", metavar="DIR", type=Path,
                         help="also run a router from the quantrouter package in DIR (e.g. an export of main's src/) "
                              "as a third arm, and compare the two in the same rounds")
@@ -709,7 +738,8 @@ def main() -> None:
     started, clock, load_before = datetime.now().astimezone(), time.monotonic(), os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="quantrouter-overhead-") as logs:
         if args.profile:
-            write_profile(*asyncio.run(profile(Path(logs))), args.profile, started)
+            scenario = TTFT_MANY if args.paced else RELAY_MANY
+            write_profile(*asyncio.run(profile(Path(logs), scenario)), args.profile, scenario, started)
             print((RESULTS / f"overhead-profile-{args.profile}.md").read_text())
             return
         chosen = [replace(s, per_stream=max(2 if s.staggered else 1, s.per_stream // 10)) for s in SCENARIOS
