@@ -1,0 +1,58 @@
+"""bench.overhead's rounds: a steady-state scenario spreads its streams' starts over one request's duration and
+leaves each stream's first request out of the TTFT quantiles; a simultaneous start sends every stream at once.
+
+The requests are coroutines that sleep for a request's duration (what a paced backend takes) and note when they
+were called: what is tested is the bench's own scheduling and counting, not any router.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from bench.overhead import PACED, PACED_TOKENS_PER_S, TTFT_BURST, TTFT_MANY, Arm, Sample, Scenario, run_round
+
+STREAMS, PER_STREAM, TOKENS = 8, 3, 5  # a request lasts 5 tokens at 50 tok/s: 0.1 s
+SLOW_FIRST_S = 9.0  # a ramp request's TTFT, far above every measured one
+
+
+async def round_of(scenario: Scenario) -> tuple[Arm, list[float]]:
+    """One round; returns the arm and when each stream's first request was called, from the round's start."""
+    calls: list[float] = []
+    started = time.perf_counter()
+
+    async def request() -> Sample:
+        first = len(calls) < scenario.streams
+        calls.append(time.perf_counter() - started)
+        await asyncio.sleep(scenario.request_s)
+        return Sample(SLOW_FIRST_S if first and scenario.staggered else 0.001, TOKENS)
+
+    arm = Arm()
+    await run_round(request, scenario, arm, os.getpid())
+    return arm, sorted(calls)[:scenario.streams]
+
+
+async def test_steady_streams_start_spread_over_one_request_and_their_first_requests_are_not_measured() -> None:
+    scenario = Scenario(PACED, STREAMS, PER_STREAM, TOKENS, staggered=True)
+    arm, firsts = await round_of(scenario)
+    assert scenario.request_s == TOKENS / PACED_TOKENS_PER_S
+    # Stream i waits i/8 of 0.1 s: the last starts at least most of 87.5 ms after the first, none after 0.1 s.
+    assert 0.8 * (STREAMS - 1) / STREAMS * scenario.request_s <= firsts[-1] - firsts[0] < scenario.request_s
+    assert len(arm.samples) == STREAMS * PER_STREAM and arm.tokens == STREAMS * PER_STREAM * TOKENS
+    assert arm.measured == STREAMS * (PER_STREAM - 1)
+    assert arm.ttft_ms(0.99) == 1.0  # the ramp's slow first requests are left out of the quantiles
+
+
+async def test_streams_starting_at_once_are_all_sent_together_and_all_measured() -> None:
+    scenario = Scenario(PACED, STREAMS, PER_STREAM, TOKENS)
+    arm, firsts = await round_of(scenario)
+    assert firsts[-1] - firsts[0] < scenario.request_s / STREAMS
+    assert arm.measured == len(arm.samples) == STREAMS * PER_STREAM
+
+
+def test_the_target_row_measures_at_least_200_requests_an_arm_in_steady_state() -> None:
+    assert TTFT_MANY.staggered and not TTFT_BURST.staggered
+    assert TTFT_MANY.streams == TTFT_BURST.streams == 64
+    measured_per_round = TTFT_MANY.streams * sum(TTFT_MANY.measured(i) for i in range(TTFT_MANY.per_stream))
+    assert 2 * measured_per_round >= 200  # two rounds an arm a repetition
