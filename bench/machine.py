@@ -27,6 +27,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def busy_seconds() -> float:
+    """CPU time every process on the machine has spent busy, all cores (proc(5): /proc/stat's `cpu` line, all
+    but idle and iowait; guest time is already inside user)."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (
+        int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
 def memory_mib(pid: int, name: str) -> float:
     """VmRSS (resident now) or VmHWM (its peak so far) of a process, from /proc/<pid>/status (proc(5))."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -62,7 +62,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import quantrouter
 from bench.fixtures.canned_ollama import FAMILY as CANNED_FAMILY
 from bench.fixtures.canned_ollama import VARIANTS as CANNED_VARIANTS
-from bench.machine import cpu_seconds, describe, memory_mib
+from bench.machine import busy_seconds, cpu_seconds, describe, memory_mib
 from bench.readme import replace_block
 from quantrouter.client import AsyncRouterClient, Options
 from quantrouter.values import Completion
@@ -169,6 +169,8 @@ class Arm:
     router_cpu_s: float = 0.0
     # The router's, the backend's and this client's CPU together: what the arm cost the machine.
     machine_cpu_s: float = 0.0
+    # Every process's CPU on the machine meanwhile: what is above `machine_cpu_s` is other work sharing the cores.
+    all_cpu_s: float = 0.0
 
     @property
     def tokens(self) -> int:
@@ -285,12 +287,14 @@ async def run_round(request: Callable[[], Awaitable[Sample]], scenario: Scenario
     def others() -> float:
         return (cpu_seconds(backend_pid) if backend_pid else 0.0) + time.process_time()
 
-    cpu_before, others_before, started = cpu_seconds(router_pid), others(), time.perf_counter()
+    cpu_before, others_before, all_before, started = cpu_seconds(router_pid), others(), busy_seconds(), \
+        time.perf_counter()
     await asyncio.gather(*(stream(number) for number in range(scenario.streams)))
     arm.wall_s += time.perf_counter() - started
     router_cpu_s = cpu_seconds(router_pid) - cpu_before
     arm.router_cpu_s += router_cpu_s
     arm.machine_cpu_s += router_cpu_s + others() - others_before
+    arm.all_cpu_s += busy_seconds() - all_before
 
 
 @contextlib.asynccontextmanager
@@ -344,6 +348,7 @@ def figures(scenario: Scenario, repetition: int, arms: dict[str, Arm]) -> list[d
             else float("nan"),
             "machine_cpu_s_per_1k": round(1000 * arm.machine_cpu_s / arm.tokens, 4) if arm.tokens else float("nan"),
             "cores_busy": round(arm.machine_cpu_s / arm.wall_s, 2) if arm.wall_s else float("nan"),
+            "all_cores_busy": round(arm.all_cpu_s / arm.wall_s, 2) if arm.wall_s else float("nan"),
             "added_ttft_p50_ms": "", "added_ttft_p99_ms": "", "relay_vs_direct": ""}
         if name != DIRECT:
             row |= {"added_ttft_p50_ms": round(arm.ttft_ms(0.50) - direct.ttft_ms(0.50), 3),
@@ -374,10 +379,11 @@ SUMMARY = (("added_ttft_p50_ms", "added TTFT p50 ms", 2), ("added_ttft_p99_ms", 
            ("tokens_per_s", "router tok/s", 0), ("relay_vs_direct", "tok/s vs direct", 3),
            ("router_cpu_s_per_1k", "router CPU s / 1k tok", 3),
            ("router_cpu_ms_per_request", "router CPU ms / request", 2),
-           ("cores_busy", "cores busy (router, backend, client)", 2))
+           ("cores_busy", "cores busy (router, backend, client)", 2),
+           ("all_cores_busy", "cores busy (every process)", 2))
 DETAIL = ("scenario", "repetition", "arm", "requests", "ttft_requests", "failed", "tokens", "wall_s", "ttft_p50_ms",
           "ttft_p99_ms", "tokens_per_s", "router_cpu_s_per_1k", "router_cpu_ms_per_request", "machine_cpu_s_per_1k",
-          "cores_busy", "added_ttft_p50_ms", "added_ttft_p99_ms", "relay_vs_direct")
+          "cores_busy", "all_cores_busy", "added_ttft_p50_ms", "added_ttft_p99_ms", "relay_vs_direct")
 
 
 def _table(header: Sequence[str], body: Sequence[Sequence[object]]) -> list[str]:
@@ -517,10 +523,12 @@ def budget_reading(rows: Sequence[Mapping[str, object]]) -> str:
                     f"{median(TTFT_MANY, 'tokens_per_s') * median(TTFT_MANY, 'router_cpu_s_per_1k') / 1000:.2f} of a "
                     f"core busy, and with the client and the backend the arm kept "
                     f"{median(TTFT_MANY, 'cores_busy'):.2f} of the machine's {os.cpu_count()} cores busy "
-                    f"({median(TTFT_MANY, 'cores_busy', DIRECT):.2f} direct), so tokens queue for a CPU",
+                    f"({median(TTFT_MANY, 'cores_busy', DIRECT):.2f} direct) while every process on it kept "
+                    f"{median(TTFT_MANY, 'all_cores_busy'):.2f} busy, so tokens queue for a CPU",
         TARGETS[2]: f"the relay is bound by the machine's CPU: through the router the client, the router and the "
                     f"backend kept {median(RELAY_MANY, 'cores_busy'):.2f} of {os.cpu_count()} cores busy "
-                    f"({median(RELAY_MANY, 'cores_busy', DIRECT):.2f} direct), and 1,000 tokens cost the machine "
+                    f"({median(RELAY_MANY, 'cores_busy', DIRECT):.2f} direct; every process on the machine "
+                    f"{median(RELAY_MANY, 'all_cores_busy'):.2f}), and 1,000 tokens cost the machine "
                     f"{median(RELAY_MANY, 'machine_cpu_s_per_1k'):.3f} CPU-s through the router "
                     f"({median(RELAY_MANY, 'router_cpu_s_per_1k'):.3f} of them the router's) against "
                     f"{median(RELAY_MANY, 'machine_cpu_s_per_1k', DIRECT):.3f} direct; on the same cores that allows "
