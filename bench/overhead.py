@@ -549,6 +549,7 @@ def reading(rows: Sequence[Mapping[str, object]], memory: Memory) -> str:
         return spread(rows, scenario, arm, key).text(digits)
 
     failed = sum(int(str(r["failed"])) for r in rows)
+    others = statistics.median(float(str(r["all_cores_busy"])) - float(str(r["cores_busy"])) for r in rows)
     return (
         f"At a GPU-like {PACED_TOKENS_PER_S:.0f} tok/s a stream, quantrouter adds "
         f"{of(TTFT_ONE, 'added_ttft_p50_ms', 2)} ms to time to first token at p50 with one stream and "
@@ -566,7 +567,10 @@ def reading(rows: Sequence[Mapping[str, object]], memory: Memory) -> str:
         f"The router process holds {memory.idle_mib:.1f} MiB resident when idle, {memory.peak_mib:.1f} MiB at its "
         f"peak and {memory.after_mib:.1f} MiB after the run. {failed} request{'s' if failed != 1 else ''} failed. "
         "Medians over repetitions with [min – max]; client, router and backend share the machine's cores, so "
-        "compare the arms within this run, not runs with each other.")
+        "compare the arms within this run, not runs with each other. Other work on the machine kept "
+        f"{others:.2f} of its {os.cpu_count()} cores busy meanwhile (the median over every round of every "
+        "process's busy time less these three's): the more, the more every figure here is inflated by queueing "
+        "for a CPU.")
 
 
 @dataclass(frozen=True, slots=True)
