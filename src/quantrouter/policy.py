@@ -5,7 +5,7 @@ estimates and the time left before the deadline. The model (design §5):
 
 - memory needed = weights + the KV cache for num_ctx at `kv_bytes_per_element` (f16 unless the router is
   told Ollama's OLLAMA_KV_CACHE_TYPE: what the runner will hold), one slot's worth; a variant fits when it
-  is resident, or when need ≤ `load_fraction` × (free − reserve + what idle variants of the same family
+  is resident (or loading: it has requests in flight), or when need ≤ `load_fraction` × (free − reserve + what idle variants of the same family
   would give back on eviction): Ollama loads a model beside others only within 80 % of free memory and
   otherwise waits for busy runners to finish (docs/ollama.md §3), which a routed request would spend
   in a queue;
@@ -317,7 +317,9 @@ class _Row:
 
     def __init__(self, c: CandidateInput, frame: _Frame) -> None:
         v, speed, config = c.variant, c.speed, frame.config
-        quant, resident, tps = v.quant, v.resident, speed.decode_tps
+        # A variant with requests in flight has its runner loaded or loading (Ollama's /api/ps lists it only once
+        # loaded): its memory is already gone from free and its load already under way, in those requests' time.
+        quant, resident, tps = v.quant, v.resident or c.in_flight > 0, speed.decode_tps
         self.tag, self.quantization, self.resident = v.tag, quant.name, resident
         self.tps, self.measured, self.quality = tps, speed.measured, c.quality
         self.quality_measured = c.quality_measured

@@ -297,6 +297,25 @@ def test_a_load_that_takes_an_idle_siblings_place_among_ollamas_models_is_charge
     assert ("takes an idle sibling's place" in q5.held_back) is bool(churn)
 
 
+@pytest.mark.parametrize(("busy", "expected", "failure"), [
+    (("Q4_K_M",), "Q4_K_M", None),  # loading for an earlier request: its memory is already gone from free
+    ((), None, FailureKind.MEMORY),  # neither resident nor loading: it must fit what is free
+])
+def test_a_variant_still_loading_for_an_earlier_request_is_joined_not_refused(
+        busy: tuple[str, ...], expected: str | None, failure: FailureKind | None) -> None:
+    """Q4_K_M has a request in flight but is not resident yet (Ollama lists a runner only once loaded): 3 GiB free
+    is all that is left beside it, which no variant fits. The request joins the loading runner, with no second
+    load in its time, rather than failing for memory."""
+    pool = [replace(c, queued_seconds=20.0) if c.in_flight else c
+            for c in ladder(("Q8_0", "Q4_K_M"), tps=MEASURED_TPS, busy=busy)]
+    decision = decide(request(Q), pool, free(3.0))
+    assert (chosen(decision), decision.failure) == (expected, failure)
+    if expected:
+        q4 = next(a for a in decision.candidates if a.quantization == "Q4_K_M")
+        assert q4.time_to_first_token == pytest.approx(q4.queue_seconds + 500 / PROMPT_TPS)
+        assert "needs" in rejection(decision, "Q8_0")
+
+
 def test_a_pinned_tag_is_served_even_when_memory_looks_short() -> None:
     decision = decide(request(L, pinned_tag=tag("F16")), ladder(tps=MEASURED_TPS), free(6.0))
     assert (chosen(decision), decision.pinned, decision.reason_code) == ("F16", True, "pinned")
