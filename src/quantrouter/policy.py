@@ -5,10 +5,10 @@ estimates and the time left before the deadline. The model (design §5):
 
 - memory needed = weights + the KV cache for num_ctx at `kv_bytes_per_element` (f16 unless the router is
   told Ollama's OLLAMA_KV_CACHE_TYPE: what the runner will hold), one slot's worth; a variant fits when it
-  is resident (or loading: it has requests in flight), or when need ≤ `load_fraction` × (free − reserve + what idle variants of the same family
-  would give back on eviction): Ollama loads a model beside others only within 80 % of free memory and
-  otherwise waits for busy runners to finish (docs/ollama.md §3), which a routed request would spend
-  in a queue;
+  is resident (or loading: it has requests in flight), or when need ≤ `load_fraction` × (free − reserve +
+  what idle variants of the same family would give back on eviction): Ollama loads a model beside others
+  only within 80 % of free memory and otherwise waits for busy runners to finish (docs/ollama.md §3), which
+  a routed request would spend in a queue;
 - queue = the GPU's backlog as this request would meet it: runners of one GPU time-slice it, so each
   in-flight request delays this one by min(its remaining seconds, this one's own service time), and on a
   runner that already serves `runner_parallel` requests this one also waits its turn; a variant not loaded
