@@ -316,6 +316,20 @@ def test_a_variant_still_loading_for_an_earlier_request_is_joined_not_refused(
         assert "needs" in rejection(decision, "Q8_0")
 
 
+@pytest.mark.parametrize(("load", "band", "expected"), [
+    (0.2, 0.025, "F16"),  # quiet: the best quality, as ever
+    (0.8, 0.025, "Q8_0"),  # busy: Q8_0 (0.977) counts as F16's equal and is faster
+    (0.8, 0.005, "F16"),  # busy, but the band no wider than the quiet one
+])
+def test_quality_takes_the_faster_of_a_wider_band_while_the_gpu_is_busy(load: float, band: float,
+                                                                        expected: str) -> None:
+    pool = ladder(("F16", "Q8_0", "Q4_K_M"), resident=("F16", "Q8_0", "Q4_K_M"), tps=MEASURED_TPS)
+    memory = replace(free(40.0), offered_load=load)
+    decision = decide(request(Q), pool, memory, PolicyConfig(busy_quality_tolerance=band))
+    assert chosen(decision) == expected
+    assert ("count as equal, so the faster" in decision.reason) is (expected == "Q8_0")
+
+
 def test_a_pinned_tag_is_served_even_when_memory_looks_short() -> None:
     decision = decide(request(L, pinned_tag=tag("F16")), ladder(tps=MEASURED_TPS), free(6.0))
     assert (chosen(decision), decision.pinned, decision.reason_code) == ("F16", True, "pinned")
