@@ -72,13 +72,14 @@ def test_an_observation_without_decode_figures_is_not_a_decode_sample(observatio
 @pytest.mark.parametrize(
     ("size", "bandwidth", "tokens_per_second", "prompt_tokens_per_second", "load_seconds"),
     [
-        # decode 1 / (W / (0.8 · BW) + 4 ms), prompt 10 × that, load 0.2 s + W / (2 GB/s), worked by hand:
+        # decode 1 / (W / (0.8 · BW) + 4 ms), prompt 28 × that on a known GPU (10 × with none), load 0.2 s +
+        # W / (2 GB/s), worked by hand:
         # H100 SXM Q4_K_M: 4.92 GB / 2.68 TB/s = 1.836 ms, + 4 ms → 171.36 tok/s; 0.2 + 2.46 = 2.66 s.
-        (Q4, H100_SXM_BANDWIDTH, 171.36, 1713.6, 2.66),
+        (Q4, H100_SXM_BANDWIDTH, 171.36, 4798.0, 2.66),
         # H100 SXM F16: 16.06 GB / 2.68 TB/s = 5.993 ms, + 4 ms → 100.07 tok/s; 0.2 + 8.03 = 8.23 s.
-        (F16, H100_SXM_BANDWIDTH, 100.07, 1000.7, 8.23),
+        (F16, H100_SXM_BANDWIDTH, 100.07, 2802.0, 8.23),
         # RTX 4090 Q4_K_M: 4.92 GB / 0.8064 TB/s = 6.101 ms, + 4 ms → 99.00 tok/s.
-        (Q4, 1.008e12, 99.00, 990.0, 2.66),
+        (Q4, 1.008e12, 99.00, 2772.0, 2.66),
         # No GPU known (50 GB/s): 4.92 GB / 40 GB/s = 123 ms, + 4 ms → 7.87 tok/s.
         (Q4, DEFAULT_BANDWIDTH, 7.87, 78.7, 2.66),
     ],
@@ -219,9 +220,9 @@ def test_the_best_measured_sibling_seeds_the_priors_and_itself_follows_the_runne
     variants = [VariantInfo(tag, "f", parse_quantization(quant), SIZES[tag])
                 for tag, quant in (("f16", "F16"), ("q8", "Q8_0"), ("q4", "Q4_K_M"))]
     estimates = {v.tag: e for v, e in table.snapshot().estimates(variants)}
-    # 90 × 8.54 / 16.06 = 47.86 tok/s; its prompt rate the 10× prior on that, as q8 has none to carry over.
+    # 90 × 8.54 / 16.06 = 47.86 tok/s; its prompt rate the GPU's 28× prior on that, as q8 has none to carry over.
     assert estimates["f16"].decode_tps == pytest.approx(47.86, abs=0.01), "scaled from q8, the most samples"
-    assert estimates["f16"].prompt_tps == pytest.approx(478.6, abs=0.1), "q8 has no prompt rate"
+    assert estimates["f16"].prompt_tps == pytest.approx(47.86 * 28, abs=0.3), "q8 has no prompt rate"
     assert estimates["q8"].prompt_tps == pytest.approx(4000.0), "q8 itself follows the runner-up, q4"
     assert estimates == {v.tag: table.snapshot().estimate(v.tag, v.size_bytes, SIZES) for v in variants}
 
