@@ -311,7 +311,8 @@ def reading(cells: Sequence[Cell]) -> str:
     if traded:
         lines.append(f"Where a class misses its SLO target on the {DEFAULT_ENGINE.name} engine, the hindsight oracle "
                      f"(the best fixed variant per preference for each trace, chosen knowing it) gives up as much of "
-                     f"that class or more for its goodput in {len(traded)} case{'s' * (len(traded) != 1)}: " + ", ".join(traded) + ".")
+                     f"that class or more for its goodput in {len(traded)} case{'s' * (len(traded) != 1)}: "
+                     + ", ".join(traded) + ".")
     ours = [c.policies[OURS] for c in cells]
     ref = [c.policies[REFERENCE] for c in cells]
     for p in Preference:

@@ -21,8 +21,11 @@ estimates and the time left before the deadline. The model (design §5):
   qualities within `quality_tolerance` of the best count as equal, so QUALITY takes the faster of equals;
   while the GPU is not quiet (`offered_load` > `quiet_load`) the band widens to `busy_quality_tolerance`.
 
-QUALITY takes the highest quality (ties: smaller T + churn); LATENCY the smallest T + churn (ties:
-higher quality); BALANCED maximises w·q/q_max + (1−w)·C_min/C with C = T + churn, w =
+QUALITY takes the highest quality (ties: smaller T + churn), except that on a GPU holding none of the family a
+load after which no sibling would fit beside it is ranked as BALANCED (deadline share aside): that runner serves
+every preference until evicted, and the simulator showed such a first pick setting the whole run (a 70B's Q6_K, a
+32k-context Q8_0 on 24 GB, kept for LATENCY callers whose deadline no reload fits). LATENCY takes the smallest
+T + churn (ties: higher quality); BALANCED maximises w·q/q_max + (1−w)·C_min/C with C = T + churn, w =
 `balanced_quality_weight`, where with a deadline, while the GPU is quiet (`offered_load` ≤ `quiet_load`),
 a C within `balanced_deadline_share` of the time left counts as fast enough (so quality decides among those).
 
@@ -181,6 +184,11 @@ class PolicyConfig:
     0.025 QUALITY takes Q8_0 (0.977) over F16 when Q8_0 is faster: on the simulated H100 8B at 0.25 req/s (20
     seeds × 7 engines) BALANCED SLO met rose by up to 0.7 point and, with half the QUALITY callers held to Q8_0
     or above, by 0.2–1.6 points, goodput within 0.01× of before, the idle GPU's F16 untouched.
+    `sole_runner_as_balanced`: a QUALITY request on a GPU holding none of the family, whose pick would leave no
+    room for any sibling beside it, is ranked as BALANCED (that runner serves every preference until evicted).
+    On the simulated 70B H100 and the 32k-context RTX 4090 the first request's pick otherwise set the whole run
+    (20 seeds × 7 engines: their balanced and latency SLO misses and the 70B's goodput below 1.00× went). A GPU
+    that serves QUALITY callers alone may turn it off.
     `max_loaded`: the models Ollama holds at once (OLLAMA_MAX_LOADED_MODELS, default 3 per GPU, docs/ollama.md);
     with that many loaded and all busy, a new variant's load waits for one to drain, which its queue counts;
     with one of them idle, the load evicts it: charged as churn and held back (on the simulated H100 8B, 6
@@ -196,6 +204,7 @@ class PolicyConfig:
     balanced_deadline_share: float = 0.5
     quiet_load: float = 0.35
     busy_quality_tolerance: float = 0.025
+    sole_runner_as_balanced: bool = True
     kv_bytes_per_element: float = KV_CACHE_TYPES["f16"]
     overload_threshold: float = 1.0
     max_loaded: int = OLLAMA_MODELS_PER_GPU
@@ -560,7 +569,12 @@ def decide(
         blocked = unconstrained if unconstrained is not None and unconstrained.memory_only else None
         for row in rows:
             row.score = 0.0
-    best = _best([row for row in rows if not row.rejection], request.preference, config, share_time, tolerance)
+    feasible = [row for row in rows if not row.rejection]
+    best = _best(feasible, request.preference, config, share_time, tolerance)
+    sole = ""
+    if (best is not None and config.sole_runner_as_balanced and request.preference is Preference.QUALITY
+            and not family_resident and not busy_runners and (sole := _sole_runner(best, feasible, frame.usable))):
+        best = _best(feasible, Preference.BALANCED, config, None, tolerance)
     listed = tuple(row.assessment(node) for row in rows)
 
     if best is None:
@@ -576,12 +590,24 @@ def decide(
 
     chosen = listed[rows.index(best)]
     lost = listed[rows.index(blocked)] if blocked is not None else None
-    reason = _explain(request, chosen, lost)
+    reason = _explain(request, chosen, lost) + sole
     if request.preference is Preference.QUALITY and not quiet and chosen.quality < max(
             row.quality for row in rows if not row.rejection and row.tier == best.tier) - config.quality_tolerance:
         reason += (f"; offered load {memory.offered_load:.2f} > {config.quiet_load:g}: qualities within "
                    f"{tolerance:g} of the best count as equal, so the faster")
     return _decision(request, memory, chosen, reason, node, candidates=listed, downgraded=lost is not None)
+
+
+def _sole_runner(pick: _Row, feasible: Sequence[_Row], usable: float) -> str:
+    """Why `pick`, loaded on a GPU holding none of the family, would be the family's only runner (no feasible
+    sibling fits beside it, so it serves every preference until evicted, and a 70B's or a long context's
+    reload outlasts a LATENCY deadline); empty when a sibling fits beside it."""
+    smallest = min((row.need for row in feasible if row is not pick), default=None)
+    if smallest is None or pick.need + smallest <= usable:
+        return ""
+    return (f"; {pick.tag} would be the family's only runner ({format_bytes(pick.need)} + the smallest sibling's "
+            f"{format_bytes(smallest)} > {format_bytes(int(usable))} usable), serving every preference until "
+            "evicted: ranked as balanced")
 
 
 def _decision(request: RoutingRequest, memory: MemoryView, chosen: Assessment | None, reason: str, node: str, *,
