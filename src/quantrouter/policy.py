@@ -21,11 +21,11 @@ estimates and the time left before the deadline. The model (design §5):
   qualities within `quality_tolerance` of the best count as equal, so QUALITY takes the faster of equals;
   while the GPU is not quiet (`offered_load` > `quiet_load`) the band widens to `busy_quality_tolerance`.
 
-QUALITY takes the highest quality (ties: smaller T + churn), except that on a GPU holding none of the family a
-load after which no sibling would fit beside it is ranked as BALANCED (deadline share aside): that runner serves
-every preference until evicted, and the simulator showed such a first pick setting the whole run (a 70B's Q6_K, a
-32k-context Q8_0 on 24 GB, kept for LATENCY callers whose deadline no reload fits). LATENCY takes the smallest
-T + churn (ties: higher quality); BALANCED maximises w·q/q_max + (1−w)·C_min/C with C = T + churn, w =
+QUALITY takes the highest quality (ties: smaller T + churn), except that with a deadline, on a GPU holding none of
+the family, a load after which no sibling would fit beside it is ranked as BALANCED (deadline share aside): that
+runner serves every preference until evicted, and the simulator showed such a first pick setting the whole run (a
+70B's Q6_K, a 32k-context Q8_0 on 24 GB, kept for LATENCY callers whose deadline no reload fits). LATENCY takes the
+smallest T + churn (ties: higher quality); BALANCED maximises w·q/q_max + (1−w)·C_min/C with C = T + churn, w =
 `balanced_quality_weight`, where with a deadline, while the GPU is quiet (`offered_load` ≤ `quiet_load`),
 a C within `balanced_deadline_share` of the time left counts as fast enough (so quality decides among those).
 
@@ -184,8 +184,10 @@ class PolicyConfig:
     0.025 QUALITY takes Q8_0 (0.977) over F16 when Q8_0 is faster: on the simulated H100 8B at 0.25 req/s (20
     seeds × 7 engines) BALANCED SLO met rose by up to 0.7 point and, with half the QUALITY callers held to Q8_0
     or above, by 0.2–1.6 points, goodput within 0.01× of before, the idle GPU's F16 untouched.
-    `sole_runner_as_balanced`: a QUALITY request on a GPU holding none of the family, whose pick would leave no
-    room for any sibling beside it, is ranked as BALANCED (that runner serves every preference until evicted).
+    `sole_runner_as_balanced`: a QUALITY request with a deadline on a GPU holding none of the family, whose pick
+    would leave no room for any sibling beside it, is ranked as BALANCED (that runner serves every preference until
+    evicted, and deadlines are the sign of callers who cannot wait out a reload; a deadline-free caller, batch
+    work, keeps QUALITY's own pick).
     On the simulated 70B H100 and the 32k-context RTX 4090 the first request's pick otherwise set the whole run
     (20 seeds × 7 engines: their balanced and latency SLO misses and the 70B's goodput below 1.00× went). A GPU
     that serves QUALITY callers alone may turn it off.
@@ -573,7 +575,8 @@ def decide(
     best = _best(feasible, request.preference, config, share_time, tolerance)
     sole = ""
     if (best is not None and config.sole_runner_as_balanced and request.preference is Preference.QUALITY
-            and not family_resident and not busy_runners and (sole := _sole_runner(best, feasible, frame.usable))):
+            and request.time_remaining is not None and not family_resident and not busy_runners
+            and (sole := _sole_runner(best, feasible, frame.usable))):
         best = _best(feasible, Preference.BALANCED, config, None, tolerance)
     listed = tuple(row.assessment(node) for row in rows)
 

@@ -87,9 +87,6 @@ def rejection(decision: Decision, quant: str) -> str:
 
 
 Q, B, L = Preference.QUALITY, Preference.BALANCED, Preference.LATENCY
-# QUALITY's own ranking, for tables about memory fit on cold GPUs where the pick would otherwise be the family's
-# only runner and be ranked as BALANCED (`PolicyConfig.sole_runner_as_balanced`, its own table below).
-QUALITY_ALONE = PolicyConfig(sole_runner_as_balanced=False)
 
 
 @pytest.mark.parametrize(
@@ -107,10 +104,7 @@ QUALITY_ALONE = PolicyConfig(sole_runner_as_balanced=False)
         (L, 78.0, ("Q8_0",), True, "Q8_0", False),  # resident: no 5 s cold load
         (B, 78.0, ("Q8_0",), True, "Q8_0", False),
         # 24 GB RTX 4090 (22 GiB free).
-        # F16 (15.47 GiB) would leave no room beside it (80 % of 21.55 GiB is 17.24, Q2_K needs 3.46): the family's
-        # only runner, so ranked as BALANCED, which takes Q5_K_M as on the H100 above. A quality-only GPU turns
-        # that off and gets F16.
-        (Q, 22.0, (), True, "Q5_K_M", False),
+        (Q, 22.0, (), True, "F16", False),
         (L, 22.0, (), True, "Q4_K_M", False),
         # 8 GB card with 7.2 GiB free: Ollama loads within 80 % of 7.2 − 0.45 GiB = 5.40 GiB; Q5_K_M needs 5.83,
         # Q4_K_M 5.08: only Q4_K_M and below fit.
@@ -136,7 +130,7 @@ def test_preference_over_memory_residency_and_speed(preference: Preference, free
 @pytest.mark.parametrize("measured", [False, True])
 def test_quality_never_picks_lower_quality_than_latency(free_gib: float, measured: bool) -> None:
     candidates = ladder(tps=MEASURED_TPS if measured else None)
-    quality = decide(request(Q), candidates, free(free_gib), QUALITY_ALONE).chosen
+    quality = decide(request(Q), candidates, free(free_gib)).chosen
     latency = decide(request(L), candidates, free(free_gib)).chosen
     assert quality is not None and latency is not None
     assert quality.quality >= latency.quality
@@ -237,7 +231,7 @@ def test_memory_rejection_names_the_need_and_the_free_memory() -> None:
 )
 def test_fit_follows_ollamas_load_threshold(load_fraction: float, expected: str) -> None:
     decision = decide(request(Q), ladder(("Q8_0", "Q6_K", "Q4_K_M"), tps=MEASURED_TPS), free(10.0),
-                      replace(QUALITY_ALONE, load_fraction=load_fraction))
+                      PolicyConfig(load_fraction=load_fraction))
     assert chosen(decision) == expected
     assert decision.downgraded is (expected != "Q8_0")
 
@@ -249,7 +243,7 @@ def test_fit_follows_ollamas_load_threshold(load_fraction: float, expected: str)
     [("f16", 8.46, "Q6_K"), ("q8_0", 8.2256, "Q8_0"), ("q4_0", 8.1006, "Q8_0")],
 )
 def test_the_memory_estimate_follows_ollamas_kv_cache_type(kv_type: str, need_gib: float, expected: str) -> None:
-    config = replace(QUALITY_ALONE, kv_bytes_per_element=KV_CACHE_TYPES[kv_type])
+    config = PolicyConfig(kv_bytes_per_element=KV_CACHE_TYPES[kv_type])
     decision = decide(request(Q), ladder(("Q8_0", "Q6_K", "Q4_K_M"), tps=MEASURED_TPS), free(10.8), config)
     assert chosen(decision) == expected
     q8 = next(a for a in decision.candidates if a.quantization == "Q8_0")
@@ -336,18 +330,21 @@ def test_quality_takes_the_faster_of_a_wider_band_while_the_gpu_is_busy(load: fl
     assert ("count as equal, so the faster" in decision.reason) is (expected == "Q8_0")
 
 
-@pytest.mark.parametrize(("free_gib", "resident", "expected", "sole"), [
-    (12.0, (), "Q4_K_M", True),  # Q8_0 fits alone, not beside Q4_K_M: it would be the only runner for everyone
-    (12.0, ("Q4_K_M",), "Q8_0", False),  # the family is already on the GPU: QUALITY's own ranking
-    (40.0, (), "F16", False),  # room for a sibling beside F16
+@pytest.mark.parametrize(("free_gib", "resident", "deadline", "expected", "sole"), [
+    (12.0, (), 60.0, "Q4_K_M", True),  # Q8_0 fits alone, not beside Q4_K_M: the only runner, for every caller
+    (12.0, (), None, "Q8_0", False),  # no deadline (batch work): QUALITY's own pick
+    (12.0, ("Q4_K_M",), 60.0, "Q8_0", False),  # the family is already on the GPU: QUALITY's own ranking
+    (40.0, (), 60.0, "F16", False),  # room for a sibling beside F16
 ])
 def test_a_cold_load_that_would_leave_no_room_for_a_sibling_is_ranked_as_balanced(
-        free_gib: float, resident: tuple[str, ...], expected: str, sole: bool) -> None:
+        free_gib: float, resident: tuple[str, ...], deadline: float | None, expected: str, sole: bool) -> None:
     pool = ladder(("F16", "Q8_0", "Q4_K_M"), resident=resident, tps=MEASURED_TPS)
-    decision = decide(request(Q), pool, free(free_gib))
+    decision = decide(request(Q, time_remaining=deadline), pool, free(free_gib))
     assert chosen(decision) == expected
     assert ("would be the family's only runner" in decision.reason) is sole
-    assert chosen(decide(request(Q), pool, free(free_gib), QUALITY_ALONE)) == ("Q8_0" if sole else expected)
+    alone = decide(request(Q, time_remaining=deadline), pool, free(free_gib),
+                   PolicyConfig(sole_runner_as_balanced=False))
+    assert chosen(alone) == ("Q8_0" if sole else expected)
 
 
 def test_a_pinned_tag_is_served_even_when_memory_looks_short() -> None:
@@ -394,8 +391,7 @@ def test_only_idle_resident_siblings_count_as_reclaimable(busy: tuple[str, ...],
 )
 def test_upgrade_needs_the_hysteresis_margin(free_gib: float, resident: tuple[str, ...], expected: str,
                                              downgraded: bool) -> None:
-    decision = decide(request(Q), ladder(("Q8_0", "Q4_K_M"), resident=resident, tps=MEASURED_TPS), free(free_gib),
-                      QUALITY_ALONE)
+    decision = decide(request(Q), ladder(("Q8_0", "Q4_K_M"), resident=resident, tps=MEASURED_TPS), free(free_gib))
     assert (chosen(decision), decision.downgraded) == (expected, downgraded)
 
 
