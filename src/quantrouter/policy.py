@@ -183,7 +183,7 @@ class PolicyConfig:
     variant's runner time-slices the GPU for longer, and under load other callers' requests arrive meanwhile. At
     0.025 QUALITY takes Q8_0 (0.977) over F16 when Q8_0 is faster: on the simulated H100 8B at 0.25 req/s (20
     seeds × 7 engines) BALANCED SLO met rose by up to 0.7 point and, with half the QUALITY callers held to Q8_0
-    or above, by 0.2–1.6 points, goodput within 0.01× of before, the idle GPU's F16 untouched.
+    or above, by 0.2–1.6 points, goodput at most 0.01× lower (up to 0.024× higher), the idle GPU's F16 untouched.
     `sole_runner_as_balanced`: a QUALITY request with a deadline on a GPU holding none of the family, whose pick
     would leave no room for any sibling beside it, is ranked as BALANCED (that runner serves every preference until
     evicted, and deadlines are the sign of callers who cannot wait out a reload; a deadline-free caller, batch
