@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_TARGET",
     "Assessment",
     "AsyncRouterClient",
+    "ChannelOption",
     "Completion",
     "Constraints",
     "Decision",
@@ -40,11 +41,16 @@ __all__ = [
     "RouterClient",
     "Variant",
     "VariantListing",
+    "async_channel",
+    "bearer_metadata",
+    "blocking_channel",
     "error_details",
 ]
 
 PreferenceName = Literal["quality", "balanced", "latency"]
 Event = Decision | str | Completion
+# A gRPC channel argument: (name, value), e.g. ("grpc.max_receive_message_length", 4 << 20).
+ChannelOption = tuple[str, int | str]
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 _PREFERENCE_PB = {"quality": pb.PREFERENCE_QUALITY, "balanced": pb.PREFERENCE_BALANCED,
@@ -198,17 +204,33 @@ class _Requests:
                                constraints=self.constraints(constraints), options=self.options(options))
 
 
-def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata a router that requires a token accepts; none without a token."""
     return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def async_channel(target: str, credentials: grpc.ChannelCredentials | None = None,
+                  options: Sequence[ChannelOption] = ()) -> grpc.aio.Channel:
+    """A channel to a router: TLS when `credentials` are given, else plaintext."""
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=list(options))
+    return grpc.aio.secure_channel(target, credentials, options=list(options))
+
+
+def blocking_channel(target: str, credentials: grpc.ChannelCredentials | None = None,
+                     options: Sequence[ChannelOption] = ()) -> grpc.Channel:
+    """The blocking twin of `async_channel`."""
+    if credentials is None:
+        return grpc.insecure_channel(target, options=list(options))
+    return grpc.secure_channel(target, credentials, options=list(options))
 
 
 class AsyncRouterClient:
     def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None,
                  credentials: grpc.ChannelCredentials | None = None) -> None:
-        self._channel = (grpc.aio.secure_channel(target, credentials) if credentials
-                         else grpc.aio.insecure_channel(target))
+        self._channel = async_channel(target, credentials)
         self._stub = pb_grpc.RouterServiceStub(self._channel)
-        self._metadata = _metadata(token)
+        self._metadata = bearer_metadata(token)
         self._requests = _Requests()
 
     async def __aenter__(self) -> AsyncRouterClient:
@@ -253,9 +275,9 @@ class RouterClient:
 
     def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None,
                  credentials: grpc.ChannelCredentials | None = None) -> None:
-        self._channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+        self._channel = blocking_channel(target, credentials)
         self._stub = pb_grpc.RouterServiceStub(self._channel)
-        self._metadata = _metadata(token)
+        self._metadata = bearer_metadata(token)
         self._requests = _Requests()
 
     def __enter__(self) -> RouterClient:

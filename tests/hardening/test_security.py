@@ -17,6 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
+from quantrouter.client import RouterClient
 from quantrouter.embedded import EmbeddedServer
 from quantrouter.server import RunningServer, run_in_thread
 from quantrouter.v1 import router_service_pb2 as pb
@@ -60,6 +61,8 @@ def test_tls(embedded_backend: EmbeddedServer, pki: Pki) -> None:
         target = f"127.0.0.1:{running.port}"
         with grpc.secure_channel(target, credentials(pki)) as channel:
             assert route_ok(channel)
+        with RouterClient(target, credentials=credentials(pki)) as client:  # the client's own TLS channel
+            assert client.route(FAMILY).chosen is not None
         with grpc.insecure_channel(target) as channel:
             assert refused(channel) == grpc.StatusCode.UNAVAILABLE  # plaintext never reaches the service
         untrusted = grpc.ssl_channel_credentials(pki.stranger_cert.read_bytes())  # not the server's CA
@@ -181,6 +184,8 @@ def test_every_token_from_the_file_works_and_health_is_exempt(token_router: Runn
             assert responses[-1].HasField("completion")
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT_S)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
+    with RouterClient(f"127.0.0.1:{token_router.port}", token=TOKENS[1]) as client:  # the metadata the client sends
+        assert client.list_variants(timeout=TIMEOUT_S).families
 
 
 def test_prompts_and_generated_text_stay_out_of_logs_and_metrics(

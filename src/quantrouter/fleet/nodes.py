@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 import grpc
 from google.protobuf import duration_pb2
 
+from quantrouter.client import ChannelOption, async_channel
 from quantrouter.fleet.state import NodeState, ReportRejected, read_report, same_report
 from quantrouter.units import format_bytes
 from quantrouter.v1 import router_service_pb2 as pb
@@ -41,7 +42,7 @@ class NodeSettings:
     # Leave a node out of routing when its last accepted report is older than this.
     stale_after: float = 5.0
     # gRPC channel options for the node connections (message size limits).
-    channel_options: tuple[tuple[str, int | str], ...] = ()
+    channel_options: tuple[ChannelOption, ...] = ()
     # Sent on every call to a node: its bearer token, when the node routers require one.
     metadata: tuple[tuple[str, str], ...] = ()
     # TLS to the nodes (None: plaintext).
@@ -92,17 +93,11 @@ class NodeSet:
                 self._drop(name)
         for name, address in addresses.items():
             if name not in self._nodes:
-                channel = self._channel(address)
+                channel = async_channel(address, self._settings.credentials, self._settings.channel_options)
                 node = Node(name, address, channel, pb_grpc.RouterServiceStub(channel))
                 node.task = asyncio.create_task(self._follow(node), name=f"watch-{name}")
                 self._nodes[name] = node
                 log.info("watching node %s at %s", name, address)
-
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        options, credentials = list(self._settings.channel_options), self._settings.credentials
-        if credentials is None:
-            return grpc.aio.insecure_channel(address, options=options)
-        return grpc.aio.secure_channel(address, credentials, options=options)
 
     def _drop(self, name: str) -> None:
         node = self._nodes.pop(name)

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry
 
 from quantrouter.background import service_in_thread
+from quantrouter.client import ChannelOption, bearer_metadata
 from quantrouter.config import Settings
 from quantrouter.fleet.metrics import FleetMetrics
 from quantrouter.fleet.nodes import NodeSet, NodeSettings
@@ -74,7 +75,7 @@ class FleetServer:
 def node_settings(settings: Settings) -> NodeSettings:
     """How the fleet reaches its nodes: report cadence, channel options, bearer token and TLS."""
     fleet = settings.fleet
-    options: tuple[tuple[str, int | str], ...] = (
+    options: tuple[ChannelOption, ...] = (
         ("grpc.max_receive_message_length", settings.limits.max_message_bytes),
         # A node that comes back is found within seconds, not after gRPC's default back-off of up to 2 min.
         ("grpc.initial_reconnect_backoff_ms", NODE_RECONNECT_BACKOFF_MS),
@@ -83,8 +84,8 @@ def node_settings(settings: Settings) -> NodeSettings:
         options += (("grpc.ssl_target_name_override", fleet.node_tls_server_name),)
     credentials = (channel_credentials(fleet.node_tls_ca, fleet.node_tls_cert, fleet.node_tls_key)
                    if fleet.node_tls_ca is not None else None)
-    metadata = (("authorization", f"Bearer {fleet.auth_token}"),) if fleet.auth_token else ()
-    return NodeSettings(fleet.report_interval, fleet.stale_after, options, metadata, credentials)
+    return NodeSettings(fleet.report_interval, fleet.stale_after, options, bearer_metadata(fleet.auth_token),
+                        credentials)
 
 
 # More services on the fleet router's gRPC server, given its router and registry (the Endpoint Picker's).
