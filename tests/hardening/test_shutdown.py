@@ -40,6 +40,7 @@ class Served:
     process: subprocess.Popen[str]
     target: str
     log: list[str]
+    reader: threading.Thread  # fills `log` until the process's stderr closes
 
 
 @pytest.fixture
@@ -70,7 +71,7 @@ def served(embedded_backend: EmbeddedServer) -> Iterator[Served]:
                 port = int(match.group(1))
         target = f"127.0.0.1:{port}"
         wait_for(lambda: ready(target), START_TIMEOUT_S, "the router to be ready")
-        yield Served(process, target, log)
+        yield Served(process, target, log, reader)
     finally:
         if process.poll() is None:
             process.kill()
@@ -87,7 +88,7 @@ def exit_code(served: Served, timeout: float = EXIT_TIMEOUT_S) -> int:
     except subprocess.TimeoutExpired:
         served.process.send_signal(signal.SIGABRT)
         served.process.wait(EXIT_TIMEOUT_S)
-        time.sleep(1)  # let the reader thread collect the dump
+        served.reader.join(EXIT_TIMEOUT_S)  # the dump is all in once stderr closes
         log = "".join(served.log[-200:])
         raise AssertionError(f"quantrouter serve did not exit within {timeout:.0f} s:\n{log}") from None
 
