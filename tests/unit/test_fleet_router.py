@@ -1,0 +1,117 @@
+"""The fleet router's count of the streams it sent a node since that node's last report (`FleetRouter._with_sent`),
+through its own request path: a real `NodeSet` subscribed over gRPC to a stand-in node, and a clock the test
+moves, so that "sent after the report" and "sent before it" are decided by the test, not by timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from quantrouter.fleet.metrics import FleetMetrics
+from quantrouter.fleet.nodes import NodeSet, NodeSettings
+from quantrouter.fleet.router import FleetRouter
+from quantrouter.policy import PolicyConfig, RoutingRequest
+from quantrouter.v1 import router_service_pb2 as pb
+from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
+from quantrouter.values import Decision, Preference
+from tests.unit.test_fleet_state import report
+
+NODE = "n1"
+FAMILY = "gemma3:270m"
+REQUEST = RoutingRequest(FAMILY, Preference.QUALITY, num_predict=64, num_ctx=4096)
+# Bounds a hang only: the report reaching the node set over a local socket.
+REPORT_TIMEOUT_S = 30.0
+
+
+class StandInNode(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
+    """A stand-in node router: it reports what the test puts in `reports`, and holds every Generate open until
+    the caller leaves. It stands in for a node whose reports the test must time exactly; the fleet's side (the
+    node set, its subscription, the router) is the real one."""
+
+    def __init__(self) -> None:
+        self.reports: asyncio.Queue[pb.NodeCapacity] = asyncio.Queue()
+
+    async def WatchCapacity(self, request: pb.WatchCapacityRequest, context: grpc.aio.ServicerContext
+                            ) -> AsyncIterator[pb.NodeCapacity]:
+        while True:
+            yield await self.reports.get()
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[pb.GenerateResponse]:
+        await asyncio.Event().wait()  # streaming: the fleet's caller holds it until it leaves
+        yield pb.GenerateResponse()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def open_generate(stub: pb_grpc.RouterServiceStub, tag: str) -> Any:
+    return stub.Generate(pb.GenerateRequest(model=tag))
+
+
+async def queue_seconds(router: FleetRouter) -> float:
+    """The queue the fleet prices on the node's only variant: the report's, plus the streams it adds."""
+    decision = router.decide(REQUEST)
+    assert decision.chosen is not None and decision.node == NODE, decision.reason
+    return decision.chosen.queue_seconds
+
+
+async def report_arrives(nodes: NodeSet, stand_in: StandInNode, sequence: int) -> None:
+    message = report()
+    message.sequence = sequence
+    await stand_in.reports.put(message)
+    async with asyncio.timeout(REPORT_TIMEOUT_S):
+        while (node := nodes.get(NODE)) is None or node.state is None or node.state.sequence != sequence:
+            await asyncio.sleep(0.01)
+
+
+async def sent(router: FleetRouter) -> AsyncIterator[Decision | Any]:
+    """A stream forwarded to the node and still open (its decision read, the node's call started)."""
+    stream = router.stream(REQUEST, open_generate)
+    assert isinstance(await anext(stream), Decision)
+    return stream
+
+
+async def test_a_stream_sent_after_the_nodes_last_report_is_counted_and_one_sent_before_it_is_not() -> None:
+    stand_in, clock = StandInNode(), Clock()
+    server = grpc.aio.server()
+    pb_grpc.add_RouterServiceServicer_to_server(stand_in, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    nodes = NodeSet(NodeSettings(), clock=clock)
+    router = FleetRouter(nodes, FleetMetrics(CollectorRegistry(), nodes), PolicyConfig(), clock=clock)
+    streams: list[AsyncIterator[Any]] = []
+    try:
+        nodes.update({NODE: f"127.0.0.1:{port}"})
+        await report_arrives(nodes, stand_in, sequence=1)
+        reported = await queue_seconds(router)  # the report's own streams only
+
+        clock.now += 1
+        streams.append(await sent(router))  # after report 1: the node cannot have shown it yet
+        one_more = await queue_seconds(router)
+        assert one_more > reported
+
+        clock.now += 1
+        await report_arrives(nodes, stand_in, sequence=2)  # a report that arrived after the stream was sent
+        assert await queue_seconds(router) == reported
+
+        clock.now += 1
+        streams.append(await sent(router))  # after report 2: counted again, the first one still not
+        assert await queue_seconds(router) == one_more
+
+        for stream in streams:
+            await stream.aclose()  # type: ignore[attr-defined]
+        assert await queue_seconds(router) == reported  # an ended stream is no longer added
+    finally:
+        await nodes.close()
+        await server.stop(0)
