@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -39,7 +38,8 @@ from pathlib import Path
 
 from bench.fixtures.canned_ollama import FAMILY, VARIANTS
 from bench.machine import cpu_seconds, describe
-from bench.overhead import ROUTER_ENV, Service, spawned
+from bench.overhead import ROUTER_ENV
+from bench.processes import Service, canned_ollama, fleet_router, node_router
 from bench.simulate_fleet import DEFAULT_SEEDS, simulate
 from bench.stats import percentile
 from quantrouter.client import AsyncRouterClient, Options, PreferenceName
@@ -73,19 +73,9 @@ def plan(quick: bool) -> Plan:
     return Plan(2, 12, 20) if quick else Plan(6, 90, 200)
 
 
-SERVE = ("-m", "quantrouter.cli", "serve", "--grpc-address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0")
-
-
 def node_backend(name: str, logs: Path) -> contextlib.AbstractContextManager[Service]:
     """The canned Ollama fixture for one node, paced at `TOKENS_PER_SECOND` a stream."""
-    return spawned(f"backend-{name}", [sys.executable, "-m", "bench.fixtures.canned_ollama", "--port", "0",
-                                       "--tokens-per-second", str(TOKENS_PER_SECOND)], {}, r"(http://\S+)", logs)
-
-
-def node_router(name: str, backend: Service, capacity: str, logs: Path) -> contextlib.AbstractContextManager[Service]:
-    """A node router in front of `backend`, with a static GPU memory capacity."""
-    argv = [sys.executable, *SERVE, "--ollama-host", backend.address, "--memory-capacity", capacity]
-    return spawned(f"router-{name}", argv, ROUTER_ENV, r"quantrouter serving on port (\d+)", logs)
+    return canned_ollama(f"backend-{name}", TOKENS_PER_SECOND, logs)
 
 
 @contextlib.contextmanager
@@ -94,11 +84,9 @@ def fleet(logs: Path) -> Iterator[tuple[Service, dict[str, Service]]]:
         routers = {}
         for name, capacity in NODES.items():
             backend = stack.enter_context(node_backend(name, logs))
-            routers[name] = stack.enter_context(node_router(name, backend, capacity, logs))
-        argv = [sys.executable, *SERVE]
-        for name, router in routers.items():
-            argv += ["--node", f"{name}=127.0.0.1:{router.address}"]
-        router = stack.enter_context(spawned("fleet", argv, FLEET_ENV, r"fleet router serving on port (\d+)", logs))
+            routers[name] = stack.enter_context(node_router(f"router-{name}", backend.address, logs, ROUTER_ENV,
+                                                            capacity))
+        router = stack.enter_context(fleet_router("fleet", routers, logs, FLEET_ENV))
         yield router, routers
 
 

@@ -34,7 +34,7 @@ import httpx
 
 from bench.fixtures.canned_ollama import FAMILY, VARIANTS
 from bench.machine import describe, free_port
-from bench.overhead import Service, spawned
+from bench.processes import Service, canned_ollama, node_router, spawned
 from bench.stats import percentile
 from quantrouter.gateway.envoy import envoy_config
 
@@ -131,18 +131,6 @@ def pick_seconds(metrics_url: str) -> tuple[float, float, int]:
     return (total / count if count else float("nan")), p50, int(count)
 
 
-def canned(name: str, logs: Path) -> contextlib.AbstractContextManager[Service]:
-    return spawned(name, [sys.executable, "-m", "bench.fixtures.canned_ollama", "--port", "0",
-                          "--tokens-per-second", str(PACED_TOKENS_PER_S)], {}, r"(http://\S+)", logs)
-
-
-def node_router(backend: Service, logs: Path) -> contextlib.AbstractContextManager[Service]:
-    argv = [sys.executable, "-m", "quantrouter.cli", "serve", "--grpc-address", "127.0.0.1:0",
-            "--metrics-address", "127.0.0.1:0", "--ollama-host", backend.address, "--memory-capacity", CAPACITY]
-    return spawned(f"router-{backend.name}", argv, {"QUANTROUTER_MEMORY_RESERVE": "0"},
-                   r"quantrouter serving on port (\d+)", logs)
-
-
 @contextlib.contextmanager
 def envoy(name: str, config: dict[str, object], logs: Path) -> Iterator[Service]:
     path = logs / f"{name}.json"
@@ -209,8 +197,10 @@ def main() -> None:
     started, clock = datetime.now(), time.perf_counter()
     with tempfile.TemporaryDirectory() as directory, contextlib.ExitStack() as stack:
         logs = Path(directory)
-        backends = [stack.enter_context(canned(f"ollama-{i}", logs)) for i in range(2)]
-        routers = [stack.enter_context(node_router(b, logs)) for b in backends]
+        backends = [stack.enter_context(canned_ollama(f"ollama-{i}", PACED_TOKENS_PER_S, logs)) for i in range(2)]
+        routers = [stack.enter_context(node_router(f"router-{b.name}", b.address, logs,
+                                                   {"QUANTROUTER_MEMORY_RESERVE": "0"}, CAPACITY))
+                   for b in backends]
         epp_port, metrics_port = free_port(), free_port()
         argv = [sys.executable, "-m", "quantrouter.cli", "epp", "--grpc-address", f"127.0.0.1:{epp_port}",
                 "--metrics-address", f"127.0.0.1:{metrics_port}"]

@@ -21,23 +21,20 @@ import asyncio
 import contextlib
 import os
 import re
-import signal
 import statistics
-import subprocess
-import sys
-import threading
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
 
 import grpc
 
 from bench.fixtures.canned_ollama import FAMILY as CANNED_FAMILY
 from bench.machine import cpu_seconds, describe
+from bench.processes import Service, canned_ollama, node_router
 from quantrouter.backend import STREAM_KEEPALIVE_S
 from quantrouter.client import error_details
 from quantrouter.config import default_cache_dir
@@ -55,13 +52,10 @@ MAX_ATTEMPTS = 400
 # Back-off when a refusal carries no RetryInfo (every RESOURCE_EXHAUSTED of ours does).
 DEFAULT_RETRY_S = 0.5
 STREAM_DEADLINE_S = 120.0
-START_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 60.0
 BACKEND_QUEUE = 8  # the embedded backend's per-model queue (Ollama's OLLAMA_MAX_QUEUE, scaled down)
 ROUTER_CAPS = {"QUANTROUTER_MAX_IN_FLIGHT": "128", "QUANTROUTER_MAX_IN_FLIGHT_PER_FAMILY": "64"}
 PREFERENCES = (pb.PREFERENCE_LATENCY, pb.PREFERENCE_BALANCED, pb.PREFERENCE_QUALITY)
 PROMPTS = ("The capital of France is", "Water boils at", "The largest planet is", "Bread is made from")
-_SERVING_ON = re.compile(r"quantrouter serving on port (\d+)")
 # The router's line after it gave freed memory back (quantrouter.allocator).
 _TRIMMED = re.compile(
     r"returned freed memory: resident ([\d.]+) → ([\d.]+) MiB(?: \(malloc has ([\d.]+) MiB in use\))?")
@@ -107,32 +101,14 @@ async def one_stream(stub: pb_grpc.RouterServiceStub, index: int, tally: Tally) 
     tally.errors["gave up after too many refusals"] += 1
 
 
-def _drain(stream: IO[str], trims: list[str]) -> None:
-    """Read the router's log to its end (so it never blocks on a full pipe), keeping its trim lines."""
-    for line in stream:
-        if match := _TRIMMED.search(line):
-            trims.append(match.group(0))
+def router_env(settings: Mapping[str, str]) -> dict[str, str]:
+    """The router's environment: `settings`, no memory reserve, and info logs (its trim lines are read back)."""
+    return {**settings, "QUANTROUTER_MEMORY_RESERVE": "0", "QUANTROUTER_LOG_LEVEL": "info"}
 
 
-def start_router(backend_url: str, settings: Mapping[str, str],
-                 trims: list[str] | None = None) -> tuple[subprocess.Popen[str], int]:
-    """The router as its own process; its log lines saying it returned freed memory go to `trims`."""
-    env = {**os.environ, **settings, "QUANTROUTER_MEMORY_RESERVE": "0", "QUANTROUTER_LOG_LEVEL": "info"}
-    process = subprocess.Popen([sys.executable, "-m", "quantrouter.cli", "serve", "--grpc-address", "127.0.0.1:0",
-                                "--metrics-address", "127.0.0.1:0", "--ollama-host", backend_url],
-                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-    assert process.stderr is not None
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line:
-            break
-        if match := _SERVING_ON.search(line):
-            threading.Thread(target=_drain, args=(process.stderr, [] if trims is None else trims), name="router-log",
-                             daemon=True).start()
-            return process, int(match.group(1))
-    process.kill()
-    raise RuntimeError("the router did not start")
+def trims_logged(router: Service) -> list[str]:
+    """The router's log lines so far that say it returned freed memory."""
+    return [match.group(0) for match in _TRIMMED.finditer(router.log.read_text(errors="replace"))]
 
 
 async def run_load(target: str) -> tuple[Tally, float]:
@@ -261,18 +237,18 @@ class Burst:
     trims: tuple[str, ...]  # the router's log lines from giving freed memory back after it
 
 
-async def one_burst(stubs: list[pb_grpc.RouterServiceStub], pid: int, trims: list[str]) -> Burst:
-    tally, trimmed = BurstTally(), len(trims)
+async def one_burst(stubs: list[pb_grpc.RouterServiceStub], pid: int, trims: Callable[[], list[str]]) -> Burst:
+    tally, trimmed = BurstTally(), len(trims())
     started = time.perf_counter()
     await asyncio.gather(*(burst_stream(stubs[i % BURST_CLIENTS], tally) for i in range(BURST)))
     wall = time.perf_counter() - started
     peak = Footprint(float(memory_peak_mib(pid)), footprint(pid).sockets)
     await one_request(stubs[0])  # the router still serves after the burst
     await asyncio.sleep(POOL_EXPIRY_S + SETTLE_S)
-    return Burst(tally, wall, peak, footprint(pid), tuple(trims[trimmed:]))
+    return Burst(tally, wall, peak, footprint(pid), tuple(trims()[trimmed:]))
 
 
-async def run_burst(target: str, pid: int, trims: list[str]) -> tuple[Footprint, Burst, Burst]:
+async def run_burst(target: str, pid: int, trims: Callable[[], list[str]]) -> tuple[Footprint, Burst, Burst]:
     """Warm up, let the pool's idle connections expire, take the baseline; then two bursts, each followed by
     one more request and the pool's idle time. The second tells memory the allocator keeps after a burst (the
     same again) from a leak (more again).
@@ -360,27 +336,12 @@ def _memory_reading(before: Footprint, first: Burst) -> str:
             "return (pages that also hold a live allocation) or memory held outside malloc's heap.")
 
 
-@contextlib.contextmanager
-def canned_backend() -> Iterator[str]:
-    process = subprocess.Popen([sys.executable, "-m", "bench.fixtures.canned_ollama", "--port", "0",
-                                "--tokens-per-second", str(BURST_TOKENS_PER_S)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert process.stdout is not None
-        yield process.stdout.readline().strip()
-    finally:
-        process.terminate()
-        process.wait(STOP_TIMEOUT_S)
-
-
 def burst() -> None:
-    with canned_backend() as url:
-        trims: list[str] = []
-        router, port = start_router(url, BURST_CAPS, trims)
-        try:
-            before, first, second = asyncio.run(run_burst(f"127.0.0.1:{port}", router.pid, trims))
-        finally:
-            router.send_signal(signal.SIGTERM)
-            router.wait(STOP_TIMEOUT_S)
+    with tempfile.TemporaryDirectory() as logs, \
+            canned_ollama("canned", BURST_TOKENS_PER_S, Path(logs)) as backend, \
+            node_router("router", backend.address, Path(logs), router_env(BURST_CAPS)) as router:
+        before, first, second = asyncio.run(run_burst(f"127.0.0.1:{router.address}", router.pid,
+                                                      lambda: trims_logged(router)))
     text = burst_report(before, first, second)
     BURST_RESULTS.write_text(text)
     print(text)
@@ -397,15 +358,12 @@ def main() -> None:
     prepare_ladder(cache_dir, progress=False)
     load_before = os.getloadavg()
     config = EmbeddedConfig(cache_dir=cache_dir, memory_budget_bytes=4 * GiB, max_queue=BACKEND_QUEUE)
-    with run_embedded_in_thread(config) as backend:
-        router, port = start_router(backend.url, {**ROUTER_CAPS, "QUANTROUTER_MEMORY_CAPACITY": "4GiB"})
-        try:
-            cpu_before = cpu_seconds(router.pid)
-            tally, wall = asyncio.run(run_load(f"127.0.0.1:{port}"))
-            router_cpu = cpu_seconds(router.pid) - cpu_before
-        finally:
-            router.send_signal(signal.SIGTERM)
-            router.wait(STOP_TIMEOUT_S)
+    with run_embedded_in_thread(config) as backend, tempfile.TemporaryDirectory() as logs, \
+            node_router("router", backend.url, Path(logs),
+                        router_env({**ROUTER_CAPS, "QUANTROUTER_MEMORY_CAPACITY": "4GiB"})) as router:
+        cpu_before = cpu_seconds(router.pid)
+        tally, wall = asyncio.run(run_load(f"127.0.0.1:{router.address}"))
+        router_cpu = cpu_seconds(router.pid) - cpu_before
     text = report(tally, wall, router_cpu, load_before)
     RESULTS.write_text(text)
     print(text)

@@ -51,7 +51,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -63,6 +63,7 @@ import quantrouter
 from bench.fixtures.canned_ollama import FAMILY as CANNED_FAMILY
 from bench.fixtures.canned_ollama import VARIANTS as CANNED_VARIANTS
 from bench.machine import busy_seconds, cpu_seconds, describe, memory_mib
+from bench.processes import STOP_TIMEOUT_S, Service, canned_ollama, node_router
 from bench.readme import replace_block
 from quantrouter.client import AsyncRouterClient, Options
 from quantrouter.values import Completion
@@ -70,9 +71,6 @@ from quantrouter.values import Completion
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "Why is the sky blue?"
 DIRECT, ROUTER, BASELINE = "direct", "router", "baseline"
-START_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 30.0
-POLL_S = 0.05
 REQUEST_TIMEOUT_S = 120.0
 # The router's per-family default (64 streams) is the most a scenario opens at once; raise it to be sure.
 ROUTER_ENV = {"QUANTROUTER_MAX_IN_FLIGHT": "256", "QUANTROUTER_MAX_IN_FLIGHT_PER_FAMILY": "256",
@@ -193,49 +191,14 @@ class Arm:
 
 # Subprocesses.
 
-@dataclass(frozen=True, slots=True)
-class Service:
-    name: str
-    pid: int
-    address: str
-    metrics: str = ""  # a router's metrics port
-
-
-@contextlib.contextmanager
-def spawned(name: str, argv: Sequence[str], env: Mapping[str, str], ready: str, logs: Path) -> Iterator[Service]:
-    """Start `argv`, wait until its output matches `ready` (group 1 is its address), SIGTERM it on exit."""
-    log = logs / f"{name}.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env})
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while (match := re.search(ready, log.read_text(errors="replace"))) is None:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start (exit {process.poll()}):\n{log.read_text()[-2000:]}")
-            time.sleep(POLL_S)
-        yield Service(name, process.pid, match.group(1), match.group(2) if match.re.groups > 1 else "")
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(STOP_TIMEOUT_S)
-
-
 def canned_backend(backend: str, logs: Path) -> contextlib.AbstractContextManager[Service]:
-    rate = PACED_TOKENS_PER_S if backend == PACED else 0.0
-    return spawned(backend, [sys.executable, "-m", "bench.fixtures.canned_ollama", "--port", "0",
-                             "--tokens-per-second", str(rate)], {}, r"(http://\S+)", logs)
+    return canned_ollama(backend, PACED_TOKENS_PER_S if backend == PACED else 0.0, logs)
 
 
 def router_for(backend: Service, logs: Path, source: Path | None = None) -> contextlib.AbstractContextManager[Service]:
     """A router in front of `backend`: this checkout's, or the quantrouter package under `source` (a baseline)."""
-    argv = [sys.executable, "-m", "quantrouter.cli", "serve", "--grpc-address", "127.0.0.1:0",
-            "--metrics-address", "127.0.0.1:0", "--ollama-host", backend.address, "--memory-capacity", CANNED_CAPACITY]
-    env = {**ROUTER_ENV, "PYTHONPATH": str(source)} if source else ROUTER_ENV
-    return spawned(f"{BASELINE if source else ROUTER}-{backend.name}", argv, env,
-                   r"quantrouter serving on port (\d+) \(metrics on (\d+)\)", logs)
+    return node_router(f"{BASELINE if source else ROUTER}-{backend.name}", backend.address, logs, ROUTER_ENV,
+                       CANNED_CAPACITY, source)
 
 
 # The arms: each request's time to its first text and the tokens the backend counted.

@@ -55,16 +55,15 @@ from bench.overhead import (
     Arm,
     Sample,
     Scenario,
-    Service,
     _table,
     arms_for,
     canned_backend,
     figures,
     router_for,
     run_round,
-    spawned,
     spread,
 )
+from bench.processes import Service, spawned
 
 RESULTS = Path(__file__).parent / "results"
 LITELLM = "litellm"
