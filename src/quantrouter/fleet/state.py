@@ -136,7 +136,8 @@ def _candidate(item: pb.NodeVariant) -> CandidateInput:
 # with 8 variants each, and their load changes, stay far below it. Module-level on purpose, shared by every
 # fleet router in the process: each value is frozen and a function of its key alone, so sharing can cost
 # memory (bounded) but never carry one node's or one router's state into another's reading; an object per
-# router would only duplicate identical entries (read_report 0.37× with it, bench/results/fleet_choice.md).
+# router would only duplicate identical entries. The cache is part of what took read_report to 0.37× of the
+# older code's time (bench/results/fleet_choice.md).
 _KNOWN_MAX = 4096
 _known: dict[bytes, CandidateInput] = {}
 
