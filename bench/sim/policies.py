@@ -6,8 +6,9 @@ import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from weakref import WeakKeyDictionary
 
-from bench.sim.engine import NUM_CTX, Choice, Policy, Prediction, RouterView, RunResult, Simulation
+from bench.sim.engine import NUM_CTX, Choice, Policy, Prediction, RouterView, RunResult, Simulation, Truth
 from bench.sim.hardware import (
     DEFAULT_ENGINE,
     OLLAMA_MINIMUM_MEMORY,
@@ -19,6 +20,7 @@ from bench.sim.hardware import (
 )
 from bench.sim.workload import Request, meets_floor
 from quantrouter.catalog import VariantInfo
+from quantrouter.loads import LoadsStarted
 from quantrouter.policy import (
     CandidateInput,
     InFlight,
@@ -46,16 +48,21 @@ def streams_of(view: RouterView, tokens_per_second: Mapping[str, float]) -> tupl
 @dataclass(frozen=True, slots=True)
 class QuantRouter:
     """quantrouter's `decide`, fed as the service feeds it: estimates from the throughput table, the backlog
-    from its own in-flight requests (their estimates, the share of tokens streamed and their SLOs), and the
-    offered load from its recent routings. `min_quantization` is a
-    floor on every request, on top of the request's own."""
+    from its own in-flight requests (their estimates, the share of tokens streamed and their SLOs), the
+    offered load from its recent routings, and the loads it started that the engine does not yet list resident
+    (the router's `LoadsStarted`, one per simulation it routes for, keyed by `view.truth` as an identity only:
+    nothing of it is read). `min_quantization` is a floor on every request, on top of the request's own."""
 
     name: str = "quantrouter"
     config: PolicyConfig = field(default_factory=PolicyConfig)
     min_quantization: QuantType | None = None
+    loads: WeakKeyDictionary[Truth, LoadsStarted] = field(default_factory=WeakKeyDictionary, compare=False,
+                                                          repr=False)
 
     def choose(self, request: Request, view: RouterView) -> Choice:
         family = view.family
+        loads = self.loads.setdefault(view.truth, LoadsStarted())
+        loading = loads.loading(view.now, view.resident.__contains__)
         infos = [VariantInfo(v.tag, family.name, v.quant, v.size_bytes, family.parameter_count, family.architecture,
                              v.tag in view.resident, view.resident.get(v.tag, 0)) for v in family.variants]
         speeds = view.speeds.estimates(infos)
@@ -63,7 +70,8 @@ class QuantRouter:
         for tag, service, done in view.backlog:
             queued[tag] = queued.get(tag, 0.0) + service * (1.0 - done)
         candidates = [CandidateInput(info, speed, info.quant.quality, view.in_flight.get(info.tag, 0),
-                                     queued_seconds=queued.get(info.tag, 0.0)) for info, speed in speeds]
+                                     queued_seconds=queued.get(info.tag, 0.0), loading=info.tag in loading)
+                      for info, speed in speeds]
         floor = parse_quantization(request.min_quantization) if request.min_quantization else self.min_quantization
         routing = RoutingRequest(family.name, request.preference, prompt_tokens=request.prompt_tokens,
                                  num_predict=request.output_tokens, num_ctx=view.num_ctx, min_quantization=floor,
@@ -77,6 +85,8 @@ class QuantRouter:
         chosen = decision.chosen
         if chosen is None:
             return Choice(None, decision.reason_code)
+        if not chosen.resident:
+            loads.started(chosen.tag, view.now, chosen.time_to_first_token)
         return Choice(chosen.tag, decision.reason_code, chosen.expected_seconds - chosen.queue_seconds)
 
 

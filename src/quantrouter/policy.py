@@ -5,10 +5,10 @@ estimates and the time left before the deadline. The model (design §5):
 
 - memory needed = weights + the KV cache for num_ctx at `kv_bytes_per_element` (f16 unless the router is
   told Ollama's OLLAMA_KV_CACHE_TYPE: what the runner will hold), one slot's worth; a variant fits when it
-  is resident (or loading: it has requests in flight), or when need ≤ `load_fraction` × (free − reserve +
-  what idle variants of the same family would give back on eviction): Ollama loads a model beside others
-  only within 80 % of free memory and otherwise waits for busy runners to finish (docs/ollama.md §3), which
-  a routed request would spend in a queue;
+  is resident (or loading: it has requests in flight, or the router started its load), or when need ≤
+  `load_fraction` × (free − reserve + what idle variants of the same family would give back on eviction):
+  Ollama loads a model beside others only within 80 % of free memory and otherwise waits for busy runners to
+  finish (docs/ollama.md §3), which a routed request would spend in a queue;
 - queue = the GPU's backlog as this request would meet it: runners of one GPU time-slice it, so each
   in-flight request delays this one by min(its remaining seconds, this one's own service time), and on a
   runner that already serves `runner_parallel` requests this one also waits its turn; a variant not loaded
@@ -130,6 +130,7 @@ class CandidateInput:
     breaker_open: bool = False
     queued_seconds: float = 0.0  # expected remaining seconds of the requests this variant is serving
     quality_measured: bool = False  # `quality` is calibrate --quality's measurement, not the quant's prior
+    loading: bool = False  # the router started its load, not yet listed resident (it may outlive its request)
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,8 +337,9 @@ class _Row:
     def __init__(self, c: CandidateInput, frame: _Frame) -> None:
         v, speed, config = c.variant, c.speed, frame.config
         # A variant with requests in flight has its runner loaded or loading (Ollama's /api/ps lists it only once
-        # loaded): its memory is already gone from free and its load already under way, in those requests' time.
-        quant, resident, tps = v.quant, v.resident or c.in_flight > 0, speed.decode_tps
+        # loaded): its memory is already gone from free and its load already under way, in those requests' time;
+        # so has one whose load the router started and that outlived its request (`loading`).
+        quant, resident, tps = v.quant, v.resident or c.in_flight > 0 or c.loading, speed.decode_tps
         self.tag, self.quantization, self.resident = v.tag, quant.name, resident
         self.tps, self.measured, self.quality = tps, speed.measured, c.quality
         self.quality_measured = c.quality_measured
@@ -416,7 +418,7 @@ def _charge_churn(rows: Sequence[_Row], pool: Sequence[CandidateInput], free: in
     if not idle:
         return
     reload = sum(idle)
-    full = sum(1 for c in pool if c.variant.resident or c.in_flight) >= config.max_loaded
+    full = sum(1 for c in pool if c.variant.resident or c.in_flight or c.loading) >= config.max_loaded
     usable = free * config.load_fraction
     for row in rows:
         if not row.rejection and not row.resident:

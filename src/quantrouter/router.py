@@ -44,6 +44,7 @@ from quantrouter.errors import (
     reporting_status,
 )
 from quantrouter.inventory import Inventory
+from quantrouter.loads import LoadsStarted
 from quantrouter.memory import NVML, MemoryProbe
 from quantrouter.metrics import OTHER, VariantState
 from quantrouter.policy import (
@@ -200,6 +201,7 @@ class Router:
         self._in_flight_tags: Counter[str] = Counter()
         self._in_flight_families: Counter[str] = Counter()
         self._work: set[_Work] = set()
+        self._loads = LoadsStarted()
         self._tables: dict[str, tuple[CandidateInput, ...]] = {}
         self._tables_catalog: CatalogSnapshot | None = None
         self._tables_speeds: ThroughputSnapshot | None = None
@@ -223,18 +225,19 @@ class Router:
         return quality_of(variant, self.measured_quality)
 
     def candidates(self, catalog: CatalogSnapshot, family: str) -> list[CandidateInput]:
-        """The family's candidates: its table (`_family_table`), with what is busy or cooling down right now."""
+        """The family's candidates: its table (`_family_table`), with what is busy, loading or cooling down now."""
         now = self._clock()
         queued: dict[str, float] = {}
         for work in self._work:
             queued[work.tag] = queued.get(work.tag, 0.0) + work.service_seconds * (1.0 - work.done())
+        loading = self._loads.loading(now, lambda tag: (v := catalog.variant(tag)) is None or v.resident)
         rows = []
         for c in self._family_table(catalog, family):
             tag = c.variant.tag
             in_flight, broken = self._in_flight_tags.get(tag, 0), self.breaker.is_open(tag, now)
-            if in_flight or broken or tag in queued:
+            if in_flight or broken or tag in queued or tag in loading:
                 c = _new_candidate(c.variant, c.speed, c.quality, in_flight, broken, queued.get(tag, 0.0),
-                                   quality_measured=c.quality_measured)
+                                   quality_measured=c.quality_measured, loading=tag in loading)
             rows.append(c)
         return rows
 
@@ -334,6 +337,8 @@ class Router:
                              min_tokens_per_second=request.min_tokens_per_second)
                 self._routed.append((self._clock(), work.service_seconds))  # served work, not a dry-run Route
                 self._routed_seconds += work.service_seconds
+                if not chosen.resident:  # a load starts, and may outlive this request (`LoadsStarted`)
+                    self._loads.started(variant.tag, self._clock(), chosen.time_to_first_token)
                 relay = _sent_while(decision, self._forward(variant, job, work, cold=not variant.resident))
                 try:
                     async with aclosing(relay):  # closed here, not whenever it is collected, if the caller leaves
@@ -390,6 +395,7 @@ class Router:
                         yield item.text
             failed = False
         except BackendError as error:
+            self._loads.gone(tag)
             if not isinstance(error, _NOT_THE_VARIANTS_FAULT) and self.breaker.failure(tag, self._clock()):
                 self.metrics.breaker_tripped(self.family_label(variant.family), tag)
             raise
