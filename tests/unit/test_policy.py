@@ -297,17 +297,20 @@ def test_a_load_that_takes_an_idle_siblings_place_among_ollamas_models_is_charge
     assert ("takes an idle sibling's place" in q5.held_back) is bool(churn)
 
 
-@pytest.mark.parametrize(("busy", "expected", "failure"), [
-    (("Q4_K_M",), "Q4_K_M", None),  # loading for an earlier request: its memory is already gone from free
-    ((), None, FailureKind.MEMORY),  # neither resident nor loading: it must fit what is free
+@pytest.mark.parametrize(("busy", "loading", "expected", "failure"), [
+    (("Q4_K_M",), (), "Q4_K_M", None),  # loading for an earlier request: its memory is already gone from free
+    ((), ("Q4_K_M",), "Q4_K_M", None),  # loading still, though the request that started it is gone
+    ((), (), None, FailureKind.MEMORY),  # neither resident nor loading: it must fit what is free
 ])
 def test_a_variant_still_loading_for_an_earlier_request_is_joined_not_refused(
-        busy: tuple[str, ...], expected: str | None, failure: FailureKind | None) -> None:
-    """Q4_K_M has a request in flight but is not resident yet (Ollama lists a runner only once loaded): 3 GiB free
-    is all that is left beside it, which no variant fits. The request joins the loading runner, with no second
-    load in its time, rather than failing for memory."""
+        busy: tuple[str, ...], loading: tuple[str, ...], expected: str | None, failure: FailureKind | None) -> None:
+    """Q4_K_M is loading but not resident yet (Ollama lists a runner only once loaded), with a request in flight
+    or with the router remembering the load it started (`loading`): 3 GiB free is all that is left beside it,
+    which no variant fits. The request joins the loading runner, with no second load in its time, rather than
+    failing for memory."""
     pool = [replace(c, queued_seconds=20.0) if c.in_flight else c
             for c in ladder(("Q8_0", "Q4_K_M"), tps=MEASURED_TPS, busy=busy)]
+    pool = [replace(c, loading=c.variant.quant.name in loading) for c in pool]
     decision = decide(request(Q), pool, free(3.0))
     assert (chosen(decision), decision.failure) == (expected, failure)
     if expected:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
@@ -32,12 +33,13 @@ from quantrouter.errors import (
     QuantrouterError,
 )
 from quantrouter.inventory import Inventory
+from quantrouter.loads import LOAD_MARGIN
 from quantrouter.memory import MemoryProbe, StaticSource
 from quantrouter.metrics import OTHER, Metrics
 from quantrouter.policy import LOAD_WINDOW_S, PolicyConfig, RoutingRequest
 from quantrouter.router import Job, Router
 from quantrouter.throughput import Observation, ThroughputTable
-from quantrouter.values import Completion, Decision, Preference
+from quantrouter.values import Completion, Decision, FailureKind, Preference
 
 Q8, Q5, Q4 = (v.tag for v in VARIANTS)
 # Memory does not decide anything here: every canned variant is resident and fits.
@@ -66,6 +68,7 @@ class Canned:
     url: str
     faults: dict[str, Fault] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
+    loading: set[str] = field(default_factory=set)  # runners /api/ps leaves out: still loading, as Ollama does
     runner: web.AppRunner | None = None
 
 
@@ -94,7 +97,13 @@ async def canned() -> AsyncIterator[Canned]:
             state.calls.append(model)
             if model in state.faults:
                 return await _fail(request, model, state.faults[model])
-        return await handler(request)
+        response = await handler(request)
+        if request.path == "/api/ps" and state.loading:
+            assert isinstance(response, web.Response) and response.text is not None
+            listed = json.loads(response.text)
+            listed["models"] = [m for m in listed["models"] if m["model"] not in state.loading]
+            return web.json_response(listed)
+        return response
 
     app = CannedOllama().app()
     app.middlewares.append(inject)
@@ -110,14 +119,14 @@ async def canned() -> AsyncIterator[Canned]:
 async def make_router(canned: Canned) -> AsyncIterator[Callable[..., Awaitable[Router]]]:
     backends: list[OllamaBackend] = []
 
-    async def make(**limits: int) -> Router:
+    async def make(clock: Callable[[], float] = time.monotonic, **limits: int) -> Router:
         backend = OllamaBackend(BackendSettings(canned.url, connect_timeout=2.0, read_timeout=10.0))
         backends.append(backend)
         inventory = Inventory(backend, CatalogSettings())
         assert await inventory.refresh()
         probe = MemoryProbe(StaticSource(CAPACITY, inventory.resident_vram), None, 1.0)
         return Router(backend, inventory, probe, ThroughputTable(0.3, BANDWIDTH), Metrics(CollectorRegistry()),
-                      LimitSettings(**limits), PolicyConfig(), reserve_bytes=0)
+                      LimitSettings(**limits), PolicyConfig(), reserve_bytes=0, clock=clock)
 
     yield make
     for backend in backends:
@@ -386,3 +395,75 @@ async def test_a_speed_sample_says_how_many_runners_it_shared_the_gpu_with_over_
         assert [event async for event in first]
     assert [event async for event in router.stream(replace(_request(), pinned_tag=Q5), JOB)]
     assert [(tag, o.busy_runners) for tag, o in table.seen] == [(Q4, 2), (Q8, 2), (Q5, 1)]
+
+
+@dataclass
+class _Clock:
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _leave_while_loading(canned: Canned, router: Router) -> Decision:
+    """A QUALITY caller routed to Q8_0, not resident, leaves at its decision once the backend has the request:
+    Ollama's load runs on without it, listed by /api/ps only once done (the injected `loading`)."""
+    canned.loading = {v.tag for v in VARIANTS}
+    assert await router.inventory.refresh(full=False)
+    stream = router.stream(_request(), JOB)
+    decision = await anext(stream)
+    assert isinstance(decision, Decision) and decision.chosen is not None
+    assert (decision.chosen.tag, decision.chosen.resident) == (Q8, False)
+    async with asyncio.timeout(10):
+        while not canned.calls:
+            await asyncio.sleep(0.01)
+    await stream.aclose()
+    assert await router.inventory.refresh(full=False)  # the early /api/ps a cold stream asks for: still loading
+    assert router.in_flight == 0 and not any(v.resident for v in router.inventory.snapshot.family(FAMILY))
+    # NVML's free memory no longer holds the loading runner's bytes: nothing more fits.
+    router.probe = MemoryProbe(StaticSource(1, lambda: 0), None, 1.0)
+    return decision
+
+
+@pytest.mark.parametrize(("then", "expected", "failure"), [
+    ("nothing", Q8, None),  # still loading: its memory is explained, the next request joins it
+    ("overdue", None, FailureKind.MEMORY),  # past LOAD_MARGIN × its expected time: forgotten
+    ("listed, then evicted", None, FailureKind.MEMORY),  # /api/ps listed it: no longer a load of the router's
+])
+async def test_a_load_that_outlives_its_caller_is_remembered_until_listed_or_overdue(
+        canned: Canned, make_router: Callable[..., Awaitable[Router]], then: str, expected: str | None,
+        failure: FailureKind | None) -> None:
+    """With neither residency nor a request in flight to explain the memory a load took, the policy would refuse
+    every variant for memory; the router remembers the load it started and tells the policy (`loading`)."""
+    clock = _Clock()
+    router = await make_router(clock=clock)
+    left = await _leave_while_loading(canned, router)
+    if then == "overdue":
+        assert left.chosen is not None
+        clock.now += left.chosen.time_to_first_token * LOAD_MARGIN + 1.0
+    elif then == "listed, then evicted":
+        canned.loading.clear()
+        assert await router.inventory.refresh(full=False)
+        router.decide(_request())  # a decision sees it resident
+        canned.loading = {v.tag for v in VARIANTS}
+        assert await router.inventory.refresh(full=False)
+    decision = router.decide(_request())
+    assert (decision.chosen.tag if decision.chosen else None, decision.failure) == (expected, failure)
+    if expected:
+        q8 = next(a for a in decision.candidates if a.tag == Q8)
+        assert q8.resident and not q8.queue_seconds and not q8.rejection
+        assert all("needs" in a.rejection for a in decision.candidates if a.tag != Q8)
+
+
+async def test_a_load_whose_stream_failed_is_forgotten(
+        canned: Canned, make_router: Callable[..., Awaitable[Router]]) -> None:
+    """A backend error on the stream says the runner is not there: nothing is left loading to explain memory."""
+    router = await make_router()
+    canned.loading = {v.tag for v in VARIANTS}
+    canned.faults = {v.tag: Fault(500) for v in VARIANTS}
+    assert await router.inventory.refresh(full=False)
+    with pytest.raises(BackendFailed):
+        await _events(router)
+    assert canned.calls == [Q8, Q5]  # the fallback's load failed too
+    router.probe = MemoryProbe(StaticSource(1, lambda: 0), None, 1.0)
+    assert router.decide(_request()).failure is FailureKind.MEMORY

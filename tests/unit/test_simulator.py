@@ -11,9 +11,11 @@ import pytest
 from bench.sim.engine import Choice, Outcome, Policy, Prediction, RouterView, RunResult, Simulation
 from bench.sim.hardware import (
     DEFAULT_ENGINE,
+    ENGINES,
     GB,
     H100,
     LLAMA_8B,
+    LLAMA_70B,
     RTX_4090,
     EngineSpec,
     GpuSpec,
@@ -263,3 +265,26 @@ def test_a_class_miss_the_hindsight_oracle_pays_as_well_is_named_with_both_figur
     text = reading([cell])
     assert "h100-8b balanced (-3.0 pt; hindsight oracle -5.0 pt)" in text
     assert "h100-8b latency" not in text
+
+
+class _Forgetful:
+    """quantrouter's adapter remade for every request: no memory of the loads it started (the contrast)."""
+
+    name = "forgetful"
+
+    def choose(self, request: Request, view: RouterView) -> Choice:
+        return QuantRouter().choose(request, view)
+
+
+@pytest.mark.parametrize(("policy", "second"), [(QuantRouter(), Outcome.COMPLETED), (_Forgetful(), Outcome.REJECTED)])
+def test_the_simulated_router_remembers_a_load_that_outlived_its_request(policy: Policy, second: Outcome) -> None:
+    """On the load-jitter engine a 70B load drawn 3.3× its usual time outlives its request's 30 s deadline. At
+    the second request it is neither resident nor serving anything, yet its memory is taken: the router that
+    remembers the load it started joins it; one that forgets refuses for memory."""
+    jitter = next(e for e in ENGINES if e.name == "load-jitter")
+    requests = [Request(0, 0.0, Preference.BALANCED, 200, 100, 30.0, 0.0, 1.0, load_noise=3.0),
+                Request(1, 40.0, Preference.BALANCED, 200, 100, 120.0, 0.0, 1.0)]
+    first, then = Simulation(H100, LLAMA_70B, requests, [(0.0, 0)], policy, engine=jitter).run().results
+    assert first.outcome is Outcome.DEADLINE and first.reason == "deadline passed while queued"
+    assert then.outcome is second
+    assert then.tag == (first.tag if second is Outcome.COMPLETED else None)
