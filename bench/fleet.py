@@ -5,17 +5,20 @@ Simulation (bench/simulate_fleet.py): quantrouter-fleet against round-robin and 
 always-Q4_K_M and two oracles, on several simulated Ollama nodes; about three minutes on two cores.
 
 Real run: three nodes, each a node router (`quantrouter serve`) in front of its own backend, with GPU memory
-capacities of an RTX 4090, an L40S and an H100 (24, 48 and 80 GiB), and one fleet router
-(`quantrouter serve --node ...`) over them: seven processes besides this client. The backends are the
-canned Ollama fixture paced at a GPU-like decode rate (bench.fixtures.canned_ollama, Llama 3.1 8B in
-three quantizations), so that what is measured is the routing, not a model on two shared cores.
+capacities of an RTX 4090, an L40S and an H100 (24, 48 and 80 GiB), one fleet router
+(`quantrouter serve --node ...`) over them, and the bare relay: eight processes besides this client. The
+backends are the canned Ollama fixture paced at a GPU-like decode rate (bench.fixtures.canned_ollama, Llama
+3.1 8B in three quantizations), so that what is measured is the routing, not a model on two shared cores.
 
 1. Spread: `concurrency` streams send requests through the fleet, preferences in turn (quality,
    balanced, latency); each stream's decision names the node and the variant, counted per pair.
-2. Hop: one stream alternates a request through the fleet with a request straight to the node router
-   the fleet chose for it (the same variant pinned), so both arms see the same node and the same
-   machine. TTFT is from the call to the first text chunk; the added TTFT is p50(fleet) − p50(direct)
-   and p99(fleet) − p99(direct), and the median of the paired differences.
+2. Hop: one stream sends a request through the fleet, then the same request (the variant the fleet
+   chose, pinned) straight to the node router it chose and through a bare gRPC relay in front of that
+   node (bench.fixtures.bare_relay: no validation, decision or interceptors), those two in turns, so
+   all three arms see the same node and the same machine. TTFT is from the call to the first text
+   chunk; the added TTFT is p50(arm) − p50(direct) and p99(arm) − p99(direct), and the median of the
+   paired differences. The relay's is the floor under any Python gRPC hop on this machine: what the
+   fleet adds beyond it is the fleet's own work.
 
 Run: `python -m bench.fleet [--only simulation|real] [--seeds N] [--quick]`. `--only` reruns one part and
 keeps the other as the results file has it; `--quick` prints a small run of each and writes nothing.
@@ -28,6 +31,7 @@ import asyncio
 import contextlib
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -39,7 +43,7 @@ from pathlib import Path
 from bench.fixtures.canned_ollama import FAMILY, VARIANTS
 from bench.machine import cpu_seconds, describe
 from bench.overhead import ROUTER_ENV
-from bench.processes import Service, canned_ollama, fleet_router, node_router
+from bench.processes import Service, canned_ollama, fleet_router, node_router, spawned
 from bench.simulate_fleet import DEFAULT_SEEDS, simulate
 from bench.stats import percentile
 from quantrouter.client import AsyncRouterClient, Options, PreferenceName
@@ -78,8 +82,18 @@ def node_backend(name: str, logs: Path) -> contextlib.AbstractContextManager[Ser
     return canned_ollama(f"backend-{name}", TOKENS_PER_SECOND, logs)
 
 
+@dataclass(frozen=True, slots=True)
+class Fleet:
+    """The running processes: the fleet router, each node's router, and the bare relay's port per node."""
+
+    router: Service
+    nodes: dict[str, Service]
+    relay: Service
+    relay_ports: dict[str, str]
+
+
 @contextlib.contextmanager
-def fleet(logs: Path) -> Iterator[tuple[Service, dict[str, Service]]]:
+def fleet(logs: Path) -> Iterator[Fleet]:
     with contextlib.ExitStack() as stack:
         routers = {}
         for name, capacity in NODES.items():
@@ -87,7 +101,10 @@ def fleet(logs: Path) -> Iterator[tuple[Service, dict[str, Service]]]:
             routers[name] = stack.enter_context(node_router(f"router-{name}", backend.address, logs, ROUTER_ENV,
                                                             capacity))
         router = stack.enter_context(fleet_router("fleet", routers, logs, FLEET_ENV))
-        yield router, routers
+        nodes = [arg for name, node in routers.items() for arg in ("--node", f"{name}=127.0.0.1:{node.address}")]
+        relay = stack.enter_context(spawned("bare-relay", [sys.executable, "-m", "bench.fixtures.bare_relay", *nodes],
+                                            {}, r"bare relay serving on ports (\S+)", logs))
+        yield Fleet(router, routers, relay, dict(pair.split("=") for pair in relay.address.split(",")))
 
 
 async def first_token(client: AsyncRouterClient, model: str, preference: PreferenceName,
@@ -138,24 +155,31 @@ async def spread(target: str, p: Plan) -> tuple[Counter[tuple[str, str, str]], i
 
 @dataclass(frozen=True, slots=True)
 class Hop:
-    """The hop's paired TTFTs (seconds), the fleet router's CPU seconds over them and their wall time, and its
-    CPU seconds a second while idle (its node subscriptions' reports)."""
+    """The hop's paired TTFTs (seconds: through the fleet, through the bare relay, straight to the node), the fleet
+    router's CPU seconds over them and their wall time, and its CPU seconds a second while idle (its node
+    subscriptions' reports)."""
 
     through: list[float]
+    relayed: list[float]
     direct: list[float]
     fleet_cpu_s: float
     wall_s: float
     idle_cpu_per_s: float
 
 
-async def hop(fleet_router: Service, routers: dict[str, Service], p: Plan) -> Hop:
-    through, direct = [], []
+async def hop(running: Fleet, p: Plan) -> Hop:
+    through: list[float] = []
+    relayed: list[float] = []
+    direct: list[float] = []
+    fleet_router = running.router
     target = f"127.0.0.1:{fleet_router.address}"
-    clients = {name: AsyncRouterClient(f"127.0.0.1:{r.address}") for name, r in routers.items()}
+    clients = {name: AsyncRouterClient(f"127.0.0.1:{r.address}") for name, r in running.nodes.items()}
+    relays = {name: AsyncRouterClient(f"127.0.0.1:{port}") for name, port in running.relay_ports.items()}
     try:
         async with AsyncRouterClient(target) as fleet_client:
             for name in clients:  # warm every connection
                 await first_token(clients[name], FAMILY, "quality", HOP_TOKENS)
+                await first_token(relays[name], FAMILY, "quality", HOP_TOKENS)
             idle_started, idle_cpu = time.perf_counter(), cpu_seconds(fleet_router.pid)
             await asyncio.sleep(IDLE_S)
             idle_cpu_per_s = (cpu_seconds(fleet_router.pid) - idle_cpu) / (time.perf_counter() - idle_started)
@@ -165,47 +189,78 @@ async def hop(fleet_router: Service, routers: dict[str, Service], p: Plan) -> Ho
                     cpu_before, started = cpu_seconds(fleet_router.pid), time.perf_counter()
                 decision, fleet_ttft = await first_token(fleet_client, FAMILY, "quality", HOP_TOKENS)
                 assert decision.chosen is not None
-                _, direct_ttft = await first_token(clients[decision.node], decision.chosen.tag, "quality", HOP_TOKENS)
-                if index:  # the first pair warms the fleet's own connections
+                turns = [(direct, clients[decision.node]), (relayed, relays[decision.node])]
+                for samples, client in turns if index % 2 else reversed(turns):
+                    _, ttft = await first_token(client, decision.chosen.tag, "quality", HOP_TOKENS)
+                    if index:  # the first round warms the fleet's own connections
+                        samples.append(ttft)
+                if index:
                     through.append(fleet_ttft)
-                    direct.append(direct_ttft)
         fleet_cpu, wall = cpu_seconds(fleet_router.pid) - cpu_before, time.perf_counter() - started
     finally:
-        for client in clients.values():
+        for client in (*clients.values(), *relays.values()):
             await client.close()
-    return Hop(through, direct, fleet_cpu, wall, idle_cpu_per_s)
+    return Hop(through, relayed, direct, fleet_cpu, wall, idle_cpu_per_s)
 
 
 def quantile_ms(seconds: list[float], q: float) -> float:
     return 1000 * percentile(seconds, q)
 
 
+def added_ms(arm: list[float], base: list[float], q: float) -> float:
+    """What `arm` adds to `base` at quantile `q`, in ms."""
+    return quantile_ms(arm, q) - quantile_ms(base, q)
+
+
+def paired_ms(arm: list[float], base: list[float]) -> list[float]:
+    return [1000 * (a - b) for a, b in zip(arm, base, strict=True)]
+
+
+def hop_reading(measured: Hop) -> str:
+    """The hop's figures in words: the fleet's, the bare relay's (the floor) and the fleet's own beyond it."""
+    through, relayed, direct = measured.through, measured.relayed, measured.direct
+    added, floor = added_ms(through, direct, 0.5), added_ms(relayed, direct, 0.5)
+    paired, own = paired_ms(through, direct), paired_ms(through, relayed)
+    text = (f"The fleet hop added {added:.2f} ms to time to first token at p50 (issue 14's target ≤ "
+            f"{TARGET_HOP_MS:g} ms: {'holds' if added <= TARGET_HOP_MS else 'missed'}) and "
+            f"{added_ms(through, direct, 0.99):.2f} ms at p99 over {len(through)} rounds (median paired difference "
+            f"{statistics.median(paired):.2f} ms, p10–p90 of the differences {percentile(paired, 0.1):.2f} to "
+            f"{percentile(paired, 0.9):.2f} ms); ratio of p50s "
+            f"{quantile_ms(through, 0.5) / quantile_ms(direct, 0.5):.3f}. In the same rounds a bare gRPC relay "
+            f"(bench/fixtures/bare_relay.py: no validation, decision, interceptors or metrics, the same loop) "
+            f"added {floor:.2f} ms at p50 (median paired difference "
+            f"{statistics.median(paired_ms(relayed, direct)):.2f} ms): the floor under any Python gRPC hop here. The "
+            f"fleet's own work (reading the request, the decision over every node's variants, interceptors, metrics) "
+            f"added {added - floor:.2f} ms beyond it at p50 (median paired difference fleet − relay "
+            f"{statistics.median(own):.2f} ms).")
+    if added <= TARGET_HOP_MS:
+        return text
+    if floor > TARGET_HOP_MS:
+        return text + f" The floor alone is over the {TARGET_HOP_MS:g} ms target on this machine."
+    return text + (f" The target is missed by {added - TARGET_HOP_MS:.2f} ms; the floor leaves the fleet "
+                   f"{TARGET_HOP_MS - floor:.2f} ms for its own work.")
+
+
 def report(p: Plan, counts: Counter[tuple[str, str, str]], failed: int, measured: Hop, seconds: float,
            load: float) -> str:
-    through, direct = measured.through, measured.direct
+    through, relayed, direct = measured.through, measured.relayed, measured.direct
     fleet_cpu_ms = 1000 * measured.fleet_cpu_s / len(through)
     reports_ms = 1000 * measured.idle_cpu_per_s * measured.wall_s / len(through)
-    added_p50 = quantile_ms(through, 0.5) - quantile_ms(direct, 0.5)
-    added_p99 = quantile_ms(through, 0.99) - quantile_ms(direct, 0.99)
-    paired = [1000 * (a - b) for a, b in zip(through, direct, strict=True)]
+    added_p50 = added_ms(through, direct, 0.5)
     per_node = Counter(node for node, _, _ in counts.elements())
     busiest = max(per_node.values()) / sum(per_node.values()) if per_node else float("nan")
+    quantiles = (0.5, 0.9, 0.99)
     lines = [
         "## A real three-node run", "",
         f"Run {datetime.now():%Y-%m-%d %H:%M} on {describe()}; {seconds:.0f} s in all. "
         "Regenerate this part alone with `python -m bench.fleet --only real`.", "",
         f"**Reading (generated from this run).** {sum(counts.values())} requests from {p.concurrency} streams went to "
-        f"{len(per_node)} of {len(NODES)} nodes (the busiest took {busiest:.0%}); {failed} failed. The fleet hop added "
-        f"{added_p50:.2f} ms to time to first token at p50 (issue 14's target ≤ {TARGET_HOP_MS:g} ms: "
-        f"{'holds' if added_p50 <= TARGET_HOP_MS else 'missed'}) and {added_p99:.2f} ms at p99 over "
-        f"{len(through)} pairs "
-        f"(median paired difference {statistics.median(paired):.2f} ms, p10–p90 of the differences "
-        f"{percentile(paired, 0.1):.2f} to {percentile(paired, 0.9):.2f} ms); "
-        f"ratio of p50s {quantile_ms(through, 0.5) / quantile_ms(direct, 0.5):.3f}. Client, seven router and backend "
-        f"processes share this machine's cores (load average {load:.1f} when the run started). "
-        f"Over these pairs the fleet router spent {fleet_cpu_ms:.2f} ms of CPU a request (its own process), of "
+        f"{len(per_node)} of {len(NODES)} nodes (the busiest took {busiest:.0%}); {failed} failed. "
+        f"{hop_reading(measured)} Client, eight router, relay and backend processes share this machine's cores (load "
+        f"average {load:.1f} when the run started). "
+        f"Over these rounds the fleet router spent {fleet_cpu_ms:.2f} ms of CPU a request (its own process), of "
         f"which its node subscriptions' reports took about {reports_ms:.2f} ms (its CPU rate when idle, "
-        f"{1000 * measured.idle_cpu_per_s:.1f} ms a second, over the pairs' wall time) and the request itself "
+        f"{1000 * measured.idle_cpu_per_s:.1f} ms a second, over the rounds' wall time) and the request itself "
         f"{fleet_cpu_ms - reports_ms:.2f} ms (the decision over every node's variants, the call in from the client "
         "and the call out to the node, every message relayed)"
         + (f", against the {TARGET_HOP_MS:g} ms the whole hop may add: on a machine whose cores every process shares, "
@@ -217,12 +272,15 @@ def report(p: Plan, counts: Counter[tuple[str, str, str]], failed: int, measured
         f"### Requests per node and variant ({SPREAD_TOKENS} tokens each, preferences in turn)", "",
         "| node | variant | preference | requests |", "|---|---|---|---|",
         *[f"| {node} | {tag} | {pref} | {n} |" for (node, tag, pref), n in sorted(counts.items())], "",
-        f"### Time to first token: through the fleet vs straight to the node it chose ({HOP_TOKENS} tokens each)", "",
+        f"### Time to first token: through the fleet, through a bare relay, straight to the node the fleet chose "
+        f"({HOP_TOKENS} tokens each)", "",
         "| arm | requests | p50 (ms) | p90 (ms) | p99 (ms) |", "|---|---|---|---|---|",
-        *[f"| {arm} | {len(v)} | {quantile_ms(v, 0.5):.2f} | {quantile_ms(v, 0.9):.2f} | {quantile_ms(v, 0.99):.2f} |"
-          for arm, v in (("fleet → node", through), ("node direct", direct))],
-        f"| added by the hop | | {added_p50:.2f} | {quantile_ms(through, 0.9) - quantile_ms(direct, 0.9):.2f} | "
-        f"{added_p99:.2f} |",
+        *[f"| {arm} | {len(v)} | " + " | ".join(f"{quantile_ms(v, q):.2f}" for q in quantiles) + " |"
+          for arm, v in (("fleet → node", through), ("bare relay → node", relayed), ("node direct", direct))],
+        *[f"| {what} | | " + " | ".join(f"{added_ms(arm, base, q):.2f}" for q in quantiles) + " |"
+          for what, arm, base in (("added by the fleet hop", through, direct),
+                                  ("added by the bare relay (the floor)", relayed, direct),
+                                  ("the fleet's own, beyond the floor", through, relayed))],
     ]
     return "\n".join(lines) + "\n"
 
@@ -254,12 +312,12 @@ def compose(parts: dict[str, str]) -> str:
 def real_run(quick: bool) -> str:
     p = plan(quick)
     started, load = time.perf_counter(), os.getloadavg()[0]
-    with tempfile.TemporaryDirectory() as logs, fleet(Path(logs)) as (fleet_router, routers):
-        target = f"127.0.0.1:{fleet_router.address}"
-        asyncio.run(warm(routers))
+    with tempfile.TemporaryDirectory() as logs, fleet(Path(logs)) as running:
+        target = f"127.0.0.1:{running.router.address}"
+        asyncio.run(warm(running.nodes))
         time.sleep(1.0)  # the fleet's reports of every node's measured speeds
         counts, failed = asyncio.run(spread(target, p))
-        measured = asyncio.run(hop(fleet_router, routers, p))
+        measured = asyncio.run(hop(running, p))
     return report(p, counts, failed, measured, time.perf_counter() - started, load)
 
 
