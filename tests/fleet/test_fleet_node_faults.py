@@ -1,5 +1,5 @@
 """Faults on real processes: a node router killed mid-stream and brought back, a node whose backend dies
-under it, and a fleet router restarted under load.
+under it, a node router draining, and a fleet router restarted under load.
 
 The requests ask for QUALITY. Only the first of the two nodes fits F16, so it is the fleet's certain pick while
 it is live, and the second serves a quantized variant when it is not: two nodes that could both hold F16 nearly
@@ -21,7 +21,7 @@ from quantrouter.background import service_in_thread
 from quantrouter.client import Options, RouterClient, error_details
 from quantrouter.embedded import EmbeddedConfig, EmbeddedServer, run_embedded_in_thread
 from quantrouter.fleet.server import FleetServer, fleet_in_thread
-from quantrouter.server import START_TIMEOUT_S, start
+from quantrouter.server import START_TIMEOUT_S, RunningServer, start
 from quantrouter.values import Completion, Decision
 from tests.fleet.conftest import BUDGETS, NUM_CTX, Node, fleet_settings, node_settings, wait_for
 from tests.support import FAMILY
@@ -46,6 +46,7 @@ class KillableNode:
         self.backend = backend
         self.backend_stack = backend_stack
         self.port = 0
+        self.running: RunningServer | None = None
         self._router: contextlib.ExitStack | None = None
 
     def start(self) -> None:
@@ -54,15 +55,15 @@ class KillableNode:
                                  tags_refresh_interval=60.0)
         # Stopped with no grace: a node that dies does not drain its streams (a 1 s drain let a fast machine
         # finish the answer first, and the stream then ended cleanly instead of failing over).
-        self.port = stack.enter_context(service_in_thread(lambda: start(settings, CollectorRegistry()),
-                                                          lambda running: running.stop(grace=0.0),
-                                                          name="killable-node", start_timeout=START_TIMEOUT_S)).port
-        self._router = stack
+        self.running = stack.enter_context(service_in_thread(lambda: start(settings, CollectorRegistry()),
+                                                             lambda running: running.stop(grace=0.0),
+                                                             name="killable-node", start_timeout=START_TIMEOUT_S))
+        self.port, self._router = self.running.port, stack
 
     def kill(self) -> None:
         if self._router is not None:
             self._router.close()
-            self._router = None
+            self._router, self.running = None, None
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,12 @@ def killable(cache_dir: Path, nodes: dict[str, Node]) -> Iterator[dict[str, Kill
         for node in started.values():
             node.kill()
             node.backend_stack.close()
+
+
+def fallbacks(fleet: FleetServer, node: str, tag: str) -> float:
+    """The fleet's count of UNAVAILABLE fallbacks away from (node, tag) so far (the module's tests share one fleet)."""
+    return fleet.registry.get_sample_value("quantrouter_fleet_fallbacks_total", {
+        "node": node, "target_model_name": tag, "code": "UNAVAILABLE"}) or 0.0
 
 
 @pytest.fixture(scope="module")
@@ -121,11 +128,35 @@ def test_a_node_killed_mid_stream_ends_it_cleanly_and_is_used_again_once_back(
     assert isinstance(events[-1], Completion) and events[-1].generated_tokens > 0
 
 
+def test_a_draining_node_that_refuses_the_call_is_fallen_back_from_and_its_pair_never_announced(
+        killable: dict[str, KillableNode], fault_fleet: FleetServer) -> None:
+    """A node router that drains (a rolling update) reports as before but refuses new calls with UNAVAILABLE
+    before any message: the fleet moves to the other node, and since its decision goes out only once a node
+    has taken the call, the caller sees one decision, the fallback's. The drain is the node's own flag, set
+    on its running server without waiting out a real shutdown: a fault injected on purpose."""
+    with RouterClient(f"127.0.0.1:{fault_fleet.port}") as client:
+        first = client.route(FAMILY, preference="quality", options=TWO)
+        assert first.node == NAMES[0] and first.chosen is not None, first.reason
+        before = fallbacks(fault_fleet, first.node, first.chosen.tag)
+        node = killable[first.node].running
+        assert node is not None
+        node.draining = True
+        try:
+            events = list(client.generate(FAMILY, PROMPT, preference="quality", options=TWO))
+        finally:
+            node.draining = False
+    decisions = [e for e in events if isinstance(e, Decision)]
+    assert [(d.node, d.fallback) for d in decisions] == [(NAMES[1], True)], [d.reason for d in decisions]
+    assert isinstance(events[-1], Completion) and events[-1].generated_tokens > 0
+    assert fallbacks(fault_fleet, first.node, first.chosen.tag) == before + 1
+
+
 def test_a_node_whose_backend_died_is_fallen_back_from_before_the_first_token(
         killable: dict[str, KillableNode], fault_fleet: FleetServer) -> None:
     with RouterClient(f"127.0.0.1:{fault_fleet.port}") as client:
         first = client.route(FAMILY, preference="quality", options=TWO)
         assert first.node == NAMES[0] and first.chosen is not None, first.reason
+        before = fallbacks(fault_fleet, first.node, first.chosen.tag)
         killable[first.node].backend_stack.close()  # the node's Ollama is gone; its router has not noticed
         # Stopping llama.cpp may hold the interpreter long enough for the node's reports to lapse: wait
         # until it reports again (its backend still up, as far as it knows).
@@ -136,8 +167,7 @@ def test_a_node_whose_backend_died_is_fallen_back_from_before_the_first_token(
     assert [d.node for d in decisions] == list(NAMES), [d.reason for d in decisions]
     assert decisions[1].fallback and not decisions[0].fallback
     assert isinstance(events[-1], Completion) and events[-1].generated_tokens > 0
-    assert fault_fleet.registry.get_sample_value("quantrouter_fleet_fallbacks_total", {
-        "node": first.node, "target_model_name": first.chosen.tag, "code": "UNAVAILABLE"}) == 1
+    assert fallbacks(fault_fleet, first.node, first.chosen.tag) == before + 1
 
 
 def test_a_fleet_router_restarted_under_load_ends_every_accepted_call_cleanly(nodes: dict[str, Node]) -> None:

@@ -4,9 +4,10 @@ pinned, fall back to the next pair before the first token, relay the rest as it 
 The node router does the generating (and its own metrics, throughput learning and Ollama fallbacks);
 the fleet only chooses and relays. The node's own first message (its pinned decision) is replaced by
 the fleet's, which names the node, and the fleet's goes out only then: built and sent earlier, it
-competed for the CPU and the event loop with the node call the first token waits for (measured: about
-0.7 ms of the hop at p50, on two shared cores), and a caller never sees a decision for a pair that failed
-before taking the call (the fallback's decision says `fallback`).
+competed for the CPU and the event loop with the node call the first token waits for (about 0.3 ms of the
+hop's p50 on two shared cores, in scratch runs comparing the two in the same rounds). A pair that fails
+before taking the call (a draining node, say) is never announced: the caller sees the fallback's decision,
+marked `fallback`.
 
 Errors before the first token that say "this pair cannot serve now" (UNAVAILABLE, RESOURCE_EXHAUSTED,
 NOT_FOUND, FAILED_PRECONDITION, INTERNAL, UNKNOWN) move on to the next pair, at most `MAX_ATTEMPTS` in all
