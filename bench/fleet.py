@@ -88,7 +88,6 @@ class Fleet:
 
     router: Service
     nodes: dict[str, Service]
-    relay: Service
     relay_ports: dict[str, str]
 
 
@@ -104,7 +103,7 @@ def fleet(logs: Path) -> Iterator[Fleet]:
         nodes = [arg for name, node in routers.items() for arg in ("--node", f"{name}=127.0.0.1:{node.address}")]
         relay = stack.enter_context(spawned("bare-relay", [sys.executable, "-m", "bench.fixtures.bare_relay", *nodes],
                                             {}, r"bare relay serving on ports (\S+)", logs))
-        yield Fleet(router, routers, relay, dict(pair.split("=") for pair in relay.address.split(",")))
+        yield Fleet(router, routers, dict(pair.split("=") for pair in relay.address.split(",")))
 
 
 async def first_token(client: AsyncRouterClient, model: str, preference: PreferenceName,
