@@ -29,9 +29,10 @@ REPORT_TIMEOUT_S = 30.0
 
 
 class StandInNode(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
-    """A stand-in node router: it reports what the test puts in `reports`, and holds every Generate open until
-    the caller leaves. It stands in for a node whose reports the test must time exactly; the fleet's side (the
-    node set, its subscription, the router) is the real one."""
+    """A stand-in node router: it reports what the test puts in `reports`, and answers every Generate as a node
+    router does first, with its own (pinned) decision, then holds it open until the caller leaves. It stands in
+    for a node whose reports the test must time exactly; the fleet's side (the node set, its subscription, the
+    router) is the real one."""
 
     def __init__(self) -> None:
         self.reports: asyncio.Queue[pb.NodeCapacity] = asyncio.Queue()
@@ -43,8 +44,8 @@ class StandInNode(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateResponse]:
+        yield pb.GenerateResponse(decision=pb.RouteDecision(model=FAMILY, variant=request.model, pinned=True))
         await asyncio.Event().wait()  # streaming: the fleet's caller holds it until it leaves
-        yield pb.GenerateResponse()
 
 
 class Clock:
@@ -76,7 +77,7 @@ async def report_arrives(nodes: NodeSet, stand_in: StandInNode, sequence: int) -
 
 
 async def sent(router: FleetRouter) -> AsyncIterator[Decision | Any]:
-    """A stream forwarded to the node and still open (its decision read, the node's call started)."""
+    """A stream forwarded to the node and still open (the node took the call, the fleet's decision was read)."""
     stream = router.stream(REQUEST, open_generate)
     assert isinstance(await anext(stream), Decision)
     return stream
