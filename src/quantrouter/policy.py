@@ -41,13 +41,13 @@ deadline or rate floor (runners time-slice the GPU, so a new one delays each by 
 left), `_Guard`); on a shared GPU (`MemoryView.shared`) its load only fits by evicting idle siblings, whose
 memory other tenants may take before it loads; or the GPU is overloaded (`offered_load`, the service seconds
 routed per second over the last `LOAD_WINDOW_S`, at or above `overload_threshold`) and it is slower than the
-quickest warm variant, whose one runner then serves the queue in order instead of several time-slicing runners
-that all miss. A variant below `SPEED_FLOOR_BPW` yields to any feasible variant at or above the floor that is
-(or, unmeasured, is believed) at least as fast: below ~4.5 bits/weight dequantisation eats the smaller read
-(docs/quantization.md §2 (iii)), so it serves when memory or an explicit constraint leaves nothing else. When
-memory pressure rejects the variant the preference would have taken, the decision says `downgraded`. To keep
-Ollama from loading and unloading in a thrash, a non-resident variant replaces a resident sibling only when it
-fits with a margin (`upgrade_hysteresis`) to spare.
+quickest warm variant, or it is idle or cold while a quick warm runner serves requests: one runner then serves
+the queue in order instead of several time-slicing runners that all miss. A variant below `SPEED_FLOOR_BPW`
+yields to any feasible variant at or above the floor that is (or, unmeasured, is believed) at least as fast:
+below ~4.5 bits/weight dequantisation eats the smaller read (docs/quantization.md §2 (iii)), so it serves when
+memory or an explicit constraint leaves nothing else. When memory pressure rejects the variant the preference
+would have taken, the decision says `downgraded`. To keep Ollama from loading and unloading in a thrash, a
+non-resident variant replaces a resident sibling only when it fits with a margin (`upgrade_hysteresis`) to spare.
 """
 
 from __future__ import annotations
@@ -428,20 +428,27 @@ def _charge_churn(rows: Sequence[_Row], pool: Sequence[CandidateInput], free: in
                 row.churn, row.takes_slot = min(idle), True
 
 
-def _hold_back(rows: Sequence[_Row], load: float, shared: bool, config: PolicyConfig) -> None:
+def _hold_back(rows: Sequence[_Row], pool: Sequence[CandidateInput], load: float, shared: bool,
+               config: PolicyConfig) -> None:
     """Mark what should serve only when nothing else safe can: a load that takes an idle sibling's place among
     the `max_loaded` models Ollama holds; on a shared GPU, loads that evict idle siblings for memory (other
     tenants may take the memory they free before the load is done); and under overload anything slower than
-    the quickest warm variant."""
+    the quickest warm variant, or, while one of the quick warm runners serves requests, any runner idle or cold
+    (one more runner only time-slices the GPU with it: no more throughput, and every queued request later)."""
     feasible = [row for row in rows if not row.rejection]
     quickest = 0.0
+    serving = False
     if load >= config.overload_threshold and feasible:
         warm = [row for row in feasible if row.resident] or feasible
         quickest = min(row.service for row in warm) * (1 + OVERLOAD_SPEED_SLACK)
+        serving = any(c.in_flight for row, c in zip(rows, pool, strict=True)
+                      if not row.rejection and row.resident and row.service <= quickest)
     evicting = any(row.churn and (shared or row.takes_slot) for row in feasible)
     if not quickest and not evicting:  # nothing to add to what the in-flight guard said
         return
-    for row in feasible:
+    for row, c in zip(rows, pool, strict=True):
+        if row.rejection:
+            continue
         reasons = [row.held_back] if row.held_back else []
         if row.churn and row.takes_slot:
             reasons.append(f"its load takes an idle sibling's place (Ollama holds {config.max_loaded} models at "
@@ -451,6 +458,9 @@ def _hold_back(rows: Sequence[_Row], load: float, shared: bool, config: PolicyCo
         if quickest and row.service > quickest:
             reasons.append(f"offered load {load:.2f} ≥ {config.overload_threshold:g}: slower than the quickest "
                            "warm variant")
+        elif serving and not c.in_flight:
+            reasons.append(f"offered load {load:.2f} ≥ {config.overload_threshold:g}: its runner would time-slice "
+                           "the GPU with a quick warm runner that serves the queue in order")
         row.held_back = "; ".join(reasons)
 
 
@@ -557,7 +567,7 @@ def decide(
     if request.pinned_tag is None:
         _charge_churn(rows, pool, free, config)
         _hold_back_sub_floor(rows)
-        _hold_back(rows, memory.offered_load, memory.shared, config)
+        _hold_back(rows, pool, memory.offered_load, memory.shared, config)
 
     # BALANCED's deadline share only while the GPU is quiet: under load the extra runner costs later callers.
     quiet = memory.offered_load <= config.quiet_load

@@ -639,6 +639,25 @@ def test_an_overloaded_gpu_takes_the_quickest_warm_variant(load: float, resident
     assert held == ({"F16", "Q6_K"} if expected == "Q4_K_M" else set())
 
 
+@pytest.mark.parametrize(("load", "busy", "expected", "held"), [
+    (0.5, ("Q4_K_M",), "Q6_K", set()),  # not overloaded: a second runner is fine, quality as usual
+    # Overloaded with Q4_K_M serving: Q6_K (127 tok/s, within 5 % of Q4_K_M's 130) counts as quick, but its idle
+    # runner, like cold Q5_K_M's load, would only time-slice the GPU with Q4_K_M's queue.
+    (1.5, ("Q4_K_M",), "Q4_K_M", {"Q6_K", "Q5_K_M"}),
+    (1.5, ("Q6_K",), "Q6_K", {"Q4_K_M", "Q5_K_M"}),  # the busy quick runner is Q6_K: the rest join its queue
+    (1.5, (), "Q6_K", set()),  # no runner serving: nothing to join, quality among the quick ones
+])
+def test_an_overloaded_gpu_keeps_to_the_quick_runner_that_serves(load: float, busy: tuple[str, ...],
+                                                                   expected: str, held: set[str]) -> None:
+    quants = ("Q6_K", "Q5_K_M", "Q4_K_M")
+    candidates = ladder(quants, resident=("Q6_K", "Q4_K_M"), tps={"Q6_K": 127.0, "Q4_K_M": 130.0}, busy=busy)
+    decision = decide(request(Q, prompt_tokens=0), candidates, replace(free(40.0), offered_load=load))
+    assert chosen(decision) == expected
+    assert {a.quantization for a in decision.candidates if a.held_back} == held
+    assert all("time-slice the GPU with a quick warm runner" in a.held_back
+               for a in decision.candidates if a.quantization in held)
+
+
 def test_an_upgrade_that_only_fits_by_evicting_an_idle_sibling_is_held_back() -> None:
     """Q4_K_M resident and idle, 9 GiB free: Q8_0 (8.46 GiB) fits only by evicting it, and other tenants may
     take what the eviction frees before Q8_0 is loaded; Q6_K (6.64 GiB) fits beside it."""
