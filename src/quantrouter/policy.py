@@ -41,8 +41,8 @@ deadline or rate floor (runners time-slice the GPU, so a new one delays each by 
 left), `_Guard`); on a shared GPU (`MemoryView.shared`) its load only fits by evicting idle siblings, whose
 memory other tenants may take before it loads; or the GPU is overloaded (`offered_load`, the service seconds
 routed per second over the last `LOAD_WINDOW_S`, at or above `overload_threshold`) and it is slower than the
-quickest warm variant, or it is idle or cold while a quick warm runner serves requests: one runner then serves
-the queue in order instead of several time-slicing runners that all miss. A variant below `SPEED_FLOOR_BPW`
+quickest warm variant, or it is not the quickest of the quick warm runners serving requests: one runner then
+serves the queue in order instead of several time-slicing runners that all miss. A variant below `SPEED_FLOOR_BPW`
 yields to any feasible variant at or above the floor that is (or, unmeasured, is believed) at least as fast:
 below ~4.5 bits/weight dequantisation eats the smaller read (docs/quantization.md §2 (iii)), so it serves when
 memory or an explicit constraint leaves nothing else. When memory pressure rejects the variant the preference
@@ -433,22 +433,21 @@ def _hold_back(rows: Sequence[_Row], pool: Sequence[CandidateInput], load: float
     """Mark what should serve only when nothing else safe can: a load that takes an idle sibling's place among
     the `max_loaded` models Ollama holds; on a shared GPU, loads that evict idle siblings for memory (other
     tenants may take the memory they free before the load is done); and under overload anything slower than
-    the quickest warm variant, or, while one of the quick warm runners serves requests, any runner idle or cold
-    (one more runner only time-slices the GPU with it: no more throughput, and every queued request later)."""
+    the quickest warm variant, or, while quick warm runners serve requests, every variant but the quickest of those
+    (another runner only time-slices the GPU with it: no more throughput, and every queued request later)."""
     feasible = [row for row in rows if not row.rejection]
     quickest = 0.0
-    serving = False
+    lead: _Row | None = None
     if load >= config.overload_threshold and feasible:
         warm = [row for row in feasible if row.resident] or feasible
         quickest = min(row.service for row in warm) * (1 + OVERLOAD_SPEED_SLACK)
-        serving = any(c.in_flight for row, c in zip(rows, pool, strict=True)
-                      if not row.rejection and row.resident and row.service <= quickest)
+        lead = min((row for row, c in zip(rows, pool, strict=True)
+                    if c.in_flight and not row.rejection and row.resident and row.service <= quickest),
+                   key=lambda row: row.service, default=None)
     evicting = any(row.churn and (shared or row.takes_slot) for row in feasible)
     if not quickest and not evicting:  # nothing to add to what the in-flight guard said
         return
-    for row, c in zip(rows, pool, strict=True):
-        if row.rejection:
-            continue
+    for row in feasible:
         reasons = [row.held_back] if row.held_back else []
         if row.churn and row.takes_slot:
             reasons.append(f"its load takes an idle sibling's place (Ollama holds {config.max_loaded} models at "
@@ -458,9 +457,9 @@ def _hold_back(rows: Sequence[_Row], pool: Sequence[CandidateInput], load: float
         if quickest and row.service > quickest:
             reasons.append(f"offered load {load:.2f} ≥ {config.overload_threshold:g}: slower than the quickest "
                            "warm variant")
-        elif serving and not c.in_flight:
+        elif lead is not None and row is not lead:
             reasons.append(f"offered load {load:.2f} ≥ {config.overload_threshold:g}: its runner would time-slice "
-                           "the GPU with a quick warm runner that serves the queue in order")
+                           f"the GPU with {lead.tag}'s, which serves the queue in order")
         row.held_back = "; ".join(reasons)
 
 

@@ -645,6 +645,7 @@ def test_an_overloaded_gpu_takes_the_quickest_warm_variant(load: float, resident
     # runner, like cold Q5_K_M's load, would only time-slice the GPU with Q4_K_M's queue.
     (1.5, ("Q4_K_M",), "Q4_K_M", {"Q6_K", "Q5_K_M"}),
     (1.5, ("Q6_K",), "Q6_K", {"Q4_K_M", "Q5_K_M"}),  # the busy quick runner is Q6_K: the rest join its queue
+    (1.5, ("Q6_K", "Q4_K_M"), "Q4_K_M", {"Q6_K", "Q5_K_M"}),  # two serve: the quicker takes the queue, Q6_K drains
     (1.5, (), "Q6_K", set()),  # no runner serving: nothing to join, quality among the quick ones
 ])
 def test_an_overloaded_gpu_keeps_to_the_quick_runner_that_serves(load: float, busy: tuple[str, ...],
@@ -654,7 +655,7 @@ def test_an_overloaded_gpu_keeps_to_the_quick_runner_that_serves(load: float, bu
     decision = decide(request(Q, prompt_tokens=0), candidates, replace(free(40.0), offered_load=load))
     assert chosen(decision) == expected
     assert {a.quantization for a in decision.candidates if a.held_back} == held
-    assert all("time-slice the GPU with a quick warm runner" in a.held_back
+    assert all(f"time-slice the GPU with {tag(expected)}'s" in a.held_back
                for a in decision.candidates if a.quantization in held)
 
 
