@@ -170,6 +170,11 @@ class PolicySettings:
     ollama_max_loaded_models: int = 0
     balanced_quality_weight: float = 0.5
     upgrade_hysteresis: float = 0.15
+    # While the GPU is busy, qualities this close to the best count as equal for QUALITY callers (the faster wins).
+    busy_quality_tolerance: float = 0.025
+    # A QUALITY pick with a deadline that would leave no room for any sibling is ranked as BALANCED; a GPU that
+    # serves QUALITY callers alone may turn this off (policy.PolicyConfig says why).
+    sole_runner_as_balanced: bool = True
     gpu_bandwidth: float = 0.0
     calibration_file: Path | None = None
 
@@ -414,6 +419,8 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"setting ewma_alpha must be in (0, 1], got {policy.ewma_alpha}")
     if not 0 <= policy.balanced_quality_weight <= 1:
         raise ConfigError("setting balanced_quality_weight must be in [0, 1]")
+    if not 0 <= policy.busy_quality_tolerance <= 1:
+        raise ConfigError(f"setting busy_quality_tolerance must be in [0, 1], got {policy.busy_quality_tolerance}")
     if not 0 < policy.load_fraction <= 1:
         raise ConfigError(f"setting load_fraction must be in (0, 1], got {policy.load_fraction}")
     fleet = settings.fleet

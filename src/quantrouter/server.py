@@ -147,7 +147,9 @@ def policy_config(settings: PolicySettings) -> PolicyConfig:
     return PolicyConfig(settings.balanced_quality_weight, settings.upgrade_hysteresis, settings.load_fraction,
                         runner_parallel=settings.ollama_num_parallel,
                         kv_bytes_per_element=KV_CACHE_TYPES[settings.ollama_kv_cache_type.lower()],
-                        max_loaded=settings.ollama_max_loaded_models or OLLAMA_MODELS_PER_GPU)
+                        max_loaded=settings.ollama_max_loaded_models or OLLAMA_MODELS_PER_GPU,
+                        busy_quality_tolerance=settings.busy_quality_tolerance,
+                        sole_runner_as_balanced=settings.sole_runner_as_balanced)
 
 
 def _every(interval: float, action: Callable[[], Awaitable[None]]) -> Callable[[], Coroutine[Any, Any, None]]:

@@ -65,6 +65,16 @@ def test_ollamas_model_cap_reaches_the_policy_and_unset_means_three_per_gpu() ->
         load_settings({}, {"OLLAMA_MAX_LOADED_MODELS": "-2"})
 
 
+def test_the_quality_knobs_reach_the_policy() -> None:
+    default = policy_config(load_settings({}, {}).policy)
+    assert (default.busy_quality_tolerance, default.sole_runner_as_balanced) == (0.025, True)
+    tuned = policy_config(load_settings({}, {"QUANTROUTER_BUSY_QUALITY_TOLERANCE": "0.005",
+                                             "QUANTROUTER_SOLE_RUNNER_AS_BALANCED": "false"}).policy)
+    assert (tuned.busy_quality_tolerance, tuned.sole_runner_as_balanced) == (0.005, False)
+    with pytest.raises(ConfigError, match="busy_quality_tolerance must be in"):
+        load_settings({}, {"QUANTROUTER_BUSY_QUALITY_TOLERANCE": "2"})
+
+
 def test_cache_dir_follows_xdg() -> None:
     assert default_cache_dir({"XDG_CACHE_HOME": "/c"}) == Path("/c/quantrouter")
     assert default_cache_dir({"QUANTROUTER_CACHE_DIR": "/q", "XDG_CACHE_HOME": "/c"}) == Path("/q")
