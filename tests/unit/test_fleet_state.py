@@ -106,7 +106,7 @@ def test_streams_sent_since_the_report_are_counted_as_the_node_router_will_count
     tag = "gemma3:270m-q8_0"
     sent = with_routed(state, [Routed(tag, 1.5, 80.0, 6.0, 20.0), Routed(tag, 0.25, 80.0)])
     (q8,) = sent.family("gemma3:270m")
-    assert (q8.in_flight, q8.queued_seconds) == (3, pytest.approx(3.75))
+    assert q8.in_flight == 3 and q8.queued_seconds == pytest.approx(3.75)
     assert sent.in_flight == 3 and sent.backlog_seconds == pytest.approx(4.25)
     assert sent.backlog == (0.25, 0.5, 1.5, 2.0) and sent.memory_view.backlog == sent.backlog
     assert sent.streams[2:] == (InFlight(1.5, 0.0, 80.0, 6.0, 20.0), InFlight(0.25, 0.0, 80.0, None, 0.0))
