@@ -350,7 +350,7 @@ class _Row:
         decode = frame.decode_tokens / tps
         self.service = service = prefill + decode
         queue = frame.backlog.delay(service)
-        if not resident and not c.in_flight:
+        if not resident:
             queue += frame.load_wait
         in_flight = c.in_flight
         if in_flight >= config.runner_parallel:
@@ -418,7 +418,7 @@ def _charge_churn(rows: Sequence[_Row], pool: Sequence[CandidateInput], free: in
     if not idle:
         return
     reload = sum(idle)
-    full = sum(1 for c in pool if c.variant.resident or c.in_flight or c.loading) >= config.max_loaded
+    full = sum(row.resident for row in rows) >= config.max_loaded  # loaded, or loading (`_Row.resident`)
     usable = free * config.load_fraction
     for row in rows:
         if not row.rejection and not row.resident:
@@ -442,7 +442,7 @@ def _hold_back(rows: Sequence[_Row], pool: Sequence[CandidateInput], load: float
         warm = [row for row in feasible if row.resident] or feasible
         quickest = min(row.service for row in warm) * (1 + OVERLOAD_SPEED_SLACK)
         lead = min((row for row, c in zip(rows, pool, strict=True)
-                    if c.in_flight and not row.rejection and row.resident and row.service <= quickest),
+                    if c.in_flight and not row.rejection and row.service <= quickest),
                    key=lambda row: row.service, default=None)
     evicting = any(row.churn and (shared or row.takes_slot) for row in feasible)
     if not quickest and not evicting:  # nothing to add to what the in-flight guard said
