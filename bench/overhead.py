@@ -65,6 +65,7 @@ from bench.fixtures.canned_ollama import VARIANTS as CANNED_VARIANTS
 from bench.machine import busy_seconds, cpu_seconds, describe, memory_mib
 from bench.processes import STOP_TIMEOUT_S, Service, canned_ollama, node_router
 from bench.readme import replace_block
+from bench.stats import percentile
 from quantrouter.client import AsyncRouterClient, Options
 from quantrouter.values import Completion
 
@@ -185,8 +186,7 @@ class Arm:
     def ttft_ms(self, quantile: float) -> float:
         """Nearest-rank quantile over the measured samples (with ≥ 200, p99 is one of the two slowest in a
         hundred)."""
-        ttfts = sorted(s.ttft_s for s in self.samples if s.measured)
-        return 1000 * ttfts[min(len(ttfts) - 1, int(quantile * len(ttfts)))] if ttfts else float("nan")
+        return 1000 * percentile([s.ttft_s for s in self.samples if s.measured], quantile)
 
 
 # Subprocesses.
