@@ -43,7 +43,7 @@ from pathlib import Path
 from bench.fixtures.canned_ollama import FAMILY, VARIANTS
 from bench.machine import cpu_seconds, describe
 from bench.overhead import ROUTER_ENV
-from bench.processes import Service, canned_ollama, fleet_router, node_router, spawned
+from bench.processes import Service, canned_ollama, fleet_router, node_flags, node_router, spawned
 from bench.simulate_fleet import DEFAULT_SEEDS, simulate
 from bench.stats import percentile
 from quantrouter.client import AsyncRouterClient, Options, PreferenceName
@@ -100,8 +100,8 @@ def fleet(logs: Path) -> Iterator[Fleet]:
             routers[name] = stack.enter_context(node_router(f"router-{name}", backend.address, logs, ROUTER_ENV,
                                                             capacity))
         router = stack.enter_context(fleet_router("fleet", routers, logs, FLEET_ENV))
-        nodes = [arg for name, node in routers.items() for arg in ("--node", f"{name}=127.0.0.1:{node.address}")]
-        relay = stack.enter_context(spawned("bare-relay", [sys.executable, "-m", "bench.fixtures.bare_relay", *nodes],
+        relay = stack.enter_context(spawned("bare-relay", [sys.executable, "-m", "bench.fixtures.bare_relay",
+                                                           *node_flags(routers)],
                                             {}, r"bare relay serving on ports (\S+)", logs))
         yield Fleet(router, routers, dict(pair.split("=") for pair in relay.address.split(",")))
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ROUTER_READY", "Service", "canned_ollama", "fleet_router", "node_router", "spawned"]
+__all__ = ["ROUTER_READY", "Service", "canned_ollama", "fleet_router", "node_flags", "node_router", "spawned"]
 
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 60.0
@@ -79,7 +79,9 @@ def node_router(name: str, backend_url: str, logs: Path, env: Mapping[str, str],
 def fleet_router(name: str, nodes: Mapping[str, Service], logs: Path, env: Mapping[str, str]
                  ) -> contextlib.AbstractContextManager[Service]:
     """A fleet router over the node routers `nodes` (name → its service)."""
-    argv = [sys.executable, *SERVE]
-    for node, router in nodes.items():
-        argv += ["--node", f"{node}=127.0.0.1:{router.address}"]
-    return spawned(name, argv, env, FLEET_READY, logs)
+    return spawned(name, [sys.executable, *SERVE, *node_flags(nodes)], env, FLEET_READY, logs)
+
+
+def node_flags(nodes: Mapping[str, Service]) -> list[str]:
+    """`--node NAME=127.0.0.1:PORT` for each node router in `nodes` (name → its service)."""
+    return [arg for node, router in nodes.items() for arg in ("--node", f"{node}=127.0.0.1:{router.address}")]
