@@ -170,8 +170,7 @@ async def hop(running: Fleet, p: Plan) -> Hop:
     through: list[float] = []
     relayed: list[float] = []
     direct: list[float] = []
-    fleet_router = running.router
-    target = f"127.0.0.1:{fleet_router.address}"
+    target = f"127.0.0.1:{running.router.address}"
     clients = {name: AsyncRouterClient(f"127.0.0.1:{r.address}") for name, r in running.nodes.items()}
     relays = {name: AsyncRouterClient(f"127.0.0.1:{port}") for name, port in running.relay_ports.items()}
     try:
@@ -179,13 +178,13 @@ async def hop(running: Fleet, p: Plan) -> Hop:
             for name in clients:  # warm every connection
                 await first_token(clients[name], FAMILY, "quality", HOP_TOKENS)
                 await first_token(relays[name], FAMILY, "quality", HOP_TOKENS)
-            idle_started, idle_cpu = time.perf_counter(), cpu_seconds(fleet_router.pid)
+            idle_started, idle_cpu = time.perf_counter(), cpu_seconds(running.router.pid)
             await asyncio.sleep(IDLE_S)
-            idle_cpu_per_s = (cpu_seconds(fleet_router.pid) - idle_cpu) / (time.perf_counter() - idle_started)
+            idle_cpu_per_s = (cpu_seconds(running.router.pid) - idle_cpu) / (time.perf_counter() - idle_started)
             cpu_before, started = 0.0, 0.0
             for index in range(p.hop_pairs + 1):
                 if index == 1:
-                    cpu_before, started = cpu_seconds(fleet_router.pid), time.perf_counter()
+                    cpu_before, started = cpu_seconds(running.router.pid), time.perf_counter()
                 decision, fleet_ttft = await first_token(fleet_client, FAMILY, "quality", HOP_TOKENS)
                 assert decision.chosen is not None
                 turns = [(direct, clients[decision.node]), (relayed, relays[decision.node])]
@@ -195,7 +194,7 @@ async def hop(running: Fleet, p: Plan) -> Hop:
                         samples.append(ttft)
                 if index:
                     through.append(fleet_ttft)
-        fleet_cpu, wall = cpu_seconds(fleet_router.pid) - cpu_before, time.perf_counter() - started
+        fleet_cpu, wall = cpu_seconds(running.router.pid) - cpu_before, time.perf_counter() - started
     finally:
         for client in (*clients.values(), *relays.values()):
             await client.close()
