@@ -300,8 +300,8 @@ def burst_report(before: Footprint, first: Burst, second: Burst) -> str:
         f"time {POOL_EXPIRY_S + SETTLE_S:.0f} s on, by when the router's backend pool has closed its idle "
         "connections; the clients' connections stay open throughout. A second burst follows the first, so that "
         "memory the allocator keeps after a burst (the same again) shows apart from a leak (more again).",
-        f"- Verdict: {verdict} (every stream of both bursts completed or was refused with RetryInfo, no other "
-        f"error, sockets back to the baseline, resident memory after the first burst within "
+        f"- Verdict: {verdict} (it passes when every stream of both bursts completed or was refused with "
+        f"RetryInfo, no other error, sockets back to the baseline, resident memory after the first burst within "
         f"{RSS_TOLERANCE_MIB:.0f} MiB of it). After the second burst resident memory is {abs(grown):.1f} MiB "
         f"{'above' if grown > 0 else 'below'} where the first left it.", "",
         "| figure | first burst | second burst |", "|---|---|---|",
