@@ -30,7 +30,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from quantrouter.v1 import router_service_pb2, router_service_pb2_grpc
-from tests.hardening.helpers import free_port
+from tests.hardening.helpers import free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "quantrouter-dashboard.json"
@@ -192,10 +192,8 @@ def generate(stub: router_service_pb2_grpc.RouterServiceStub, preference: int) -
 
 def wait_until_scraped(client: httpx.Client, counter: str, count: int) -> None:
     """Until Prometheus holds a sample of `counter` (summed) at `count` or more: a scrape after that traffic."""
-    deadline = time.monotonic() + SETTLE_TIMEOUT_S
-    while not query(client, f"sum({counter}) >= {count}"):
-        assert time.monotonic() < deadline, f"Prometheus never saw {count} in {counter}"
-        time.sleep(SCRAPE_INTERVAL_S / 4)
+    wait_for(lambda: query(client, f"sum({counter}) >= {count}"), SETTLE_TIMEOUT_S,
+             f"Prometheus to see {count} in {counter}")
 
 
 @pytest.fixture(scope="module")
@@ -247,10 +245,7 @@ def test_prometheus_evaluates_every_rule_without_error(traffic: httpx.Client) ->
         evaluated = [datetime.fromisoformat(rule["lastEvaluation"]).timestamp() for rule in rules.values()]
         return rules if all(at > scraped for at in evaluated) else {}
 
-    deadline = time.monotonic() + SETTLE_TIMEOUT_S
-    while not (rules := rules_evaluated_since()):
-        assert time.monotonic() < deadline, "Prometheus evaluated no rule after the traffic"
-        time.sleep(SCRAPE_INTERVAL_S / 4)
+    rules = wait_for(rules_evaluated_since, SETTLE_TIMEOUT_S, "Prometheus to evaluate every rule after the traffic")
     assert set(rules) == {name for name, _ in alert_exprs()}
     for name, rule in rules.items():
         assert rule["health"] == "ok", f"{name}: {rule.get('lastError')}"
