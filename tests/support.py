@@ -6,12 +6,23 @@ import shutil
 import subprocess
 import urllib.request
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from quantrouter.config import Settings, load_settings
 from quantrouter.embedded import EmbeddedServer
 from quantrouter.server import RunningServer
 
 FAMILY = "gemma3:270m"
+
+
+@dataclass
+class ManualClock:
+    """A clock the test moves (`now`), for code that takes a `clock` callable."""
+
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def router_settings(backend: EmbeddedServer, environ: Mapping[str, str] | None = None, **overrides: object

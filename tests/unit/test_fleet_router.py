@@ -19,6 +19,7 @@ from quantrouter.policy import PolicyConfig, RoutingRequest
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
 from quantrouter.values import Decision, Preference
+from tests.support import ManualClock
 from tests.unit.test_fleet_state import report
 
 NODE = "n1"
@@ -48,19 +49,11 @@ class StandInNode(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
         await asyncio.Event().wait()  # streaming: the fleet's caller holds it until it leaves
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def open_generate(stub: pb_grpc.RouterServiceStub, tag: str) -> Any:
     return stub.Generate(pb.GenerateRequest(model=tag))
 
 
-async def queue_seconds(router: FleetRouter) -> float:
+def queue_seconds(router: FleetRouter) -> float:
     """The queue the fleet prices on the node's only variant: the report's, plus the streams it adds."""
     decision = router.decide(REQUEST)
     assert decision.chosen is not None and decision.node == NODE, decision.reason
@@ -84,7 +77,7 @@ async def sent(router: FleetRouter) -> AsyncIterator[Decision | Any]:
 
 
 async def test_a_stream_sent_after_the_nodes_last_report_is_counted_and_one_sent_before_it_is_not() -> None:
-    stand_in, clock = StandInNode(), Clock()
+    stand_in, clock = StandInNode(), ManualClock(100.0)
     server = grpc.aio.server()
     pb_grpc.add_RouterServiceServicer_to_server(stand_in, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -95,24 +88,24 @@ async def test_a_stream_sent_after_the_nodes_last_report_is_counted_and_one_sent
     try:
         nodes.update({NODE: f"127.0.0.1:{port}"})
         await report_arrives(nodes, stand_in, sequence=1)
-        reported = await queue_seconds(router)  # the report's own streams only
+        reported = queue_seconds(router)  # the report's own streams only
 
         clock.now += 1
         streams.append(await sent(router))  # after report 1: the node cannot have shown it yet
-        one_more = await queue_seconds(router)
+        one_more = queue_seconds(router)
         assert one_more > reported
 
         clock.now += 1
         await report_arrives(nodes, stand_in, sequence=2)  # a report that arrived after the stream was sent
-        assert await queue_seconds(router) == reported
+        assert queue_seconds(router) == reported
 
         clock.now += 1
         streams.append(await sent(router))  # after report 2: counted again, the first one still not
-        assert await queue_seconds(router) == one_more
+        assert queue_seconds(router) == one_more
 
         for stream in streams:
             await stream.aclose()  # type: ignore[attr-defined]
-        assert await queue_seconds(router) == reported  # an ended stream is no longer added
+        assert queue_seconds(router) == reported  # an ended stream is no longer added
     finally:
         await nodes.close()
         await server.stop(0)

@@ -40,6 +40,7 @@ from quantrouter.policy import LOAD_WINDOW_S, PolicyConfig, RoutingRequest
 from quantrouter.router import Job, Router
 from quantrouter.throughput import Observation, ThroughputTable
 from quantrouter.values import Completion, Decision, FailureKind, Preference
+from tests.support import ManualClock
 
 Q8, Q5, Q4 = (v.tag for v in VARIANTS)
 # Memory does not decide anything here: every canned variant is resident and fits.
@@ -142,6 +143,13 @@ JOB = Job(prompt="Why is the sky blue?", options={"num_predict": TOKENS})
 
 async def _events(router: Router, request: RoutingRequest | None = None) -> list[Decision | str | Completion]:
     return [event async for event in router.stream(request or _request(), JOB)]
+
+
+async def _until_called(canned: Canned) -> None:
+    """Until the backend has received a generate request."""
+    async with asyncio.timeout(10):
+        while not canned.calls:
+            await asyncio.sleep(0.01)
 
 
 def _busy_variants(router: Router) -> dict[str, int]:
@@ -338,9 +346,7 @@ async def test_the_backend_request_starts_while_the_decision_is_out_and_ends_wit
     router = await make_router()
     stream = router.stream(_request(), JOB)
     assert isinstance(await anext(stream), Decision)  # the caller holds the decision and asks for nothing more
-    async with asyncio.timeout(10):
-        while not canned.calls:
-            await asyncio.sleep(0.01)
+    await _until_called(canned)
     assert canned.calls == [Q8]
     assert _busy_variants(router) == {Q8: 1}
     await stream.aclose()
@@ -397,14 +403,6 @@ async def test_a_speed_sample_says_how_many_runners_it_shared_the_gpu_with_over_
     assert [(tag, o.busy_runners) for tag, o in table.seen] == [(Q4, 2), (Q8, 2), (Q5, 1)]
 
 
-@dataclass
-class _Clock:
-    now: float = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 async def _leave_while_loading(canned: Canned, router: Router) -> Decision:
     """A QUALITY caller routed to Q8_0, not resident, leaves at its decision once the backend has the request:
     Ollama's load runs on without it, listed by /api/ps only once done (the injected `loading`)."""
@@ -414,9 +412,7 @@ async def _leave_while_loading(canned: Canned, router: Router) -> Decision:
     decision = await anext(stream)
     assert isinstance(decision, Decision) and decision.chosen is not None
     assert (decision.chosen.tag, decision.chosen.resident) == (Q8, False)
-    async with asyncio.timeout(10):
-        while not canned.calls:
-            await asyncio.sleep(0.01)
+    await _until_called(canned)
     await stream.aclose()
     assert await router.inventory.refresh(full=False)  # the early /api/ps a cold stream asks for: still loading
     assert router.in_flight == 0 and not any(v.resident for v in router.inventory.snapshot.family(FAMILY))
@@ -435,7 +431,7 @@ async def test_a_load_that_outlives_its_caller_is_remembered_until_listed_or_ove
         failure: FailureKind | None) -> None:
     """With neither residency nor a request in flight to explain the memory a load took, the policy would refuse
     every variant for memory; the router remembers the load it started and tells the policy (`loading`)."""
-    clock = _Clock()
+    clock = ManualClock()
     router = await make_router(clock=clock)
     left = await _leave_while_loading(canned, router)
     if then == "overdue":
