@@ -23,7 +23,7 @@ from quantrouter.policy import (
 )
 from quantrouter.quant import KV_CACHE_TYPES, parse_quantization
 from quantrouter.throughput import ThroughputTable
-from quantrouter.values import Decision, FailureKind, Preference
+from quantrouter.values import Assessment, Decision, FailureKind, Preference
 
 GIB = 1 << 30
 FAMILY = "llama3.1:8b-instruct"
@@ -82,8 +82,12 @@ def chosen(decision: Decision) -> str | None:
     return decision.chosen.quantization if decision.chosen else None
 
 
+def assessment(decision: Decision, quant: str) -> Assessment:
+    return next(a for a in decision.candidates if a.quantization == quant)
+
+
 def rejection(decision: Decision, quant: str) -> str:
-    return next(a.rejection for a in decision.candidates if a.quantization == quant)
+    return assessment(decision, quant).rejection
 
 
 Q, B, L = Preference.QUALITY, Preference.BALANCED, Preference.LATENCY
@@ -246,7 +250,7 @@ def test_the_memory_estimate_follows_ollamas_kv_cache_type(kv_type: str, need_gi
     config = PolicyConfig(kv_bytes_per_element=KV_CACHE_TYPES[kv_type])
     decision = decide(request(Q), ladder(("Q8_0", "Q6_K", "Q4_K_M"), tps=MEASURED_TPS), free(10.8), config)
     assert chosen(decision) == expected
-    q8 = next(a for a in decision.candidates if a.quantization == "Q8_0")
+    q8 = assessment(decision, "Q8_0")
     assert q8.memory_bytes / GIB == pytest.approx(need_gib, abs=0.005)
 
 
@@ -257,7 +261,7 @@ def test_a_runner_queues_beyond_ollamas_num_parallel(parallel: int, waits: bool)
     pool = [replace(c, queued_seconds=10.0) if c.variant.quant.name == "Q4_K_M" else c
             for c in ladder(("Q8_0", "Q4_K_M"), resident=("Q4_K_M",), tps=MEASURED_TPS, busy=("Q4_K_M",))]
     decision = decide(request(L), pool, free(40.0), PolicyConfig(runner_parallel=parallel))
-    q4 = next(a for a in decision.candidates if a.quantization == "Q4_K_M")
+    q4 = assessment(decision, "Q4_K_M")
     service = 500 / PROMPT_TPS + 256 / MEASURED_TPS["Q4_K_M"]
     assert q4.queue_seconds == pytest.approx(10.0 - service if waits else 0.0)
 
@@ -277,7 +281,7 @@ def test_a_new_variant_waits_for_a_slot_when_ollama_holds_its_most_models_all_bu
     config = PolicyConfig(max_loaded=max_loaded)
     alone = decide(request(L), pool, free(40.0), replace(config, max_loaded=99))
     decision = decide(request(L), pool, free(40.0), config)
-    q5, q5_alone = (next(a for a in d.candidates if a.quantization == "Q5_K_M") for d in (decision, alone))
+    q5, q5_alone = (assessment(d, "Q5_K_M") for d in (decision, alone))
     assert q5.queue_seconds == pytest.approx(q5_alone.queue_seconds + wait)
 
 
@@ -292,7 +296,7 @@ def test_a_load_that_takes_an_idle_siblings_place_among_ollamas_models_is_charge
     pool = ladder(("F16", "Q8_0", "Q5_K_M", "Q4_K_M"), resident=("F16", "Q8_0", "Q4_K_M"), tps=MEASURED_TPS,
                   busy=busy)
     decision = decide(request(Q), pool, replace(free(60.0), shared=False), PolicyConfig(max_loaded=max_loaded))
-    q5 = next(a for a in decision.candidates if a.quantization == "Q5_K_M")
+    q5 = assessment(decision, "Q5_K_M")
     assert q5.churn_seconds == pytest.approx(churn)
     assert ("takes an idle sibling's place" in q5.held_back) is bool(churn)
 
@@ -314,7 +318,7 @@ def test_a_variant_still_loading_for_an_earlier_request_is_joined_not_refused(
     decision = decide(request(Q), pool, free(3.0))
     assert (chosen(decision), decision.failure) == (expected, failure)
     if expected:
-        q4 = next(a for a in decision.candidates if a.quantization == "Q4_K_M")
+        q4 = assessment(decision, "Q4_K_M")
         assert q4.time_to_first_token == pytest.approx(q4.queue_seconds + 500 / PROMPT_TPS)
         assert "needs" in rejection(decision, "Q8_0")
 
@@ -373,7 +377,7 @@ def test_only_idle_resident_siblings_count_as_reclaimable(busy: tuple[str, ...],
                                                            upgrade_feasible: bool) -> None:
     candidates = ladder(("Q8_0", "Q5_K_M", "Q4_K_M"), resident=("Q4_K_M",), tps=MEASURED_TPS, busy=busy)
     decision = decide(request(Q), candidates, free(4.0))
-    q5 = next(a for a in decision.candidates if a.quantization == "Q5_K_M")
+    q5 = assessment(decision, "Q5_K_M")
     assert (chosen(decision), q5.feasible) == (expected, upgrade_feasible)
     assert decision.downgraded
 
