@@ -13,7 +13,9 @@ import time
 
 from bench.overhead import PACED, PACED_TOKENS_PER_S, TTFT_BURST, TTFT_MANY, Arm, Sample, Scenario, run_round
 
-STREAMS, PER_STREAM, TOKENS = 8, 3, 5  # a request lasts 5 tokens at 50 tok/s: 0.1 s
+# A request lasts 50 tokens at 50 tok/s, 1 s: long enough that a busy machine's scheduling delays (tens of ms)
+# stay well inside the 125 ms that separate one stream's start from the next.
+STREAMS, PER_STREAM, TOKENS = 8, 3, 50
 SLOW_FIRST_S = 9.0  # a ramp request's TTFT, far above every measured one
 
 
@@ -37,7 +39,7 @@ async def test_steady_streams_start_spread_over_one_request_and_their_first_requ
     scenario = Scenario(PACED, STREAMS, PER_STREAM, TOKENS, staggered=True)
     arm, firsts = await round_of(scenario)
     assert scenario.request_s == TOKENS / PACED_TOKENS_PER_S
-    # Stream i waits i/8 of 0.1 s: the last starts at least most of 87.5 ms after the first, none after 0.1 s.
+    # Stream i waits i/8 of 1 s: the last starts at least most of 875 ms after the first, none after 1 s.
     assert 0.8 * (STREAMS - 1) / STREAMS * scenario.request_s <= firsts[-1] - firsts[0] < scenario.request_s
     assert len(arm.samples) == STREAMS * PER_STREAM and arm.tokens == STREAMS * PER_STREAM * TOKENS
     assert arm.measured == STREAMS * (PER_STREAM - 1)
