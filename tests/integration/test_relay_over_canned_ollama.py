@@ -28,7 +28,6 @@ from quantrouter.backend import Final, OllamaBackend, Text
 from quantrouter.config import BackendSettings
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
-from tests.hardening.helpers import free_port
 
 TAG = VARIANTS[-1].tag
 TOKENS = 64
@@ -131,15 +130,17 @@ def canned_process(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 
 @pytest.fixture
-def workers(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int]]:
-    """`quantrouter serve --workers 2` on a port of its own choosing, in front of the canned backend."""
+def workers(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, list[int]]]:
+    """`quantrouter serve --workers 2` on ports of its own choosing, in front of the canned backend.
+
+    Metrics port 0 lets each worker take a free port of its own and log it: a fixed base port + i would race
+    with whatever else takes an ephemeral port meanwhile (CI once found base + 1 in use)."""
     canned, url = canned_process(tmp_path)
-    metrics_port = free_port()
     log = tmp_path / "router.log"
     with log.open("wb") as out:
         router = subprocess.Popen(
             [sys.executable, "-m", "quantrouter.cli", "serve", "--workers", str(WORKERS), "--ollama-host", url,
-             "--grpc-address", "127.0.0.1:0", "--metrics-address", f"127.0.0.1:{metrics_port}",
+             "--grpc-address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0",
              "--memory-capacity", "80GiB"], stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -149,7 +150,8 @@ def workers(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int]
             time.sleep(0.05)
         ports = {line.split("serving on port ")[1].split()[0] for line in lines}
         assert len(ports) == 1, f"the workers serve on different ports: {ports}"
-        yield router, int(ports.pop()), metrics_port
+        metrics_ports = [int(line.split("(metrics on ")[1].split(")")[0]) for line in lines]
+        yield router, int(ports.pop()), metrics_ports
     finally:
         router.send_signal(signal.SIGTERM)
         router.wait(STOP_TIMEOUT_S)
@@ -157,14 +159,14 @@ def workers(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int]
         canned.wait(STOP_TIMEOUT_S)
 
 
-def test_workers_share_one_port_and_both_take_calls(workers: tuple[subprocess.Popen[bytes], int, int]) -> None:
-    router, port, metrics_port = workers
+def test_workers_share_one_port_and_both_take_calls(workers: tuple[subprocess.Popen[bytes], int, list[int]]) -> None:
+    router, port, metrics_ports = workers
     request = pb.GenerateRequest(model=FAMILY, prompt="Hi", options=pb.GenerationOptions(num_predict=4))
     for _ in range(CONNECTIONS):  # a channel each: a new TCP connection, which the kernel places on a worker
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
             responses = list(pb_grpc.RouterServiceStub(channel).Generate(request, timeout=30))
             assert responses[-1].completion.generated_tokens == 4
-    served = [metrics_total(metrics_port + i, "quantrouter_requests_total") for i in range(WORKERS)]
+    served = [metrics_total(metrics_port, "quantrouter_requests_total") for metrics_port in metrics_ports]
     assert sum(served) == CONNECTIONS and all(served), served
     router.send_signal(signal.SIGTERM)
     assert router.wait(STOP_TIMEOUT_S) == 0
