@@ -34,7 +34,7 @@ import httpx
 
 from bench.fixtures.canned_ollama import FAMILY, VARIANTS
 from bench.machine import describe, free_port
-from bench.processes import Service, canned_ollama, node_router, spawned
+from bench.processes import FLEET_READY, Service, canned_ollama, node_router, spawned
 from bench.stats import percentile
 from quantrouter.gateway.envoy import envoy_config
 
@@ -201,18 +201,16 @@ def main() -> None:
         routers = [stack.enter_context(node_router(f"router-{b.name}", b.address, logs,
                                                    {"QUANTROUTER_MEMORY_RESERVE": "0"}, CAPACITY))
                    for b in backends]
-        epp_port, metrics_port = free_port(), free_port()
-        argv = [sys.executable, "-m", "quantrouter.cli", "epp", "--grpc-address", f"127.0.0.1:{epp_port}",
-                "--metrics-address", f"127.0.0.1:{metrics_port}"]
+        argv = [sys.executable, "-m", "quantrouter.cli", "epp", "--grpc-address", "127.0.0.1:0",
+                "--metrics-address", "127.0.0.1:0"]
         for i, (backend, router) in enumerate(zip(backends, routers, strict=True)):
             argv += ["--node", f"n{i}=127.0.0.1:{router.address}",
                      "--endpoint", f"n{i}={backend.address.removeprefix('http://')}"]
-        stack.enter_context(spawned("epp", argv, {"QUANTROUTER_NODE_REPORT_INTERVAL": "0.5",
-                                                  "QUANTROUTER_MAX_IN_FLIGHT": "256"},
-                                    r"fleet router serving on port (\d+)", logs))
+        epp = stack.enter_context(spawned("epp", argv, {"QUANTROUTER_NODE_REPORT_INTERVAL": "0.5",
+                                                        "QUANTROUTER_MAX_IN_FLIGHT": "256"}, FLEET_READY, logs))
         servers = [host_port(b.address) for b in backends]
         picked, plain = free_port(), free_port()
-        stack.enter_context(envoy("envoy-epp", envoy_config(("127.0.0.1", picked), ("127.0.0.1", epp_port),
+        stack.enter_context(envoy("envoy-epp", envoy_config(("127.0.0.1", picked), ("127.0.0.1", int(epp.address)),
                                                             ("127.0.0.1", free_port())), logs))
         stack.enter_context(envoy("envoy-rr", envoy_config(("127.0.0.1", plain), None, ("127.0.0.1", free_port()),
                                                            model_servers=servers), logs))
@@ -222,7 +220,7 @@ def main() -> None:
         rows = []
         for scenario in scenarios(args.quick):
             rows += rows_for(scenario, asyncio.run(measure(scenario, targets)))
-        pick = pick_seconds(f"http://127.0.0.1:{metrics_port}/metrics")
+        pick = pick_seconds(f"http://127.0.0.1:{epp.metrics}/metrics")
     write_results(rows, pick, started, time.perf_counter() - clock)
     print((RESULTS / "gateway.md").read_text())
 
