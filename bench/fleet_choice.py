@@ -16,7 +16,6 @@ import argparse
 import datetime
 import importlib.util
 import random
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -106,7 +105,7 @@ def each_once(reports: Sequence[pb.NodeCapacity], module: ModuleType) -> list[fl
 
 
 def summary(samples: Sequence[float]) -> str:
-    return (f"p50 {statistics.median(samples):7.1f} µs  p99 {percentile(samples, 0.99):7.1f} µs  "
+    return (f"p50 {percentile(samples, 0.5):7.1f} µs  p99 {percentile(samples, 0.99):7.1f} µs  "
             f"(n={len(samples)}, IQR {percentile(samples, 0.25):.1f}–{percentile(samples, 0.75):.1f})")
 
 
@@ -180,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
             decisions[arm] = [key(choose(r, s, config)) for r, s in picks]
             pick = cpu_us(over(picks, partial(_pick, choose, config)), args.rounds)
             read = each_once(recorder.reports, state_module)
-            medians[arm, "choose"], medians[arm, "read_report"] = statistics.median(pick), statistics.median(read)
+            medians[arm, "choose"], medians[arm, "read_report"] = percentile(pick, 0.5), percentile(read, 0.5)
             say(f"  {arm:10s} choose       {summary(pick)}")
             say(f"  {arm:10s} read_report  {summary(read)}")
         twins = [(report, _resent(report)) for report in recorder.reports]
