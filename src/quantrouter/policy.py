@@ -11,8 +11,12 @@ estimates and the time left before the deadline. The model (design §5):
   finish (docs/ollama.md §3), which a routed request would spend in a queue;
 - queue = the GPU's backlog as this request would meet it: runners of one GPU time-slice it, so each
   in-flight request delays this one by min(its remaining seconds, this one's own service time), and on a
-  runner that already serves `runner_parallel` requests this one also waits its turn; a variant not loaded
-  waits, when Ollama already holds `max_loaded` busy models, until the first of them drains;
+  runner that already serves `runner_parallel` requests this one also waits its turn; on one with a free slot
+  it decodes in the same steps as its batch-mates, which do not time-slice it (their share, at most in-flight
+  × its service, is taken off; counted, joining a busy runner's batch looked as slow as a second runner
+  time-slicing the GPU with it, and LATENCY callers took that second runner, under which both runners' requests
+  fell below 60 tok/s on the simulated H100 with OLLAMA_NUM_PARALLEL 2 and 4); a variant not loaded waits,
+  when Ollama already holds `max_loaded` busy models, until the first of them drains;
 - ttft = queue + cold-load time (when not resident) + prompt tokens / prompt tok/s;
 - expected time T = ttft + num_predict / decode tok/s;
 - churn = when loading a variant must evict an idle resident sibling (it does not fit beside it), the
@@ -355,6 +359,8 @@ class _Row:
         in_flight = c.in_flight
         if in_flight >= config.runner_parallel:
             queue += max(c.queued_seconds - in_flight * service, 0.0)
+        elif in_flight:  # a free slot in its batch: its batch-mates decode in its steps, not time-sliced
+            queue = max(queue - min(c.queued_seconds, in_flight * service), 0.0)
         # Constraints judge the variant on its own (alone on the GPU); the backlog only steers (`at_risk`).
         rejection = _constraint_rejection(c, frame.request, speed, load + prefill)
         deadline = frame.deadline

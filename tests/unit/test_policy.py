@@ -266,6 +266,35 @@ def test_a_runner_queues_beyond_ollamas_num_parallel(parallel: int, waits: bool)
     assert q4.queue_seconds == pytest.approx(10.0 - service if waits else 0.0)
 
 
+# Services alone (500 prompt tokens at 5000 tok/s, 256 decoded): Q8_0 0.1 + 256/95 s, Q4_K_M 0.1 + 256/130 s.
+Q8_SERVICE, Q4_SERVICE = 0.1 + 256 / 95.0, 0.1 + 256 / 130.0
+
+
+@pytest.mark.parametrize(("parallel", "f16_left", "expected", "q8_queue", "q4_queue"), [
+    # One slot: the request waits for Q8_0's 6 s, so LATENCY time-slices the GPU on Q4_K_M's idle runner.
+    (1, None, "Q4_K_M", 6.0, Q4_SERVICE),
+    # A free slot: it decodes in Q8_0's batch, in the same steps as the request there (no second runner, nothing
+    # time-sliced), while Q4_K_M's runner would time-slice with that request for all of its own service.
+    (2, None, "Q8_0", 0.0, Q4_SERVICE),
+    (4, None, "Q8_0", 0.0, Q4_SERVICE),
+    # Another runner busy (F16, 1 s left) still time-slices with either.
+    (2, 1.0, "Q8_0", 1.0, 1.0 + Q4_SERVICE),
+])
+def test_a_request_joining_a_runners_batch_is_not_delayed_by_its_batch_mates(
+        parallel: int, f16_left: float | None, expected: str, q8_queue: float, q4_queue: float) -> None:
+    """Q8_0's runner serves a QUALITY request with 6 s left; Q4_K_M is resident and idle."""
+    quants = ("F16", "Q8_0", "Q4_K_M")
+    busy = ("Q8_0",) if f16_left is None else ("Q8_0", "F16")
+    left = {"Q8_0": 6.0, "F16": f16_left or 0.0}
+    pool = [replace(c, queued_seconds=left[c.variant.quant.name]) if c.in_flight else c
+            for c in ladder(quants, resident=quants, tps=MEASURED_TPS, busy=busy)]
+    view = replace(free(40.0), backlog=tuple(sorted(left[q] for q in busy)))
+    decision = decide(request(L), pool, view, PolicyConfig(runner_parallel=parallel))
+    assert chosen(decision) == expected
+    assert assessment(decision, "Q8_0").queue_seconds == pytest.approx(q8_queue)
+    assert assessment(decision, "Q4_K_M").queue_seconds == pytest.approx(q4_queue)
+
+
 @pytest.mark.parametrize(("busy", "max_loaded", "wait"), [
     (("F16", "Q8_0", "Q4_K_M"), 3, 3 * 10.0),  # three models held, all busy: the first drains in 10 s × 3 runners
     (("F16", "Q8_0"), 3, 0.0),  # Q4_K_M idle: Ollama evicts it and loads at once
