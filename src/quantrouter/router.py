@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
-from collections import Counter, deque
+from array import array
+from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
@@ -74,6 +76,8 @@ _NOT_THE_VARIANTS_FAULT = (BackendUnavailable, BackendBusy, BackendRejected)
 OVERLOADED_RETRY_AFTER_S = 0.5
 # Built for every variant of a family on each request (without the frozen `__init__`'s per-field cost).
 _new_candidate = quick_constructor(CandidateInput)
+# The offered load's window is summed in buckets this long.
+LOAD_BUCKET_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +114,36 @@ class _Work:
     def in_flight(self, now: float) -> InFlight:
         return InFlight(self.service_seconds, self.done(), self.tokens_per_second,
                         None if self.deadline is None else self.deadline - now, self.min_tokens_per_second)
+
+
+class LoadWindow:
+    """The service seconds routed over the last `LOAD_WINDOW_S`, in a fixed ring of `LOAD_BUCKET_S` buckets of
+    plain doubles: nothing is kept per stream, so its memory does not grow with the request rate, and a burst
+    leaves no object behind that pins the allocator's memory afterwards (bench/results/load-1000.md). A
+    routing counts for the window's length, give or take one bucket."""
+
+    __slots__ = ("_buckets", "_newest")
+
+    def __init__(self) -> None:
+        self._buckets = array("d", [0.0] * math.ceil(LOAD_WINDOW_S / LOAD_BUCKET_S))
+        self._newest = -len(self._buckets)  # the newest bucket's number (its start time over LOAD_BUCKET_S)
+
+    def _advance(self, now: float) -> int:
+        """The bucket `now` falls in; the ones the window left since the newest are emptied for reuse."""
+        current = int(now // LOAD_BUCKET_S)
+        size = len(self._buckets)
+        for number in range(max(self._newest + 1, current - size + 1), current + 1):
+            self._buckets[number % size] = 0.0
+        self._newest = max(self._newest, current)
+        return current
+
+    def add(self, now: float, service_seconds: float) -> None:
+        self._buckets[self._advance(now) % len(self._buckets)] += service_seconds
+
+    def per_second(self, now: float) -> float:
+        """The offered load: service seconds routed within the window, per second."""
+        self._advance(now)
+        return sum(self._buckets) / LOAD_WINDOW_S
 
 
 class Recorder(Protocol):
@@ -205,8 +239,7 @@ class Router:
         self._tables: dict[str, tuple[CandidateInput, ...]] = {}
         self._tables_catalog: CatalogSnapshot | None = None
         self._tables_speeds: ThroughputSnapshot | None = None
-        self._routed: deque[tuple[float, float]] = deque()  # (time, service estimate) of recent routings
-        self._routed_seconds = 0.0  # their sum, kept as they come and go (not summed on every decision)
+        self._routed = LoadWindow()  # the service estimates of recent routings
         self.opened = 0  # streams admitted since the start (the allocator trims after enough of them)
 
     @property
@@ -262,12 +295,8 @@ class Router:
         snapshot = self.probe.latest
         reserve = self.reserve_bytes * len(snapshot.gpus) if snapshot.source == NVML else 0
         now = self._clock()
-        while self._routed and self._routed[0][0] < now - LOAD_WINDOW_S:
-            self._routed_seconds -= self._routed.popleft()[1]
-        if not self._routed:
-            self._routed_seconds = 0.0  # no rounding residue from the running sum
         return MemoryView(snapshot.free_bytes, reserve, snapshot.source, self._backlog(),
-                          tuple(w.in_flight(now) for w in self._work), self._routed_seconds / LOAD_WINDOW_S,
+                          tuple(w.in_flight(now) for w in self._work), self._routed.per_second(now),
                           shared=snapshot.source == NVML)
 
     def decide(self, request: RoutingRequest) -> Decision:
@@ -335,8 +364,7 @@ class Router:
                 work = _Work(variant.tag, chosen.expected_seconds - chosen.queue_seconds, request.num_predict,
                              tokens_per_second=chosen.tokens_per_second, deadline=deadline,
                              min_tokens_per_second=request.min_tokens_per_second)
-                self._routed.append((self._clock(), work.service_seconds))  # served work, not a dry-run Route
-                self._routed_seconds += work.service_seconds
+                self._routed.add(self._clock(), work.service_seconds)  # served work, not a dry-run Route
                 if not chosen.resident:  # a load starts, and may outlive this request (`LoadsStarted`)
                     self._loads.started(variant.tag, self._clock(), chosen.time_to_first_token)
                 relay = _sent_while(decision, self._forward(variant, job, work, cold=not variant.resident))

@@ -37,7 +37,7 @@ from quantrouter.loads import LOAD_MARGIN
 from quantrouter.memory import MemoryProbe, StaticSource
 from quantrouter.metrics import OTHER, Metrics
 from quantrouter.policy import LOAD_WINDOW_S, PolicyConfig, RoutingRequest
-from quantrouter.router import Job, Router
+from quantrouter.router import LOAD_BUCKET_S, Job, LoadWindow, Router
 from quantrouter.throughput import Observation, ThroughputTable
 from quantrouter.values import Completion, Decision, FailureKind, Preference
 from tests.support import ManualClock
@@ -463,3 +463,19 @@ async def test_a_load_whose_stream_failed_is_forgotten(
     assert canned.calls == [Q8, Q5]  # the fallback's load failed too
     router.probe = MemoryProbe(StaticSource(1, lambda: 0), None, 1.0)
     assert router.decide(_request()).failure is FailureKind.MEMORY
+
+
+def test_the_load_window_counts_what_was_routed_within_it() -> None:
+    """Service seconds count for the window's length (give or take a bucket), then leave it, with or without
+    routings in between."""
+    window = LoadWindow()
+    window.add(100.2, 3.0)
+    window.add(101.7, 6.0)
+    assert window.per_second(102.0) == pytest.approx(9.0 / LOAD_WINDOW_S)
+    assert window.per_second(100.0 + LOAD_WINDOW_S - LOAD_BUCKET_S) == pytest.approx(9.0 / LOAD_WINDOW_S)
+    assert window.per_second(100.5 + LOAD_WINDOW_S) == pytest.approx(6.0 / LOAD_WINDOW_S)
+    assert window.per_second(102.0 + LOAD_WINDOW_S) == 0.0
+    for i in range(1000):
+        window.add(200.0 + i / 100, 0.5)
+    assert window.per_second(210.0) == pytest.approx(500.0 / LOAD_WINDOW_S)
+    assert window.per_second(10_000.0) == 0.0

@@ -1,0 +1,89 @@
+"""A burst of streams through a real router (gRPC over a socket, the real `ollama` client over HTTP to the
+canned Ollama fixture in its own process) leaves none of the router's own allocations behind per stream.
+
+Why it matters: an object a stream leaves behind (the offered-load window kept a tuple and two floats per
+routing, for 30 s and on an idle router until the next request) is scattered through the memory the burst
+took, and one live object keeps a whole 1 MiB arena of CPython's small-object allocator resident
+(bench/results/load-1000.md). tracemalloc counts what is still allocated after the burst, by the line of
+quantrouter that allocated it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import tempfile
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from bench.fixtures.canned_ollama import FAMILY
+from bench.processes import canned_ollama
+from prometheus_client import CollectorRegistry
+
+import quantrouter
+from quantrouter.config import load_settings
+from quantrouter.server import RunningServer, run_in_thread
+from quantrouter.v1 import router_service_pb2 as pb
+from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
+from tests.hardening.helpers import wait_for
+
+STREAMS = 400
+WARM_UP = 16
+TOKENS = 8
+TIMEOUT_S = 60.0
+# What may stay of the burst: the latest snapshots the router keeps (speeds, catalog, candidate tables: about 60
+# blocks, measured), which do not grow with the number of streams; one object per stream would be 400.
+KEPT_AT_MOST = STREAMS // 4
+PACKAGE = str(Path(quantrouter.__file__).parent)
+GENERATED = str(Path(quantrouter.__file__).parent / "v1")
+
+
+@pytest.fixture
+def router() -> Iterator[RunningServer]:
+    with tempfile.TemporaryDirectory() as logs, canned_ollama("canned", 0.0, Path(logs)) as backend:
+        settings = load_settings({"grpc_address": "127.0.0.1:0", "metrics_address": "127.0.0.1:0",
+                                  "ollama_host": backend.address, "memory_capacity": "80GiB", "memory_reserve": 0,
+                                  "max_in_flight": STREAMS, "max_in_flight_per_family": STREAMS}, {})
+        with run_in_thread(settings, CollectorRegistry()) as running:
+            yield running
+
+
+async def _streams(stub: pb_grpc.RouterServiceStub, count: int) -> None:
+    request = pb.GenerateRequest(model=FAMILY, prompt="Why is the sky blue?",
+                                 options=pb.GenerationOptions(num_predict=TOKENS))
+
+    async def one() -> None:
+        responses = [r async for r in stub.Generate(request, timeout=TIMEOUT_S)]
+        assert responses[-1].HasField("completion")
+
+    await asyncio.gather(*(one() for _ in range(count)))
+
+
+def _kept_by_quantrouter(snapshot: tracemalloc.Snapshot) -> dict[str, int]:
+    """Blocks still allocated, by the quantrouter line (not the generated protobuf modules) that allocated them."""
+    kept: dict[str, int] = {}
+    for trace in snapshot.traces:
+        frame = trace.traceback[0]
+        if frame.filename.startswith(PACKAGE) and not frame.filename.startswith(GENERATED):
+            line = f"{Path(frame.filename).name}:{frame.lineno}"
+            kept[line] = kept.get(line, 0) + 1
+    return kept
+
+
+async def test_a_burst_leaves_no_allocation_of_the_router_per_stream(router: RunningServer) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
+        stub = pb_grpc.RouterServiceStub(channel)
+        await _streams(stub, WARM_UP)  # lazy imports, caches and the first speed samples: before counting
+        tracemalloc.start(1)
+        try:
+            await _streams(stub, STREAMS)
+            await asyncio.to_thread(wait_for, lambda: router.router.in_flight == 0, TIMEOUT_S, "the streams to end")
+            gc.collect()
+            kept = _kept_by_quantrouter(tracemalloc.take_snapshot())
+        finally:
+            tracemalloc.stop()
+    worst = sorted(kept.items(), key=lambda item: -item[1])
+    assert sum(kept.values()) <= KEPT_AT_MOST, f"the router kept per stream: {worst}"
