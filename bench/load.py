@@ -6,12 +6,13 @@ The router runs as its own process (`quantrouter serve`), so its CPU time, memor
 /proc/<pid> alone.
 
 The burst (bench/results/load-1000.md) starts 1,000 streams at once, with no retries, against a router
-capped at 512 in flight in front of the canned fixture at 50 tok/s a stream: each must complete or be
+capped at 512 in flight in front of the canned fixture at 4 tok/s a stream: each must complete or be
 refused with RESOURCE_EXHAUSTED and RetryInfo, and afterwards the router's resident memory and open
 sockets must come back to where they were before it (sockets once the backend pool's idle connections
-expire). The embedded run (bench/results/load.md): each client retries RESOURCE_EXHAUSTED (the router's
-in-flight caps, or the backend's full queue) after the RetryInfo delay; the backend and the clients share
-this process. Pass: zero other errors and every stream complete.
+expire). The router runs under bench.memory_probe, which tells who holds its memory at each reading.
+The embedded run (bench/results/load.md): each client retries RESOURCE_EXHAUSTED (the router's in-flight
+caps, or the backend's full queue) after the RetryInfo delay; the backend and the clients share this process.
+Pass: zero other errors and every stream complete.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import asyncio
 import contextlib
 import os
 import re
+import signal
 import statistics
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -34,7 +37,8 @@ import grpc
 
 from bench.fixtures.canned_ollama import FAMILY as CANNED_FAMILY
 from bench.machine import cpu_seconds, describe
-from bench.processes import Service, canned_ollama, node_router
+from bench.memory_probe import PROBE_FILE_VARIABLE, MemoryFigures, read_figures
+from bench.processes import ROUTER_READY, SERVE, canned_ollama, node_router, spawned
 from quantrouter.backend import STREAM_KEEPALIVE_S
 from quantrouter.client import error_details
 from quantrouter.config import default_cache_dir
@@ -106,11 +110,6 @@ def router_env(settings: Mapping[str, str]) -> dict[str, str]:
     return {**settings, "QUANTROUTER_MEMORY_RESERVE": "0", "QUANTROUTER_LOG_LEVEL": "info"}
 
 
-def trims_logged(router: Service) -> list[str]:
-    """The router's log lines so far that say it returned freed memory."""
-    return [match.group(0) for match in _TRIMMED.finditer(router.log.read_text(errors="replace"))]
-
-
 async def run_load(target: str) -> tuple[Tally, float]:
     tally = Tally()
     async with grpc.aio.insecure_channel(target) as channel:
@@ -176,6 +175,10 @@ BURST_TOKENS_PER_S = 4.0  # 8 s a stream: the burst outlasts its own start, so t
 # about that often: twice that, and the backend's sockets are closed.
 POOL_EXPIRY_S = 2 * STREAM_KEEPALIVE_S
 SETTLE_S = 1.0
+# The clients' connections are closed this long before the last reading.
+HANG_UP_S = 2.0
+PROBE_TIMEOUT_S = 30.0
+PROBE_POLL_S = 0.05
 
 
 @dataclass
@@ -227,31 +230,73 @@ async def one_request(stub: pb_grpc.RouterServiceStub) -> None:
 
 
 @dataclass(frozen=True, slots=True)
+class ProbedRouter:
+    """The router under the burst (`python -m bench.memory_probe serve …`): its pid, the file its memory probe
+    writes, and its log."""
+
+    pid: int
+    probe_file: Path
+    log: Path
+
+    def trims(self) -> list[str]:
+        """The router's log lines so far that say it returned freed memory."""
+        return [match.group(0) for match in _TRIMMED.finditer(self.log.read_text(errors="replace"))]
+
+    async def reading(self) -> Reading:
+        """Resident memory and sockets (/proc), then the probe's figures (SIGUSR1; it answers within a loop turn)."""
+        taken = footprint(self.pid)
+        count = len(read_figures(self.probe_file))
+        os.kill(self.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + PROBE_TIMEOUT_S
+        while len(figures := read_figures(self.probe_file)) == count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the router's memory probe did not answer within {PROBE_TIMEOUT_S:.0f} s")
+            await asyncio.sleep(PROBE_POLL_S)
+        return Reading(taken, figures[-1])
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """The router's resident memory and sockets, and who holds the memory (its probe's figures)."""
+
+    footprint: Footprint
+    memory: MemoryFigures
+
+
+@dataclass(frozen=True, slots=True)
 class Burst:
-    """One burst: its answers, its wall time, the footprint at its end and after the pool's idle time."""
+    """One burst: its answers, its wall time, the footprint at its end and the reading after the pool's idle time."""
 
     tally: BurstTally
     wall_s: float
     peak: Footprint
-    after: Footprint
+    after: Reading
     trims: tuple[str, ...]  # the router's log lines from giving freed memory back after it
 
 
-async def one_burst(stubs: list[pb_grpc.RouterServiceStub], pid: int, trims: Callable[[], list[str]]) -> Burst:
-    tally, trimmed = BurstTally(), len(trims())
+@dataclass(frozen=True, slots=True)
+class BurstRun:
+    before: Reading
+    first: Burst
+    second: Burst
+    hung_up: Reading  # once the clients closed their connections
+
+
+async def one_burst(stubs: list[pb_grpc.RouterServiceStub], router: ProbedRouter) -> Burst:
+    tally, trimmed = BurstTally(), len(router.trims())
     started = time.perf_counter()
     await asyncio.gather(*(burst_stream(stubs[i % BURST_CLIENTS], tally) for i in range(BURST)))
     wall = time.perf_counter() - started
-    peak = Footprint(float(memory_peak_mib(pid)), footprint(pid).sockets)
+    peak = Footprint(float(memory_peak_mib(router.pid)), footprint(router.pid).sockets)
     await one_request(stubs[0])  # the router still serves after the burst
     await asyncio.sleep(POOL_EXPIRY_S + SETTLE_S)
-    return Burst(tally, wall, peak, footprint(pid), tuple(trims()[trimmed:]))
+    return Burst(tally, wall, peak, await router.reading(), tuple(router.trims()[trimmed:]))
 
 
-async def run_burst(target: str, pid: int, trims: Callable[[], list[str]]) -> tuple[Footprint, Burst, Burst]:
+async def run_burst(target: str, router: ProbedRouter) -> BurstRun:
     """Warm up, let the pool's idle connections expire, take the baseline; then two bursts, each followed by
     one more request and the pool's idle time. The second tells memory the allocator keeps after a burst (the
-    same again) from a leak (more again).
+    same again) from a leak (more again). Last, the clients hang up: what per-connection state held goes.
 
     The streams come from many clients, a connection each (as from many services), each warmed before the
     baseline: hundreds of streams at once on one grpc aio channel end CANCELLED in the client before the
@@ -261,8 +306,11 @@ async def run_burst(target: str, pid: int, trims: Callable[[], list[str]]) -> tu
             target, options=[("grpc.use_local_subchannel_pool", 1)]))) for _ in range(BURST_CLIENTS)]
         await asyncio.gather(*(one_request(stub) for stub in stubs))  # at once: one by one takes 8 s each
         await asyncio.sleep(POOL_EXPIRY_S + SETTLE_S)  # the warm-ups' backend connections close, as after the burst
-        before = footprint(pid)
-        return before, await one_burst(stubs, pid, trims), await one_burst(stubs, pid, trims)
+        before = await router.reading()
+        first = await one_burst(stubs, router)
+        second = await one_burst(stubs, router)
+    await asyncio.sleep(HANG_UP_S)
+    return BurstRun(before, first, second, await router.reading())
 
 
 def memory_peak_mib(pid: int) -> float:
@@ -280,13 +328,19 @@ def _answers(tally: BurstTally) -> str:
             f"{sum(tally.errors.values())} other errors{f' ({errors})' if errors else ''}")
 
 
-def burst_report(before: Footprint, first: Burst, second: Burst) -> str:
+def _mib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def burst_report(run: BurstRun) -> str:
+    before, first, second, hung_up = run.before, run.first, run.second, run.hung_up
     answered = all(b.tally.completed + b.tally.refused_with_retry == BURST and not b.tally.errors
                    for b in (first, second))
-    sockets_back = first.after.sockets <= before.sockets and second.after.sockets <= before.sockets
-    rss_back = first.after.rss_mib <= before.rss_mib + RSS_TOLERANCE_MIB
+    sockets_back = (first.after.footprint.sockets <= before.footprint.sockets
+                    and second.after.footprint.sockets <= before.footprint.sockets)
+    rss_back = first.after.footprint.rss_mib <= before.footprint.rss_mib + RSS_TOLERANCE_MIB
     verdict = "pass" if answered and sockets_back and rss_back else "**fail**"
-    grown = second.after.rss_mib - first.after.rss_mib
+    grown = second.after.footprint.rss_mib - first.after.footprint.rss_mib
     lines = [
         f"# Load: {BURST:,} concurrent streams through one router", "",
         f"- Date: {datetime.now(UTC).isoformat(timespec='seconds')}",
@@ -298,51 +352,85 @@ def burst_report(before: Footprint, first: Burst, second: Burst) -> str:
         f"{BURST_CAPS['QUANTROUTER_MAX_IN_FLIGHT']}. Memory and sockets are the router process's (/proc), before the "
         "first burst (after a warm-up request on each client) and after each burst (after one more request), each "
         f"time {POOL_EXPIRY_S + SETTLE_S:.0f} s on, by when the router's backend pool has closed its idle "
-        "connections; the clients' connections stay open throughout. A second burst follows the first, so that "
-        "memory the allocator keeps after a burst (the same again) shows apart from a leak (more again).",
+        "connections; the clients' connections stay open until both bursts are over, then close, and a last "
+        f"reading follows {HANG_UP_S:.0f} s later. A second burst follows the first, so that memory the allocator "
+        "keeps after a burst (the same again) shows apart from a leak (more again). Who holds the memory comes "
+        "from inside the router: it runs as `python -m bench.memory_probe serve …` (this checkout's router, "
+        "unchanged), which on each reading reports glibc malloc's bytes in use and CPython's small-object "
+        "allocator (`sys._debugmallocstats`: its 1 MiB arenas, the bytes live in them and the free space inside "
+        "them); it only reads.",
         f"- Verdict: {verdict} (it passes when every stream of both bursts completed or was refused with "
         f"RetryInfo, no other error, sockets back to the baseline, resident memory after the first burst within "
         f"{RSS_TOLERANCE_MIB:.0f} MiB of it). After the second burst resident memory is {abs(grown):.1f} MiB "
         f"{'above' if grown > 0 else 'below'} where the first left it.", "",
-        "| figure | first burst | second burst |", "|---|---|---|",
-        f"| answers | {_answers(first.tally)} | {_answers(second.tally)} |",
-        f"| wall time | {first.wall_s:.1f} s | {second.wall_s:.1f} s |",
-        f"| router resident memory: before / peak / after (MiB) | {before.rss_mib} / {first.peak.rss_mib} / "
-        f"{first.after.rss_mib} | — / {second.peak.rss_mib} / {second.after.rss_mib} |",
-        f"| router open sockets: before / at the burst's end / after | {before.sockets} / {first.peak.sockets} / "
-        f"{first.after.sockets} | — / {second.peak.sockets} / {second.after.sockets} |",
-        f"| the router's log after the burst (quantrouter.allocator) | {_trims(first)} | {_trims(second)} |",
+        "| figure | before | after the first burst | after the second burst | after the clients hung up |",
+        "|---|---|---|---|---|",
+        f"| answers | — | {_answers(first.tally)} | {_answers(second.tally)} | — |",
+        f"| wall time | — | {first.wall_s:.1f} s | {second.wall_s:.1f} s | — |",
+        f"| router resident memory, MiB (peak) | {before.footprint.rss_mib} | {first.after.footprint.rss_mib} "
+        f"({first.peak.rss_mib}) | {second.after.footprint.rss_mib} ({second.peak.rss_mib}) | "
+        f"{hung_up.footprint.rss_mib} |",
+        f"| router open sockets (at the burst's end) | {before.footprint.sockets} | {first.after.footprint.sockets} "
+        f"({first.peak.sockets}) | {second.after.footprint.sockets} ({second.peak.sockets}) | "
+        f"{hung_up.footprint.sockets} |",
+        *(f"| {label} | {' | '.join(cell(r.memory) for r in (before, first.after, second.after, hung_up))} |"
+          for label, cell in _MEMORY_ROWS),
+        f"| the router's log after the burst (quantrouter.allocator) | — | {_trims(first)} | {_trims(second)} | — |",
+        "", f"**Who holds the memory (generated from this run).** {_memory_reading(run)}",
     ]
-    if not rss_back:
-        lines += ["", f"**Why resident memory stays up (generated from this run).** {_memory_reading(before, first)}"]
     return "\n".join(lines) + "\n"
+
+
+_MEMORY_ROWS: tuple[tuple[str, Callable[[MemoryFigures], str]], ...] = (
+    ("CPython small-object arenas: count (MiB)", lambda m: f"{m.arenas} ({m.arenas_mib:.0f})"),
+    ("… live objects in them, MiB (blocks allocated)", lambda m: f"{m.arenas_live_mib:.1f} ({m.blocks:,})"),
+    ("… free space inside them, MiB", lambda m: f"{m.arenas_free_mib:.1f}"),
+    ("glibc malloc in use, MiB", lambda m: _mib(m.malloc_in_use_mib)),
+)
 
 
 def _trims(burst: Burst) -> str:
     return "; ".join(burst.trims) or "no trim"
 
 
-def _memory_reading(before: Footprint, first: Burst) -> str:
-    """What the router's trim after the first burst returned, and what stayed, from its own log line."""
-    match = _TRIMMED.search(first.trims[-1]) if first.trims else None
-    if match is None:
-        return ("The router logged no trim after the first burst (no glibc, or it was not idle for a second), so "
-                "freed memory stayed with the allocator.")
-    trimmed_from, trimmed_to, in_use = float(match[1]), float(match[2]), match[3]
-    malloc = f" with {float(in_use):.1f} MiB of malloc's heap in use" if in_use else ""
-    return (f"Once idle after the first burst the router gave {trimmed_from - trimmed_to:.1f} MiB of freed memory "
-            f"back (malloc_trim: resident {trimmed_from:.1f} → {trimmed_to:.1f} MiB){malloc}; "
-            f"{first.after.rss_mib - before.rss_mib:.1f} MiB stay above the baseline: free space malloc cannot "
-            "return (pages that also hold a live allocation) or memory held outside malloc's heap.")
+def _memory_reading(run: BurstRun) -> str:
+    """Where the resident memory above the baseline after the first burst sits, from the probe's figures."""
+    before, after, hung_up = run.before, run.first.after, run.hung_up
+    m0, m1 = before.memory, after.memory
+    grown = after.footprint.rss_mib - before.footprint.rss_mib
+    arenas = m1.arenas_mib - m0.arenas_mib
+    live = m1.arenas_live_mib - m0.arenas_live_mib
+    malloc = (m1.malloc_in_use_mib - m0.malloc_in_use_mib
+              if m1.malloc_in_use_mib is not None and m0.malloc_in_use_mib is not None else None)
+    rest = grown - arenas - (malloc or 0.0)
+    per_arena = (m1.blocks - m0.blocks) / max(m1.arenas - m0.arenas, 1)
+    hang_up = hung_up.footprint.rss_mib - run.second.after.footprint.rss_mib
+    text = (f"Resident memory is {grown:.1f} MiB above the baseline after the first burst. CPython's small-object "
+            f"allocator holds {arenas:.0f} MiB of it: {m1.arenas - m0.arenas} more arenas of "
+            f"{m1.arenas_mib / max(m1.arenas, 1):.0f} MiB ({m0.arenas} → "
+            f"{m1.arenas}) than before, while the objects live in them grew by {live:.2f} MiB "
+            f"({m1.blocks - m0.blocks:+,} blocks, {per_arena:.0f} for each new arena); {m1.arenas_free_mib:.1f} MiB "
+            "inside the arenas is free, and CPython returns an arena only once its last object is gone: the objects "
+            "the burst left alive, scattered through the arenas its peak took, keep every one of them resident.")
+    if malloc is not None:
+        text += f" glibc malloc has {malloc:+.1f} MiB in use ({m0.malloc_in_use_mib:.1f} → {m1.malloc_in_use_mib:.1f})"
+        text += f"; {rest:.1f} MiB is the rest (malloc's free pages between live chunks, thread stacks)."
+    text += (f" When the clients hung up, resident memory changed by {hang_up:+.1f} MiB: "
+             + ("the memory is not per-connection state." if abs(hang_up) < 1.0 else
+                "part of it was per-connection state."))
+    return text
 
 
 def burst() -> None:
-    with tempfile.TemporaryDirectory() as logs, \
-            canned_ollama("canned", BURST_TOKENS_PER_S, Path(logs)) as backend, \
-            node_router("router", backend.address, Path(logs), router_env(BURST_CAPS)) as router:
-        before, first, second = asyncio.run(run_burst(f"127.0.0.1:{router.address}", router.pid,
-                                                      lambda: trims_logged(router)))
-    text = burst_report(before, first, second)
+    with tempfile.TemporaryDirectory() as temporary, \
+            canned_ollama("canned", BURST_TOKENS_PER_S, Path(temporary)) as backend:
+        probe_file = Path(temporary) / "memory.jsonl"
+        argv = [sys.executable, "-m", "bench.memory_probe", *SERVE[2:], "--ollama-host", backend.address]
+        env = {**router_env(BURST_CAPS), PROBE_FILE_VARIABLE: str(probe_file)}
+        with spawned("router", argv, env, ROUTER_READY, Path(temporary)) as router:
+            run = asyncio.run(run_burst(f"127.0.0.1:{router.address}", ProbedRouter(router.pid, probe_file,
+                                                                                    router.log)))
+    text = burst_report(run)
     BURST_RESULTS.write_text(text)
     print(text)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from quantrouter.units import MiB
 
-__all__ = ["TRIM_AFTER_STREAMS", "TRIM_CHECK_S", "Trim", "release_free_memory", "trim_after_bursts"]
+__all__ = ["TRIM_AFTER_STREAMS", "TRIM_CHECK_S", "Trim", "malloc_in_use", "release_free_memory", "trim_after_bursts"]
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +68,19 @@ def _resident_bytes() -> int:
         return int(statm.read().split()[1]) * _PAGE
 
 
+def malloc_in_use() -> int | None:
+    """The bytes malloc has handed out and not had back (`mallinfo2`); None where the C library cannot tell."""
+    info = _MALLINFO2() if _MALLINFO2 is not None else None
+    return info.uordblks if isinstance(info, _MallInfo2) else None
+
+
 def release_free_memory() -> Trim | None:
     """Return malloc's wholly free pages to the system; None where this C library cannot (not glibc)."""
     if _MALLOC_TRIM is None:
         return None
     before = _resident_bytes()
     _MALLOC_TRIM(0)
-    info = _MALLINFO2() if _MALLINFO2 is not None else None
-    return Trim(before, _resident_bytes(), info.uordblks if isinstance(info, _MallInfo2) else None)
+    return Trim(before, _resident_bytes(), malloc_in_use())
 
 
 async def trim_after_bursts(in_flight: Callable[[], int], opened: Callable[[], int],
