@@ -405,13 +405,16 @@ def _memory_reading(run: BurstRun) -> str:
     rest = grown - arenas - (malloc or 0.0)
     per_arena = (m1.blocks - m0.blocks) / max(m1.arenas - m0.arenas, 1)
     hang_up = hung_up.footprint.rss_mib - run.second.after.footprint.rss_mib
-    text = (f"Resident memory is {grown:.1f} MiB above the baseline after the first burst. CPython's small-object "
-            f"allocator holds {arenas:.0f} MiB of it: {m1.arenas - m0.arenas} more arenas of "
-            f"{m1.arenas_mib / max(m1.arenas, 1):.0f} MiB ({m0.arenas} → "
-            f"{m1.arenas}) than before, while the objects live in them grew by {live:.2f} MiB "
-            f"({m1.blocks - m0.blocks:+,} blocks, {per_arena:.0f} for each new arena); {m1.arenas_free_mib:.1f} MiB "
-            "inside the arenas is free, and CPython returns an arena only once its last object is gone: the objects "
-            "the burst left alive, scattered through the arenas its peak took, keep every one of them resident.")
+    text = f"Resident memory is {grown:.1f} MiB above the baseline after the first burst."
+    if m1.arenas:
+        text += (f" CPython's small-object allocator holds {arenas:.0f} MiB of it: {m1.arenas - m0.arenas} more "
+                 f"arenas of {m1.arenas_mib / m1.arenas:.0f} MiB ({m0.arenas} → {m1.arenas}) than before, while the "
+                 f"objects live in them grew by {live:.2f} MiB ({m1.blocks - m0.blocks:+,} blocks, {per_arena:.0f} "
+                 f"for each new arena); {m1.arenas_free_mib:.1f} MiB inside the arenas is free, and CPython returns "
+                 "an arena only once its last object is gone: the objects the burst left alive, scattered through "
+                 "the arenas its peak took, keep every one of them resident.")
+    else:
+        text += " CPython's small-object allocator is off (PYTHONMALLOC): every object comes from malloc."
     if malloc is not None:
         text += f" glibc malloc has {malloc:+.1f} MiB in use ({m0.malloc_in_use_mib:.1f} → {m1.malloc_in_use_mib:.1f})"
         text += f"; {rest:.1f} MiB is the rest (malloc's free pages between live chunks, thread stacks)."
