@@ -34,11 +34,14 @@ STREAMS = 400
 WARM_UP = 16
 TOKENS = 8
 TIMEOUT_S = 60.0
-# What may stay of the burst: the latest snapshots the router keeps (speeds, catalog, candidate tables: about 60
-# blocks, measured), which do not grow with the number of streams; one object per stream would be 400.
+# What may stay of the burst at one line: the latest snapshots the router keeps (speeds, catalog, candidate
+# tables) leave a few blocks a line (at most 7 measured, more with more catalog refreshes on a busy machine),
+# however many streams ran; what a line allocates for every stream would leave 400 or more (the old load window
+# left 734 at one line).
 KEPT_AT_MOST = STREAMS // 4
-PACKAGE = str(Path(quantrouter.__file__).parent)
-GENERATED = str(Path(quantrouter.__file__).parent / "v1")
+PACKAGE = Path(quantrouter.__file__).parent
+# Not the router: the generated protobuf modules, and the embedded backend other tests may leave in this process.
+ELSEWHERE = (str(PACKAGE / "v1"), str(PACKAGE / "embedded"))
 
 
 @pytest.fixture
@@ -63,11 +66,11 @@ async def _streams(stub: pb_grpc.RouterServiceStub, count: int) -> None:
 
 
 def _kept_by_quantrouter(snapshot: tracemalloc.Snapshot) -> dict[str, int]:
-    """Blocks still allocated, by the quantrouter line (not the generated protobuf modules) that allocated them."""
+    """Blocks still allocated, by the router's line that allocated them."""
     kept: dict[str, int] = {}
     for trace in snapshot.traces:
         frame = trace.traceback[0]
-        if frame.filename.startswith(PACKAGE) and not frame.filename.startswith(GENERATED):
+        if frame.filename.startswith(str(PACKAGE)) and not frame.filename.startswith(ELSEWHERE):
             line = f"{Path(frame.filename).name}:{frame.lineno}"
             kept[line] = kept.get(line, 0) + 1
     return kept
@@ -85,5 +88,6 @@ async def test_a_burst_leaves_no_allocation_of_the_router_per_stream(router: Run
             kept = _kept_by_quantrouter(tracemalloc.take_snapshot())
         finally:
             tracemalloc.stop()
+    assert kept, "tracemalloc saw nothing the router allocated during the burst still held: the filter is wrong"
     worst = sorted(kept.items(), key=lambda item: -item[1])
-    assert sum(kept.values()) <= KEPT_AT_MOST, f"the router kept per stream: {worst}"
+    assert worst[0][1] <= KEPT_AT_MOST, f"the router kept per stream: {worst}"
