@@ -1,12 +1,12 @@
 """Giving freed memory back to the system after a burst of streams (glibc only; elsewhere a no-op).
 
-A burst of a thousand streams leaves the router's resident memory 20-25 MiB above where it was once the
-burst is over (bench/results/load-1000.md): the objects are freed, but glibc's malloc keeps the free pages in
-its arenas for the next burst. `malloc_trim(0)` returns every arena's wholly free pages (glibc ≥ 2.8 releases
-the middle of a heap too, not only its top). It runs once the router is idle after enough streams, in a
-worker thread, so that no request waits on it. Each trim logs resident memory before and after it and the
-bytes malloc has in use (`mallinfo2`, glibc ≥ 2.33): what stays above that is free space malloc cannot return
-(pages that also hold a live allocation) or memory outside malloc.
+A burst of a thousand streams leaves freed memory in glibc's malloc (5-7 MiB after 1,000 streams,
+bench/results/load-1000.md), which keeps free pages for the next burst. `malloc_trim(0)` returns every arena's
+wholly free pages (glibc ≥ 2.8 releases the middle of a heap too, not only its top). It runs once the router is
+idle after enough streams, in a worker thread, so that no request waits on it. Each trim logs resident memory
+before and after it and the bytes malloc has in use (`mallinfo2`, glibc ≥ 2.33). Most of what stays above the
+baseline is not malloc's: CPython's small-object allocator keeps each 1 MiB arena that still holds one live
+object, which no trim can return (the file's reading gives both figures).
 """
 
 from __future__ import annotations
