@@ -58,14 +58,15 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from functools import lru_cache
 from itertools import accumulate
 
-from quantrouter.catalog import VariantInfo
+from quantrouter.catalog import Architecture, VariantInfo
 from quantrouter.quant import KV_CACHE_TYPES, QuantType
 from quantrouter.throughput import SPEED_FLOOR_BPW, SpeedEstimate
 from quantrouter.units import format_bytes
-from quantrouter.values import Assessment, Decision, FailureKind, Preference, quick_constructor
+from quantrouter.values import Assessment, Decision, FailureKind, Preference, quick_constructor, quick_replacer
 
 __all__ = [
     "LOAD_WINDOW_S",
@@ -94,6 +95,7 @@ OLLAMA_LOAD_FRACTION = 0.8
 # Every decision builds an `Assessment` per candidate and a `Decision`: built without the frozen `__init__`'s cost.
 _new_assessment = quick_constructor(Assessment)
 _new_decision = quick_constructor(Decision)
+_scored = quick_replacer(Assessment)
 # The window over which the router sums the service seconds it routed (`offered_load`): long enough to see a
 # burst as a rate (30 s at 0.25 req/s holds ~7 arrivals), short enough to let go within a minute of its end.
 LOAD_WINDOW_S = 30.0
@@ -302,7 +304,7 @@ class _Frame:
     `load_fraction`, and the router refused everything that Ollama, whose first model always loads, serves.
     """
 
-    __slots__ = ("_kv", "available", "backlog", "busy_runners", "config", "deadline", "decode_tokens",
+    __slots__ = ("available", "backlog", "busy_runners", "config", "deadline", "decode_tokens",
                  "family_resident", "guard", "load_wait", "min_tps", "prompt_tokens", "request", "upgrade_usable",
                  "usable", "vetted")
 
@@ -317,17 +319,20 @@ class _Frame:
         self.vetted = request.pinned_tag is None
         self.usable = available * config.load_fraction
         self.upgrade_usable = self.usable / (1 + config.upgrade_hysteresis)
-        self._kv: dict[int, int] = {}
 
     def need(self, variant: VariantInfo) -> int:
         arch, element = variant.architecture, self.config.kv_bytes_per_element
         if arch is None:
             return int(variant.size_bytes * (1 + UNKNOWN_KV_SHARE * element / KV_CACHE_TYPES["f16"]))
-        kv = self._kv.get(id(arch))
-        if kv is None:
-            num_ctx = self.request.num_ctx
-            kv = self._kv[id(arch)] = arch.kv_cache_bytes(num_ctx, element) + arch.graph_bytes(num_ctx)
-        return variant.size_bytes + kv
+        return variant.size_bytes + _context_bytes(arch, self.request.num_ctx, element)
+
+
+@lru_cache(maxsize=256)
+def _context_bytes(arch: Architecture, num_ctx: int, element: float) -> int:
+    """KV cache + compute graph: a pure function of a few values that come back on every request (a family's
+    variants share an architecture, callers a few contexts); worked out on each, it was a sixth of a fleet
+    choice's time (each node's report reads its own copy of the architecture, so a per-decision cache missed)."""
+    return arch.kv_cache_bytes(num_ctx, element) + arch.graph_bytes(num_ctx)
 
 
 class _Row:
@@ -533,7 +538,7 @@ def ranked_first(assessments: Sequence[Assessment], preference: Preference, conf
     nodes' offers: only the first is used, so the rest are neither sorted nor copied)."""
     rows = [_Row.of(a) for a in assessments]
     best = _best(rows, preference, config, time_remaining, config.quality_tolerance)
-    return None if best is None else replace(assessments[rows.index(best)], score=best.score)
+    return None if best is None else _scored(assessments[rows.index(best)], score=best.score)
 
 
 def decide(
