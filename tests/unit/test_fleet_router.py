@@ -65,7 +65,7 @@ async def report_arrives(nodes: NodeSet, stand_in: StandInNode, sequence: int) -
     message.sequence = sequence
     await stand_in.reports.put(message)
     async with asyncio.timeout(REPORT_TIMEOUT_S):
-        while (node := nodes.get(NODE)) is None or node.state is None or node.state.sequence != sequence:
+        while (node := nodes.get(NODE)) is None or node.report is None or node.report.sequence != sequence:
             await asyncio.sleep(0.01)
 
 
