@@ -304,7 +304,7 @@ class _Frame:
     `load_fraction`, and the router refused everything that Ollama, whose first model always loads, serves.
     """
 
-    __slots__ = ("available", "backlog", "busy_runners", "config", "deadline", "decode_tokens",
+    __slots__ = ("_kv", "available", "backlog", "busy_runners", "config", "deadline", "decode_tokens",
                  "family_resident", "guard", "load_wait", "min_tps", "prompt_tokens", "request", "upgrade_usable",
                  "usable", "vetted")
 
@@ -319,19 +319,24 @@ class _Frame:
         self.vetted = request.pinned_tag is None
         self.usable = available * config.load_fraction
         self.upgrade_usable = self.usable / (1 + config.upgrade_hysteresis)
+        self._kv: dict[int, int] = {}
 
     def need(self, variant: VariantInfo) -> int:
         arch, element = variant.architecture, self.config.kv_bytes_per_element
         if arch is None:
             return int(variant.size_bytes * (1 + UNKNOWN_KV_SHARE * element / KV_CACHE_TYPES["f16"]))
-        return variant.size_bytes + _context_bytes(arch, self.request.num_ctx, element)
+        kv = self._kv.get(id(arch))
+        if kv is None:
+            kv = self._kv[id(arch)] = _context_bytes(arch, self.request.num_ctx, element)
+        return variant.size_bytes + kv
 
 
 @lru_cache(maxsize=256)
 def _context_bytes(arch: Architecture, num_ctx: int, element: float) -> int:
-    """KV cache + compute graph: a pure function of a few values that come back on every request (a family's
-    variants share an architecture, callers a few contexts); worked out on each, it was a sixth of a fleet
-    choice's time (each node's report reads its own copy of the architecture, so a per-decision cache missed)."""
+    """KV cache + compute graph, remembered across decisions: a few architectures and contexts come back on every
+    request. A fleet's node reports give each variant its own equal copy of the architecture, so `_Frame`'s
+    per-decision cache (by identity, cheaper than hashing) missed on each, and working it out was about a sixth
+    of a fleet choice's time."""
     return arch.kv_cache_bytes(num_ctx, element) + arch.graph_bytes(num_ctx)
 
 
