@@ -84,10 +84,11 @@ def node_backend(name: str, logs: Path) -> contextlib.AbstractContextManager[Ser
 
 @dataclass(frozen=True, slots=True)
 class Fleet:
-    """The running processes: the fleet router, each node's router, and the bare relay's port per node."""
+    """The running processes: the fleet router, each node's router, the bare relay and its port per node."""
 
     router: Service
     nodes: dict[str, Service]
+    relay: Service
     relay_ports: dict[str, str]
 
 
@@ -103,7 +104,7 @@ def fleet(logs: Path) -> Iterator[Fleet]:
         relay = stack.enter_context(spawned("bare-relay", [sys.executable, "-m", "bench.fixtures.bare_relay",
                                                            *node_flags(routers)],
                                             {}, r"bare relay serving on ports (\S+)", logs))
-        yield Fleet(router, routers, dict(pair.split("=") for pair in relay.address.split(",")))
+        yield Fleet(router, routers, relay, dict(pair.split("=") for pair in relay.address.split(",")))
 
 
 async def first_token(client: AsyncRouterClient, model: str, preference: PreferenceName,
@@ -155,13 +156,14 @@ async def spread(target: str, p: Plan) -> tuple[Counter[tuple[str, str, str]], i
 @dataclass(frozen=True, slots=True)
 class Hop:
     """The hop's paired TTFTs (seconds: through the fleet, through the bare relay, straight to the node), the fleet
-    router's CPU seconds over them and their wall time, and its CPU seconds a second while idle (its node
-    subscriptions' reports)."""
+    router's and the bare relay's CPU seconds over them and their wall time, and the fleet router's CPU seconds a
+    second while idle (its node subscriptions' reports)."""
 
     through: list[float]
     relayed: list[float]
     direct: list[float]
     fleet_cpu_s: float
+    relay_cpu_s: float
     wall_s: float
     idle_cpu_per_s: float
 
@@ -181,10 +183,11 @@ async def hop(running: Fleet, p: Plan) -> Hop:
             idle_started, idle_cpu = time.perf_counter(), cpu_seconds(running.router.pid)
             await asyncio.sleep(IDLE_S)
             idle_cpu_per_s = (cpu_seconds(running.router.pid) - idle_cpu) / (time.perf_counter() - idle_started)
-            cpu_before, started = 0.0, 0.0
+            cpu_before, relay_before, started = 0.0, 0.0, 0.0
             for index in range(p.hop_pairs + 1):
                 if index == 1:
                     cpu_before, started = cpu_seconds(running.router.pid), time.perf_counter()
+                    relay_before = cpu_seconds(running.relay.pid)
                 decision, fleet_ttft = await first_token(fleet_client, FAMILY, "quality", HOP_TOKENS)
                 assert decision.chosen is not None
                 turns = [(direct, clients[decision.node]), (relayed, relays[decision.node])]
@@ -195,10 +198,11 @@ async def hop(running: Fleet, p: Plan) -> Hop:
                 if index:
                     through.append(fleet_ttft)
         fleet_cpu, wall = cpu_seconds(running.router.pid) - cpu_before, time.perf_counter() - started
+        relay_cpu = cpu_seconds(running.relay.pid) - relay_before
     finally:
         for client in (*clients.values(), *relays.values()):
             await client.close()
-    return Hop(through, relayed, direct, fleet_cpu, wall, idle_cpu_per_s)
+    return Hop(through, relayed, direct, fleet_cpu, relay_cpu, wall, idle_cpu_per_s)
 
 
 def quantile_ms(seconds: list[float], q: float) -> float:
@@ -243,6 +247,7 @@ def report(p: Plan, counts: Counter[tuple[str, str, str]], failed: int, measured
            load: float) -> str:
     through, relayed, direct = measured.through, measured.relayed, measured.direct
     fleet_cpu_ms = 1000 * measured.fleet_cpu_s / len(through)
+    relay_cpu_ms = 1000 * measured.relay_cpu_s / len(relayed)
     reports_ms = 1000 * measured.idle_cpu_per_s * measured.wall_s / len(through)
     added_p50 = added_ms(through, direct, 0.5)
     per_node = Counter(node for node, _, _ in counts.elements())
@@ -260,7 +265,9 @@ def report(p: Plan, counts: Counter[tuple[str, str, str]], failed: int, measured
         f"which its node subscriptions' reports took about {reports_ms:.2f} ms (its CPU rate when idle, "
         f"{1000 * measured.idle_cpu_per_s:.1f} ms a second, over the rounds' wall time) and the request itself "
         f"{fleet_cpu_ms - reports_ms:.2f} ms (the decision over every node's variants, the call in from the client "
-        "and the call out to the node, every message relayed)"
+        f"and the call out to the node, every message relayed); the bare relay spent {relay_cpu_ms:.2f} ms a request "
+        f"in the same rounds, so the fleet's own work cost {fleet_cpu_ms - reports_ms - relay_cpu_ms:.2f} ms of CPU "
+        "a request beyond it"
         + (f", against the {TARGET_HOP_MS:g} ms the whole hop may add: on a machine whose cores every process shares, "
            "that CPU is time the first token waits for." if added_p50 > TARGET_HOP_MS else "."), "",
         f"Nodes: node routers with static capacities {', '.join(f'{n} = {c}' for n, c in NODES.items())}, "
