@@ -59,8 +59,10 @@ HOP_TOKENS = 4
 REQUEST_TIMEOUT_S = 60.0
 # Issue 14's acceptance: the fleet hop adds at most this much to the p50 time to first token.
 TARGET_HOP_MS = 2.0
-# The fleet router's idle CPU (its node reports) is read over this long before the hop pairs.
-IDLE_S = 2.0
+# The fleet router's idle CPU (its node reports) is read over this long before the hop pairs. Process CPU times
+# come in clock ticks (10 ms): over the 2 s this was, the rate could only read 0, 5, 10 … ms a second, and one
+# tick more read as the idle CPU doubling (5.0 → 10.0 ms/s between two runs); over 10 s, 1 ms a second.
+IDLE_S = 10.0
 # Reports every 200 ms, so a node's new streams show in the fleet's next choices.
 FLEET_ENV = {**ROUTER_ENV, "QUANTROUTER_NODE_REPORT_INTERVAL": "0.2s", "QUANTROUTER_NODE_STALE_AFTER": "3s"}
 
@@ -263,7 +265,8 @@ def report(p: Plan, counts: Counter[tuple[str, str, str]], failed: int, measured
         f"average {load:.1f} when the run started). "
         f"Over these rounds the fleet router spent {fleet_cpu_ms:.2f} ms of CPU a request (its own process), of "
         f"which its node subscriptions' reports took about {reports_ms:.2f} ms (its CPU rate when idle, "
-        f"{1000 * measured.idle_cpu_per_s:.1f} ms a second, over the rounds' wall time) and the request itself "
+        f"{1000 * measured.idle_cpu_per_s:.1f} ms a second over {IDLE_S:g} s idle, read in 10 ms clock ticks, "
+        "over the rounds' wall time) and the request itself "
         f"{fleet_cpu_ms - reports_ms:.2f} ms (the decision over every node's variants, the call in from the client "
         f"and the call out to the node, every message relayed); the bare relay spent {relay_cpu_ms:.2f} ms a request "
         f"in the same rounds, so the fleet's own work cost {fleet_cpu_ms - reports_ms - relay_cpu_ms:.2f} ms of CPU "
