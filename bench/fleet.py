@@ -41,7 +41,7 @@ from datetime import datetime
 from pathlib import Path
 
 from bench.fixtures.canned_ollama import FAMILY, VARIANTS
-from bench.machine import cpu_seconds, describe
+from bench.machine import CLOCK_TICKS, cpu_seconds, describe
 from bench.overhead import ROUTER_ENV
 from bench.processes import Service, canned_ollama, fleet_router, node_flags, node_router, spawned
 from bench.simulate_fleet import DEFAULT_SEEDS, simulate
@@ -265,8 +265,8 @@ def report(p: Plan, counts: Counter[tuple[str, str, str]], failed: int, measured
         f"average {load:.1f} when the run started). "
         f"Over these rounds the fleet router spent {fleet_cpu_ms:.2f} ms of CPU a request (its own process), of "
         f"which its node subscriptions' reports took about {reports_ms:.2f} ms (its CPU rate when idle, "
-        f"{1000 * measured.idle_cpu_per_s:.1f} ms a second over {IDLE_S:g} s idle, read in 10 ms clock ticks, "
-        "over the rounds' wall time) and the request itself "
+        f"{1000 * measured.idle_cpu_per_s:.1f} ms a second over {IDLE_S:g} s idle, read in "
+        f"{1000 / CLOCK_TICKS:g} ms clock ticks, over the rounds' wall time) and the request itself "
         f"{fleet_cpu_ms - reports_ms:.2f} ms (the decision over every node's variants, the call in from the client "
         f"and the call out to the node, every message relayed); the bare relay spent {relay_cpu_ms:.2f} ms a request "
         f"in the same rounds, so the fleet's own work cost {fleet_cpu_ms - reports_ms - relay_cpu_ms:.2f} ms of CPU "
