@@ -95,11 +95,13 @@ class FleetRouter:
 
     def resolve(self, model: str) -> tuple[str, str | None]:
         live = self.live()
+        if len(self._catalogs) > len(live):  # a node left or is out: its catalog goes (discovery may churn names)
+            self._catalogs = {name: cached for name, cached in self._catalogs.items() if name in live}
         for name in sorted(live):
             resolution = self._catalog(name, live[name]).resolve(model)
             if resolution is not None:
                 return resolution.family, resolution.pinned_tag
-        known = sorted({f for state in live.values() for f in state.catalog.families})
+        known = sorted({f for name, state in live.items() for f in self._catalog(name, state).families})
         raise ModelNotFound(f"model {model!r} is not a family or tag on any live node; families: "
                             f"{', '.join(known) or 'none yet'}", metadata={"model": model[:64]})
 
