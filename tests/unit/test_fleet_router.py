@@ -1,6 +1,7 @@
 """The fleet router's count of the streams it sent a node since that node's last report (`FleetRouter._with_sent`),
 through its own request path: a real `NodeSet` subscribed over gRPC to a stand-in node, and a clock the test
-moves, so that "sent after the report" and "sent before it" are decided by the test, not by timing.
+moves, so that "sent after the report" and "sent before it" are decided by the test, not by timing. And what a
+repeated report keeps (the node's state, the catalog the router built from it) and a changed one replaces.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import pytest
 from prometheus_client import CollectorRegistry
 
+from quantrouter.errors import ModelNotFound
 from quantrouter.fleet.metrics import FleetMetrics
 from quantrouter.fleet.nodes import NodeSet, NodeSettings
 from quantrouter.fleet.router import FleetRouter
@@ -60,8 +63,10 @@ def queue_seconds(router: FleetRouter) -> float:
     return decision.chosen.queue_seconds
 
 
-async def report_arrives(nodes: NodeSet, stand_in: StandInNode, sequence: int) -> None:
-    message = report()
+async def report_arrives(nodes: NodeSet, stand_in: StandInNode, sequence: int,
+                         message: pb.NodeCapacity | None = None) -> None:
+    """`message` (default: `report()`) with this sequence number, sent by the node and accepted by the node set."""
+    message = message if message is not None else report()
     message.sequence = sequence
     await stand_in.reports.put(message)
     async with asyncio.timeout(REPORT_TIMEOUT_S):
@@ -106,6 +111,41 @@ async def test_a_stream_sent_after_the_nodes_last_report_is_counted_and_one_sent
         for stream in streams:
             await stream.aclose()  # type: ignore[attr-defined]
         assert queue_seconds(router) == reported  # an ended stream is no longer added
+    finally:
+        await nodes.close()
+        await server.stop(0)
+
+
+
+async def test_a_repeated_report_keeps_the_state_read_and_a_changed_one_is_read_and_resolved_anew() -> None:
+    """A quiet node's periodic report is not read again (its state object stays, and what the router built from it,
+    such as the node's catalog); a report that says something new replaces both."""
+    stand_in, clock = StandInNode(), ManualClock(100.0)
+    server = grpc.aio.server()
+    pb_grpc.add_RouterServiceServicer_to_server(stand_in, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    nodes = NodeSet(NodeSettings(), clock=clock)
+    router = FleetRouter(nodes, FleetMetrics(CollectorRegistry(), nodes), PolicyConfig(), clock=clock)
+    try:
+        nodes.update({NODE: f"127.0.0.1:{port}"})
+        await report_arrives(nodes, stand_in, sequence=1)
+        node = nodes.get(NODE)
+        assert node is not None and node.state is not None
+        first = node.state
+        tag = first.candidates[0].variant.tag
+        assert router.resolve(tag) == (FAMILY, tag)
+
+        await report_arrives(nodes, stand_in, sequence=2)  # the same report again
+        assert node.state is first and first.sequence == 1
+
+        renamed = report()
+        renamed.variants[0].variant.tag = f"{FAMILY}-renamed"
+        await report_arrives(nodes, stand_in, sequence=3, message=renamed)
+        assert node.state is not first and node.state.sequence == 3
+        assert router.resolve(f"{FAMILY}-renamed") == (FAMILY, f"{FAMILY}-renamed")
+        with pytest.raises(ModelNotFound):
+            router.resolve(tag)  # the old catalog is not used again
     finally:
         await nodes.close()
         await server.stop(0)
