@@ -18,6 +18,13 @@ the node's other streams itself. Ranking only the nodes' picks left the fleet's 
 the busy node (bench/results/fleet.md's simulation, 4090+h100: 1.044× round-robin, the hindsight oracle
 1.061×). Each pair keeps its node's own numbers and marks (at risk, held back, rejected).
 
+QUALITY is ranked with the band of equal qualities a node router uses under load (`busy_quality_tolerance`)
+while any offering node is under load (`offered_load` > `quiet_load`), as each node's own decision already is:
+QUALITY ranks on quality alone, so the quiet band put every QUALITY caller on F16, whose long decode then
+time-sliced beside the LATENCY callers' runners on the busy H100 (bench/results/fleet.md's simulation,
+4090+h100: LATENCY SLO met 93.2 %, 1.047× round-robin). BALANCED keeps the quiet band: its score already
+weighs speed, and the busy band there cost goodput in the same simulation.
+
 An earlier version added each node's summed backlog to its pick's times after a decision made without
 it: blind to time-slicing and to the deadline risk behind a queue, it sent QUALITY requests to F16
 through a burst (bench/results/fleet.md's simulation, the mixed-burst scenario).
@@ -30,7 +37,7 @@ from dataclasses import dataclass
 
 from quantrouter.fleet.state import NodeState
 from quantrouter.policy import PolicyConfig, RoutingRequest, decide, ranked_first
-from quantrouter.values import Assessment, Decision, FailureKind, quick_replacer
+from quantrouter.values import Assessment, Decision, FailureKind, Preference, quick_replacer
 
 __all__ = ["NodeVerdict", "choose", "delay_to_others"]
 
@@ -48,6 +55,7 @@ class NodeVerdict:
 _assessment = quick_replacer(Assessment)
 _decision = quick_replacer(Decision)
 _request = quick_replacer(RoutingRequest)
+_config = quick_replacer(PolicyConfig)
 
 
 def _verdict(node: str, state: NodeState, request: RoutingRequest, excluded: frozenset[tuple[str, str]],
@@ -101,7 +109,10 @@ def choose(request: RoutingRequest, nodes: Mapping[str, NodeState], config: Poli
         return Decision(request.family, request.preference, None, f"no node can serve {request.family} ({why})",
                         listed, pinned=request.pinned_tag is not None, fallback=bool(excluded),
                         failure=_failure(verdicts))
-    best = ranked_first(offers, request.preference, config, request.time_remaining)  # the policy's own ranking
+    busy = request.preference is Preference.QUALITY and any(
+        nodes[v.node].offered_load > config.quiet_load for v in verdicts if v.offers)
+    ranking = _config(config, quality_tolerance=config.busy_quality_tolerance) if busy else config
+    best = ranked_first(offers, request.preference, ranking, request.time_remaining)  # the policy's own ranking
     assert best is not None  # offers is not empty
     verdict = next(v for v in verdicts if v.node == best.node)
     own = verdict.decision.chosen
@@ -110,6 +121,9 @@ def choose(request: RoutingRequest, nodes: Mapping[str, NodeState], config: Poli
         reason = (f"{request.preference.value}: {best.tag} (quality {best.quality:.3f}, expected "
                   f"{best.expected_seconds:.2f} s) over the node's own pick {own.tag} (expected "
                   f"{own.expected_seconds:.2f} s): the fleet can send the next caller elsewhere")
+    if busy and best.quality < max(a.quality for a in offers) - config.quality_tolerance:
+        reason += (f"; a node is under load (offered load > {config.quiet_load:g}): qualities within "
+                   f"{config.busy_quality_tolerance:g} of the best count as equal, so the faster")
     if best.queue_seconds:
         reason += f"; {best.queue_seconds:.1f} s of queue on node {best.node}"
     others = best.churn_seconds - next(a.churn_seconds for a in verdict.decision.candidates if a.tag == best.tag)
