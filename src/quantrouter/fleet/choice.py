@@ -22,8 +22,9 @@ QUALITY is ranked with the band of equal qualities a node router uses under load
 while any offering node is under load (`offered_load` > `quiet_load`), as each node's own decision already is:
 QUALITY ranks on quality alone, so the quiet band put every QUALITY caller on F16, whose long decode then
 time-sliced beside the LATENCY callers' runners on the busy H100 (bench/results/fleet.md's simulation,
-4090+h100: LATENCY SLO met 93.2 %, 1.047× round-robin). BALANCED keeps the quiet band: its score already
-weighs speed, and the busy band there cost goodput in the same simulation.
+4090+h100: LATENCY SLO met 93.2 %, 1.047× round-robin; with the busy band 95.4 %, 1.053×, 4xh100-shared 1.111× to
+1.106×, mixed-burst 0.998× to 1.007×). BALANCED keeps the quiet band: its score already weighs speed, and the busy
+band there cost goodput in the same simulation (4090+h100 1.050× with it, 20 seeds).
 
 An earlier version added each node's summed backlog to its pick's times after a decision made without
 it: blind to time-slicing and to the deadline risk behind a queue, it sent QUALITY requests to F16
