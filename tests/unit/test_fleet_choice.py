@@ -143,11 +143,12 @@ def test_every_feasible_pair_is_ranked_not_only_each_nodes_own_pick() -> None:
     assert 0 < beside.chosen.churn_seconds == pytest.approx(delay_to_others(shared, beside.chosen))
 
 
-def test_quality_is_ranked_with_the_busy_band_while_an_offering_node_is_under_load() -> None:
+def test_quality_is_ranked_with_the_busy_band_while_half_the_offering_nodes_are_under_load() -> None:
     """Two H100s holding F16 and Q8_0. Quiet, QUALITY takes F16. With node b under load (offered load above
     `quiet_load`, below overload), b's own router counts Q8_0 (0.977) as equal to F16 and takes it, being faster;
-    the fleet ranks QUALITY with that band too, on every node, rather than send the caller's long F16 decode
-    to a fleet that is busy. BALANCED keeps the quiet band (its score weighs speed itself)."""
+    with half its nodes under load the fleet ranks QUALITY with that band too, on every node, rather than send
+    the caller's long F16 decode to a busy fleet. One loaded node of three leaves room: F16. BALANCED keeps the
+    quiet band (its score weighs speed itself)."""
     quiet = node(78, H100_TPS, resident=["F16", "Q8_0"])
     loaded = replace(quiet, offered_load=0.5)
     assert CONFIG.quiet_load < loaded.offered_load < CONFIG.overload_threshold
@@ -160,7 +161,10 @@ def test_quality_is_ranked_with_the_busy_band_while_an_offering_node_is_under_lo
     assert busy.chosen is not None and busy.chosen.quantization == "Q8_0"
     assert busy.chosen.expected_seconds < next(c.expected_seconds for c in busy.candidates
                                                if c.node == busy.node and c.quantization == "F16")
-    assert f"qualities within {CONFIG.busy_quality_tolerance:g} of the best count as equal" in busy.reason
+    assert f"1 of 2 nodes under load (offered load > {CONFIG.quiet_load:g}): qualities within " \
+           f"{CONFIG.busy_quality_tolerance:g} of the best count as equal" in busy.reason
+    roomy = choose(quality, {"a": quiet, "b": loaded, "c": quiet}, CONFIG)
+    assert roomy.chosen is not None and roomy.chosen.quantization == "F16" and roomy.node != "b"
     below = choose(quality, {"a": quiet, "b": replace(quiet, offered_load=CONFIG.quiet_load)}, CONFIG)
     assert below.chosen is not None and below.chosen.quantization == "F16"  # at quiet_load a node is still quiet
     balanced = choose(request(Preference.BALANCED, time_remaining=30.0), {"a": quiet, "b": loaded}, CONFIG)

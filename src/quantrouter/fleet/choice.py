@@ -19,12 +19,13 @@ the busy node (bench/results/fleet.md's simulation, 4090+h100: 1.044× round-rob
 1.061×). Each pair keeps its node's own numbers and marks (at risk, held back, rejected).
 
 QUALITY is ranked with the band of equal qualities a node router uses under load (`busy_quality_tolerance`)
-while any offering node is under load (`offered_load` > `quiet_load`), as each node's own decision already is:
-QUALITY ranks on quality alone, so the quiet band put every QUALITY caller on F16, whose long decode then
-time-sliced beside the LATENCY callers' runners on the busy H100 (bench/results/fleet.md's simulation,
-4090+h100: LATENCY SLO met 93.2 %, 1.047× round-robin; with the busy band 95.4 %, 1.053×, 4xh100-shared 1.111× to
-1.106×, mixed-burst 0.998× to 1.007×). BALANCED keeps the quiet band: its score already weighs speed, and the busy
-band there cost goodput in the same simulation (4090+h100 1.050× with it, 20 seeds).
+while at least half the offering nodes are under load (`offered_load` > `quiet_load`): the fleet is then busy as
+a node is, and its next callers land on the nodes still quiet. QUALITY ranks on quality alone, so the quiet band
+put every QUALITY caller on F16, whose long decode then time-sliced beside the LATENCY callers' runners
+(bench/results/fleet.md's simulation, 4090+h100: LATENCY SLO met 93.2 %, 1.047× round-robin; with the busy band
+95.4 %, 1.053×). Half, not any: one loaded node among quiet ones leaves the fleet room for F16 (4xh100-shared
+1.106× with any, 1.107× with half, 1.111× without; 20 seeds each). BALANCED keeps the quiet band: its score
+already weighs speed, and the busy band there cost goodput (4090+h100 1.050× with it).
 
 An earlier version added each node's summed backlog to its pick's times after a decision made without
 it: blind to time-slicing and to the deadline risk behind a queue, it sent QUALITY requests to F16
@@ -110,8 +111,8 @@ def choose(request: RoutingRequest, nodes: Mapping[str, NodeState], config: Poli
         return Decision(request.family, request.preference, None, f"no node can serve {request.family} ({why})",
                         listed, pinned=request.pinned_tag is not None, fallback=bool(excluded),
                         failure=_failure(verdicts))
-    busy = request.preference is Preference.QUALITY and any(
-        nodes[v.node].offered_load > config.quiet_load for v in verdicts if v.offers)
+    loaded = [nodes[v.node].offered_load > config.quiet_load for v in verdicts if v.offers]
+    busy = request.preference is Preference.QUALITY and 2 * sum(loaded) >= len(loaded)
     ranking = _config(config, quality_tolerance=config.busy_quality_tolerance) if busy else config
     best = ranked_first(offers, request.preference, ranking, request.time_remaining)  # the policy's own ranking
     assert best is not None  # offers is not empty
@@ -123,8 +124,8 @@ def choose(request: RoutingRequest, nodes: Mapping[str, NodeState], config: Poli
                   f"{best.expected_seconds:.2f} s) over the node's own pick {own.tag} (expected "
                   f"{own.expected_seconds:.2f} s): the fleet can send the next caller elsewhere")
     if busy and best.quality < max(a.quality for a in offers) - config.quality_tolerance:
-        reason += (f"; a node is under load (offered load > {config.quiet_load:g}): qualities within "
-                   f"{config.busy_quality_tolerance:g} of the best count as equal, so the faster")
+        reason += (f"; {sum(loaded)} of {len(loaded)} nodes under load (offered load > {config.quiet_load:g}): "
+                   f"qualities within {config.busy_quality_tolerance:g} of the best count as equal, so the faster")
     if best.queue_seconds:
         reason += f"; {best.queue_seconds:.1f} s of queue on node {best.node}"
     others = best.churn_seconds - next(a.churn_seconds for a in verdict.decision.candidates if a.tag == best.tag)
