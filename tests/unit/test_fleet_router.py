@@ -7,7 +7,9 @@ repeated report keeps (the node's state, the catalog the router built from it) a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -74,6 +76,33 @@ async def report_arrives(nodes: NodeSet, stand_in: StandInNode, sequence: int,
             await asyncio.sleep(0.01)
 
 
+@dataclass
+class Fleet:
+    """A fleet router and its node set, subscribed to one stand-in node, on a clock the test moves."""
+
+    stand_in: StandInNode
+    clock: ManualClock
+    nodes: NodeSet
+    router: FleetRouter
+
+
+@contextlib.asynccontextmanager
+async def fleet_over_a_stand_in() -> AsyncIterator[Fleet]:
+    stand_in, clock = StandInNode(), ManualClock(100.0)
+    server = grpc.aio.server()
+    pb_grpc.add_RouterServiceServicer_to_server(stand_in, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    nodes = NodeSet(NodeSettings(), clock=clock)
+    try:
+        nodes.update({NODE: f"127.0.0.1:{port}"})
+        yield Fleet(stand_in, clock, nodes, FleetRouter(nodes, FleetMetrics(CollectorRegistry(), nodes),
+                                                        PolicyConfig(), clock=clock))
+    finally:
+        await nodes.close()
+        await server.stop(0)
+
+
 async def sent(router: FleetRouter) -> AsyncIterator[Decision | Any]:
     """A stream forwarded to the node and still open (the node took the call, the fleet's decision was read)."""
     stream = router.stream(REQUEST, open_generate)
@@ -82,21 +111,13 @@ async def sent(router: FleetRouter) -> AsyncIterator[Decision | Any]:
 
 
 async def test_a_stream_sent_after_the_nodes_last_report_is_counted_and_one_sent_before_it_is_not() -> None:
-    stand_in, clock = StandInNode(), ManualClock(100.0)
-    server = grpc.aio.server()
-    pb_grpc.add_RouterServiceServicer_to_server(stand_in, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    nodes = NodeSet(NodeSettings(), clock=clock)
-    router = FleetRouter(nodes, FleetMetrics(CollectorRegistry(), nodes), PolicyConfig(), clock=clock)
-    streams: list[AsyncIterator[Any]] = []
-    try:
-        nodes.update({NODE: f"127.0.0.1:{port}"})
+    async with fleet_over_a_stand_in() as fleet:
+        nodes, stand_in, clock, router = fleet.nodes, fleet.stand_in, fleet.clock, fleet.router
         await report_arrives(nodes, stand_in, sequence=1)
         reported = queue_seconds(router)  # the report's own streams only
 
         clock.now += 1
-        streams.append(await sent(router))  # after report 1: the node cannot have shown it yet
+        streams = [await sent(router)]  # after report 1: the node cannot have shown it yet
         one_more = queue_seconds(router)
         assert one_more > reported
 
@@ -111,24 +132,13 @@ async def test_a_stream_sent_after_the_nodes_last_report_is_counted_and_one_sent
         for stream in streams:
             await stream.aclose()  # type: ignore[attr-defined]
         assert queue_seconds(router) == reported  # an ended stream is no longer added
-    finally:
-        await nodes.close()
-        await server.stop(0)
-
 
 
 async def test_a_repeated_report_keeps_the_state_read_and_a_changed_one_is_read_and_resolved_anew() -> None:
     """A quiet node's periodic report is not read again (its state object stays, and what the router built from it,
     such as the node's catalog); a report that says something new replaces both."""
-    stand_in, clock = StandInNode(), ManualClock(100.0)
-    server = grpc.aio.server()
-    pb_grpc.add_RouterServiceServicer_to_server(stand_in, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    nodes = NodeSet(NodeSettings(), clock=clock)
-    router = FleetRouter(nodes, FleetMetrics(CollectorRegistry(), nodes), PolicyConfig(), clock=clock)
-    try:
-        nodes.update({NODE: f"127.0.0.1:{port}"})
+    async with fleet_over_a_stand_in() as fleet:
+        nodes, stand_in, router = fleet.nodes, fleet.stand_in, fleet.router
         await report_arrives(nodes, stand_in, sequence=1)
         node = nodes.get(NODE)
         assert node is not None and node.state is not None
@@ -146,6 +156,3 @@ async def test_a_repeated_report_keeps_the_state_read_and_a_changed_one_is_read_
         assert router.resolve(f"{FAMILY}-renamed") == (FAMILY, f"{FAMILY}-renamed")
         with pytest.raises(ModelNotFound):
             router.resolve(tag)  # the old catalog is not used again
-    finally:
-        await nodes.close()
-        await server.stop(0)
