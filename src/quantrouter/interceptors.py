@@ -88,7 +88,15 @@ def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 
 
 class _Around(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Runs `_unary` or `_stream` around every RPC's behaviour; subclasses say what happens around it."""
+    """Runs `_unary` or `_stream` around every RPC's behaviour; subclasses say what happens around it.
+
+    The wrapped handler is built once per method and reused while grpc (or the interceptor inside this one)
+    hands over the same handler: wrapping it anew cost every call a `_replace` and a partial per interceptor
+    before its request reached the servicer."""
+
+    def __init__(self) -> None:
+        # Per method: the handler given, and the one wrapped around it.
+        self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(self, continuation: Callable[..., Awaitable[grpc.RpcMethodHandler]],
                                 details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
@@ -98,7 +106,16 @@ class _Around(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return self._intercept(handler, details)
 
     def _intercept(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-        return _wrapped(handler, details.method, self._unary, self._stream)
+        return self._wrap(handler, details.method)
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        cached = self._handlers.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = self._handlers[method] = (handler, self._around(handler, method))
+        return cached[1]
+
+    def _around(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        return _wrapped(handler, method, self._unary, self._stream)
 
     @abc.abstractmethod
     async def _unary(self, behaviour: Callable[..., Awaitable[Any]], request: Any,
@@ -113,12 +130,13 @@ class StatusInterceptor(_Around):
     """Turns a `QuantrouterError` into `abort_with_status` with ErrorInfo and friends."""
 
     def __init__(self, to_status: Callable[[QuantrouterError], Any]) -> None:
+        super().__init__()
         self._to_status = to_status
 
-    def _intercept(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+    def _around(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         if handler.request_deserializer is not None:
             handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
-        return super()._intercept(handler, details)
+        return super()._around(handler, method)
 
     async def _unary(self, behaviour: Callable[..., Awaitable[Any]], request: Any,
                      context: grpc.aio.ServicerContext, method: str) -> Any:
@@ -156,6 +174,7 @@ class MetricsInterceptor(_Around):
     """go-grpc-prometheus's series: started, handled by code, handling seconds, messages sent."""
 
     def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
         self._metrics = metrics
 
     def _finish(self, kind: str, method: str, started: float, context: grpc.aio.ServicerContext,
@@ -201,6 +220,7 @@ class AuthInterceptor(_Around):
     """Requires `authorization: Bearer <token>` on every call but health; compares in constant time."""
 
     def __init__(self, tokens: frozenset[str], to_status: Callable[[QuantrouterError], Any]) -> None:
+        super().__init__()
         self._tokens = tuple(t.encode() for t in tokens)
         self._to_status = to_status
 
