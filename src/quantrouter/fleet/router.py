@@ -165,8 +165,10 @@ class FleetRouter:
                             continue
                         if not relayed and event == "chunk":
                             relayed = True
-                            self._first_token(node, request.family, tag).observe(
-                                self._clock() - started)
+                            first_token = self._clock() - started
+                            yield message  # the first token leaves before its metric is observed
+                            self._first_token(node, request.family, tag).observe(first_token)
+                            continue
                         yield message
                     if not announced:  # a node that ended its stream with nothing: the call still had a decision
                         yield decision
