@@ -18,11 +18,12 @@ from quantrouter.listing import variant_row
 from quantrouter.memory import MemorySnapshot
 from quantrouter.policy import CandidateInput, InFlight
 from quantrouter.router import Router
+from quantrouter.units import NS
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.values import Variant
 
-__all__ = ["DEFAULT_INTERVAL_S", "SCHEMA_VERSION", "capacity_of", "changed", "duration_pb", "memory_status_pb",
-           "node_capacity", "variant_pb", "watch"]
+__all__ = ["DEFAULT_INTERVAL_S", "SCHEMA_VERSION", "capacity_of", "changed", "duration_fields", "duration_pb",
+           "memory_status_pb", "node_capacity", "variant_pb", "watch"]
 
 # Bump when a field changes meaning; readers refuse versions they do not know.
 SCHEMA_VERSION = 1
@@ -37,10 +38,17 @@ CHANGE_POLL_S = 0.25
 BACKLOG_STEP_S = 1.0
 
 
+def duration_fields(seconds: float) -> dict[str, int]:
+    """A Duration's fields, for the initialiser of the message holding it: protobuf builds it in place, where a
+    `duration_pb` passed in is built through Python's `FromNanoseconds` and then copied (a decision message has
+    four per candidate: about 1 µs each saved). Seconds and nanos carry the same sign, as Duration requires."""
+    nanos = int(seconds * NS)
+    whole, part = divmod(abs(nanos), NS)
+    return {"seconds": whole, "nanos": part} if nanos >= 0 else {"seconds": -whole, "nanos": -part}
+
+
 def duration_pb(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(int(seconds * 1e9))
-    return d
+    return duration_pb2.Duration(**duration_fields(seconds))
 
 
 def variant_pb(v: Variant) -> pb.Variant:

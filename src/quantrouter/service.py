@@ -15,7 +15,7 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from quantrouter.capacity import DEFAULT_INTERVAL_S, duration_pb, memory_status_pb, variant_pb, watch
+from quantrouter.capacity import DEFAULT_INTERVAL_S, duration_fields, duration_pb, memory_status_pb, variant_pb, watch
 from quantrouter.config import LimitSettings, RequestDefaults
 from quantrouter.errors import DOMAIN, FieldViolation, InvalidRequest, QuantrouterError, ShuttingDown
 from quantrouter.listing import variant_rows
@@ -276,10 +276,11 @@ def decision_pb(decision: Decision) -> pb.RouteDecision:
 def _candidate_pb(a: Assessment) -> pb.Candidate:
     return pb.Candidate(variant=a.tag, quantization=a.quantization, memory_bytes=a.memory_bytes, resident=a.resident,
                         tokens_per_second=a.tokens_per_second, tokens_per_second_measured=a.measured,
-                        time_to_first_token=duration_pb(a.time_to_first_token),
-                        expected_duration=duration_pb(a.expected_seconds), quality=a.quality, score=a.score,
+                        time_to_first_token=duration_fields(a.time_to_first_token),
+                        expected_duration=duration_fields(a.expected_seconds), quality=a.quality, score=a.score,
                         feasible=a.feasible, rejection=a.rejection, node=a.node,
-                        queue_duration=duration_pb(a.queue_seconds), churn_duration=duration_pb(a.churn_seconds),
+                        queue_duration=duration_fields(a.queue_seconds),
+                        churn_duration=duration_fields(a.churn_seconds),
                         at_risk=a.at_risk, quality_measured=a.quality_measured, endangers=a.endangers,
                         held_back=a.held_back)
 
@@ -287,7 +288,7 @@ def _candidate_pb(a: Assessment) -> pb.Candidate:
 def completion_pb(c: Completion) -> pb.Completion:
     return pb.Completion(variant=c.variant, prompt_tokens=c.prompt_tokens, generated_tokens=c.generated_tokens,
                          tokens_per_second=c.tokens_per_second, prompt_tokens_per_second=c.prompt_tokens_per_second,
-                         time_to_first_token=duration_pb(c.time_to_first_token),
-                         load_duration=duration_pb(c.load_seconds), total_duration=duration_pb(c.total_seconds),
+                         time_to_first_token=duration_fields(c.time_to_first_token),
+                         load_duration=duration_fields(c.load_seconds), total_duration=duration_fields(c.total_seconds),
                          done_reason=c.done_reason)
 
