@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,6 +129,15 @@ def test_a_node_killed_mid_stream_ends_it_cleanly_and_is_used_again_once_back(
     assert isinstance(events[-1], Completion) and events[-1].generated_tokens > 0
 
 
+def by_pair(fleet: FleetServer, sample: str) -> Counter[tuple[str, str]]:
+    """The fleet's `sample` series summed per (node, variant)."""
+    return Counter({(s.labels["node"], s.labels["target_model_name"]): s.value
+                    for m in fleet.registry.collect() for s in m.samples if s.name == sample})
+
+
+DECIDED, FIRST_TOKENS = "quantrouter_fleet_route_decisions_total", "quantrouter_fleet_time_to_first_token_seconds_count"
+
+
 def test_a_draining_node_that_refuses_the_call_is_fallen_back_from_and_its_pair_never_announced(
         killable: dict[str, KillableNode], fault_fleet: FleetServer) -> None:
     """A node router that drains (a rolling update) reports as before but refuses new calls with UNAVAILABLE
@@ -138,6 +148,7 @@ def test_a_draining_node_that_refuses_the_call_is_fallen_back_from_and_its_pair_
         first = client.route(FAMILY, preference="quality", options=TWO)
         assert first.node == NAMES[0] and first.chosen is not None, first.reason
         before = fallbacks(fault_fleet, first.node, first.chosen.tag)
+        decided, first_tokens = by_pair(fault_fleet, DECIDED), by_pair(fault_fleet, FIRST_TOKENS)
         node = killable[first.node].running
         assert node is not None
         node.draining = True
@@ -149,6 +160,14 @@ def test_a_draining_node_that_refuses_the_call_is_fallen_back_from_and_its_pair_
     assert [(d.node, d.fallback) for d in decisions] == [(NAMES[1], True)], [d.reason for d in decisions]
     assert isinstance(events[-1], Completion) and events[-1].generated_tokens > 0
     assert fallbacks(fault_fleet, first.node, first.chosen.tag) == before + 1
+    # Both decisions are counted once, the refused one too (counted once its call is over, never announced);
+    # the first token's metric is observed once it has left, for the pair that served it only.
+    assert decisions[0].chosen is not None
+    served = (decisions[0].node, decisions[0].chosen.tag)
+    decided.subtract(by_pair(fault_fleet, DECIDED))
+    first_tokens.subtract(by_pair(fault_fleet, FIRST_TOKENS))
+    assert {pair: -n for pair, n in decided.items() if n} == {(first.node, first.chosen.tag): 1, served: 1}
+    assert {pair: -n for pair, n in first_tokens.items() if n} == {served: 1}
 
 
 def test_a_node_whose_backend_died_is_fallen_back_from_before_the_first_token(

@@ -126,6 +126,7 @@ class FleetRouter:
                                    for at, r in since])
 
     def _record(self, decision: Decision) -> None:
+        """Counts the decision; a served one once the node's first message is in, so not before its call leaves."""
         chosen = decision.chosen
         self._decided(decision.node or OTHER, decision.family, chosen.tag if chosen else OTHER,
                       decision.preference.value, decision.reason_code).inc()
@@ -145,10 +146,10 @@ class FleetRouter:
             attempts = 0
             decision = self.decide(request)
             while True:
-                self._record(decision)
                 if decision.chosen is None:
+                    self._record(decision)
                     raise failure_of(decision)
-                node, tag = decision.node, decision.chosen.tag
+                attempt, node, tag = decision, decision.node, decision.chosen.tag
                 announced = relayed = False
                 call = self._open(node, tag, open_call)
                 sent = (self._clock(), Routed(tag, decision.chosen.expected_seconds - decision.chosen.queue_seconds,
@@ -160,6 +161,7 @@ class FleetRouter:
                         event = message.WhichOneof("event")
                         if not announced:  # the node has taken the call: now the fleet's decision goes out
                             announced = True
+                            self._record(decision)
                             yield decision
                         if event == "decision":  # the node's own, pinned: the fleet's replaces it
                             continue
@@ -195,6 +197,8 @@ class FleetRouter:
                 finally:
                     call.cancel()
                     self._forget(node, sent)
+                    if not announced:  # counted all the same, once the node call is over
+                        self._record(attempt)
 
     def _forget(self, node: str, sent: tuple[float, Routed]) -> None:
         """The stream ended or moved on: the node's reports no longer need it added."""
