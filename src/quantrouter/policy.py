@@ -260,9 +260,6 @@ class _Backlog:
         self._sorted = remaining
         self._prefix = (0.0, *accumulate(remaining))
 
-    def __bool__(self) -> bool:
-        return bool(self._sorted)
-
     def delay(self, service: float) -> float:
         i = bisect_left(self._sorted, service)
         return self._prefix[i] + service * (len(self._sorted) - i)
@@ -307,19 +304,13 @@ class _Frame:
     `load_fraction`, and the router refused everything that Ollama, whose first model always loads, serves.
     """
 
-    __slots__ = ("_kv", "available", "backlog", "busy_runners", "config", "constrained", "deadline", "decode_tokens",
-                 "family_resident", "guard", "load_wait", "min_tps", "prompt_tokens", "queued", "request",
-                 "upgrade_usable", "usable", "vetted")
+    __slots__ = ("_kv", "available", "backlog", "busy_runners", "config", "deadline", "decode_tokens",
+                 "family_resident", "guard", "load_wait", "min_tps", "prompt_tokens", "request", "upgrade_usable",
+                 "usable", "vetted")
 
     def __init__(self, request: RoutingRequest, available: int, family_resident: bool, backlog: _Backlog,
                  busy_runners: int, guard: _Guard, load_wait: float, config: PolicyConfig) -> None:
         self.request, self.config, self.backlog, self.busy_runners = request, config, backlog, busy_runners
-        # Whether any row can meet a queue, or a constraint of the request: most requests set none, and a fleet
-        # choice builds a row for every variant of every node.
-        self.queued = bool(backlog)
-        self.constrained = bool(request.excluded or request.min_quantization is not None
-                                or request.allowed_quantizations or request.min_tokens_per_second
-                                or request.max_time_to_first_token is not None)
         self.guard, self.load_wait = guard, load_wait
         self.prompt_tokens, self.decode_tokens = request.prompt_tokens, request.num_predict
         self.deadline, self.min_tps = request.time_remaining, request.min_tokens_per_second
@@ -372,7 +363,7 @@ class _Row:
         prefill = frame.prompt_tokens / speed.prompt_tps
         decode = frame.decode_tokens / tps
         self.service = service = prefill + decode
-        queue = frame.backlog.delay(service) if frame.queued else 0.0
+        queue = frame.backlog.delay(service)
         if not resident:
             queue += frame.load_wait
         in_flight = c.in_flight
@@ -381,8 +372,7 @@ class _Row:
         elif in_flight:  # a free slot in its batch: its batch-mates decode in its steps, not time-sliced
             queue = max(queue - min(c.queued_seconds, in_flight * service), 0.0)
         # Constraints judge the variant on its own (alone on the GPU); the backlog only steers (`at_risk`).
-        rejection = (_constraint_rejection(c, frame.request, speed, load + prefill)
-                     if frame.constrained or c.breaker_open else "")
+        rejection = _constraint_rejection(c, frame.request, speed, load + prefill)
         deadline = frame.deadline
         # The deadline is the last constraint judged: a variant it alone rules out counts for FailureKind.DEADLINE.
         self.deadline_only = (not rejection and deadline is not None

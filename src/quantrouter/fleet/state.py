@@ -51,6 +51,9 @@ class NodeState:
     memory_view: MemoryView = field(init=False, repr=False, compare=False)
     _families: Mapping[str, tuple[CandidateInput, ...]] = field(init=False, repr=False, compare=False)
     _by_tag: Mapping[str, CandidateInput] = field(init=False, repr=False, compare=False)
+    # Built on first use (`catalog`): every request resolves its model against it, while `with_routed`'s copies,
+    # one per decision, never do.
+    _catalog: CatalogSnapshot | None = field(init=False, default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         families: dict[str, list[CandidateInput]] = {}
@@ -74,7 +77,11 @@ class NodeState:
 
     @property
     def catalog(self) -> CatalogSnapshot:
-        return CatalogSnapshot(tuple(c.variant for c in self.candidates), self.names)
+        catalog = self._catalog
+        if catalog is None:
+            catalog = CatalogSnapshot(tuple(c.variant for c in self.candidates), self.names)
+            object.__setattr__(self, "_catalog", catalog)
+        return catalog
 
     def family(self, family: str) -> tuple[CandidateInput, ...]:
         return self._families.get(family, ())
