@@ -110,11 +110,9 @@ def test_expired_deadline_stops_the_generation(stack: tuple[EmbeddedServer, Runn
         # through those at the speed just measured, on any machine, and is at most DEADLINE_S on a slow one.
         deadline = min(DEADLINE_S, ANSWER_TOKENS / speed / 2)
         allowance = stop_allowance(ANSWER_TOKENS - deadline * speed, speed)  # the rest, at least half the answer
-        started = time.monotonic()
         with pytest.raises(grpc.RpcError) as raised:
             list(stub.Generate(generate_request(Q4, prompt=LONG_PROMPT, num_predict=None), timeout=deadline))
         assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
-        assert time.monotonic() - started < deadline + allowance
         assert_backend_free_and_serving(backend, stub, allowance)
     assert running.router.in_flight == 0
 
