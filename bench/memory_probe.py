@@ -39,7 +39,6 @@ _UNUSED_POOLS = re.compile(r"^\d+ unused pools \* \d+ bytes\s*=\s*([\d,]+)", re.
 class MemoryFigures:
     """One reading (MiB); `malloc_in_use_mib` is None where the C library cannot tell (not glibc ≥ 2.33)."""
 
-    resident_mib: float
     malloc_in_use_mib: float | None
     arenas: int
     arenas_mib: float
@@ -68,18 +67,12 @@ def _pymalloc_stats() -> str:
         return caught.read()
 
 
-def _resident_mib() -> float:
-    status = Path("/proc/self/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024
-
-
 def _figures() -> MemoryFigures:
     stats = _pymalloc_stats()
     arenas = _ARENAS.search(stats)
     count, size = (int(arenas.group(1)), int(arenas.group(2))) if arenas else (0, 0)
     in_use = malloc_in_use()
     return MemoryFigures(
-        resident_mib=round(_resident_mib(), 2),
         malloc_in_use_mib=None if in_use is None else round(in_use / MiB, 2),
         arenas=count, arenas_mib=round(count * size / MiB, 2),
         arenas_live_mib=round(_number(_LIVE, stats) / MiB, 2),
