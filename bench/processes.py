@@ -19,7 +19,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ROUTER_READY", "Service", "canned_ollama", "fleet_router", "node_flags", "node_router", "spawned"]
+__all__ = ["FLEET_READY", "ROUTER_READY", "SERVE", "STOP_TIMEOUT_S", "Service", "canned_ollama", "fleet_router",
+           "node_flags", "node_router", "spawned"]
 
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 60.0

@@ -19,6 +19,7 @@ from quantrouter.server import serve
 class _Started:
     def __init__(self) -> None:
         self.cut_short = asyncio.Event()
+        self.frozen_when_started = gc.get_freeze_count()
         self.frozen_when_stopped: int | None = None
 
     async def stop(self, grace: float | None = None) -> None:
@@ -26,15 +27,18 @@ class _Started:
 
 
 async def test_serve_freezes_what_starting_built_and_stops_on_sigterm() -> None:
-    started = _Started()
+    built: list[_Started] = []
 
     async def starter(settings: Settings) -> _Started:
         asyncio.get_running_loop().call_later(0.05, os.kill, os.getpid(), signal.SIGTERM)
-        return started
+        built.append(_Started())
+        return built[0]
 
     gc.unfreeze()
     try:
         assert await serve(Settings(), starter) == 0
     finally:
         gc.unfreeze()  # the test process's objects go back to the collector
+    started = built[0]
+    assert started.frozen_when_started == 0  # nothing frozen before the starter ran
     assert started.frozen_when_stopped  # serve froze what existed once the starter returned
