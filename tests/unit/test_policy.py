@@ -354,6 +354,7 @@ def test_a_variant_still_loading_for_an_earlier_request_is_joined_not_refused(
 
 @pytest.mark.parametrize(("load", "band", "expected"), [
     (0.2, 0.025, "F16"),  # quiet: the best quality, as ever
+    (0.35, 0.025, "F16"),  # at quiet_load: still quiet (busy means above it)
     (0.8, 0.025, "Q8_0"),  # busy: Q8_0 (0.977) counts as F16's equal and is faster
     (0.8, 0.005, "F16"),  # busy, but the band no wider than the quiet one
 ])
