@@ -142,11 +142,13 @@ class NodeRoutersBehindLeastLoaded:
 
     name: str = "least-loaded + node routers"
     reads_reports: bool = False
+    # One for every node: it keeps each node router's own state (the loads it started) between requests.
+    router: QuantRouter = field(default_factory=QuantRouter, compare=False, repr=False)
 
     def route(self, request: Request, view: FleetView) -> Routed:
         node = LeastLoaded().route(request, view).node
         assert node is not None
-        choice = QuantRouter().choose(request, view.truth[node].view())
+        choice = self.router.choose(request, view.truth[node].view())
         return Routed(node if choice.tag else None, choice.tag, choice.reason)
 
 
