@@ -12,10 +12,11 @@ backends are the canned Ollama fixture paced at a GPU-like decode rate (bench.fi
 
 1. Spread: `concurrency` streams send requests through the fleet, preferences in turn (quality,
    balanced, latency); each stream's decision names the node and the variant, counted per pair.
-2. Hop: one stream sends a request through the fleet, then the same request (the variant the fleet
-   chose, pinned) straight to the node router it chose and through a bare gRPC relay in front of that
-   node (bench.fixtures.bare_relay: no validation, decision or interceptors), those two in turns, so
-   all three arms see the same node and the same machine. TTFT is from the call to the first text
+2. Hop: one stream sends a request through the fleet, and the same request (the variant the fleet
+   chose last, pinned) straight to the node router it chose and through a bare gRPC relay in front of that
+   node (bench.fixtures.bare_relay: no validation, decision or interceptors); the three arms take each
+   position in a round in turn (the fleet first, second, third), so all three see the same node, the same
+   machine and the same share of whatever a request leaves behind for the next. TTFT is from the call to the first text
    chunk; the added TTFT is p50(arm) − p50(direct) and p99(arm) − p99(direct), and the median of the
    paired differences. The relay's is the floor under any Python gRPC hop on this machine: what the
    fleet adds beyond it is the fleet's own work.
@@ -190,15 +191,18 @@ async def hop(running: Fleet, p: Plan) -> Hop:
                 if index == 1:
                     cpu_before, started = cpu_seconds(running.router.pid), time.perf_counter()
                     relay_before = cpu_seconds(running.relay.pid)
-                decision, fleet_ttft = await first_token(fleet_client, FAMILY, "quality", HOP_TOKENS)
-                assert decision.chosen is not None
-                turns = [(direct, clients[decision.node]), (relayed, relays[decision.node])]
-                for samples, client in turns if index % 2 else reversed(turns):
-                    _, ttft = await first_token(client, decision.chosen.tag, "quality", HOP_TOKENS)
+                arms: list[list[float] | None] = [None, direct, relayed]  # None: through the fleet
+                turn = index % len(arms)  # the first round (index 0) starts with the fleet: it picks the node
+                for samples in arms[turn:] + arms[:turn]:
+                    if samples is None:
+                        decision, ttft = await first_token(fleet_client, FAMILY, "quality", HOP_TOKENS)
+                        samples = through
+                    else:
+                        assert decision.chosen is not None  # the fleet's latest pick: this round's or the last
+                        arm = clients if samples is direct else relays
+                        _, ttft = await first_token(arm[decision.node], decision.chosen.tag, "quality", HOP_TOKENS)
                     if index:  # the first round warms the fleet's own connections
                         samples.append(ttft)
-                if index:
-                    through.append(fleet_ttft)
         fleet_cpu, wall = cpu_seconds(running.router.pid) - cpu_before, time.perf_counter() - started
         relay_cpu = cpu_seconds(running.relay.pid) - relay_before
     finally:
