@@ -417,7 +417,7 @@ def _memory_reading(run: BurstRun) -> str:
         text += " CPython's small-object allocator is off (PYTHONMALLOC): every object comes from malloc."
     if malloc is not None:
         text += f" glibc malloc has {malloc:+.1f} MiB in use ({m0.malloc_in_use_mib:.1f} → {m1.malloc_in_use_mib:.1f})"
-        text += f"; {rest:.1f} MiB is the rest (malloc's free pages between live chunks, thread stacks)."
+        text += f"; {rest:.1f} MiB is the rest, which neither reading accounts for."
     text += (f" When the clients hung up, resident memory changed by {hang_up:+.1f} MiB: "
              + ("the memory is not per-connection state." if abs(hang_up) < 1.0 else
                 "part of it was per-connection state."))
