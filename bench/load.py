@@ -23,7 +23,6 @@ import contextlib
 import os
 import re
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ from bench.fixtures.canned_ollama import FAMILY as CANNED_FAMILY
 from bench.machine import cpu_seconds, describe
 from bench.memory_probe import PROBE_FILE_VARIABLE, MemoryFigures, read_figures
 from bench.processes import ROUTER_READY, SERVE, canned_ollama, node_router, spawned
+from bench.stats import percentile
 from quantrouter.backend import STREAM_KEEPALIVE_S
 from quantrouter.client import error_details
 from quantrouter.config import default_cache_dir
@@ -119,10 +119,6 @@ async def run_load(target: str) -> tuple[Tally, float]:
         return tally, time.perf_counter() - started
 
 
-def percentile(values: list[float], q: int) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
-
-
 def report(tally: Tally, wall: float, router_cpu: float, load_before: tuple[float, float, float]) -> str:
     completed = len(tally.latencies)
     lines = [
@@ -145,10 +141,10 @@ def report(tally: Tally, wall: float, router_cpu: float, load_before: tuple[floa
         f"| RESOURCE_EXHAUSTED refusals (retried) | {sum(tally.refusals.values())} "
         f"({', '.join(f'{k}: {v}' for k, v in sorted(tally.refusals.items())) or 'none'}) |",
         f"| fallback decisions (backend busy before the first token) | {tally.fallbacks} |",
-        f"| latency p50 / p99 | {percentile(tally.latencies, 50):.2f} s / {percentile(tally.latencies, 99):.2f} s |"
+        f"| latency p50 / p99 | {percentile(tally.latencies, 0.5):.2f} s / {percentile(tally.latencies, 0.99):.2f} s |"
         if completed else "| latency | no stream completed |",
-        f"| time to first token p50 / p99 | {percentile(tally.first_tokens, 50):.2f} s / "
-        f"{percentile(tally.first_tokens, 99):.2f} s |" if completed else "| time to first token | n/a |",
+        f"| time to first token p50 / p99 | {percentile(tally.first_tokens, 0.5):.2f} s / "
+        f"{percentile(tally.first_tokens, 0.99):.2f} s |" if completed else "| time to first token | n/a |",
         f"| wall time | {wall:.1f} s ({completed / wall:.1f} streams/s) |",
         f"| router CPU (user + system, its own process) | {router_cpu:.2f} s "
         f"({router_cpu / max(completed, 1) * 1000:.1f} ms per stream, {router_cpu / wall * 100:.0f} % of a core) |",
