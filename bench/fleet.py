@@ -18,8 +18,8 @@ backends are the canned Ollama fixture paced at a GPU-like decode rate (bench.fi
    position in a round in turn (the fleet first, second, third), so all three see the same node, the same
    machine and the same share of whatever a request leaves behind for the next. TTFT is from the call to the first text
    chunk; the added TTFT is p50(arm) − p50(direct) and p99(arm) − p99(direct), and the median of the
-   paired differences. The relay's is the floor under any Python gRPC hop on this machine: what the
-   fleet adds beyond it is the fleet's own work.
+   paired differences with their p10–p90 (bench.stats.paired). The relay's is the floor under any Python
+   gRPC hop on this machine: what the fleet adds beyond it is the fleet's own work.
 
 Run: `python -m bench.fleet [--only simulation|real] [--seeds N] [--quick]`. `--only` reruns one part and
 keeps the other as the results file has it; `--quick` prints a small run of each and writes nothing.
@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -46,7 +45,7 @@ from bench.machine import CLOCK_TICKS, cpu_seconds, describe
 from bench.overhead import ROUTER_ENV
 from bench.processes import Service, canned_ollama, fleet_router, node_flags, node_router, spawned
 from bench.simulate_fleet import DEFAULT_SEEDS, simulate
-from bench.stats import percentile
+from bench.stats import Paired, paired, percentile
 from quantrouter.client import AsyncRouterClient, Options, PreferenceName
 from quantrouter.values import Decision
 
@@ -220,27 +219,25 @@ def added_ms(arm: list[float], base: list[float], q: float) -> float:
     return quantile_ms(arm, q) - quantile_ms(base, q)
 
 
-def paired_ms(arm: list[float], base: list[float]) -> list[float]:
-    return [1000 * (a - b) for a, b in zip(arm, base, strict=True)]
+def paired_ms(arm: list[float], base: list[float]) -> Paired:
+    """`arm` − `base` in ms, round by round."""
+    return paired([1000 * a for a in arm], [1000 * b for b in base])
 
 
 def hop_reading(measured: Hop) -> str:
     """The hop's figures in words: the fleet's, the bare relay's (the floor) and the fleet's own beyond it."""
     through, relayed, direct = measured.through, measured.relayed, measured.direct
     added, floor = added_ms(through, direct, 0.5), added_ms(relayed, direct, 0.5)
-    paired, own = paired_ms(through, direct), paired_ms(through, relayed)
     text = (f"The fleet hop added {added:.2f} ms to time to first token at p50 (issue 14's target ≤ "
             f"{TARGET_HOP_MS:g} ms: {'holds' if added <= TARGET_HOP_MS else 'missed'}) and "
             f"{added_ms(through, direct, 0.99):.2f} ms at p99 over {len(through)} rounds (median paired difference "
-            f"{statistics.median(paired):.2f} ms, p10–p90 of the differences {percentile(paired, 0.1):.2f} to "
-            f"{percentile(paired, 0.9):.2f} ms); ratio of p50s "
+            f"{paired_ms(through, direct).text('ms')}); ratio of p50s "
             f"{quantile_ms(through, 0.5) / quantile_ms(direct, 0.5):.3f}. In the same rounds a bare gRPC relay "
             f"(bench/fixtures/bare_relay.py: no validation, decision, interceptors or metrics, the same loop) "
-            f"added {floor:.2f} ms at p50 (median paired difference "
-            f"{statistics.median(paired_ms(relayed, direct)):.2f} ms): the floor under any Python gRPC hop here. The "
-            f"fleet's own work (reading the request, the decision over every node's variants, interceptors, metrics) "
-            f"added {added - floor:.2f} ms beyond it at p50 (median paired difference fleet − relay "
-            f"{statistics.median(own):.2f} ms).")
+            f"added {floor:.2f} ms at p50 (median paired difference {paired_ms(relayed, direct).text('ms')}): the "
+            f"floor under any Python gRPC hop here. The fleet's own work (reading the request, the decision over "
+            f"every node's variants, interceptors, metrics) added {added - floor:.2f} ms beyond it at p50 (median "
+            f"paired difference fleet − relay {paired_ms(through, relayed).text('ms')}).")
     if added <= TARGET_HOP_MS:
         return text
     if floor > TARGET_HOP_MS:
