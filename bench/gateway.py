@@ -34,7 +34,7 @@ import httpx
 
 from bench.fixtures.canned_ollama import FAMILY, VARIANTS
 from bench.machine import describe, free_port
-from bench.processes import FLEET_READY, Service, canned_ollama, node_router, spawned
+from bench.processes import FLEET_READY, Service, canned_ollama, node_router, router_env, spawned
 from bench.stats import percentile
 from quantrouter.gateway.envoy import envoy_config
 
@@ -198,8 +198,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory, contextlib.ExitStack() as stack:
         logs = Path(directory)
         backends = [stack.enter_context(canned_ollama(f"ollama-{i}", PACED_TOKENS_PER_S, logs)) for i in range(2)]
-        routers = [stack.enter_context(node_router(f"router-{b.name}", b.address, logs,
-                                                   {"QUANTROUTER_MEMORY_RESERVE": "0"}, CAPACITY))
+        routers = [stack.enter_context(node_router(f"router-{b.name}", b.address, logs, router_env(), CAPACITY))
                    for b in backends]
         argv = [sys.executable, "-m", "quantrouter.cli", "epp", "--grpc-address", "127.0.0.1:0",
                 "--metrics-address", "127.0.0.1:0"]

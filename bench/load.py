@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +37,7 @@ import grpc
 from bench.fixtures.canned_ollama import FAMILY as CANNED_FAMILY
 from bench.machine import cpu_seconds, describe
 from bench.memory_probe import PROBE_FILE_VARIABLE, MemoryFigures, read_figures
-from bench.processes import ROUTER_READY, SERVE, canned_ollama, node_router, spawned
+from bench.processes import ROUTER_READY, SERVE, canned_ollama, node_router, router_env, spawned
 from bench.stats import percentile
 from quantrouter.backend import STREAM_KEEPALIVE_S
 from quantrouter.client import error_details
@@ -103,11 +103,6 @@ async def one_stream(stub: pb_grpc.RouterServiceStub, index: int, tally: Tally) 
             tally.refusals[details.reason] += 1
             await asyncio.sleep(details.retry_after if details.retry_after is not None else DEFAULT_RETRY_S)
     tally.errors["gave up after too many refusals"] += 1
-
-
-def router_env(settings: Mapping[str, str]) -> dict[str, str]:
-    """The router's environment: `settings`, no memory reserve, and info logs (its trim lines are read back)."""
-    return {**settings, "QUANTROUTER_MEMORY_RESERVE": "0", "QUANTROUTER_LOG_LEVEL": "info"}
 
 
 async def run_load(target: str) -> tuple[Tally, float]:

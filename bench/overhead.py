@@ -63,7 +63,7 @@ import quantrouter
 from bench.fixtures.canned_ollama import FAMILY as CANNED_FAMILY
 from bench.fixtures.canned_ollama import VARIANTS as CANNED_VARIANTS
 from bench.machine import busy_seconds, cpu_seconds, describe, memory_mib
-from bench.processes import STOP_TIMEOUT_S, Service, canned_ollama, node_router
+from bench.processes import STOP_TIMEOUT_S, Service, canned_ollama, node_router, router_env
 from bench.readme import replace_block
 from bench.stats import percentile
 from quantrouter.client import AsyncRouterClient, Options
@@ -74,8 +74,7 @@ PROMPT = "Why is the sky blue?"
 DIRECT, ROUTER, BASELINE = "direct", "router", "baseline"
 REQUEST_TIMEOUT_S = 120.0
 # The router's per-family default (64 streams) is the most a scenario opens at once; raise it to be sure.
-ROUTER_ENV = {"QUANTROUTER_MAX_IN_FLIGHT": "256", "QUANTROUTER_MAX_IN_FLIGHT_PER_FAMILY": "256",
-              "QUANTROUTER_MEMORY_RESERVE": "0", "QUANTROUTER_LOG_LEVEL": "info"}
+ROUTER_ENV = router_env({"QUANTROUTER_MAX_IN_FLIGHT": "256", "QUANTROUTER_MAX_IN_FLIGHT_PER_FAMILY": "256"})
 CANNED, PACED = "unpaced", "paced"
 PACED_TOKENS_PER_S = 50.0  # a GPU-like decode rate for one stream
 CANNED_CAPACITY = "80GiB"

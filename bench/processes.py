@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["FLEET_READY", "ROUTER_READY", "SERVE", "STOP_TIMEOUT_S", "Service", "canned_ollama", "fleet_router",
-           "node_flags", "node_router", "spawned"]
+           "node_flags", "node_router", "router_env", "spawned"]
 
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 60.0
@@ -37,6 +37,12 @@ class Service:
     address: str
     log: Path
     metrics: str = ""  # a router's metrics port
+
+
+def router_env(settings: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A benchmark's router's environment (`QUANTROUTER_*`): `settings`, over no memory reserve (the capacity a
+    benchmark gives is what it routes over) and info logs (its ready line, and what a benchmark reads back)."""
+    return {"QUANTROUTER_MEMORY_RESERVE": "0", "QUANTROUTER_LOG_LEVEL": "info", **(settings or {})}
 
 
 @contextlib.contextmanager
