@@ -37,7 +37,7 @@ import grpc
 from bench.fixtures.canned_ollama import FAMILY as CANNED_FAMILY
 from bench.machine import cpu_seconds, describe
 from bench.memory_probe import PROBE_FILE_VARIABLE, MemoryFigures, read_figures
-from bench.processes import ROUTER_READY, SERVE, canned_ollama, node_router, router_env, spawned
+from bench.processes import ROUTER_READY, SERVE_ARGUMENTS, canned_ollama, node_router, router_env, spawned
 from bench.stats import percentile
 from quantrouter.backend import STREAM_KEEPALIVE_S
 from quantrouter.client import error_details
@@ -419,7 +419,7 @@ def burst() -> None:
     with tempfile.TemporaryDirectory() as temporary, \
             canned_ollama("canned", BURST_TOKENS_PER_S, Path(temporary)) as backend:
         probe_file = Path(temporary) / "memory.jsonl"
-        argv = [sys.executable, "-m", "bench.memory_probe", *SERVE[2:], "--ollama-host", backend.address]
+        argv = [sys.executable, "-m", "bench.memory_probe", *SERVE_ARGUMENTS, "--ollama-host", backend.address]
         env = {**router_env(BURST_CAPS), PROBE_FILE_VARIABLE: str(probe_file)}
         with spawned("router", argv, env, ROUTER_READY, Path(temporary)) as router:
             run = asyncio.run(run_burst(f"127.0.0.1:{router.address}", ProbedRouter(router.pid, probe_file,

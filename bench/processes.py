@@ -19,13 +19,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["FLEET_READY", "ROUTER_READY", "SERVE", "STOP_TIMEOUT_S", "Service", "canned_ollama", "fleet_router",
-           "node_flags", "node_router", "router_env", "spawned"]
+__all__ = ["FLEET_READY", "ROUTER_READY", "SERVE", "SERVE_ARGUMENTS", "STOP_TIMEOUT_S", "Service", "canned_ollama",
+           "fleet_router", "node_flags", "node_router", "router_env", "spawned"]
 
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 60.0
 POLL_S = 0.05
-SERVE = ("-m", "quantrouter.cli", "serve", "--grpc-address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0")
+# `quantrouter serve` on free ports: the CLI's arguments, which SERVE runs and bench.memory_probe takes as they are.
+SERVE_ARGUMENTS = ("serve", "--grpc-address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0")
+SERVE = ("-m", "quantrouter.cli", *SERVE_ARGUMENTS)
 ROUTER_READY = r"quantrouter serving on port (\d+) \(metrics on (\d+)\)"
 FLEET_READY = r"fleet router serving on port (\d+) \(metrics on (\d+)\)"
 
