@@ -20,19 +20,25 @@ SLOW_FIRST_S = 9.0  # a ramp request's TTFT, far above every measured one
 
 
 async def round_of(scenario: Scenario) -> tuple[Arm, list[float]]:
-    """One round; returns the arm and when each stream's first request was called, from the round's start."""
-    calls: list[float] = []
+    """One round; returns the arm and when each stream's first request was called, from the round's start.
+
+    A stream is its own task (run_round gathers them), so a request knows its stream by the task it runs in: a
+    stream's first request is its own first call, however late a slow machine made it."""
+    firsts: dict[asyncio.Task[None], float] = {}
     started = time.perf_counter()
 
     async def request() -> Sample:
-        first = len(calls) < scenario.streams
-        calls.append(time.perf_counter() - started)
+        stream = asyncio.current_task()
+        assert stream is not None
+        first = stream not in firsts
+        firsts.setdefault(stream, time.perf_counter() - started)
         await asyncio.sleep(scenario.request_s)
         return Sample(SLOW_FIRST_S if first and scenario.staggered else 0.001, TOKENS)
 
     arm = Arm()
     await run_round(request, scenario, arm, os.getpid())
-    return arm, sorted(calls)[:scenario.streams]
+    assert len(firsts) == scenario.streams
+    return arm, sorted(firsts.values())
 
 
 async def test_steady_streams_start_spread_over_one_request_and_their_first_requests_are_not_measured() -> None:
