@@ -37,6 +37,13 @@ ANSWER_TOKENS = 2000
 # with four engineers' suites on two cores, the speed of one short answer and of the next long one differed
 # up to 2× (8 and 17 tok/s), and a stop takes a token or two.
 STOP_SHARE = 0.25
+# What a stop and the next request take whatever the decode speed (a poll of the backend's state, the stop
+# reaching llama.cpp at its next token, the next request's decision, prompt and two tokens over gRPC): on a
+# fast machine a quarter of the rest of the answer can be less than that.
+STOP_FLOOR_S = 0.5
+# Floor or not, the allowance stays under this share of the rest of the answer, so that a generation that
+# ignored the stop is still running when it ends, however fast the machine.
+STOP_CEILING_SHARE = 0.75
 CANCELLED_STREAMS = 1000
 CONCURRENCY = 16
 Q4 = f"{FAMILY}-q4_0"
@@ -71,9 +78,10 @@ def warm_speed(stub: pb_grpc.RouterServiceStub) -> float:
 
 def stop_allowance(tokens_left: float, tokens_per_second: float) -> float:
     """Seconds the backend may take to stop and serve again: `STOP_SHARE` of what the `tokens_left` of an
-    abandoned answer would hold the model for: a generation that ignored the stop is still running when the
-    allowance ends, on a fast or a slow machine."""
-    return STOP_SHARE * tokens_left / tokens_per_second
+    abandoned answer would hold the model for, at least `STOP_FLOOR_S` and at most `STOP_CEILING_SHARE` of it:
+    a generation that ignored the stop is still running when the allowance ends, on a fast or a slow machine."""
+    rest = tokens_left / tokens_per_second
+    return min(max(STOP_FLOOR_S, STOP_SHARE * rest), STOP_CEILING_SHARE * rest)
 
 
 def assert_backend_free_and_serving(backend: EmbeddedServer, stub: pb_grpc.RouterServiceStub,
