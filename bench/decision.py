@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from bench.machine import describe
 from bench.readme import replace_block
 from bench.sim.hardware import H100, LLAMA_8B, OLLAMA_MINIMUM_MEMORY
+from bench.stats import percentile
 from quantrouter.backend import OllamaBackend
 from quantrouter.catalog import CatalogSnapshot, VariantInfo
 from quantrouter.config import BackendSettings, CatalogSettings, LimitSettings
@@ -110,8 +110,7 @@ def _family(n: int) -> tuple[list[VariantInfo], ThroughputTable]:
 
 
 def _p50_p99_us(samples: list[int]) -> tuple[float, float]:
-    cuts = statistics.quantiles(samples, n=100)
-    return cuts[49] / 1000, cuts[98] / 1000
+    return percentile(samples, 0.5) / 1000, percentile(samples, 0.99) / 1000
 
 
 @dataclass(frozen=True, slots=True)
