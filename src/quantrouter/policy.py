@@ -57,7 +57,7 @@ non-resident variant replaces a resident sibling only when it fits with a margin
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import accumulate
@@ -493,48 +493,59 @@ def _hold_back_sub_floor(rows: Sequence[_Row]) -> None:
                              "(dequantisation): kept for memory pressure")
 
 
-def _score(rows: Sequence[_Row], preference: Preference, config: PolicyConfig, time_remaining: float | None,
-           tolerance: float) -> Callable[[_Row], tuple[float | str, ...]]:
-    """Set each row's score (higher is better) and return the ranking key (best first); a candidate at risk
-    of missing the deadline or the speed floor behind the GPU's backlog, and one held back, each score
-    `AT_RISK_PENALTY` lower, so they rank after the rest."""
+def _best(rows: Sequence[_Row], preference: Preference, config: PolicyConfig, time_remaining: float | None,
+          tolerance: float) -> _Row | None:
+    """The row that ranks first (the earliest of equals), each row's score set (higher is better). A candidate at
+    risk of missing the deadline or the speed floor behind the GPU's backlog, and one held back, each score
+    `AT_RISK_PENALTY` lower, so they rank after the rest. Ties within `TIE_TOLERANCE` go to the other objective:
+    quality for LATENCY, the cost T + churn (then quality) for the others."""
+    if not rows:
+        return None
+    low = 2
     for row in rows:
-        row.tier = row.at_risk + bool(row.held_back)
-    low = min(row.tier for row in rows)
-    safe = [row for row in rows if row.tier == low]
+        row.tier = tier = row.at_risk + (row.held_back != "")
+        if tier < low:
+            low = tier
     if low:  # nothing is expected to make it cleanly: the fastest has the best chance
         preference = Preference.LATENCY
-    top_q = max(row.quality for row in safe)
-    floor_q = top_q - tolerance
-    best_q = top_q or 1.0
     # BALANCED with a deadline: finishing within `balanced_deadline_share` of the time left is fast enough.
     enough = (config.balanced_deadline_share * time_remaining
               if preference is Preference.BALANCED and time_remaining is not None else 0.0)
-    best_c = min(cost if (cost := row.expected + row.churn) > enough else enough for row in safe)
+    top_q = 0.0
+    best_c = float("inf")
+    for row in rows:
+        if row.tier == low:
+            if row.quality > top_q:
+                top_q = row.quality
+            cost = row.expected + row.churn
+            if cost < best_c:
+                best_c = cost
+    if best_c < enough:
+        best_c = enough
+    floor_q = top_q - tolerance
+    best_q = top_q or 1.0
     weight = config.balanced_quality_weight
+    by_quality, by_speed = preference is Preference.QUALITY, preference is Preference.LATENCY
+    best: _Row | None = None
+    best_key: tuple[float | str, ...] = ()
     for row in rows:
         cost = row.expected + row.churn
         if cost < enough:
             cost = enough
         speed = (best_c / cost if best_c < cost else 1.0) if cost > 0 else 1.0
         quality = top_q if row.quality >= floor_q else row.quality
-        if preference is Preference.QUALITY:
+        if by_quality:
             value = quality
-        elif preference is Preference.LATENCY:
+        elif by_speed:
             value = speed
         else:
             value = weight * quality / best_q + (1 - weight) * speed
-        row.score = value - AT_RISK_PENALTY * row.tier
-    # Primary: score. Secondary: the other objective, so ties resolve as the docstring says.
-    if preference is Preference.LATENCY:
-        return lambda row: (-round(row.score / TIE_TOLERANCE), -row.quality, row.tag)
-    return lambda row: (-round(row.score / TIE_TOLERANCE), row.expected + row.churn, -row.quality, row.tag)
-
-
-def _best(rows: Sequence[_Row], preference: Preference, config: PolicyConfig, time_remaining: float | None,
-          tolerance: float) -> _Row | None:
-    """The row that ranks first by `_score`'s key (the earliest of equals), each row's score set."""
-    return min(rows, key=_score(rows, preference, config, time_remaining, tolerance)) if rows else None
+        row.score = value = value - AT_RISK_PENALTY * row.tier
+        tied = -round(value / TIE_TOLERANCE)
+        key = (tied, -row.quality, row.tag) if by_speed else (tied, row.expected + row.churn, -row.quality, row.tag)
+        if best is None or key < best_key:
+            best, best_key = row, key
+    return best
 
 
 def ranked_first(assessments: Sequence[Assessment], preference: Preference, config: PolicyConfig,
