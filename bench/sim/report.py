@@ -55,13 +55,17 @@ class RunFigures:
     evicting_loads: int
     partial_loads: int
     records: tuple[Record, ...]
+    # Every request's output tokens: the goodput of a run where each met its SLO at quality 1 (F16's agreement with
+    # itself; no quality weight exceeds it), which no policy can pass on this trace.
+    tokens: int
 
 
 def figures_of(run: RunResult) -> RunFigures:
     records = tuple(Record(r.request.preference.value, r.slo_met, r.outcome is Outcome.COMPLETED, r.quality,
                            r.latency, r.tag.rsplit("-", 1)[-1] if r.tag else None) for r in run.results)
     return RunFigures(sum(r.quality * r.request.output_tokens for r in run.results if r.slo_met), run.loads,
-                      run.evicting_loads, run.partial_loads, records)
+                      run.evicting_loads, run.partial_loads, records,
+                      sum(r.request.output_tokens for r in run.results))
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +113,9 @@ class Cell:
     policies: dict[str, PolicyFigures]
     vs_reference: Interval
     vs_oracle: Interval
+    # The most any policy could reach against the reference (`RunFigures.tokens` over its goodput, seeds pooled as
+    # `vs_reference` pools them): a bound, where the oracles are only policies.
+    ceiling: float
 
 
 def bootstrap_ratio(ours: Sequence[float], theirs: Sequence[float], seed: str) -> Interval:
@@ -155,8 +162,10 @@ def cell_of(scenario: str, engine: str, duration: float, runs: Sequence[dict[str
     ours = policies[ours_name].per_seed
     oracles = [max(run[n].goodput for n in names if n.startswith(ORACLE_PREFIX)) for run in runs]
     key = f"{scenario}/{engine}"
+    reference_goodput = sum(policies[reference].per_seed)
+    ceiling = sum(run[reference].tokens for run in runs) / reference_goodput if reference_goodput else math.inf
     return Cell(scenario, engine, len(runs), policies, bootstrap_ratio(ours, policies[reference].per_seed, key),
-                bootstrap_ratio(ours, oracles, key + "/oracle"))
+                bootstrap_ratio(ours, oracles, key + "/oracle"), ceiling)
 
 
 def short_of(value: float, digits: int = 3) -> str:
@@ -264,16 +273,21 @@ def _oracle_headroom(cell: Cell) -> float:
 
 def _special_misses(cells: Sequence[Cell]) -> list[str]:
     """For each scenario target missed under some engine: how much of the scenario's trouble the reference
-    still meets there, against the default engine (an engine can take away what the scenario was built on)."""
+    still meets there, against the default engine (an engine can take away what the scenario was built on), and
+    whether any policy could reach the target at all (`Cell.ceiling`)."""
     lines = []
     for c in cells:
         target = TARGET_SPECIAL.get(c.scenario)
         base = next((d for d in cells if d.scenario == c.scenario and d.engine == DEFAULT_ENGINE.name), None)
         if target is None or c.vs_reference.mean >= target or base is None or base is c:
             continue
-        lines.append(f"{c.scenario} / {c.engine} misses its {target:g}× target ({short_of(c.vs_reference.mean)}): "
-                     f"there {REFERENCE} itself meets {c.policies[REFERENCE].slo_met:.1%} of SLOs, against "
-                     f"{base.policies[REFERENCE].slo_met:.1%} on the default engine, which leaves less to win.")
+        line = (f"{c.scenario} / {c.engine} misses its {target:g}× target ({short_of(c.vs_reference.mean)}): "
+                f"there {REFERENCE} itself meets {c.policies[REFERENCE].slo_met:.1%} of SLOs, against "
+                f"{base.policies[REFERENCE].slo_met:.1%} on the default engine, which leaves less to win")
+        if c.ceiling < target:
+            line += (f"; no policy can reach it there: with every request meeting its SLO at quality 1, goodput "
+                     f"would be {short_of(c.ceiling)}× {REFERENCE}'s")
+        lines.append(line + ".")
     return lines
 
 

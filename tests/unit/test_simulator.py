@@ -249,7 +249,7 @@ def _figures(slo_met: dict[str, int]) -> RunFigures:
     """A run of 100 requests per preference class, `slo_met[class]` of them meeting their SLO."""
     records = tuple(Record(p.value, i < slo_met[p.value], True, 0.9, 1.0, "q4_k_m")
                     for p in Preference for i in range(100))
-    return RunFigures(float(sum(slo_met.values())), 1, 0, 0, records)
+    return RunFigures(float(sum(slo_met.values())), 1, 0, 0, records, len(records))
 
 
 def test_a_class_miss_the_hindsight_oracle_pays_as_well_is_named_with_both_figures() -> None:
@@ -265,6 +265,26 @@ def test_a_class_miss_the_hindsight_oracle_pays_as_well_is_named_with_both_figur
     text = reading([cell])
     assert "h100-8b balanced (-3.0 pt; hindsight oracle -5.0 pt)" in text
     assert "h100-8b latency" not in text
+
+
+def test_a_scenario_target_no_policy_can_reach_is_said_with_the_bound_and_one_within_reach_is_not() -> None:
+    """Squeeze (target 1.25×): on the default engine the reference meets 60 of 100 requests a class. Under one
+    engine variant it meets 95 of 100, so even every request met at quality 1 is 300 / 285 = 1.052× its goodput:
+    out of reach for any policy, and said with that bound. Under another it meets 70, whose bound 1.428× leaves
+    room: that miss is only explained, never called impossible."""
+    def runs(reference: int, ours: int) -> list[dict[str, RunFigures]]:
+        met = {p.value: reference for p in Preference}
+        return [{OURS: _figures(dict.fromkeys(met, ours)), REFERENCE: _figures(met), HINDSIGHT: _figures(met)}] * 3
+
+    cells = [cell_of("squeeze", DEFAULT_ENGINE.name, 100.0, runs(60, 90)),
+             cell_of("squeeze", "kv-q8_0", 100.0, runs(95, 95)), cell_of("squeeze", "fit-95%", 100.0, runs(70, 75))]
+    assert [round(c.ceiling, 3) for c in cells] == [1.667, 1.053, 1.429]
+    text = reading(cells)
+    assert ("squeeze / kv-q8_0 misses its 1.25× target (1.000): there always-q4_K_M itself meets 95.0% of SLOs, "
+            "against 60.0% on the default engine, which leaves less to win; no policy can reach it there: with "
+            "every request meeting its SLO at quality 1, goodput would be 1.052× always-q4_K_M's.") in text
+    assert "squeeze / fit-95% misses its 1.25× target (1.071): there always-q4_K_M itself meets 70.0% of SLOs" in text
+    assert text.count("no policy can reach it") == 1
 
 
 class _Forgetful:
