@@ -252,9 +252,10 @@ def _figures(slo_met: dict[str, int]) -> RunFigures:
     return RunFigures(float(sum(slo_met.values())), 1, 0, 0, records, len(records))
 
 
-def test_a_class_miss_the_hindsight_oracle_pays_as_well_is_named_with_both_figures() -> None:
+def test_each_class_miss_is_named_with_whether_the_hindsight_oracle_pays_as_much() -> None:
     """Balanced: quantrouter 3 points below the reference, the hindsight oracle 5 below; latency: quantrouter 3
-    below, the oracle level. Only the balanced miss is one the oracle's own goodput paid for too."""
+    below, the oracle level. The balanced miss is one the oracle's own goodput paid for too; the latency miss is
+    the policy's own, and said so."""
     full = {p.value: 100 for p in Preference}
     runs = [{OURS: _figures({**full, "balanced": 97, "latency": 97}), REFERENCE: _figures(full),
              HINDSIGHT: _figures({**full, "balanced": 95})}] * 3
@@ -263,8 +264,10 @@ def test_a_class_miss_the_hindsight_oracle_pays_as_well_is_named_with_both_figur
     assert "h100-8b/default (-3.0 pt, hindsight oracle -5.0 pt;" in table
     assert "h100-8b/default (-3.0 pt, hindsight oracle +0.0 pt;" in table
     text = reading([cell])
-    assert "h100-8b balanced (-3.0 pt; hindsight oracle -5.0 pt)" in text
-    assert "h100-8b latency" not in text
+    assert ("Class SLO misses on the default engine, where the hindsight oracle (the best fixed variant per "
+            "preference for each trace, chosen knowing it) also runs: 2. In 1 of them the oracle gives up as much of "
+            "that class or more for its goodput: h100-8b balanced (-3.0 pt; hindsight oracle -5.0 pt). In 1 it gives "
+            "up less, so the miss is the policy's own: h100-8b latency (-3.0 pt; hindsight oracle +0.0 pt).") in text
 
 
 def test_a_scenario_target_no_policy_can_reach_is_said_with_the_bound_and_one_within_reach_is_not() -> None:
