@@ -571,20 +571,23 @@ def decide(
         return _decision(request, memory, None, f"no variants of {request.family}", node,
                          failure=FailureKind.EMPTY)
 
-    reclaimable = sum(c.variant.vram_bytes for c in pool if c.variant.resident and c.in_flight == 0)
-    free = memory.free_bytes - memory.reserve_bytes
-    available = free + reclaimable
-    family_resident = any(c.variant.resident for c in pool)
-    # With Ollama holding `max_loaded` models, all busy, a new runner loads only once one of them drains (the
-    # shortest backlog, time-sliced by the busy runners); one pass over the pool.
-    busy_runners = idle_loaded = 0
+    # One pass over the pool: the memory idle residents would give back on eviction, and, with Ollama holding
+    # `max_loaded` models all busy, when a new runner could load (once the shortest backlog drains, time-sliced
+    # by the busy runners).
+    reclaimable = busy_runners = idle_loaded = 0
+    family_resident = False
     drain = 0.0
     for c in pool:
+        resident = c.variant.resident
+        family_resident = family_resident or resident
         if c.in_flight:
             drain = c.queued_seconds if not busy_runners or c.queued_seconds < drain else drain
             busy_runners += 1
-        elif c.variant.resident:
+        elif resident:
             idle_loaded += 1
+            reclaimable += c.variant.vram_bytes
+    free = memory.free_bytes - memory.reserve_bytes
+    available = free + reclaimable
     load_wait = drain * busy_runners if busy_runners >= config.max_loaded and not idle_loaded else 0.0
     guard = _Guard(memory.in_flight, busy_runners)
     frame = _Frame(request, available, family_resident, _Backlog(memory.backlog), busy_runners, guard, load_wait,
@@ -616,7 +619,7 @@ def decide(
             and request.time_remaining is not None and not family_resident and not busy_runners
             and (sole := _sole_runner(best, feasible, frame.usable))):
         best = _best(feasible, Preference.BALANCED, config, None, tolerance)
-    listed = tuple(row.assessment(node) for row in rows)
+    listed = tuple([row.assessment(node) for row in rows])
 
     if best is None:
         if all(row.memory_only for row in rows):
