@@ -153,3 +153,14 @@ def test_variants_read_before_read_the_same_and_a_changed_or_rejected_one_is_rea
     for _ in range(2):
         with pytest.raises(ReportRejected, match="tok/s"):
             read_report(broken)
+
+
+def test_a_familys_variants_read_from_reports_share_one_architecture_object() -> None:
+    """The policy caches a decision's context bytes by the architecture's identity: equal architectures read from
+    different variants and reports are one object, so each decision works them out once per family."""
+    second = report()
+    other = second.variants.add()
+    other.CopyFrom(second.variants[0])
+    other.variant.tag, other.variant.quantization, other.variant.resident = "gemma3:270m-q4_K_M", "Q4_K_M", False
+    first, q8, q4 = read_report(report()).candidates[0], *read_report(second).candidates
+    assert first.variant.architecture is q8.variant.architecture is q4.variant.architecture is not None
