@@ -158,7 +158,9 @@ class MemoryView:
     `backlog` holds each in-flight request's expected remaining seconds, sorted ascending
     (`remaining_seconds` builds it); `in_flight` the same requests with their SLOs; `offered_load` the service
     seconds routed per second lately (`offered_load()` builds it); `shared` whether other processes can take
-    memory that an eviction frees (NVML's view of a GPU others use, not a static capacity of the router's own).
+    memory that an eviction frees (NVML's view of a GPU others use, not a static capacity of the router's own);
+    `tight_rate` the requests routed per second lately that carried a deadline or a rate floor (the callers a
+    new runner's time-slicing would reach while it serves).
     """
 
     free_bytes: int
@@ -168,6 +170,7 @@ class MemoryView:
     in_flight: tuple[InFlight, ...] = ()
     offered_load: float = 0.0
     shared: bool = False
+    tight_rate: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +220,7 @@ class PolicyConfig:
     kv_bytes_per_element: float = KV_CACHE_TYPES["f16"]
     overload_threshold: float = 1.0
     max_loaded: int = OLLAMA_MODELS_PER_GPU
+    tight_arrivals: float = 0.5
 
 
 def remaining_seconds(expected_and_done: Sequence[tuple[float, float]]) -> tuple[float, ...]:
@@ -479,6 +483,27 @@ def _hold_back(rows: Sequence[_Row], pool: Sequence[CandidateInput], load: float
         row.held_back = "; ".join(reasons)
 
 
+def _hold_back_for_arrivals(rows: Sequence[_Row], pool: Sequence[CandidateInput], tight_rate: float,
+                            config: PolicyConfig) -> None:
+    """Hold back a runner not busy now that would time-slice the GPU for long enough that callers with a deadline
+    or a rate floor are expected to arrive meanwhile (`tight_rate` × its service ≥ `tight_arrivals`), when a
+    quicker warm runner could serve them: they would share the GPU with it for its whole decode."""
+    if not tight_rate or not config.tight_arrivals:
+        return
+    warm = [row.service for row, c in zip(rows, pool, strict=True) if row.resident and not c.breaker_open]
+    if not warm:
+        return
+    quickest = min(warm) * (1 + OVERLOAD_SPEED_SLACK)
+    for row, c in zip(rows, pool, strict=True):
+        if row.rejection or c.in_flight or row.service <= quickest:
+            continue
+        expected = tight_rate * row.service
+        if expected >= config.tight_arrivals:
+            why = (f"{expected:.1f} callers with a deadline or rate floor expected during its {row.service:.1f} s "
+                   f"({tight_rate:.2f}/s), which a quicker warm runner would serve")
+            row.held_back = f"{row.held_back}; {why}" if row.held_back else why
+
+
 def _hold_back_sub_floor(rows: Sequence[_Row]) -> None:
     """Variants below the speed floor yield to any feasible variant at or above it that is (or is believed)
     at least as fast: they serve when memory or an explicit constraint leaves nothing else."""
@@ -597,6 +622,7 @@ def decide(
         _charge_churn(rows, pool, free, config)
         _hold_back_sub_floor(rows)
         _hold_back(rows, pool, memory.offered_load, memory.shared, config)
+        _hold_back_for_arrivals(rows, pool, memory.tight_rate, config)
 
     # BALANCED's deadline share only while the GPU is quiet: under load the extra runner costs later callers.
     quiet = memory.offered_load <= config.quiet_load

@@ -240,6 +240,7 @@ class Router:
         self._tables_catalog: CatalogSnapshot | None = None
         self._tables_speeds: ThroughputSnapshot | None = None
         self._routed = LoadWindow()  # the service estimates of recent routings
+        self._tight = LoadWindow()  # recent routings that carried a deadline or a rate floor, one each
         self.opened = 0  # streams admitted since the start (the allocator trims after enough of them)
 
     @property
@@ -291,13 +292,13 @@ class Router:
 
     def memory_view(self) -> MemoryView:
         """Free memory, the backlog of this router's own in-flight streams (one GPU's worth of work) with their
-        SLOs, and the load its recent routings offered."""
+        SLOs, the load its recent routings offered, and how many of them per second carried an SLO."""
         snapshot = self.probe.latest
         reserve = self.reserve_bytes * len(snapshot.gpus) if snapshot.source == NVML else 0
         now = self._clock()
         return MemoryView(snapshot.free_bytes, reserve, snapshot.source, self._backlog(),
                           tuple(w.in_flight(now) for w in self._work), self._routed.per_second(now),
-                          shared=snapshot.source == NVML)
+                          shared=snapshot.source == NVML, tight_rate=self._tight.per_second(now))
 
     def decide(self, request: RoutingRequest) -> Decision:
         started = time.perf_counter()
@@ -365,6 +366,8 @@ class Router:
                              tokens_per_second=chosen.tokens_per_second, deadline=deadline,
                              min_tokens_per_second=request.min_tokens_per_second)
                 self._routed.add(self._clock(), work.service_seconds)  # served work, not a dry-run Route
+                if deadline is not None or request.min_tokens_per_second:
+                    self._tight.add(self._clock(), 1.0)
                 if not chosen.resident:  # a load starts, and may outlive this request (`LoadsStarted`)
                     self._loads.started(variant.tag, self._clock(), chosen.time_to_first_token)
                 relay = _sent_while(decision, self._forward(variant, job, work, cold=not variant.resident))
