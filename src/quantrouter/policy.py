@@ -46,7 +46,11 @@ left), `_Guard`); on a shared GPU (`MemoryView.shared`) its load only fits by ev
 memory other tenants may take before it loads; or the GPU is overloaded (`offered_load`, the service seconds
 routed per second over the last `LOAD_WINDOW_S`, at or above `overload_threshold`) and it is slower than the
 quickest warm variant, or it is not the quickest of the quick warm runners serving requests: one runner then
-serves the queue in order instead of several time-slicing runners that all miss. A variant below `SPEED_FLOOR_BPW`
+serves the queue in order instead of several time-slicing runners that all miss. A fourth: its runner, not busy
+now and slower than the quickest warm one, would serve long enough that `tight_arrivals` callers with a deadline
+or a rate floor are expected to arrive meanwhile (`MemoryView.tight_rate` × its service), and time-slice the GPU
+with them for its whole decode (on the simulated H100 8B with OLLAMA_NUM_PARALLEL 2 and 4, LATENCY callers
+arriving during a QUALITY caller's F16 decode fell under their 60 tok/s floor). A variant below `SPEED_FLOOR_BPW`
 yields to any feasible variant at or above the floor that is (or, unmeasured, is believed) at least as fast:
 below ~4.5 bits/weight dequantisation eats the smaller read (docs/quantization.md §2 (iii)), so it serves when
 memory or an explicit constraint leaves nothing else. When memory pressure rejects the variant the preference
@@ -206,6 +210,10 @@ class PolicyConfig:
     with one of them idle, the load evicts it: charged as churn and held back (on the simulated H100 8B, 6
     seeds × 7 engines, this moved balanced and latency SLO met within a point of always-Q4_K_M's in 4 more
     cells). Only this family's variants are counted (the decision sees no other family).
+    `tight_arrivals`: a runner not busy now that is slower than the quickest warm one is held back when at least
+    this many callers with a deadline or a rate floor are expected to arrive during its service
+    (`MemoryView.tight_rate` × its service alone on the GPU): they would share the GPU with it for its whole decode,
+    and `_Guard` protects only requests in flight at the decision. 0 turns it off.
     """
 
     balanced_quality_weight: float = 0.5

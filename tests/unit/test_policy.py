@@ -650,6 +650,29 @@ def test_a_new_runner_that_would_push_an_in_flight_request_past_its_slo_is_held_
     assert bool(by_quant["F16"].held_back) == bool(endangers)
 
 
+@pytest.mark.parametrize(("tight_rate", "busy", "resident", "expected", "held"), [
+    (0.0, (), ("F16", "Q4_K_M"), "F16", set()),  # no caller with an SLO routed lately: quality as usual
+    # F16 serves 256 tokens in 4.65 s (55 tok/s): at 0.05 such callers per second 0.23 of one is expected meanwhile.
+    (0.05, (), ("F16", "Q4_K_M"), "F16", set()),
+    # At 0.2/s, 0.93 are expected during F16's 4.65 s and 0.54 during Q8_0's 2.69 s: each would time-slice the GPU
+    # with Q4_K_M's runner (1.97 s), which serves those callers, for its whole decode; QUALITY takes Q4_K_M.
+    (0.2, (), ("F16", "Q4_K_M"), "Q4_K_M", {"F16", "Q8_0"}),
+    (0.2, ("F16",), ("F16", "Q4_K_M"), "F16", {"Q8_0"}),  # F16 already serves: joining it adds no runner
+    (0.2, (), ("F16",), "F16", set()),  # nothing quicker is warm: the charge forces no cold load
+])
+def test_a_slow_new_runner_is_held_back_when_callers_with_an_slo_are_expected_during_its_service(
+        tight_rate: float, busy: tuple[str, ...], resident: tuple[str, ...], expected: str, held: set[str]) -> None:
+    quants = ("F16", "Q8_0", "Q4_K_M")
+    candidates = ladder(quants, resident=resident, tps=MEASURED_TPS, busy=busy)
+    view = replace(free(40.0), tight_rate=tight_rate, backlog=(4.0,) * len(busy),
+                   in_flight=tuple(InFlight(4.65) for _ in busy))
+    decision = decide(request(Q, prompt_tokens=0), candidates, view)
+    assert chosen(decision) == expected
+    assert {a.quantization for a in decision.candidates if a.held_back} == held
+    for quant in held:
+        assert "expected during its" in assessment(decision, quant).held_back
+
+
 def test_offered_load_is_the_service_routed_per_second_over_the_window() -> None:
     arrivals = [(0.0, 10.0), (50.0, 6.0), (70.0, 9.0)]
     assert offered_load(arrivals, now=75.0) == pytest.approx((6.0 + 9.0) / LOAD_WINDOW_S)

@@ -376,6 +376,19 @@ async def test_the_policy_sees_each_stream_in_flight_with_its_slo_and_the_load_r
     assert router.memory_view().in_flight == ()
 
 
+async def test_the_policy_sees_the_rate_of_routed_requests_that_carried_a_deadline_or_a_rate_floor(
+        make_router: Callable[..., Awaitable[Router]]) -> None:
+    """A request with neither adds to the offered load only; one with a deadline or a rate floor counts once."""
+    router = await make_router()
+    for request in (_request(), replace(_request(), time_remaining=20.0),
+                    replace(_request(), min_tokens_per_second=5.0)):
+        async with aclosing(router.stream(request, JOB)) as stream:
+            assert [event async for event in stream]
+    view = router.memory_view()
+    assert view.tight_rate == pytest.approx(2 / LOAD_WINDOW_S)
+    assert view.offered_load > 0
+
+
 class _RecordingTable(ThroughputTable):
     """The real table, which also keeps each observation it is fed (to read what the router noted)."""
 
