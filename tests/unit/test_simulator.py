@@ -40,6 +40,7 @@ from bench.sim.policies import (
 from bench.sim.report import HINDSIGHT, OURS, REFERENCE, Record, RunFigures, acceptance, cell_of, reading, short_of
 from bench.sim.workload import Phase, Request, TenantProfile, generate_requests, generate_tenant, interactive_mix
 
+from quantrouter.policy import LOAD_WINDOW_S
 from quantrouter.throughput import ThroughputTable
 from quantrouter.values import Preference
 
@@ -311,3 +312,16 @@ def test_the_simulated_router_remembers_a_load_that_outlived_its_request(policy:
     assert first.outcome is Outcome.DEADLINE and first.reason == "deadline passed while queued"
     assert then.outcome is second
     assert then.tag == (first.tag if second is Outcome.COMPLETED else None)
+
+
+def test_the_simulated_router_counts_the_routings_that_carried_an_slo_per_simulation() -> None:
+    """The adapter feeds `MemoryView.tight_rate` from the router's own `LoadWindow` of what it routed, one per
+    simulation: every simulated request carries a deadline, so each one routed counts."""
+    policy = QuantRouter()
+    requests = [Request(i, float(i), Preference.LATENCY, 100, 50, 60.0, 30.0, 1.0) for i in range(3)]
+    first = Simulation(H100, LLAMA_8B, requests, [(0.0, 0)], policy)
+    first.run()
+    other = Simulation(H100, LLAMA_8B, requests[:1], [(0.0, 0)], policy)
+    other.run()
+    assert policy.tight[first].per_second(2.5) == pytest.approx(3 / LOAD_WINDOW_S)
+    assert policy.tight[other].per_second(2.5) == pytest.approx(1 / LOAD_WINDOW_S)
