@@ -673,6 +673,20 @@ def test_a_slow_new_runner_is_held_back_when_callers_with_an_slo_are_expected_du
         assert "expected during its" in assessment(decision, quant).held_back
 
 
+@pytest.mark.parametrize(("resident", "expected"), [
+    # Q5_K_M (127 tok/s) is as quick as warm Q4_K_M (130) within 5 %, but cold: its new runner would still
+    # time-slice the GPU with Q4_K_M's for its 2.0 s, during which 0.6 callers with an SLO are expected.
+    (("Q4_K_M",), "Q4_K_M"),
+    (("Q5_K_M", "Q4_K_M"), "Q5_K_M"),  # warm and as quick: either runner serves those callers as well
+])
+def test_a_quick_sibling_that_would_start_a_new_runner_is_held_back_too(resident: tuple[str, ...],
+                                                                         expected: str) -> None:
+    candidates = ladder(("Q5_K_M", "Q4_K_M"), resident=resident, tps={"Q5_K_M": 127.0, "Q4_K_M": 130.0})
+    decision = decide(request(Q, prompt_tokens=0), candidates, replace(free(40.0), tight_rate=0.3))
+    assert chosen(decision) == expected
+    assert bool(assessment(decision, "Q5_K_M").held_back) == (expected == "Q4_K_M")
+
+
 def test_offered_load_is_the_service_routed_per_second_over_the_window() -> None:
     arrivals = [(0.0, 10.0), (50.0, 6.0), (70.0, 9.0)]
     assert offered_load(arrivals, now=75.0) == pytest.approx((6.0 + 9.0) / LOAD_WINDOW_S)
