@@ -514,7 +514,7 @@ def _hold_back_for_arrivals(rows: Sequence[_Row], pool: Sequence[CandidateInput]
         expected = tight_rate * row.service
         if expected >= config.tight_arrivals:
             why = (f"{expected:.1f} callers with a deadline or rate floor expected during its {row.service:.1f} s "
-                   f"({tight_rate:.2f}/s), which a quicker warm runner would serve")
+                   f"({tight_rate:.2f}/s), which the quickest warm runner would serve")
             row.held_back = f"{row.held_back}; {why}" if row.held_back else why
 
 
