@@ -9,6 +9,7 @@ else reads the environment. Keys stay flat (`--num-ctx`, `QUANTROUTER_NUM_CTX`, 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -175,6 +176,9 @@ class PolicySettings:
     # A QUALITY pick with a deadline that would leave no room for any sibling is ranked as BALANCED; a GPU that
     # serves QUALITY callers alone may turn this off (policy.PolicyConfig says why).
     sole_runner_as_balanced: bool = True
+    # A slower runner not busy now is held back while this many callers with a deadline or a rate floor are
+    # expected to arrive during its service (policy.PolicyConfig says why); 0 turns it off.
+    tight_arrivals: float = 0.5
     gpu_bandwidth: float = 0.0
     calibration_file: Path | None = None
 
@@ -421,6 +425,9 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("setting balanced_quality_weight must be in [0, 1]")
     if not 0 <= policy.busy_quality_tolerance <= 1:
         raise ConfigError(f"setting busy_quality_tolerance must be in [0, 1], got {policy.busy_quality_tolerance}")
+    if not (math.isfinite(policy.tight_arrivals) and policy.tight_arrivals >= 0):
+        raise ConfigError(f"setting tight_arrivals must be a number ≥ 0 (0 turns the arrivals charge off), "
+                          f"got {policy.tight_arrivals}")
     if not 0 < policy.load_fraction <= 1:
         raise ConfigError(f"setting load_fraction must be in (0, 1], got {policy.load_fraction}")
     fleet = settings.fleet

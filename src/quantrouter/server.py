@@ -149,7 +149,8 @@ def policy_config(settings: PolicySettings) -> PolicyConfig:
                         kv_bytes_per_element=KV_CACHE_TYPES[settings.ollama_kv_cache_type.lower()],
                         max_loaded=settings.ollama_max_loaded_models or OLLAMA_MODELS_PER_GPU,
                         busy_quality_tolerance=settings.busy_quality_tolerance,
-                        sole_runner_as_balanced=settings.sole_runner_as_balanced)
+                        sole_runner_as_balanced=settings.sole_runner_as_balanced,
+                        tight_arrivals=settings.tight_arrivals)
 
 
 def _every(interval: float, action: Callable[[], Awaitable[None]]) -> Callable[[], Coroutine[Any, Any, None]]:
