@@ -78,6 +78,16 @@ class Undecodable:
                                 "every string field must be valid UTF-8")
 
 
+def _set_status(context: grpc.aio.ServicerContext, status: grpc.Status) -> None:
+    """End the call with `status` (a rich status, `rpc_status.to_status`) once the handler returns, as an abort
+    would but with no exception: grpc keeps an abort's AbortError on the call's state, and the error's traceback
+    holds the frames whose locals hold the context, which holds that state, a reference cycle of about 50 objects
+    per call for the garbage collector (tests/integration/test_no_garbage_per_refusal.py)."""
+    context.set_code(status.code)
+    context.set_details(status.details)
+    context.set_trailing_metadata(status.trailing_metadata)
+
+
 def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     def parse(raw: bytes) -> Any:
         try:
@@ -128,12 +138,9 @@ class _Around(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 class StatusInterceptor(_Around):
     """Turns a `QuantrouterError` into the call's rich status (ErrorInfo and friends), set on the context: the
-    handler then ends without an exception, and grpc sends that status with no message.
-
-    Not `abort_with_status`: grpc keeps the AbortError it raises on the call's state, and the error's traceback
-    holds the frames whose locals hold the context, which holds that state. Every refusal left that cycle (about
-    50 objects) for the garbage collector, whose full collections are rare, scattered through the memory a burst
-    took (tests/integration/test_no_garbage_per_refusal.py)."""
+    handler then ends without an exception, and grpc sends that status with no message. Not an abort: each left
+    a reference cycle (`_set_status`), and a burst's refusals left hundreds, scattered through the memory the
+    burst took, for the garbage collector, whose full collections are rare."""
 
     def __init__(self, to_status: Callable[[QuantrouterError], Any]) -> None:
         super().__init__()
@@ -151,7 +158,7 @@ class StatusInterceptor(_Around):
                 raise request.reject()
             return await behaviour(request, context)
         except QuantrouterError as error:
-            self._set_status(context, error)
+            _set_status(context, rpc_status.to_status(self._to_status(error)))
             return None  # grpc sends no message when the status is not OK
 
     async def _stream(self, behaviour: Callable[..., AsyncIterator[Any]], request: Any,
@@ -162,13 +169,7 @@ class StatusInterceptor(_Around):
             async for response in _responses(behaviour, request, context):
                 yield response
         except QuantrouterError as error:
-            self._set_status(context, error)
-
-    def _set_status(self, context: grpc.aio.ServicerContext, error: QuantrouterError) -> None:
-        status = rpc_status.to_status(self._to_status(error))
-        context.set_code(status.code)
-        context.set_details(status.details)
-        context.set_trailing_metadata(status.trailing_metadata)
+            _set_status(context, rpc_status.to_status(self._to_status(error)))
 
 
 def _code_of(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
@@ -253,13 +254,15 @@ class AuthInterceptor(_Around):
 
     async def _unary(self, behaviour: Callable[..., Awaitable[Any]], request: Any,
                           context: grpc.aio.ServicerContext, method: str) -> Any:
-        await self._deny(context)
+        self._deny(context)
+        return None  # grpc sends no message when the status is not OK
 
     async def _stream(self, behaviour: Callable[..., AsyncIterator[Any]], request: Any,
                            context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[Any]:
-        await self._deny(context)
-        yield  # pragma: no cover - abort raised above; this makes the function a generator
+        self._deny(context)
+        return
+        yield  # pragma: no cover - makes this an async generator with no messages
 
-    async def _deny(self, context: grpc.aio.ServicerContext) -> None:
+    def _deny(self, context: grpc.aio.ServicerContext) -> None:
         error = Unauthenticated("missing or invalid bearer token: send metadata 'authorization: Bearer <token>'")
-        await context.abort_with_status(rpc_status.to_status(self._to_status(error)))
+        _set_status(context, rpc_status.to_status(self._to_status(error)))

@@ -1,4 +1,5 @@
-"""A refused stream leaves no reference cycle behind in the router: what it allocated is freed when it ends.
+"""A refused stream, or one denied for want of a token, leaves no reference cycle behind in the router: what it
+allocated is freed when it ends.
 
 Why it matters: a cycle is freed only by the garbage collector, whose full collections are rare, and what a
 burst's refusals leave for it (each a gRPC call's state, the request, the error and its traceback's frames:
@@ -7,9 +8,9 @@ about 50 objects) is scattered through the memory the burst took, where any obje
 (`abort_with_status`) left one cycle per refusal: grpc keeps the AbortError on the call's state, and the
 error's traceback holds the frames whose locals hold the call's context, which holds that state. With the
 collector off, a real router (gRPC over a socket, the canned Ollama fixture in its own process, capped at one
-stream) refuses 100 streams; a collection then finds what they left in cycles (5,000 objects before the fix;
-the client's own, in this process too, are other types). In a process of its own: the collector is the whole
-process's, and other tests leave routers running in this one.
+stream) refuses 100 streams and denies 100 without a token; a collection then finds what they left in cycles
+(before the fix about 50 objects for each; the client's own, in this process too, are other types). In a
+process of its own: the collector is the whole process's, and other tests leave routers running in this one.
 """
 
 from __future__ import annotations
@@ -38,12 +39,15 @@ from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
 from tests.hardening.helpers import wait_for
 
 REFUSALS = 100
+TOKEN = "burst-token"
+AUTHORIZED = (("authorization", f"Bearer {TOKEN}"),)
 TIMEOUT_S = 60.0
 # The stream that holds the router's one slot while the others are refused: 8 s at 4 tok/s.
 HOLD_TOKENS = 32
 HOLD_TOKENS_PER_S = 4.0
 # The router's objects of a refused call; the client's own (in this process too) are other types.
-REFUSAL_TYPES = ("Overloaded", "RPCState", "_ServicerContext", "GenerateRequest", "RoutingRequest")
+REFUSAL_TYPES = ("Overloaded", "Unauthenticated", "RPCState", "_ServicerContext", "GenerateRequest",
+                 "RoutingRequest")
 # Fewer than one refusal's objects in ten: what the collector finds of one type is not one per refusal.
 KEPT_AT_MOST = REFUSALS // 10
 ROOT = Path(quantrouter.__file__).parent.parent.parent
@@ -56,11 +60,20 @@ def _request(tokens: int) -> pb.GenerateRequest:
 
 async def _refused(stub: pb_grpc.RouterServiceStub) -> None:
     try:
-        async for _ in stub.Generate(_request(1), timeout=TIMEOUT_S):
+        async for _ in stub.Generate(_request(1), timeout=TIMEOUT_S, metadata=AUTHORIZED):
             raise AssertionError("a stream was served while the router's one slot was taken")
     except grpc.aio.AioRpcError as error:
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
         assert error_details(error).retry_after is not None, "the refusal lost its RetryInfo"
+
+
+async def _denied(stub: pb_grpc.RouterServiceStub) -> None:
+    try:
+        async for _ in stub.Generate(_request(1), timeout=TIMEOUT_S):
+            raise AssertionError("a stream without a token was served")
+    except grpc.aio.AioRpcError as error:
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error
+        assert error_details(error).reason, "the denial lost its ErrorInfo"
 
 
 async def _garbage_of_refusals(router: RunningServer) -> dict[str, int]:
@@ -71,7 +84,7 @@ async def _garbage_of_refusals(router: RunningServer) -> dict[str, int]:
         gc.disable()
         gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds stays in gc.garbage, to be counted
         try:
-            await asyncio.gather(*(_refused(stub) for _ in range(REFUSALS)))
+            await asyncio.gather(*(_refused(stub) for _ in range(REFUSALS)), *(_denied(stub) for _ in range(REFUSALS)))
             gc.collect()
             found = Counter(type(o).__name__ for o in gc.garbage)
         finally:
@@ -86,17 +99,18 @@ async def _garbage_of_refusals(router: RunningServer) -> dict[str, int]:
 
 async def _refused_until_held(stub: pb_grpc.RouterServiceStub, router: RunningServer) -> None:
     """One stream takes the router's only slot and keeps it for the test (it ends on its own)."""
-    held = stub.Generate(_request(HOLD_TOKENS), timeout=TIMEOUT_S)
+    held = stub.Generate(_request(HOLD_TOKENS), timeout=TIMEOUT_S, metadata=AUTHORIZED)
     await held.read()  # its decision: the stream is admitted
     await asyncio.to_thread(wait_for, lambda: router.router.in_flight == 1, TIMEOUT_S, "the held stream")
-    await _refused(stub)  # the first refusal's one-time work (imports, metric children) before counting
+    await _refused(stub)  # the first refusal's and denial's one-time work (metric children) before counting
+    await _denied(stub)
 
 
 def _measure() -> dict[str, int]:
     with tempfile.TemporaryDirectory() as logs, canned_ollama("canned", HOLD_TOKENS_PER_S, Path(logs)) as backend:
         settings = load_settings({"grpc_address": "127.0.0.1:0", "metrics_address": "127.0.0.1:0",
                                   "ollama_host": backend.address, "memory_capacity": "80GiB", "memory_reserve": 0,
-                                  "max_in_flight": 1, "max_in_flight_per_family": 1}, {})
+                                  "max_in_flight": 1, "max_in_flight_per_family": 1, "auth_token": TOKEN}, {})
         with run_in_thread(settings, CollectorRegistry()) as running:
             return asyncio.run(_garbage_of_refusals(running))
 
