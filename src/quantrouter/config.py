@@ -177,8 +177,8 @@ class PolicySettings:
     # serves QUALITY callers alone may turn this off (policy.PolicyConfig says why).
     sole_runner_as_balanced: bool = True
     # A slower runner not busy now is held back while this many callers with a deadline or a rate floor are
-    # expected to arrive during its service (policy.PolicyConfig says why); 0 turns it off.
-    tight_arrivals: float = 0.5
+    # expected to arrive during its service; 0, the default, turns it off (policy.PolicyConfig says why).
+    tight_arrivals: float = 0.0
     gpu_bandwidth: float = 0.0
     calibration_file: Path | None = None
 

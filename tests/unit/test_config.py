@@ -68,11 +68,11 @@ def test_ollamas_model_cap_reaches_the_policy_and_unset_means_three_per_gpu() ->
 def test_the_quality_knobs_reach_the_policy() -> None:
     default = policy_config(load_settings({}, {}).policy)
     assert (default.busy_quality_tolerance, default.sole_runner_as_balanced, default.tight_arrivals) == (
-        0.025, True, 0.5)
+        0.025, True, 0.0)
     tuned = policy_config(load_settings({}, {"QUANTROUTER_BUSY_QUALITY_TOLERANCE": "0.005",
                                              "QUANTROUTER_SOLE_RUNNER_AS_BALANCED": "false",
-                                             "QUANTROUTER_TIGHT_ARRIVALS": "0"}).policy)
-    assert (tuned.busy_quality_tolerance, tuned.sole_runner_as_balanced, tuned.tight_arrivals) == (0.005, False, 0.0)
+                                             "QUANTROUTER_TIGHT_ARRIVALS": "0.5"}).policy)
+    assert (tuned.busy_quality_tolerance, tuned.sole_runner_as_balanced, tuned.tight_arrivals) == (0.005, False, 0.5)
     with pytest.raises(ConfigError, match="busy_quality_tolerance must be in"):
         load_settings({}, {"QUANTROUTER_BUSY_QUALITY_TOLERANCE": "2"})
     with pytest.raises(ConfigError, match="tight_arrivals must be a number ≥ 0"):

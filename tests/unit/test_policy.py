@@ -650,6 +650,10 @@ def test_a_new_runner_that_would_push_an_in_flight_request_past_its_slo_is_held_
     assert bool(by_quant["F16"].held_back) == bool(endangers)
 
 
+# The arrivals charge is off by default (PolicyConfig.tight_arrivals says why); these tables turn it on.
+ARRIVALS_CHARGED = PolicyConfig(tight_arrivals=0.5)
+
+
 @pytest.mark.parametrize(("tight_rate", "busy", "resident", "expected", "held"), [
     (0.0, (), ("F16", "Q4_K_M"), "F16", set()),  # no caller with an SLO routed lately: quality as usual
     # F16 serves 256 tokens in 4.65 s (55 tok/s): at 0.05 such callers per second 0.23 of one is expected meanwhile.
@@ -666,7 +670,7 @@ def test_a_slow_new_runner_is_held_back_when_callers_with_an_slo_are_expected_du
     candidates = ladder(quants, resident=resident, tps=MEASURED_TPS, busy=busy)
     view = replace(free(40.0), tight_rate=tight_rate, backlog=(4.0,) * len(busy),
                    in_flight=tuple(InFlight(4.65) for _ in busy))
-    decision = decide(request(Q, prompt_tokens=0), candidates, view)
+    decision = decide(request(Q, prompt_tokens=0), candidates, view, ARRIVALS_CHARGED)
     assert chosen(decision) == expected
     assert {a.quantization for a in decision.candidates if a.held_back} == held
     for quant in held:
@@ -682,7 +686,7 @@ def test_a_slow_new_runner_is_held_back_when_callers_with_an_slo_are_expected_du
 def test_a_quick_sibling_that_would_start_a_new_runner_is_held_back_too(resident: tuple[str, ...],
                                                                          expected: str) -> None:
     candidates = ladder(("Q5_K_M", "Q4_K_M"), resident=resident, tps={"Q5_K_M": 127.0, "Q4_K_M": 130.0})
-    decision = decide(request(Q, prompt_tokens=0), candidates, replace(free(40.0), tight_rate=0.3))
+    decision = decide(request(Q, prompt_tokens=0), candidates, replace(free(40.0), tight_rate=0.3), ARRIVALS_CHARGED)
     assert chosen(decision) == expected
     assert bool(assessment(decision, "Q5_K_M").held_back) == (expected == "Q4_K_M")
 
