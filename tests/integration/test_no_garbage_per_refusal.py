@@ -18,25 +18,18 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import subprocess
-import sys
-import tempfile
 from collections import Counter
-from pathlib import Path
 
 import grpc
 from bench.fixtures.canned_ollama import FAMILY
-from bench.processes import canned_ollama
-from prometheus_client import CollectorRegistry
 
-import quantrouter
 from quantrouter.client import error_details
-from quantrouter.config import load_settings
-from quantrouter.server import RunningServer, run_in_thread
+from quantrouter.server import RunningServer
 from quantrouter.service import SERVICE_NAME
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
 from tests.hardening.helpers import wait_for
+from tests.integration.own_process import measured_in_own_process, router_over_canned
 
 REFUSALS = 100
 TOKEN = "burst-token"
@@ -50,7 +43,6 @@ REFUSAL_TYPES = ("Overloaded", "Unauthenticated", "RPCState", "_ServicerContext"
                  "RoutingRequest")
 # Fewer than one refusal's objects in ten: what the collector finds of one type is not one per refusal.
 KEPT_AT_MOST = REFUSALS // 10
-ROOT = Path(quantrouter.__file__).parent.parent.parent
 
 
 def _request(tokens: int) -> pb.GenerateRequest:
@@ -107,19 +99,13 @@ async def _refused_until_held(stub: pb_grpc.RouterServiceStub, router: RunningSe
 
 
 def _measure() -> dict[str, int]:
-    with tempfile.TemporaryDirectory() as logs, canned_ollama("canned", HOLD_TOKENS_PER_S, Path(logs)) as backend:
-        settings = load_settings({"grpc_address": "127.0.0.1:0", "metrics_address": "127.0.0.1:0",
-                                  "ollama_host": backend.address, "memory_capacity": "80GiB", "memory_reserve": 0,
-                                  "max_in_flight": 1, "max_in_flight_per_family": 1, "auth_token": TOKEN}, {})
-        with run_in_thread(settings, CollectorRegistry()) as running:
-            return asyncio.run(_garbage_of_refusals(running))
+    with router_over_canned(HOLD_TOKENS_PER_S, max_in_flight=1, max_in_flight_per_family=1,
+                            auth_token=TOKEN) as running:
+        return asyncio.run(_garbage_of_refusals(running))
 
 
 def test_a_refused_stream_leaves_no_reference_cycle() -> None:
-    result = subprocess.run([sys.executable, "-m", "tests.integration.test_no_garbage_per_refusal"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=5 * TIMEOUT_S)
-    assert result.returncode == 0, result.stderr[-3000:]
-    found: dict[str, int] = json.loads(result.stdout.splitlines()[-1])
+    found = measured_in_own_process("tests.integration.test_no_garbage_per_refusal")
     kept = {name: count for name, count in found.items() if name in REFUSAL_TYPES and count > KEPT_AT_MOST}
     assert not kept, f"{REFUSALS} refusals left reference cycles for the collector: {found}"
     # The status set on the context is the call's code for the metrics too, as an abort's was.

@@ -14,23 +14,18 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import subprocess
-import sys
-import tempfile
 import tracemalloc
 from pathlib import Path
 
 import grpc
 from bench.fixtures.canned_ollama import FAMILY
-from bench.processes import canned_ollama
-from prometheus_client import CollectorRegistry
 
 import quantrouter
-from quantrouter.config import load_settings
-from quantrouter.server import RunningServer, run_in_thread
+from quantrouter.server import RunningServer
 from quantrouter.v1 import router_service_pb2 as pb
 from quantrouter.v1 import router_service_pb2_grpc as pb_grpc
 from tests.hardening.helpers import wait_for
+from tests.integration.own_process import measured_in_own_process, router_over_canned
 
 STREAMS = 400
 WARM_UP = 16
@@ -44,7 +39,6 @@ KEPT_AT_MOST = STREAMS // 4
 PACKAGE = Path(quantrouter.__file__).parent
 # Not the router: the generated protobuf modules.
 ELSEWHERE = str(PACKAGE / "v1")
-ROOT = PACKAGE.parent.parent
 
 
 async def _streams(stub: pb_grpc.RouterServiceStub, count: int) -> None:
@@ -86,19 +80,12 @@ async def _burst(router: RunningServer) -> dict[str, int]:
 
 def _measure() -> dict[str, int]:
     """The router in this process, in front of the canned fixture in its own: what the burst left, by line."""
-    with tempfile.TemporaryDirectory() as logs, canned_ollama("canned", 0.0, Path(logs)) as backend:
-        settings = load_settings({"grpc_address": "127.0.0.1:0", "metrics_address": "127.0.0.1:0",
-                                  "ollama_host": backend.address, "memory_capacity": "80GiB", "memory_reserve": 0,
-                                  "max_in_flight": STREAMS, "max_in_flight_per_family": STREAMS}, {})
-        with run_in_thread(settings, CollectorRegistry()) as running:
-            return asyncio.run(_burst(running))
+    with router_over_canned(0.0, max_in_flight=STREAMS, max_in_flight_per_family=STREAMS) as running:
+        return asyncio.run(_burst(running))
 
 
 def test_a_burst_leaves_no_allocation_of_the_router_per_stream() -> None:
-    result = subprocess.run([sys.executable, "-m", "tests.integration.test_nothing_kept_per_stream"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=5 * TIMEOUT_S)
-    assert result.returncode == 0, result.stderr[-3000:]
-    kept: dict[str, int] = json.loads(result.stdout.splitlines()[-1])
+    kept = measured_in_own_process("tests.integration.test_nothing_kept_per_stream")
     assert kept, "tracemalloc saw nothing the router allocated during the burst still held: the filter is wrong"
     worst = sorted(kept.items(), key=lambda item: -item[1])
     assert worst[0][1] <= KEPT_AT_MOST, f"the router kept per stream: {worst}"
