@@ -117,10 +117,11 @@ class _Work:
 
 
 class LoadWindow:
-    """The service seconds routed over the last `LOAD_WINDOW_S`, in a fixed ring of `LOAD_BUCKET_S` buckets of
-    plain doubles: nothing is kept per stream, so its memory does not grow with the request rate, and a burst
-    leaves no object behind that pins the allocator's memory afterwards (bench/results/load-1000.md). A
-    routing counts for the window's length, give or take one bucket."""
+    """What routings added over the last `LOAD_WINDOW_S` (their service seconds for the offered load, one each for
+    the rate of routings with an SLO), in a fixed ring of `LOAD_BUCKET_S` buckets of plain doubles: nothing is kept
+    per stream, so its memory does not grow with the request rate, and a burst leaves no object behind that pins
+    the allocator's memory afterwards (bench/results/load-1000.md). A routing counts for the window's length, give
+    or take one bucket."""
 
     __slots__ = ("_buckets", "_newest")
 
@@ -141,7 +142,7 @@ class LoadWindow:
         self._buckets[self._advance(now) % len(self._buckets)] += service_seconds
 
     def per_second(self, now: float) -> float:
-        """The offered load: service seconds routed within the window, per second."""
+        """What was added within the window, per second (for service seconds: the offered load)."""
         self._advance(now)
         return sum(self._buckets) / LOAD_WINDOW_S
 
@@ -365,11 +366,12 @@ class Router:
                 work = _Work(variant.tag, chosen.expected_seconds - chosen.queue_seconds, request.num_predict,
                              tokens_per_second=chosen.tokens_per_second, deadline=deadline,
                              min_tokens_per_second=request.min_tokens_per_second)
-                self._routed.add(self._clock(), work.service_seconds)  # served work, not a dry-run Route
+                now = self._clock()
+                self._routed.add(now, work.service_seconds)  # served work, not a dry-run Route
                 if deadline is not None or request.min_tokens_per_second:
-                    self._tight.add(self._clock(), 1.0)
+                    self._tight.add(now, 1.0)
                 if not chosen.resident:  # a load starts, and may outlive this request (`LoadsStarted`)
-                    self._loads.started(variant.tag, self._clock(), chosen.time_to_first_token)
+                    self._loads.started(variant.tag, now, chosen.time_to_first_token)
                 relay = _sent_while(decision, self._forward(variant, job, work, cold=not variant.resident))
                 try:
                     async with aclosing(relay):  # closed here, not whenever it is collected, if the caller leaves
