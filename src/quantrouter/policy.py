@@ -351,9 +351,8 @@ class _Frame:
 @lru_cache(maxsize=256)
 def _context_bytes(arch: Architecture, num_ctx: int, element: float) -> int:
     """KV cache + compute graph, remembered across decisions: a few architectures and contexts come back on every
-    request. A fleet's node reports give each variant its own equal copy of the architecture, so `_Frame`'s
-    per-decision cache (by identity, cheaper than hashing) missed on each, and working it out was about a sixth
-    of a fleet choice's time."""
+    request, where `_Frame`'s cache (by identity, cheaper than hashing) lasts one decision. A fleet decides once per
+    node, and each decision would work it out again."""
     return arch.kv_cache_bytes(num_ctx, element) + arch.graph_bytes(num_ctx)
 
 
