@@ -78,11 +78,12 @@ class Undecodable:
                                 "every string field must be valid UTF-8")
 
 
-def _set_status(context: grpc.aio.ServicerContext, status: grpc.Status) -> None:
-    """End the call with `status` (a rich status, `rpc_status.to_status`) once the handler returns, as an abort
-    would but with no exception: grpc keeps an abort's AbortError on the call's state, and the error's traceback
+def _set_status(context: grpc.aio.ServicerContext, rich: Any) -> None:
+    """End the call with `rich` (a google.rpc.Status) once the handler returns, as an abort would but with no
+    exception: grpc keeps an abort's AbortError on the call's state, and the error's traceback
     holds the frames whose locals hold the context, which holds that state, a reference cycle of about 50 objects
     per call for the garbage collector (tests/integration/test_no_garbage_per_refusal.py)."""
+    status = rpc_status.to_status(rich)
     context.set_code(status.code)
     context.set_details(status.details)
     context.set_trailing_metadata(status.trailing_metadata)
@@ -158,7 +159,7 @@ class StatusInterceptor(_Around):
                 raise request.reject()
             return await behaviour(request, context)
         except QuantrouterError as error:
-            _set_status(context, rpc_status.to_status(self._to_status(error)))
+            _set_status(context, self._to_status(error))
             return None  # grpc sends no message when the status is not OK
 
     async def _stream(self, behaviour: Callable[..., AsyncIterator[Any]], request: Any,
@@ -169,7 +170,7 @@ class StatusInterceptor(_Around):
             async for response in _responses(behaviour, request, context):
                 yield response
         except QuantrouterError as error:
-            _set_status(context, rpc_status.to_status(self._to_status(error)))
+            _set_status(context, self._to_status(error))
 
 
 def _code_of(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
@@ -265,4 +266,4 @@ class AuthInterceptor(_Around):
 
     def _deny(self, context: grpc.aio.ServicerContext) -> None:
         error = Unauthenticated("missing or invalid bearer token: send metadata 'authorization: Bearer <token>'")
-        _set_status(context, rpc_status.to_status(self._to_status(error)))
+        _set_status(context, self._to_status(error))
