@@ -348,7 +348,7 @@ def burst_report(run: BurstRun) -> str:
         "keeps after a burst (the same again) shows apart from a leak (more again). Who holds the memory comes "
         "from inside the router: it runs as `python -m bench.memory_probe serve …` (this checkout's router, "
         "unchanged), which on each reading reports glibc malloc's bytes in use and CPython's small-object "
-        "allocator (`sys._debugmallocstats`: its 1 MiB arenas, the bytes live in them and the free space inside "
+        "allocator (`sys._debugmallocstats`: its 1 MiB arenas, the bytes allocated in them and the free space inside "
         "them); it only reads.",
         f"- Verdict: {verdict} (it passes when every stream of both bursts completed or was refused with "
         f"RetryInfo, no other error, sockets back to the baseline, resident memory after the first burst within "
@@ -374,7 +374,7 @@ def burst_report(run: BurstRun) -> str:
 
 _MEMORY_ROWS: tuple[tuple[str, Callable[[MemoryFigures], str]], ...] = (
     ("CPython small-object arenas: count (MiB)", lambda m: f"{m.arenas} ({m.arenas_mib:.0f})"),
-    ("… live objects in them, MiB (blocks allocated)", lambda m: f"{m.arenas_live_mib:.1f} ({m.blocks:,})"),
+    ("… blocks allocated in them, MiB (count)", lambda m: f"{m.arenas_live_mib:.1f} ({m.blocks:,})"),
     ("… free space inside them, MiB", lambda m: f"{m.arenas_free_mib:.1f}"),
     ("glibc malloc in use, MiB", lambda m: _mib(m.malloc_in_use_mib)),
 )
@@ -400,10 +400,11 @@ def _memory_reading(run: BurstRun) -> str:
     if m1.arenas:
         text += (f" CPython's small-object allocator holds {arenas:.0f} MiB of it: {m1.arenas - m0.arenas} more "
                  f"arenas of {m1.arenas_mib / m1.arenas:.0f} MiB ({m0.arenas} → {m1.arenas}) than before, while the "
-                 f"objects live in them grew by {live:.2f} MiB ({m1.blocks - m0.blocks:+,} blocks, {per_arena:.0f} "
-                 f"for each new arena); {m1.arenas_free_mib:.1f} MiB inside the arenas is free, and CPython returns "
-                 "an arena only once its last object is gone: the objects the burst left alive, scattered through "
-                 "the arenas its peak took, keep every one of them resident.")
+                 f"blocks allocated in them grew by {live:.2f} MiB ({m1.blocks - m0.blocks:+,} blocks, "
+                 f"{per_arena:.0f} for each new arena); {m1.arenas_free_mib:.1f} MiB inside the arenas is free, and "
+                 "CPython returns an arena only once its last block is free: the blocks the burst left allocated "
+                 "(objects still alive, or kept on a free list for reuse), scattered through the arenas its peak "
+                 "took, keep every one of them resident.")
     else:
         text += " CPython's small-object allocator is off (PYTHONMALLOC): every object comes from malloc."
     if malloc is not None:

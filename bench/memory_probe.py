@@ -5,7 +5,7 @@ one addition: on SIGUSR1 the process appends a JSON line of its memory figures t
 $QUANTROUTER_BENCH_PROBE names. It only reads (no collection, no trim), so a reading does not change what it
 reads. The figures: resident memory; the bytes glibc's malloc has in use; and CPython's small-object allocator
 (pymalloc: objects of up to 512 bytes live in 1 MiB arenas, and an arena goes back to the system only once
-every object in it is gone), from `sys._debugmallocstats`: its arenas, the bytes live in them and the free
+every block in it is free), from `sys._debugmallocstats`: its arenas, the bytes allocated in them and the free
 space inside them, and the blocks allocated.
 """
 

@@ -5,8 +5,9 @@ bench/results/load-1000.md), which keeps free pages for the next burst. `malloc_
 wholly free pages (glibc ≥ 2.8 releases the middle of a heap too, not only its top). It runs once the router is
 idle after enough streams, in a worker thread, so that no request waits on it. Each trim logs resident memory
 before and after it and the bytes malloc has in use (`mallinfo2`, glibc ≥ 2.33). Most of what stays above the
-baseline is not malloc's: CPython's small-object allocator keeps each 1 MiB arena that still holds one live
-object, which no trim can return (the file's reading gives both figures).
+baseline is not malloc's: CPython's small-object allocator keeps each 1 MiB arena that still holds one allocated
+block (a live object, or one kept on a free list for reuse), which no trim can return (the file's reading gives
+both figures).
 """
 
 from __future__ import annotations
