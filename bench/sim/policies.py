@@ -30,9 +30,10 @@ from quantrouter.policy import (
     decide,
     offered_load,
     remaining_seconds,
+    runners_tolerated,
 )
 from quantrouter.quant import KV_CACHE_TYPES, QuantType, parse_quantization, quality_order
-from quantrouter.router import LoadWindow
+from quantrouter.router import SloWindow
 from quantrouter.values import Preference
 
 # "Highest quant whose size × 1.2 fits total VRAM": the common rule of thumb (20 % for KV cache and overhead).
@@ -52,22 +53,22 @@ class QuantRouter:
     from its own in-flight requests (their estimates, the share of tokens streamed and their SLOs), the
     offered load from its recent routings, and the loads it started that the engine does not yet list resident
     (the router's `LoadsStarted`, one per simulation it routes for, keyed by `view.truth` as an identity only:
-    nothing of it is read), and the rate of its recent routings that carried a deadline or a rate floor (the
-    router's `LoadWindow`, kept the same way). `min_quantization` is a floor on every request, on top of the
-    request's own."""
+    nothing of it is read), and the rate of its recent routings that carried a deadline or a rate floor, by the
+    runners time-slicing the GPU each one's SLO bears (the router's `SloWindow`, kept the same way).
+    `min_quantization` is a floor on every request, on top of the request's own."""
 
     name: str = "quantrouter"
     config: PolicyConfig = field(default_factory=PolicyConfig)
     min_quantization: QuantType | None = None
     loads: WeakKeyDictionary[Truth, LoadsStarted] = field(default_factory=WeakKeyDictionary, compare=False,
                                                           repr=False)
-    tight: WeakKeyDictionary[Truth, LoadWindow] = field(default_factory=WeakKeyDictionary, compare=False,
+    tight: WeakKeyDictionary[Truth, SloWindow] = field(default_factory=WeakKeyDictionary, compare=False,
                                                         repr=False)
 
     def choose(self, request: Request, view: RouterView) -> Choice:
         family = view.family
         loads = self.loads.setdefault(view.truth, LoadsStarted())
-        tight = self.tight.setdefault(view.truth, LoadWindow())
+        tight = self.tight.setdefault(view.truth, SloWindow())
         loading = loads.loading(view.now, view.resident.__contains__)
         infos = [VariantInfo(v.tag, family.name, v.quant, v.size_bytes, family.parameter_count, family.architecture,
                              v.tag in view.resident, view.resident.get(v.tag, 0)) for v in family.variants]
@@ -86,13 +87,13 @@ class QuantRouter:
         backlog = remaining_seconds([(service, done) for _, service, done in view.backlog])
         in_flight = streams_of(view, {info.tag: speed.decode_tps for info, speed in speeds})
         memory = MemoryView(view.free_bytes, OLLAMA_MINIMUM_MEMORY, "nvml", backlog, in_flight,
-                            offered_load(view.arrivals, view.now), shared=True, tight_rate=tight.per_second(view.now))
+                            offered_load(view.arrivals, view.now), shared=True, tight_rates=tight.per_second(view.now))
         decision = decide(routing, candidates, memory, self.config)
         chosen = decision.chosen
         if chosen is None:
             return Choice(None, decision.reason_code)
         if math.isfinite(request.deadline_s) or request.min_tokens_per_second:
-            tight.add(view.now, 1.0)
+            tight.add(view.now, runners_tolerated(chosen, routing.time_remaining, routing.min_tokens_per_second))
         if not chosen.resident:
             loads.started(chosen.tag, view.now, chosen.time_to_first_token)
         return Choice(chosen.tag, decision.reason_code, chosen.expected_seconds - chosen.queue_seconds)

@@ -176,8 +176,8 @@ class PolicySettings:
     # A QUALITY pick with a deadline that would leave no room for any sibling is ranked as BALANCED; a GPU that
     # serves QUALITY callers alone may turn this off (policy.PolicyConfig says why).
     sole_runner_as_balanced: bool = True
-    # A slower runner not busy now is held back while this many callers with a deadline or a rate floor are
-    # expected to arrive during its service; 0, the default, turns it off (policy.PolicyConfig says why).
+    # A slower runner not busy now is held back while this many callers it would push past their deadline or rate
+    # floor are expected to arrive during its service; 0, the default, turns it off (policy.PolicyConfig says why).
     tight_arrivals: float = 0.0
     gpu_bandwidth: float = 0.0
     calibration_file: Path | None = None

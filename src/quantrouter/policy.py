@@ -47,10 +47,11 @@ memory other tenants may take before it loads; or the GPU is overloaded (`offere
 routed per second over the last `LOAD_WINDOW_S`, at or above `overload_threshold`) and it is slower than the
 quickest warm variant, or it is not the quickest of the quick warm runners serving requests: one runner then
 serves the queue in order instead of several time-slicing runners that all miss. A fourth: its runner, not busy
-now and slower than the quickest warm one, would serve long enough that `tight_arrivals` callers with a deadline
-or a rate floor are expected to arrive meanwhile (`MemoryView.tight_rate` × its service), and time-slice the GPU
-with them for its whole decode (on the simulated H100 8B with OLLAMA_NUM_PARALLEL 2 and 4, LATENCY callers
-arriving during a QUALITY caller's F16 decode fell under their 60 tok/s floor). A variant below `SPEED_FLOOR_BPW`
+now and slower than the quickest warm one, would make k runners time-slice the GPU, and serve long enough that
+`tight_arrivals` callers whose SLO bears fewer than k are expected to arrive meanwhile (`MemoryView.tight_rates`,
+by `runners_tolerated`, × its service): they would share the GPU with it for its whole decode (on the simulated
+H100 8B with OLLAMA_NUM_PARALLEL 2 and 4, LATENCY callers arriving during a QUALITY caller's F16 decode fell under
+their 60 tok/s floor). A variant below `SPEED_FLOOR_BPW`
 yields to any feasible variant at or above the floor that is (or, unmeasured, is believed) at least as fast:
 below ~4.5 bits/weight dequantisation eats the smaller read (docs/quantization.md §2 (iii)), so it serves when
 memory or an explicit constraint leaves nothing else. When memory pressure rejects the variant the preference
@@ -76,6 +77,7 @@ __all__ = [
     "LOAD_WINDOW_S",
     "OLLAMA_MODELS_PER_GPU",
     "PRIOR_DEADLINE_SLACK",
+    "SHARING_LEVELS",
     "CandidateInput",
     "InFlight",
     "MemoryView",
@@ -85,6 +87,7 @@ __all__ = [
     "offered_load",
     "ranked_first",
     "remaining_seconds",
+    "runners_tolerated",
 ]
 
 # Ties within this relative margin count as equal, so the secondary key decides.
@@ -111,6 +114,13 @@ PRIOR_DEADLINE_SLACK = 2.0
 OLLAMA_MODELS_PER_GPU = 3
 # Under overload, candidates within this share of the quickest warm variant's service count as as quick.
 OVERLOAD_SPEED_SLACK = 0.05
+# The runner counts `MemoryView.tight_rates` tells apart: callers whose SLO bears 1, 2, … this many runners
+# time-slicing the GPU. A new runner makes at most max_loaded + 1 = 4 (Ollama holds 3 models per GPU by default).
+SHARING_LEVELS = 4
+# A routed request bears k runners time-slicing the GPU only with this share to spare on its SLO: its decode rate is
+# an average over the batches its runner served, and the batch it meets may be bigger (on the simulated GPUs with
+# OLLAMA_NUM_PARALLEL 2 and 4, LATENCY callers estimated at 2.2× their floor fell under it beside one other runner).
+TIGHT_HEADROOM = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,8 +173,9 @@ class MemoryView:
     (`remaining_seconds` builds it); `in_flight` the same requests with their SLOs; `offered_load` the service
     seconds routed per second lately (`offered_load()` builds it); `shared` whether other processes can take
     memory that an eviction frees (NVML's view of a GPU others use, not a static capacity of the router's own);
-    `tight_rate` the requests routed per second lately that carried a deadline or a rate floor (the callers a
-    new runner's time-slicing would reach while it serves).
+    `tight_rates` the requests routed per second lately that carried a deadline or a rate floor, by the most runners
+    time-slicing the GPU their SLO bears (`runners_tolerated`): entry i counts those that bear i + 1 (the callers a
+    new runner's time-slicing would reach while it serves, and whether it would hurt them).
     """
 
     free_bytes: int
@@ -174,7 +185,7 @@ class MemoryView:
     in_flight: tuple[InFlight, ...] = ()
     offered_load: float = 0.0
     shared: bool = False
-    tight_rate: float = 0.0
+    tight_rates: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,14 +222,19 @@ class PolicyConfig:
     seeds × 7 engines, this moved balanced and latency SLO met within a point of always-Q4_K_M's in 4 more
     cells). Only this family's variants are counted (the decision sees no other family).
     `tight_arrivals`: a runner not busy now that is slower than the quickest warm one is held back when at least
-    this many callers with a deadline or a rate floor are expected to arrive during its service
-    (`MemoryView.tight_rate` × its service alone on the GPU): they would share the GPU with it for its whole decode,
-    and `_Guard` protects only requests in flight at the decision. Off (0) by default: at 0.5 the simulator held
-    365 of 399 checks where it holds 357 (the latency class within a point of always-Q4_K_M in 51 cells, was 48;
-    balanced 59, was 53; burst / OLLAMA_NUM_PARALLEL 2 fell to 0.994×), but the real-engine replay fell from 1.05×
-    to 0.95× always-Q4_K_M: there every class met its SLO either way, and QUALITY callers only lost quality. A
-    GPU whose engine batches (OLLAMA_NUM_PARALLEL > 1) and whose LATENCY callers run close to their rate floor
-    may turn it on.
+    this many callers that its time-slicing would push past their deadline or rate floor are expected to arrive
+    during its service (`MemoryView.tight_rates` of those whose SLO bears fewer runners than would share the GPU,
+    × its service alone on the GPU): they would share the GPU with it for its whole decode, and `_Guard` protects
+    only requests in flight at the decision. Off (0) by default. Charged on the rate of all such callers, without
+    asking whether they would be hurt, it raised the simulator from 357 to 365 of 399 checks at 0.5, but the
+    real-engine replay fell from 1.05× to 0.95× always-Q4_K_M: there every class met its SLO either way, and QUALITY
+    callers only lost quality. With the harm test, at 0.2 (20 seeds × 63 cells) the latency class came closer to
+    always-Q4_K_M on engines that batch (H100 8B with OLLAMA_NUM_PARALLEL 2 −7.5 → −4.3 points, 4 −7.8 → −3.6; RTX
+    4090 8B / 2 −5.9 → −3.2) but within a point in only 2 more cells, and 359 checks held with 5 of the 357 lost
+    (burst / 2 fell to 1.000×; the balanced class to −1.1 points in three constraints cells; QUALITY mean quality
+    0.981 → 0.959 on the H100 8B / 2); at 0.5 (6 of the 9 scenarios) 3 gained and 2 lost. What is left on those
+    engines is mostly the batch: a LATENCY caller joins a busy runner's batch, whose cost the policy does not
+    estimate (its batch-mates are taken not to slow it).
     """
 
     balanced_quality_weight: float = 0.5
@@ -241,6 +257,20 @@ def remaining_seconds(expected_and_done: Sequence[tuple[float, float]]) -> tuple
     tokens still to come (the tokens streamed so far tell; wall time does not, as queued and time-sliced
     requests make no progress while it passes)."""
     return tuple(sorted(expected * max(1.0 - done, 0.0) for expected, done in expected_and_done))
+
+
+def runners_tolerated(chosen: Assessment, time_remaining: float | None, min_tokens_per_second: float) -> int:
+    """The most runners time-slicing the GPU (its own among them) under which a routed request still meets its SLO,
+    by its decision's own estimates: k runners stretch its decode k-fold, so its deadline holds while time to first
+    token + k × decode ≤ the time left, and its rate floor while its decode rate ÷ k ≥ the floor, each with
+    `TIGHT_HEADROOM` to spare. 0 when it is expected to miss even alone; `SHARING_LEVELS` + 1 stands for more."""
+    bound = float(SHARING_LEVELS + 1)
+    decode = chosen.expected_seconds - chosen.time_to_first_token
+    if time_remaining is not None and decode > 0:
+        bound = min(bound, (time_remaining - chosen.time_to_first_token) / (decode * (1 + TIGHT_HEADROOM)))
+    if min_tokens_per_second > 0:
+        bound = min(bound, chosen.tokens_per_second / (min_tokens_per_second * (1 + TIGHT_HEADROOM)))
+    return max(int(bound), 0)
 
 
 def offered_load(arrivals: Sequence[tuple[float, float]], now: float, window: float = LOAD_WINDOW_S) -> float:
@@ -495,30 +525,39 @@ def _hold_back(rows: Sequence[_Row], pool: Sequence[CandidateInput], load: float
         row.held_back = "; ".join(reasons)
 
 
-def _hold_back_for_arrivals(rows: Sequence[_Row], pool: Sequence[CandidateInput], tight_rate: float,
-                            config: PolicyConfig) -> None:
-    """Hold back a runner not busy now that would time-slice the GPU for long enough that callers with a deadline
-    or a rate floor are expected to arrive meanwhile (`tight_rate` × its service ≥ `tight_arrivals`), unless it is
-    warm and as quick as the quickest warm runner, or cold and quicker: those callers would share the GPU with it
-    for its whole decode. A cold sibling only as quick is held back too (its new runner time-slices all the same:
+def _hold_back_for_arrivals(rows: Sequence[_Row], pool: Sequence[CandidateInput], tight_rates: tuple[float, ...],
+                            busy_runners: int, config: PolicyConfig) -> None:
+    """Hold back a runner not busy now that would hurt callers with a deadline or a rate floor expected to arrive
+    while it serves, unless it is warm and as quick as the quickest warm runner, or cold and quicker. The harm
+    test: those callers go to the quickest warm runner, which would time-slice the GPU with the busy runners and
+    the newcomer's, k in all; the callers whose SLO bears fewer than k (`tight_rates`, by `runners_tolerated`)
+    would miss it, and the newcomer is held back when `tight_arrivals` of them are expected during its service.
+    Batch-mates on one runner are not counted: they decode in its steps (the policy has no estimate of what a batch
+    costs each of them). A cold sibling only as quick is held back too (its new runner time-slices all the same:
     exempted, QUALITY callers took a cold Q5_K_M beside a warm Q4_K_M, and burst / OLLAMA_NUM_PARALLEL 2 lost
     0.005× more goodput)."""
-    if not tight_rate or not config.tight_arrivals:
+    if not config.tight_arrivals or not any(tight_rates):
         return
-    warm = [row.service for row, c in zip(rows, pool, strict=True) if row.resident and not c.breaker_open]
+    warm = [(row, c) for row, c in zip(rows, pool, strict=True) if row.resident and not c.breaker_open]
     if not warm:
         return
-    quick = min(warm)
+    quickest, serving = min(warm, key=lambda pair: pair[0].service)
+    quick = quickest.service
+    sharing = busy_runners + (serving.in_flight == 0) + 1
+    harmed = sum(tight_rates[:sharing - 1])
+    if not harmed:
+        return
     for row, c in zip(rows, pool, strict=True):
         # A warm runner within the slack of the quickest serves those callers as well; a cold one must be quicker.
         quicker = (row.service <= quick * (1 + OVERLOAD_SPEED_SLACK) if row.resident
                    else row.service * (1 + OVERLOAD_SPEED_SLACK) < quick)
         if row.rejection or c.in_flight or quicker:
             continue
-        expected = tight_rate * row.service
+        expected = harmed * row.service
         if expected >= config.tight_arrivals:
-            why = (f"{expected:.1f} callers with a deadline or rate floor expected during its {row.service:.1f} s "
-                   f"({tight_rate:.2f}/s), which the quickest warm runner would serve")
+            why = (f"its runner would make {sharing} time-slicing the GPU with {quickest.tag}'s, which serves callers "
+                   f"with an SLO: {expected:.1f} whose SLO bears at most {sharing - 1} ({harmed:.2f}/s lately) "
+                   f"expected during its {row.service:.1f} s")
             row.held_back = f"{row.held_back}; {why}" if row.held_back else why
 
 
@@ -640,7 +679,7 @@ def decide(
         _charge_churn(rows, pool, free, config)
         _hold_back_sub_floor(rows)
         _hold_back(rows, pool, memory.offered_load, memory.shared, config)
-        _hold_back_for_arrivals(rows, pool, memory.tight_rate, config)
+        _hold_back_for_arrivals(rows, pool, memory.tight_rates, busy_runners, config)
 
     # BALANCED's deadline share only while the GPU is quiet: under load the extra runner costs later callers.
     quiet = memory.offered_load <= config.quiet_load

@@ -51,6 +51,7 @@ from quantrouter.memory import NVML, MemoryProbe
 from quantrouter.metrics import OTHER, VariantState
 from quantrouter.policy import (
     LOAD_WINDOW_S,
+    SHARING_LEVELS,
     CandidateInput,
     InFlight,
     MemoryView,
@@ -58,6 +59,7 @@ from quantrouter.policy import (
     RoutingRequest,
     decide,
     remaining_seconds,
+    runners_tolerated,
 )
 from quantrouter.throughput import Observation, ThroughputSnapshot, ThroughputTable
 from quantrouter.units import NS
@@ -145,6 +147,26 @@ class LoadWindow:
         """What was added within the window, per second (for service seconds: the offered load)."""
         self._advance(now)
         return sum(self._buckets) / LOAD_WINDOW_S
+
+
+class SloWindow:
+    """Recent routings that carried a deadline or a rate floor, counted by the most runners time-slicing the GPU
+    their SLO bears (`runners_tolerated`), one `LoadWindow` per count from 1 to `SHARING_LEVELS`: the callers a new
+    runner would hurt. One expected to miss even alone, or bearing more, is not kept (no new runner within what
+    Ollama holds changes its outcome)."""
+
+    __slots__ = ("_windows",)
+
+    def __init__(self) -> None:
+        self._windows = tuple(LoadWindow() for _ in range(SHARING_LEVELS))
+
+    def add(self, now: float, runners: int) -> None:
+        if 1 <= runners <= SHARING_LEVELS:
+            self._windows[runners - 1].add(now, 1.0)
+
+    def per_second(self, now: float) -> tuple[float, ...]:
+        """`MemoryView.tight_rates`: entry i the routings per second whose SLO bears i + 1 runners."""
+        return tuple(window.per_second(now) for window in self._windows)
 
 
 class Recorder(Protocol):
@@ -241,7 +263,7 @@ class Router:
         self._tables_catalog: CatalogSnapshot | None = None
         self._tables_speeds: ThroughputSnapshot | None = None
         self._routed = LoadWindow()  # the service estimates of recent routings
-        self._tight = LoadWindow()  # recent routings that carried a deadline or a rate floor, one each
+        self._tight = SloWindow()  # recent routings that carried a deadline or a rate floor
         self.opened = 0  # streams admitted since the start (the allocator trims after enough of them)
 
     @property
@@ -293,13 +315,14 @@ class Router:
 
     def memory_view(self) -> MemoryView:
         """Free memory, the backlog of this router's own in-flight streams (one GPU's worth of work) with their
-        SLOs, the load its recent routings offered, and how many of them per second carried an SLO."""
+        SLOs, the load its recent routings offered, and how many of them per second carried an SLO, by the runners
+        time-slicing the GPU it bears."""
         snapshot = self.probe.latest
         reserve = self.reserve_bytes * len(snapshot.gpus) if snapshot.source == NVML else 0
         now = self._clock()
         return MemoryView(snapshot.free_bytes, reserve, snapshot.source, self._backlog(),
                           tuple(w.in_flight(now) for w in self._work), self._routed.per_second(now),
-                          shared=snapshot.source == NVML, tight_rate=self._tight.per_second(now))
+                          shared=snapshot.source == NVML, tight_rates=self._tight.per_second(now))
 
     def decide(self, request: RoutingRequest) -> Decision:
         started = time.perf_counter()
@@ -369,7 +392,8 @@ class Router:
                 now = self._clock()
                 self._routed.add(now, work.service_seconds)  # served work, not a dry-run Route
                 if deadline is not None or request.min_tokens_per_second:
-                    self._tight.add(now, 1.0)
+                    self._tight.add(now, runners_tolerated(chosen, request.time_remaining,
+                                                           request.min_tokens_per_second))
                 if not chosen.resident:  # a load starts, and may outlive this request (`LoadsStarted`)
                     self._loads.started(variant.tag, now, chosen.time_to_first_token)
                 relay = _sent_while(decision, self._forward(variant, job, work, cold=not variant.resident))

@@ -12,6 +12,7 @@ from quantrouter.catalog import Architecture, VariantInfo
 from quantrouter.policy import (
     LOAD_WINDOW_S,
     PRIOR_DEADLINE_SLACK,
+    SHARING_LEVELS,
     CandidateInput,
     InFlight,
     MemoryView,
@@ -20,6 +21,7 @@ from quantrouter.policy import (
     decide,
     offered_load,
     remaining_seconds,
+    runners_tolerated,
 )
 from quantrouter.quant import KV_CACHE_TYPES, parse_quantization
 from quantrouter.throughput import ThroughputTable
@@ -651,44 +653,70 @@ def test_a_new_runner_that_would_push_an_in_flight_request_past_its_slo_is_held_
 
 
 # The arrivals charge is off by default (PolicyConfig.tight_arrivals says why); these tables turn it on.
-ARRIVALS_CHARGED = PolicyConfig(tight_arrivals=0.5)
+ARRIVALS_CHARGED = PolicyConfig(tight_arrivals=0.2)
 
 
-@pytest.mark.parametrize(("tight_rate", "busy", "resident", "expected", "held"), [
-    (0.0, (), ("F16", "Q4_K_M"), "F16", set()),  # no caller with an SLO routed lately: quality as usual
-    # F16 serves 256 tokens in 4.65 s (55 tok/s): at 0.05 such callers per second 0.23 of one is expected meanwhile.
-    (0.05, (), ("F16", "Q4_K_M"), "F16", set()),
-    # At 0.2/s, 0.93 are expected during F16's 4.65 s and 0.54 during Q8_0's 2.69 s: each would time-slice the GPU
-    # with Q4_K_M's runner (1.97 s), which serves those callers, for its whole decode; QUALITY takes Q4_K_M.
-    (0.2, (), ("F16", "Q4_K_M"), "Q4_K_M", {"F16", "Q8_0"}),
-    (0.2, ("F16",), ("F16", "Q4_K_M"), "F16", {"Q8_0"}),  # F16 already serves: joining it adds no runner
-    (0.2, (), ("F16",), "F16", set()),  # nothing quicker is warm: the charge forces no cold load
+@pytest.mark.parametrize(("tight_rates", "busy", "resident", "expected", "held"), [
+    ((0.0,) * 4, (), ("F16", "Q4_K_M"), "F16", set()),  # no caller with an SLO routed lately: quality as usual
+    # 0.2/s of callers whose SLO bears one runner only: F16 (4.65 s) and Q8_0 (2.69 s) would each time-slice the GPU
+    # with Q4_K_M's runner, which serves them, and 0.93 and 0.54 of them are expected meanwhile: QUALITY takes Q4_K_M.
+    ((0.2, 0.0, 0.0, 0.0), (), ("F16", "Q4_K_M"), "Q4_K_M", {"F16", "Q8_0"}),
+    # As many callers, but each bears two runners: the newcomer and Q4_K_M's make two, and nobody is hurt. The rate
+    # alone (routing10's charge) held F16 and Q8_0 back here all the same.
+    ((0.0, 0.2, 0.0, 0.0), (), ("F16", "Q4_K_M"), "F16", set()),
+    # With Q8_0 serving, F16's runner would make three: those callers are hurt, Q8_0's batch adds no runner.
+    ((0.0, 0.2, 0.0, 0.0), ("Q8_0",), ("F16", "Q8_0", "Q4_K_M"), "Q8_0", {"F16"}),
+    ((0.0, 0.0, 0.2, 0.0), ("Q8_0",), ("F16", "Q8_0", "Q4_K_M"), "F16", set()),  # they bear three: not hurt
+    # With Q4_K_M itself serving, F16's runner makes two: callers bearing two are not hurt (the rate alone held it).
+    ((0.0, 0.2, 0.0, 0.0), ("Q4_K_M",), ("F16", "Q4_K_M"), "F16", set()),
+    ((0.03, 0.0, 0.0, 0.0), (), ("F16", "Q4_K_M"), "F16", set()),  # 0.14 expected during F16's service: below 0.2
+    ((0.2, 0.0, 0.0, 0.0), ("F16",), ("F16", "Q4_K_M"), "F16", {"Q8_0"}),  # F16 already serves: joining adds none
+    ((0.2, 0.0, 0.0, 0.0), (), ("F16",), "F16", set()),  # nothing quicker is warm: the charge forces no cold load
 ])
-def test_a_slow_new_runner_is_held_back_when_callers_with_an_slo_are_expected_during_its_service(
-        tight_rate: float, busy: tuple[str, ...], resident: tuple[str, ...], expected: str, held: set[str]) -> None:
+def test_a_slow_new_runner_is_held_back_only_when_callers_expected_during_its_service_could_not_bear_it(
+        tight_rates: tuple[float, ...], busy: tuple[str, ...], resident: tuple[str, ...], expected: str,
+        held: set[str]) -> None:
     quants = ("F16", "Q8_0", "Q4_K_M")
     candidates = ladder(quants, resident=resident, tps=MEASURED_TPS, busy=busy)
-    view = replace(free(40.0), tight_rate=tight_rate, backlog=(4.0,) * len(busy),
+    view = replace(free(40.0), tight_rates=tight_rates, backlog=(4.0,) * len(busy),
                    in_flight=tuple(InFlight(4.65) for _ in busy))
     decision = decide(request(Q, prompt_tokens=0), candidates, view, ARRIVALS_CHARGED)
     assert chosen(decision) == expected
     assert {a.quantization for a in decision.candidates if a.held_back} == held
     for quant in held:
-        assert "expected during its" in assessment(decision, quant).held_back
+        assert "time-slicing the GPU with llama3.1:8b-instruct-q4_k_m's" in assessment(decision, quant).held_back
 
 
 @pytest.mark.parametrize(("resident", "expected"), [
     # Q5_K_M (127 tok/s) is as quick as warm Q4_K_M (130) within 5 %, but cold: its new runner would still
-    # time-slice the GPU with Q4_K_M's for its 2.0 s, during which 0.6 callers with an SLO are expected.
+    # time-slice the GPU with Q4_K_M's for its 2.0 s, during which 0.6 callers bearing one runner are expected.
     (("Q4_K_M",), "Q4_K_M"),
     (("Q5_K_M", "Q4_K_M"), "Q5_K_M"),  # warm and as quick: either runner serves those callers as well
 ])
 def test_a_quick_sibling_that_would_start_a_new_runner_is_held_back_too(resident: tuple[str, ...],
                                                                          expected: str) -> None:
     candidates = ladder(("Q5_K_M", "Q4_K_M"), resident=resident, tps={"Q5_K_M": 127.0, "Q4_K_M": 130.0})
-    decision = decide(request(Q, prompt_tokens=0), candidates, replace(free(40.0), tight_rate=0.3), ARRIVALS_CHARGED)
+    view = replace(free(40.0), tight_rates=(0.3, 0.0, 0.0, 0.0))
+    decision = decide(request(Q, prompt_tokens=0), candidates, view, ARRIVALS_CHARGED)
     assert chosen(decision) == expected
     assert bool(assessment(decision, "Q5_K_M").held_back) == (expected == "Q4_K_M")
+
+
+def _routed(tps: float, ttft: float, decode: float) -> Assessment:
+    return Assessment("t", "Q4_K_M", 0, True, tps, True, ttft, ttft + decode, 0.9)
+
+
+@pytest.mark.parametrize(("chosen_as", "time_remaining", "floor", "runners"), [
+    (_routed(130.0, 0.5, 1.0), None, 60.0, 1),  # 130 tok/s ÷ 2 = 65, within 10 % of the 60 floor: bears one
+    (_routed(140.0, 0.5, 1.0), None, 60.0, 2),  # 140 ÷ 2 = 70 ≥ 66: bears two
+    (_routed(130.0, 0.5, 1.0), 4.0, 0.0, 3),  # 0.5 s + 3 × 1.0 s × 1.1 ≤ 4 s, not 4
+    (_routed(130.0, 0.5, 1.0), 4.0, 60.0, 1),  # both: the tighter counts
+    (_routed(130.0, 0.5, 1.0), 1.0, 0.0, 0),  # misses alone: no runner changes its outcome
+    (_routed(130.0, 0.5, 1.0), 60.0, 0.0, SHARING_LEVELS + 1),  # bears more than any runner count tracked
+])
+def test_a_routed_request_bears_the_runners_its_slo_survives_with_room_to_spare(
+        chosen_as: Assessment, time_remaining: float | None, floor: float, runners: int) -> None:
+    assert runners_tolerated(chosen_as, time_remaining, floor) == runners
 
 
 def test_offered_load_is_the_service_routed_per_second_over_the_window() -> None:

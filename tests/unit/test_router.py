@@ -36,7 +36,7 @@ from quantrouter.inventory import Inventory
 from quantrouter.loads import LOAD_MARGIN
 from quantrouter.memory import MemoryProbe, StaticSource
 from quantrouter.metrics import OTHER, Metrics
-from quantrouter.policy import LOAD_WINDOW_S, PolicyConfig, RoutingRequest
+from quantrouter.policy import LOAD_WINDOW_S, SHARING_LEVELS, PolicyConfig, RoutingRequest, runners_tolerated
 from quantrouter.router import LOAD_BUCKET_S, Job, LoadWindow, Router
 from quantrouter.throughput import Observation, ThroughputTable
 from quantrouter.values import Completion, Decision, FailureKind, Preference
@@ -376,16 +376,28 @@ async def test_the_policy_sees_each_stream_in_flight_with_its_slo_and_the_load_r
     assert router.memory_view().in_flight == ()
 
 
-async def test_the_policy_sees_the_rate_of_routed_requests_that_carried_a_deadline_or_a_rate_floor(
+async def test_the_policy_sees_the_rate_of_routed_requests_with_an_slo_by_the_runners_each_one_bears(
         make_router: Callable[..., Awaitable[Router]]) -> None:
-    """A request with neither adds to the offered load only; one with a deadline or a rate floor counts once."""
+    """A request with neither a deadline nor a rate floor adds to the offered load only; one with either counts once,
+    under the runners time-slicing the GPU its SLO bears by its own decision's estimates (`runners_tolerated`); one
+    that bears more than `SHARING_LEVELS` is not kept."""
     router = await make_router()
-    for request in (_request(), replace(_request(), time_remaining=20.0),
-                    replace(_request(), min_tokens_per_second=5.0)):
+    async with aclosing(router.stream(_request(), JOB)) as stream:  # its speed measured: the floors below are near it
+        assert [event async for event in stream]
+    first = router.decide(_request()).chosen
+    assert first is not None
+    bears: list[int] = []
+    for request in (replace(_request(), min_tokens_per_second=first.tokens_per_second / 1.5),
+                    replace(_request(), min_tokens_per_second=first.tokens_per_second / 2.5),
+                    replace(_request(), time_remaining=3600.0)):
         async with aclosing(router.stream(request, JOB)) as stream:
+            decision = await anext(stream)
+            assert isinstance(decision, Decision) and decision.chosen is not None
+            bears.append(runners_tolerated(decision.chosen, request.time_remaining, request.min_tokens_per_second))
             assert [event async for event in stream]
+    assert bears[:2] == [1, 2] and bears[2] > SHARING_LEVELS
     view = router.memory_view()
-    assert view.tight_rate == pytest.approx(2 / LOAD_WINDOW_S)
+    assert view.tight_rates == pytest.approx((1 / LOAD_WINDOW_S, 1 / LOAD_WINDOW_S, 0.0, 0.0))
     assert view.offered_load > 0
 
 

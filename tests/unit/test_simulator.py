@@ -40,7 +40,7 @@ from bench.sim.policies import (
 from bench.sim.report import HINDSIGHT, OURS, REFERENCE, Record, RunFigures, acceptance, cell_of, reading, short_of
 from bench.sim.workload import Phase, Request, TenantProfile, generate_requests, generate_tenant, interactive_mix
 
-from quantrouter.policy import LOAD_WINDOW_S
+from quantrouter.policy import LOAD_WINDOW_S, SHARING_LEVELS
 from quantrouter.throughput import ThroughputTable
 from quantrouter.values import Preference
 
@@ -315,13 +315,14 @@ def test_the_simulated_router_remembers_a_load_that_outlived_its_request(policy:
 
 
 def test_the_simulated_router_counts_the_routings_that_carried_an_slo_per_simulation() -> None:
-    """The adapter feeds `MemoryView.tight_rate` from the router's own `LoadWindow` of what it routed, one per
-    simulation: every simulated request carries a deadline, so each one routed counts."""
+    """The adapter feeds `MemoryView.tight_rates` from the router's own `SloWindow` of what it routed, one per
+    simulation, each routing under the runners its SLO bears by its decision's estimates: Q4_K_M's decode rate on
+    the H100 bears two runners at a 60 tok/s floor (at 30 tok/s, more than any count tracked: not kept)."""
     policy = QuantRouter()
-    requests = [Request(i, float(i), Preference.LATENCY, 100, 50, 60.0, 30.0, 1.0) for i in range(3)]
+    requests = [Request(i, float(i), Preference.LATENCY, 100, 50, 60.0, 60.0, 1.0) for i in range(3)]
     first = Simulation(H100, LLAMA_8B, requests, [(0.0, 0)], policy)
     first.run()
-    other = Simulation(H100, LLAMA_8B, requests[:1], [(0.0, 0)], policy)
+    other = Simulation(H100, LLAMA_8B, [replace(requests[0], min_tokens_per_second=30.0)], [(0.0, 0)], policy)
     other.run()
-    assert policy.tight[first].per_second(2.5) == pytest.approx(3 / LOAD_WINDOW_S)
-    assert policy.tight[other].per_second(2.5) == pytest.approx(1 / LOAD_WINDOW_S)
+    assert policy.tight[first].per_second(2.5) == pytest.approx((0.0, 3 / LOAD_WINDOW_S, 0.0, 0.0))
+    assert policy.tight[other].per_second(2.5) == (0.0,) * SHARING_LEVELS
