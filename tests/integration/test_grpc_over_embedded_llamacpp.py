@@ -80,8 +80,8 @@ def test_ladder_is_one_family_with_eight_variants(target: str) -> None:
 def test_quality_picks_a_higher_quality_variant_than_latency(embedded_backend: EmbeddedServer) -> None:
     # A long answer, so decode speed rather than which variant happens to be loaded decides LATENCY:
     # for a few tokens a resident F16 rightly beats a cold load of a smaller file. A router of its own, so that no
-    # other test's routings steer it (with `tight_arrivals` set, their gRPC deadlines would have callers with an SLO
-    # expected during F16's long decode on the CPU, and hold F16 back behind a quicker warm variant).
+    # other test's routings steer it (with `tight_arrivals` set, their gRPC deadlines could have callers expected
+    # during F16's long decode on the CPU whose SLO bears no second runner, and hold F16 back behind a quicker one).
     long = Options(num_predict=LONG_ANSWER, temperature=0.0)
     with run_in_thread(router_settings(embedded_backend), CollectorRegistry()) as running, \
             RouterClient(f"127.0.0.1:{running.port}") as client:
