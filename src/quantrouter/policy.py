@@ -44,7 +44,8 @@ others (`held_back`, said in words; `endangers` counts): its new runner would pu
 deadline or rate floor (runners time-slice the GPU, so a new one delays each by about min(its service, theirs
 left), `_Guard`); on a shared GPU (`MemoryView.shared`) its load only fits by evicting idle siblings, whose
 memory other tenants may take before it loads; or the GPU is overloaded (`offered_load`, the service seconds
-routed per second over the last `LOAD_WINDOW_S`, at or above `overload_threshold`) and it is slower than the
+routed per second over the last `LOAD_WINDOW_S`, at or above `overload_threshold`, or, where
+`queue_overload_seconds` is set, that much work queued behind the running streams) and it is slower than the
 quickest warm variant, or it is not the quickest of the quick warm runners serving requests: one runner then
 serves the queue in order instead of several time-slicing runners that all miss. A fourth: its runner, not busy
 now and slower than the quickest warm one, would make k runners time-slice the GPU, and serve long enough that
@@ -235,6 +236,9 @@ class PolicyConfig:
     0.981 → 0.959 on the H100 8B / 2); at 0.5 (6 of the 9 scenarios) 3 gained and 2 lost. What is left on those
     engines is mostly the batch: a LATENCY caller joins a busy runner's batch, whose cost the policy does not
     estimate (its batch-mates are taken not to slow it).
+    `queue_overload_seconds`: work queued behind the runners' running streams (requests waiting for a slot) from
+    which the GPU counts as overloaded whatever its recent rate: a burst fills the queues well before it fills
+    `LOAD_WINDOW_S`. 0 turns it off; the fleet turns it on for its decisions (`fleet.choice.QUEUE_OVERLOAD_S`).
     """
 
     balanced_quality_weight: float = 0.5
@@ -250,6 +254,7 @@ class PolicyConfig:
     overload_threshold: float = 1.0
     max_loaded: int = OLLAMA_MODELS_PER_GPU
     tight_arrivals: float = 0.0
+    queue_overload_seconds: float = 0.0
 
 
 def remaining_seconds(expected_and_done: Sequence[tuple[float, float]]) -> tuple[float, ...]:
@@ -490,17 +495,26 @@ def _charge_churn(rows: Sequence[_Row], pool: Sequence[CandidateInput], free: in
                 row.churn, row.takes_slot = min(idle), True
 
 
-def _hold_back(rows: Sequence[_Row], pool: Sequence[CandidateInput], load: float, shared: bool,
+def _hold_back(rows: Sequence[_Row], pool: Sequence[CandidateInput], load: float, queued: float, shared: bool,
                config: PolicyConfig) -> None:
     """Mark what should serve only when nothing else safe can: a load that takes an idle sibling's place among
     the `max_loaded` models Ollama holds; on a shared GPU, loads that evict idle siblings for memory (other
     tenants may take the memory they free before the load is done); and under overload anything slower than
     the quickest warm variant, or, while quick warm runners serve requests, every variant but the quickest of those
-    (another runner only time-slices the GPU with it: no more throughput, and every queued request later)."""
+    (another runner only time-slices the GPU with it: no more throughput, and every queued request later).
+    Overloaded: an offered load at or above `overload_threshold`, or `queued` seconds of work waiting for a slot
+    at or above `queue_overload_seconds` (when set)."""
     feasible = [row for row in rows if not row.rejection]
     quickest = 0.0
     lead: _Row | None = None
-    if load >= config.overload_threshold and feasible:
+    queue_limit = config.queue_overload_seconds
+    if load >= config.overload_threshold:
+        overload = f"offered load {load:.2f} ≥ {config.overload_threshold:g}"
+    elif queue_limit and queued >= queue_limit:
+        overload = f"{queued:.1f} s of work queued for a slot ≥ {queue_limit:g} s"
+    else:
+        overload = ""
+    if overload and feasible:
         warm = [row for row in feasible if row.resident] or feasible
         quickest = min(row.service for row in warm) * (1 + OVERLOAD_SPEED_SLACK)
         lead = min((row for row, c in zip(rows, pool, strict=True)
@@ -517,11 +531,10 @@ def _hold_back(rows: Sequence[_Row], pool: Sequence[CandidateInput], load: float
         elif row.churn and shared:
             reasons.append("its load evicts idle siblings, whose memory other tenants may take first")
         if quickest and row.service > quickest:
-            reasons.append(f"offered load {load:.2f} ≥ {config.overload_threshold:g}: slower than the quickest "
-                           "warm variant")
+            reasons.append(f"{overload}: slower than the quickest warm variant")
         elif lead is not None and row is not lead:
-            reasons.append(f"offered load {load:.2f} ≥ {config.overload_threshold:g}: its runner would time-slice "
-                           f"the GPU with {lead.tag}'s, which serves the queue in order")
+            reasons.append(f"{overload}: its runner would time-slice the GPU with {lead.tag}'s, which serves the "
+                           "queue in order")
         row.held_back = "; ".join(reasons)
 
 
@@ -653,18 +666,21 @@ def decide(
         return _decision(request, memory, None, f"no variants of {request.family}", node,
                          failure=FailureKind.EMPTY)
 
-    # One pass over the pool: the memory idle residents would give back on eviction, and, with Ollama holding
+    # One pass over the pool: the memory idle residents would give back on eviction; with Ollama holding
     # `max_loaded` models all busy, when a new runner could load (once the shortest backlog drains, time-sliced
-    # by the busy runners).
+    # by the busy runners); and the work waiting for a runner's slot.
     reclaimable = busy_runners = idle_loaded = 0
     family_resident = False
-    drain = 0.0
+    drain = waiting = 0.0
+    parallel = config.runner_parallel
     for c in pool:
         resident = c.variant.resident
         family_resident = family_resident or resident
-        if c.in_flight:
+        if in_flight := c.in_flight:
             drain = c.queued_seconds if not busy_runners or c.queued_seconds < drain else drain
             busy_runners += 1
+            if in_flight > parallel:  # the share of its work waiting for a slot
+                waiting += c.queued_seconds * (in_flight - parallel) / in_flight
         elif resident:
             idle_loaded += 1
             reclaimable += c.variant.vram_bytes
@@ -678,7 +694,7 @@ def decide(
     if request.pinned_tag is None:
         _charge_churn(rows, pool, free, config)
         _hold_back_sub_floor(rows)
-        _hold_back(rows, pool, memory.offered_load, memory.shared, config)
+        _hold_back(rows, pool, memory.offered_load, waiting, memory.shared, config)
         _hold_back_for_arrivals(rows, pool, memory.tight_rates, busy_runners, config)
 
     # BALANCED's deadline share only while the GPU is quiet: under load the extra runner costs later callers.

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from quantrouter.catalog import Architecture, VariantInfo
-from quantrouter.fleet.choice import choose, delay_to_others
+from quantrouter.fleet.choice import QUEUE_OVERLOAD_S, choose, delay_to_others
 from quantrouter.fleet.state import NodeState
 from quantrouter.memory import GpuMemory, MemorySnapshot
 from quantrouter.policy import CandidateInput, PolicyConfig, RoutingRequest, decide
@@ -169,3 +169,33 @@ def test_quality_is_ranked_with_the_busy_band_while_half_the_offering_nodes_are_
     assert below.chosen is not None and below.chosen.quantization == "F16"  # at quiet_load a node is still quiet
     balanced = choose(request(Preference.BALANCED, time_remaining=30.0), {"a": quiet, "b": loaded}, CONFIG)
     assert balanced.chosen is not None and balanced.chosen.quantization == "F16"
+
+
+def test_a_request_the_fleets_pick_would_finish_past_its_deadline_is_refused_up_front() -> None:
+    """Two H100s with 6 GiB free, each with Q4_K_M resident and 30 s of work ahead of it: Q4_K_M alone takes
+    well under a second, so no variant is ruled out by the deadline on its own, but behind the queue the pick
+    expects 30 s. Sent, it would hold the GPU until its deadline cancelled it; a caller with more time is served."""
+    nodes = {"a": node(6, H100_TPS, streams={"Q4_K_M": 30.0}), "b": node(6, H100_TPS, streams={"Q4_K_M": 30.0})}
+    refused = choose(request(Preference.LATENCY, time_remaining=10.0), nodes, CONFIG)
+    assert refused.chosen is None and refused.failure is FailureKind.DEADLINE
+    assert refused.best_expected_seconds > 30.0
+    assert "past the 10.00 s left before the deadline" in refused.reason and "on node a" in refused.reason
+    assert all(not c.rejection for c in refused.candidates if c.quantization == "Q4_K_M")
+    for roomy in (request(Preference.LATENCY, time_remaining=40.0), request(Preference.LATENCY)):
+        served = choose(roomy, nodes, CONFIG)
+        assert served.chosen is not None and served.chosen.quantization == "Q4_K_M"
+
+
+def test_the_fleet_counts_a_node_with_work_queued_for_a_slot_as_overloaded() -> None:
+    """A quiet-looking H100 (offered load 0) whose Q4_K_M runner has three requests, 6 s of work, one at a time:
+    its own router, with the rule off, still starts F16 for a QUALITY caller beside the queue; the fleet holds F16
+    back (a burst fills the queues before the load window) and joins the queue on the quick runner."""
+    state = node(78, H100_TPS, resident=["F16", "Q8_0"], streams={"Q4_K_M": 6.0})
+    queued = replace(state, candidates=tuple(replace(c, in_flight=3) if c.in_flight else c for c in state.candidates))
+    quality = request(Preference.QUALITY)
+    own = decide(quality, queued.family(FAMILY), queued.memory_view, CONFIG).chosen
+    assert CONFIG.queue_overload_seconds == 0 and own is not None and own.quantization == "F16"
+    fleet = choose(quality, {"a": queued}, CONFIG)
+    assert fleet.chosen is not None and fleet.chosen.quantization == "Q4_K_M"
+    f16 = next(c for c in fleet.candidates if c.quantization == "F16")
+    assert f"4.0 s of work queued for a slot ≥ {QUEUE_OVERLOAD_S:g} s" in f16.held_back

@@ -762,6 +762,25 @@ def test_an_overloaded_gpu_keeps_to_the_quick_runner_that_serves(load: float, bu
                for a in decision.candidates if a.quantization in held)
 
 
+@pytest.mark.parametrize(("in_flight", "limit", "expected"), [
+    (3, 0.0, "F16"),  # off (a node router's default): a low offered load is quiet, whatever waits
+    (3, 1.0, "Q4_K_M"),  # 4 s of Q4_K_M's 6 s wait for its slot: overloaded, whatever the recent rate
+    (1, 1.0, "F16"),  # one stream on its own runner waits for nothing: no queue, no overload
+])
+def test_work_queued_for_a_slot_counts_as_overload_where_the_limit_is_set(in_flight: int, limit: float,
+                                                                          expected: str) -> None:
+    """Offered load 0.2 (a burst just begun fills the queues well before the load window); Q4_K_M's runner
+    serves `in_flight` requests with 6 s of work among them, one at a time (OLLAMA_NUM_PARALLEL 1)."""
+    quants = ("F16", "Q6_K", "Q4_K_M")
+    candidates = [replace(c, in_flight=in_flight, queued_seconds=6.0) if c.variant.quant.name == "Q4_K_M" else c
+                  for c in ladder(quants, resident=quants, tps=MEASURED_TPS)]
+    decision = decide(request(Q, prompt_tokens=0), candidates, replace(free(40.0), offered_load=0.2),
+                      PolicyConfig(queue_overload_seconds=limit))
+    assert chosen(decision) == expected
+    if expected == "Q4_K_M":
+        assert "4.0 s of work queued for a slot ≥ 1 s" in assessment(decision, "F16").held_back
+
+
 def test_an_upgrade_that_only_fits_by_evicting_an_idle_sibling_is_held_back() -> None:
     """Q4_K_M resident and idle, 9 GiB free: Q8_0 (8.46 GiB) fits only by evicting it, and other tenants may
     take what the eviction frees before Q8_0 is loaded; Q6_K (6.64 GiB) fits beside it."""

@@ -27,6 +27,16 @@ put every QUALITY caller on F16, whose long decode then time-sliced beside the L
 1.106× with any, 1.107× with half, 1.111× without; 20 seeds each). BALANCED keeps the quiet band: its score
 already weighs speed, and the busy band there cost goodput (4090+h100 1.050× with it).
 
+Two rules are the fleet's own. A node with a second's work queued for a runner's slot counts as overloaded
+(`QUEUE_OVERLOAD_S`, the policy's `queue_overload_seconds`), whatever its recent rate: a burst fills the queues well
+before it fills the load window, and meanwhile QUALITY and BALANCED callers started slower runners beside the queue,
+which then time-sliced it past its callers' deadlines. And a request with a deadline that the fleet's pick is not
+expected to meet, queue included, is refused up front (`FailureKind.DEADLINE`, answered DEADLINE_EXCEEDED): sent, it
+would take GPU time until its deadline cancelled it, from callers who could still make theirs. A node router keeps
+trying such a request (the backlog only steers it): it has nowhere else to send it, and its own view of its queue is
+all it has. In bench/results/fleet.md's simulation (20 seeds), mixed-burst went from 1.002× round-robin to 1.04×
+with the two; see the run there for the figures.
+
 An earlier version added each node's summed backlog to its pick's times after a decision made without
 it: blind to time-slicing and to the deadline risk behind a queue, it sent QUALITY requests to F16
 through a burst (bench/results/fleet.md's simulation, the mixed-burst scenario).
@@ -41,7 +51,12 @@ from quantrouter.fleet.state import NodeState
 from quantrouter.policy import PolicyConfig, RoutingRequest, decide, ranked_first
 from quantrouter.values import Assessment, Decision, FailureKind, Preference, quick_replacer
 
-__all__ = ["NodeVerdict", "choose", "delay_to_others"]
+__all__ = ["QUEUE_OVERLOAD_S", "NodeVerdict", "choose", "delay_to_others"]
+
+# Seconds of work queued for a runner's slot from which a node counts as overloaded in the fleet's decisions
+# (`PolicyConfig.queue_overload_seconds`). In the multi-node simulation (20 seeds × 3 scenarios) 0.3 s to 1 s gave
+# the same goodput; 2 s and more let the queues grow for longer (mixed-burst 0.5 % lower at 2 s).
+QUEUE_OVERLOAD_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +118,8 @@ def _failure(verdicts: list[NodeVerdict]) -> FailureKind:
 def choose(request: RoutingRequest, nodes: Mapping[str, NodeState], config: PolicyConfig,
            excluded: frozenset[tuple[str, str]] = frozenset()) -> Decision:
     """The (node, variant) for `request` among the live `nodes`; `excluded` holds pairs that failed already."""
+    if not config.queue_overload_seconds:
+        config = _config(config, queue_overload_seconds=QUEUE_OVERLOAD_S)
     verdicts = [_verdict(name, nodes[name], request, excluded, config) for name in sorted(nodes)]
     offers = [a for v in verdicts for a in v.offers]
     listed = tuple(a for v in verdicts for a in v.decision.candidates)
@@ -116,6 +133,15 @@ def choose(request: RoutingRequest, nodes: Mapping[str, NodeState], config: Poli
     ranking = _config(config, quality_tolerance=config.busy_quality_tolerance) if busy else config
     best = ranked_first(offers, request.preference, ranking, request.time_remaining)  # the policy's own ranking
     assert best is not None  # offers is not empty
+    deadline = request.time_remaining
+    if deadline is not None and best.expected_seconds > deadline:
+        return Decision(request.family, request.preference, None,
+                        f"the fleet's pick for {request.family}, {best.tag} on node {best.node}, is expected to take "
+                        f"{best.expected_seconds:.2f} s ({best.queue_seconds:.1f} s of it queued behind other "
+                        f"requests), past the {deadline:.2f} s left before the deadline: refused up front; retry with "
+                        "a longer deadline or when the fleet is less busy", listed,
+                        pinned=request.pinned_tag is not None, fallback=bool(excluded), failure=FailureKind.DEADLINE,
+                        best_expected_seconds=best.expected_seconds)
     verdict = next(v for v in verdicts if v.node == best.node)
     own = verdict.decision.chosen
     reason = verdict.decision.reason
