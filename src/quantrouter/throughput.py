@@ -1,8 +1,12 @@
 """What each variant has really delivered: EWMAs of decode tok/s, prompt tok/s and cold-load time.
 
-Before a variant's first sample the estimate is a prior. Decode is memory-bandwidth bound, so a
-measured sibling scales by size (tok/s ∝ 1/bytes); with no sibling measured, the bandwidth model
-`tok/s = 1 / (W / (η·BW) + c)` of docs/quantization.md §2 and §6 gives a first guess. Neither extrapolates
+Before a variant's first sample the estimate is a prior. Decode is memory-bandwidth bound: a token costs
+`W / (η·BW) + c` seconds (docs/quantization.md §2 and §6), the bytes read at the bandwidth achieved plus a fixed
+overhead. With siblings of two sizes or more measured, the prior is the line through them (least squares), which
+learns both terms on this GPU; with one, it scales by size (tok/s ∝ 1/bytes), which leaves the overhead out and
+so flatters smaller variants (on the simulated H100, F16's 84 tok/s made Q8_0 a 158 tok/s prior where it runs at
+113; the line through F16 and Q5_K_M said 117); with none, the model itself, at the GPU's rated bandwidth, gives a
+first guess. Neither extrapolates
 a gain below `SPEED_FLOOR_BPW`: there dequantisation eats the smaller read (Q2_K and Q3_K_S decode slower
 than Q4_0 on an RTX 3090, docs/quantization.md §2), so a file below the floor counts as the size it would
 have at the floor. Prompt processing is compute bound and roughly flat across quant types, so a sibling's
@@ -130,6 +134,8 @@ class _Ewma:
 _UNSEEN = _Ewma()
 # A measured sibling whose figures seed another variant's priors: its EWMAs and its `decode_bytes`.
 _Reference = tuple[_Ewma, int]
+# Seconds per decoded token as a line in bytes read: (seconds per byte, seconds of fixed overhead).
+_Line = tuple[float, float]
 
 
 def _blend(old: float | None, new: float | None, alpha: float) -> float | None:
@@ -147,7 +153,8 @@ class ThroughputSnapshot:
 
     def estimate(self, tag: str, size_bytes: int, siblings: Mapping[str, int]) -> SpeedEstimate:
         """The estimate for `tag`; `siblings` maps sibling tags to theirs. Sizes are `decode_bytes`."""
-        return self._estimate(tag, size_bytes, _most_sampled(t for t in self._measured(siblings) if t[0] != tag))
+        others = [t for t in self._measured(siblings) if t[0] != tag]
+        return self._estimate(tag, size_bytes, _most_sampled(others), _line(others))
 
     def estimates(self, variants: Sequence[VariantInfo]) -> list[tuple[VariantInfo, SpeedEstimate]]:
         """Each variant of one family with its estimate, the others serving as siblings for the priors.
@@ -159,13 +166,16 @@ class ThroughputSnapshot:
         measured = self._measured(sizes)
         best = _most_sampled(measured)
         runner_up = _most_sampled(t for t in measured if t is not best) if best is not None else None
-        return [(v, self._estimate(v.tag, sizes[v.tag], runner_up if best is not None and best[0] == v.tag else best))
+        line = _line(measured)  # only unmeasured variants use it, so each one's own point may stay in
+        return [(v, self._estimate(v.tag, sizes[v.tag], runner_up if best is not None and best[0] == v.tag else best,
+                                   line))
                 for v in variants]
 
-    def _estimate(self, tag: str, size_bytes: int, sibling: tuple[str, _Ewma, int] | None) -> SpeedEstimate:
+    def _estimate(self, tag: str, size_bytes: int, sibling: tuple[str, _Ewma, int] | None,
+                  line: _Line | None) -> SpeedEstimate:
         own = self.stats.get(tag, _UNSEEN)
         reference = None if sibling is None else sibling[1:]
-        decode = own.decode_tps or self._decode_prior(size_bytes, reference)
+        decode = own.decode_tps or self._decode_prior(size_bytes, reference, line)
         if own.decode_tps is None and own.ceiling is not None and own.ceiling < decode:
             decode = own.ceiling  # a prior that shared samples prove too fast
         prompt = own.prompt_tps or self._prompt_prior(decode, reference, self.bandwidth > DEFAULT_BANDWIDTH)
@@ -178,7 +188,9 @@ class ThroughputSnapshot:
         return [(t, stats[t], size) for t, size in siblings.items()
                 if size > 0 and t in stats and stats[t].decode_tps is not None]
 
-    def _decode_prior(self, size_bytes: int, reference: _Reference | None) -> float:
+    def _decode_prior(self, size_bytes: int, reference: _Reference | None, line: _Line | None) -> float:
+        if line is not None:
+            return 1.0 / (line[0] * size_bytes + line[1])
         if reference is not None and reference[0].decode_tps is not None and size_bytes > 0:
             return reference[0].decode_tps * reference[1] / size_bytes
         seconds = size_bytes / (BANDWIDTH_EFFICIENCY * self.bandwidth) + PER_TOKEN_OVERHEAD_S
@@ -195,6 +207,21 @@ class ThroughputSnapshot:
         if reference is not None and reference[0].load_seconds is not None and reference[1] > 0:
             return reference[0].load_seconds * size_bytes / reference[1]
         return LOAD_FIXED_S + size_bytes / LOAD_BYTES_PER_SECOND
+
+
+def _line(measured: Iterable[tuple[str, _Ewma, int]]) -> _Line | None:
+    """Seconds per token against bytes read, (slope, intercept) by least squares through the measured siblings:
+    none unless two sizes or more are measured and the line is a bandwidth and an overhead (slope > 0,
+    intercept ≥ 0); noisier samples fall back to scaling by size."""
+    points = [(size, 1.0 / ewma.decode_tps) for _, ewma, size in measured if ewma.decode_tps]
+    if len({size for size, _ in points}) < 2:
+        return None
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    slope = (sum((x - mean_x) * (y - mean_y) for x, y in points)
+             / sum((x - mean_x) ** 2 for x, _ in points))
+    intercept = mean_y - slope * mean_x
+    return (slope, intercept) if slope > 0 and intercept >= 0 else None
 
 
 def _most_sampled(measured: Iterable[tuple[str, _Ewma, int]]) -> tuple[str, _Ewma, int] | None:

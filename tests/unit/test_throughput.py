@@ -212,7 +212,8 @@ def test_a_sample_taken_while_other_runners_shared_the_gpu_only_caps_a_prior(run
 
 
 def test_the_best_measured_sibling_seeds_the_priors_and_itself_follows_the_runner_up() -> None:
-    """Priors come from the sibling with the most samples; that sibling's own missing figures from the next one."""
+    """Prompt and load priors come from the sibling with the most samples, and that sibling's own missing figures
+    from the next one; decode, with two sizes measured, from the line through them."""
     table = ThroughputTable(ALPHA, H100_SXM_BANDWIDTH)
     for _ in range(3):
         table.observe("q8", _decode(90.0))  # decode only: its prompt rate must come from a sibling
@@ -220,11 +221,33 @@ def test_the_best_measured_sibling_seeds_the_priors_and_itself_follows_the_runne
     variants = [VariantInfo(tag, "f", parse_quantization(quant), SIZES[tag])
                 for tag, quant in (("f16", "F16"), ("q8", "Q8_0"), ("q4", "Q4_K_M"))]
     estimates = {v.tag: e for v, e in table.snapshot().estimates(variants)}
-    # 90 × 8.54 / 16.06 = 47.86 tok/s; its prompt rate the GPU's 28× prior on that, as q8 has none to carry over.
-    assert estimates["f16"].decode_tps == pytest.approx(47.86, abs=0.01), "scaled from q8, the most samples"
-    assert estimates["f16"].prompt_tps == pytest.approx(47.86 * 28, abs=0.3), "q8 has no prompt rate"
+    # The line through q8 (8.54 GB, 1/90 s) and q4 (4.92 GB, 1/100 s): 0.3069 ms/GB + 8.490 ms, so 16.06 GB → 74.52
+    # tok/s; its prompt rate the GPU's 28× prior on that, as q8, the most sampled, has none to carry over.
+    assert estimates["f16"].decode_tps == pytest.approx(74.52, abs=0.01), "the line through q8 and q4"
+    assert estimates["f16"].prompt_tps == pytest.approx(74.52 * 28, abs=0.3), "q8 has no prompt rate"
     assert estimates["q8"].prompt_tps == pytest.approx(4000.0), "q8 itself follows the runner-up, q4"
     assert estimates == {v.tag: table.snapshot().estimate(v.tag, v.size_bytes, SIZES) for v in variants}
+
+
+@pytest.mark.parametrize(("measured", "expected"), [
+    # One size measured: scaled by size, 140 × 4.92 / 8.54 = 80.66 tok/s (the overhead scaled with the bytes).
+    ({"q4": 140.0}, 80.66),
+    # q4 and f16 measured (the overhead of a token learned with the bandwidth): the line through 1/140 s at 4.92
+    # GB and 1/60 s at 16.06 GB is 0.8549 ms/GB + 2.937 ms, so Q8_0 at 8.54 GB → 97.68 tok/s, not 80.66 from q4
+    # nor 112.8 from f16 by size: the bandwidth model's W / (η·BW) + c (docs/quantization.md §2, §6).
+    ({"q4": 140.0, "f16": 60.0}, 97.68),
+    # F16 at 40 tok/s: the line would need a negative overhead (−0.74 ms), which no GPU has: noise; by size.
+    ({"q4": 140.0, "f16": 40.0}, 80.66),
+])
+def test_with_two_sizes_measured_the_prior_is_the_line_through_them(measured: dict[str, float],
+                                                                     expected: float) -> None:
+    table = ThroughputTable(ALPHA, H100_SXM_BANDWIDTH)
+    for tag, rate in measured.items():
+        table.observe(tag, _decode(rate))
+        if tag == "q4":
+            table.observe(tag, _decode(rate))  # q4 the most sampled, the reference for scaling by size
+    estimate = table.snapshot().estimate("q8", Q8, SIZES)
+    assert estimate.decode_tps == pytest.approx(expected, abs=0.01) and not estimate.measured
 
 
 def test_a_snapshot_is_kept_until_the_next_observation_and_never_changes() -> None:
