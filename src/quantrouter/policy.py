@@ -11,7 +11,12 @@ estimates and the time left before the deadline. The model (design §5):
   finish (docs/ollama.md §3), which a routed request would spend in a queue;
 - queue = the GPU's backlog as this request would meet it: runners of one GPU time-slice it, so each
   in-flight request delays this one by min(its remaining seconds, this one's own service time), and on a
-  runner that already serves `runner_parallel` requests this one also waits its turn; on one with a free slot
+  runner that already serves `runner_parallel` requests this one also waits its turn (with one slot a runner
+  (OLLAMA_NUM_PARALLEL 1) serves its queue in order, so this one waits for all of its runner's work, and the
+  other runners time-slice the GPU through that wait too: each of their requests delays it by min(its remaining
+  seconds, the runner's queue + this one's service); counted only over its own service, a QUALITY caller queued
+  behind a runner with a dozen seconds of work, on a GPU other runners shared, finished a third later than
+  expected in the multi-node simulation's burst and missed its deadline); on one with a free slot
   it decodes in the same steps as its batch-mates, which do not time-slice it (their share, at most in-flight
   × its service, is taken off; counted, joining a busy runner's batch looked as slow as a second runner
   time-slicing the GPU with it, and LATENCY callers took that second runner, under which both runners' requests
@@ -420,6 +425,8 @@ class _Row:
         in_flight = c.in_flight
         if in_flight >= config.runner_parallel:
             queue += max(c.queued_seconds - in_flight * service, 0.0)
+            if config.runner_parallel == 1:  # all its runner's work first, time-sliced by the others like its own
+                queue = max(queue, frame.backlog.delay(c.queued_seconds + service))
         elif in_flight:  # a free slot in its batch: its batch-mates decode in its steps, not time-sliced
             queue = max(queue - min(c.queued_seconds, in_flight * service), 0.0)
         # Constraints judge the variant on its own (alone on the GPU); the backlog only steers (`at_risk`).
