@@ -11,12 +11,9 @@ estimates and the time left before the deadline. The model (design §5):
   finish (docs/ollama.md §3), which a routed request would spend in a queue;
 - queue = the GPU's backlog as this request would meet it: runners of one GPU time-slice it, so each
   in-flight request delays this one by min(its remaining seconds, this one's own service time), and on a
-  runner that already serves `runner_parallel` requests this one also waits its turn (with one slot a runner
-  (OLLAMA_NUM_PARALLEL 1) serves its queue in order, so this one waits for all of its runner's work, and the
-  other runners time-slice the GPU through that wait too: each of their requests delays it by min(its remaining
-  seconds, the runner's queue + this one's service); counted only over its own service, a QUALITY caller queued
-  behind a runner with a dozen seconds of work, on a GPU other runners shared, finished a third later than
-  expected in the multi-node simulation's burst and missed its deadline); on one with a free slot
+  runner that already serves `runner_parallel` requests this one also waits its turn (with
+  `queue_wait_time_sliced`, on a runner with one slot the other runners' time-slicing counts through that whole
+  wait, not only through its own service); on one with a free slot
   it decodes in the same steps as its batch-mates, which do not time-slice it (their share, at most in-flight
   × its service, is taken off; counted, joining a busy runner's batch looked as slow as a second runner
   time-slicing the GPU with it, and LATENCY callers took that second runner, under which both runners' requests
@@ -241,6 +238,13 @@ class PolicyConfig:
     0.981 → 0.959 on the H100 8B / 2); at 0.5 (6 of the 9 scenarios) 3 gained and 2 lost. What is left on those
     engines is mostly the batch: a LATENCY caller joins a busy runner's batch, whose cost the policy does not
     estimate (its batch-mates are taken not to slow it).
+    `queue_wait_time_sliced`: a request queued behind its runner's work (one slot per runner, OLLAMA_NUM_PARALLEL
+    1) waits for all of it, and the other runners time-slice the GPU through that wait too: each of their requests
+    delays it by min(its remaining seconds, the queue + its service), not by min(its remaining, its service). Off for
+    a node router: the fuller estimate sent LATENCY callers to a second runner beside a busy one, and on the
+    simulated H100 8B their SLO met fell from 0.5 to 1.8 points below always-Q4_K_M's (20 seeds). The fleet turns it
+    on (`fleet.choice`): it has other nodes to send them to, and counted over their own service only, QUALITY callers
+    queued behind a dozen seconds of work finished a third later than expected in the multi-node burst.
     `queue_overload_seconds`: work queued behind the runners' running streams (requests waiting for a slot) from
     which the GPU counts as overloaded whatever its recent rate: a burst fills the queues well before it fills
     `LOAD_WINDOW_S`. 0 turns it off; the fleet turns it on for its decisions (`fleet.choice.QUEUE_OVERLOAD_S`).
@@ -260,6 +264,7 @@ class PolicyConfig:
     max_loaded: int = OLLAMA_MODELS_PER_GPU
     tight_arrivals: float = 0.0
     queue_overload_seconds: float = 0.0
+    queue_wait_time_sliced: bool = False
 
 
 def remaining_seconds(expected_and_done: Sequence[tuple[float, float]]) -> tuple[float, ...]:
@@ -425,7 +430,7 @@ class _Row:
         in_flight = c.in_flight
         if in_flight >= config.runner_parallel:
             queue += max(c.queued_seconds - in_flight * service, 0.0)
-            if config.runner_parallel == 1:  # all its runner's work first, time-sliced by the others like its own
+            if config.runner_parallel == 1 and config.queue_wait_time_sliced:
                 queue = max(queue, frame.backlog.delay(c.queued_seconds + service))
         elif in_flight:  # a free slot in its batch: its batch-mates decode in its steps, not time-sliced
             queue = max(queue - min(c.queued_seconds, in_flight * service), 0.0)

@@ -199,3 +199,16 @@ def test_the_fleet_counts_a_node_with_work_queued_for_a_slot_as_overloaded() -> 
     assert fleet.chosen is not None and fleet.chosen.quantization == "Q4_K_M"
     f16 = next(c for c in fleet.candidates if c.quantization == "F16")
     assert f"4.0 s of work queued for a slot ≥ {QUEUE_OVERLOAD_S:g} s" in f16.held_back
+
+
+def test_the_fleet_prices_a_queued_wait_time_sliced_by_the_nodes_other_runners() -> None:
+    """Q8_0's runner has 6 s of work ahead and F16's 20 s on the same H100: the fleet counts F16 time-slicing the GPU
+    through the whole wait for Q8_0's slot, where the node router's default counts it over the service alone."""
+    busy = node(78, H100_TPS, streams={"Q8_0": 6.0, "F16": 20.0})
+    quality = request(Preference.QUALITY)
+    fleet = choose(quality, {"a": busy}, CONFIG)
+    q8 = next(c for c in fleet.candidates if c.quantization == "Q8_0")
+    own = decide(quality, busy.family(FAMILY), busy.memory_view, CONFIG)
+    sliced = decide(quality, busy.family(FAMILY), busy.memory_view, replace(CONFIG, queue_wait_time_sliced=True))
+    assert q8.queue_seconds == next(c.queue_seconds for c in sliced.candidates if c.quantization == "Q8_0")
+    assert q8.queue_seconds > next(c.queue_seconds for c in own.candidates if c.quantization == "Q8_0") + 5.0

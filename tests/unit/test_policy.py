@@ -268,6 +268,20 @@ def test_a_runner_queues_beyond_ollamas_num_parallel(parallel: int, waits: bool)
     assert q4.queue_seconds == pytest.approx(10.0 - service if waits else 0.0)
 
 
+@pytest.mark.parametrize(("time_sliced", "other_runner"), [(False, "its service"), (True, "the whole wait")])
+def test_a_queued_requests_wait_is_time_sliced_by_the_other_runners_where_the_fleet_says_so(
+        time_sliced: bool, other_runner: str) -> None:
+    """Q4_K_M's runner has 10 s of work ahead (one slot), and an F16 runner 20 s: the next Q4_K_M request waits the
+    10 s, and F16 time-slices the GPU with it through `other_runner` (min(20, 10 + s) rather than min(20, s))."""
+    pool = [replace(c, queued_seconds=10.0) if c.variant.quant.name == "Q4_K_M" else c
+            for c in ladder(("F16", "Q4_K_M"), resident=("F16", "Q4_K_M"), tps=MEASURED_TPS, busy=("F16", "Q4_K_M"))]
+    memory = replace(free(40.0), backlog=(10.0, 20.0))
+    decision = decide(request(L), pool, memory, PolicyConfig(queue_wait_time_sliced=time_sliced))
+    service = 500 / PROMPT_TPS + 256 / MEASURED_TPS["Q4_K_M"]
+    expected = 10.0 + (10.0 + service if time_sliced else service)
+    assert assessment(decision, "Q4_K_M").queue_seconds == pytest.approx(expected)
+
+
 # Services alone (500 prompt tokens at 5000 tok/s, 256 decoded): Q8_0 0.1 + 256/95 s, Q4_K_M 0.1 + 256/130 s.
 Q8_SERVICE, Q4_SERVICE = 0.1 + 256 / 95.0, 0.1 + 256 / 130.0
 

@@ -27,15 +27,18 @@ put every QUALITY caller on F16, whose long decode then time-sliced beside the L
 1.106× with any, 1.107× with half, 1.111× without; 20 seeds each). BALANCED keeps the quiet band: its score
 already weighs speed, and the busy band there cost goodput (4090+h100 1.050× with it).
 
-Two rules are the fleet's own. A node with a second's work queued for a runner's slot counts as overloaded
+Three rules are the fleet's own. A request queued behind a runner's work is delayed by the other runners'
+time-slicing through that whole wait (the policy's `queue_wait_time_sliced`, off for a node router, which has no
+other node to send a LATENCY caller to). A node with a second's work queued for a runner's slot counts as overloaded
 (`QUEUE_OVERLOAD_S`, the policy's `queue_overload_seconds`), whatever its recent rate: a burst fills the queues well
 before it fills the load window, and meanwhile QUALITY and BALANCED callers started slower runners beside the queue,
 which then time-sliced it past its callers' deadlines. And a request with a deadline that the fleet's pick is not
 expected to meet, queue included, is refused up front (`FailureKind.DEADLINE`, answered DEADLINE_EXCEEDED): sent, it
 would take GPU time until its deadline cancelled it, from callers who could still make theirs. A node router keeps
 trying such a request (the backlog only steers it): it has nowhere else to send it, and its own view of its queue is
-all it has. In bench/results/fleet.md's simulation (20 seeds), mixed-burst went from 1.002× round-robin to 1.04×
-with the two; see the run there for the figures.
+all it has. In bench/results/fleet.md's simulation (20 seeds), mixed-burst went from 1.002× round-robin to 1.041×
+with the last two and to 1.057× with the first and the throughput table's line prior besides (4090+h100 1.053×,
+4xh100-shared 1.107×, as before).
 
 An earlier version added each node's summed backlog to its pick's times after a decision made without
 it: blind to time-slicing and to the deadline risk behind a queue, it sent QUALITY requests to F16
@@ -118,8 +121,8 @@ def _failure(verdicts: list[NodeVerdict]) -> FailureKind:
 def choose(request: RoutingRequest, nodes: Mapping[str, NodeState], config: PolicyConfig,
            excluded: frozenset[tuple[str, str]] = frozenset()) -> Decision:
     """The (node, variant) for `request` among the live `nodes`; `excluded` holds pairs that failed already."""
-    if not config.queue_overload_seconds:
-        config = _config(config, queue_overload_seconds=QUEUE_OVERLOAD_S)
+    config = _config(config, queue_overload_seconds=config.queue_overload_seconds or QUEUE_OVERLOAD_S,
+                     queue_wait_time_sliced=True)
     verdicts = [_verdict(name, nodes[name], request, excluded, config) for name in sorted(nodes)]
     offers = [a for v in verdicts for a in v.offers]
     listed = tuple(a for v in verdicts for a in v.decision.candidates)
