@@ -212,3 +212,15 @@ def test_the_fleet_prices_a_queued_wait_time_sliced_by_the_nodes_other_runners()
     sliced = decide(quality, busy.family(FAMILY), busy.memory_view, replace(CONFIG, queue_wait_time_sliced=True))
     assert q8.queue_seconds == next(c.queue_seconds for c in sliced.candidates if c.quantization == "Q8_0")
     assert q8.queue_seconds > next(c.queue_seconds for c in own.candidates if c.quantization == "Q8_0") + 5.0
+
+
+def test_a_cold_start_late_on_its_prior_alone_is_tried_not_refused() -> None:
+    """Nothing resident and every speed still a prior: Q4_K_M's load (4 s) and decode (0.6 s) overrun a 3 s
+    deadline with no queue at all, within the policy's slack for priors. The fleet tries it, as a node router
+    would: refused, a fleet whose first load a prior overrates would never load anything for such callers."""
+    state = node(78, H100_TPS)
+    cold = replace(state, candidates=tuple(replace(c, speed=replace(c.speed, measured=False))
+                                           for c in state.candidates))
+    decision = choose(request(Preference.LATENCY, time_remaining=3.0), {"a": cold}, CONFIG)
+    assert decision.chosen is not None and decision.chosen.quantization == "Q4_K_M"
+    assert decision.chosen.expected_seconds > 3.0 and decision.chosen.queue_seconds == 0 and decision.chosen.at_risk

@@ -32,13 +32,16 @@ time-slicing through that whole wait (the policy's `queue_wait_time_sliced`, off
 other node to send a LATENCY caller to). A node with a second's work queued for a runner's slot counts as overloaded
 (`QUEUE_OVERLOAD_S`, the policy's `queue_overload_seconds`), whatever its recent rate: a burst fills the queues well
 before it fills the load window, and meanwhile QUALITY and BALANCED callers started slower runners beside the queue,
-which then time-sliced it past its callers' deadlines. And a request with a deadline that the fleet's pick is not
-expected to meet, queue included, is refused up front (`FailureKind.DEADLINE`, answered DEADLINE_EXCEEDED): sent, it
-would take GPU time until its deadline cancelled it, from callers who could still make theirs. A node router keeps
-trying such a request (the backlog only steers it): it has nowhere else to send it, and its own view of its queue is
-all it has. In bench/results/fleet.md's simulation (20 seeds), mixed-burst went from 1.002× round-robin to 1.041×
-with the last two and to 1.057× with the first and the throughput table's line prior besides (4090+h100 1.053×,
-4xh100-shared 1.107×, as before).
+which then time-sliced it past its callers' deadlines. And a request with a deadline that the fleet's pick would meet
+alone but not behind its node's queue is refused up front (`FailureKind.DEADLINE`, answered DEADLINE_EXCEEDED): sent,
+it would take GPU time until its deadline cancelled it, from callers who could still make theirs. Only the queue
+refuses: a pick late on its own load and speed, which may be priors (`PRIOR_DEADLINE_SLACK`), is tried as a node
+router tries it, or a fleet whose first load a prior overrates would never load: refusing every late pick on a node
+router cost the single-node simulator 32 of 350 checks (6 seeds), the 70B's first loads among them. A node router
+keeps trying queued ones too (the backlog only steers it): it has nowhere else to send them. In
+bench/results/fleet.md's simulation (20 seeds), mixed-burst went from 1.002× round-robin to 1.041× with the last two
+rules and to 1.058× with the first and the throughput table's line prior besides (4090+h100 1.052×, 4xh100-shared
+1.107×).
 
 An earlier version added each node's summed backlog to its pick's times after a decision made without
 it: blind to time-slicing and to the deadline risk behind a queue, it sent QUALITY requests to F16
@@ -137,12 +140,12 @@ def choose(request: RoutingRequest, nodes: Mapping[str, NodeState], config: Poli
     best = ranked_first(offers, request.preference, ranking, request.time_remaining)  # the policy's own ranking
     assert best is not None  # offers is not empty
     deadline = request.time_remaining
-    if deadline is not None and best.expected_seconds > deadline:
+    if deadline is not None and best.expected_seconds > deadline >= best.expected_seconds - best.queue_seconds:
         return Decision(request.family, request.preference, None,
                         f"the fleet's pick for {request.family}, {best.tag} on node {best.node}, is expected to take "
-                        f"{best.expected_seconds:.2f} s ({best.queue_seconds:.1f} s of it queued behind other "
-                        f"requests), past the {deadline:.2f} s left before the deadline: refused up front; retry with "
-                        "a longer deadline or when the fleet is less busy", listed,
+                        f"{best.expected_seconds:.2f} s, {best.queue_seconds:.1f} s of it queued behind other "
+                        f"requests: past the {deadline:.2f} s left before the deadline, so refused up front; retry "
+                        "with a longer deadline or when the fleet is less busy", listed,
                         pinned=request.pinned_tag is not None, fallback=bool(excluded), failure=FailureKind.DEADLINE,
                         best_expected_seconds=best.expected_seconds)
     verdict = next(v for v in verdicts if v.node == best.node)
