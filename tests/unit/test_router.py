@@ -384,12 +384,14 @@ async def test_the_policy_sees_the_rate_of_routed_requests_with_an_slo_by_the_ru
     router = await make_router()
     async with aclosing(router.stream(_request(), JOB)) as stream:  # its speed measured: the floors below are near it
         assert [event async for event in stream]
-    first = router.decide(_request()).chosen
-    assert first is not None
     bears: list[int] = []
-    for request in (replace(_request(), min_tokens_per_second=first.tokens_per_second / 1.5),
-                    replace(_request(), min_tokens_per_second=first.tokens_per_second / 2.5),
-                    replace(_request(), time_remaining=3600.0)):
+    for divisor, deadline in ((1.5, None), (2.5, None), (0.0, 3600.0)):
+        # The estimate the request's own decision will see: each finished request moves the measured speed (real
+        # timing over HTTP), so a floor set from the first request's speed could land either side of a bound.
+        current = router.decide(_request()).chosen
+        assert current is not None
+        floor = current.tokens_per_second / divisor if divisor else 0.0
+        request = replace(_request(), min_tokens_per_second=floor, time_remaining=deadline)
         async with aclosing(router.stream(request, JOB)) as stream:
             decision = await anext(stream)
             assert isinstance(decision, Decision) and decision.chosen is not None
