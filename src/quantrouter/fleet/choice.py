@@ -121,6 +121,12 @@ def _failure(verdicts: list[NodeVerdict]) -> FailureKind:
     return FailureKind.CONSTRAINTS
 
 
+def _refused(request: RoutingRequest, reason: str, listed: tuple[Assessment, ...], excluded: frozenset[tuple[str, str]],
+             failure: FailureKind, best_expected_seconds: float = 0.0) -> Decision:
+    return Decision(request.family, request.preference, None, reason, listed, pinned=request.pinned_tag is not None,
+                    fallback=bool(excluded), failure=failure, best_expected_seconds=best_expected_seconds)
+
+
 def choose(request: RoutingRequest, nodes: Mapping[str, NodeState], config: PolicyConfig,
            excluded: frozenset[tuple[str, str]] = frozenset()) -> Decision:
     """The (node, variant) for `request` among the live `nodes`; `excluded` holds pairs that failed already."""
@@ -131,9 +137,7 @@ def choose(request: RoutingRequest, nodes: Mapping[str, NodeState], config: Poli
     listed = tuple(a for v in verdicts for a in v.decision.candidates)
     if not offers:
         why = "; ".join(f"node {v.node}: {v.decision.reason}" for v in verdicts) or "no live node"
-        return Decision(request.family, request.preference, None, f"no node can serve {request.family} ({why})",
-                        listed, pinned=request.pinned_tag is not None, fallback=bool(excluded),
-                        failure=_failure(verdicts))
+        return _refused(request, f"no node can serve {request.family} ({why})", listed, excluded, _failure(verdicts))
     loaded = [nodes[v.node].offered_load > config.quiet_load for v in verdicts if v.offers]
     busy = request.preference is Preference.QUALITY and 2 * sum(loaded) >= len(loaded)
     ranking = _config(config, quality_tolerance=config.busy_quality_tolerance) if busy else config
@@ -141,13 +145,11 @@ def choose(request: RoutingRequest, nodes: Mapping[str, NodeState], config: Poli
     assert best is not None  # offers is not empty
     deadline = request.time_remaining
     if deadline is not None and best.expected_seconds > deadline >= best.expected_seconds - best.queue_seconds:
-        return Decision(request.family, request.preference, None,
-                        f"the fleet's pick for {request.family}, {best.tag} on node {best.node}, is expected to take "
-                        f"{best.expected_seconds:.2f} s, {best.queue_seconds:.1f} s of it queued behind other "
-                        f"requests: past the {deadline:.2f} s left before the deadline, so refused up front; retry "
-                        "with a longer deadline or when the fleet is less busy", listed,
-                        pinned=request.pinned_tag is not None, fallback=bool(excluded), failure=FailureKind.DEADLINE,
-                        best_expected_seconds=best.expected_seconds)
+        return _refused(request, f"the fleet's pick for {request.family}, {best.tag} on node {best.node}, is "
+                        f"expected to take {best.expected_seconds:.2f} s, {best.queue_seconds:.1f} s of it queued "
+                        f"behind other requests: past the {deadline:.2f} s left before the deadline, so refused up "
+                        "front; retry with a longer deadline or when the fleet is less busy", listed, excluded,
+                        FailureKind.DEADLINE, best.expected_seconds)
     verdict = next(v for v in verdicts if v.node == best.node)
     own = verdict.decision.chosen
     reason = verdict.decision.reason
