@@ -87,7 +87,8 @@ class QuantRouter:
         backlog = remaining_seconds([(service, done) for _, service, done in view.backlog])
         in_flight = streams_of(view, {info.tag: speed.decode_tps for info, speed in speeds})
         memory = MemoryView(view.free_bytes, OLLAMA_MINIMUM_MEMORY, "nvml", backlog, in_flight,
-                            offered_load(view.arrivals, view.now), shared=True, tight_rates=tight.per_second(view.now))
+                            offered_load(view.arrivals, view.now), shared=True,
+                            tight_rates=tight.per_second(view.now) if self.config.tight_arrivals else ())
         decision = decide(routing, candidates, memory, self.config)
         chosen = decision.chosen
         if chosen is None:

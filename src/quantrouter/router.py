@@ -315,14 +315,16 @@ class Router:
 
     def memory_view(self) -> MemoryView:
         """Free memory, the backlog of this router's own in-flight streams (one GPU's worth of work) with their
-        SLOs, the load its recent routings offered, and how many of them per second carried an SLO, by the runners
-        time-slicing the GPU it bears."""
+        SLOs, the load its recent routings offered, and, where the arrivals charge is on (`tight_arrivals`), how many
+        of them per second carried an SLO, by the runners time-slicing the GPU it bears (summing its windows took
+        8 µs a decision, for nothing while the charge is off)."""
         snapshot = self.probe.latest
         reserve = self.reserve_bytes * len(snapshot.gpus) if snapshot.source == NVML else 0
         now = self._clock()
         return MemoryView(snapshot.free_bytes, reserve, snapshot.source, self._backlog(),
                           tuple(w.in_flight(now) for w in self._work), self._routed.per_second(now),
-                          shared=snapshot.source == NVML, tight_rates=self._tight.per_second(now))
+                          shared=snapshot.source == NVML,
+                          tight_rates=self._tight.per_second(now) if self.policy.tight_arrivals else ())
 
     def decide(self, request: RoutingRequest) -> Decision:
         started = time.perf_counter()

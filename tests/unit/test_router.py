@@ -116,18 +116,22 @@ async def canned() -> AsyncIterator[Canned]:
     await state.runner.cleanup()
 
 
+DEFAULT_POLICY = PolicyConfig()
+
+
 @pytest.fixture
 async def make_router(canned: Canned) -> AsyncIterator[Callable[..., Awaitable[Router]]]:
     backends: list[OllamaBackend] = []
 
-    async def make(clock: Callable[[], float] = time.monotonic, **limits: int) -> Router:
+    async def make(clock: Callable[[], float] = time.monotonic, policy: PolicyConfig = DEFAULT_POLICY,
+                   **limits: int) -> Router:
         backend = OllamaBackend(BackendSettings(canned.url, connect_timeout=2.0, read_timeout=10.0))
         backends.append(backend)
         inventory = Inventory(backend, CatalogSettings())
         assert await inventory.refresh()
         probe = MemoryProbe(StaticSource(CAPACITY, inventory.resident_vram), None, 1.0)
         return Router(backend, inventory, probe, ThroughputTable(0.3, BANDWIDTH), Metrics(CollectorRegistry()),
-                      LimitSettings(**limits), PolicyConfig(), reserve_bytes=0, clock=clock)
+                      LimitSettings(**limits), policy, reserve_bytes=0, clock=clock)
 
     yield make
     for backend in backends:
@@ -380,8 +384,8 @@ async def test_the_policy_sees_the_rate_of_routed_requests_with_an_slo_by_the_ru
         make_router: Callable[..., Awaitable[Router]]) -> None:
     """A request with neither a deadline nor a rate floor adds to the offered load only; one with either counts once,
     under the runners time-slicing the GPU its SLO bears by its own decision's estimates (`runners_tolerated`); one
-    that bears more than `SHARING_LEVELS` is not kept."""
-    router = await make_router()
+    that bears more than `SHARING_LEVELS` is not kept. The charge is on: the router sums these only for it."""
+    router = await make_router(policy=PolicyConfig(tight_arrivals=0.2))
     async with aclosing(router.stream(_request(), JOB)) as stream:  # its speed measured: the floors below are near it
         assert [event async for event in stream]
     bears: list[int] = []

@@ -315,9 +315,10 @@ def test_the_simulated_router_remembers_a_load_that_outlived_its_request(policy:
 
 
 def test_the_simulated_router_counts_the_routings_that_carried_an_slo_per_simulation() -> None:
-    """The adapter feeds `MemoryView.tight_rates` from the router's own `SloWindow` of what it routed, one per
-    simulation, each routing under the runners its SLO bears by its decision's estimates: Q4_K_M's decode rate on
-    the H100 bears two runners at a 60 tok/s floor (at 30 tok/s, more than any count tracked: not kept)."""
+    """The adapter keeps the router's own `SloWindow` of what it routed (`MemoryView.tight_rates` where the arrivals
+    charge is on), one per simulation, each routing under the runners its SLO bears by its decision's estimates:
+    Q4_K_M's decode rate on the H100 bears two runners at a 60 tok/s floor (at 30 tok/s, more than any count
+    tracked: not kept)."""
     policy = QuantRouter()
     requests = [Request(i, float(i), Preference.LATENCY, 100, 50, 60.0, 60.0, 1.0) for i in range(3)]
     first = Simulation(H100, LLAMA_8B, requests, [(0.0, 0)], policy)
