@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from quantrouter.catalog import Architecture, VariantInfo
-from quantrouter.fleet.choice import QUEUE_OVERLOAD_S, choose, delay_to_others
+from quantrouter.fleet.choice import QUEUE_OVERLOAD_S, choose, delay_to_others, pick
 from quantrouter.fleet.state import NodeState
 from quantrouter.memory import GpuMemory, MemorySnapshot
 from quantrouter.policy import CandidateInput, PolicyConfig, RoutingRequest, decide
@@ -224,3 +224,22 @@ def test_a_cold_start_late_on_its_prior_alone_is_tried_not_refused() -> None:
     decision = choose(request(Preference.LATENCY, time_remaining=3.0), {"a": cold}, CONFIG)
     assert decision.chosen is not None and decision.chosen.quantization == "Q4_K_M"
     assert decision.chosen.expected_seconds > 3.0 and decision.chosen.queue_seconds == 0 and decision.chosen.at_risk
+
+
+@pytest.mark.parametrize("preference", list(Preference))
+@pytest.mark.parametrize("nodes", [
+    {"rtx4090": node(18, RTX4090_TPS), "h100": node(78, H100_TPS)},
+    {"h100": node(78, H100_TPS, streams={"Q4_K_M": 30.0}), "rtx4090": node(18, RTX4090_TPS, resident=["Q4_K_M"])},
+    {"a": node(78, H100_TPS, in_flight=4, max_in_flight=4), "b": node(7, H100_TPS)},  # b: only Q4_K_M fits
+    {"a": node(78, H100_TPS, in_flight=4, max_in_flight=4)},  # nothing can serve
+], ids=["idle", "queued", "at-limit", "none"])
+def test_the_pair_picked_before_forwarding_is_the_one_the_later_explanation_names(
+        preference: Preference, nodes: dict[str, NodeState]) -> None:
+    """The fleet router forwards `pick`'s pair and explains it only once the node call has left: the explanation
+    must name that very pair, with the numbers it was ranked on."""
+    picked = pick(request(preference, time_remaining=20.0), nodes, CONFIG)
+    explained = picked.explain()
+    assert explained == choose(request(preference, time_remaining=20.0), nodes, CONFIG)
+    assert explained.chosen == picked.chosen and picked.explain() is explained  # built once
+    if picked.chosen is not None:
+        assert explained.node == picked.chosen.node and picked.chosen in explained.candidates

@@ -50,14 +50,14 @@ through a burst (bench/results/fleet.md's simulation, the mixed-burst scenario).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from quantrouter.fleet.state import NodeState
-from quantrouter.policy import PolicyConfig, RoutingRequest, decide, ranked_first
+from quantrouter.policy import Appraisal, PolicyConfig, RoutingRequest, ranked_first
 from quantrouter.values import Assessment, Decision, FailureKind, Preference, quick_replacer
 
-__all__ = ["QUEUE_OVERLOAD_S", "NodeVerdict", "choose", "delay_to_others"]
+__all__ = ["QUEUE_OVERLOAD_S", "NodeVerdict", "Pick", "choose", "delay_to_others", "pick"]
 
 # Seconds of work queued for a runner's slot from which a node counts as overloaded in the fleet's decisions
 # (`PolicyConfig.queue_overload_seconds`). In the multi-node simulation (20 seeds × 3 scenarios) 0.3 s to 1 s gave
@@ -67,12 +67,39 @@ QUEUE_OVERLOAD_S = 1.0
 
 @dataclass(frozen=True, slots=True)
 class NodeVerdict:
-    """One node's own decision, and its feasible pairs as the fleet ranks them (`delay_to_others` added to
-    each one's churn): none when the node is at its limit or has nothing that can serve."""
+    """One node's appraisal, and its feasible pairs as the fleet ranks them (`delay_to_others` added to each one's
+    churn): none when the node is at its limit (`limit` says so) or has nothing that can serve."""
 
     node: str
-    decision: Decision
+    appraisal: Appraisal
     offers: tuple[Assessment, ...]
+    limit: str = ""
+
+    def decision(self) -> Decision:
+        """The node's own decision, as its node router would make it (none chosen when at its limit)."""
+        decision = self.appraisal.decision(self.node)
+        if self.limit:
+            return _decision(decision, chosen=None, reason=self.limit, failure=FailureKind.CONSTRAINTS)
+        return decision
+
+
+class Pick:
+    """The pair the fleet ranks first (`chosen`, on `chosen.node`; None when no pair serves) and its explanation,
+    built on the first call of `explain`: every node's listing, the reasons, the refusal. The fleet router forwards
+    first and explains once the node call has left; built before, the explanation was a third of the decision's
+    time on the path to the first token."""
+
+    __slots__ = ("_decision", "_explain", "chosen")
+
+    def __init__(self, chosen: Assessment | None, explain: Callable[[], Decision]) -> None:
+        self.chosen = chosen
+        self._explain = explain
+        self._decision: Decision | None = None
+
+    def explain(self) -> Decision:
+        if self._decision is None:
+            self._decision = self._explain()
+        return self._decision
 
 
 _assessment = quick_replacer(Assessment)
@@ -85,13 +112,10 @@ def _verdict(node: str, state: NodeState, request: RoutingRequest, excluded: fro
              config: PolicyConfig) -> NodeVerdict:
     failed = {tag for name, tag in excluded if name == node}
     own = _request(request, excluded=request.excluded | failed) if failed else request
-    decision = decide(own, state.family(request.family), state.memory_view, config, node)
+    appraisal = Appraisal(own, state.family(request.family), state.memory_view, config)
     if state.at_limit:
-        limit = f"at its limit of {state.max_in_flight} streams"
-        return NodeVerdict(node, _decision(decision, chosen=None, reason=limit, failure=FailureKind.CONSTRAINTS), ())
-    if decision.chosen is None:
-        return NodeVerdict(node, decision, ())
-    return NodeVerdict(node, decision, tuple(_charged(state, a) for a in decision.candidates if a.feasible))
+        return NodeVerdict(node, appraisal, (), f"at its limit of {state.max_in_flight} streams")
+    return NodeVerdict(node, appraisal, tuple(_charged(state, a) for a in appraisal.offers(node)))
 
 
 def _charged(state: NodeState, a: Assessment) -> Assessment:
@@ -112,8 +136,8 @@ def delay_to_others(state: NodeState, chosen: Assessment) -> float:
     return max(sum(min(remaining, decode) for remaining in state.backlog) - behind, 0.0)
 
 
-def _failure(verdicts: list[NodeVerdict]) -> FailureKind:
-    kinds = {v.decision.failure for v in verdicts}
+def _failure(decisions: list[Decision]) -> FailureKind:
+    kinds = {d.failure for d in decisions}
     if kinds == {FailureKind.EMPTY}:
         return FailureKind.EMPTY
     if kinds <= {FailureKind.MEMORY, FailureKind.EMPTY}:
@@ -129,15 +153,20 @@ def _refused(request: RoutingRequest, reason: str, listed: tuple[Assessment, ...
 
 def choose(request: RoutingRequest, nodes: Mapping[str, NodeState], config: PolicyConfig,
            excluded: frozenset[tuple[str, str]] = frozenset()) -> Decision:
-    """The (node, variant) for `request` among the live `nodes`; `excluded` holds pairs that failed already."""
+    """The (node, variant) for `request` among the live `nodes`, explained; `excluded` holds pairs that failed
+    already."""
+    return pick(request, nodes, config, excluded).explain()
+
+
+def pick(request: RoutingRequest, nodes: Mapping[str, NodeState], config: PolicyConfig,
+         excluded: frozenset[tuple[str, str]] = frozenset()) -> Pick:
+    """`choose`'s pair, its explanation left for later."""
     config = _config(config, queue_overload_seconds=config.queue_overload_seconds or QUEUE_OVERLOAD_S,
                      queue_wait_time_sliced=True)
     verdicts = [_verdict(name, nodes[name], request, excluded, config) for name in sorted(nodes)]
     offers = [a for v in verdicts for a in v.offers]
-    listed = tuple(a for v in verdicts for a in v.decision.candidates)
     if not offers:
-        why = "; ".join(f"node {v.node}: {v.decision.reason}" for v in verdicts) or "no live node"
-        return _refused(request, f"no node can serve {request.family} ({why})", listed, excluded, _failure(verdicts))
+        return Pick(None, lambda: _no_offer(request, verdicts, excluded))
     loaded = [nodes[v.node].offered_load > config.quiet_load for v in verdicts if v.offers]
     busy = request.preference is Preference.QUALITY and 2 * sum(loaded) >= len(loaded)
     ranking = _config(config, quality_tolerance=config.busy_quality_tolerance) if busy else config
@@ -145,28 +174,48 @@ def choose(request: RoutingRequest, nodes: Mapping[str, NodeState], config: Poli
     assert best is not None  # offers is not empty
     deadline = request.time_remaining
     if deadline is not None and best.expected_seconds > deadline >= best.expected_seconds - best.queue_seconds:
-        return _refused(request, f"the fleet's pick for {request.family}, {best.tag} on node {best.node}, is "
-                        f"expected to take {best.expected_seconds:.2f} s, {best.queue_seconds:.1f} s of it queued "
-                        f"behind other requests: past the {deadline:.2f} s left before the deadline, so refused up "
-                        "front; retry with a longer deadline or when the fleet is less busy", listed, excluded,
-                        FailureKind.DEADLINE, best.expected_seconds)
-    verdict = next(v for v in verdicts if v.node == best.node)
-    own = verdict.decision.chosen
-    reason = verdict.decision.reason
+        return Pick(None, lambda: _refused(
+            request, f"the fleet's pick for {request.family}, {best.tag} on node {best.node}, is expected to take "
+            f"{best.expected_seconds:.2f} s, {best.queue_seconds:.1f} s of it queued behind other requests: past the "
+            f"{deadline:.2f} s left before the deadline, so refused up front; retry with a longer deadline or when "
+            "the fleet is less busy", _listed(verdicts), excluded, FailureKind.DEADLINE, best.expected_seconds))
+    return Pick(best, lambda: _explained(request, verdicts, best, offers, loaded if busy else [], excluded, config))
+
+
+def _listed(verdicts: list[NodeVerdict]) -> tuple[Assessment, ...]:
+    return tuple(a for v in verdicts for a in v.decision().candidates)
+
+
+def _no_offer(request: RoutingRequest, verdicts: list[NodeVerdict], excluded: frozenset[tuple[str, str]]) -> Decision:
+    decisions = [(v.node, v.decision()) for v in verdicts]
+    why = "; ".join(f"node {node}: {d.reason}" for node, d in decisions) or "no live node"
+    return _refused(request, f"no node can serve {request.family} ({why})",
+                    tuple(a for _, d in decisions for a in d.candidates), excluded, _failure([d for _, d in decisions]))
+
+
+def _explained(request: RoutingRequest, verdicts: list[NodeVerdict], best: Assessment, offers: list[Assessment],
+               loaded: list[bool], excluded: frozenset[tuple[str, str]], config: PolicyConfig) -> Decision:
+    """The decision for `best`: its node's own, with the fleet's reason and every node's candidates; `loaded` says,
+    when QUALITY was ranked with the busy band, which offering nodes were under load."""
+    decisions = {v.node: v.decision() for v in verdicts}
+    own_decision = decisions[best.node]
+    own = own_decision.chosen
+    reason = own_decision.reason
     if own is not None and own.tag != best.tag:
         reason = (f"{request.preference.value}: {best.tag} (quality {best.quality:.3f}, expected "
                   f"{best.expected_seconds:.2f} s) over the node's own pick {own.tag} (expected "
                   f"{own.expected_seconds:.2f} s): the fleet can send the next caller elsewhere")
-    if busy and best.quality < max(a.quality for a in offers) - config.quality_tolerance:
+    if loaded and best.quality < max(a.quality for a in offers) - config.quality_tolerance:
         reason += (f"; {sum(loaded)} of {len(loaded)} nodes under load (offered load > {config.quiet_load:g}): "
                    f"qualities within {config.busy_quality_tolerance:g} of the best count as equal, so the faster")
     if best.queue_seconds:
         reason += f"; {best.queue_seconds:.1f} s of queue on node {best.node}"
-    others = best.churn_seconds - next(a.churn_seconds for a in verdict.decision.candidates if a.tag == best.tag)
+    others = best.churn_seconds - next(a.churn_seconds for a in own_decision.candidates if a.tag == best.tag)
     if others > 0:
         reason += f"; delays the node's other streams by {others:.1f} s in all (ranked as churn)"
     if (nodes_offering := sum(bool(v.offers) for v in verdicts)) > 1:
         reason += f"; node {best.node} ranked first of {nodes_offering} nodes"
-    candidates = tuple(best if a.node == best.node and a.tag == best.tag else a for a in listed)
-    return _decision(verdict.decision, chosen=best, reason=reason, candidates=candidates, fallback=bool(excluded),
-                   downgraded=verdict.decision.downgraded and own is not None and own.tag == best.tag)
+    candidates = tuple(best if a.node == best.node and a.tag == best.tag else a
+                       for d in decisions.values() for a in d.candidates)
+    return _decision(own_decision, chosen=best, reason=reason, candidates=candidates, fallback=bool(excluded),
+                     downgraded=own_decision.downgraded and own is not None and own.tag == best.tag)

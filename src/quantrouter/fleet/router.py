@@ -32,7 +32,7 @@ import grpc
 
 from quantrouter.client import error_details
 from quantrouter.errors import ModelNotFound, NodeAnswered, NodeFailed, NoLiveNode, reporting_status
-from quantrouter.fleet.choice import choose
+from quantrouter.fleet.choice import Pick, pick
 from quantrouter.fleet.metrics import FleetMetrics
 from quantrouter.fleet.nodes import NodeSet
 from quantrouter.fleet.state import NodeState, Routed, with_routed
@@ -101,8 +101,11 @@ class FleetRouter:
                             f"{', '.join(known) or 'none yet'}", metadata={"model": model[:64]})
 
     def decide(self, request: RoutingRequest, excluded: frozenset[tuple[str, str]] = frozenset()) -> Decision:
-        return choose(request, {name: self._with_sent(name, state) for name, state in self.live().items()},
-                      self.policy, excluded)
+        return self._pick(request, excluded).explain()
+
+    def _pick(self, request: RoutingRequest, excluded: frozenset[tuple[str, str]] = frozenset()) -> Pick:
+        return pick(request, {name: self._with_sent(name, state) for name, state in self.live().items()},
+                    self.policy, excluded)
 
     def _with_sent(self, name: str, state: NodeState) -> NodeState:
         """`state` with the streams sent to the node after its last report arrived (their time left as of now)."""
@@ -131,16 +134,18 @@ class FleetRouter:
         with reporting_status(closed):
             excluded: frozenset[tuple[str, str]] = frozenset()
             attempts = 0
-            decision = self.decide(request)
+            attempt = self._pick(request)
             while True:
-                if decision.chosen is None:
+                chosen = attempt.chosen
+                if chosen is None:
+                    decision = attempt.explain()
                     self._record(decision)
                     raise failure_of(decision)
-                attempt, node, tag = decision, decision.node, decision.chosen.tag
+                node, tag = chosen.node, chosen.tag
                 announced = relayed = False
                 call = self._open(node, tag, open_call)
-                sent = (self._clock(), Routed(tag, decision.chosen.expected_seconds - decision.chosen.queue_seconds,
-                                              decision.chosen.tokens_per_second, request.time_remaining,
+                sent = (self._clock(), Routed(tag, chosen.expected_seconds - chosen.queue_seconds,
+                                              chosen.tokens_per_second, request.time_remaining,
                                               request.min_tokens_per_second))
                 self._sent.setdefault(node, []).append(sent)
                 try:
@@ -148,6 +153,7 @@ class FleetRouter:
                         event = message.WhichOneof("event")
                         if not announced:  # the node has taken the call: now the fleet's decision goes out
                             announced = True
+                            decision = attempt.explain()
                             self._record(decision)
                             yield decision
                         if event == "decision":  # the node's own, pinned: the fleet's replaces it
@@ -160,7 +166,7 @@ class FleetRouter:
                             continue
                         yield message
                     if not announced:  # a node that ended its stream with nothing: the call still had a decision
-                        yield decision
+                        yield attempt.explain()
                     return
                 except grpc.aio.AioRpcError as error:
                     if relayed:
@@ -172,20 +178,20 @@ class FleetRouter:
                     excluded |= self._failed(node, tag, request.family, error.code())
                     self._forget(node, sent)  # before the next decision, which should not count it
                     try:
-                        alternative = self.decide(request, excluded)
+                        alternative = self._pick(request, excluded)
                     except NoLiveNode:
                         raise _relayed(node, error) from None
                     if alternative.chosen is None:
                         raise _relayed(node, error) from None
                     log.warning("node %s could not serve %s before its first token (%s), falling back to %s on %s",
-                                node, tag, error.code().name, alternative.chosen.tag, alternative.node)
+                                node, tag, error.code().name, alternative.chosen.tag, alternative.chosen.node)
                     self.metrics.fallbacks.labels(node, tag, error.code().name).inc()
-                    decision = alternative
                 finally:
                     call.cancel()
                     self._forget(node, sent)
                     if not announced:  # counted all the same, once the node call is over
-                        self._record(attempt)
+                        self._record(attempt.explain())
+                attempt = alternative
 
     def _forget(self, node: str, sent: tuple[float, Routed]) -> None:
         """The stream ended or moved on: the node's reports no longer need it added."""
