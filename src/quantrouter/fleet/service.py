@@ -45,12 +45,12 @@ class FleetService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
             raise ShuttingDown("the fleet router is shutting down; retry on another replica")
 
         def open_call(stub: pb_grpc.RouterServiceStub, tag: str) -> Any:
-            pinned = type(request)()
-            pinned.CopyFrom(request)
-            pinned.model = tag
+            # The caller's request goes on as it came, pinned: read already, it is needed for nothing else (a copy
+            # cost the path to the first token a copy of the prompt).
+            request.model = tag
             # The context the fleet priced is the one the node loads, whatever the node's own default.
-            pinned.options.num_ctx = routing.num_ctx
-            return getattr(stub, method)(pinned, timeout=context.time_remaining(),
+            request.options.num_ctx = routing.num_ctx
+            return getattr(stub, method)(request, timeout=context.time_remaining(),
                                          metadata=self._router.nodes.metadata)
 
         async for event in self._router.stream(routing, open_call):
