@@ -58,12 +58,12 @@ class FleetService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateResponse]:
-        routing, _ = self._reader.generate(request, context.time_remaining())
+        routing = self._reader.generate_routing(request, context.time_remaining())
         async for event in self._relay(routing, request, "Generate", context):
             yield pb.GenerateResponse(**event) if isinstance(event, dict) else event
 
     async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ChatResponse]:
-        routing, _ = self._reader.chat(request, context.time_remaining())
+        routing = self._reader.chat_routing(request, context.time_remaining())
         async for event in self._relay(routing, request, "Chat", context):
             yield pb.ChatResponse(**event) if isinstance(event, dict) else event
 
