@@ -65,7 +65,7 @@ non-resident variant replaces a resident sibling only when it fits with a margin
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import accumulate
@@ -74,7 +74,7 @@ from quantrouter.catalog import Architecture, VariantInfo
 from quantrouter.quant import KV_CACHE_TYPES, QuantType
 from quantrouter.throughput import SPEED_FLOOR_BPW, SpeedEstimate
 from quantrouter.units import format_bytes
-from quantrouter.values import Assessment, Decision, FailureKind, Preference, quick_constructor, quick_replacer
+from quantrouter.values import Assessment, Decision, FailureKind, Preference, quick_constructor
 
 __all__ = [
     "LOAD_WINDOW_S",
@@ -89,7 +89,7 @@ __all__ = [
     "RoutingRequest",
     "decide",
     "offered_load",
-    "ranked_first",
+    "ranked_first_offer",
     "remaining_seconds",
     "runners_tolerated",
 ]
@@ -106,7 +106,6 @@ OLLAMA_LOAD_FRACTION = 0.8
 # Every decision builds an `Assessment` per candidate and a `Decision`: built without the frozen `__init__`'s cost.
 _new_assessment = quick_constructor(Assessment)
 _new_decision = quick_constructor(Decision)
-_scored = quick_replacer(Assessment)
 # The window over which the router sums the service seconds it routed (`offered_load`): long enough to see a
 # burst as a rate (30 s at 0.25 req/s holds ~7 arrivals), short enough to let go within a minute of its end.
 LOAD_WINDOW_S = 30.0
@@ -475,18 +474,13 @@ class _Row:
                                node, self.queue, self.churn, self.at_risk, self.quality_measured, self.endangers,
                                self.held_back)
 
-    @classmethod
-    def of(cls, a: Assessment) -> _Row:
-        """A row for a finished assessment, to rank it again (the fleet ranks its nodes' choices)."""
-        row = cls.__new__(cls)
-        row.tag, row.quantization, row.need, row.resident = a.tag, a.quantization, a.memory_bytes, a.resident
-        row.tps, row.measured, row.ttft, row.expected = a.tokens_per_second, a.measured, a.time_to_first_token, \
-            a.expected_seconds
-        row.quality, row.score, row.rejection, row.memory_only = a.quality, a.score, a.rejection, a.memory_only
-        row.queue, row.churn, row.at_risk, row.below_floor = a.queue_seconds, a.churn_seconds, a.at_risk, False
-        row.quality_measured, row.deadline_only = a.quality_measured, False
-        row.endangers, row.held_back, row.service, row.tier = a.endangers, a.held_back, 0.0, 0
-        row.takes_slot = False
+    def charged(self, churn: float) -> _Row:
+        """A copy with `churn` seconds more churn, for a ranking beside other pools (the row itself stays as its
+        own pool's ranking needs it)."""
+        row = _Row.__new__(_Row)
+        for name in _Row.__slots__:
+            setattr(row, name, getattr(self, name))
+        row.churn += churn
         return row
 
 
@@ -656,13 +650,22 @@ def _best(rows: Sequence[_Row], preference: Preference, config: PolicyConfig, ti
     return best
 
 
-def ranked_first(assessments: Sequence[Assessment], preference: Preference, config: PolicyConfig,
-                 time_remaining: float | None = None) -> Assessment | None:
-    """The finished assessment the policy's own ranking puts first, with its score set (the fleet ranks its
-    nodes' offers: only the first is used, so the rest are neither sorted nor copied)."""
-    rows = [_Row.of(a) for a in assessments]
+def ranked_first_offer(appraisals: Sequence[tuple[str, Appraisal]], preference: Preference, config: PolicyConfig,
+                       time_remaining: float | None, churn: Callable[[str, str, float], float]) -> Assessment | None:
+    """The candidate that can serve which the policy's own ranking puts first among several appraisals' (a fleet's
+    nodes, each named), its score set. `churn(node, tag, decode seconds)` is what a candidate costs beyond its own
+    pool, added to its churn (the fleet: what its decode delays its node's other streams). Ranked on the appraisals'
+    own rows: nothing is built for the candidates that lose."""
+    rows: list[_Row] = []
+    nodes: list[str] = []
+    for node, appraisal in appraisals:
+        for row in appraisal._rows:
+            if not row.rejection:
+                extra = churn(node, row.tag, row.expected - row.ttft)
+                rows.append(row.charged(extra) if extra else row)
+                nodes.append(node)
     best = _best(rows, preference, config, time_remaining, config.quality_tolerance)
-    return None if best is None else _scored(assessments[rows.index(best)], score=best.score)
+    return None if best is None else best.assessment(nodes[rows.index(best)])
 
 
 class Appraisal:
@@ -708,9 +711,10 @@ class Appraisal:
         self._request, self._memory, self._pool, self._rows, self._frame = request, memory, pool, rows, frame
         self._family_resident, self.busy_runners = family_resident, busy_runners
 
-    def offers(self, node: str = "") -> tuple[Assessment, ...]:
-        """The candidates that can serve, as assessed (their scores are the ranking's, which has not run)."""
-        return tuple([row.assessment(node) for row in self._rows if not row.rejection])
+    @property
+    def serves(self) -> bool:
+        """Whether any candidate can serve."""
+        return any(not row.rejection for row in self._rows)
 
     def decision(self, node: str = "") -> Decision:
         """The pool's own pick, ranked by the request's preference, and why; `node` names the node the pool is on
