@@ -121,8 +121,10 @@ class FleetRouter:
         self._decided(decision.node or OTHER, decision.family, chosen.tag if chosen else OTHER,
                       decision.preference.value, decision.reason_code).inc()
 
-    async def stream(self, request: RoutingRequest, open_call: OpenCall) -> AsyncIterator[Decision | Any]:
-        """The fleet's decision, then the node's text chunks and completion, as protobuf events."""
+    async def stream(self, request: RoutingRequest, open_call: OpenCall,
+                     announce: Callable[[Decision], Any] = lambda decision: decision) -> AsyncIterator[Any]:
+        """The fleet's decision, as `announce` makes it a message, then the node's own messages (text chunks and
+        completion) as they come."""
         started = self._clock()
         self.in_flight += 1
         node, tag = OTHER, OTHER
@@ -155,7 +157,7 @@ class FleetRouter:
                             announced = True
                             decision = attempt.explain()
                             self._record(decision)
-                            yield decision
+                            yield announce(decision)
                         if event == "decision":  # the node's own, pinned: the fleet's replaces it
                             continue
                         if not relayed and event == "chunk":
@@ -166,7 +168,7 @@ class FleetRouter:
                             continue
                         yield message
                     if not announced:  # a node that ended its stream with nothing: the call still had a decision
-                        yield attempt.explain()
+                        yield announce(attempt.explain())
                     return
                 except grpc.aio.AioRpcError as error:
                     if relayed:

@@ -17,7 +17,7 @@ import grpc
 
 from quantrouter.capacity import memory_status_pb, variant_pb
 from quantrouter.errors import ShuttingDown
-from quantrouter.fleet.router import FleetRouter
+from quantrouter.fleet.router import FleetRouter, OpenCall
 from quantrouter.listing import variant_row
 from quantrouter.memory import GpuMemory, MemorySnapshot
 from quantrouter.policy import CandidateInput, RoutingRequest
@@ -33,14 +33,23 @@ __all__ = ["FleetService"]
 FLEET_SOURCE = "fleet"
 
 
+def _generate_decision(decision: Decision) -> pb.GenerateResponse:
+    return pb.GenerateResponse(decision=decision_pb(decision))
+
+
+def _chat_decision(decision: Decision) -> pb.ChatResponse:
+    return pb.ChatResponse(decision=decision_pb(decision))
+
+
 class FleetService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
     def __init__(self, router: FleetRouter, reader: RequestReader, shutting_down: Callable[[], bool]) -> None:
         self._router = router
         self._reader = reader
         self._shutting_down = shutting_down
 
-    async def _relay(self, routing: RoutingRequest, request: Any, method: str,
-                     context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    def _forwarding(self, request: Any, routing: RoutingRequest, method: str,
+                    context: grpc.aio.ServicerContext) -> OpenCall:
+        """How the call to a node opens for `request`, read as `routing`: refused while the router shuts down."""
         if self._shutting_down():
             raise ShuttingDown("the fleet router is shutting down; retry on another replica")
 
@@ -53,19 +62,20 @@ class FleetService(pb_grpc.RouterServiceServicer):  # type: ignore[misc]
             return getattr(stub, method)(request, timeout=context.time_remaining(),
                                          metadata=self._router.nodes.metadata)
 
-        async for event in self._router.stream(routing, open_call):
-            yield {"decision": decision_pb(event)} if isinstance(event, Decision) else event
+        return open_call
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateResponse]:
         routing = self._reader.generate_routing(request, context.time_remaining())
-        async for event in self._relay(routing, request, "Generate", context):
-            yield pb.GenerateResponse(**event) if isinstance(event, dict) else event
+        async for message in self._router.stream(routing, self._forwarding(request, routing, "Generate", context),
+                                                 _generate_decision):
+            yield message
 
     async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ChatResponse]:
         routing = self._reader.chat_routing(request, context.time_remaining())
-        async for event in self._relay(routing, request, "Chat", context):
-            yield pb.ChatResponse(**event) if isinstance(event, dict) else event
+        async for message in self._router.stream(routing, self._forwarding(request, routing, "Chat", context),
+                                                 _chat_decision):
+            yield message
 
     async def Route(self, request: pb.RouteRequest, context: grpc.aio.ServicerContext) -> pb.RouteResponse:
         decision = self._router.decide(self._reader.route(request, context.time_remaining()))
