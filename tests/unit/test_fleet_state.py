@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 
 from quantrouter.capacity import SCHEMA_VERSION
+from quantrouter.catalog import Resolution
 from quantrouter.fleet.state import ReportRejected, Routed, read_report, same_report, with_routed
 from quantrouter.policy import LOAD_WINDOW_S, InFlight
 from quantrouter.units import MiB
@@ -44,7 +45,9 @@ def test_a_real_shaped_report_becomes_the_policys_values() -> None:
     assert candidate.in_flight == 1 and candidate.queued_seconds == 2.0 and state.backlog_seconds == 2.5
     assert state.backlog == state.memory_view.backlog == (0.5, 2.0)  # ascending, as the policy reads it
     assert state.memory_view.free_bytes == 10 * MiB and state.gpu_names == ("NVIDIA GeForce RTX 4090",)
-    assert state.catalog.resolve("gemma3") is not None
+    assert state.resolve("gemma3") == Resolution("gemma3:270m")
+    assert state.resolve(candidate.variant.tag) == Resolution("gemma3:270m", candidate.variant.tag)
+    assert state.resolve("llama3") is None and state.families == ("gemma3:270m",)
     # The streams' SLOs and the offered load, for the node's in-flight guard and overload rule.
     view = state.memory_view
     assert view.in_flight == (InFlight(4.0, 0.5, 80.0, 3.0, 10.0), InFlight(1.0, 0.5, 80.0, None, 0.0))

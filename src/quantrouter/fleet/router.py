@@ -93,10 +93,10 @@ class FleetRouter:
     def resolve(self, model: str) -> tuple[str, str | None]:
         live = self.live()
         for name in sorted(live):
-            resolution = live[name].catalog.resolve(model)
+            resolution = live[name].resolve(model)
             if resolution is not None:
                 return resolution.family, resolution.pinned_tag
-        known = sorted({f for state in live.values() for f in state.catalog.families})
+        known = sorted({f for state in live.values() for f in state.families})
         raise ModelNotFound(f"model {model!r} is not a family or tag on any live node; families: "
                             f"{', '.join(known) or 'none yet'}", metadata={"model": model[:64]})
 
