@@ -366,7 +366,7 @@ class _Frame:
     `load_fraction`, and the router refused everything that Ollama, whose first model always loads, serves.
     """
 
-    __slots__ = ("_kv", "available", "backlog", "busy_runners", "config", "deadline", "decode_tokens",
+    __slots__ = ("_kv", "available", "backlog", "busy_runners", "config", "constrained", "deadline", "decode_tokens",
                  "family_resident", "guard", "load_wait", "min_tps", "prompt_tokens", "request", "upgrade_usable",
                  "usable", "vetted")
 
@@ -376,6 +376,10 @@ class _Frame:
         self.guard, self.load_wait = guard, load_wait
         self.prompt_tokens, self.decode_tokens = request.prompt_tokens, request.num_predict
         self.deadline, self.min_tps = request.time_remaining, request.min_tokens_per_second
+        # Whether the request sets any constraint `_constraint_rejection` judges (most set none).
+        self.constrained = bool(request.excluded or request.min_quantization is not None
+                                or request.allowed_quantizations or request.min_tokens_per_second
+                                or request.max_time_to_first_token is not None)
         self.available, self.family_resident = available, family_resident
         # Memory limits apply only to loads the policy chooses (a pinned tag is served as asked).
         self.vetted = request.pinned_tag is None
@@ -435,7 +439,8 @@ class _Row:
         elif in_flight:  # a free slot in its batch: its batch-mates decode in its steps, not time-sliced
             queue = max(queue - min(c.queued_seconds, in_flight * service), 0.0)
         # Constraints judge the variant on its own (alone on the GPU); the backlog only steers (`at_risk`).
-        rejection = _constraint_rejection(c, frame.request, speed, load + prefill)
+        constrained = frame.constrained or c.breaker_open
+        rejection = _constraint_rejection(c, frame.request, speed, load + prefill) if constrained else ""
         deadline = frame.deadline
         # The deadline is the last constraint judged: a variant it alone rules out counts for FailureKind.DEADLINE.
         self.deadline_only = (not rejection and deadline is not None
