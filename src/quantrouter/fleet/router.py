@@ -2,12 +2,13 @@
 pinned, fall back to the next pair before the first token, relay the rest as it comes.
 
 The node router does the generating (and its own metrics, throughput learning and Ollama fallbacks);
-the fleet only chooses and relays. The node's own first message (its pinned decision) is replaced by
-the fleet's, which names the node, and the fleet's goes out only then: built and sent earlier, it
-competed for the CPU and the event loop with the node call the first token waits for (about 0.3 ms of the
-hop's p50 on two shared cores, in scratch runs comparing the two in the same rounds). A pair that fails
-before taking the call (a draining node, say) is never announced: the caller sees the fallback's decision,
-marked `fallback`.
+the fleet only chooses and relays. It forwards as soon as `fleet.choice.pick` has ranked the pair, and
+explains the pair (every node's listing, the reason: `Pick.explain`) only when the node's own first message
+(its pinned decision) comes in, which the fleet's decision replaces, naming the node. Built and sent before,
+the decision competed for the CPU and the event loop with the node call the first token waits for (about
+0.3 ms of the hop's p50 on two shared cores, in scratch runs comparing the two in the same rounds). A pair
+that fails before taking the call (a draining node, say) is never announced: the caller sees the fallback's
+decision, marked `fallback`.
 
 Errors before the first token that say "this pair cannot serve now" (UNAVAILABLE, RESOURCE_EXHAUSTED,
 NOT_FOUND, FAILED_PRECONDITION, INTERNAL, UNKNOWN) move on to the next pair, at most `MAX_ATTEMPTS` in all
