@@ -6,7 +6,10 @@ the fleet saw it, and each node's report as its router built it then; the two fu
 those recorded inputs (thread CPU time; `choose` over many calls after a warm-up, `read_report` once on each
 report in the order they were sent, since the current tree keeps the variants it has read). `--baseline DIR`
 also times the `choice.py` and `state.py` found in DIR (an older tree's copies) on the very same inputs, in the
-same run, and checks that both choose the same (node, variant) with the same reason for every recorded request.
+same run, and checks that both choose the same (node, variant) with the same reason for every recorded request;
+a `policy.py` there too is loaded first, for a `choice.py` whose import of it reads `from baseline_policy import`.
+Where a tree's `choice.py` has `pick` (the pair alone, ranked before the request is forwarded; its explanation is
+built once the node call has left), `pick` is timed too: it is the fleet's CPU on the path to the first token.
 Prints its figures; `--write` also writes them to bench/results/fleet_choice.md.
 """
 
@@ -129,8 +132,8 @@ def key(decision: Decision) -> tuple[object, ...]:
     return (decision.node, chosen, decision.reason, decision.candidates, decision.failure, decision.downgraded)
 
 
-def _pick(choose: Callable[..., Decision], config: PolicyConfig, pick: tuple[RoutingRequest, dict[str, NodeState]]
-          ) -> Decision:
+def _pick(choose: Callable[..., object], config: PolicyConfig, pick: tuple[RoutingRequest, dict[str, NodeState]]
+          ) -> object:
     return choose(pick[0], pick[1], config)
 
 
@@ -159,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     arms: dict[str, tuple[ModuleType, ModuleType]] = {"this tree": (choice, state)}
     if args.baseline:
+        if (args.baseline / "policy.py").exists():
+            load(args.baseline, "policy")
         arms = {"baseline": (load(args.baseline, "choice"), load(args.baseline, "state")), **arms}
     config = PolicyConfig(runner_parallel=DEFAULT_ENGINE.num_parallel)
     lines = [f"Machine: {describe()}; {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC. Thread CPU time, µs.",
@@ -177,10 +182,14 @@ def main(argv: list[str] | None = None) -> None:
         for arm, (choice_module, state_module) in arms.items():
             choose = choice_module.choose
             decisions[arm] = [key(choose(r, s, config)) for r, s in picks]
-            pick = cpu_us(over(picks, partial(_pick, choose, config)), args.rounds)
+            chose = cpu_us(over(picks, partial(_pick, choose, config)), args.rounds)
             read = each_once(recorder.reports, state_module)
-            medians[arm, "choose"], medians[arm, "read_report"] = percentile(pick, 0.5), percentile(read, 0.5)
-            say(f"  {arm:10s} choose       {summary(pick)}")
+            medians[arm, "choose"], medians[arm, "read_report"] = percentile(chose, 0.5), percentile(read, 0.5)
+            say(f"  {arm:10s} choose       {summary(chose)}")
+            if hasattr(choice_module, "pick"):
+                paired = cpu_us(over(picks, partial(_pick, choice_module.pick, config)), args.rounds)
+                medians[arm, "pick"] = percentile(paired, 0.5)
+                say(f"  {arm:10s} pick         {summary(paired)}  (the pair alone, before forwarding)")
             say(f"  {arm:10s} read_report  {summary(read)}")
         twins = [(report, _resent(report)) for report in recorder.reports]
         unchanged = cpu_us(over(twins, _same), args.rounds)
@@ -189,6 +198,9 @@ def main(argv: list[str] | None = None) -> None:
             for what in ("choose", "read_report"):
                 ratio = medians["this tree", what] / medians["baseline", what]
                 say(f"  {what} p50, this tree / baseline: {ratio:.2f}×")
+            if ("this tree", "pick") in medians and ("baseline", "pick") not in medians:
+                ratio = medians["this tree", "pick"] / medians["baseline", "choose"]
+                say(f"  before forwarding, p50: this tree's pick / the baseline's choose: {ratio:.2f}×")
             older = arms["baseline"][1].read_report
             states = [(_fields(older(r)), _fields(state.read_report(r))) for r in recorder.reports]
             say(f"  same state read from each report as the baseline: {sum(a == b for a, b in states)}/{len(states)}")
