@@ -13,9 +13,8 @@ no logging.
 
 `pick` ranks and stops there: the fleet router forwards its pair at once, and the pair's explanation (every node's
 own decision and listing, the fleet's reason) is built by `Pick.explain` once the node call has left. `choose` is
-both at once. Built before forwarding, the explanation and the per-node offers it was ranked from were a third of
-the decision's time on the path to the first token (a real 3-node state: 128 µs for the whole decision, 65–75 µs
-for the pick, measured here).
+both at once. The pick alone takes 0.6–0.75× of the time the whole decision took on the path to the first token
+(bench/results/fleet_choice.md, recorded 3- and 8-node states).
 
 Every feasible (node, variant) pair is ranked, not only each node's own pick: a node router must serve
 whatever arrives, so under load its policy buys speed with quality (BALANCED's deadline share holds only
@@ -95,8 +94,7 @@ class NodeVerdict:
 class Pick:
     """The pair the fleet ranks first (`chosen`, on `chosen.node`; None when no pair serves) and its explanation,
     built on the first call of `explain`: every node's listing, the reasons, the refusal. The fleet router forwards
-    first and explains once the node call has left; built before, the explanation was a third of the decision's
-    time on the path to the first token."""
+    first and explains once the node call has left."""
 
     __slots__ = ("_decision", "_explain", "chosen")
 
