@@ -677,8 +677,8 @@ class Appraisal:
     """`request` judged against one pool of candidates (the family's variants): every candidate's numbers, the
     constraints and hold-backs applied, not yet ranked or explained. A node router ranks and explains at once
     (`decide`). A fleet router appraises every node's pool, ranks their `offers` together, and builds the
-    decision, every node's listing and reason included, only once the call to the node it picked has left:
-    built before, they were a quarter of its decision's time, on the path to the first token."""
+    decision, every node's listing and reason included, only once the call to the node it picked has left
+    (`fleet.choice.pick`)."""
 
     __slots__ = ("_family_resident", "_frame", "_memory", "_pool", "_request", "_rows", "busy_runners")
 
