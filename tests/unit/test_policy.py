@@ -748,9 +748,11 @@ def test_offered_load_is_the_service_routed_per_second_over_the_window() -> None
 ])
 def test_an_overloaded_gpu_takes_the_quickest_warm_variant(load: float, resident: tuple[str, ...],
                                                             expected: str) -> None:
+    """Where the smallest variant does not serve the overload (`smallest_under_overload` off here; on, it would
+    load Q4_K_M beside F16, test_under_overload_the_smallest_variant_serves_the_queue)."""
     quants = ("F16", "Q6_K", "Q4_K_M")
     decision = decide(request(Q, prompt_tokens=0), ladder(quants, resident=resident, tps=MEASURED_TPS),
-                      replace(free(40.0), offered_load=load))
+                      replace(free(40.0), offered_load=load), NO_SMALLEST)
     assert chosen(decision) == expected
     held = {a.quantization for a in decision.candidates if a.held_back}
     assert held == ({"F16", "Q6_K"} if expected == "Q4_K_M" else set())
@@ -767,13 +769,52 @@ def test_an_overloaded_gpu_takes_the_quickest_warm_variant(load: float, resident
 ])
 def test_an_overloaded_gpu_keeps_to_the_quick_runner_that_serves(load: float, busy: tuple[str, ...],
                                                                    expected: str, held: set[str]) -> None:
+    """Where the smallest variant does not serve the overload (`smallest_under_overload` off here)."""
     quants = ("Q6_K", "Q5_K_M", "Q4_K_M")
     candidates = ladder(quants, resident=("Q6_K", "Q4_K_M"), tps={"Q6_K": 127.0, "Q4_K_M": 130.0}, busy=busy)
-    decision = decide(request(Q, prompt_tokens=0), candidates, replace(free(40.0), offered_load=load))
+    decision = decide(request(Q, prompt_tokens=0), candidates, replace(free(40.0), offered_load=load), NO_SMALLEST)
     assert chosen(decision) == expected
     assert {a.quantization for a in decision.candidates if a.held_back} == held
     assert all(f"time-slice the GPU with {tag(expected)}'s" in a.held_back
                for a in decision.candidates if a.quantization in held)
+
+
+# The lead rule alone, as it stands where the smallest variant does not serve an overload.
+NO_SMALLEST = PolicyConfig(smallest_under_overload=0.0)
+
+
+@pytest.mark.parametrize(("load", "resident", "busy", "tps", "config", "expected"), [
+    # Q4_K_M's runner measured in batches beside others (100 tok/s) looks slower than Q6_K's (110): by rates the
+    # lead rule keeps Q6_K, but Q4_K_M reads 30 % fewer bytes per token and serves the queue.
+    (1.5, ("F16", "Q6_K", "Q4_K_M"), ("Q6_K",), {"Q6_K": 110.0, "Q4_K_M": 100.0}, None, "Q4_K_M"),
+    (1.5, ("F16", "Q6_K", "Q4_K_M"), ("Q6_K",), {"Q6_K": 110.0, "Q4_K_M": 100.0}, NO_SMALLEST, "Q6_K"),
+    # Only F16 warm: Q4_K_M's 5 s load is repaid by 45 s of work × 67 % fewer bytes = 30 GPU seconds saved.
+    (1.5, ("F16",), ("F16",), MEASURED_TPS, None, "Q4_K_M"),
+    # Q5_K_M warm: Q4_K_M saves 13 % of 30 s of work, 3.9 s, short of its 5 s load: Q5_K_M serves.
+    (1.0, ("Q5_K_M",), ("Q5_K_M",), MEASURED_TPS, None, "Q5_K_M"),
+    # At 1.5 the same saving is 5.8 s: the load pays.
+    (1.5, ("Q5_K_M",), ("Q5_K_M",), MEASURED_TPS, None, "Q4_K_M"),
+    # Not overloaded: quality as usual.
+    (0.5, ("F16", "Q6_K", "Q4_K_M"), ("Q6_K",), MEASURED_TPS, None, "F16"),
+])
+def test_under_overload_the_smallest_variant_serves_the_queue(load: float, resident: tuple[str, ...],
+                                                              busy: tuple[str, ...], tps: dict[str, float],
+                                                              config: PolicyConfig | None, expected: str) -> None:
+    """Q2_K (below the speed floor, and measured no faster) never serves an overload; every other variant but the
+    one that serves is held back, saying which serves and why."""
+    quants = ("F16", "Q6_K", "Q5_K_M", "Q4_K_M", "Q2_K")
+    candidates = ladder(quants, resident=resident, tps=tps, busy=busy)
+    decision = decide(request(Q, prompt_tokens=0), candidates, replace(free(60.0), offered_load=load),
+                      config or PolicyConfig())
+    assert chosen(decision) == expected
+    serving = [a for a in decision.candidates if "serves the queue, the variant with the least" in a.held_back]
+    if config is None and load >= 1.0 and expected == "Q4_K_M":
+        assert {a.quantization for a in serving} == {"F16", "Q6_K", "Q5_K_M"}
+        assert all(a.held_back.count(f"{tag('Q4_K_M')} serves the queue") == 1 for a in serving)
+        repaid = "load repaid by the" in serving[0].held_back
+        assert repaid == ("Q4_K_M" not in resident)
+    else:
+        assert not serving
 
 
 @pytest.mark.parametrize(("in_flight", "limit", "expected"), [

@@ -46,7 +46,8 @@ router cost the single-node simulator 32 of 350 checks (6 seeds), the 70B's firs
 keeps trying queued ones too (the backlog only steers it): it has nowhere else to send them. In
 bench/results/fleet.md's simulation (20 seeds), mixed-burst went from 1.002× round-robin to 1.041× with the last two
 rules and to 1.058× with the first and the throughput table's line prior besides (4090+h100 1.052×, 4xh100-shared
-1.107×).
+1.107×). A node router's rule that the smallest variant serves an overload (the policy's `smallest_under_overload`)
+is off here: these figures were measured without it, and it is untried across nodes.
 
 An earlier version added each node's summed backlog to its pick's times after a decision made without
 it: blind to time-slicing and to the deadline risk behind a queue, it sent QUALITY requests to F16
@@ -163,7 +164,7 @@ def pick(request: RoutingRequest, nodes: Mapping[str, NodeState], config: Policy
          excluded: frozenset[tuple[str, str]] = frozenset()) -> Pick:
     """`choose`'s pair, its explanation left for later."""
     config = _config(config, queue_overload_seconds=config.queue_overload_seconds or QUEUE_OVERLOAD_S,
-                     queue_wait_time_sliced=True)
+                     queue_wait_time_sliced=True, smallest_under_overload=0.0)
     verdicts = [_verdict(name, nodes[name], request, excluded, config) for name in sorted(nodes)]
     offering = [(v.node, v.appraisal) for v in verdicts if v.offers]
     if not offering:
