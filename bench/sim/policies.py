@@ -22,6 +22,7 @@ from bench.sim.workload import Request, meets_floor
 from quantrouter.catalog import VariantInfo
 from quantrouter.loads import LoadsStarted
 from quantrouter.policy import (
+    SURGE_WINDOW_S,
     CandidateInput,
     InFlight,
     MemoryView,
@@ -88,7 +89,9 @@ class QuantRouter:
         in_flight = streams_of(view, {info.tag: speed.decode_tps for info, speed in speeds})
         memory = MemoryView(view.free_bytes, OLLAMA_MINIMUM_MEMORY, "nvml", backlog, in_flight,
                             offered_load(view.arrivals, view.now), shared=True,
-                            tight_rates=tight.per_second(view.now) if self.config.tight_arrivals else ())
+                            tight_rates=tight.per_second(view.now) if self.config.tight_arrivals else (),
+                            surge_load=offered_load(view.arrivals, view.now, SURGE_WINDOW_S)
+                            if self.config.surge_factor else 0.0)
         decision = decide(routing, candidates, memory, self.config)
         chosen = decision.chosen
         if chosen is None:

@@ -52,6 +52,7 @@ from quantrouter.metrics import OTHER, VariantState
 from quantrouter.policy import (
     LOAD_WINDOW_S,
     SHARING_LEVELS,
+    SURGE_WINDOW_S,
     CandidateInput,
     InFlight,
     MemoryView,
@@ -143,10 +144,14 @@ class LoadWindow:
     def add(self, now: float, service_seconds: float) -> None:
         self._buckets[self._advance(now) % len(self._buckets)] += service_seconds
 
-    def per_second(self, now: float) -> float:
-        """What was added within the window, per second (for service seconds: the offered load)."""
-        self._advance(now)
-        return sum(self._buckets) / LOAD_WINDOW_S
+    def per_second(self, now: float, window: float = LOAD_WINDOW_S) -> float:
+        """What was added within the window, or its newest `window` seconds, per second (for service seconds: the
+        offered load)."""
+        current = self._advance(now)
+        if window >= LOAD_WINDOW_S:
+            return sum(self._buckets) / LOAD_WINDOW_S
+        size = len(self._buckets)
+        return sum(self._buckets[(current - i) % size] for i in range(math.ceil(window / LOAD_BUCKET_S))) / window
 
 
 class SloWindow:
@@ -315,7 +320,8 @@ class Router:
 
     def memory_view(self) -> MemoryView:
         """Free memory, the backlog of this router's own in-flight streams (one GPU's worth of work) with their
-        SLOs, the load its recent routings offered, and, where the arrivals charge is on (`tight_arrivals`), how many
+        SLOs, the load its recent routings offered (over `LOAD_WINDOW_S` and, where the policy reads a surge, over
+        `SURGE_WINDOW_S`), and, where the arrivals charge is on (`tight_arrivals`), how many
         of them per second carried an SLO, by the runners time-slicing the GPU it bears (summing its windows took
         8 µs a decision, for nothing while the charge is off)."""
         snapshot = self.probe.latest
@@ -324,7 +330,8 @@ class Router:
         return MemoryView(snapshot.free_bytes, reserve, snapshot.source, self._backlog(),
                           tuple(w.in_flight(now) for w in self._work), self._routed.per_second(now),
                           shared=snapshot.source == NVML,
-                          tight_rates=self._tight.per_second(now) if self.policy.tight_arrivals else ())
+                          tight_rates=self._tight.per_second(now) if self.policy.tight_arrivals else (),
+                          surge_load=self._routed.per_second(now, SURGE_WINDOW_S) if self.policy.surge_factor else 0.0)
 
     def decide(self, request: RoutingRequest) -> Decision:
         started = time.perf_counter()

@@ -817,6 +817,24 @@ def test_under_overload_the_smallest_variant_serves_the_queue(load: float, resid
         assert not serving
 
 
+@pytest.mark.parametrize(("load", "surge", "factor", "expected", "why"), [
+    (0.3, 0.0, 2.0, "F16", ""),  # quiet: quality as usual
+    # A burst's first seconds: 2.4 s of work a second over the last 10 s, quiet over 30 s: read as 1.2, overloaded.
+    (0.3, 2.4, 2.0, "Q4_K_M", "offered load 1.20 (2.40 over the last 10 s ÷ 2) ≥ 1"),
+    (0.3, 2.4, 0.0, "F16", ""),  # the surge reading off
+    (1.5, 0.4, 2.0, "Q4_K_M", "offered load 1.50 ≥ 1"),  # the whole window reads higher: it decides
+])
+def test_a_surge_over_the_newest_seconds_counts_as_load_at_a_discount(load: float, surge: float, factor: float,
+                                                                      expected: str, why: str) -> None:
+    quants = ("F16", "Q6_K", "Q4_K_M")
+    candidates = ladder(quants, resident=quants, tps=MEASURED_TPS, busy=("Q4_K_M",))
+    decision = decide(request(Q, prompt_tokens=0), candidates,
+                      replace(free(40.0), offered_load=load, surge_load=surge), PolicyConfig(surge_factor=factor))
+    assert chosen(decision) == expected
+    assert assessment(decision, "F16").held_back.startswith(why)
+    assert bool(assessment(decision, "F16").held_back) == bool(why)
+
+
 @pytest.mark.parametrize(("in_flight", "limit", "expected"), [
     (3, 0.0, "F16"),  # off (a node router's default): a low offered load is quiet, whatever waits
     (3, 1.0, "Q4_K_M"),  # 4 s of Q4_K_M's 6 s wait for its slot: overloaded, whatever the recent rate

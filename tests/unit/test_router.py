@@ -36,7 +36,14 @@ from quantrouter.inventory import Inventory
 from quantrouter.loads import LOAD_MARGIN
 from quantrouter.memory import MemoryProbe, StaticSource
 from quantrouter.metrics import OTHER, Metrics
-from quantrouter.policy import LOAD_WINDOW_S, SHARING_LEVELS, PolicyConfig, RoutingRequest, runners_tolerated
+from quantrouter.policy import (
+    LOAD_WINDOW_S,
+    SHARING_LEVELS,
+    SURGE_WINDOW_S,
+    PolicyConfig,
+    RoutingRequest,
+    runners_tolerated,
+)
 from quantrouter.router import LOAD_BUCKET_S, Job, LoadWindow, Router
 from quantrouter.throughput import Observation, ThroughputTable
 from quantrouter.values import Completion, Decision, FailureKind, Preference
@@ -512,3 +519,15 @@ def test_the_load_window_counts_what_was_routed_within_it() -> None:
         window.add(200.0 + i / 100, 0.5)
     assert window.per_second(210.0) == pytest.approx(500.0 / LOAD_WINDOW_S)
     assert window.per_second(10_000.0) == 0.0
+
+
+def test_the_surge_reading_is_the_newest_seconds_of_the_load_window() -> None:
+    """A burst's first seconds: quiet over the whole window, loaded over its newest `SURGE_WINDOW_S`."""
+    window = LoadWindow()
+    window.add(100.2, 3.0)
+    for i in range(8):
+        window.add(125.0 + i / 2, 2.0)
+    assert window.per_second(129.0) == pytest.approx(19.0 / LOAD_WINDOW_S)
+    assert window.per_second(129.0, SURGE_WINDOW_S) == pytest.approx(16.0 / SURGE_WINDOW_S)
+    assert window.per_second(140.0, SURGE_WINDOW_S) == 0.0
+    assert window.per_second(140.0) == pytest.approx(16.0 / LOAD_WINDOW_S)
