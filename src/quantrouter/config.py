@@ -179,6 +179,9 @@ class PolicySettings:
     # A slower runner not busy now is held back while this many callers it would push past their deadline or rate
     # floor are expected to arrive during its service; 0, the default, turns it off (policy.PolicyConfig says why).
     tight_arrivals: float = 0.0
+    # Under overload the smallest variant at or above the speed floor serves the queue, a cold one where its load is
+    # repaid this many times over; 0, the default, turns it off (policy.PolicyConfig says why).
+    smallest_under_overload: float = 0.0
     gpu_bandwidth: float = 0.0
     calibration_file: Path | None = None
 
@@ -428,6 +431,9 @@ def _validate(settings: Settings) -> None:
     if not (math.isfinite(policy.tight_arrivals) and policy.tight_arrivals >= 0):
         raise ConfigError(f"setting tight_arrivals must be a number ≥ 0 (0 turns the arrivals charge off), "
                           f"got {policy.tight_arrivals}")
+    if not (math.isfinite(policy.smallest_under_overload) and policy.smallest_under_overload >= 0):
+        raise ConfigError(f"setting smallest_under_overload must be a number ≥ 0 (0 turns the rule off), "
+                          f"got {policy.smallest_under_overload}")
     if not 0 < policy.load_fraction <= 1:
         raise ConfigError(f"setting load_fraction must be in (0, 1], got {policy.load_fraction}")
     fleet = settings.fleet

@@ -263,16 +263,21 @@ class PolicyConfig:
     siblings' alone or as priors (on the simulated burst with OLLAMA_NUM_PARALLEL 4 a busy Q6_K's estimate fell from
     117 to 75 tok/s while Q4_K_M's prior stayed at 134: the quickest-warm rule kept Q6_K through the burst, and a
     switch ranked by rates chased one prior after another, each a new load). A cold one serves only when the GPU
-    seconds it saves on the next `LOAD_WINDOW_S` of offered work are at least this many times its load seconds; 0
-    turns the rule off (the fleet does: its figures were measured without it). On the simulator (20 seeds × 63
-    cells) 362 of 399 checks held with it against 359, none lost; the burst cells themselves moved by at most
-    0.002× (burst / OLLAMA_NUM_PARALLEL 4 0.959 → 0.958× always-Q4_K_M): what they lose is runners started in the
-    burst's first seconds, before `LOAD_WINDOW_S` shows it as overload.
+    seconds it saves on the next `LOAD_WINDOW_S` of offered work are at least this many times its load seconds; 0,
+    the default, turns the rule off (the fleet keeps it off whatever the setting: its figures were measured without
+    it). On the simulator (20 seeds × 63 cells) 362 of 399 checks held with it against 359, none lost; the burst
+    cells themselves moved by at most 0.002× (burst / OLLAMA_NUM_PARALLEL 4 0.959 → 0.958× always-Q4_K_M): what
+    they lose is runners started in the burst's first seconds, before `LOAD_WINDOW_S` shows it as overload. But on
+    the real-engine replay (bench/results/replay.md: llama.cpp on this machine's CPU, where a load takes a fraction
+    of a second and so always pays) it took quantrouter from 1.05× to 0.87× always-Q4_K_M over the same three
+    seeds: every SLO still met, but overloads served by the ladder's smallest rungs, of lower measured quality,
+    and 10 loads with 7 evictions against 6 and 3. So it is off by default.
     `surge_factor`: the decision reads the offered load as `MemoryView.surge_load` ÷ this when that is higher than
     `offered_load`: a burst shows within seconds over `SURGE_WINDOW_S`, the shorter window noisier, so it counts
     at a discount (0 turns it off; a fleet's node views carry no surge reading). On the simulator (20 seeds × 63
-    cells), with `smallest_under_overload`, 364 of 399 checks held against 362 without it, none lost (6 seeds: 356
-    against 352); burst: QUALITY SLO met 81.1 → 82.0 %, goodput 1.012 → 1.016× always-Q4_K_M. At ÷ 1.5 the burst
+    cells) 362 of 399 checks held with it against 359 without, none lost, and the real-engine replay stayed at
+    1.05× always-Q4_K_M; with `smallest_under_overload` too, 364 (6 seeds: 356 against 352); burst: QUALITY SLO
+    met 81.1 → 82.0 %, goodput 1.012 → 1.016× always-Q4_K_M. At ÷ 1.5 the burst
     gained more (6 seeds: with OLLAMA_NUM_PARALLEL 4, 0.950 → 0.977×) but the H100 8B's balanced class lost its check
     under load jitter; read whole (÷ 1), the 10 s window lost 5 checks and steady traffic's goodput (RTX 4090 8B with
     OLLAMA_NUM_PARALLEL 4: 1.040 → 1.020×).
@@ -293,7 +298,7 @@ class PolicyConfig:
     tight_arrivals: float = 0.0
     queue_overload_seconds: float = 0.0
     queue_wait_time_sliced: bool = False
-    smallest_under_overload: float = 1.0
+    smallest_under_overload: float = 0.0
     surge_factor: float = 2.0
 
 
@@ -519,13 +524,21 @@ class _Row:
         return row
 
 
-def _load(memory: MemoryView, config: PolicyConfig) -> tuple[float, str]:
-    """The offered load the decision reads, and how it reads in words: `offered_load`, or the surge reading
-    (`surge_load` ÷ `surge_factor`) when that is higher."""
+def _load(memory: MemoryView, config: PolicyConfig) -> float:
+    """The offered load the decision reads: `offered_load`, or the surge reading (`surge_load` ÷ `surge_factor`)
+    when that is higher."""
     if config.surge_factor and (surge := memory.surge_load / config.surge_factor) > memory.offered_load:
-        return surge, (f"offered load {surge:.2f} ({memory.surge_load:.2f} over the last {SURGE_WINDOW_S:g} s ÷ "
-                       f"{config.surge_factor:g})")
-    return memory.offered_load, f"offered load {memory.offered_load:.2f}"
+        return surge
+    return memory.offered_load
+
+
+def _load_text(memory: MemoryView, config: PolicyConfig) -> str:
+    """`_load` in words, written only where a reason shows it (not on every decision's path)."""
+    load = _load(memory, config)
+    if load > memory.offered_load:
+        return f"offered load {load:.2f} ({memory.surge_load:.2f} over the last {SURGE_WINDOW_S:g} s ÷ " \
+               f"{config.surge_factor:g})"
+    return f"offered load {load:.2f}"
 
 
 def _charge_churn(rows: Sequence[_Row], pool: Sequence[CandidateInput], free: int, config: PolicyConfig) -> None:
@@ -546,14 +559,15 @@ def _charge_churn(rows: Sequence[_Row], pool: Sequence[CandidateInput], free: in
                 row.churn, row.takes_slot = min(idle), True
 
 
-def _hold_back(rows: Sequence[_Row], pool: Sequence[CandidateInput], load: float, load_text: str, queued: float,
-               shared: bool, config: PolicyConfig) -> None:
+def _hold_back(rows: Sequence[_Row], pool: Sequence[CandidateInput], memory: MemoryView, queued: float,
+               config: PolicyConfig) -> None:
     """Mark what should serve only when nothing else safe can: a load that takes an idle sibling's place among
     the `max_loaded` models Ollama holds; on a shared GPU, loads that evict idle siblings for memory (other
     tenants may take the memory they free before the load is done); and under overload anything slower than
     the quickest warm variant, or, while quick warm runners serve requests, every variant but the quickest of those
     (another runner only time-slices the GPU with it: no more throughput, and every queued request later).
-    Overloaded: an offered load at or above `overload_threshold`, or `queued` seconds of work waiting for a slot
+    Overloaded: the offered load the decision reads (`_load`) at or above `overload_threshold`, or `queued` seconds
+    of work waiting for a slot
     at or above `queue_overload_seconds` (when set)."""
     feasible = [row for row in rows if not row.rejection]
     quickest = 0.0
@@ -561,8 +575,8 @@ def _hold_back(rows: Sequence[_Row], pool: Sequence[CandidateInput], load: float
     smallest: _Row | None = None
     serves = ""
     queue_limit = config.queue_overload_seconds
-    if load >= config.overload_threshold:
-        overload = f"{load_text} ≥ {config.overload_threshold:g}"
+    if (load := _load(memory, config)) >= config.overload_threshold:
+        overload = f"{_load_text(memory, config)} ≥ {config.overload_threshold:g}"
     elif queue_limit and queued >= queue_limit:
         overload = f"{queued:.1f} s of work queued for a slot ≥ {queue_limit:g} s"
     else:
@@ -574,6 +588,7 @@ def _hold_back(rows: Sequence[_Row], pool: Sequence[CandidateInput], load: float
                     if c.in_flight and not row.rejection and row.service <= quickest),
                    key=lambda row: row.service, default=None)
         smallest, serves = _smallest_under_overload(feasible, pool, rows, load, config)
+    shared = memory.shared
     evicting = any(row.churn and (shared or row.takes_slot) for row in feasible)
     if not quickest and not evicting:  # nothing to add to what the in-flight guard said
         return
@@ -781,7 +796,7 @@ class Appraisal:
         if pool and request.pinned_tag is None:
             _charge_churn(rows, pool, free, config)
             _hold_back_sub_floor(rows)
-            _hold_back(rows, pool, *_load(memory, config), waiting, memory.shared, config)
+            _hold_back(rows, pool, memory, waiting, config)
             _hold_back_for_arrivals(rows, pool, memory.tight_rates, busy_runners, config)
         self._request, self._memory, self._pool, self._rows, self._frame = request, memory, pool, rows, frame
         self._family_resident, self.busy_runners = family_resident, busy_runners
@@ -799,8 +814,7 @@ class Appraisal:
             return _decision(request, memory, None, f"no variants of {request.family}", node,
                              failure=FailureKind.EMPTY)
         # BALANCED's deadline share only while the GPU is quiet: under load the extra runner costs later callers.
-        load, load_text = _load(memory, config)
-        quiet = load <= config.quiet_load
+        quiet = _load(memory, config) <= config.quiet_load
         share_time = request.time_remaining if quiet else None
         # Under load a slower runner's longer time-slicing costs the callers arriving meanwhile: a wider band of
         # equals.
@@ -840,7 +854,7 @@ class Appraisal:
         reason = _explain(request, chosen, lost) + sole
         if request.preference is Preference.QUALITY and not quiet and chosen.quality < max(
                 row.quality for row in rows if not row.rejection and row.tier == best.tier) - config.quality_tolerance:
-            reason += (f"; {load_text} > {config.quiet_load:g}: qualities within "
+            reason += (f"; {_load_text(memory, config)} > {config.quiet_load:g}: qualities within "
                        f"{tolerance:g} of the best count as equal, so the faster")
         return _decision(request, memory, chosen, reason, node, candidates=listed, downgraded=lost is not None)
 

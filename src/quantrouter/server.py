@@ -150,7 +150,8 @@ def policy_config(settings: PolicySettings) -> PolicyConfig:
                         max_loaded=settings.ollama_max_loaded_models or OLLAMA_MODELS_PER_GPU,
                         busy_quality_tolerance=settings.busy_quality_tolerance,
                         sole_runner_as_balanced=settings.sole_runner_as_balanced,
-                        tight_arrivals=settings.tight_arrivals)
+                        tight_arrivals=settings.tight_arrivals,
+                        smallest_under_overload=settings.smallest_under_overload)
 
 
 def _every(interval: float, action: Callable[[], Awaitable[None]]) -> Callable[[], Coroutine[Any, Any, None]]:

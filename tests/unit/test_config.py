@@ -67,16 +67,20 @@ def test_ollamas_model_cap_reaches_the_policy_and_unset_means_three_per_gpu() ->
 
 def test_the_quality_knobs_reach_the_policy() -> None:
     default = policy_config(load_settings({}, {}).policy)
-    assert (default.busy_quality_tolerance, default.sole_runner_as_balanced, default.tight_arrivals) == (
-        0.025, True, 0.0)
+    assert (default.busy_quality_tolerance, default.sole_runner_as_balanced, default.tight_arrivals,
+            default.smallest_under_overload) == (0.025, True, 0.0, 0.0)
     tuned = policy_config(load_settings({}, {"QUANTROUTER_BUSY_QUALITY_TOLERANCE": "0.005",
                                              "QUANTROUTER_SOLE_RUNNER_AS_BALANCED": "false",
-                                             "QUANTROUTER_TIGHT_ARRIVALS": "0.5"}).policy)
-    assert (tuned.busy_quality_tolerance, tuned.sole_runner_as_balanced, tuned.tight_arrivals) == (0.005, False, 0.5)
+                                             "QUANTROUTER_TIGHT_ARRIVALS": "0.5",
+                                             "QUANTROUTER_SMALLEST_UNDER_OVERLOAD": "1"}).policy)
+    assert (tuned.busy_quality_tolerance, tuned.sole_runner_as_balanced, tuned.tight_arrivals,
+            tuned.smallest_under_overload) == (0.005, False, 0.5, 1.0)
     with pytest.raises(ConfigError, match="busy_quality_tolerance must be in"):
         load_settings({}, {"QUANTROUTER_BUSY_QUALITY_TOLERANCE": "2"})
     with pytest.raises(ConfigError, match="tight_arrivals must be a number ≥ 0"):
         load_settings({}, {"QUANTROUTER_TIGHT_ARRIVALS": "-1"})
+    with pytest.raises(ConfigError, match="smallest_under_overload must be a number ≥ 0"):
+        load_settings({}, {"QUANTROUTER_SMALLEST_UNDER_OVERLOAD": "nan"})
 
 
 def test_cache_dir_follows_xdg() -> None:

@@ -748,8 +748,8 @@ def test_offered_load_is_the_service_routed_per_second_over_the_window() -> None
 ])
 def test_an_overloaded_gpu_takes_the_quickest_warm_variant(load: float, resident: tuple[str, ...],
                                                             expected: str) -> None:
-    """Where the smallest variant does not serve the overload (`smallest_under_overload` off here; on, it would
-    load Q4_K_M beside F16, test_under_overload_the_smallest_variant_serves_the_queue)."""
+    """Where the smallest variant does not serve the overload (`smallest_under_overload` off, the default; on, it
+    would load Q4_K_M beside F16, test_under_overload_the_smallest_variant_serves_the_queue)."""
     quants = ("F16", "Q6_K", "Q4_K_M")
     decision = decide(request(Q, prompt_tokens=0), ladder(quants, resident=resident, tps=MEASURED_TPS),
                       replace(free(40.0), offered_load=load), NO_SMALLEST)
@@ -769,7 +769,7 @@ def test_an_overloaded_gpu_takes_the_quickest_warm_variant(load: float, resident
 ])
 def test_an_overloaded_gpu_keeps_to_the_quick_runner_that_serves(load: float, busy: tuple[str, ...],
                                                                    expected: str, held: set[str]) -> None:
-    """Where the smallest variant does not serve the overload (`smallest_under_overload` off here)."""
+    """Where the smallest variant does not serve the overload (`smallest_under_overload` off, the default)."""
     quants = ("Q6_K", "Q5_K_M", "Q4_K_M")
     candidates = ladder(quants, resident=("Q6_K", "Q4_K_M"), tps={"Q6_K": 127.0, "Q4_K_M": 130.0}, busy=busy)
     decision = decide(request(Q, prompt_tokens=0), candidates, replace(free(40.0), offered_load=load), NO_SMALLEST)
@@ -779,8 +779,10 @@ def test_an_overloaded_gpu_keeps_to_the_quick_runner_that_serves(load: float, bu
                for a in decision.candidates if a.quantization in held)
 
 
-# The lead rule alone, as it stands where the smallest variant does not serve an overload.
-NO_SMALLEST = PolicyConfig(smallest_under_overload=0.0)
+# The lead rule alone, as it stands where the smallest variant does not serve an overload (the default).
+NO_SMALLEST = PolicyConfig()
+# The smallest variant serves an overload (`smallest_under_overload`; off by default, see PolicyConfig).
+SMALLEST = PolicyConfig(smallest_under_overload=1.0)
 
 
 @pytest.mark.parametrize(("load", "resident", "busy", "tps", "config", "expected"), [
@@ -805,7 +807,7 @@ def test_under_overload_the_smallest_variant_serves_the_queue(load: float, resid
     quants = ("F16", "Q6_K", "Q5_K_M", "Q4_K_M", "Q2_K")
     candidates = ladder(quants, resident=resident, tps=tps, busy=busy)
     decision = decide(request(Q, prompt_tokens=0), candidates, replace(free(60.0), offered_load=load),
-                      config or PolicyConfig())
+                      config or SMALLEST)
     assert chosen(decision) == expected
     serving = [a for a in decision.candidates if "serves the queue, the variant with the least" in a.held_back]
     if config is None and load >= 1.0 and expected == "Q4_K_M":
