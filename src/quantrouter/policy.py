@@ -47,22 +47,21 @@ deadline or rate floor (runners time-slice the GPU, so a new one delays each by 
 left), `_Guard`); on a shared GPU (`MemoryView.shared`) its load only fits by evicting idle siblings, whose
 memory other tenants may take before it loads; or the GPU is overloaded (`offered_load`, the service seconds
 routed per second over the last `LOAD_WINDOW_S`, or over the last `SURGE_WINDOW_S` ÷ `surge_factor` when that is
-higher, at or above `overload_threshold`, or, where
-`queue_overload_seconds` is set, that much work queued behind the running streams) and it is slower than the
-quickest warm variant, or it is not the quickest of the quick warm runners serving requests: one runner then
-serves the queue in order instead of several time-slicing runners that all miss. With `smallest_under_overload`
-set, that one runner is the smallest variant at or above the speed floor (warm, or cold where its load is repaid),
-and every other is held back. A fourth: its runner, not busy
-now and slower than the quickest warm one, would make k runners time-slice the GPU, and serve long enough that
+higher, at or above `overload_threshold`, or, where `queue_overload_seconds` is set, that much work queued behind
+the running streams) and it is slower than the quickest warm variant, or it is not the quickest of the quick warm
+runners serving requests: one runner then serves the queue in order instead of several time-slicing runners that
+all miss. With `smallest_under_overload` set, that one runner is the smallest variant at or above the speed floor
+(warm, or cold where its load is repaid), and every other is held back. A fourth: its runner, not busy now and
+slower than the quickest warm one, would make k runners time-slice the GPU, and serve long enough that
 `tight_arrivals` callers whose SLO bears fewer than k are expected to arrive meanwhile (`MemoryView.tight_rates`,
 by `runners_tolerated`, × its service): they would share the GPU with it for its whole decode (on the simulated
 H100 8B with OLLAMA_NUM_PARALLEL 2 and 4, LATENCY callers arriving during a QUALITY caller's F16 decode fell under
-their 60 tok/s floor). A variant below `SPEED_FLOOR_BPW`
-yields to any feasible variant at or above the floor that is (or, unmeasured, is believed) at least as fast:
-below ~4.5 bits/weight dequantisation eats the smaller read (docs/quantization.md §2 (iii)), so it serves when
-memory or an explicit constraint leaves nothing else. When memory pressure rejects the variant the preference
-would have taken, the decision says `downgraded`. To keep Ollama from loading and unloading in a thrash, a
-non-resident variant replaces a resident sibling only when it fits with a margin (`upgrade_hysteresis`) to spare.
+their 60 tok/s floor). A variant below `SPEED_FLOOR_BPW` yields to any feasible variant at or above the floor
+that is (or, unmeasured, is believed) at least as fast: below ~4.5 bits/weight dequantisation eats the smaller
+read (docs/quantization.md §2 (iii)), so it serves when memory or an explicit constraint leaves nothing else.
+When memory pressure rejects the variant the preference would have taken, the decision says `downgraded`. To keep
+Ollama from loading and unloading in a thrash, a non-resident variant replaces a resident sibling only when it fits
+with a margin (`upgrade_hysteresis`) to spare.
 """
 
 from __future__ import annotations
@@ -567,8 +566,7 @@ def _hold_back(rows: Sequence[_Row], pool: Sequence[CandidateInput], memory: Mem
     the quickest warm variant, or, while quick warm runners serve requests, every variant but the quickest of those
     (another runner only time-slices the GPU with it: no more throughput, and every queued request later).
     Overloaded: the offered load the decision reads (`_load`) at or above `overload_threshold`, or `queued` seconds
-    of work waiting for a slot
-    at or above `queue_overload_seconds` (when set)."""
+    of work waiting for a slot at or above `queue_overload_seconds` (when set)."""
     feasible = [row for row in rows if not row.rejection]
     quickest = 0.0
     lead: _Row | None = None
@@ -765,7 +763,7 @@ class Appraisal:
     decision, every node's listing and reason included, only once the call to the node it picked has left
     (`fleet.choice.pick`)."""
 
-    __slots__ = ("_family_resident", "_frame", "_memory", "_pool", "_request", "_rows", "busy_runners")
+    __slots__ = ("_frame", "_memory", "_rows")
 
     def __init__(self, request: RoutingRequest, candidates: Sequence[CandidateInput], memory: MemoryView,
                  config: PolicyConfig = PolicyConfig()) -> None:
@@ -798,8 +796,7 @@ class Appraisal:
             _hold_back_sub_floor(rows)
             _hold_back(rows, pool, memory, waiting, config)
             _hold_back_for_arrivals(rows, pool, memory.tight_rates, busy_runners, config)
-        self._request, self._memory, self._pool, self._rows, self._frame = request, memory, pool, rows, frame
-        self._family_resident, self.busy_runners = family_resident, busy_runners
+        self._frame, self._memory, self._rows = frame, memory, rows
 
     @property
     def serves(self) -> bool:
@@ -809,7 +806,8 @@ class Appraisal:
     def decision(self, node: str = "") -> Decision:
         """The pool's own pick, ranked by the request's preference, and why; `node` names the node the pool is on
         in the decision and its candidates, when a fleet router decides."""
-        request, memory, rows, config = self._request, self._memory, self._rows, self._frame.config
+        frame, memory, rows = self._frame, self._memory, self._rows
+        request, config = frame.request, frame.config
         if not rows:
             return _decision(request, memory, None, f"no variants of {request.family}", node,
                              failure=FailureKind.EMPTY)
@@ -832,8 +830,8 @@ class Appraisal:
         best = _best(feasible, request.preference, config, share_time, tolerance)
         sole = ""
         if (best is not None and config.sole_runner_as_balanced and request.preference is Preference.QUALITY
-                and request.time_remaining is not None and not self._family_resident and not self.busy_runners
-                and (sole := _sole_runner(best, feasible, self._frame.usable))):
+                and request.time_remaining is not None and not frame.family_resident and not frame.busy_runners
+                and (sole := _sole_runner(best, feasible, frame.usable))):
             best = _best(feasible, Preference.BALANCED, config, None, tolerance)
         listed = tuple([row.assessment(node) for row in rows])
 
