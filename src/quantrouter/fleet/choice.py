@@ -56,7 +56,7 @@ through a burst (bench/results/fleet.md's simulation, the mixed-burst scenario).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from quantrouter.fleet.state import NodeState
@@ -182,19 +182,21 @@ def pick(request: RoutingRequest, nodes: Mapping[str, NodeState], config: Policy
             request, f"the fleet's pick for {request.family}, {best.tag} on node {best.node}, is expected to take "
             f"{best.expected_seconds:.2f} s, {best.queue_seconds:.1f} s of it queued behind other requests: past the "
             f"{deadline:.2f} s left before the deadline, so refused up front; retry with a longer deadline or when "
-            "the fleet is less busy", _listed(verdicts), excluded, FailureKind.DEADLINE, best.expected_seconds))
+            "the fleet is less busy", _listed(v.decision() for v in verdicts), excluded, FailureKind.DEADLINE,
+            best.expected_seconds))
     return Pick(best, lambda: _explained(request, verdicts, best, loaded if busy else [], excluded, config))
 
 
-def _listed(verdicts: list[NodeVerdict]) -> tuple[Assessment, ...]:
-    return tuple(a for v in verdicts for a in v.decision().candidates)
+def _listed(decisions: Iterable[Decision]) -> tuple[Assessment, ...]:
+    """Every node's candidates, in the nodes' order."""
+    return tuple(a for d in decisions for a in d.candidates)
 
 
 def _no_offer(request: RoutingRequest, verdicts: list[NodeVerdict], excluded: frozenset[tuple[str, str]]) -> Decision:
-    decisions = [(v.node, v.decision()) for v in verdicts]
-    why = "; ".join(f"node {node}: {d.reason}" for node, d in decisions) or "no live node"
-    return _refused(request, f"no node can serve {request.family} ({why})",
-                    tuple(a for _, d in decisions for a in d.candidates), excluded, _failure([d for _, d in decisions]))
+    decisions = [v.decision() for v in verdicts]
+    why = "; ".join(f"node {v.node}: {d.reason}" for v, d in zip(verdicts, decisions, strict=True)) or "no live node"
+    return _refused(request, f"no node can serve {request.family} ({why})", _listed(decisions), excluded,
+                    _failure(decisions))
 
 
 def _explained(request: RoutingRequest, verdicts: list[NodeVerdict], best: Assessment, loaded: list[bool],
@@ -220,7 +222,6 @@ def _explained(request: RoutingRequest, verdicts: list[NodeVerdict], best: Asses
         reason += f"; delays the node's other streams by {others:.1f} s in all (ranked as churn)"
     if (nodes_offering := sum(bool(v.offers) for v in verdicts)) > 1:
         reason += f"; node {best.node} ranked first of {nodes_offering} nodes"
-    candidates = tuple(best if a.node == best.node and a.tag == best.tag else a
-                       for d in decisions.values() for a in d.candidates)
+    candidates = tuple(best if a.node == best.node and a.tag == best.tag else a for a in _listed(decisions.values()))
     return _decision(own_decision, chosen=best, reason=reason, candidates=candidates, fallback=bool(excluded),
                      downgraded=own_decision.downgraded and own is not None and own.tag == best.tag)
