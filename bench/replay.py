@@ -34,7 +34,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,7 +46,7 @@ from bench.machine import describe
 from bench.stats import percentile
 from quantrouter.calibration import VariantCalibration, read_calibration
 from quantrouter.client import AsyncRouterClient, Completion, Options, PreferenceName, VariantListing
-from quantrouter.config import Settings, default_cache_dir, load_settings, parse_bytes
+from quantrouter.config import Settings, default_cache_dir, load_settings, parse_bytes, with_keys
 from quantrouter.embedded import EmbeddedConfig, EmbeddedServer, run_embedded_in_thread
 from quantrouter.server import run_in_thread
 
@@ -183,18 +183,20 @@ async def _replay(target: str, trace: Sequence[Request], seed: int, policy: str,
         return list(await asyncio.gather(*tasks))
 
 
-def _router_settings(backend: EmbeddedServer, calibration: Path) -> Settings:
-    return load_settings({"grpc_address": "127.0.0.1:0", "metrics_address": "127.0.0.1:0",
-                          "ollama_host": backend.url, "memory_capacity": backend.memory_budget_bytes,
-                          "memory_reserve": 0, "ps_refresh_interval": 0.2, "calibration_file": str(calibration)}, {})
+def _router_settings(backend: EmbeddedServer, calibration: Path, settings: Mapping[str, str]) -> Settings:
+    """The router's settings, with `settings` (name → value, as `--setting` gives them) cast and checked as flags."""
+    return with_keys(load_settings({"grpc_address": "127.0.0.1:0", "metrics_address": "127.0.0.1:0",
+                                    "ollama_host": backend.url, "memory_capacity": backend.memory_budget_bytes,
+                                    "memory_reserve": 0, "ps_refresh_interval": 0.2,
+                                    "calibration_file": str(calibration)}, {}), settings)
 
 
 def run_policy(trace: Sequence[Request], seed: int, policy: str, budget: int, calibration: Path,
-               qualities: dict[str, float]) -> tuple[list[Outcome], tuple[int, int]]:
+               qualities: dict[str, float], settings: Mapping[str, str]) -> tuple[list[Outcome], tuple[int, int]]:
     """A fresh backend and router (nothing resident), the whole trace, then the backend's load counts."""
     config = EmbeddedConfig(cache_dir=default_cache_dir({}), memory_budget_bytes=budget)
     with run_embedded_in_thread(config) as backend, \
-            run_in_thread(_router_settings(backend, calibration), CollectorRegistry()) as router:
+            run_in_thread(_router_settings(backend, calibration, settings), CollectorRegistry()) as router:
         outcomes = asyncio.run(_replay(f"127.0.0.1:{router.port}", trace, seed, policy, budget, qualities))
         _wait_until_idle(backend)  # past their deadline, generations still run in the backend
         return outcomes, backend.load_counts()
@@ -314,11 +316,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS,
                         help="where replay.md, .csv and .png go (default bench/results)")
     parser.add_argument("--quick", action="store_true", help="one seed, 8 requests: a few minutes")
+    parser.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
+                        help="a router setting for this run (e.g. smallest_under_overload=1), cast and checked as "
+                             "its flag; repeat for more. Use --out to keep the default results")
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else FULL
     args.seed = args.seed or list(preset.seeds)
     args.requests = args.requests or preset.requests
     args.rate = args.rate or preset.rate
+    if bad := [s for s in args.setting if "=" not in s]:
+        parser.error(f"--setting wants NAME=VALUE, got {', '.join(bad)}")
+    args.setting = dict(s.split("=", 1) for s in args.setting)
     return args
 
 
@@ -338,7 +346,8 @@ def main(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) 
         trace = make_trace(seed, args.requests, args.rate, calibration[PINNED])
         spans[seed] = trace[-1].at
         for policy in POLICIES:
-            ran, counts[(seed, policy)] = run_policy(trace, seed, policy, budget, args.calibration, qualities)
+            ran, counts[(seed, policy)] = run_policy(trace, seed, policy, budget, args.calibration, qualities,
+                                                     args.setting)
             outcomes += ran
             met = sum(o.met for o in ran)
             log(f"seed {seed} {policy:<18} {met}/{len(ran)} met, loads {counts[(seed, policy)][0]}, "

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import itertools
 
-from bench.replay import MIX, NUM_PREDICT, PROMPTS, largest_fitting_free, make_trace, rule_of_thumb_tag
+import pytest
+from bench.replay import MIX, NUM_PREDICT, PROMPTS, largest_fitting_free, make_trace, parse_args, rule_of_thumb_tag
 
 from quantrouter.calibration import VariantCalibration
 from quantrouter.client import Variant, VariantListing
@@ -41,3 +42,13 @@ def test_largest_fits_free_counts_what_is_resident() -> None:
     assert largest_fitting_free(_listing(300 * MiB)) == "gemma3:270m-q8_0"
     assert largest_fitting_free(_listing(100 * MiB, resident="gemma3:270m-f16")) == "gemma3:270m-f16"
     assert largest_fitting_free(_listing(100 * MiB)) == "gemma3:270m-q4_K_M"
+
+
+def test_a_run_takes_router_settings_by_name_and_refuses_a_malformed_one(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--setting` feeds `config.with_keys`, which casts each value and refuses an unknown name, as a flag would."""
+    args = parse_args(["--setting", "smallest_under_overload=1", "--setting", "tight_arrivals=0.5"])
+    assert args.setting == {"smallest_under_overload": "1", "tight_arrivals": "0.5"}
+    assert parse_args([]).setting == {}
+    with pytest.raises(SystemExit):
+        parse_args(["--setting", "smallest_under_overload"])
+    assert "--setting wants NAME=VALUE" in capsys.readouterr().err
