@@ -24,7 +24,14 @@ from typing import Protocol
 
 from bench.sim.engine import NUM_CTX, Choice, Outcome, RequestResult, RouterView, RunResult, Simulation
 from bench.sim.hardware import DEFAULT_ENGINE, OLLAMA_MINIMUM_MEMORY, EngineSpec, FamilySpec, GpuSpec
-from bench.sim.policies import DEFAULT_QUANT, QuantRouter, slo_value, streams_of
+from bench.sim.policies import (
+    DEFAULT_QUANT,
+    QuantRouter,
+    queued_by_variant,
+    remaining_by_stream,
+    slo_value,
+    streams_of,
+)
 from bench.sim.workload import Request, meets_floor
 from quantrouter.capacity import BACKLOG_STEP_S, CHANGE_POLL_S, changed, node_capacity
 from quantrouter.catalog import VariantInfo
@@ -40,7 +47,6 @@ from quantrouter.policy import (
     RoutingRequest,
     decide,
     offered_load,
-    remaining_seconds,
 )
 from quantrouter.quant import parse_quantization
 from quantrouter.v1 import router_service_pb2 as pb
@@ -212,9 +218,7 @@ def node_candidates(view: RouterView) -> list[CandidateInput]:
     family = view.family
     infos = [VariantInfo(v.tag, family.name, v.quant, v.size_bytes, family.parameter_count, family.architecture,
                          v.tag in view.resident, view.resident.get(v.tag, 0)) for v in family.variants]
-    queued: dict[str, float] = {}
-    for tag, service, done in view.backlog:
-        queued[tag] = queued.get(tag, 0.0) + service * (1.0 - done)
+    queued = queued_by_variant(remaining_by_stream(view))
     return [CandidateInput(info, speed, info.quant.quality, view.in_flight.get(info.tag, 0),
                            queued_seconds=queued.get(info.tag, 0.0))
             for info, speed in view.speeds.estimates(infos)]
@@ -222,7 +226,7 @@ def node_candidates(view: RouterView) -> list[CandidateInput]:
 
 def backlog_of(view: RouterView) -> tuple[float, ...]:
     """Each stream's expected remaining seconds, as the node's router keeps them (`Router.memory_view`)."""
-    return remaining_seconds([(service, done) for _, service, done in view.backlog])
+    return tuple(sorted(left for _, left in remaining_by_stream(view)))
 
 
 def report_of(view: RouterView, node: str) -> pb.NodeCapacity:

@@ -30,7 +30,7 @@ from quantrouter.policy import (
     RoutingRequest,
     decide,
     offered_load,
-    remaining_seconds,
+    remaining,
     runners_tolerated,
 )
 from quantrouter.quant import KV_CACHE_TYPES, QuantType, parse_quantization, quality_order
@@ -40,6 +40,21 @@ from quantrouter.values import Preference
 # "Highest quant whose size × 1.2 fits total VRAM": the common rule of thumb (20 % for KV cache and overhead).
 STATIC_RULE_HEADROOM = 1.2
 DEFAULT_QUANT = "Q4_K_M"  # Ollama's library default tag for most families
+
+
+def remaining_by_stream(view: RouterView) -> tuple[tuple[str, float], ...]:
+    """Each in-flight request's variant and expected remaining seconds, as the router keeps them
+    (`policy.remaining`: no more than the time left before its deadline)."""
+    return tuple((tag, remaining(service, done, left))
+                 for (tag, service, done), (left, _) in zip(view.backlog, view.slos, strict=True))
+
+
+def queued_by_variant(streams: Sequence[tuple[str, float]]) -> dict[str, float]:
+    """The remaining seconds of the requests each variant serves (`CandidateInput.queued_seconds`)."""
+    queued: dict[str, float] = {}
+    for tag, left in streams:
+        queued[tag] = queued.get(tag, 0.0) + left
+    return queued
 
 
 def streams_of(view: RouterView, tokens_per_second: Mapping[str, float]) -> tuple[InFlight, ...]:
@@ -74,9 +89,8 @@ class QuantRouter:
         infos = [VariantInfo(v.tag, family.name, v.quant, v.size_bytes, family.parameter_count, family.architecture,
                              v.tag in view.resident, view.resident.get(v.tag, 0)) for v in family.variants]
         speeds = view.speeds.estimates(infos)
-        queued: dict[str, float] = {}
-        for tag, service, done in view.backlog:
-            queued[tag] = queued.get(tag, 0.0) + service * (1.0 - done)
+        streams = remaining_by_stream(view)
+        queued = queued_by_variant(streams)
         candidates = [CandidateInput(info, speed, info.quant.quality, view.in_flight.get(info.tag, 0),
                                      queued_seconds=queued.get(info.tag, 0.0), loading=info.tag in loading)
                       for info, speed in speeds]
@@ -85,7 +99,7 @@ class QuantRouter:
                                  num_predict=request.output_tokens, num_ctx=view.num_ctx, min_quantization=floor,
                                  min_tokens_per_second=request.min_tokens_per_second,
                                  time_remaining=request.deadline_s)
-        backlog = remaining_seconds([(service, done) for _, service, done in view.backlog])
+        backlog = tuple(sorted(left for _, left in streams))
         in_flight = streams_of(view, {info.tag: speed.decode_tps for info, speed in speeds})
         memory = MemoryView(view.free_bytes, OLLAMA_MINIMUM_MEMORY, "nvml", backlog, in_flight,
                             offered_load(view.arrivals, view.now), shared=True,

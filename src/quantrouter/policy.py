@@ -10,7 +10,8 @@ estimates and the time left before the deadline. The model (design §5):
   Ollama loads a model beside others only within 80 % of free memory and otherwise waits for busy runners to
   finish (docs/ollama.md §3), which a routed request would spend in a queue;
 - queue = the GPU's backlog as this request would meet it: runners of one GPU time-slice it, so each
-  in-flight request delays this one by min(its remaining seconds, this one's own service time), and on a
+  in-flight request delays this one by min(its remaining seconds, this one's own service time) (remaining: no more
+  than the time left before its deadline, when the router cancels it, `remaining`), and on a
   runner that already serves `runner_parallel` requests this one also waits its turn (with
   `queue_wait_time_sliced`, on a runner with one slot the other runners' time-slicing counts through that whole
   wait, not only through its own service); on one with a free slot
@@ -35,33 +36,33 @@ smallest T + churn (ties: higher quality); BALANCED maximises w·q/q_max + (1−
 `balanced_quality_weight`, where with a deadline, while the GPU is quiet (`offered_load` ≤ `quiet_load`),
 a C within `balanced_deadline_share` of the time left counts as fast enough (so quality decides among those).
 
-Constraints and the deadline reject first, judged on the variant alone (no backlog): when the deadline alone
-rules every variant out the decision fails with `FailureKind.DEADLINE`. On a prior (no decode rate measured yet)
-the deadline rejects only what it misses by more than `PRIOR_DEADLINE_SLACK`×: nearer, the candidate is tried
-(`at_risk`), since a guessed speed or load time must not refuse what the engine can serve. The backlog only
-steers: a candidate whose T, or whose decode stretched by the other busy runners time-slicing the GPU, passes
-the deadline, or whose decode rate under that sharing falls below `min_tokens_per_second`, is `at_risk` and
-ranks after the rest (when all are, the fastest is tried). Three more marks hold a candidate back behind the
-others (`held_back`, said in words; `endangers` counts): its new runner would push in-flight requests past their
-deadline or rate floor (runners time-slice the GPU, so a new one delays each by about min(its service, theirs
-left), `_Guard`); on a shared GPU (`MemoryView.shared`) its load only fits by evicting idle siblings, whose
-memory other tenants may take before it loads; or the GPU is overloaded (`offered_load`, the service seconds
-routed per second over the last `LOAD_WINDOW_S`, or over the last `SURGE_WINDOW_S` ÷ `surge_factor` when that is
-higher, at or above `overload_threshold`, or, where `queue_overload_seconds` is set, that much work queued behind
-the running streams) and it is slower than the quickest warm variant, or it is not the quickest of the quick warm
-runners serving requests: one runner then serves the queue in order instead of several time-slicing runners that
+Constraints and the deadline reject first, judged on the variant alone (no backlog): when the deadline alone rules
+every variant out the decision fails with `FailureKind.DEADLINE`. On a prior (no decode rate measured yet) the
+deadline rejects only what it misses by more than `PRIOR_DEADLINE_SLACK`×: nearer, the candidate is tried
+(`at_risk`), since a guessed speed or load time must not refuse what the engine can serve. The backlog only steers:
+a candidate whose T, or whose decode stretched by the other busy runners time-slicing the GPU, passes the deadline,
+or whose decode rate under that sharing falls below `min_tokens_per_second`, is `at_risk` and ranks after the rest
+(when all are, the fastest is tried). Three more marks hold a candidate back behind the others (`held_back`, said
+in words; `endangers` counts): its new runner would push in-flight requests past their deadline or rate floor
+(runners time-slice the GPU, so a new one delays each by about min(its service, theirs left), `_Guard`); on a
+shared GPU (`MemoryView.shared`) its load only fits by evicting idle siblings, whose memory other tenants may take
+before it loads; or the GPU is overloaded (`offered_load`, the service seconds routed per second over the last
+`LOAD_WINDOW_S`, or over the last `SURGE_WINDOW_S` ÷ `surge_factor` when that is higher, at or above
+`overload_threshold`, or, where `queue_overload_seconds` is set, that much work queued behind the running streams)
+and it is slower than the quickest warm variant, or it is not the quickest of the quick warm runners serving
+requests: one runner then serves the queue in order instead of several time-slicing runners that
 all miss. With `smallest_under_overload` set, that one runner is the smallest variant at or above the speed floor
 (warm, or cold where its load is repaid), and every other is held back. A fourth: its runner, not busy now and
 slower than the quickest warm one, would make k runners time-slice the GPU, and serve long enough that
 `tight_arrivals` callers whose SLO bears fewer than k are expected to arrive meanwhile (`MemoryView.tight_rates`,
 by `runners_tolerated`, × its service): they would share the GPU with it for its whole decode (on the simulated
 H100 8B with OLLAMA_NUM_PARALLEL 2 and 4, LATENCY callers arriving during a QUALITY caller's F16 decode fell under
-their 60 tok/s floor). A variant below `SPEED_FLOOR_BPW` yields to any feasible variant at or above the floor
-that is (or, unmeasured, is believed) at least as fast: below ~4.5 bits/weight dequantisation eats the smaller
-read (docs/quantization.md §2 (iii)), so it serves when memory or an explicit constraint leaves nothing else.
-When memory pressure rejects the variant the preference would have taken, the decision says `downgraded`. To keep
-Ollama from loading and unloading in a thrash, a non-resident variant replaces a resident sibling only when it fits
-with a margin (`upgrade_hysteresis`) to spare.
+their 60 tok/s floor). A variant below `SPEED_FLOOR_BPW` yields to any feasible variant at or above the floor that
+is (or, unmeasured, is believed) at least as fast: below ~4.5 bits/weight dequantisation eats the smaller read
+(docs/quantization.md §2 (iii)), so it serves when memory or an explicit constraint leaves nothing else. When
+memory pressure rejects the variant the preference would have taken, the decision says `downgraded`. To keep Ollama
+from loading and unloading in a thrash, a non-resident variant replaces a resident sibling only when it fits with a
+margin (`upgrade_hysteresis`) to spare.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ __all__ = [
     "decide",
     "offered_load",
     "ranked_first_offer",
+    "remaining",
     "remaining_seconds",
     "runners_tolerated",
 ]
@@ -302,11 +304,19 @@ class PolicyConfig:
     surge_factor: float = 2.0
 
 
-def remaining_seconds(expected_and_done: Sequence[tuple[float, float]]) -> tuple[float, ...]:
-    """The backlog for `MemoryView`: each in-flight request's expected service time times the share of its
-    tokens still to come (the tokens streamed so far tell; wall time does not, as queued and time-sliced
-    requests make no progress while it passes)."""
-    return tuple(sorted(expected * max(1.0 - done, 0.0) for expected, done in expected_and_done))
+def remaining(expected: float, done: float, time_left: float | None = None) -> float:
+    """An in-flight request's expected remaining seconds: its service estimate times the share of its tokens still
+    to come (the tokens streamed so far tell; wall time does not, as queued and time-sliced requests make no
+    progress while it passes), and no more than the time left before its deadline: the router cancels the
+    engine's request then, and a cancelled request leaves the engine's queue (its remaining work is never done)."""
+    left = expected * max(1.0 - done, 0.0)
+    return left if time_left is None else min(left, max(time_left, 0.0))
+
+
+def remaining_seconds(streams: Sequence[tuple[float, float, float | None]]) -> tuple[float, ...]:
+    """The backlog for `MemoryView`, sorted: each in-flight stream's `remaining` from its (service estimate, share
+    streamed, seconds before its deadline or None)."""
+    return tuple(sorted(remaining(*stream) for stream in streams))
 
 
 def runners_tolerated(chosen: Assessment, time_remaining: float | None, min_tokens_per_second: float) -> int:

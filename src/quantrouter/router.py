@@ -59,6 +59,7 @@ from quantrouter.policy import (
     PolicyConfig,
     RoutingRequest,
     decide,
+    remaining,
     remaining_seconds,
     runners_tolerated,
 )
@@ -114,9 +115,12 @@ class _Work:
     def done(self) -> float:
         return min(self.streamed / self.num_predict, 1.0) if self.num_predict > 0 else 0.0
 
+    def time_left(self, now: float) -> float | None:
+        return None if self.deadline is None else self.deadline - now
+
     def in_flight(self, now: float) -> InFlight:
-        return InFlight(self.service_seconds, self.done(), self.tokens_per_second,
-                        None if self.deadline is None else self.deadline - now, self.min_tokens_per_second)
+        return InFlight(self.service_seconds, self.done(), self.tokens_per_second, self.time_left(now),
+                        self.min_tokens_per_second)
 
 
 class LoadWindow:
@@ -275,8 +279,8 @@ class Router:
     def in_flight(self) -> int:
         return sum(self._in_flight_families.values())
 
-    def _backlog(self) -> tuple[float, ...]:
-        return remaining_seconds([(w.service_seconds, w.done()) for w in self._work])
+    def _backlog(self, now: float) -> tuple[float, ...]:
+        return remaining_seconds([(w.service_seconds, w.done(), w.time_left(now)) for w in self._work])
 
     def family_label(self, family: str) -> str:
         """A metric label value: known families only (bounded cardinality)."""
@@ -291,7 +295,8 @@ class Router:
         now = self._clock()
         queued: dict[str, float] = {}
         for work in self._work:
-            queued[work.tag] = queued.get(work.tag, 0.0) + work.service_seconds * (1.0 - work.done())
+            queued[work.tag] = queued.get(work.tag, 0.0) + remaining(work.service_seconds, work.done(),
+                                                                     work.time_left(now))
         loading = self._loads.loading(now, lambda tag: (v := catalog.variant(tag)) is None or v.resident)
         rows = []
         for c in self._family_table(catalog, family):
@@ -327,7 +332,7 @@ class Router:
         snapshot = self.probe.latest
         reserve = self.reserve_bytes * len(snapshot.gpus) if snapshot.source == NVML else 0
         now = self._clock()
-        return MemoryView(snapshot.free_bytes, reserve, snapshot.source, self._backlog(),
+        return MemoryView(snapshot.free_bytes, reserve, snapshot.source, self._backlog(now),
                           tuple(w.in_flight(now) for w in self._work), self._routed.per_second(now),
                           shared=snapshot.source == NVML,
                           tight_rates=self._tight.per_second(now) if self.policy.tight_arrivals else (),

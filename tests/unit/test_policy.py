@@ -541,14 +541,15 @@ def test_quality_takes_the_fastest_of_equal_qualities(qualities: dict[str, float
 def test_the_backlog_delays_every_candidate_by_what_it_overlaps() -> None:
     """Runners time-slice the GPU: each in-flight request delays this one by min(its remaining, this one's own)."""
     quants = ("F16", "Q4_K_M")
-    backlog = remaining_seconds([(10.0, 0.5), (1.0, 0.0), (40.0, 0.0)])  # 5, 1 and 40 s left
-    assert backlog == (1.0, 5.0, 40.0)
+    # 5, 1 and 40 s left; the last one's deadline is 3 s away, when the router cancels it.
+    backlog = remaining_seconds([(10.0, 0.5, None), (1.0, 0.0, 8.0), (40.0, 0.0, 3.0)])
+    assert backlog == (1.0, 3.0, 5.0)
     view = replace(free(40.0), backlog=backlog)
     decision = decide(request(Q, prompt_tokens=0, num_predict=260), ladder(quants, resident=quants, tps=MEASURED_TPS),
                       view)
     by_quant = {a.quantization: a for a in decision.candidates}
     # Service: F16 260/55 = 4.73 s, Q4_K_M 260/130 = 2 s.
-    assert by_quant["F16"].queue_seconds == pytest.approx(1.0 + 2 * 260 / 55)
+    assert by_quant["F16"].queue_seconds == pytest.approx(1.0 + 3.0 + 260 / 55)
     assert by_quant["Q4_K_M"].queue_seconds == pytest.approx(1.0 + 2 * 2.0)
     assert by_quant["F16"].expected_seconds == pytest.approx(260 / 55 + by_quant["F16"].queue_seconds)
 

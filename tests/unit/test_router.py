@@ -387,6 +387,27 @@ async def test_the_policy_sees_each_stream_in_flight_with_its_slo_and_the_load_r
     assert router.memory_view().in_flight == ()
 
 
+async def test_a_stream_counts_in_the_backlog_for_no_longer_than_its_deadline(
+        make_router: Callable[..., Awaitable[Router]]) -> None:
+    """The router cancels the engine's request at the caller's deadline, so a stream's remaining work that lies
+    beyond it is never done: the backlog and its variant's queue count only the time left."""
+    clock = ManualClock()
+    router = await make_router(clock=clock)
+    request = replace(_request(), time_remaining=60.0)
+    async with aclosing(router.stream(request, JOB)) as stream:
+        decision = await anext(stream)
+        assert isinstance(decision, Decision) and decision.chosen is not None
+        assert isinstance(await anext(stream), str)
+        clock.now += 60.0 - decision.chosen.expected_seconds / 10  # the stream fell behind: its deadline is near
+        view = router.memory_view()
+        (work,) = view.in_flight
+        assert work.time_left is not None and work.time_left < work.service_seconds * (1 - work.done)
+        assert view.backlog == (pytest.approx(work.time_left),)
+        (queued,) = [c.queued_seconds for c in router.candidates(router.inventory.snapshot, FAMILY) if c.in_flight]
+        assert queued == pytest.approx(work.time_left)
+        assert [event async for event in stream]
+
+
 async def test_the_policy_sees_the_rate_of_routed_requests_with_an_slo_by_the_runners_each_one_bears(
         make_router: Callable[..., Awaitable[Router]]) -> None:
     """A request with neither a deadline nor a rate floor adds to the offered load only; one with either counts once,

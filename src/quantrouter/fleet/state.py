@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from quantrouter.capacity import SCHEMA_VERSION
 from quantrouter.catalog import Architecture, Resolution, VariantInfo
 from quantrouter.memory import NVML, GpuMemory, MemorySnapshot
-from quantrouter.policy import LOAD_WINDOW_S, CandidateInput, InFlight, MemoryView
+from quantrouter.policy import LOAD_WINDOW_S, CandidateInput, InFlight, MemoryView, remaining
 from quantrouter.quant import UnknownQuantizationError, parse_quantization
 from quantrouter.throughput import SpeedEstimate
 from quantrouter.v1 import router_service_pb2 as pb
@@ -250,9 +250,10 @@ def with_routed(state: NodeState, routed: Sequence[Routed]) -> NodeState:
     if not routed:
         return state
     extra: dict[str, tuple[int, float]] = {}
-    for r in routed:
+    left = [remaining(r.service_seconds, 0.0, r.time_left) for r in routed]
+    for r, seconds_left in zip(routed, left, strict=True):
         n, seconds = extra.get(r.tag, (0, 0.0))
-        extra[r.tag] = (n + 1, seconds + r.service_seconds)
+        extra[r.tag] = (n + 1, seconds + seconds_left)
     candidates = tuple(replace(c, in_flight=c.in_flight + extra[c.variant.tag][0],
                                queued_seconds=c.queued_seconds + extra[c.variant.tag][1])
                        if c.variant.tag in extra else c for c in state.candidates)
@@ -260,5 +261,5 @@ def with_routed(state: NodeState, routed: Sequence[Routed]) -> NodeState:
                     for r in routed)
     added = sum(r.service_seconds for r in routed)
     return replace(state, candidates=candidates, in_flight=state.in_flight + len(routed),
-                   backlog=tuple(sorted((*state.backlog, *(r.service_seconds for r in routed)))),
+                   backlog=tuple(sorted((*state.backlog, *left))),
                    streams=(*state.streams, *streams), offered_load=state.offered_load + added / LOAD_WINDOW_S)
