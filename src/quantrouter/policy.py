@@ -49,8 +49,9 @@ shared GPU (`MemoryView.shared`) its load only fits by evicting idle siblings, w
 before it loads; or the GPU is overloaded (`offered_load`, the service seconds routed per second over the last
 `LOAD_WINDOW_S`, or over the last `SURGE_WINDOW_S` ÷ `surge_factor` when that is higher, at or above
 `overload_threshold`, or, where `queue_overload_seconds` is set, that much work queued behind the running streams)
-and it is slower than the quickest warm variant, or it is not the quickest of the quick warm runners serving
-requests: one runner then serves the queue in order instead of several time-slicing runners that
+and it is slower than the quickest warm variant (a busy runner: than the quickest that reads no more memory per
+token, as its rate is measured in batches and beside other runners), or it is not the quickest of the quick warm
+runners serving requests: one runner then serves the queue in order instead of several time-slicing runners that
 all miss. With `smallest_under_overload` set, that one runner is the smallest variant at or above the speed floor
 (warm, or cold where its load is repaid), and every other is held back. A fourth: its runner, not busy now and
 slower than the quickest warm one, would make k runners time-slice the GPU, and serve long enough that
@@ -590,11 +591,12 @@ def _hold_back(rows: Sequence[_Row], pool: Sequence[CandidateInput], memory: Mem
         overload = f"{queued:.1f} s of work queued for a slot ≥ {queue_limit:g} s"
     else:
         overload = ""
+    busy: set[int] = set()
     if overload and feasible:
         warm = [row for row in feasible if row.resident] or feasible
         quickest = min(row.service for row in warm) * (1 + OVERLOAD_SPEED_SLACK)
-        lead = min((row for row, c in zip(rows, pool, strict=True)
-                    if c.in_flight and not row.rejection and row.service <= quickest),
+        busy = {id(row) for row, c in zip(rows, pool, strict=True) if c.in_flight and not row.rejection}
+        lead = min((row for row in feasible if id(row) in busy and row.service <= _quickest_beside(row, warm)),
                    key=lambda row: row.service, default=None)
         smallest, serves = _smallest_under_overload(feasible, pool, rows, load, config)
     shared = memory.shared
@@ -611,12 +613,22 @@ def _hold_back(rows: Sequence[_Row], pool: Sequence[CandidateInput], memory: Mem
         if smallest is not None:
             if row is not smallest:
                 reasons.append(f"{overload}: {serves}")
-        elif quickest and row.service > quickest:
+        elif quickest and row.service > (_quickest_beside(row, warm) if id(row) in busy else quickest):
             reasons.append(f"{overload}: slower than the quickest warm variant")
         elif lead is not None and row is not lead:
             reasons.append(f"{overload}: its runner would time-slice the GPU with {lead.tag}'s, which serves the "
                            "queue in order")
         row.held_back = "; ".join(reasons)
+
+
+def _quickest_beside(busy: _Row, warm: Sequence[_Row]) -> float:
+    """The service time under which a busy runner counts as quick under overload: within the slack of the quickest
+    warm variant that reads no more memory per token. Its rate is measured in batches (OLLAMA_NUM_PARALLEL) and
+    beside other runners, a larger idle sibling's alone or as a prior, so that sibling only looks quicker (on the
+    simulated H100 with OLLAMA_NUM_PARALLEL 4, a burst's batches on Q6_K read 93 tok/s against Q8_0's 106 alone,
+    and Q8_0's runner was started to time-slice the GPU beside the queue)."""
+    return min((row.service for row in warm if row.need <= busy.need), default=busy.service) * (
+        1 + OVERLOAD_SPEED_SLACK)
 
 
 def _smallest_under_overload(feasible: Sequence[_Row], pool: Sequence[CandidateInput], rows: Sequence[_Row],

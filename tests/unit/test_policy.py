@@ -780,6 +780,24 @@ def test_an_overloaded_gpu_keeps_to_the_quick_runner_that_serves(load: float, bu
                for a in decision.candidates if a.quantization in held)
 
 
+@pytest.mark.parametrize(("busy", "tps", "expected", "held"), [
+    # Q6_K's batches read 100 tok/s, Q8_0 110 alone: only the rates say Q8_0 is quicker, and Q8_0 reads more
+    # bytes per token. Q6_K keeps the queue; Q8_0's idle runner would only time-slice the GPU with it.
+    (("Q6_K",), {"Q8_0": 110.0, "Q6_K": 100.0}, "Q6_K", {"Q8_0"}),
+    # The other way round Q6_K reads fewer bytes and is quicker: the busy Q8_0 is slower than a warm variant.
+    (("Q8_0",), {"Q8_0": 90.0, "Q6_K": 110.0}, "Q6_K", {"Q8_0"}),
+])
+def test_under_overload_a_busy_runner_is_compared_only_with_smaller_idle_ones(
+        busy: tuple[str, ...], tps: dict[str, float], expected: str, held: set[str]) -> None:
+    """A busy runner's rate is measured in batches and beside other runners, an idle sibling's alone: only a
+    sibling that reads no more memory per token can show that the busy runner is slow."""
+    quants = ("Q8_0", "Q6_K")
+    candidates = ladder(quants, resident=quants, tps=tps, busy=busy)
+    decision = decide(request(Q, prompt_tokens=0), candidates, replace(free(40.0), offered_load=1.5), NO_SMALLEST)
+    assert chosen(decision) == expected
+    assert {a.quantization for a in decision.candidates if a.held_back} == held
+
+
 # The lead rule alone, as it stands where the smallest variant does not serve an overload (the default).
 NO_SMALLEST = PolicyConfig()
 # The smallest variant serves an overload (`smallest_under_overload`; off by default, see PolicyConfig).
