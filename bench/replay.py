@@ -43,6 +43,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from bench.machine import describe
+from bench.router_settings import add_setting_option, settings_of
 from bench.stats import percentile
 from quantrouter.calibration import VariantCalibration, read_calibration
 from quantrouter.client import AsyncRouterClient, Completion, Options, PreferenceName, VariantListing
@@ -316,17 +317,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS,
                         help="where replay.md, .csv and .png go (default bench/results)")
     parser.add_argument("--quick", action="store_true", help="one seed, 8 requests: a few minutes")
-    parser.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
-                        help="a router setting for this run (e.g. smallest_under_overload=1), cast and checked as "
-                             "its flag; repeat for more. Use --out to keep the default results")
+    add_setting_option(parser, "smallest_under_overload=1")
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else FULL
     args.seed = args.seed or list(preset.seeds)
     args.requests = args.requests or preset.requests
     args.rate = args.rate or preset.rate
-    if bad := [s for s in args.setting if "=" not in s]:
-        parser.error(f"--setting wants NAME=VALUE, got {', '.join(bad)}")
-    args.setting = dict(s.split("=", 1) for s in args.setting)
+    args.setting = settings_of(parser, args)
     return args
 
 

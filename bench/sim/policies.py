@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from weakref import WeakKeyDictionary
 
 from bench.sim.engine import NUM_CTX, Choice, Policy, Prediction, RouterView, RunResult, Simulation, Truth
@@ -273,10 +273,10 @@ BASELINES = (AlwaysQuant(), StaticVramRule(), LargestFitsFree(), LatencyOnly())
 POLICIES = (QuantRouter(), *BASELINES, Oracle())
 
 
-def policies_for(engine: EngineSpec) -> tuple[Policy, ...]:
-    """`POLICIES` with quantrouter set up as its operator would beside this engine: told Ollama's
-    OLLAMA_NUM_PARALLEL and OLLAMA_KV_CACHE_TYPE (settings ollama_num_parallel, ollama_kv_cache_type). What those
-    mean for memory and speed stays the simulator's own (bench/sim/hardware.py)."""
-    config = PolicyConfig(runner_parallel=engine.num_parallel,
-                          kv_bytes_per_element=KV_CACHE_TYPES[engine.kv_cache])
+def policies_for(engine: EngineSpec, base: PolicyConfig | None = None) -> tuple[Policy, ...]:
+    """`POLICIES` with quantrouter set up as its operator would beside this engine: `base`'s knobs (the defaults
+    when None), told Ollama's OLLAMA_NUM_PARALLEL and OLLAMA_KV_CACHE_TYPE (settings ollama_num_parallel,
+    ollama_kv_cache_type). What those mean for memory and speed stays the simulator's own (bench/sim/hardware.py)."""
+    config = replace(base or PolicyConfig(), runner_parallel=engine.num_parallel,
+                     kv_bytes_per_element=KV_CACHE_TYPES[engine.kv_cache])
     return (QuantRouter(config=config), *POLICIES[1:])

@@ -8,6 +8,7 @@ import random
 from dataclasses import replace
 
 import pytest
+from bench.router_settings import policy_with
 from bench.sim.engine import Choice, Outcome, Policy, Prediction, RouterView, RunResult, Simulation
 from bench.sim.hardware import (
     DEFAULT_ENGINE,
@@ -35,12 +36,14 @@ from bench.sim.policies import (
     exhaustive_best,
     goodput,
     hindsight_best,
+    policies_for,
     slo_value,
 )
 from bench.sim.report import HINDSIGHT, OURS, REFERENCE, Record, RunFigures, acceptance, cell_of, reading, short_of
 from bench.sim.workload import Phase, Request, TenantProfile, generate_requests, generate_tenant, interactive_mix
 
-from quantrouter.policy import LOAD_WINDOW_S, SHARING_LEVELS
+from quantrouter.config import ConfigError
+from quantrouter.policy import LOAD_WINDOW_S, SHARING_LEVELS, PolicyConfig
 from quantrouter.throughput import ThroughputTable
 from quantrouter.values import Preference
 
@@ -327,3 +330,17 @@ def test_the_simulated_router_counts_the_routings_that_carried_an_slo_per_simula
     other.run()
     assert policy.tight[first].per_second(2.5) == pytest.approx((0.0, 3 / LOAD_WINDOW_S, 0.0, 0.0))
     assert policy.tight[other].per_second(2.5) == (0.0,) * SHARING_LEVELS
+
+
+def test_a_simulation_decides_by_the_settings_it_names_and_by_the_defaults_otherwise() -> None:
+    """`python -m bench.simulate --setting NAME=VALUE`: the knob reaches the simulated router as it would reach a
+    router started with it, beside the engine's own OLLAMA_NUM_PARALLEL; a name no router knows is refused."""
+    assert policy_with({}) == PolicyConfig()
+    config = policy_with({"tight_arrivals": "0.2"})
+    parallel = EngineSpec("parallel-4", num_parallel=4)
+    router = policies_for(parallel, config)[0]
+    assert isinstance(router, QuantRouter)
+    assert (router.config.tight_arrivals, router.config.runner_parallel) == (0.2, 4)
+    assert policies_for(parallel)[0] == QuantRouter(config=replace(PolicyConfig(), runner_parallel=4))
+    with pytest.raises(ConfigError, match="unknown settings no_such_knob"):
+        policy_with({"no_such_knob": "1"})
