@@ -246,9 +246,12 @@ class PolicyConfig:
     always-Q4_K_M on engines that batch (H100 8B with OLLAMA_NUM_PARALLEL 2 −7.5 → −4.3 points, 4 −7.8 → −3.6; RTX
     4090 8B / 2 −5.9 → −3.2) but within a point in only 2 more cells, and 359 checks held with 5 of the 357 lost
     (burst / 2 fell to 1.000×; the balanced class to −1.1 points in three constraints cells; QUALITY mean quality
-    0.981 → 0.959 on the H100 8B / 2); at 0.5 (6 of the 9 scenarios) 3 gained and 2 lost. What is left on those
-    engines is mostly the batch: a LATENCY caller joins a busy runner's batch, whose cost the policy does not
-    estimate (its batch-mates are taken not to slow it).
+    0.981 → 0.959 on the H100 8B / 2); at 0.5 (6 of the 9 scenarios) 3 gained and 2 lost. With the backlog capped
+    at each stream's deadline and busy runners compared only with smaller siblings under overload, 0.2 holds 364
+    checks against 362 (bench/results/simulation-tight-arrivals: 3 gained, 1 lost), and the replay falls from 1.05×
+    to 0.99× (bench/results/replay-tight-arrivals: QUALITY callers lose quality, every class meets its SLO either
+    way). What is left on those engines is mostly the batch: a LATENCY caller joins a busy runner's batch, whose
+    cost the policy does not estimate (its batch-mates are taken not to slow it).
     `queue_wait_time_sliced`: a request queued behind its runner's work (one slot per runner, OLLAMA_NUM_PARALLEL
     1) waits for all of it, and the other runners time-slice the GPU through that wait too: each of their requests
     delays it by min(its remaining seconds, the queue + its service), not by min(its remaining, its service). Off for
