@@ -578,8 +578,9 @@ def _hold_back(rows: Sequence[_Row], pool: Sequence[CandidateInput], memory: Mem
     """Mark what should serve only when nothing else safe can: a load that takes an idle sibling's place among
     the `max_loaded` models Ollama holds; on a shared GPU, loads that evict idle siblings for memory (other
     tenants may take the memory they free before the load is done); and under overload anything slower than
-    the quickest warm variant, or, while quick warm runners serve requests, every variant but the quickest of those
-    (another runner only time-slices the GPU with it: no more throughput, and every queued request later).
+    the quickest warm variant (a busy runner: the quickest that reads no more memory per token, `_quickest_beside`),
+    or, while quick warm runners serve requests, every variant but the quickest of those (another runner only
+    time-slices the GPU with it: no more throughput, and every queued request later).
     Overloaded: the offered load the decision reads (`_load`) at or above `overload_threshold`, or `queued` seconds
     of work waiting for a slot at or above `queue_overload_seconds` (when set)."""
     feasible = [row for row in rows if not row.rejection]
@@ -594,12 +595,13 @@ def _hold_back(rows: Sequence[_Row], pool: Sequence[CandidateInput], memory: Mem
         overload = f"{queued:.1f} s of work queued for a slot ≥ {queue_limit:g} s"
     else:
         overload = ""
-    busy: set[int] = set()
+    busy: set[_Row] = set()
+    warm: list[_Row] = []
     if overload and feasible:
         warm = [row for row in feasible if row.resident] or feasible
         quickest = min(row.service for row in warm) * (1 + OVERLOAD_SPEED_SLACK)
-        busy = {id(row) for row, c in zip(rows, pool, strict=True) if c.in_flight and not row.rejection}
-        lead = min((row for row in feasible if id(row) in busy and row.service <= _quickest_beside(row, warm)),
+        busy = {row for row, c in zip(rows, pool, strict=True) if c.in_flight and not row.rejection}
+        lead = min((row for row in feasible if row in busy and row.service <= _quickest_beside(row, warm)),
                    key=lambda row: row.service, default=None)
         smallest, serves = _smallest_under_overload(feasible, pool, rows, load, config)
     shared = memory.shared
@@ -616,7 +618,7 @@ def _hold_back(rows: Sequence[_Row], pool: Sequence[CandidateInput], memory: Mem
         if smallest is not None:
             if row is not smallest:
                 reasons.append(f"{overload}: {serves}")
-        elif quickest and row.service > (_quickest_beside(row, warm) if id(row) in busy else quickest):
+        elif quickest and row.service > (_quickest_beside(row, warm) if row in busy else quickest):
             reasons.append(f"{overload}: slower than the quickest warm variant")
         elif lead is not None and row is not lead:
             reasons.append(f"{overload}: its runner would time-slice the GPU with {lead.tag}'s, which serves the "
