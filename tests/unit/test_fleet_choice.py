@@ -239,7 +239,6 @@ def test_the_pair_picked_before_forwarding_is_the_one_the_later_explanation_name
     must name that very pair, with the numbers it was ranked on."""
     picked = pick(request(preference, time_remaining=20.0), nodes, CONFIG)
     explained = picked.explain()
-    assert explained == choose(request(preference, time_remaining=20.0), nodes, CONFIG)
     assert explained.chosen == picked.chosen and picked.explain() is explained  # built once
     if picked.chosen is not None:
         assert explained.node == picked.chosen.node and picked.chosen in explained.candidates
