@@ -70,8 +70,8 @@ class QuantRouter:
     offered load from its recent routings, and the loads it started that the engine does not yet list resident
     (the router's `LoadsStarted`, one per simulation it routes for, keyed by `view.truth` as an identity only:
     nothing of it is read), and the rate of its recent routings that carried a deadline or a rate floor, by the
-    runners time-slicing the GPU each one's SLO bears (the router's `SloWindow`, kept the same way).
-    `min_quantization` is a floor on every request, on top of the request's own."""
+    runners time-slicing the GPU each one's SLO bears (the router's `SloWindow`, kept the same way, only while the
+    arrivals charge is on). `min_quantization` is a floor on every request, on top of the request's own."""
 
     name: str = "quantrouter"
     config: PolicyConfig = field(default_factory=PolicyConfig)
@@ -110,7 +110,7 @@ class QuantRouter:
         chosen = decision.chosen
         if chosen is None:
             return Choice(None, decision.reason_code)
-        if math.isfinite(request.deadline_s) or request.min_tokens_per_second:
+        if self.config.tight_arrivals and (math.isfinite(request.deadline_s) or request.min_tokens_per_second):
             tight.add(view.now, runners_tolerated(chosen, routing.time_remaining, routing.min_tokens_per_second))
         if not chosen.resident:
             loads.started(chosen.tag, view.now, chosen.time_to_first_token)

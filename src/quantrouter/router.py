@@ -272,7 +272,7 @@ class Router:
         self._tables_catalog: CatalogSnapshot | None = None
         self._tables_speeds: ThroughputSnapshot | None = None
         self._routed = LoadWindow()  # the service estimates of recent routings
-        self._tight = SloWindow()  # recent routings that carried a deadline or a rate floor
+        self._tight = SloWindow()  # recent routings with a deadline or a rate floor (while tight_arrivals is on)
         self.opened = 0  # streams admitted since the start (the allocator trims after enough of them)
 
     @property
@@ -405,7 +405,7 @@ class Router:
                              min_tokens_per_second=request.min_tokens_per_second)
                 now = self._clock()
                 self._routed.add(now, work.service_seconds)  # served work, not a dry-run Route
-                if deadline is not None or request.min_tokens_per_second:
+                if self.policy.tight_arrivals and (deadline is not None or request.min_tokens_per_second):
                     self._tight.add(now, runners_tolerated(chosen, request.time_remaining,
                                                            request.min_tokens_per_second))
                 if not chosen.resident:  # a load starts, and may outlive this request (`LoadsStarted`)

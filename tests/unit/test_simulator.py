@@ -321,8 +321,8 @@ def test_the_simulated_router_counts_the_routings_that_carried_an_slo_per_simula
     """The adapter keeps the router's own `SloWindow` of what it routed (`MemoryView.tight_rates` where the arrivals
     charge is on), one per simulation, each routing under the runners its SLO bears by its decision's estimates:
     Q4_K_M's decode rate on the H100 bears two runners at a 60 tok/s floor (at 30 tok/s, more than any count
-    tracked: not kept)."""
-    policy = QuantRouter()
+    tracked: not kept). With the charge off (the default) it keeps nothing."""
+    policy = QuantRouter(config=PolicyConfig(tight_arrivals=0.2))
     requests = [Request(i, float(i), Preference.LATENCY, 100, 50, 60.0, 60.0, 1.0) for i in range(3)]
     first = Simulation(H100, LLAMA_8B, requests, [(0.0, 0)], policy)
     first.run()
@@ -330,6 +330,10 @@ def test_the_simulated_router_counts_the_routings_that_carried_an_slo_per_simula
     other.run()
     assert policy.tight[first].per_second(2.5) == pytest.approx((0.0, 3 / LOAD_WINDOW_S, 0.0, 0.0))
     assert policy.tight[other].per_second(2.5) == (0.0,) * SHARING_LEVELS
+    off = QuantRouter()
+    unseen = Simulation(H100, LLAMA_8B, requests, [(0.0, 0)], off)
+    unseen.run()
+    assert off.tight[unseen].per_second(2.5) == (0.0,) * SHARING_LEVELS
 
 
 def test_a_simulation_decides_by_the_settings_it_names_and_by_the_defaults_otherwise() -> None:
