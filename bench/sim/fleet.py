@@ -27,7 +27,6 @@ from bench.sim.hardware import DEFAULT_ENGINE, OLLAMA_MINIMUM_MEMORY, EngineSpec
 from bench.sim.policies import (
     DEFAULT_QUANT,
     QuantRouter,
-    queued_by_variant,
     remaining_by_stream,
     slo_value,
     streams_of,
@@ -47,6 +46,7 @@ from quantrouter.policy import (
     RoutingRequest,
     decide,
     offered_load,
+    queued_by_variant,
 )
 from quantrouter.quant import parse_quantization
 from quantrouter.v1 import router_service_pb2 as pb

@@ -30,6 +30,7 @@ from quantrouter.policy import (
     RoutingRequest,
     decide,
     offered_load,
+    queued_by_variant,
     remaining,
     runners_tolerated,
 )
@@ -47,14 +48,6 @@ def remaining_by_stream(view: RouterView) -> tuple[tuple[str, float], ...]:
     (`policy.remaining`: no more than the time left before its deadline)."""
     return tuple((tag, remaining(service, done, left))
                  for (tag, service, done), (left, _) in zip(view.backlog, view.slos, strict=True))
-
-
-def queued_by_variant(streams: Sequence[tuple[str, float]]) -> dict[str, float]:
-    """The remaining seconds of the requests each variant serves (`CandidateInput.queued_seconds`)."""
-    queued: dict[str, float] = {}
-    for tag, left in streams:
-        queued[tag] = queued.get(tag, 0.0) + left
-    return queued
 
 
 def streams_of(view: RouterView, tokens_per_second: Mapping[str, float]) -> tuple[InFlight, ...]:

@@ -69,7 +69,7 @@ margin (`upgrade_hysteresis`) to spare.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import accumulate
@@ -94,6 +94,7 @@ __all__ = [
     "RoutingRequest",
     "decide",
     "offered_load",
+    "queued_by_variant",
     "ranked_first_offer",
     "remaining",
     "remaining_seconds",
@@ -321,6 +322,15 @@ def remaining_seconds(streams: Sequence[tuple[float, float, float | None]]) -> t
     """The backlog for `MemoryView`, sorted: each in-flight stream's `remaining` from its (service estimate, share
     streamed, seconds before its deadline or None)."""
     return tuple(sorted(remaining(*stream) for stream in streams))
+
+
+def queued_by_variant(streams: Iterable[tuple[str, float]]) -> dict[str, float]:
+    """`CandidateInput.queued_seconds` for each variant: the `remaining` seconds of the (variant, seconds) streams it
+    serves, summed."""
+    queued: dict[str, float] = {}
+    for tag, left in streams:
+        queued[tag] = queued.get(tag, 0.0) + left
+    return queued
 
 
 def runners_tolerated(chosen: Assessment, time_remaining: float | None, min_tokens_per_second: float) -> int:
@@ -787,9 +797,9 @@ def ranked_first_offer(appraisals: Sequence[tuple[str, Appraisal]], preference: 
 class Appraisal:
     """`request` judged against one pool of candidates (the family's variants): every candidate's numbers, the
     constraints and hold-backs applied, not yet ranked or explained. A node router ranks and explains at once
-    (`decide`). A fleet router appraises every node's pool, ranks their `offers` together, and builds the
+    (`decide`). A fleet router appraises every node's pool, ranks their candidates together, and builds the
     decision, every node's listing and reason included, only once the call to the node it picked has left
-    (`fleet.choice.pick`)."""
+    (`ranked_first_offer`, `fleet.choice.pick`)."""
 
     __slots__ = ("_frame", "_memory", "_rows")
 

@@ -59,6 +59,7 @@ from quantrouter.policy import (
     PolicyConfig,
     RoutingRequest,
     decide,
+    queued_by_variant,
     remaining,
     remaining_seconds,
     runners_tolerated,
@@ -293,10 +294,8 @@ class Router:
     def candidates(self, catalog: CatalogSnapshot, family: str) -> list[CandidateInput]:
         """The family's candidates: its table (`_family_table`), with what is busy, loading or cooling down now."""
         now = self._clock()
-        queued: dict[str, float] = {}
-        for work in self._work:
-            queued[work.tag] = queued.get(work.tag, 0.0) + remaining(work.service_seconds, work.done(),
-                                                                     work.time_left(now))
+        queued = queued_by_variant((w.tag, remaining(w.service_seconds, w.done(), w.time_left(now)))
+                                   for w in self._work)
         loading = self._loads.loading(now, lambda tag: (v := catalog.variant(tag)) is None or v.resident)
         rows = []
         for c in self._family_table(catalog, family):
