@@ -605,13 +605,13 @@ def _hold_back(rows: Sequence[_Row], pool: Sequence[CandidateInput], memory: Mem
         overload = f"{queued:.1f} s of work queued for a slot ≥ {queue_limit:g} s"
     else:
         overload = ""
-    busy: set[_Row] = set()
-    warm: list[_Row] = []
+    beside: dict[_Row, float] = {}  # each busy runner's bar for counting as quick (`_quickest_beside`)
     if overload and feasible:
         warm = [row for row in feasible if row.resident] or feasible
         quickest = min(row.service for row in warm) * (1 + OVERLOAD_SPEED_SLACK)
-        busy = {row for row, c in zip(rows, pool, strict=True) if c.in_flight and not row.rejection}
-        lead = min((row for row in feasible if row in busy and row.service <= _quickest_beside(row, warm)),
+        beside = {row: _quickest_beside(row, warm) for row, c in zip(rows, pool, strict=True)
+                  if c.in_flight and not row.rejection}
+        lead = min((row for row in feasible if row in beside and row.service <= beside[row]),
                    key=lambda row: row.service, default=None)
         smallest, serves = _smallest_under_overload(feasible, pool, rows, load, config)
     shared = memory.shared
@@ -628,7 +628,7 @@ def _hold_back(rows: Sequence[_Row], pool: Sequence[CandidateInput], memory: Mem
         if smallest is not None:
             if row is not smallest:
                 reasons.append(f"{overload}: {serves}")
-        elif quickest and row.service > (_quickest_beside(row, warm) if row in busy else quickest):
+        elif quickest and row.service > beside.get(row, quickest):
             reasons.append(f"{overload}: slower than the quickest warm variant")
         elif lead is not None and row is not lead:
             reasons.append(f"{overload}: its runner would time-slice the GPU with {lead.tag}'s, which serves the "
