@@ -220,7 +220,7 @@ def _explained(request: RoutingRequest, verdicts: list[NodeVerdict], best: Asses
     others = best.churn_seconds - next(a.churn_seconds for a in own_decision.candidates if a.tag == best.tag)
     if others > 0:
         reason += f"; delays the node's other streams by {others:.1f} s in all (ranked as churn)"
-    if (nodes_offering := sum(bool(v.offers) for v in verdicts)) > 1:
+    if (nodes_offering := sum(v.offers for v in verdicts)) > 1:
         reason += f"; node {best.node} ranked first of {nodes_offering} nodes"
     candidates = tuple(best if a.node == best.node and a.tag == best.tag else a for a in _listed(decisions.values()))
     return _decision(own_decision, chosen=best, reason=reason, candidates=candidates, fallback=bool(excluded),
