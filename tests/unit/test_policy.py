@@ -740,6 +740,12 @@ def test_offered_load_is_the_service_routed_per_second_over_the_window() -> None
     assert offered_load([], now=75.0) == 0.0
 
 
+# The lead rule alone, as it stands where the smallest variant does not serve an overload (the default).
+NO_SMALLEST = PolicyConfig()
+# The smallest variant serves an overload (`smallest_under_overload`; off by default, see PolicyConfig).
+SMALLEST = PolicyConfig(smallest_under_overload=1.0)
+
+
 @pytest.mark.parametrize(("load", "resident", "expected"), [
     (0.5, ("F16", "Q6_K", "Q4_K_M"), "F16"),  # work arrives slower than the GPU serves it: quality as usual
     # Overloaded: one runner serving the queue in order beats several time-slicing runners that all miss;
@@ -796,12 +802,6 @@ def test_under_overload_a_busy_runner_is_compared_only_with_smaller_idle_ones(
     decision = decide(request(Q, prompt_tokens=0), candidates, replace(free(40.0), offered_load=1.5), NO_SMALLEST)
     assert chosen(decision) == expected
     assert {a.quantization for a in decision.candidates if a.held_back} == held
-
-
-# The lead rule alone, as it stands where the smallest variant does not serve an overload (the default).
-NO_SMALLEST = PolicyConfig()
-# The smallest variant serves an overload (`smallest_under_overload`; off by default, see PolicyConfig).
-SMALLEST = PolicyConfig(smallest_under_overload=1.0)
 
 
 @pytest.mark.parametrize(("load", "resident", "busy", "tps", "config", "expected"), [
