@@ -271,14 +271,14 @@ class PolicyConfig:
     switch ranked by rates chased one prior after another, each a new load). A cold one serves only when the GPU
     seconds it saves on the next `LOAD_WINDOW_S` of offered work are at least this many times its load seconds; 0,
     the default, turns the rule off (the fleet keeps it off whatever the setting: its figures were measured without
-    it). On the simulator (20 seeds × 63 cells) 362 of 399 checks held with it against 359, none lost; the burst
-    cells themselves moved by at most 0.002× (burst / OLLAMA_NUM_PARALLEL 4 0.959 → 0.958× always-Q4_K_M): what
-    they lose is runners started in the burst's first seconds, before `LOAD_WINDOW_S` shows it as overload. But on
-    the real-engine replay (llama.cpp on this machine's CPU, where a load takes a fraction of a second and so always
-    pays) it takes quantrouter from 1.05× always-Q4_K_M (bench/results/replay.md) to 0.86× over the same three seeds
-    (bench/results/replay-smallest-under-overload): every SLO still met, but overloads served by the ladder's
-    smallest rungs, of lower measured quality, with 13 loads and 10 evictions against 6 and 3. So it is off by
-    default.
+    it). On the simulator (20 seeds × 63 cells) 364 of 399 checks hold with it against 362, 2 gained and none lost
+    (bench/results/simulation-smallest-under-overload); burst / OLLAMA_NUM_PARALLEL 4 itself falls from 0.972 to
+    0.958× always-Q4_K_M: what the burst cells lose is runners started in the burst's first seconds, before the
+    load reading shows it as overload. But on the real-engine replay (llama.cpp on this machine's CPU, where a load
+    takes a fraction of a second and so always pays) it takes quantrouter from 1.05× always-Q4_K_M
+    (bench/results/replay.md) to 0.85× over the same three seeds (bench/results/replay-smallest-under-overload):
+    every SLO still met, but overloads served by the ladder's smallest rungs, of lower measured quality, with 13
+    loads and 10 evictions against 6 and 3. So it is off by default.
     `surge_factor`: the decision reads the offered load as `MemoryView.surge_load` ÷ this when that is higher than
     `offered_load`: a burst shows within seconds over `SURGE_WINDOW_S`, the shorter window noisier, so it counts
     at a discount (0 turns it off; a fleet's node views carry no surge reading). On the simulator (20 seeds × 63
