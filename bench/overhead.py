@@ -25,7 +25,12 @@ and summarised as the median over repetitions with the min–max range.
 the 64 paced streams in steady state) and writes bench/results/overhead-profile-NAME.md (each area's share of
 the router's busy samples and a top-N table).
 
-`--baseline DIR` adds a third arm, a router run from the quantrouter package in DIR (say, `git archive main
+Every scenario also runs a bare gRPC relay of the same API (bench/fixtures/bare_relay.py `--ollama`: no
+validation, decision, interceptors or metrics, on uvloop) as a third arm in the same rounds: what it adds over
+direct is the floor under any Python gRPC hop on this machine, and what the router adds beyond it is the
+router's own work. Each target's row shows both.
+
+`--baseline DIR` adds one more arm, a router run from the quantrouter package in DIR (say, `git archive main
 src` unpacked, with the generated protobuf modules), alternating with the others in the same rounds, and a
 section comparing the two routers.
 
@@ -63,7 +68,7 @@ import quantrouter
 from bench.fixtures.canned_ollama import FAMILY as CANNED_FAMILY
 from bench.fixtures.canned_ollama import VARIANTS as CANNED_VARIANTS
 from bench.machine import busy_seconds, cpu_seconds, describe, memory_mib
-from bench.processes import STOP_TIMEOUT_S, Service, canned_ollama, node_router, router_env
+from bench.processes import STOP_TIMEOUT_S, Service, canned_ollama, node_router, router_env, spawned
 from bench.readme import replace_block
 from bench.stats import percentile
 from quantrouter.client import AsyncRouterClient, Options
@@ -71,7 +76,7 @@ from quantrouter.values import Completion
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "Why is the sky blue?"
-DIRECT, ROUTER, BASELINE = "direct", "router", "baseline"
+DIRECT, ROUTER, FLOOR, BASELINE = "direct", "router", "bare relay", "baseline"
 REQUEST_TIMEOUT_S = 120.0
 # The router's per-family default (64 streams) is the most a scenario opens at once; raise it to be sure.
 ROUTER_ENV = router_env({"QUANTROUTER_MAX_IN_FLIGHT": "256", "QUANTROUTER_MAX_IN_FLIGHT_PER_FAMILY": "256"})
@@ -200,6 +205,13 @@ def router_for(backend: Service, logs: Path, source: Path | None = None) -> cont
                        CANNED_CAPACITY, source)
 
 
+def bare_relay_for(backend: Service, logs: Path) -> contextlib.AbstractContextManager[Service]:
+    """The floor arm's relay in front of `backend`, streaming the tag the router picks there."""
+    return spawned(f"bare-relay-{backend.name}", [sys.executable, "-m", "bench.fixtures.bare_relay", "--ollama",
+                                                  backend.address, "--tag", CANNED_TAG],
+                   {}, r"bare relay serving on ports ollama=(\d+)", logs)
+
+
 # The arms: each request's time to its first text and the tokens the backend counted.
 
 async def direct_request(session: aiohttp.ClientSession, scenario: Scenario) -> Sample:
@@ -270,16 +282,17 @@ async def arms_for(backend: Service, router: Service, scenario: Scenario
 
 
 async def run_scenario(scenario: Scenario, backend: Service, router: Service, repetitions: int,
-                       baseline: Service | None = None) -> list[dict[str, Arm]]:
-    """Warm each arm once, then per repetition one round an arm and one more in reverse order. With a
-    `baseline` router, its arm runs too (its CPU is its own; direct's is the idle router's)."""
+                       others: Mapping[str, Service] | None = None) -> list[dict[str, Arm]]:
+    """Warm each arm once, then per repetition one round an arm and one more in reverse order. `others` are
+    more arms by name (the bare relay, a baseline router), each a gRPC server the router's client calls; each
+    arm's CPU is its server's own (direct's is the idle router's)."""
     results = []
     async with arms_for(backend, router, scenario) as requests, contextlib.AsyncExitStack() as stack:
         pids = {DIRECT: router.pid, ROUTER: router.pid}
-        if baseline is not None:
-            requests = {**requests, BASELINE: (await stack.enter_async_context(
-                arms_for(backend, baseline, scenario)))[ROUTER]}
-            pids[BASELINE] = baseline.pid
+        for name, server in (others or {}).items():
+            requests = {**requests, name: (await stack.enter_async_context(
+                arms_for(backend, server, scenario)))[ROUTER]}
+            pids[name] = server.pid
         warmup = replace(scenario, per_stream=1)
         for name, request in requests.items():
             await run_round(request, warmup, Arm(), pids[name])
@@ -333,8 +346,25 @@ class Spread:
 
 
 def spread(rows: Sequence[Mapping[str, object]], scenario: Scenario, arm: str, key: str) -> Spread:
-    values = [float(str(r[key])) for r in rows if r["scenario"] == scenario.name and r["arm"] == arm]
+    return _spread([float(str(r[key])) for r in rows if r["scenario"] == scenario.name and r["arm"] == arm])
+
+
+def _spread(values: Sequence[float]) -> Spread:
     return Spread(statistics.median(values), min(values), max(values))
+
+
+# Figures read as a rate (more is better): the router's own part of them is its ratio to the bare relay's.
+RATES = ("tokens_per_s", "relay_vs_direct")
+
+
+def beyond_floor(rows: Sequence[Mapping[str, object]], scenario: Scenario, key: str) -> Spread:
+    """The router's own part of a figure, repetition by repetition: what it adds beyond the bare relay (ms), or
+    for a rate, its ratio to the relay's."""
+    def of(arm: str) -> dict[object, float]:
+        return {r["repetition"]: float(str(r[key])) for r in rows if r["scenario"] == scenario.name and r["arm"] == arm}
+
+    router, floor = of(ROUTER), of(FLOOR)
+    return _spread([router[k] / floor[k] if key in RATES else router[k] - floor[k] for k in router])
 
 
 SUMMARY = (("added_ttft_p50_ms", "added TTFT p50 ms", 2), ("added_ttft_p99_ms", "added TTFT p99 ms", 2),
@@ -455,15 +485,26 @@ def baseline_section(rows: Sequence[Mapping[str, object]], source: Path, router_
                 body), ""]
 
 
+def floor_meets(rows: Sequence[Mapping[str, object]], target: Target) -> bool:
+    return target.met(spread(rows, target.scenario, FLOOR, target.figure).median)
+
+
 def targets_table(rows: Sequence[Mapping[str, object]], memory: Memory) -> list[str]:
     body: list[list[object]] = []
     for target in TARGETS:
         value = spread(rows, target.scenario, ROUTER, target.figure)
         digits = 0 if target.figure == "tokens_per_s" else 2
-        body.append([target.text, value.text(digits), "met" if target.met(value.median) else "**not met**"])
-    body.append([f"router RSS idle ≤ {RSS_TARGET_MIB:.0f} MiB", f"{memory.idle_mib:.1f}",
+        verdict = "met" if target.met(value.median) else "**not met**"
+        if not floor_meets(rows, target):
+            verdict += " (the bare relay misses it too)"
+        own = beyond_floor(rows, target.scenario, target.figure)
+        body.append([target.text, value.text(digits), spread(rows, target.scenario, FLOOR, target.figure).text(digits),
+                     f"{own.text(2)}{'×' if target.figure in RATES else ' ms'}", verdict])
+    body.append([f"router RSS idle ≤ {RSS_TARGET_MIB:.0f} MiB", f"{memory.idle_mib:.1f}", "—", "—",
                  "met" if memory.idle_mib <= RSS_TARGET_MIB else "**not met**"])
-    return _table(("target (issue 13)", "median [min – max] over repetitions", "verdict"), body)
+    return _table(("target (issue 13)", "quantrouter: median [min – max] over repetitions",
+                   f"{FLOOR} (bench/fixtures/bare_relay.py), same rounds",
+                   "quantrouter beyond the bare relay (− for ms, ÷ for rates)", "verdict"), body)
 
 
 def budget_reading(rows: Sequence[Mapping[str, object]]) -> str:
@@ -500,7 +541,15 @@ def budget_reading(rows: Sequence[Mapping[str, object]]) -> str:
                     f"{median(RELAY_MANY, 'router_cpu_s_per_1k'):.3f} CPU-s per 1,000 tokens one core of its own "
                     f"would let the router relay {1000 / median(RELAY_MANY, 'router_cpu_s_per_1k'):,.0f} tok/s",
     }
-    unmet = [f"{target.text}: {text}" for target, text in why.items()
+    def floor(target: Target) -> str:
+        value = spread(rows, target.scenario, FLOOR, target.figure).median
+        shown = f"{value:,.0f}" if target.figure == "tokens_per_s" else f"{value:.2f}"
+        if floor_meets(rows, target):
+            return f"a bare gRPC relay meets it in the same rounds ({shown}), so the rest is the router's own: "
+        return (f"a bare gRPC relay misses it too in the same rounds ({shown}): the bound is below what a Python "
+                "gRPC hop does on this machine; beyond that, ")
+
+    unmet = [f"{target.text}: {floor(target)}{text}" for target, text in why.items()
              if not target.met(median(target.scenario, target.figure))]
     return "; ".join(unmet) + "." if unmet else ""
 
@@ -517,7 +566,14 @@ def reading(rows: Sequence[Mapping[str, object]], memory: Memory) -> str:
         f"{of(TTFT_ONE, 'added_ttft_p50_ms', 2)} ms to time to first token at p50 with one stream and "
         f"{of(TTFT_MANY, 'added_ttft_p99_ms', 2)} ms at p99 with {TTFT_MANY.streams} streams in steady state "
         f"(`{TTFT_MANY.name}`, the row the target reads; direct: p50 {of(TTFT_ONE, 'ttft_p50_ms', 2, DIRECT)} ms "
-        f"with one stream and p99 {of(TTFT_MANY, 'ttft_p99_ms', 2, DIRECT)} ms with {TTFT_MANY.streams}). When all "
+        f"with one stream and p99 {of(TTFT_MANY, 'ttft_p99_ms', 2, DIRECT)} ms with {TTFT_MANY.streams}). "
+        f"A bare gRPC relay of the same API in the same rounds (`{FLOOR}`: no validation, decision, interceptors "
+        f"or metrics; the floor under any Python gRPC hop here) adds {of(TTFT_ONE, 'added_ttft_p50_ms', 2, FLOOR)} "
+        f"ms and {of(TTFT_MANY, 'added_ttft_p99_ms', 2, FLOOR)} ms there, and relays "
+        f"{of(RELAY_MANY, 'relay_vs_direct', 3, FLOOR)}× of direct over {RELAY_MANY.streams} unpaced streams; "
+        f"quantrouter's own work adds {beyond_floor(rows, TTFT_ONE, 'added_ttft_p50_ms').text(2)} ms and "
+        f"{beyond_floor(rows, TTFT_MANY, 'added_ttft_p99_ms').text(2)} ms beyond it, and relays "
+        f"{beyond_floor(rows, RELAY_MANY, 'relay_vs_direct').text(3)}× of its rate. When all "
         f"{TTFT_BURST.streams} streams start at the same instant (`{TTFT_BURST.name}`), the start burst queues "
         f"their requests behind each other for the router's CPU: it adds {of(TTFT_BURST, 'added_ttft_p99_ms', 2)} "
         f"ms at p99 (direct p99 {of(TTFT_BURST, 'ttft_p99_ms', 2, DIRECT)} ms). Unpaced, where the router is the "
@@ -552,8 +608,8 @@ def write_results(rows: list[dict[str, object]], memory: Memory, timeline: Timel
         writer.writeheader()
         writer.writerows(rows)
     text = reading(rows, memory)
-    summary = [[s.name, *(spread(rows, s, ROUTER, key).text(digits) for key, _, digits in SUMMARY)]
-               for s in SCENARIOS]
+    summary = [[s.name, arm, *(spread(rows, s, arm, key).text(digits) for key, _, digits in SUMMARY)]
+               for s in SCENARIOS for arm in (ROUTER, FLOOR)]
     lines = [
         "# Router overhead: direct to the backend vs through quantrouter", "",
         f"Run {started:%Y-%m-%d %H:%M %Z} on {describe()}; {elapsed_s:.0f} s in all; load average before the "
@@ -565,15 +621,16 @@ def write_results(rows: list[dict[str, object]], memory: Memory, timeline: Timel
           if (why := budget_reading(rows)) else []),
         "## Summary", "",
         f"Median over {repetitions} repetitions [min – max]. A repetition runs one round an arm and one more in "
-        "reverse order (direct, router, router, direct); each arm gets ≥ 200 measured requests a repetition "
-        f"(`{TTFT_MANY.name}` measures each stream's requests after its first: ttft_requests in the last "
-        "table). TTFT is from the call to the first text; added TTFT is the router's quantile minus direct's in "
-        "the same repetition (requests overlap, so they have no one partner to pair with). Tok/s counts the "
+        f"reverse order (direct, router, {FLOOR}, {FLOOR}, router, direct); each arm gets ≥ 200 measured "
+        f"requests a repetition (`{TTFT_MANY.name}` measures each stream's requests after its first: "
+        "ttft_requests in the last table). TTFT is from the call to the first text; added TTFT is the arm's "
+        "quantile minus direct's in the same repetition (requests overlap, so they have no one partner to pair "
+        "with). Tok/s counts the "
         "tokens the backend reported (eval_count) over the rounds' wall time. Router CPU is utime + stime of the "
-        f"router process. `{PACED}`: the canned fixture (bench/fixtures/canned_ollama.py) at "
-        f"{PACED_TOKENS_PER_S:.0f} tok/s a stream; "
+        f"arm's server process (the router's, the relay's). `{PACED}`: the canned fixture "
+        f"(bench/fixtures/canned_ollama.py) at {PACED_TOKENS_PER_S:.0f} tok/s a stream; "
         f"`{CANNED}`: the same fixture as fast as it can write.", "",
-        *_table(("scenario", *(title for _, title, _ in SUMMARY)), summary), "",
+        *_table(("scenario", "arm", *(title for _, title, _ in SUMMARY)), summary), "",
         *(timeline_section(timeline) if timeline else []),
         *(baseline_section(rows, baseline.source, memory.idle_mib, baseline.idle_mib) if baseline else []),
         "## Every repetition", "", *_table(DETAIL, [[row[key] for key in DETAIL] for row in rows]), "",
@@ -590,14 +647,17 @@ async def measure(chosen: Sequence[Scenario], repetitions: int, logs: Path, base
     timeline = None
     for backend_name in (PACED, CANNED):
         with (canned_backend(backend_name, logs) as backend, router_for(backend, logs) as router,
+              bare_relay_for(backend, logs) as floor,
               router_for(backend, logs, baseline) if baseline else contextlib.nullcontext() as base):
             idle.append(memory_mib(router.pid, "VmRSS"))
+            others = {FLOOR: floor}
             if base is not None:
                 baseline_idle.append(memory_mib(base.pid, "VmRSS"))
+                others[BASELINE] = base
             for scenario in (s for s in chosen if s.backend == backend_name):
                 print(f"{scenario.name} ...", file=sys.stderr, flush=True)
                 timed = await histogram_totals(router)
-                results = await run_scenario(scenario, backend, router, repetitions, base)
+                results = await run_scenario(scenario, backend, router, repetitions, others)
                 if scenario.name == TTFT_ONE.name:
                     timeline = timeline_of(results, timed, await histogram_totals(router))
                 for index, arms in enumerate(results):

@@ -11,7 +11,21 @@ import asyncio
 import os
 import time
 
-from bench.overhead import PACED, PACED_TOKENS_PER_S, TTFT_BURST, TTFT_MANY, Arm, Sample, Scenario, run_round
+import pytest
+from bench.overhead import (
+    FLOOR,
+    PACED,
+    PACED_TOKENS_PER_S,
+    ROUTER,
+    TTFT_BURST,
+    TTFT_MANY,
+    Arm,
+    Sample,
+    Scenario,
+    Spread,
+    beyond_floor,
+    run_round,
+)
 
 # A request lasts 50 tokens at 50 tok/s, 1 s: long enough that a busy machine's scheduling delays (tens of ms)
 # stay well inside the 125 ms that separate one stream's start from the next.
@@ -64,3 +78,14 @@ def test_the_target_row_measures_at_least_200_requests_an_arm_in_steady_state() 
     assert TTFT_MANY.streams == TTFT_BURST.streams == 64
     measured_per_round = TTFT_MANY.streams * sum(TTFT_MANY.measured(i) for i in range(TTFT_MANY.per_stream))
     assert 2 * measured_per_round >= 200  # two rounds an arm a repetition
+
+
+def test_the_routers_own_part_is_paired_with_the_bare_relay_repetition_by_repetition() -> None:
+    """A difference for milliseconds, a ratio for a rate, each within its repetition; then the median and range."""
+    rows = [{"scenario": TTFT_MANY.name, "repetition": rep, "arm": arm, "added_ttft_p99_ms": ms,
+             "relay_vs_direct": rate}
+            for rep, arm, ms, rate in ((1, ROUTER, 9.0, 0.6), (1, FLOOR, 4.0, 0.8), (2, ROUTER, 5.0, 0.7),
+                                       (2, FLOOR, 4.0, 0.7), (3, ROUTER, 6.0, 0.5), (3, FLOOR, 3.0, 1.0))]
+    assert beyond_floor(rows, TTFT_MANY, "added_ttft_p99_ms") == Spread(3.0, 1.0, 5.0)
+    rates = beyond_floor(rows, TTFT_MANY, "relay_vs_direct")
+    assert (rates.median, rates.low, rates.high) == pytest.approx((0.75, 0.5, 1.0))
