@@ -368,10 +368,10 @@ def beyond_floor(rows: Sequence[Mapping[str, object]], scenario: Scenario, key: 
 
 
 SUMMARY = (("added_ttft_p50_ms", "added TTFT p50 ms", 2), ("added_ttft_p99_ms", "added TTFT p99 ms", 2),
-           ("tokens_per_s", "router tok/s", 0), ("relay_vs_direct", "tok/s vs direct", 3),
-           ("router_cpu_s_per_1k", "router CPU s / 1k tok", 3),
-           ("router_cpu_ms_per_request", "router CPU ms / request", 2),
-           ("cores_busy", "cores busy (router, backend, client)", 2),
+           ("tokens_per_s", "tok/s", 0), ("relay_vs_direct", "tok/s vs direct", 3),
+           ("router_cpu_s_per_1k", "server CPU s / 1k tok", 3),
+           ("router_cpu_ms_per_request", "server CPU ms / request", 2),
+           ("cores_busy", "cores busy (server, backend, client)", 2),
            ("all_cores_busy", "cores busy (every process)", 2))
 DETAIL = ("scenario", "repetition", "arm", "requests", "ttft_requests", "failed", "tokens", "wall_s", "ttft_p50_ms",
           "ttft_p99_ms", "tokens_per_s", "router_cpu_s_per_1k", "router_cpu_ms_per_request", "machine_cpu_s_per_1k",
@@ -610,6 +610,7 @@ def write_results(rows: list[dict[str, object]], memory: Memory, timeline: Timel
     text = reading(rows, memory)
     summary = [[s.name, arm, *(spread(rows, s, arm, key).text(digits) for key, _, digits in SUMMARY)]
                for s in SCENARIOS for arm in (ROUTER, FLOOR)]
+    arms = [DIRECT, ROUTER, FLOOR, *([BASELINE] if baseline else [])]
     lines = [
         "# Router overhead: direct to the backend vs through quantrouter", "",
         f"Run {started:%Y-%m-%d %H:%M %Z} on {describe()}; {elapsed_s:.0f} s in all; load average before the "
@@ -621,14 +622,14 @@ def write_results(rows: list[dict[str, object]], memory: Memory, timeline: Timel
           if (why := budget_reading(rows)) else []),
         "## Summary", "",
         f"Median over {repetitions} repetitions [min – max]. A repetition runs one round an arm and one more in "
-        f"reverse order (direct, router, {FLOOR}, {FLOOR}, router, direct); each arm gets ≥ 200 measured "
+        f"reverse order ({', '.join(arms + arms[::-1])}); each arm gets ≥ 200 measured "
         f"requests a repetition (`{TTFT_MANY.name}` measures each stream's requests after its first: "
         "ttft_requests in the last table). TTFT is from the call to the first text; added TTFT is the arm's "
         "quantile minus direct's in the same repetition (requests overlap, so they have no one partner to pair "
-        "with). Tok/s counts the "
-        "tokens the backend reported (eval_count) over the rounds' wall time. Router CPU is utime + stime of the "
-        f"arm's server process (the router's, the relay's). `{PACED}`: the canned fixture "
-        f"(bench/fixtures/canned_ollama.py) at {PACED_TOKENS_PER_S:.0f} tok/s a stream; "
+        "with). Tok/s counts the tokens the backend reported (eval_count) over the rounds' wall time. Server CPU "
+        "is utime + stime of the arm's server process (the router's, the relay's; on direct's rows, the idle "
+        f"router's). `{PACED}`: the canned fixture (bench/fixtures/canned_ollama.py) at "
+        f"{PACED_TOKENS_PER_S:.0f} tok/s a stream; "
         f"`{CANNED}`: the same fixture as fast as it can write.", "",
         *_table(("scenario", "arm", *(title for _, title, _ in SUMMARY)), summary), "",
         *(timeline_section(timeline) if timeline else []),
