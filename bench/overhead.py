@@ -411,13 +411,15 @@ async def histogram_totals(router: Service) -> dict[str, float]:
 
 @dataclass(frozen=True, slots=True)
 class Timeline:
-    """Means (ms) over the router arm's requests in the 1-stream paced scenario, and the direct arm's TTFT."""
+    """Means (ms) over the router arm's requests in the 1-stream paced scenario, and the direct and bare relay
+    arms' TTFT."""
 
     client_ttft_ms: float  # at the client, through the router
     router_ttft_ms: float  # inside the router, from its stream's start to the first text it hands to gRPC
     decide_ms: float
     direct_ttft_ms: float  # the backend's own, to a direct client
     router_cpu_ms: float  # all the router's CPU per request, before and after the first token
+    relay_ttft_ms: float  # at the client, through the bare relay
 
     def stages(self) -> list[tuple[str, float]]:
         backend_hop = self.router_ttft_ms - self.decide_ms - self.direct_ttft_ms
@@ -441,7 +443,8 @@ def timeline_of(results: Sequence[dict[str, Arm]], before: Mapping[str, float], 
 
     routed = [arms[ROUTER] for arms in results]
     cpu_ms = 1000 * sum(a.router_cpu_s for a in routed) / sum(len(a.samples) for a in routed)
-    return Timeline(arm_mean_ms(ROUTER), mean_ms(ROUTER_TTFT), mean_ms(DECISION), arm_mean_ms(DIRECT), cpu_ms)
+    return Timeline(arm_mean_ms(ROUTER), mean_ms(ROUTER_TTFT), mean_ms(DECISION), arm_mean_ms(DIRECT), cpu_ms,
+                    arm_mean_ms(FLOOR))
 
 
 def timeline_section(timeline: Timeline) -> list[str]:
@@ -454,11 +457,14 @@ def timeline_section(timeline: Timeline) -> list[str]:
         f"the router's own `{ROUTER_TTFT}` (from its stream's start to the first text it hands to gRPC) and "
         f"`{DECISION}`, read from its /metrics before and after these rounds, and the direct arm's time to first "
         f"text. **Reading (generated).** Of the {added:.2f} ms the router adds on average, the largest part is "
-        f"{biggest.split(':')[0]} ({biggest_ms:.2f} ms); the router spends {timeline.router_cpu_ms:.2f} ms of CPU "
-        "per request in all (first token and the rest), on a machine whose two cores the client, the router and "
-        "the backend share.", "",
+        f"{biggest.split(':')[0]} ({biggest_ms:.2f} ms); a bare gRPC relay, with none of the router's work, adds "
+        f"{timeline.relay_ttft_ms - timeline.direct_ttft_ms:.2f} ms on average in the same rounds (its gRPC in and "
+        "out, and its own backend hop). The router spends "
+        f"{timeline.router_cpu_ms:.2f} ms of CPU per request in all (first token and the rest), on a machine whose "
+        "two cores the client, the router and the backend share.", "",
         *_table(("stage", "mean ms"), [[name, f"{ms:.3f}"] for name, ms in stages]
-                + [["at the client, through the router (sum of the above)", f"{timeline.client_ttft_ms:.3f}"]]),
+                + [["at the client, through the router (sum of the above)", f"{timeline.client_ttft_ms:.3f}"],
+                   [f"for comparison: at the client, through the {FLOOR}", f"{timeline.relay_ttft_ms:.3f}"]]),
         ""]
 
 
