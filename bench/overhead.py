@@ -552,8 +552,8 @@ def budget_reading(rows: Sequence[Mapping[str, object]]) -> str:
         shown = f"{value:,.0f}" if target.figure == "tokens_per_s" else f"{value:.2f}"
         if floor_meets(rows, target):
             return f"a bare gRPC relay meets it in the same rounds ({shown}), so the rest is the router's own: "
-        return (f"a bare gRPC relay misses it too in the same rounds ({shown}): the bound is below what a Python "
-                "gRPC hop does on this machine; beyond that, ")
+        return (f"a bare gRPC relay misses it too in the same rounds ({shown}): in this run not even a Python "
+                "gRPC hop that does nothing else reached it on this machine; beyond that, ")
 
     unmet = [f"{target.text}: {floor(target)}{text}" for target, text in why.items()
              if not target.met(median(target.scenario, target.figure))]
