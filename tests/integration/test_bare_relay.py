@@ -40,9 +40,10 @@ async def relay_address() -> AsyncIterator[str]:
 
 async def test_the_bare_relay_streams_the_backends_text_and_counts_and_no_decision(relay_address: str) -> None:
     async with AsyncRouterClient(relay_address) as client:
-        for _ in range(2):  # a second stream on the same relay and backend connection
-            events = [event async for event in client.generate(FAMILY, "Why is the sky blue?",
-                                                               options=Options(num_predict=TOKENS))]
+        # A second stream on the same relay and backend connection, with a repeated option and a format, which
+        # Ollama takes beside the options.
+        for options in (Options(num_predict=TOKENS), Options(num_predict=TOKENS, stop=("\n\n",), format="json")):
+            events = [event async for event in client.generate(FAMILY, "Why is the sky blue?", options=options)]
             *texts, completion = events
             assert "".join(t for t in texts if isinstance(t, str)) == \
                 "".join(CANNED_TEXT[i % len(CANNED_TEXT)] for i in range(TOKENS))
