@@ -20,13 +20,20 @@ meet under load, and counts as the variant's rate. Started from the shared rate 
 three ways time-sliced had kept Q4_K_M at 44 tok/s (141 true) in the simulator, below the latency callers' 60
 tok/s floor, never to be sampled again; started from the bound instead, variants that never ran alone (a burst)
 kept an estimate above their speed, and the simulated burst lost goodput.
+
+A calibration file (`quantrouter calibrate`) seeds each variant with measured figures. Its ratios between variants
+carry over; its level need not: the machine may run faster or slower than on the day it was made. Once a calibrated
+variant has run, every calibrated sibling that has not run since is scaled by that variant's figures now ÷ its
+calibrated ones: decode and prompt rates separately, load times as the file has them. On the real-engine replay
+(a file made on a busy machine: q4_0 at 8.5 tok/s, running at 21 now) a sibling otherwise kept its file's
+5.8 tok/s, and QUALITY requests stayed on q4_0.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from quantrouter.catalog import VariantInfo
 from quantrouter.units import NS
@@ -129,6 +136,8 @@ class _Ewma:
     load_seconds: float | None = None
     samples: int = 0
     ceiling: float | None = None  # the lowest bound on its solo decode rate that shared samples set
+    calibrated: tuple[float, float] | None = None  # the calibration's decode and prompt tok/s it was seeded with
+    live: int = 0  # decode samples since then (or since the start, unseeded)
 
 
 _UNSEEN = _Ewma()
@@ -153,8 +162,9 @@ class ThroughputSnapshot:
 
     def estimate(self, tag: str, size_bytes: int, siblings: Mapping[str, int]) -> SpeedEstimate:
         """The estimate for `tag`; `siblings` maps sibling tags to theirs. Sizes are `decode_bytes`."""
-        others = [t for t in self._measured(siblings) if t[0] != tag]
-        return self._estimate(tag, size_bytes, _most_sampled(others), _line(others))
+        measured, drift = self._measured({**siblings, tag: size_bytes})
+        others = [t for t in measured if t[0] != tag]
+        return self._estimate(tag, size_bytes, _most_sampled(others), _line(others), drift)
 
     def estimates(self, variants: Sequence[VariantInfo]) -> list[tuple[VariantInfo, SpeedEstimate]]:
         """Each variant of one family with its estimate, the others serving as siblings for the priors.
@@ -163,17 +173,17 @@ class ThroughputSnapshot:
         not once per variant: per variant it made the router's per-request work quadratic in the family size.
         """
         sizes = {v.tag: decode_bytes(v.size_bytes, v.quant.bits_per_weight) for v in variants}
-        measured = self._measured(sizes)
+        measured, drift = self._measured(sizes)
         best = _most_sampled(measured)
         runner_up = _most_sampled(t for t in measured if t is not best) if best is not None else None
         line = _line(measured)  # only unmeasured variants use it, so each one's own point may stay in
         return [(v, self._estimate(v.tag, sizes[v.tag], runner_up if best is not None and best[0] == v.tag else best,
-                                   line))
+                                   line, drift))
                 for v in variants]
 
     def _estimate(self, tag: str, size_bytes: int, sibling: tuple[str, _Ewma, int] | None,
-                  line: _Line | None) -> SpeedEstimate:
-        own = self.stats.get(tag, _UNSEEN)
+                  line: _Line | None, drift: tuple[float, float] = (1.0, 1.0)) -> SpeedEstimate:
+        own = _at_pace(self.stats.get(tag, _UNSEEN), drift)
         reference = None if sibling is None else sibling[1:]
         decode = own.decode_tps or self._decode_prior(size_bytes, reference, line)
         if own.decode_tps is None and own.ceiling is not None and own.ceiling < decode:
@@ -182,11 +192,14 @@ class ThroughputSnapshot:
         load = own.load_seconds if own.load_seconds is not None else self._load_prior(size_bytes, reference)
         return _new_estimate(decode, prompt, load, own.samples, own.decode_tps is not None)
 
-    def _measured(self, siblings: Mapping[str, int]) -> list[tuple[str, _Ewma, int]]:
-        """The siblings with a measured decode rate, in `siblings`' order, with their figures and sizes."""
+    def _measured(self, siblings: Mapping[str, int]) -> tuple[list[tuple[str, _Ewma, int]], tuple[float, float]]:
+        """The siblings with a measured decode rate, in `siblings`' order, with their figures (calibrated ones at the
+        GPU's pace now, `_drift`) and sizes; and that drift."""
         stats = self.stats
-        return [(t, stats[t], size) for t, size in siblings.items()
-                if size > 0 and t in stats and stats[t].decode_tps is not None]
+        measured = [(t, stats[t], size) for t, size in siblings.items()
+                    if size > 0 and t in stats and stats[t].decode_tps is not None]
+        drift = _drift(measured)
+        return [(t, _at_pace(ewma, drift), size) for t, ewma, size in measured], drift
 
     def _decode_prior(self, size_bytes: int, reference: _Reference | None, line: _Line | None) -> float:
         if line is not None:
@@ -224,6 +237,26 @@ def _line(measured: Iterable[tuple[str, _Ewma, int]]) -> _Line | None:
     return (slope, intercept) if slope > 0 and intercept >= 0 else None
 
 
+def _drift(measured: Iterable[tuple[str, _Ewma, int]]) -> tuple[float, float]:
+    """How much faster (decode, prompt) the GPU runs now than when the calibration file was made: the ratio of
+    live to calibrated figures of the calibrated sibling with the most live samples (1, 1 with none)."""
+    runs = [ewma for _, ewma, _ in measured if ewma.calibrated is not None and ewma.live]
+    if not runs:
+        return 1.0, 1.0
+    ewma = max(runs, key=lambda e: e.live)
+    assert ewma.calibrated is not None and ewma.decode_tps is not None
+    decode, prompt = ewma.calibrated
+    return ewma.decode_tps / decode, (ewma.prompt_tps or prompt) / prompt
+
+
+def _at_pace(ewma: _Ewma, drift: tuple[float, float]) -> _Ewma:
+    """A variant's calibrated figures times the drift while it has not run since (its own samples say more)."""
+    if ewma.calibrated is None or ewma.live or drift == (1.0, 1.0) or ewma.decode_tps is None:
+        return ewma
+    prompt = ewma.prompt_tps * drift[1] if ewma.prompt_tps is not None else None
+    return replace(ewma, decode_tps=ewma.decode_tps * drift[0], prompt_tps=prompt)
+
+
 def _most_sampled(measured: Iterable[tuple[str, _Ewma, int]]) -> tuple[str, _Ewma, int] | None:
     """The sibling with the most samples, the first of equals (the priors follow the best-measured one)."""
     return max(measured, key=lambda sibling: sibling[1].samples, default=None)
@@ -257,12 +290,15 @@ class ThroughputTable:
             _blend(old.load_seconds, load, self._alpha),
             old.samples + (decode is not None),
             ceiling,
+            old.calibrated,
+            old.live + (decode is not None),
         )
 
     def seed(self, tag: str, decode_tps: float, prompt_tps: float, load_seconds: float, samples: int) -> None:
         """Start a variant from calibrated figures (`quantrouter calibrate`) instead of a prior."""
         self._snapshot = None
-        self._stats[tag] = _Ewma(decode_tps, prompt_tps, load_seconds, samples, self._stats.get(tag, _UNSEEN).ceiling)
+        self._stats[tag] = _Ewma(decode_tps, prompt_tps, load_seconds, samples, self._stats.get(tag, _UNSEEN).ceiling,
+                                 (decode_tps, prompt_tps))
 
     def snapshot(self) -> ThroughputSnapshot:
         """The table as it stands; the same snapshot until the next observation (one per request otherwise)."""

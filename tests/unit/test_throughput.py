@@ -137,6 +137,34 @@ def test_seed_starts_a_variant_from_calibrated_figures() -> None:
     assert (estimate.prompt_tps, estimate.load_seconds, estimate.samples) == (7000.0, 4.5, 6)
 
 
+def _prompt(tokens_per_second: float, tokens: int = 100) -> Observation:
+    return Observation(eval_count=tokens, eval_duration_ns=int(tokens * SECOND_NS / 120.0), prompt_eval_count=tokens,
+                       prompt_eval_duration_ns=int(tokens * SECOND_NS / tokens_per_second))
+
+
+def test_calibrated_variants_not_run_since_follow_the_pace_a_calibrated_sibling_runs_at_now() -> None:
+    """A calibration file made on a busier (or cooler) day says how the variants compare, not how fast the GPU is
+    today: on the replay's machine q4_0 ran at 21 tok/s against the file's 8.5 while its siblings kept the file's
+    5.8, and every QUALITY request stayed on q4_0. A variant that has run since keeps its own figures."""
+    table = ThroughputTable(ALPHA, H100_SXM_BANDWIDTH)
+    table.seed("q4", 50.0, 1000.0, 4.0, samples=4)
+    table.seed("q8", 25.0, 800.0, 6.0, samples=4)
+    table.seed("f16", 10.0, 600.0, 9.0, samples=4)
+    assert table.snapshot().estimate("q8", Q8, SIZES).decode_tps == 25.0  # nothing run yet: the file as it is
+    table.observe("q4", _prompt(2000.0))  # q4 runs: decode 120 (EWMA 0.3·120 + 0.7·50 = 71), prompt 1300
+    drift, prompt_drift = 71.0 / 50.0, 1300.0 / 1000.0
+    q8 = table.snapshot().estimate("q8", Q8, SIZES)
+    assert q8.decode_tps == pytest.approx(25.0 * drift)
+    assert q8.prompt_tps == pytest.approx(800.0 * prompt_drift)
+    assert q8.load_seconds == 6.0  # loads read the disk, whose pace the decode does not tell
+    family = [VariantInfo(tag, "m", parse_quantization(quant), SIZES[tag])
+              for tag, quant in (("q4", "Q4_K_M"), ("q8", "Q8_0"), ("f16", "F16"))]
+    assert [e.decode_tps for _, e in table.snapshot().estimates(family)] == pytest.approx(
+        [71.0, 25.0 * drift, 10.0 * drift])
+    table.observe("q8", _decode(30.0))  # q8 has run since: its own EWMA, 0.3·30 + 0.7·25
+    assert table.snapshot().estimate("q8", Q8, SIZES).decode_tps == pytest.approx(26.5)
+
+
 def test_a_snapshot_does_not_change_when_the_table_does() -> None:
     table = ThroughputTable(ALPHA, H100_SXM_BANDWIDTH)
     table.observe("q4", _decode(100.0))
