@@ -240,13 +240,13 @@ def _line(measured: Iterable[tuple[str, _Ewma, int]]) -> _Line | None:
 def _drift(measured: Iterable[tuple[str, _Ewma, int]]) -> tuple[float, float]:
     """How much faster (decode, prompt) the GPU runs now than when the calibration file was made: the ratio of
     live to calibrated figures of the calibrated sibling with the most live samples (1, 1 with none)."""
-    runs = [ewma for _, ewma, _ in measured if ewma.calibrated is not None and ewma.live]
+    runs = [ewma for _, ewma, _ in measured if ewma.calibrated is not None and ewma.calibrated[0] > 0 and ewma.live]
     if not runs:
         return 1.0, 1.0
     ewma = max(runs, key=lambda e: e.live)
     assert ewma.calibrated is not None and ewma.decode_tps is not None
     decode, prompt = ewma.calibrated
-    return ewma.decode_tps / decode, (ewma.prompt_tps or prompt) / prompt
+    return ewma.decode_tps / decode, (ewma.prompt_tps or prompt) / prompt if prompt > 0 else 1.0
 
 
 def _at_pace(ewma: _Ewma, drift: tuple[float, float]) -> _Ewma:

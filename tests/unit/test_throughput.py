@@ -165,6 +165,22 @@ def test_calibrated_variants_not_run_since_follow_the_pace_a_calibrated_sibling_
     assert table.snapshot().estimate("q8", Q8, SIZES).decode_tps == pytest.approx(26.5)
 
 
+def test_a_calibration_without_rates_sets_no_pace() -> None:
+    """A file's variant with no decode or prompt rate (0: nothing measured) gives no drift, rather than a division
+    by zero on every request."""
+    table = ThroughputTable(ALPHA, H100_SXM_BANDWIDTH)
+    table.seed("q4", 0.0, 0.0, 4.0, samples=0)
+    table.seed("q8", 25.0, 800.0, 6.0, samples=4)
+    table.observe("q4", _prompt(2000.0))
+    assert table.snapshot().estimate("q8", Q8, SIZES).decode_tps == 25.0
+    table = ThroughputTable(ALPHA, H100_SXM_BANDWIDTH)
+    table.seed("q4", 50.0, 0.0, 4.0, samples=4)
+    table.seed("q8", 25.0, 800.0, 6.0, samples=4)
+    table.observe("q4", _prompt(2000.0))
+    q8 = table.snapshot().estimate("q8", Q8, SIZES)
+    assert (q8.decode_tps, q8.prompt_tps) == (pytest.approx(25.0 * 71.0 / 50.0), 800.0)
+
+
 def test_a_snapshot_does_not_change_when_the_table_does() -> None:
     table = ThroughputTable(ALPHA, H100_SXM_BANDWIDTH)
     table.observe("q4", _decode(100.0))
