@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping
 
-from quantrouter.config import load_settings, with_keys
+from quantrouter.config import ConfigError, load_settings, with_keys
 from quantrouter.policy import PolicyConfig
 from quantrouter.server import policy_config
 
@@ -19,10 +19,16 @@ def add_setting_option(parser: argparse.ArgumentParser, example: str) -> None:
 
 
 def settings_of(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, str]:
-    """The `--setting` values by name; a malformed one ends the run with the usage."""
+    """The `--setting` values by name; a malformed, unknown or invalid one ends the run with the usage, before any
+    process starts."""
     if bad := [s for s in args.setting if "=" not in s]:
         parser.error(f"--setting wants NAME=VALUE, got {', '.join(bad)}")
-    return dict(s.split("=", 1) for s in args.setting)
+    settings = dict(s.split("=", 1) for s in args.setting)
+    try:
+        with_keys(load_settings({}, {}), settings)
+    except ConfigError as error:
+        parser.error(str(error))
+    return settings
 
 
 def policy_with(settings: Mapping[str, str]) -> PolicyConfig:

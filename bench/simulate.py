@@ -61,7 +61,6 @@ from bench.sim.workload import (
     interactive_mix,
     with_squeeze,
 )
-from quantrouter.config import ConfigError
 from quantrouter.policy import PolicyConfig
 from quantrouter.values import Preference
 
@@ -166,10 +165,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     add_setting_option(parser, "tight_arrivals=0.2")
     args = parser.parse_args(argv)
     settings = settings_of(parser, args)
-    try:
-        config = policy_with(settings)
-    except ConfigError as error:
-        parser.error(str(error))
+    config = policy_with(settings)
     args.out.mkdir(parents=True, exist_ok=True)
     scenarios = [i for i, s in enumerate(SCENARIOS) if args.scenarios is None or s.name in args.scenarios]
     engines = [i for i, e in enumerate(ENGINES) if args.engines is None or e.name in args.engines]

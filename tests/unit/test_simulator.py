@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import math
 import random
 from dataclasses import replace
 
 import pytest
-from bench.router_settings import policy_with
+from bench.router_settings import add_setting_option, policy_with, settings_of
 from bench.sim.engine import Choice, Outcome, Policy, Prediction, RouterView, RunResult, Simulation
 from bench.sim.hardware import (
     DEFAULT_ENGINE,
@@ -348,3 +349,16 @@ def test_a_simulation_decides_by_the_settings_it_names_and_by_the_defaults_other
     assert policies_for(parallel)[0] == QuantRouter(config=replace(PolicyConfig(), runner_parallel=4))
     with pytest.raises(ConfigError, match="unknown settings no_such_knob"):
         policy_with({"no_such_knob": "1"})
+
+
+@pytest.mark.parametrize("setting", ["no_such_knob=1", "tight_arrivals=lots", "tight_arrivals"])
+def test_a_benchmark_refuses_a_setting_no_router_would_take_before_it_starts_anything(
+        setting: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--setting` is checked when the arguments are read (bench.simulate and bench.replay alike), not when the
+    first router starts minutes into a run."""
+    parser = argparse.ArgumentParser(prog="bench")
+    add_setting_option(parser, "tight_arrivals=0.2")
+    with pytest.raises(SystemExit):
+        settings_of(parser, parser.parse_args(["--setting", setting]))
+    assert "error:" in capsys.readouterr().err
+    assert settings_of(parser, parser.parse_args(["--setting", "tight_arrivals=0.2"])) == {"tight_arrivals": "0.2"}
