@@ -345,8 +345,14 @@ class Spread:
         return f"{self.median:,.{digits}f} [{self.low:,.{digits}f} – {self.high:,.{digits}f}]"
 
 
+def by_repetition(rows: Sequence[Mapping[str, object]], scenario: Scenario, arm: str, key: str
+                  ) -> dict[object, float]:
+    """One arm's figure in each repetition of a scenario."""
+    return {r["repetition"]: float(str(r[key])) for r in rows if r["scenario"] == scenario.name and r["arm"] == arm}
+
+
 def spread(rows: Sequence[Mapping[str, object]], scenario: Scenario, arm: str, key: str) -> Spread:
-    return _spread([float(str(r[key])) for r in rows if r["scenario"] == scenario.name and r["arm"] == arm])
+    return _spread(list(by_repetition(rows, scenario, arm, key).values()))
 
 
 def _spread(values: Sequence[float]) -> Spread:
@@ -360,10 +366,7 @@ RATES = ("tokens_per_s", "relay_vs_direct")
 def beyond_floor(rows: Sequence[Mapping[str, object]], scenario: Scenario, key: str) -> Spread:
     """The router's own part of a figure, repetition by repetition: what it adds beyond the bare relay (ms), or
     for a rate, its ratio to the relay's."""
-    def of(arm: str) -> dict[object, float]:
-        return {r["repetition"]: float(str(r[key])) for r in rows if r["scenario"] == scenario.name and r["arm"] == arm}
-
-    router, floor = of(ROUTER), of(FLOOR)
+    router, floor = by_repetition(rows, scenario, ROUTER, key), by_repetition(rows, scenario, FLOOR, key)
     return _spread([router[k] / floor[k] if key in RATES else router[k] - floor[k] for k in router])
 
 
