@@ -24,9 +24,9 @@ kept an estimate above their speed, and the simulated burst lost goodput.
 A calibration file (`quantrouter calibrate`) seeds each variant with measured figures. Its ratios between variants
 carry over; its level need not: the machine may run faster or slower than on the day it was made. Once a calibrated
 variant has run, every calibrated sibling that has not run since is scaled by that variant's figures now ÷ its
-calibrated ones: decode and prompt rates separately, load times as the file has them. On the real-engine replay
-(a file made on a busy machine: q4_0 at 8.5 tok/s, running at 21 now) a sibling otherwise kept its file's
-5.8 tok/s, and QUALITY requests stayed on q4_0.
+calibrated ones: decode and prompt rates separately, load times as the file has them. Traced on the real-engine
+replay (seed 4; the committed file was made on a busy machine and gives q4_0 8.5 tok/s, which ran at 14–23), a
+sibling otherwise kept its file's 5.8 tok/s, and QUALITY requests stayed on q4_0.
 """
 
 from __future__ import annotations

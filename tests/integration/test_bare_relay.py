@@ -1,8 +1,9 @@
 """bench.overhead's floor arm, the bare gRPC relay in front of Ollama (bench.fixtures.bare_relay `--ollama`),
 against the canned Ollama fixture over HTTP, called over a real socket with the router's own client.
 
-Proves the floor is a fair arm: it streams the same text and reports the same token count as the router does
-for the same request, so what the router adds beyond it is the router's own work and not a lighter request.
+Proves the floor is a fair arm: it streams the backend's whole text and its token count, which the router's own
+relay test (test_relay_over_canned_ollama) checks the router for, so what the router adds beyond it is the router's
+own work and not a lighter request.
 """
 
 from __future__ import annotations
