@@ -25,8 +25,8 @@ A calibration file (`quantrouter calibrate`) seeds each variant with measured fi
 carry over; its level need not: the machine may run faster or slower than on the day it was made. Once a calibrated
 variant has run, every calibrated sibling that has not run since is scaled by that variant's figures now ÷ its
 calibrated ones: decode and prompt rates separately, load times as the file has them. Traced on the real-engine
-replay (seed 4; the committed file was made on a busy machine and gives q4_0 8.5 tok/s, which ran at 14–23), a
-sibling otherwise kept its file's 5.8 tok/s, and QUALITY requests stayed on q4_0.
+replay (seed 4; the file then committed had been made on a busy machine and gave q4_0 8.5 tok/s, which ran at
+14–23), a sibling otherwise kept its file's 5.8 tok/s, and QUALITY requests stayed on q4_0.
 """
 
 from __future__ import annotations

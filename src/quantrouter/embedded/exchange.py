@@ -50,11 +50,17 @@ class Exchange:
         return self.response or web.Response(status=HTTPStatus.NO_CONTENT)
 
     async def end(self, *last: dict[str, Any], trailer: bytes = b"") -> web.StreamResponse:
-        """Close a streamed answer: its last chunks, any trailing bytes (SSE's `[DONE]`), then the end of body."""
-        for chunk in last:
-            await self.send(chunk)
-        if trailer:
-            await self.write(trailer)
-        assert self.response is not None
-        await self.response.write_eof()
+        """Close a streamed answer: its last chunks, any trailing bytes (SSE's `[DONE]`), then the end of body.
+
+        A client that leaves between the last token and the final chunk (a deadline expiring) is no error: the
+        answer is abandoned, as one left mid-stream is, instead of aiohttp logging a traceback for it."""
+        try:
+            for chunk in last:
+                await self.send(chunk)
+            if trailer:
+                await self.write(trailer)
+            assert self.response is not None
+            await self.response.write_eof()
+        except ConnectionResetError:
+            return self.abandoned()
         return self.response
