@@ -173,8 +173,9 @@ class PolicySettings:
     upgrade_hysteresis: float = 0.15
     # While the GPU is busy, qualities this close to the best count as equal for QUALITY callers (the faster wins).
     busy_quality_tolerance: float = 0.025
-    # A QUALITY pick with a deadline that would leave no room for any sibling is ranked as BALANCED; a GPU that
-    # serves QUALITY callers alone may turn this off (policy.PolicyConfig says why).
+    # A QUALITY or LATENCY pick with a deadline that would leave no room for any sibling (at or above the speed
+    # floor) is ranked as BALANCED; a GPU that serves QUALITY callers alone may turn this off (policy.PolicyConfig
+    # says why).
     sole_runner_as_balanced: bool = True
     # A slower runner not busy now is held back while this many callers it would push past their deadline or rate
     # floor are expected to arrive during its service; 0, the default, turns it off (policy.PolicyConfig says why).

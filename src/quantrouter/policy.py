@@ -28,11 +28,13 @@ estimates and the time left before the deadline. The model (design §5):
   qualities within `quality_tolerance` of the best count as equal, so QUALITY takes the faster of equals;
   while the GPU is not quiet (`offered_load` > `quiet_load`) the band widens to `busy_quality_tolerance`.
 
-QUALITY takes the highest quality (ties: smaller T + churn), except that with a deadline, on a GPU holding none of
-the family, a load after which no sibling would fit beside it is ranked as BALANCED (deadline share aside): that
-runner serves every preference until evicted, and the simulator showed such a first pick setting the whole run (a
-70B's Q6_K, a 32k-context Q8_0 on 24 GB, kept for LATENCY callers whose deadline no reload fits). LATENCY takes the
-smallest T + churn (ties: higher quality); BALANCED maximises w·q/q_max + (1−w)·C_min/C with C = T + churn, w =
+QUALITY takes the highest quality (ties: smaller T + churn) and LATENCY the smallest T + churn (ties: higher quality),
+except that with a deadline, while no runner of the family is busy, a cold load after which no sibling at or above
+`SPEED_FLOOR_BPW` would fit beside it is ranked as BALANCED (deadline share aside): that runner serves every
+preference until evicted. The simulator showed such a first pick setting the whole run (a 70B's Q6_K, a 32k-context
+Q8_0 on 24 GB, kept for LATENCY callers whose deadline no reload fits), and the real-engine replay, whose memory
+budget holds about one rung at a time, a LATENCY caller's Q4_0 and a QUALITY caller's F16 serving everyone.
+BALANCED maximises w·q/q_max + (1−w)·C_min/C with C = T + churn, w =
 `balanced_quality_weight`, where with a deadline, while the GPU is quiet (`offered_load` ≤ `quiet_load`),
 a C within `balanced_deadline_share` of the time left counts as fast enough (so quality decides among those).
 
@@ -224,13 +226,18 @@ class PolicyConfig:
     0.025 QUALITY takes Q8_0 (0.977) over F16 when Q8_0 is faster: on the simulated H100 8B at 0.25 req/s (20
     seeds × 7 engines) BALANCED SLO met rose by up to 0.7 point and, with half the QUALITY callers held to Q8_0
     or above, by 0.2–1.6 points, goodput at most 0.01× lower (up to 0.024× higher), the idle GPU's F16 untouched.
-    `sole_runner_as_balanced`: a QUALITY request with a deadline on a GPU holding none of the family, whose pick
-    would leave no room for any sibling beside it, is ranked as BALANCED (that runner serves every preference until
-    evicted, and deadlines are the sign of callers who cannot wait out a reload; a deadline-free caller, batch
-    work, keeps QUALITY's own pick).
-    On the simulated 70B H100 and the 32k-context RTX 4090 the first request's pick otherwise set the whole run
-    (20 seeds × 7 engines: their balanced and latency SLO misses and the 70B's goodput below 1.00× went). A GPU
-    that serves QUALITY callers alone may turn it off.
+    `sole_runner_as_balanced`: a QUALITY or LATENCY request with a deadline, while no runner of the family is busy,
+    whose pick is a cold load that would leave no room beside it for any sibling at or above the speed floor (it
+    evicts whatever is loaded), is ranked as BALANCED (that runner serves every preference until evicted, and
+    deadlines are the sign of callers who cannot wait out a reload; a deadline-free caller, batch work, keeps its
+    preference's own pick). On the simulated 70B H100 and the 32k-context RTX 4090 the first request's pick
+    otherwise set the whole run (20 seeds × 7 engines: their balanced and latency SLO misses and the 70B's goodput
+    below 1.00× went). Applied then only to QUALITY on a GPU holding none of the family, it let the real-engine
+    replay (a budget of about one rung) load F16 for a QUALITY caller beside a loaded Q4_K_M, evicting it, and
+    start on Q4_0 for a LATENCY caller (3 % quicker than Q4_K_M by the calibration, measured quality 0.70 against
+    0.95); each then served everyone. So extended, over six replay seeds quantrouter went from 0.97× to 1.00×
+    always-Q4_K_M (bench/results/replay.md), and the simulator held the same 362 of 399 checks, no cell moving by
+    0.003. A GPU that serves QUALITY callers alone may turn it off.
     `max_loaded`: the models Ollama holds at once (OLLAMA_MAX_LOADED_MODELS, default 3 per GPU, docs/ollama.md);
     with that many loaded and all busy, a new variant's load waits for one to drain, which its queue counts;
     with one of them idle, the load evicts it: charged as churn and held back (on the simulated H100 8B, 6
@@ -867,8 +874,8 @@ class Appraisal:
         feasible = [row for row in rows if not row.rejection]
         best = _best(feasible, request.preference, config, share_time, tolerance)
         sole = ""
-        if (best is not None and config.sole_runner_as_balanced and request.preference is Preference.QUALITY
-                and request.time_remaining is not None and not frame.family_resident and not frame.busy_runners
+        if (best is not None and config.sole_runner_as_balanced and request.preference is not Preference.BALANCED
+                and request.time_remaining is not None and not best.resident and not frame.busy_runners
                 and (sole := _sole_runner(best, feasible, frame.usable))):
             best = _best(feasible, Preference.BALANCED, config, None, tolerance)
         listed = tuple([row.assessment(node) for row in rows])
@@ -908,10 +915,11 @@ def decide(
 
 
 def _sole_runner(pick: _Row, feasible: Sequence[_Row], usable: float) -> str:
-    """Why `pick`, loaded on a GPU holding none of the family, would be the family's only runner (no feasible
-    sibling fits beside it, so it serves every preference until evicted, and a 70B's or a long context's
-    reload outlasts a LATENCY deadline); empty when a sibling fits beside it."""
-    smallest = min((row.need for row in feasible if row is not pick), default=None)
+    """Why `pick`, loaded now, would be the family's only runner (no feasible sibling fits beside it, so it serves
+    every preference until evicted, and a 70B's or a long context's reload outlasts a LATENCY deadline); empty
+    when a sibling fits beside it. A sibling below the speed floor does not count: it serves only under memory
+    pressure, so the callers the pick does not suit would still have nothing else."""
+    smallest = min((row.need for row in feasible if row is not pick and not row.below_floor), default=None)
     if smallest is None or pick.need + smallest <= usable:
         return ""
     return (f"; {pick.tag} would be the family's only runner ({format_bytes(pick.need)} + the smallest sibling's "

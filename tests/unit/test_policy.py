@@ -386,7 +386,7 @@ def test_quality_takes_the_faster_of_a_wider_band_while_the_gpu_is_busy(load: fl
 @pytest.mark.parametrize(("free_gib", "resident", "deadline", "expected", "sole"), [
     (12.0, (), 60.0, "Q4_K_M", True),  # Q8_0 fits alone, not beside Q4_K_M: the only runner, for every caller
     (12.0, (), None, "Q8_0", False),  # no deadline (batch work): QUALITY's own pick
-    (12.0, ("Q4_K_M",), 60.0, "Q8_0", False),  # the family is already on the GPU: QUALITY's own ranking
+    (12.0, ("Q4_K_M",), 60.0, "Q4_K_M", True),  # Q4_K_M loaded changes nothing: Q8_0 would evict it, then serve
     (40.0, (), 60.0, "F16", False),  # room for a sibling beside F16
 ])
 def test_a_cold_load_that_would_leave_no_room_for_a_sibling_is_ranked_as_balanced(
@@ -398,6 +398,27 @@ def test_a_cold_load_that_would_leave_no_room_for_a_sibling_is_ranked_as_balance
     alone = decide(request(Q, time_remaining=deadline), pool, free(free_gib),
                    PolicyConfig(sole_runner_as_balanced=False))
     assert chosen(alone) == ("Q8_0" if sole else expected)
+
+
+@pytest.mark.parametrize(("preference", "quants", "free_gib", "expected", "own"), [
+    (L, ("Q8_0", "Q4_K_M", "Q2_K"), 8.0, "Q4_K_M", "Q2_K"),  # LATENCY's Q2_K (measured quicker) would serve alone
+    (L, ("Q8_0", "Q4_K_M", "Q2_K"), 20.0, "Q2_K", "Q2_K"),  # Q4_K_M fits beside it
+    (Q, ("F16", "Q4_K_M", "Q2_K"), 25.0, "Q4_K_M", "F16"),  # beside F16 only Q2_K, kept for memory pressure
+    (Q, ("F16", "Q4_K_M", "Q2_K"), 27.0, "F16", "F16"),  # Q4_K_M fits beside F16
+])
+def test_the_sole_runner_rule_holds_for_latency_too_and_counts_no_room_for_a_rung_below_the_speed_floor(
+        preference: Preference, quants: tuple[str, ...], free_gib: float, expected: str, own: str) -> None:
+    """On the real-engine replay, where the memory budget holds about one rung at a time, a LATENCY caller's Q4_0
+    (3 % quicker than Q4_K_M, measured quality 0.70 against 0.95) and a QUALITY caller's F16 (room beside it for
+    Q2_K only) each went on to serve every caller."""
+    tps = {"F16": 55.0, "Q8_0": 95.0, "Q4_K_M": 130.0, "Q2_K": 134.0}
+    pool = ladder(quants, tps=tps)
+    decision = decide(request(preference, time_remaining=60.0), pool, free(free_gib))
+    assert chosen(decision) == expected
+    assert ("would be the family's only runner" in decision.reason) is (expected != own)
+    alone = decide(request(preference, time_remaining=60.0), pool, free(free_gib),
+                   PolicyConfig(sole_runner_as_balanced=False))
+    assert chosen(alone) == own
 
 
 def test_a_pinned_tag_is_served_even_when_memory_looks_short() -> None:
