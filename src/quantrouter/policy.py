@@ -256,10 +256,13 @@ class PolicyConfig:
     (burst / 2 fell to 1.000×; the balanced class to −1.1 points in three constraints cells; QUALITY mean quality
     0.981 → 0.959 on the H100 8B / 2); at 0.5 (6 of the 9 scenarios) 3 gained and 2 lost. With the backlog capped
     at each stream's deadline and busy runners compared only with smaller siblings under overload, 0.2 holds 364
-    checks against 362 (bench/results/simulation-tight-arrivals: 3 gained, 1 lost), and the replay falls from 1.05×
-    to 0.99× (bench/results/replay-tight-arrivals: QUALITY callers lose quality, every class meets its SLO either
-    way). What is left on those engines is mostly the batch: a LATENCY caller joins a busy runner's batch, whose
-    cost the policy does not estimate (its batch-mates are taken not to slow it).
+    checks against 362 (bench/results/simulation-tight-arrivals: 3 gained, 1 lost), and the replay of 2026-11-30
+    (deadlines from a calibration made on a busy machine) fell from 1.05× to 0.99× (bench/results/replay-tight-arrivals:
+    QUALITY callers lose quality, every class meets its SLO either way). What is left on those engines is mostly
+    the batch: a LATENCY caller joins a busy runner's batch, whose cost the policy does not estimate (its
+    batch-mates are taken not to slow it). A batch rate learned apart (samples whose runner served others at once)
+    moved no check on 2026-12-01: the callers that miss join batches whose measured rate clears their floor
+    (F16's 64 tok/s against 60), then slow further as others arrive.
     `queue_wait_time_sliced`: a request queued behind its runner's work (one slot per runner, OLLAMA_NUM_PARALLEL
     1) waits for all of it, and the other runners time-slice the GPU through that wait too: each of their requests
     delays it by min(its remaining seconds, the queue + its service), not by min(its remaining, its service). Off for
@@ -282,8 +285,8 @@ class PolicyConfig:
     (bench/results/simulation-smallest-under-overload); burst / OLLAMA_NUM_PARALLEL 4 itself falls from 0.972 to
     0.958× always-Q4_K_M: what the burst cells lose is runners started in the burst's first seconds, before the
     load reading shows it as overload. But on the real-engine replay (llama.cpp on this machine's CPU, where a load
-    takes a fraction of a second and so always pays) it takes quantrouter from 1.05× always-Q4_K_M
-    (bench/results/replay.md) to 0.85× over the same three seeds (bench/results/replay-smallest-under-overload):
+    takes a fraction of a second and so always pays) it took quantrouter from 1.05× always-Q4_K_M (the three-seed
+    replay of 2026-11-30) to 0.85× over the same seeds (bench/results/replay-smallest-under-overload):
     every SLO still met, but overloads served by the ladder's smallest rungs, of lower measured quality, with 13
     loads and 10 evictions against 6 and 3. So it is off by default.
     `surge_factor`: the decision reads the offered load as `MemoryView.surge_load` ÷ this when that is higher than
