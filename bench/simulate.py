@@ -142,9 +142,8 @@ def run_unit(unit: tuple[int, int, int, PolicyConfig]) -> dict[str, RunFigures]:
         result = Simulation(scenario.gpu, scenario.family, requests, tenant, policy, engine=engine,
                             num_ctx=scenario.num_ctx).run()
         out[policy.name] = figures_of(result)
-    if engine == DEFAULT_ENGINE:  # the costly search (22 replays of the trace) on the default engine only
-        out[HINDSIGHT] = figures_of(hindsight_best(scenario.gpu, scenario.family, requests, tenant, engine,
-                                                   scenario.num_ctx))
+    out[HINDSIGHT] = figures_of(hindsight_best(scenario.gpu, scenario.family, requests, tenant, engine,
+                                               scenario.num_ctx))
     return out
 
 
@@ -199,8 +198,8 @@ def main(argv: Sequence[str] | None = None) -> None:
               "policy replays the same traces. Goodput counts only requests that met their SLO (finished before the "
               "deadline, decoded at least at min tok/s, and honoured min_quantization), weighted by the variant's "
               "quality; a ratio is of goodputs summed over the seeds, with a 95 % bootstrap interval over seeds. The "
-              "hindsight oracle (the best fixed variant per preference for each trace, 22 replays) runs on the "
-              "default engine only; elsewhere the best oracle is the per-request one. Latency "
+              "hindsight oracle (the best fixed variant per preference for each trace, 22 replays) runs on every "
+              "engine variant. Latency "
               "percentiles are over completed requests. Raw figures: [simulation.csv](simulation.csv). "
               "Neither oracle is an upper bound: tests/unit/test_simulator.py checks every policy and both "
               "oracles against an exhaustive optimum (every assignment of a variant or a refusal to every "
