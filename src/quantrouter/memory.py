@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from quantrouter.policy import STATIC_SOURCE
+
 __all__ = [
     "GpuMemory",
     "MemoryProbe",
@@ -30,7 +32,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 NVML = "nvml"
-STATIC = "static"
+STATIC = STATIC_SOURCE
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,8 @@ estimates and the time left before the deadline. The model (design §5):
 - memory needed = weights + the KV cache for num_ctx at `kv_bytes_per_element` (f16 unless the router is
   told Ollama's OLLAMA_KV_CACHE_TYPE: what the runner will hold), one slot's worth; a variant fits when it
   is resident (or loading: it has requests in flight, or the router started its load), or when need ≤
-  `load_fraction` × (free − reserve + what idle variants of the same family would give back on eviction):
+  `load_fraction` × (free − reserve + what idle variants of the same family would give back on eviction), where
+  free memory that comes from the resident list (`STATIC_SOURCE`) also loses what variants still loading need:
   Ollama loads a model beside others only within 80 % of free memory and otherwise waits for busy runners to
   finish (docs/ollama.md §3), which a routed request would spend in a queue;
 - queue = the GPU's backlog as this request would meet it: runners of one GPU time-slice it, so each
@@ -125,6 +126,8 @@ SURGE_WINDOW_S = 10.0
 # guesses: the simulated 70B H100 loads in 15.7 s where the prior says 21 s): on a prior the deadline refuses only
 # what it misses by more than this factor. Nearer, the candidate stays feasible (marked `at_risk`) and is tried.
 PRIOR_DEADLINE_SLACK = 2.0
+# `MemoryView.source` of a configured capacity (`memory.StaticSource`): free memory as `/api/ps` accounts for it.
+STATIC_SOURCE = "static"
 # OLLAMA_MAX_LOADED_MODELS unset (0) lets Ollama hold 3 models per GPU at once (docs/ollama.md, scheduler).
 OLLAMA_MODELS_PER_GPU = 3
 # Under overload, candidates within this share of the quickest warm variant's service count as as quick.
@@ -449,12 +452,21 @@ class _Frame:
         self.constrained = bool(request.excluded or request.min_quantization is not None
                                 or request.allowed_quantizations or request.min_tokens_per_second
                                 or request.max_time_to_first_token is not None)
-        self.available, self.family_resident = available, family_resident
+        self.family_resident = family_resident
         # Memory limits apply only to loads the policy chooses (a pinned tag is served as asked).
         self.vetted = request.pinned_tag is None
-        self.usable = available * config.load_fraction
-        self.upgrade_usable = self.usable / (1 + config.upgrade_hysteresis)
+        self._set_available(available)
         self._kv: dict[int, int] = {}
+
+    def _set_available(self, available: int) -> None:
+        self.available = available
+        self.usable = available * self.config.load_fraction
+        self.upgrade_usable = self.usable / (1 + self.config.upgrade_hysteresis)
+
+    def take(self, held: int) -> None:
+        """Count `held` bytes as gone from the memory available to a load."""
+        if held:
+            self._set_available(self.available - held)
 
     def need(self, variant: VariantInfo) -> int:
         arch, element = variant.architecture, self.config.kv_bytes_per_element
@@ -838,6 +850,12 @@ class Appraisal:
         load_wait = drain * busy_runners if busy_runners >= config.max_loaded and not idle_loaded else 0.0
         frame = _Frame(request, free + reclaimable, family_resident, _Backlog(memory.backlog), busy_runners,
                        _Guard(memory.in_flight, busy_runners), load_wait, config)
+        if memory.source == STATIC_SOURCE:
+            # A configured capacity counts what `/api/ps` lists, and it lists a model only once loaded: a variant
+            # the router is loading (requests in flight, or a load it started) still reads as free memory. On the
+            # real-engine replay F16 was picked beside a Q4_K_M still loading, and the backend evicted Q4_K_M.
+            frame.take(sum(frame.need(c.variant) for c in pool
+                           if (c.in_flight or c.loading) and not c.variant.resident))
         rows = [_Row(c, frame) for c in pool]
         if pool and request.pinned_tag is None:
             _charge_churn(rows, pool, free, config)

@@ -909,3 +909,17 @@ def test_an_upgrade_that_only_fits_by_evicting_an_idle_sibling_is_held_back() ->
     assert chosen(roomy) == "Q8_0" and not any(a.held_back for a in roomy.candidates)
     own = decide(request(Q), candidates, replace(free(9.0), shared=False))
     assert chosen(own) == "Q8_0", "memory no one else can take (a static capacity): the eviction is only churn"
+
+
+@pytest.mark.parametrize(("source", "expected"), [("static", "Q8_0"), ("nvml", "F16")])
+def test_a_variant_still_loading_holds_its_memory_where_free_memory_comes_from_the_resident_list(
+        source: str, expected: str) -> None:
+    """Q4_K_M is loading for a request in flight and `/api/ps` does not list it yet, so a configured capacity still
+    reads its memory as free: 20 GiB, where F16 fits alone but not beside Q4_K_M. NVML's free memory drops as the
+    load allocates, so there nothing more is taken."""
+    pool = ladder(("F16", "Q8_0", "Q4_K_M"), tps=MEASURED_TPS, busy=("Q4_K_M",))
+    memory = MemoryView(int(20.0 * GIB), RESERVE, source)
+    decision = decide(request(Q), pool, memory)
+    assert chosen(decision) == expected
+    if source == "static":
+        assert "free" in assessment(decision, "F16").rejection
