@@ -239,8 +239,8 @@ class PolicyConfig:
     replay (a budget of about one rung) load F16 for a QUALITY caller beside a loaded Q4_K_M, evicting it, and
     start on Q4_0 for a LATENCY caller (3 % quicker than Q4_K_M by the calibration, measured quality 0.70 against
     0.95); each then served everyone. So extended, over six replay seeds quantrouter went from 0.97× to 1.00×
-    always-Q4_K_M (bench/results/replay.md), and the simulator held the same 362 of 399 checks, no cell moving by
-    0.003. A GPU that serves QUALITY callers alone may turn it off.
+    always-Q4_K_M (bench/results/replay-sole-runner), and the simulator held the same 362 of 399 checks, no cell
+    moving by 0.003. A GPU that serves QUALITY callers alone may turn it off.
     `max_loaded`: the models Ollama holds at once (OLLAMA_MAX_LOADED_MODELS, default 3 per GPU, docs/ollama.md);
     with that many loaded and all busy, a new variant's load waits for one to drain, which its queue counts;
     with one of them idle, the load evicts it: charged as churn and held back (on the simulated H100 8B, 6
