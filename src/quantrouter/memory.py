@@ -32,7 +32,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 NVML = "nvml"
-STATIC = STATIC_SOURCE
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +119,7 @@ class StaticSource:
 
     def read(self, now: float, detail: str = "") -> MemorySnapshot:
         free = max(self._capacity - self._resident_bytes(), 0)
-        return MemorySnapshot(STATIC, (GpuMemory("static", self._name, free, self._capacity),), detail, now)
+        return MemorySnapshot(STATIC_SOURCE, (GpuMemory("static", self._name, free, self._capacity),), detail, now)
 
 
 class MemoryProbe:
